@@ -1,0 +1,68 @@
+# Two commands matter: `make run` (demo: whole nightly DAG once) and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.install-stamp
+
+export AIRFLOW_HOME := $(CURDIR)
+export GX_ANALYTICS_ENABLED := false
+export OPENBLAS_NUM_THREADS := 1
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
+
+.PHONY: help install run test test-unit airflow mlflow bench lint freeze clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the pinned requirements (no-op when up to date)
+
+$(STAMP): requirements.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/recs-pipeline.pth', 'w').write('$(CURDIR)\n')"
+	@touch $(STAMP)
+
+run: install  ## run the nightly DAG once on the demo data (DATE=YYYY-MM-DD to choose the day)
+	@$(BIN)/airflow db migrate > /dev/null
+	@$(BIN)/python -m pipeline.cli demo-data
+	@date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
+	 echo "running recommendations_nightly for $$date (log: logs/make-run.log)"; \
+	 mkdir -p logs; \
+	 if ! $(BIN)/airflow dags test recommendations_nightly $$date > logs/make-run.log 2>&1; then \
+	   grep -E "ERROR|Error|error:" logs/make-run.log | grep -v "^\s*$$" | tail -n 15; \
+	   echo "the run failed; full log: logs/make-run.log"; exit 1; \
+	 fi; \
+	 $(BIN)/python -m pipeline.cli summary $$date
+
+test: install  ## run the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
+	$(BIN)/python -m pytest -q
+
+test-unit: install  ## the fast unit tests only
+	$(BIN)/python -m pytest -q tests/unit tests/dags
+
+airflow: install  ## start Airflow (UI on http://127.0.0.1:8080, login: admin / see README)
+	@$(BIN)/airflow db migrate > /dev/null
+	$(BIN)/airflow standalone
+
+mlflow: install  ## open the MLflow UI on the project's tracking store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+bench: install  ## benchmarks: speed and quality numbers (not part of make test)
+	$(BIN)/python -m benchmarks
+
+lint: install  ## static checks
+	$(BIN)/python -m compileall -q pipeline dags tests
+
+freeze:  ## re-pin requirements.txt from requirements.in in a scratch virtualenv
+	rm -rf /tmp/recs-freeze && $(PYTHON) -m venv /tmp/recs-freeze
+	/tmp/recs-freeze/bin/pip install --quiet -r requirements.in
+	{ head -n 2 requirements.txt; /tmp/recs-freeze/bin/pip freeze; } > requirements.txt.new
+	mv requirements.txt.new requirements.txt
+
+clean:  ## remove local state (data, stores, logs); keeps .venv
+	rm -rf data logs airflow.db mlflow.db mlartifacts mlruns

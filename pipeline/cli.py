@@ -1,0 +1,151 @@
+"""Small command line for the Makefile: demo data, the default run date, the run summary.
+
+    python -m pipeline.cli demo-data        # fetch MovieLens-100k into an empty landing folder
+    python -m pipeline.cli default-date     # the day after the last landing event
+    python -m pipeline.cli summary DATE     # what the run for DATE did, and a sample list
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+
+from pipeline.config import Settings, as_utc
+
+logger = logging.getLogger(__name__)
+
+
+def serving_dsn() -> str | None:
+    """The ``recs_serving`` connection from the environment, as Airflow would read it."""
+    raw = os.environ.get("AIRFLOW_CONN_RECS_SERVING", "").strip()
+    if not raw:
+        return None
+    if raw.startswith("{"):
+        conn = json.loads(raw)
+        auth = conn.get("login", "") + (f":{conn['password']}" if conn.get("password") else "")
+        host = f"{conn.get('host', 'localhost')}:{conn.get('port', 5432)}"
+        return f"postgresql://{auth + '@' if auth else ''}{host}/{conn.get('schema', '')}"
+    return raw
+
+
+def demo_data(settings: Settings) -> int:
+    """Write MovieLens-100k to the landing folder unless it already holds event files."""
+    from pipeline.data.movielens import write_demo_landing
+    from pipeline.ingest import list_landing_files
+
+    existing = list_landing_files(settings.landing_events_dir)
+    if existing:
+        print(f"landing folder has {len(existing)} event file(s); not fetching demo data")
+        return 0
+    data = write_demo_landing(settings.cache_dir, settings.landing_dir)
+    print(f"demo data: MovieLens-100k, {len(data.events):,} events, {len(data.items):,} items, "
+          f"{len(data.users):,} users -> {settings.landing_dir}")
+    return 0
+
+
+def default_date(settings: Settings) -> int:
+    """Print the day after the newest event in the landing files."""
+    from pipeline.ingest import list_landing_files, parse_timestamps, read_event_file
+
+    newest = max((parse_timestamps(read_event_file(p)["timestamp"]).max()
+                  for p in list_landing_files(settings.landing_events_dir)), default=None)
+    if newest is None or newest != newest:
+        print(dt.date.today().isoformat())
+    else:
+        print((newest.date() + dt.timedelta(days=1)).isoformat())
+    return 0
+
+
+def summary(settings: Settings, date: str) -> int:
+    """Print the run's stage results and one sample user's published list."""
+    from pipeline.serving import read_user_list
+
+    cutoff = as_utc(date)
+    run = settings.run_dir(cutoff)
+    stages = {}
+    for name in ("ingest", "validate", "build_features", "train", "evaluate", "register",
+                 "publish"):
+        path = run / f"{name}.json"
+        stages[name] = json.loads(path.read_text()) if path.exists() else None
+    missing = [name for name, result in stages.items() if result is None]
+    if missing:
+        print(f"run for {date} is incomplete: no result for {', '.join(missing)} in {run}")
+        return 1
+    ing, val, eva, reg, pub = (stages[s] for s in ("ingest", "validate", "evaluate", "register",
+                                                   "publish"))
+    lines = [
+        f"Run summary for {date} (events before {cutoff.isoformat()})",
+        f"  ingest     {ing['files']} file(s), {ing['rows_read']:,} rows read, "
+        f"{ing['rows_new']:,} new in lake, {ing['snapshot_rows']:,} in the run's window",
+        f"  validate   {'passed' if val['passed'] else 'FAILED'}: {val['rows']:,} rows, "
+        f"{val['bad_rows']:,} quarantined ({val['bad_share']:.2%})",
+        f"  features   {stages['build_features']['users']:,} users, "
+        f"{stages['build_features']['items']:,} items",
+        f"  train      ALS on {stages['train']['pairs']:,} user-item pairs "
+        f"({stages['train']['users']:,} users x {stages['train']['items']:,} items)",
+        f"  evaluate   holdout = last {eva['holdout_days']} days, {eva['users']} warm users, "
+        f"@{eva['k']}:",
+    ]
+    lines += _metrics_table(eva["metrics"], eva["k"])
+    lines += [
+        f"  register   {reg['reason']}; version {reg['version']} "
+        f"{'promoted to champion' if reg['promoted'] else 'is challenger'}; "
+        f"champion = v{reg['champion_version']}",
+        f"  publish    {pub['rows']:,} rows for {pub['users']:,} users (incl. __default__) "
+        f"from model v{pub['model_version']} -> {pub['target']}",
+    ]
+    sample = _sample_user(run)
+    if sample is not None:
+        rows = read_user_list(sample, dsn=serving_dsn(), sqlite_path=settings.serving_sqlite_path)
+        lines.append(f"  sample     user {sample}:")
+        lines += [f"    {r.rank:>2}. {r.item_id:<8} {r.reason}" for r in rows.itertuples()]
+    print("\n".join(lines))
+    return 0
+
+
+def _metrics_table(metrics: dict, k: int) -> list[str]:
+    names = ("precision", "recall", "ndcg", "map", "hit_rate")
+    models = sorted({key.split("_")[0] if not key.startswith("popularity_30d")
+                     else "popularity_30d" for key in metrics},
+                    key=lambda m: (m != "als", m))
+    rows = [f"    {'model':<16}" + "".join(f"{n:>11}" for n in names)]
+    for model in models:
+        rows.append(f"    {model:<16}" + "".join(
+            f"{metrics.get(f'{model}_{n}_at_{k}', float('nan')):>11.4f}" for n in names))
+    return rows
+
+
+def _sample_user(run) -> str | None:
+    import pandas as pd
+
+    events = pd.read_parquet(run / "events.parquet", columns=["user_id"])
+    if events.empty:
+        return None
+    counts = events["user_id"].value_counts()
+    return str(counts.index[len(counts) // 2])  # a typical user, not the heaviest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo-data", help="fetch MovieLens-100k into an empty landing folder")
+    sub.add_parser("default-date", help="the day after the newest landing event")
+    run = sub.add_parser("summary", help="summarise the run for DATE")
+    run.add_argument("date", help="the run's logical date, YYYY-MM-DD")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    if args.command == "demo-data":
+        return demo_data(settings)
+    if args.command == "default-date":
+        return default_date(settings)
+    return summary(settings, args.date)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

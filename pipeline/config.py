@@ -1,0 +1,97 @@
+"""Settings and run-scoped paths.
+
+Everything configurable lives in :class:`Settings`; values come from keyword arguments, then
+environment variables, then the defaults below. Nothing here touches Airflow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Confidence weight of one event of each type (the implicit-feedback "r_ui").
+#: A `rating` event's weight is multiplied by its value (1-5 stars).
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 2.0,
+    "like": 4.0,
+    "share": 4.0,
+    "add_to_cart": 6.0,
+    "purchase": 10.0,
+    "rating": 1.0,
+}
+VALUE_SCALED_EVENT_TYPES: frozenset[str] = frozenset({"rating"})
+
+DEFAULT_USER = "__default__"
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Pipeline configuration; one instance per run."""
+
+    data_dir: Path = field(default_factory=lambda: _env_path("RECS_DATA_DIR", REPO_ROOT / "data"))
+    event_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    top_n: int = 10
+    lookback_days: int = 365
+    holdout_days: int = 14
+    max_bad_row_share: float = 0.05
+    als_factors: int = 64
+    als_regularization: float = 0.05
+    als_alpha: float = 2.0
+    als_iterations: int = 15
+    seed: int = 42
+
+    # ---- folders -------------------------------------------------------------------------
+    @property
+    def landing_dir(self) -> Path:
+        return self.data_dir / "landing"
+
+    @property
+    def landing_events_dir(self) -> Path:
+        return self.landing_dir / "events"
+
+    @property
+    def lake_events_dir(self) -> Path:
+        return self.data_dir / "lake" / "events"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def serving_sqlite_path(self) -> Path:
+        return self.data_dir / "serving.sqlite"
+
+    def run_dir(self, cutoff: dt.datetime) -> Path:
+        """Run-scoped folder for the run whose cutoff (logical date) is ``cutoff``."""
+        return self.data_dir / "runs" / cutoff.strftime("%Y-%m-%dT%H%M%S")
+
+
+def mlflow_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` or a SQLite store in the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    """Where new MLflow experiments keep artifacts (``MLFLOW_ARTIFACT_ROOT`` overrides)."""
+    return os.environ.get("MLFLOW_ARTIFACT_ROOT") or (REPO_ROOT / "mlartifacts").as_uri()
+
+
+def as_utc(value: dt.datetime | dt.date | str) -> dt.datetime:
+    """Normalise a cutoff given as date, datetime or ISO string to an aware UTC datetime."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if not isinstance(value, dt.datetime):
+        value = dt.datetime(value.year, value.month, value.day)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)

@@ -1,0 +1,27 @@
+"""Errors that name the bad input precisely, so an operator can fix it without a debugger."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for errors the pipeline raises on purpose."""
+
+
+class DataError(PipelineError):
+    """Bad input data: names the file and, where known, the row and column."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 column: str | None = None) -> None:
+        self.file, self.row, self.column = file, row, column
+        where = [f"file {file}" if file else "", f"row {row}" if row is not None else "",
+                 f"column {column!r}" if column else ""]
+        location = ", ".join(part for part in where if part)
+        super().__init__(f"{location}: {message}" if location else message)
+
+
+class ValidationFailed(PipelineError):
+    """The validation suite failed beyond what quarantine may absorb."""
+
+
+class ServingError(PipelineError):
+    """The serving database is unreachable, or a publish or read against it failed."""

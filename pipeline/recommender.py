@@ -1,0 +1,250 @@
+"""The deployable recommender: ALS factors + id maps + fallback list, saved as one folder.
+
+``AlsRecommender`` follows scikit-learn's estimator rules: hyperparameters are constructor
+arguments stored unchanged, ``fit`` returns ``self`` and learned state ends in ``_``. Its
+``recommend`` gives each user ``n`` unseen items with a score, a human-readable reason (the
+item in the user's history closest to the recommendation in factor space) and a ``source``;
+users it has never seen, and short lists, are filled from the popularity fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+from pipeline.matrix import InteractionMatrix  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+#: How a reason names what the user did with the history item.
+VERBS = {"view": "viewed", "click": "opened", "like": "liked", "share": "shared",
+         "add_to_cart": "added", "purchase": "bought", "rating": "rated"}
+_HISTORY_FOR_REASONS = 20   # strongest history items considered when explaining a pick
+_PAIRS_PER_CHUNK = 20_000   # bounds the (pairs x n x factors) similarity block
+
+
+class AlsRecommender:
+    """Implicit ALS on event-weighted confidences, with reasons and a popularity fallback."""
+
+    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
+                 iterations: int = 15, random_state: int = 42, num_threads: int = 0) -> None:
+        self.factors = factors
+        self.regularization = regularization
+        self.alpha = alpha
+        self.iterations = iterations
+        self.random_state = random_state
+        self.num_threads = num_threads
+
+    def get_params(self) -> dict:
+        return {"factors": self.factors, "regularization": self.regularization,
+                "alpha": self.alpha, "iterations": self.iterations,
+                "random_state": self.random_state}
+
+    # ---- training ----------------------------------------------------------------------
+    def fit(self, matrix: InteractionMatrix, popular: pd.DataFrame,
+            items: pd.DataFrame | None = None) -> AlsRecommender:
+        """Fit factors on ``matrix``; ``popular`` (item_id, score, reason) is the fallback."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        if matrix.confidence.nnz == 0:
+            raise ValueError("cannot train on an empty interaction matrix")
+        model = AlternatingLeastSquares(
+            factors=self.factors, regularization=self.regularization, alpha=self.alpha,
+            iterations=self.iterations, random_state=self.random_state,
+            num_threads=self.num_threads, calculate_training_loss=False)
+        model.fit(matrix.confidence, show_progress=False)
+        self.model_ = model
+        self.matrix_ = matrix
+        self.popular_ = popular.reset_index(drop=True)
+        self.items_ = _item_labels(matrix.item_ids, items)
+        logger.info("ALS fitted: %d users x %d items, %d pairs, %s", *matrix.shape,
+                    matrix.confidence.nnz, self.get_params())
+        return self
+
+    # ---- scoring -----------------------------------------------------------------------
+    def score_top(self, user_rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``n`` unseen item columns and scores for known user rows (-1 pads short rows)."""
+        if len(user_rows) == 0:
+            return np.empty((0, n), np.int64), np.empty((0, n), np.float32)
+        n_eff = min(n, self.matrix_.shape[1])
+        ids, scores = self.model_.recommend(
+            user_rows, self.matrix_.confidence[user_rows], N=n_eff,
+            filter_already_liked_items=True)
+        ids = np.asarray(ids, np.int64).reshape(len(user_rows), -1)
+        scores = np.asarray(scores, np.float32).reshape(len(user_rows), -1)
+        if ids.shape[1] < n:
+            pad = n - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        scores = np.where(ids < 0, -np.inf, scores)  # implicit pads with -1 / very low scores
+        return ids, scores
+
+    def recommend(self, user_ids: pd.Series | np.ndarray | list, n: int,
+                  chunk_users: int = 5_000) -> pd.DataFrame:
+        """Ranked lists: user_id, rank (1..n), item_id, score, reason, source."""
+        users = pd.unique(pd.Series(user_ids, dtype="string").dropna()).astype(object)
+        parts = [self._recommend_chunk(users[s:s + chunk_users], n)
+                 for s in range(0, len(users), chunk_users)]
+        if not parts:
+            return _empty_lists()
+        return pd.concat(parts, ignore_index=True)
+
+    def default_list(self, n: int) -> pd.DataFrame:
+        """The ``__default__`` rows: the popularity fallback."""
+        top = self.popular_.head(n)
+        return pd.DataFrame({"rank": np.arange(1, len(top) + 1, dtype=np.int16),
+                             "item_id": top["item_id"].astype(object).to_numpy(),
+                             "score": top["score"].astype(np.float32).to_numpy(),
+                             "reason": top["reason"].astype(object).to_numpy(),
+                             "source": "popular"})
+
+    def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
+        rows = self.matrix_.user_index(users)
+        known = rows >= 0
+        ids = np.full((len(users), n), -1, np.int64)
+        scores = np.full((len(users), n), -np.inf, np.float32)
+        ids[known], scores[known] = self.score_top(rows[known], n)
+        reasons = np.full(ids.shape, None, dtype=object)
+        reasons[known] = self._explain(rows[known], ids[known])
+        personal = pd.DataFrame({
+            "user_id": np.repeat(users, n), "rank": np.tile(np.arange(1, n + 1), len(users)),
+            "col": ids.ravel(), "score": scores.ravel(), "reason": reasons.ravel()})
+        personal = personal[personal["col"] >= 0]
+        personal["item_id"] = self.matrix_.item_ids[personal["col"].to_numpy()]
+        personal["source"] = "als"
+        return self._fill_from_popular(personal.drop(columns="col"), users, n)
+
+    def _fill_from_popular(self, personal: pd.DataFrame, users: np.ndarray, n: int
+                           ) -> pd.DataFrame:
+        """Top up lists shorter than ``n`` with popular items the user has not seen."""
+        have = personal.groupby("user_id", sort=False).size().reindex(users, fill_value=0)
+        short = have[have < n].index.to_numpy(dtype=object)
+        if len(short):
+            pop = self.popular_.head(n * 3)
+            cand = pd.DataFrame({"user_id": np.repeat(short, len(pop)),
+                                 "item_id": np.tile(pop["item_id"].to_numpy(object), len(short)),
+                                 "score": np.tile(pop["score"].to_numpy(np.float32), len(short)),
+                                 "reason": np.tile(pop["reason"].to_numpy(object), len(short)),
+                                 "source": "popular", "order": np.tile(np.arange(len(pop)),
+                                                                       len(short))})
+            cand = cand[~self._seen(cand["user_id"], cand["item_id"])]
+            cand = cand.merge(personal[["user_id", "item_id"]], how="left", indicator=True)
+            cand = cand[cand["_merge"] == "left_only"].drop(columns="_merge")
+            cand["rank"] = (cand.groupby("user_id", sort=False).cumcount()
+                            + cand["user_id"].map(have).to_numpy() + 1)
+            cand = cand[cand["rank"] <= n].drop(columns="order")
+            personal = pd.concat([personal, cand], ignore_index=True)
+        personal["rank"] = personal["rank"].astype(np.int16)
+        personal["score"] = personal["score"].astype(np.float32)
+        return personal.sort_values(["user_id", "rank"], kind="stable")[
+            ["user_id", "rank", "item_id", "score", "reason", "source"]].reset_index(drop=True)
+
+    def _seen(self, user_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
+        rows = self.matrix_.user_index(user_ids.to_numpy(object))
+        cols = self.matrix_.item_index(item_ids.to_numpy(object))
+        ok = (rows >= 0) & (cols >= 0)
+        seen = np.zeros(len(rows), bool)
+        if ok.any():
+            seen[ok] = np.asarray(self.matrix_.confidence[rows[ok], cols[ok]]).ravel() > 0
+        return seen
+
+    def _explain(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """For each pick, "because you <verb> <title>" naming the closest history item."""
+        out = np.full(ids.shape, None, dtype=object)
+        if len(rows) == 0:
+            return out
+        factors = _normalise(np.asarray(self.model_.item_factors, np.float32))
+        titles = self.items_["title"].astype(object).to_numpy()
+        verbs = np.array([VERBS.get(t, "engaged with") for t in self.matrix_.event_types],
+                         dtype=object)
+        block = max(1, _PAIRS_PER_CHUNK // _HISTORY_FOR_REASONS)
+        for lo in range(0, len(rows), block):
+            hi = min(lo + block, len(rows))
+            hist_u, hist_i, hist_code = self._history(rows[lo:hi])
+            if len(hist_u) == 0:
+                continue
+            recs = ids[lo:hi][hist_u]                                   # pairs x n
+            sims = np.einsum("pf,pnf->pn", factors[hist_i], factors[np.maximum(recs, 0)])
+            for k in range(ids.shape[1]):
+                order = np.lexsort((-sims[:, k], hist_u))               # best pair first
+                first = order[np.r_[True, hist_u[order][1:] != hist_u[order][:-1]]]
+                users = hist_u[first]
+                text = "because you " + verbs[hist_code[first]] + " " + titles[hist_i[first]]
+                valid = ids[lo:hi][users, k] >= 0
+                out[lo + users[valid], k] = text[valid]
+        return out
+
+    def _history(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chunk-local user, item column, strongest event code) of each user's top items."""
+        conf = self.matrix_.confidence[rows].tocoo()
+        code = self.matrix_.strongest[rows].tocoo()
+        frame = pd.DataFrame({"u": conf.row, "i": conf.col, "c": conf.data,
+                              "code": code.data.astype(np.int64)})
+        frame = frame.sort_values(["u", "c", "i"], ascending=[True, False, True], kind="stable")
+        frame = frame[frame.groupby("u").cumcount() < _HISTORY_FOR_REASONS]
+        return frame["u"].to_numpy(), frame["i"].to_numpy(), frame["code"].to_numpy()
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self, folder: Path) -> Path:
+        """Write the fitted model to ``folder`` (created); returns the folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model_.save(str(folder / "als.npz"))
+        m = self.matrix_
+        sp.save_npz(folder / "confidence.npz", m.confidence)
+        sp.save_npz(folder / "strongest.npz", m.strongest)
+        pd.DataFrame({"user_id": m.user_ids}).to_parquet(folder / "users.parquet", index=False)
+        self.items_.to_parquet(folder / "items.parquet", index=False)
+        self.popular_.to_parquet(folder / "popular.parquet", index=False)
+        meta = {"params": self.get_params(), "event_types": list(m.event_types)}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> AlsRecommender:
+        """Inverse of :meth:`save`."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        self = cls(**meta["params"])
+        self.model_ = AlternatingLeastSquares.load(str(Path(folder) / "als.npz"))
+        items = pd.read_parquet(Path(folder) / "items.parquet")
+        users = pd.read_parquet(Path(folder) / "users.parquet")
+        self.matrix_ = InteractionMatrix(
+            users["user_id"].to_numpy(object), items["item_id"].to_numpy(object),
+            sp.load_npz(Path(folder) / "confidence.npz").tocsr(),
+            sp.load_npz(Path(folder) / "strongest.npz").tocsr(), tuple(meta["event_types"]))
+        self.items_ = items
+        self.popular_ = pd.read_parquet(Path(folder) / "popular.parquet")
+        return self
+
+
+def _item_labels(item_ids: np.ndarray, items: pd.DataFrame | None) -> pd.DataFrame:
+    labels = pd.DataFrame({"item_id": item_ids})
+    if items is not None and "title" in items:
+        side = items.drop_duplicates("item_id").set_index("item_id")
+        labels["title"] = labels["item_id"].map(side["title"]).astype("string")
+        if "category" in side:
+            labels["category"] = labels["item_id"].map(side["category"]).astype("string")
+    if "title" not in labels:
+        labels["title"] = pd.Series(pd.NA, index=labels.index, dtype="string")
+    labels["title"] = labels["title"].fillna(labels["item_id"].astype("string"))
+    return labels
+
+
+def _normalise(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+def _empty_lists() -> pd.DataFrame:
+    return pd.DataFrame({"user_id": pd.Series(dtype=object), "rank": pd.Series(dtype=np.int16),
+                         "item_id": pd.Series(dtype=object), "score": pd.Series(dtype=np.float32),
+                         "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})

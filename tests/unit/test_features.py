@@ -1,0 +1,68 @@
+"""Features: RFM, context and item popularity with known answers; nothing after the cutoff."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import pytest
+
+from pipeline.features import build_item_features, build_user_features
+
+UTC = dt.timezone.utc
+CUTOFF = dt.datetime(2024, 2, 1, tzinfo=UTC)
+
+
+def _events():
+    rows = [
+        # user, item, time, value, device, session
+        ("u1", "a", "2024-01-31T20:00:00Z", 10.0, "mobile", "s1"),   # evening, Wednesday
+        ("u1", "b", "2024-01-31T20:30:00Z", 5.0, "mobile", "s1"),
+        ("u1", "a", "2024-01-06T09:00:00Z", None, "desktop", "s2"),  # morning, Saturday
+        ("u2", "a", "2023-12-01T03:00:00Z", 100.0, None, None),      # night, 62 days before
+        ("u2", "b", "2024-02-01T00:00:00Z", 999.0, "tv", "s9"),      # AT the cutoff: excluded
+        ("u3", "c", "2024-03-01T00:00:00Z", 1.0, "tv", "s8"),        # after: user never seen
+    ]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "value", "device",
+                                        "session_id"])
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
+    frame["event_type"] = "view"
+    return frame
+
+
+def test_user_rfm_and_context_known_answers():
+    users = build_user_features(_events(), CUTOFF).set_index("user_id")
+    assert list(users.index) == ["u1", "u2"]  # u3 only acts after the cutoff
+    u1, u2 = users.loc["u1"], users.loc["u2"]
+    assert u1["recency_days"] == pytest.approx(3.5 / 24)
+    assert (u1["frequency_7d"], u1["frequency_30d"], u1["frequency_90d"]) == (2, 3, 3)
+    assert (u2["frequency_7d"], u2["frequency_30d"], u2["frequency_90d"]) == (0, 0, 1)
+    assert u1["monetary"] == 15.0 and u2["monetary"] == 100.0  # 999 is after the cutoff
+    assert u1["device_mobile_share"] == pytest.approx(2 / 3)
+    assert u2["device_other_share"] == 1.0
+    assert u1["daypart_evening_share"] == pytest.approx(2 / 3)
+    assert u1["weekend_share"] == pytest.approx(1 / 3)
+    assert u1["sessions"] == 2 and u1["events_per_session"] == 1.5
+    assert u1["session_minutes"] == pytest.approx(15.0)
+
+
+def test_item_popularity_windows_trend_and_age():
+    items = pd.DataFrame({"item_id": ["a", "b"], "category": ["News", "Sports"],
+                          "published_at": ["2024-01-01T00:00:00Z", None]})
+    feats = build_item_features(_events(), CUTOFF, items).set_index("item_id")
+    assert list(feats.index) == ["a", "b"]
+    assert (feats.loc["a", "popularity_1d"], feats.loc["a", "popularity_7d"],
+            feats.loc["a", "popularity_30d"], feats.loc["a", "users_total"]) == (1, 1, 1, 2)
+    assert feats.loc["a", "age_days"] == pytest.approx(31.0)
+    assert feats.loc["b", "age_days"] == pytest.approx(3.5 / 24)  # first seen, no published_at
+    assert feats.loc["a", "category"] == "News"
+    assert feats.loc["a", "trend"] > 1.0  # all of its recent activity is in the last week
+
+
+def test_future_events_cannot_change_features():
+    events = _events()
+    base = build_user_features(events, CUTOFF)
+    later = events.assign(timestamp=events["timestamp"])
+    later.loc[len(later)] = ["u1", "z", pd.Timestamp("2024-05-01", tz="UTC"), 1e6, "tv", "s",
+                             "view"]
+    pd.testing.assert_frame_equal(base, build_user_features(later, CUTOFF))
