@@ -9,6 +9,7 @@ users it has never seen, and short lists, are filled from the popularity fallbac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -191,6 +192,20 @@ class AlsRecommender:
         frame = frame.sort_values(["u", "c", "i"], ascending=[True, False, True], kind="stable")
         frame = frame[frame.groupby("u").cumcount() < _HISTORY_FOR_REASONS]
         return frame["u"].to_numpy(), frame["i"].to_numpy(), frame["code"].to_numpy()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything the model serves from: equal fingerprints, equal lists."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.get_params(), sort_keys=True).encode())
+        for array in (self.model_.user_factors, self.model_.item_factors,
+                      self.matrix_.confidence.indptr, self.matrix_.confidence.indices,
+                      self.matrix_.confidence.data, self.matrix_.strongest.data):
+            digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
+        for ids in (self.matrix_.user_ids, self.matrix_.item_ids):
+            digest.update("\x1f".join(map(str, ids)).encode())
+        for frame in (self.popular_, self.items_):
+            digest.update(frame.to_csv(index=False).encode())
+        return digest.hexdigest()
 
     # ---- persistence -------------------------------------------------------------------
     def save(self, folder: Path) -> Path:

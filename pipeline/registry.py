@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "recommender"
 EXPERIMENT = "recommendations"
 CHAMPION, CHALLENGER = "champion", "challenger"
+FINGERPRINT_TAG = "bundle_sha256"
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,21 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
 
     configure_mlflow()
     recommender = AlsRecommender.load(bundle_dir)
+    fingerprint = recommender.fingerprint()
+    existing = _version_with_fingerprint(fingerprint)
+    if existing is not None:  # a retry or re-run of the same inputs: no duplicate version
+        logger.info("model %s v%s already holds this bundle (%s): reusing it", MODEL_NAME,
+                    existing.version, fingerprint[:12])
+        return Registration(existing.run_id, str(existing.version),
+                            champion_version() or str(existing.version), False,
+                            f"unchanged: same bundle as version {existing.version}")
     example = pd.DataFrame({"user_id": recommender.matrix_.user_ids[:2].astype(str)})
     output = recommender.recommend(example["user_id"], 3)
     signature = infer_signature(example, output, params={"n": 10})
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(dict(params))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v})
-        mlflow.set_tags({**tags, "git_commit": git_commit()})
+        mlflow.set_tags({**tags, "git_commit": git_commit(), FINGERPRINT_TAG: fingerprint})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=RecommenderModel(),
             artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
@@ -73,7 +82,19 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
             input_example=example, pip_requirements=_pip_requirements(),
             registered_model_name=MODEL_NAME)
     version = str(info.registered_model_version)
+    from mlflow import MlflowClient
+
+    MlflowClient().set_model_version_tag(MODEL_NAME, version, FINGERPRINT_TAG, fingerprint)
     return _move_aliases(run.info.run_id, version, gate_passed, gate_reason)
+
+
+def _version_with_fingerprint(fingerprint: str):
+    """The model version already registered for this exact bundle, if any."""
+    from mlflow import MlflowClient
+
+    found = MlflowClient().search_model_versions(
+        f"name = '{MODEL_NAME}' and tag.{FINGERPRINT_TAG} = '{fingerprint}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def _move_aliases(run_id: str, version: str, gate_passed: bool, gate_reason: str
