@@ -57,11 +57,11 @@ class IngestReport:
 
 
 def list_landing_files(landing_events_dir: Path) -> list[Path]:
-    """Landing files we know how to read, in a stable order."""
+    """Landing files we know how to read, in a stable order (dotfiles are in-flight writes)."""
     if not landing_events_dir.exists():
         return []
     return sorted(p for p in landing_events_dir.iterdir()
-                  if p.is_file() and _file_format(p) is not None)
+                  if p.is_file() and not p.name.startswith(".") and _file_format(p) is not None)
 
 
 def ingest_landing(landing_events_dir: Path, lake_dir: Path) -> IngestReport:
