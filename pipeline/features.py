@@ -47,7 +47,7 @@ def build_user_features(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFra
     for name, (lo, hi) in DAYPARTS.items():
         daypart = daypart.mask((hours >= lo) & (hours < hi), name)
     frame = frame.join(_shares(events, daypart, "daypart", tuple(DAYPARTS)))
-    weekend = (events["timestamp"].dt.dayofweek >= 5).astype("float64")
+    weekend = (events["timestamp"].dt.day_of_week >= 5).astype("float64")
     frame["weekend_share"] = weekend.groupby(events["user_id"]).mean()
     frame = frame.join(_session_stats(events))
     frame.index.name = "user_id"

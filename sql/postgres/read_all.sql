@@ -1,0 +1,3 @@
+SELECT user_id, rank, item_id, score, reason, source, model_version, generated_at
+FROM {schema}.{view}
+ORDER BY user_id, rank

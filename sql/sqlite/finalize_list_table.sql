@@ -1,0 +1,3 @@
+-- After the load and the validation: the CMS lookup index, then planner statistics.
+CREATE UNIQUE INDEX {index} ON {table} (user_id, rank);
+ANALYZE {table};

@@ -1,0 +1,2 @@
+INSERT INTO {table} (user_id, rank, item_id, score, reason, source, model_version, generated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)

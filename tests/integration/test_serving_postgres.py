@@ -1,0 +1,443 @@
+"""Serving layer against a real PostgreSQL (a throwaway database per test, see conftest.pg_dsn)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pandas as pd
+import psycopg2
+import pytest
+from psycopg2 import errors as pg_errors
+
+from pipeline import serving
+from pipeline.config import DEFAULT_USER
+
+pytestmark = pytest.mark.integration
+
+LOGICAL_DATE = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+UNUSED = Path("unused.sqlite")
+CMS_QUERY = "SELECT item_id, reason FROM recommendations WHERE user_id = %s ORDER BY rank"
+
+
+def _publish(lists: pd.DataFrame, dsn: str, model_version: str, **kwargs) -> serving.PublishResult:
+    return serving.publish_lists(lists, dsn=dsn, sqlite_path=UNUSED, model_version=model_version,
+                                 logical_date=LOGICAL_DATE, **kwargs)
+
+
+def _expected_view(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
+    expected = lists.assign(model_version=model_version)[list(serving.VIEW_COLUMNS)]
+    expected = expected.sort_values(["user_id", "rank"]).reset_index(drop=True)
+    expected["score"] = expected["score"].astype("float32").astype("float64")  # real
+    expected["generated_at"] = expected["generated_at"].astype("datetime64[us, UTC]")
+    return expected
+
+
+@contextmanager
+def _connect(dsn: str, *, autocommit: bool = True) -> Iterator[psycopg2.extensions.connection]:
+    with closing(psycopg2.connect(dsn)) as conn:
+        conn.autocommit = autocommit
+        yield conn
+
+
+def _query(dsn: str, statement: str, params: tuple = ()) -> list[tuple]:
+    with _connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(statement, params)
+        return cur.fetchall()
+
+
+def _version_tables(dsn: str) -> set[str]:
+    return {name for (name,) in _query(
+        dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'recs' "
+             "AND tablename LIKE 'recommendations\\_v%%'")}
+
+
+def _catalog(dsn: str) -> list[tuple]:
+    return _query(dsn, "SELECT version, status, model_version, dropped_at IS NOT NULL "
+                       "FROM recs.recommendation_versions ORDER BY version")
+
+
+def test_publish_then_read_back_exactly(pg_dsn: str, make_lists: Callable) -> None:
+    lists = make_lists(n_users=4, n_ranks=5)
+
+    result = _publish(lists, pg_dsn, "m-1")
+
+    assert result == serving.PublishResult(version=1, table="recommendations_v1", rows=25,
+                                           users=5, model_version="m-1")
+    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
+                                  _expected_view(lists, "m-1"))
+    live = serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)
+    assert (live["version"], live["status"], live["rows"], live["users"]) == (1, "live", 25, 5)
+    assert live["logical_date"] == LOGICAL_DATE
+    column_types = _query(pg_dsn, "SELECT column_name, data_type FROM information_schema.columns "
+                                  "WHERE table_schema = 'recs' AND table_name = 'recommendations' "
+                                  "ORDER BY ordinal_position")
+    assert column_types == [
+        ("user_id", "text"), ("rank", "smallint"), ("item_id", "text"), ("score", "real"),
+        ("reason", "text"), ("source", "text"), ("model_version", "text"),
+        ("generated_at", "timestamp with time zone"),
+    ]
+
+
+def test_read_user_list_matches_cms_query_and_falls_back(pg_dsn: str, make_lists: Callable) -> None:
+    lists = make_lists(n_users=2, n_ranks=4)
+    _publish(lists, pg_dsn.replace("postgresql://", "postgres://", 1), "m-1")  # both schemes
+
+    own = serving.read_user_list("u001", dsn=pg_dsn, sqlite_path=UNUSED)
+    fallback = serving.read_user_list("nobody", dsn=pg_dsn, sqlite_path=UNUSED)
+
+    with _connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SET search_path = recs")
+        cur.execute(CMS_QUERY, ("u001",))
+        cms_rows = cur.fetchall()
+    assert list(own["rank"]) == [1, 2, 3, 4]
+    assert list(own["item_id"]) == [item for item, _ in cms_rows]
+    assert set(fallback["user_id"]) == {DEFAULT_USER}
+    assert list(fallback["item_id"]) == list(
+        lists.loc[lists["user_id"] == DEFAULT_USER].sort_values("rank")["item_id"])
+
+
+def test_second_publish_swaps_model_version(pg_dsn: str, make_lists: Callable) -> None:
+    _publish(make_lists(n_ranks=3), pg_dsn, "m-1")
+    second = make_lists(n_users=5, n_ranks=2, item_prefix="new")
+
+    result = _publish(second, pg_dsn, "m-2")
+
+    assert result.version == 2
+    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
+                                  _expected_view(second, "m-2"))
+    assert [row[:3] for row in _catalog(pg_dsn)] == [(1, "retired", "m-1"), (2, "live", "m-2")]
+
+
+def test_keep_versions_drops_old_tables(pg_dsn: str, make_lists: Callable) -> None:
+    for number in range(1, 5):
+        _publish(make_lists(), pg_dsn, f"m-{number}", keep_versions=2)
+
+    assert _version_tables(pg_dsn) == {"recommendations_v3", "recommendations_v4"}
+    assert _catalog(pg_dsn) == [(1, "retired", "m-1", True), (2, "retired", "m-2", True),
+                                (3, "retired", "m-3", False), (4, "live", "m-4", False)]
+
+
+def _duplicate_rank(lists: pd.DataFrame) -> pd.DataFrame:
+    lists.loc[(lists["user_id"] == "u001") & (lists["rank"] == 2), "rank"] = 1
+    return lists
+
+
+def _no_default(lists: pd.DataFrame) -> pd.DataFrame:
+    return lists.loc[lists["user_id"] != DEFAULT_USER].reset_index(drop=True)
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    (_no_default, "no fallback list"),
+    (_duplicate_rank, "ranks that are not 1..N"),
+])
+def test_invalid_lists_leave_old_version_live(pg_dsn: str, make_lists: Callable,
+                                              breakage: Callable, message: str) -> None:
+    good = make_lists()
+    _publish(good, pg_dsn, "m-1")
+
+    with pytest.raises(serving.ListValidationError, match=message):
+        _publish(breakage(make_lists(item_prefix="bad")), pg_dsn, "m-bad")
+
+    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
+                                  _expected_view(good, "m-1"))
+    assert _version_tables(pg_dsn) == {"recommendations_v1"}
+    assert _catalog(pg_dsn) == [(1, "live", "m-1", False), (2, "failed", "m-bad", True)]
+    assert _publish(make_lists(n_ranks=2), pg_dsn, "m-2").version == 3
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-2"
+
+
+def test_ensure_schema_is_idempotent(pg_dsn: str, make_lists: Callable) -> None:
+    # The role is cluster-wide: it may exist from another database or test run already.
+    _query(pg_dsn, "DO $$ BEGIN CREATE ROLE cms_reader NOLOGIN; "
+                   "EXCEPTION WHEN duplicate_object THEN NULL; END $$; SELECT 1")
+    for _ in range(3):
+        serving.ensure_schema(dsn=pg_dsn, sqlite_path=UNUSED)
+    _publish(make_lists(), pg_dsn, "m-1")
+    serving.ensure_schema(dsn=pg_dsn, sqlite_path=UNUSED)
+
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-1"
+    settings = _query(pg_dsn, "SELECT s.setconfig FROM pg_db_role_setting s "
+                              "JOIN pg_roles r ON r.oid = s.setrole "
+                              "JOIN pg_database d ON d.oid = s.setdatabase "
+                              "WHERE r.rolname = 'cms_reader' AND d.datname = current_database()")
+    assert settings == [(["search_path=recs"],)]
+
+
+def test_cms_reader_reads_the_view_and_nothing_else(pg_dsn: str, make_lists: Callable) -> None:
+    _publish(make_lists(), pg_dsn, "m-1")
+    _publish(make_lists(n_ranks=2), pg_dsn, "m-2")
+    serving.record_promotion(dsn=pg_dsn, sqlite_path=UNUSED, model_name="recommender",
+                             model_version="2", decision="promoted", reason="test")
+
+    with _connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SET ROLE cms_reader")
+        cur.execute("SET search_path = recs")  # what ALTER ROLE ... SET gives a cms_reader login
+        cur.execute(CMS_QUERY, ("u000",))
+        assert len(cur.fetchall()) == 2
+        cur.execute(CMS_QUERY.replace("recommendations", "recs.recommendations"), ("x",))
+        assert cur.fetchall() == []
+        for statement in (
+            "SELECT count(*) FROM recs.recommendations_v2",
+            "SELECT count(*) FROM recs.recommendations_v1",
+            "SELECT count(*) FROM recs.recommendation_versions",
+            "SELECT count(*) FROM recs.model_promotions",
+            "INSERT INTO recs.recommendations (user_id, rank, item_id, model_version, generated_at) "
+            "VALUES ('x', 1, 'y', 'm', now())",
+            "DELETE FROM recs.recommendations",
+            "CREATE TABLE recs.sneaky (x int)",
+        ):
+            with pytest.raises(pg_errors.InsufficientPrivilege):
+                cur.execute(statement)
+        cur.execute("RESET ROLE")
+
+
+def test_record_promotion_stores_metrics_as_jsonb(pg_dsn: str) -> None:
+    promotion_id = serving.record_promotion(
+        dsn=pg_dsn, sqlite_path=UNUSED, model_name="recommender", model_version="7",
+        decision="promoted", reason="ndcg@10 +4%",
+        metrics={"ndcg_at_10": 0.31, "bad": float("inf")}, triggered_by="nightly",
+        decided_at=LOGICAL_DATE)
+
+    assert _query(pg_dsn, "SELECT decided_at, metrics FROM recs.model_promotions WHERE id = %s",
+                  (promotion_id,)) == [(LOGICAL_DATE, {"ndcg_at_10": 0.31, "bad": None})]
+
+
+def _check_snapshot(rows: list[tuple], expected_rows: dict[str, int]) -> str | None:
+    """None when ``rows`` (user_id, rank, model_version) is one complete list set."""
+    versions = {version for _, _, version in rows}
+    if len(versions) != 1:
+        return f"mixed or empty result: {versions}"
+    (version,) = versions
+    if len(rows) != expected_rows[version]:
+        return f"{version}: {len(rows)} rows, expected {expected_rows[version]}"
+    by_user: dict[str, list[int]] = {}
+    for user, rank, _ in rows:
+        by_user.setdefault(user, []).append(rank)
+    bad = [user for user, ranks in by_user.items() if ranks != list(range(1, len(ranks) + 1))]
+    return f"{version}: broken ranks for {bad[:3]}" if bad else None
+
+
+def test_concurrent_reader_only_sees_complete_lists(pg_dsn: str, make_lists: Callable) -> None:
+    shapes = [(30, 3), (20, 5), (40, 2), (25, 4), (35, 6), (15, 3)]
+    expected_rows = {f"m-{i}": (users + 1) * ranks for i, (users, ranks) in enumerate(shapes)}
+    _publish(make_lists(*shapes[0]), pg_dsn, "m-0")
+    stop = threading.Event()
+    problems: list[str] = []
+    latencies: list[float] = []
+
+    def read_loop() -> None:
+        try:
+            with _connect(pg_dsn) as conn, conn.cursor() as cur:
+                cur.execute("SET search_path = recs")
+                while not stop.is_set():
+                    started = time.monotonic()
+                    cur.execute("SELECT user_id, rank, model_version FROM recommendations "
+                                "ORDER BY user_id, rank")
+                    rows = cur.fetchall()
+                    cur.execute(CMS_QUERY, ("u003",))
+                    personal = cur.fetchall()
+                    latencies.append(time.monotonic() - started)
+                    problem = _check_snapshot(rows, expected_rows)
+                    if problem:
+                        problems.append(problem)
+                    if not personal:
+                        problems.append("empty personal list")
+        except psycopg2.Error as exc:
+            problems.append(f"reader error: {exc}")
+
+    reader = threading.Thread(target=read_loop)
+    reader.start()
+    try:
+        for index, shape in enumerate(shapes[1:], start=1):
+            _publish(make_lists(*shape), pg_dsn, f"m-{index}", keep_versions=1,
+                     lock_timeout_ms=500)
+            time.sleep(0.03)
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+
+    assert not problems, problems[:5]
+    assert len(latencies) > len(shapes)
+    assert max(latencies) < 1.0
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-5"
+    assert _version_tables(pg_dsn) == {"recommendations_v6"}
+
+
+class _CmsProbe:
+    """A CMS-style reader on its own connection that records how long each query took."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            with _connect(self.dsn) as conn, conn.cursor() as cur:
+                cur.execute("SET search_path = recs")
+                while not self.stop.is_set():
+                    started = time.monotonic()
+                    cur.execute(CMS_QUERY, ("u001",))
+                    if not cur.fetchall():
+                        self.errors.append("empty list")
+                    self.latencies.append(time.monotonic() - started)
+                    time.sleep(0.01)
+        except psycopg2.Error as exc:
+            self.errors.append(str(exc))
+
+    def __enter__(self) -> _CmsProbe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def _hold_view(dsn: str) -> psycopg2.extensions.connection:
+    """A reader with an open transaction that selected from the view (holds ACCESS SHARE)."""
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM recs.recommendations")
+    return conn
+
+
+def test_publish_retries_until_a_long_reader_commits(pg_dsn: str, make_lists: Callable) -> None:
+    lock_timeout_ms = 300
+    _publish(make_lists(), pg_dsn, "m-1")
+    holder = _hold_view(pg_dsn)
+    outcome: dict[str, object] = {}
+
+    def publish() -> None:
+        try:
+            outcome["result"] = _publish(make_lists(n_ranks=4), pg_dsn, "m-2",
+                                         lock_timeout_ms=lock_timeout_ms, swap_attempts=6)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            outcome["error"] = exc
+
+    with _CmsProbe(pg_dsn) as probe:
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        time.sleep(1.0)
+        assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-1"
+        holder.commit()
+        holder.close()
+        publisher.join(timeout=15)
+        time.sleep(0.1)
+
+    assert "error" not in outcome, outcome
+    assert outcome["result"].model_version == "m-2"
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-2"
+    assert not probe.errors
+    assert len(probe.latencies) > 10
+    assert max(probe.latencies) < lock_timeout_ms / 1000 + 0.5
+
+
+def test_publish_fails_cleanly_when_a_reader_never_lets_go(pg_dsn: str,
+                                                           make_lists: Callable) -> None:
+    lock_timeout_ms = 200
+    old = make_lists()
+    _publish(old, pg_dsn, "m-1")
+    holder = _hold_view(pg_dsn)
+    try:
+        with _CmsProbe(pg_dsn) as probe:
+            started = time.monotonic()
+            with pytest.raises(serving.SwapLockTimeout, match="lock timeout in all 3 attempts"):
+                _publish(make_lists(n_ranks=4), pg_dsn, "m-2",
+                         lock_timeout_ms=lock_timeout_ms, swap_attempts=3)
+            elapsed = time.monotonic() - started
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert elapsed < 3 * lock_timeout_ms / 1000 + 0.2 + 0.4 + 1.0
+    assert not probe.errors
+    assert max(probe.latencies) < lock_timeout_ms / 1000 + 0.5
+    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
+                                  _expected_view(old, "m-1"))
+    assert _catalog(pg_dsn) == [(1, "live", "m-1", False), (2, "failed", "m-2", True)]
+    assert _version_tables(pg_dsn) == {"recommendations_v1"}
+    # Once the reader is gone a retry goes through.
+    assert _publish(make_lists(n_ranks=4), pg_dsn, "m-2").version == 3
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-2"
+
+
+def test_missing_database_is_a_clear_error(pg_dsn: str) -> None:
+    dsn = pg_dsn.rsplit("/", 1)[0].replace("postgres@", "postgres:hunter2@") + "/no_such_db_x"
+
+    with pytest.raises(serving.ServingConnectionError) as caught:
+        serving.read_all(dsn=dsn, sqlite_path=UNUSED)
+
+    assert "no_such_db_x" in str(caught.value) and "127.0.0.1" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_reads_before_first_publish(pg_dsn: str) -> None:
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED) is None
+    with pytest.raises(serving.NothingPublishedError):
+        serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED)
+    serving.ensure_schema(dsn=pg_dsn, sqlite_path=UNUSED)
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED) is None
+    with pytest.raises(serving.NothingPublishedError):
+        serving.read_user_list("u1", dsn=pg_dsn, sqlite_path=UNUSED)
+
+
+def test_large_publish_streams_in_chunks(pg_dsn: str, make_lists: Callable,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "LOAD_CHUNK_ROWS", 1000)
+    lists = make_lists(n_users=2999, n_ranks=10)
+
+    result = _publish(lists, pg_dsn, "m-big")
+
+    assert (result.rows, result.users) == (30000, 3000)
+    assert _query(pg_dsn, "SELECT count(*), count(DISTINCT user_id) FROM recs.recommendations") \
+        == [(30000, 3000)]
+
+
+def test_concurrent_publishers_are_serialised(pg_dsn: str, make_lists: Callable) -> None:
+    _publish(make_lists(), pg_dsn, "m-0")
+    results: list[serving.PublishResult] = []
+    errors: list[Exception] = []
+
+    def publish(model_version: str) -> None:
+        try:
+            results.append(_publish(make_lists(n_users=50, n_ranks=5), pg_dsn, model_version))
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(f"m-{i}",)) for i in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert not errors, errors
+    assert sorted(result.version for result in results) == [2, 3]
+    last = max(results, key=lambda result: result.version)
+    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == \
+        last.model_version
+    assert [status for _, status, _, _ in _catalog(pg_dsn)] == ["retired", "retired", "live"]
+
+
+def test_publish_cleans_up_after_a_crashed_publisher(pg_dsn: str, make_lists: Callable) -> None:
+    _publish(make_lists(), pg_dsn, "m-1")
+    # A publisher that died after loading its table, before the swap.
+    _query(pg_dsn, "INSERT INTO recs.recommendation_versions "
+                   "(version, table_name, rows, users, model_version, logical_date) "
+                   "SELECT v, 'recommendations_v' || v, 1, 1, 'm-dead', now() FROM (SELECT "
+                   "nextval(pg_get_serial_sequence('recs.recommendation_versions', 'version')) "
+                   "::int AS v) AS next_version; "
+                   "CREATE TABLE recs.recommendations_v2 (x int); SELECT 1")
+
+    result = _publish(make_lists(), pg_dsn, "m-3")
+
+    assert result.version > 2
+    assert _catalog(pg_dsn)[:2] == [(1, "retired", "m-1", False), (2, "failed", "m-dead", True)]
+    assert "recommendations_v2" not in _version_tables(pg_dsn)
