@@ -22,7 +22,9 @@ install: $(STAMP)  ## create .venv and install the pinned requirements (no-op wh
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "installing pinned requirements into $(VENV) (about a minute with a warm pip cache)"
+	@set -o pipefail; $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	  -r requirements.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/recs-pipeline.pth', 'w').write('$(CURDIR)\n')"
 	@touch $(STAMP)
 

@@ -62,6 +62,7 @@ def default_date(settings: Settings) -> int:
 
 def summary(settings: Settings, date: str) -> int:
     """Print the run's stage results and one sample user's published list."""
+    from pipeline.ingest import read_side_file
     from pipeline.serving import read_user_list
 
     cutoff = as_utc(date)
@@ -101,8 +102,12 @@ def summary(settings: Settings, date: str) -> int:
     sample = _sample_user(run)
     if sample is not None:
         rows = read_user_list(sample, dsn=serving_dsn(), sqlite_path=settings.serving_sqlite_path)
+        items = read_side_file(settings.landing_dir / "items.csv")
+        titles = (items.set_index("item_id")["title"].to_dict()
+                  if items is not None and "title" in items else {})
         lines.append(f"  sample     user {sample}:")
-        lines += [f"    {r.rank:>2}. {r.item_id:<8} {r.reason}" for r in rows.itertuples()]
+        lines += [f"    {r.rank:>2}. {str(titles.get(r.item_id, r.item_id))[:38]:<40}{r.reason}"
+                  for r in rows.itertuples()]
     print("\n".join(lines))
     return 0
 

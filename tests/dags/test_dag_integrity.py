@@ -34,7 +34,7 @@ def test_nightly_schedule_and_defaults(dagbag):
     dag = dagbag.dags["recommendations_nightly"]
     assert dag.schedule == "0 2 * * *" and str(dag.timetable.timezone) == "UTC"
     assert dag.catchup is False and dag.max_active_runs == 1
-    assert dag.start_date.year == 2024 and str(dag.start_date.tzinfo) == "UTC"
+    assert dag.start_date.year == 1990 and str(dag.start_date.tzinfo) == "UTC"
     assert dag.doc_md and "recommendations" in dag.tags
     assert all(task.retries >= 2 for task in dag.tasks)
 

@@ -1,0 +1,5 @@
+"""Benchmarks for `make bench`: each `bench_*.py` module has `run(quick: bool) -> None`.
+
+They print comparable numbers (ratios against a baseline measured in the same run, since the
+machine is shared and noisy); they are not tests and assert nothing.
+"""
