@@ -39,6 +39,10 @@ PARAMS = {
                                 title="ALS regularization", description="L2 penalty."),
     "als_alpha": Param(2.0, type="number", exclusiveMinimum=0, maximum=1000, title="ALS alpha",
                        description="Confidence scaling of the event weights."),
+    "force_promote": Param(False, type="boolean", title="Force promote",
+                           description="Make this run's model the champion even if it loses "
+                                       "to the champion at the promotion gate (recorded in "
+                                       "model_promotions with who triggered the run)."),
     "max_bad_row_share": Param(0.05, type="number", minimum=0, maximum=1,
                                title="Max bad-row share",
                                description="Quarantine up to this share of rows; above it, "
@@ -59,7 +63,8 @@ def _run_args() -> tuple:
                         als_iterations=params["als_iterations"],
                         als_regularization=params["als_regularization"],
                         als_alpha=params["als_alpha"],
-                        max_bad_row_share=params["max_bad_row_share"])
+                        max_bad_row_share=params["max_bad_row_share"],
+                        force_promote=params["force_promote"])
     return settings, as_utc(moment.date())
 
 
@@ -71,6 +76,14 @@ def _serving_dsn() -> str | None:
         return Connection.get("recs_serving").get_uri()
     except AirflowNotFoundException:
         return None
+
+
+def _triggered_by() -> str:
+    """Who or what started the run: "scheduled", or "manual by <user>" from the UI/API."""
+    run = get_current_context()["dag_run"]
+    user = getattr(run, "triggering_user_name", None)
+    kind = str(getattr(run.run_type, "value", run.run_type))
+    return f"{kind} by {user}" if user else kind
 
 
 @dag(
@@ -117,7 +130,7 @@ def recommendations_nightly():
     @task
     def register(_: dict) -> dict:
         from pipeline import nightly
-        return nightly.register(*_run_args())
+        return nightly.register(*_run_args(), dsn=_serving_dsn(), triggered_by=_triggered_by())
 
     @task
     def publish(_: dict) -> dict:

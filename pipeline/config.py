@@ -49,6 +49,21 @@ class Settings:
     als_alpha: float = 2.0
     als_iterations: int = 15
     seed: int = 42
+    # Promotion gate (pipeline.gate): challenger >= champion * (1 + gain) - tolerance, nDCG@10.
+    gate_min_relative_gain: float = 0.0
+    gate_tolerance: float = 0.001
+    force_promote: bool = False
+    # Publish: business rules (pipeline.rules) and serving versions (pipeline.serving).
+    #: Event types that count as "consumed" (never recommended again); None: every type.
+    consumed_event_types: tuple[str, ...] | None = None
+    #: At most this many items of one category per list (None: no cap); uncategorised exempt.
+    max_per_category: int | None = 3
+    #: Items published more than this many days before the cutoff are not shown (None: no TTL).
+    item_ttl_days: int | None = None
+    #: The model proposes candidate_multiplier x top_n candidates per user for the rules.
+    candidate_multiplier: int = 3
+    #: Version tables kept in the serving DB (the live one included).
+    keep_versions: int = 3
 
     # ---- folders -------------------------------------------------------------------------
     @property

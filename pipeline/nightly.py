@@ -8,6 +8,7 @@ idempotent, and the same inputs give the same outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -111,21 +112,11 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
 
 
 def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
-    """Holdout metrics at ``k`` for ALS (same params, fitted before the holdout) and baselines."""
-    from pipeline.evaluate import evaluate_models, popularity_top, split_holdout
-    from pipeline.popularity import popular_items
-
+    """Holdout metrics at ``k`` for the model recipe (fitted before the holdout) and baselines."""
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "evaluate") as result:
         events = pd.read_parquet(run / "events.parquet")
-        split = split_holdout(events, cutoff, settings.holdout_days, settings.event_weights)
-        popular = popular_items(split.train_events, split.holdout_start, k)
-        als = _als(settings).fit(split.train, popular)
-        table = evaluate_models(split, {
-            "als": lambda rows, n: als.score_top(rows, n)[0],
-            "popularity": lambda rows, n: popularity_top(split, rows, n, None),
-            "popularity_30d": lambda rows, n: popularity_top(split, rows, n, 30),
-        }, k=k)
+        table = holdout_table(settings, events, cutoff, k)
         table.to_csv(run / "metrics.csv")
         best_baseline = table.drop(index="als")["ndcg"].max()
         als_ndcg = table.loc["als", "ndcg"]
@@ -140,30 +131,128 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
     return result
 
 
-def register(settings: Settings, cutoff: dt.datetime) -> dict:
-    """Log the run to MLflow and register the bundle as ``recommender``."""
-    from pipeline.registry import register_model
+def holdout_table(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: int = 10
+                  ) -> pd.DataFrame:
+    """Metrics at ``k`` per model on the holdout: the recipe in ``settings`` and the baselines.
+
+    Pure in its inputs, so the promotion gate can re-score the champion's recipe on exactly
+    the same split.
+    """
+    from pipeline.evaluate import evaluate_models, popularity_top, split_holdout
+    from pipeline.popularity import popular_items
+
+    split = split_holdout(events, cutoff, settings.holdout_days, settings.event_weights)
+    popular = popular_items(split.train_events, split.holdout_start, k)
+    als = _als(settings).fit(split.train, popular)
+    return evaluate_models(split, {
+        "als": lambda rows, n: als.score_top(rows, n)[0],
+        "popularity": lambda rows, n: popularity_top(split, rows, n, None),
+        "popularity_30d": lambda rows, n: popularity_top(split, rows, n, 30),
+    }, k=k)
+
+
+def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
+             triggered_by: str = "pipeline") -> dict:
+    """Log and register the bundle (alias ``challenger``), then run the promotion gate.
+
+    The champion is re-scored on this run's holdout by refitting its recipe (the settings it
+    was trained with, logged as run params) on the same split, so both are judged on the same
+    data. The decision goes to MLflow tags and to the serving DB's ``model_promotions``.
+    """
+    from pipeline.gate import decide_promotion
+    from pipeline.registry import (champion_version, register_model, set_champion,
+                                   tag_decision, version_details)
+    from pipeline.serving import record_promotion
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "register") as result:
-        trained = _read_json(run / "train.json")
-        evaluated = _read_json(run / "evaluate.json")
-        validated = _read_json(run / "validate.json")
-        ingested = _read_json(run / "ingest.json")
+        trained, evaluated = _read_json(run / "train.json"), _read_json(run / "evaluate.json")
+        validated, ingested = _read_json(run / "validate.json"), _read_json(run / "ingest.json")
         registration = register_model(
             Path(trained["bundle_path"]), run_name=f"nightly-{cutoff:%Y-%m-%d}",
-            params={**trained["params"], "top_n": settings.top_n,
-                    "lookback_days": settings.lookback_days,
-                    "holdout_days": settings.holdout_days},
+            params={**recipe_params(settings), "top_n": settings.top_n,
+                    "holdout_days": settings.holdout_days,
+                    **_prefixed("model", trained["params"])},
             metrics=evaluated["metrics"],
-            tags={"logical_date": cutoff.isoformat(),
+            tags={"logical_date": cutoff.isoformat(), "triggered_by": triggered_by,
                   "rows_snapshot": str(ingested["snapshot_rows"]),
                   "rows_clean": str(validated.get("rows", 0) - validated.get("bad_rows", 0)),
                   "validation_passed": str(validated.get("passed")),
                   "lake_path": str(settings.lake_events_dir)},
-            gate_passed=evaluated["gate_passed"], gate_reason=evaluated["gate_reason"])
-        result.update(registration.to_dict())
+            artifacts={"evaluation": run / "metrics.csv"})
+        champion = champion_version()
+        k = evaluated["k"]
+        challenger_score = evaluated["metrics"][f"als_ndcg_at_{k}"]
+        baseline = max(v for key, v in evaluated["metrics"].items()
+                       if key.startswith("popularity") and key.endswith(f"_ndcg_at_{k}"))
+        if champion == registration.version:  # a re-run of the model that already serves
+            result.update(registration.to_dict(), promoted=False, decision="unchanged",
+                          reason=f"v{champion} is already champion", champion_version=champion)
+            return result
+        champion_score = None
+        if champion is not None:
+            champion_recipe = version_details(champion)["params"]
+            champion_score = _recipe_score(settings, cutoff, champion_recipe, challenger_score, k)
+        gate = decide_promotion(challenger_score, champion_score, baseline,
+                                min_relative_gain=settings.gate_min_relative_gain,
+                                tolerance=settings.gate_tolerance,
+                                force=settings.force_promote, metric=f"ndcg@{k}")
+        if gate.promote:
+            set_champion(registration.version, decision=gate.decision, reason=gate.reason)
+        else:
+            tag_decision(registration.version, decision=gate.decision, reason=gate.reason)
+        record_promotion(dsn=dsn, sqlite_path=settings.serving_sqlite_path,
+                         model_name="recommender", model_version=registration.version,
+                         decision=gate.decision, reason=gate.reason,
+                         metrics={**gate.to_dict(), "champion_version": champion,
+                                  "logical_date": cutoff.isoformat()},
+                         triggered_by=triggered_by)
+        result.update(registration.to_dict(), promoted=gate.promote, decision=gate.decision,
+                      reason=gate.reason,
+                      champion_version=registration.version if gate.promote else champion)
     return result
+
+
+#: Settings that do not change how a model is trained (paths, serving, gate, split).
+_NOT_RECIPE = frozenset({"data_dir", "event_weights", "top_n", "holdout_days",
+                         "max_bad_row_share", "force_promote", "gate_min_relative_gain",
+                         "gate_tolerance", "consumed_event_types", "max_per_category",
+                         "item_ttl_days", "candidate_multiplier", "keep_versions"})
+
+
+def recipe_params(settings: Settings) -> dict:
+    """The scalar settings that define how a model is trained: logged with each version and
+    re-fitted by the gate to re-score a champion on a new holdout."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+            if f.name not in _NOT_RECIPE
+            and isinstance(getattr(settings, f.name), (int, float, str, bool))}
+
+
+def _recipe_score(settings: Settings, cutoff: dt.datetime, recipe: dict, own_score: float,
+                  k: int) -> float:
+    """nDCG@k of a logged recipe on this run's holdout (reuses ``own_score`` when equal)."""
+    mine = {key: str(value) for key, value in recipe_params(settings).items()}
+    theirs = {key: recipe[key] for key in mine if key in recipe}
+    if theirs == mine:
+        return own_score  # same recipe, same split, deterministic fit: same score
+    fields = {f.name: f.type for f in dataclasses.fields(Settings)}
+    overrides = {key: _as_type(value, fields[key]) for key, value in theirs.items()
+                 if key in fields}
+    champion_settings = dataclasses.replace(settings, **overrides)
+    events = pd.read_parquet(settings.run_dir(cutoff) / "events.parquet")
+    table = holdout_table(champion_settings, events, cutoff, k)
+    logger.info("champion recipe %s re-scored on this holdout: ndcg@%d %.4f", overrides, k,
+                table.loc["als", "ndcg"])
+    return float(table.loc["als", "ndcg"])
+
+
+def _as_type(value: str, annotation: str):
+    return {"int": int, "float": float, "bool": lambda v: v == "True"}.get(
+        str(annotation), str)(value)
+
+
+def _prefixed(prefix: str, params: dict) -> dict:
+    return {f"{prefix}.{key}": value for key, value in params.items()}
 
 
 def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> dict:
@@ -213,3 +302,36 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def rollback(settings: Settings, version: str | None = None, dsn: str | None = None,
+             triggered_by: str = "manual") -> dict:
+    """Move ``champion`` back to ``version`` (default: the previous champion).
+
+    Returns the version, and the cutoff and list length it was published with, so the caller
+    can republish exactly the lists that version served (``publish`` for that cutoff).
+    """
+    from pipeline.config import as_utc
+    from pipeline.registry import (champion_version, configure_mlflow, previous_champion,
+                                   set_champion, version_details)
+    from pipeline.serving import record_promotion
+
+    configure_mlflow()
+    current = champion_version()
+    target = str(version) if version else previous_champion()
+    if target is None:
+        raise LookupError("no previous champion to roll back to; pass a version explicitly")
+    details = version_details(target)
+    cutoff = as_utc(details["tags"]["logical_date"])
+    if not (settings.run_dir(cutoff) / "events.parquet").exists():
+        raise FileNotFoundError(f"run folder of v{target} ({settings.run_dir(cutoff)}) is gone: "
+                                "its lists cannot be rebuilt exactly")
+    reason = f"rollback from v{current} to v{target} ({triggered_by})"
+    set_champion(target, decision="rollback", reason=reason)
+    record_promotion(dsn=dsn, sqlite_path=settings.serving_sqlite_path, model_name="recommender",
+                     model_version=target, decision="rollback", reason=reason,
+                     metrics={"from_version": current, "logical_date": cutoff.isoformat()},
+                     triggered_by=triggered_by)
+    logger.info("%s", reason)
+    return {"version": target, "previous": current, "cutoff": cutoff.isoformat(),
+            "top_n": int(details["params"].get("top_n", settings.top_n))}

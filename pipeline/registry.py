@@ -1,12 +1,14 @@
 """MLflow: log a run, register the model bundle, manage the ``champion``/``challenger`` aliases.
 
 Aliases only (registry stages are deprecated in MLflow 3). A new version always gets
-``challenger``; the first version, or one that passes the promotion gate, also becomes
-``champion``, which is the alias publish reads.
+``challenger``; it moves to ``champion`` (the alias publish reads) only through the promotion
+gate (:mod:`pipeline.gate`) or a rollback. The registered model's ``champion_history`` tag
+lists the champions in order, so "the previous champion" is always known.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from collections.abc import Mapping
@@ -21,17 +23,16 @@ MODEL_NAME = "recommender"
 EXPERIMENT = "recommendations"
 CHAMPION, CHALLENGER = "champion", "challenger"
 FINGERPRINT_TAG = "bundle_sha256"
+HISTORY_TAG = "champion_history"
 
 
 @dataclass(frozen=True)
 class Registration:
-    """Outcome of one registration: small enough for XCom."""
+    """A logged and registered model version: small enough for XCom."""
 
     run_id: str
     version: str
-    champion_version: str
-    promoted: bool
-    reason: str
+    reused: bool  # True when this exact bundle was already registered (a retry or re-run)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,25 +50,27 @@ def configure_mlflow() -> None:
 
 def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, object],
                    metrics: Mapping[str, float], tags: Mapping[str, str],
-                   gate_passed: bool, gate_reason: str) -> Registration:
-    """Log params/metrics/tags and the pyfunc bundle; register it and move the aliases."""
+                   artifacts: Mapping[str, Path] | None = None) -> Registration:
+    """Log params, metrics, lineage tags, readable artifacts and the pyfunc bundle; register
+    it as a new version of ``recommender`` with alias ``challenger``.
+
+    Idempotent: a bundle already registered (same fingerprint) is reused, not duplicated.
+    """
     import mlflow
     import pandas as pd
+    from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
     from pipeline.pyfunc_model import BUNDLE_ARTIFACT, RecommenderModel
-    from pipeline.recommender import AlsRecommender
 
     configure_mlflow()
-    recommender = AlsRecommender.load(bundle_dir)
+    recommender = load_bundle(bundle_dir)
     fingerprint = recommender.fingerprint()
     existing = _version_with_fingerprint(fingerprint)
-    if existing is not None:  # a retry or re-run of the same inputs: no duplicate version
+    if existing is not None:
         logger.info("model %s v%s already holds this bundle (%s): reusing it", MODEL_NAME,
                     existing.version, fingerprint[:12])
-        return Registration(existing.run_id, str(existing.version),
-                            champion_version() or str(existing.version), False,
-                            f"unchanged: same bundle as version {existing.version}")
+        return Registration(existing.run_id, str(existing.version), True)
     example = pd.DataFrame({"user_id": recommender.matrix_.user_ids[:2].astype(str)})
     output = recommender.recommend(example["user_id"], 3)
     signature = infer_signature(example, output, params={"n": 10})
@@ -75,6 +78,9 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
         mlflow.log_params(dict(params))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v})
         mlflow.set_tags({**tags, "git_commit": git_commit(), FINGERPRINT_TAG: fingerprint})
+        for name, path in (artifacts or {}).items():
+            if Path(path).exists():
+                mlflow.log_artifact(str(path), artifact_path=name)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=RecommenderModel(),
             artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
@@ -82,10 +88,24 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
             input_example=example, pip_requirements=_pip_requirements(),
             registered_model_name=MODEL_NAME)
     version = str(info.registered_model_version)
-    from mlflow import MlflowClient
+    client = MlflowClient()
+    client.set_model_version_tag(MODEL_NAME, version, FINGERPRINT_TAG, fingerprint)
+    client.set_model_version_tag(MODEL_NAME, version, "logical_date", tags.get("logical_date", ""))
+    client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version)
+    logger.info("registered %s v%s (run %s) as %s", MODEL_NAME, version, run.info.run_id,
+                CHALLENGER)
+    return Registration(run.info.run_id, version, False)
 
-    MlflowClient().set_model_version_tag(MODEL_NAME, version, FINGERPRINT_TAG, fingerprint)
-    return _move_aliases(run.info.run_id, version, gate_passed, gate_reason)
+
+def load_bundle(bundle_dir: Path):
+    """The recommender object saved in ``bundle_dir``, loaded the way the pyfunc loads it."""
+    from types import SimpleNamespace
+
+    from pipeline.pyfunc_model import BUNDLE_ARTIFACT, RecommenderModel
+
+    model = RecommenderModel()
+    model.load_context(SimpleNamespace(artifacts={BUNDLE_ARTIFACT: str(bundle_dir)}))
+    return model.recommender
 
 
 def _version_with_fingerprint(fingerprint: str):
@@ -97,23 +117,58 @@ def _version_with_fingerprint(fingerprint: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _move_aliases(run_id: str, version: str, gate_passed: bool, gate_reason: str
-                  ) -> Registration:
+def set_champion(version: str, *, decision: str, reason: str) -> None:
+    """Move ``champion`` to ``version``; remember the history (for rollback) and why."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version)
+    history = champion_history()
+    client.set_registered_model_alias(MODEL_NAME, CHAMPION, str(version))
+    if not history or history[-1] != str(version):
+        client.set_registered_model_tag(MODEL_NAME, HISTORY_TAG,
+                                        json.dumps(history + [str(version)]))
+    tag_decision(version, decision=decision, reason=reason)
+    logger.info("champion of %s is now v%s (%s: %s)", MODEL_NAME, version, decision, reason)
+
+
+def tag_decision(version: str, *, decision: str, reason: str) -> None:
+    """Record a gate decision on the model version (and so in the MLflow UI)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_model_version_tag(MODEL_NAME, str(version), "promotion_decision", decision)
+    client.set_model_version_tag(MODEL_NAME, str(version), "promotion_reason", reason[:5000])
+
+
+def champion_history() -> list[str]:
+    """Versions that have been champion, oldest first (consecutive duplicates removed)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = MlflowClient().get_registered_model(MODEL_NAME)
+    except MlflowException:
+        return []
+    return [str(v) for v in json.loads(model.tags.get(HISTORY_TAG, "[]"))]
+
+
+def previous_champion() -> str | None:
+    """The champion before the current one: the default rollback target."""
     current = champion_version()
-    if current is None:
-        promoted, reason = True, "first version of the model"
-    else:
-        promoted, reason = gate_passed, gate_reason
-    if promoted:
-        client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-    decision = "promoted" if promoted else "kept champion"
-    client.set_model_version_tag(MODEL_NAME, version, "promotion", f"{decision}: {reason}")
-    logger.info("model %s v%s: %s (%s)", MODEL_NAME, version, decision, reason)
-    return Registration(run_id, version, version if promoted else str(current), promoted, reason)
+    earlier = [v for v in champion_history() if v != current]
+    return earlier[-1] if earlier else None
+
+
+def version_details(version: str) -> dict:
+    """Params and tags of the run that produced ``version`` (top_n, logical_date, ...)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    model_version = client.get_model_version(MODEL_NAME, str(version))
+    run = client.get_run(model_version.run_id)
+    return {"version": str(version), "run_id": model_version.run_id,
+            "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+            "tags": {**run.data.tags, **model_version.tags}}
 
 
 def champion_version() -> str | None:
@@ -127,16 +182,26 @@ def champion_version() -> str | None:
         return None
 
 
-def load_champion():
-    """The champion as a pyfunc model (raises when missing or broken) and its version."""
+def load_version(version: str | None = None):
+    """(pyfunc model, version) for ``version``, or for the champion when None.
+
+    Raises ``LookupError`` when there is no champion, and MLflow's error when the artifact
+    is missing or broken: publish must fail loudly, never serve something else.
+    """
     import mlflow.pyfunc
 
     configure_mlflow()
-    version = champion_version()
     if version is None:
-        raise LookupError(f"registered model {MODEL_NAME!r} has no {CHAMPION!r} alias")
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
-    return model, version
+        version = champion_version()
+        if version is None:
+            raise LookupError(f"registered model {MODEL_NAME!r} has no {CHAMPION!r} alias")
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{version}")
+    return model, str(version)
+
+
+def load_champion():
+    """(pyfunc model, version) of the current champion; see :func:`load_version`."""
+    return load_version(None)
 
 
 def git_commit() -> str:

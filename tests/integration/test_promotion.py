@@ -1,0 +1,113 @@
+"""Champion/challenger gate, force_promote, rollback and a broken champion, whole DAGs.
+
+Runs in order on one world: a good first model becomes champion; a deliberately worse model
+(forced to a poor setting through Params) stays challenger and the first model's lists stay
+published; force_promote overrides the gate; the rollback DAG restores the first model's lists
+exactly; a champion whose artifact is gone fails publish loudly and changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+
+import pandas as pd
+import psycopg2
+import pytest
+
+pytestmark = pytest.mark.integration
+
+UTC = dt.timezone.utc
+DAY1 = dt.datetime(2024, 2, 1, tzinfo=UTC)
+GOOD = {"top_n": 5, "als_factors": 16, "als_iterations": 8, "holdout_days": 7}
+BAD = {**GOOD, "als_factors": 2, "als_iterations": 1, "als_regularization": 10.0}
+
+
+def _promotions(dsn: str) -> pd.DataFrame:
+    with psycopg2.connect(dsn) as conn:
+        return pd.read_sql("SELECT model_version, decision, reason, triggered_by "
+                           "FROM recs.model_promotions ORDER BY id", conn)
+
+
+def _champion() -> str:
+    from pipeline.registry import champion_version, configure_mlflow
+
+    configure_mlflow()
+    return champion_version()
+
+
+@pytest.fixture(scope="module")
+def first_lists(world, published):
+    run = world["dags"]["recommendations_nightly"].test(logical_date=DAY1, run_conf=GOOD)
+    assert run.state == "success"
+    return published()
+
+
+def test_first_model_becomes_champion(world, first_lists):
+    assert _champion() == "1"
+    assert set(first_lists["model_version"]) == {"1"}
+    audit = _promotions(world["dsn"])
+    assert list(audit["decision"]) == ["first"]
+
+
+def test_registered_bundle_round_trips_to_the_same_predictions(world, first_lists):
+    from pipeline.registry import load_bundle, load_version
+
+    model, version = load_version("1")
+    users = pd.DataFrame({"user_id": sorted(set(first_lists["user_id"]))[:20] + ["nobody"]})
+    served = model.predict(users, params={"n": 7})
+    bundle = world["root"] / "data" / "runs" / "2024-02-01T000000" / "model"
+    local = load_bundle(bundle).recommend(users["user_id"], 7)
+    pd.testing.assert_frame_equal(served.reset_index(drop=True), local.reset_index(drop=True))
+    assert (served.groupby("user_id").size() == 7).all()
+
+
+def test_worse_challenger_does_not_take_over(world, first_lists, published):
+    day2 = DAY1 + dt.timedelta(days=1)
+    run = world["dags"]["recommendations_nightly"].test(logical_date=day2, run_conf=BAD)
+    assert run.state == "success"
+    assert _champion() == "1"
+    lists = published()
+    assert set(lists["model_version"]) == {"1"}  # publish kept serving the champion
+    last = _promotions(world["dsn"]).iloc[-1]
+    assert (last["model_version"], last["decision"]) == ("2", "rejected")
+    assert "champion" in last["reason"] or "baseline" in last["reason"]
+    assert last["triggered_by"]
+
+
+def test_force_promote_overrides_the_gate(world, first_lists, published):
+    day3 = DAY1 + dt.timedelta(days=2)
+    run = world["dags"]["recommendations_nightly"].test(
+        logical_date=day3, run_conf={**BAD, "als_factors": 3, "force_promote": True})
+    assert run.state == "success"
+    assert _champion() == "3"
+    assert set(published()["model_version"]) == {"3"}
+    last = _promotions(world["dsn"]).iloc[-1]
+    assert (last["model_version"], last["decision"]) == ("3", "forced")
+
+
+def test_rollback_restores_the_previous_lists_exactly(world, first_lists, published):
+    run = world["dags"]["recommendations_rollback"].test(run_conf={"version": None})
+    assert run.state == "success"
+    assert _champion() == "1"
+    pd.testing.assert_frame_equal(first_lists, published())
+    last = _promotions(world["dsn"]).iloc[-1]
+    assert (last["model_version"], last["decision"]) == ("1", "rollback")
+
+
+def test_broken_champion_artifact_fails_loudly_and_keeps_the_lists(world, first_lists,
+                                                                   published):
+    from mlflow import MlflowClient
+
+    before = published()
+    source = MlflowClient().get_model_version("recommender", "1").source  # models:/m-<id>
+    bundle = world["root"] / "mlartifacts" / "models" / source.split("/")[-1] / "artifacts"
+    hidden = bundle.with_name("artifacts.hidden")
+    shutil.move(bundle, hidden)  # the champion's whole artifact folder disappears
+    try:
+        run = world["dags"]["recommendations_rollback"].test(run_conf={"version": "1"})
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert run.state == "failed" and states["republish"] == "failed"
+    finally:
+        shutil.move(hidden, bundle)
+    pd.testing.assert_frame_equal(before, published())
