@@ -160,39 +160,42 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     data. The decision goes to MLflow tags and to the serving DB's ``model_promotions``.
     """
     from pipeline.gate import decide_promotion
-    from pipeline.registry import (champion_version, register_model, set_champion,
-                                   tag_decision, version_details)
+    from pipeline.registry import (champion_version, configure_mlflow, register_model,
+                                   set_champion, tag_decision, version_details)
     from pipeline.serving import record_promotion
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "register") as result:
         trained, evaluated = _read_json(run / "train.json"), _read_json(run / "evaluate.json")
         validated, ingested = _read_json(run / "validate.json"), _read_json(run / "ingest.json")
+        k, metrics = evaluated["k"], dict(evaluated["metrics"])
+        challenger_score = metrics[f"als_ndcg_at_{k}"]
+        baseline = max(v for key, v in metrics.items()
+                       if key.startswith("popularity") and key.endswith(f"_ndcg_at_{k}"))
+        configure_mlflow()
+        champion = champion_version()
+        champion_score = None
+        if champion is not None:
+            champion_recipe = version_details(champion)["params"]
+            champion_score = _recipe_score(settings, cutoff, champion_recipe, challenger_score, k)
+            metrics[f"champion_ndcg_at_{k}"] = champion_score
+        report = _write_report(run, Path(trained["bundle_path"]), champion_score, k)
         registration = register_model(
             Path(trained["bundle_path"]), run_name=f"nightly-{cutoff:%Y-%m-%d}",
             params={**recipe_params(settings), "top_n": settings.top_n,
                     "holdout_days": settings.holdout_days,
                     **_prefixed("model", trained["params"])},
-            metrics=evaluated["metrics"],
+            metrics=metrics,
             tags={"logical_date": cutoff.isoformat(), "triggered_by": triggered_by,
                   "rows_snapshot": str(ingested["snapshot_rows"]),
                   "rows_clean": str(validated.get("rows", 0) - validated.get("bad_rows", 0)),
                   "validation_passed": str(validated.get("passed")),
                   "lake_path": str(settings.lake_events_dir)},
-            artifacts={"evaluation": run / "metrics.csv"})
-        champion = champion_version()
-        k = evaluated["k"]
-        challenger_score = evaluated["metrics"][f"als_ndcg_at_{k}"]
-        baseline = max(v for key, v in evaluated["metrics"].items()
-                       if key.startswith("popularity") and key.endswith(f"_ndcg_at_{k}"))
+            artifacts={"report": report})
         if champion == registration.version:  # a re-run of the model that already serves
             result.update(registration.to_dict(), promoted=False, decision="unchanged",
                           reason=f"v{champion} is already champion", champion_version=champion)
             return result
-        champion_score = None
-        if champion is not None:
-            champion_recipe = version_details(champion)["params"]
-            champion_score = _recipe_score(settings, cutoff, champion_recipe, challenger_score, k)
         gate = decide_promotion(challenger_score, champion_score, baseline,
                                 min_relative_gain=settings.gate_min_relative_gain,
                                 tolerance=settings.gate_tolerance,
@@ -211,6 +214,33 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                       reason=gate.reason,
                       champion_version=registration.version if gate.promote else champion)
     return result
+
+
+def _write_report(run: Path, bundle_dir: Path, champion_score: float | None, k: int) -> Path:
+    """Plots and tables for the MLflow run, in ``<run>/report/``."""
+    from pipeline.registry import load_bundle
+    from pipeline.report import (plot_feature_importance, plot_metrics_comparison,
+                                 plot_score_distribution)
+
+    folder = run / "report"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    table = pd.read_csv(run / "metrics.csv", index_col=0)
+    shutil.copy(run / "metrics.csv", folder / "metrics.csv")
+    plot_metrics_comparison(table, folder / "metrics_vs_baselines.png",
+                            champion={"ndcg": champion_score} if champion_score else None)
+    model = load_bundle(bundle_dir)
+    users = model.matrix_.user_ids[:: max(1, len(model.matrix_.user_ids) // 2000)]
+    lists = model.recommend(users, k)
+    plot_score_distribution(lists["score"], folder / "score_distribution.png",
+                            by=lists["source"])
+    importance = getattr(model, "feature_importance", None)
+    if callable(importance):
+        plot_feature_importance(importance(), folder / "feature_importance.png")
+    for table_name in ("bias_audit.csv", "segments.csv"):
+        if (run / table_name).exists():
+            shutil.copy(run / table_name, folder / table_name)
+    return folder
 
 
 #: Settings that do not change how a model is trained (paths, serving, gate, split).

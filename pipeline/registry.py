@@ -79,7 +79,9 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v})
         mlflow.set_tags({**tags, "git_commit": git_commit(), FINGERPRINT_TAG: fingerprint})
         for name, path in (artifacts or {}).items():
-            if Path(path).exists():
+            if Path(path).is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=name)
+            elif Path(path).exists():
                 mlflow.log_artifact(str(path), artifact_path=name)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=RecommenderModel(),
