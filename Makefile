@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
 export AIRFLOW_HOME := $(CURDIR)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export OPENBLAS_NUM_THREADS := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
