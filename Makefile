@@ -59,7 +59,7 @@ bench: install  ## benchmarks: speed and quality numbers (not part of make test)
 	$(BIN)/python -m benchmarks
 
 lint: install  ## static checks
-	$(BIN)/python -m compileall -q pipeline dags tests
+	$(BIN)/ruff check pipeline dags tests benchmarks
 
 freeze:  ## re-pin requirements.txt from requirements.in in a scratch virtualenv
 	rm -rf /tmp/recs-freeze && $(PYTHON) -m venv /tmp/recs-freeze
