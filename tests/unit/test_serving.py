@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
+import re
 import sqlite3
 import threading
 import time
@@ -314,3 +316,82 @@ def test_bad_dsn_is_a_clear_error_without_password(dsn: str, make_lists: Callabl
     printed = "".join(traceback.format_exception(caught.value))
     assert "s3cr3t" not in printed
     assert "recs" in str(caught.value)
+
+
+# =================================================================================================
+# SQL identifiers are built only with psycopg2.sql.Identifier (static check of pipeline/serving.py)
+# =================================================================================================
+
+_SERVING_PY = Path(serving.__file__)
+_SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|DROP|CREATE|ALTER|GRANT|REVOKE|TRUNCATE|"
+                        r"COPY|ANALYZE|VACUUM|FROM|INTO|TABLE|VIEW|SCHEMA|WHERE|SET|INDEX)\b")
+#: The SQLite side has no psycopg2.sql: its one quoting helper validates the name against a
+#: strict pattern, and its one formatter fills SQL files only with that helper's output.
+_SQLITE_QUOTING = {"_sqlite_ident", "_sqlite_query"}
+
+
+def _literal_text(node: ast.AST) -> str:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(part.value for part in node.values
+                       if isinstance(part, ast.Constant) and isinstance(part.value, str))
+    return ""
+
+
+def _is_sql_sql_call(node: ast.AST) -> bool:
+    """``sql.SQL(...)`` (psycopg2's composition, which only accepts Composable parts)."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "SQL" and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "sql")
+
+
+def _sql_string_building(source: str) -> list[str]:
+    """Places where SQL text is built by f-string, ``%`` or ``str.format``/concatenation, or an
+    identifier is quoted by hand, outside the SQLite quoting helpers."""
+    found: list[str] = []
+    allowed_lines: set[int] = set()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name in _SQLITE_QUOTING:
+            allowed_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if line in allowed_lines:
+            continue
+        where = f"line {line}: {ast.unparse(node)[:70]}"
+        if isinstance(node, ast.JoinedStr):
+            text = _literal_text(node)
+            parts = node.values
+            hand_quoted = any(
+                isinstance(a, ast.Constant) and str(a.value).endswith('"')
+                and isinstance(b, ast.FormattedValue) for a, b in zip(parts, parts[1:]))
+            if _SQL_WORDS.search(text) or hand_quoted:
+                found.append(f"f-string SQL/identifier at {where}")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mod, ast.Add)):
+            if _SQL_WORDS.search(_literal_text(node.left) + _literal_text(node.right)):
+                found.append(f"SQL built with an operator at {where}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "format" and not _is_sql_sql_call(node.func.value)):
+            found.append(f"str.format on SQL (use sql.SQL(...).format) at {where}")
+    return found
+
+
+def test_serving_builds_identifiers_only_with_sql_identifier() -> None:
+    assert _sql_string_building(_SERVING_PY.read_text(encoding="utf-8")) == []
+
+
+def test_the_identifier_check_catches_string_built_sql() -> None:
+    bad = '''
+def drop(cur, schema, table):
+    cur.execute(f"DROP TABLE {schema}.{table}")
+    cur.execute("SELECT * FROM %s" % table)
+    cur.execute("DELETE FROM {}".format(table))
+    cur.execute("SELECT * FROM " + table)
+    name = f'"{schema}".recommendation_versions'
+    cur.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table)))  # fine
+'''
+    found = _sql_string_building(bad)
+
+    assert len(found) == 5, found
+    assert [entry.split(" at ")[0] for entry in found].count("f-string SQL/identifier") == 2
