@@ -49,10 +49,14 @@ def demo_data(settings: Settings) -> int:
 
 def default_date(settings: Settings) -> int:
     """Print the day after the newest event in the landing files."""
-    from pipeline.ingest import list_landing_files, parse_timestamps, read_event_file
+    from pipeline.ingest import (list_landing_files, load_column_mapping, parse_timestamps,
+                                 read_event_file)
 
-    newest = max((parse_timestamps(read_event_file(p)["timestamp"]).max()
-                  for p in list_landing_files(settings.landing_events_dir)), default=None)
+    mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
+                                  settings.column_mapping)
+    newest = max((parse_timestamps(read_event_file(p, mapping.for_file(p.name))["timestamp"])
+                  .max() for p in list_landing_files(settings.landing_events_dir)),
+                 default=None)
     if newest is None or newest != newest:
         print(dt.date.today().isoformat())
     else:
@@ -92,8 +96,15 @@ def summary(settings: Settings, date: str) -> int:
         f"@{eva['k']}:",
     ]
     lines += _metrics_table(eva["metrics"], eva["k"])
+    m, k = eva["metrics"], eva["k"]
+    if "model_auc" in m:
+        lines.append(f"    ranker AUC-ROC {m['model_auc']:.3f}, PR-AUC {m['model_pr_auc']:.3f}, "
+                     f"candidate recall {m['model_candidate_recall']:.3f}; "
+                     f"{int(m.get('model_cold_users', 0))} new users: nDCG@{k} "
+                     f"{m.get(f'model_cold_ndcg_at_{k}', float('nan')):.4f} vs 30-day popularity "
+                     f"{m.get(f'popularity_30d_cold_ndcg_at_{k}', float('nan')):.4f}")
     lines += [
-        f"  register   {reg['reason']}; version {reg['version']} "
+        f"  register   {reg['decision']}: {reg['reason']}; version {reg['version']} "
         f"{'promoted to champion' if reg['promoted'] else 'is challenger'}; "
         f"champion = v{reg['champion_version']}",
         f"  publish    {pub['rows']:,} rows for {pub['users']:,} users (incl. __default__) "
@@ -113,10 +124,10 @@ def summary(settings: Settings, date: str) -> int:
 
 
 def _metrics_table(metrics: dict, k: int) -> list[str]:
-    names = ("precision", "recall", "ndcg", "map", "hit_rate")
+    names = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
     models = sorted({key.split("_")[0] if not key.startswith("popularity_30d")
                      else "popularity_30d" for key in metrics},
-                    key=lambda m: (m != "als", m))
+                    key=lambda m: (m != "model", m))
     rows = [f"    {'model':<16}" + "".join(f"{n:>11}" for n in names)]
     for model in models:
         rows.append(f"    {model:<16}" + "".join(

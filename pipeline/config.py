@@ -49,6 +49,26 @@ class Settings:
     als_alpha: float = 2.0
     als_iterations: int = 15
     seed: int = 42
+    #: Two-stage ranker: label window length (days) and number of label windows.
+    label_days: int = 14
+    label_windows: int = 6
+    #: Hyperparameter search in ``train`` (expanding-window CV), and its time budget.
+    tune: bool = False
+    tune_budget_minutes: float = 10.0
+    #: Landing-file column mapping: inline JSON ``{"uid": "user_id", ...}`` or the path of a JSON
+    #: file (``RECS_COLUMN_MAPPING``); merged over ``landing/column_mapping.json``.
+    column_mapping: str | None = field(
+        default_factory=lambda: os.environ.get("RECS_COLUMN_MAPPING") or None)
+    #: Events older than the lake's newest event minus this many days stay out of the lake.
+    allowed_lateness_days: float = field(
+        default_factory=lambda: float(os.environ.get("RECS_ALLOWED_LATENESS_DAYS", "3")))
+    #: Events may be this much later than the time they are ingested (producer clocks drift).
+    clock_skew_seconds: float = 300.0
+    #: A young text file without a final newline (or 0 bytes) waits this long before ingest.
+    landing_settle_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("RECS_LANDING_SETTLE_SECONDS", "60")))
+    #: Rows per chunk streamed through ingest and validation (bounds memory).
+    chunk_rows: int = 250_000
     # Promotion gate (pipeline.gate): challenger >= champion * (1 + gain) - tolerance, nDCG@10.
     gate_min_relative_gain: float = 0.0
     gate_tolerance: float = 0.001

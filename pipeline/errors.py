@@ -25,3 +25,12 @@ class ValidationFailed(PipelineError):
 
 class ServingError(PipelineError):
     """The serving database is unreachable, or a publish or read against it failed."""
+
+
+class IngestFailed(DataError):
+    """Some landing files could not be ingested; carries the ingest report (other files went in)."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 column: str | None = None, report: object = None) -> None:
+        super().__init__(message, file=file, row=row, column=column)
+        self.report = report

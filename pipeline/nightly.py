@@ -43,30 +43,42 @@ def _stage(settings: Settings, cutoff: dt.datetime, name: str) -> Iterator[dict]
 
 def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
     """Landing files -> lake; then the run's point-in-time snapshot -> ``events_raw.parquet``."""
-    from pipeline.ingest import ingest_landing, load_snapshot
+    from pipeline.ingest import ingest_landing, load_column_mapping, write_snapshot
 
     with _stage(settings, cutoff, "ingest") as result:
-        report = ingest_landing(settings.landing_events_dir, settings.lake_events_dir)
-        snapshot = load_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days)
-        path = _write_parquet(snapshot, settings.run_dir(cutoff) / "events_raw.parquet")
-        result.update(report.to_dict(), snapshot_rows=len(snapshot), snapshot_path=str(path))
+        mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
+                                      settings.column_mapping)
+        # Wall-clock on purpose: it bounds "future" events and is recorded per row and per file
+        # in the lake; the run's snapshot depends only on the cutoff.
+        report = ingest_landing(
+            settings.landing_events_dir, settings.lake_events_dir,
+            ingested_at=dt.datetime.now(dt.timezone.utc), column_mapping=mapping,
+            allowed_lateness=dt.timedelta(days=settings.allowed_lateness_days),
+            clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
+            settle_seconds=settings.landing_settle_seconds,
+            max_bad_row_share=settings.max_bad_row_share, chunk_rows=settings.chunk_rows)
+        path = settings.run_dir(cutoff) / "events_raw.parquet"
+        rows = write_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days, path)
+        result.update(report.to_dict(), snapshot_rows=rows, snapshot_path=str(path))
     return result
 
 
 def validate(settings: Settings, cutoff: dt.datetime) -> dict:
     """Run the expectation suite; bad rows go to quarantine; clean rows -> ``events.parquet``."""
-    from pipeline.validate import validate_events
+    from pipeline.validate import validate_events_file
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "validate") as result:
-        raw = pd.read_parquet(run / "events_raw.parquet")
-        clean, report = validate_events(
-            raw, suite_path=SUITE_PATH, cutoff=cutoff,
+        report = validate_events_file(
+            run / "events_raw.parquet", clean_path=run / "events.parquet",
+            suite_path=SUITE_PATH, cutoff=cutoff,
             allowed_event_types=sorted(settings.event_weights),
             max_bad_row_share=settings.max_bad_row_share,
-            quarantine_path=run / "quarantine.parquet", data_docs_dir=run / "data_docs")
-        _write_parquet(clean, run / "events.parquet")
+            quarantine_path=run / "quarantine.parquet", data_docs_dir=run / "data_docs",
+            clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
+            chunk_rows=settings.chunk_rows)
         result.update(report.to_dict())
+        logger.info("validate: data docs at %s", report.data_docs_path)
     return result
 
 
@@ -286,23 +298,39 @@ def _prefixed(prefix: str, params: dict) -> dict:
 
 
 def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> dict:
-    """Top-N for every user seen before the cutoff from the champion, plus ``__default__``."""
+    """Top-N for every user seen before the cutoff from the champion, plus ``__default__``.
+
+    The champion proposes ``candidate_multiplier`` x N candidates per user; the business rules
+    (:mod:`pipeline.rules`: nothing consumed, unavailable or expired, at most
+    ``max_per_category`` per category, exactly N from the fallback list) pick the N published.
+    """
+    from pipeline.ingest import read_side_file
     from pipeline.registry import load_champion
+    from pipeline.rules import build_consumed, recommend_with_rules
     from pipeline.serving import publish_lists
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "publish") as result:
         model, version = load_champion()
-        users = pd.read_parquet(run / "events.parquet", columns=["user_id"])["user_id"].unique()
-        lists = model.predict(pd.DataFrame({"user_id": users.astype(str)}),
-                              params={"n": settings.top_n})
-        default = model.unwrap_python_model().recommender.default_list(settings.top_n)
-        lists = pd.concat([lists, default.assign(user_id=DEFAULT_USER)], ignore_index=True)
+        recommender = model.unwrap_python_model().recommender
+        events = pd.read_parquet(run / "events.parquet",
+                                 columns=["user_id", "item_id", "event_type"])
+        lists, rule_stats = recommend_with_rules(
+            recommender.recommend, events["user_id"].astype(str).unique(),
+            candidate_multiplier=settings.candidate_multiplier,
+            consumed=build_consumed(events, settings.consumed_event_types),
+            items=read_side_file(settings.landing_dir / "items.csv"),
+            fallback=recommender.popular_, n=settings.top_n,
+            max_per_category=settings.max_per_category, item_ttl_days=settings.item_ttl_days,
+            cutoff=cutoff, default_user=DEFAULT_USER)
+        del events
         lists["generated_at"] = pd.Timestamp(cutoff)
         published = publish_lists(lists, dsn=dsn, sqlite_path=settings.serving_sqlite_path,
-                                  model_version=str(version), logical_date=cutoff)
+                                  model_version=str(version), logical_date=cutoff,
+                                  keep_versions=settings.keep_versions)
         result.update(model_version=str(version), rows=published.rows, users=published.users,
                       serving_version=published.version, table=published.table,
+                      rules=rule_stats.to_dict(),
                       target="postgres" if dsn else str(settings.serving_sqlite_path))
     return result
 

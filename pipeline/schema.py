@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "event_type", "timestamp")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("event_id", "value", "device", "session_id", "consent")
 EVENT_COLUMNS: tuple[str, ...] = (
@@ -22,3 +24,15 @@ EVENT_DTYPES: dict[str, str] = {
 }
 
 ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "category", "published_at", "available", "price")
+
+#: What a landing file may contribute: the event columns plus ``consent`` (never stored).
+CONTRACT_INPUT_COLUMNS: tuple[str, ...] = (*EVENT_COLUMNS, "consent")
+
+#: Column names that look like personal data; such columns are dropped at ingest (as is every
+#: column outside the contract) and logged as PII. Matched against the lower-cased name.
+PII_NAME_PATTERN = re.compile(
+    r"(^|[_\W])(e?_?mail|email_address|ip|ip_?addr(ess)?|ipv[46]|(first|last|full|user|sur|"
+    r"given|family)_?name|phone|mobile_?(number|phone)|tel(ephone)?|msisdn|address|street|"
+    r"zip(_?code)?|post(al)?_?code|ssn|passport|iban|credit_?card|card_?number|dob|"
+    r"birth_?(date|day)|date_?of_?birth|lat(itude)?|lon(gitude)?|geo(location)?|user_?agent|"
+    r"cookie|device_?fingerprint)($|[_\W])|^(name|fullname|firstname|lastname|surname|username)$")

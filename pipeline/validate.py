@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import as_utc
 from pipeline.errors import ValidationFailed
@@ -65,6 +68,9 @@ _ROW_INDEX = "__row__"  # name of the positional index handed to GX
 _DOCS_SITE = "events_validation"
 _EVENT_TYPE_COLUMN = "event_type"
 _IN_SET = "expect_column_values_to_be_in_set"
+_UNIQUE = "expect_column_values_to_be_unique"
+_DEFAULT_VOLUME_RULE: dict[str, Any] = {"check_days": 7, "trailing_days": 7,
+                                        "min_ratio_to_trailing_median": 0.5}
 # Expectations that flag every copy of a duplicated key: we quarantine the later copies only.
 _KEEP_FIRST_TYPES = frozenset({
     "expect_column_values_to_be_unique",
@@ -146,6 +152,7 @@ class ValidationReport:
     failures: tuple[ExpectationFailure, ...] = field(default_factory=tuple)
     quarantine_path: Path | None = None
     data_docs_path: Path | None = None
+    volume_warnings: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         """Small JSON-serialisable summary (for XCom, logs and run metadata)."""
@@ -157,6 +164,7 @@ class ValidationReport:
             "failures": [failure.to_dict() for failure in self.failures],
             "quarantine_path": str(self.quarantine_path) if self.quarantine_path else None,
             "data_docs_path": str(self.data_docs_path) if self.data_docs_path else None,
+            "volume_warnings": [dict(warning) for warning in self.volume_warnings],
         }
 
 
@@ -223,18 +231,9 @@ def validate_events(
     max_timestamp = as_utc(cutoff) + clock_skew
     rows = len(events)
 
-    suite = _load_suite(Path(suite_path), allowed)
-    frame = events.copy(deep=False)  # shares data (copy-on-write); only the index changes
-    frame.index = pd.RangeIndex(rows, name=_ROW_INDEX)
-    # GX fingerprints (hashes) the whole batch, so hand it only the columns the suite is about.
-    checked = _suite_columns(suite)
-    batch = frame if checked is None else frame[[c for c in frame.columns if c in checked]]
-
-    context = _ephemeral_context(data_docs_dir)
-    suite = context.suites.add(suite)
-    result = _run_suite(context, suite, batch, max_timestamp, run_name=_run_name(cutoff))
-
-    failures, row_failures = _collect_failures(result, suite, frame)
+    runner = _SuiteRunner(Path(suite_path), allowed, data_docs_dir)
+    failures, row_failures = runner.run(events, max_timestamp, _run_name(cutoff))
+    context = runner.context
     bad_positions, reasons = _combine_row_failures(row_failures, rows)
     bad_rows = int(bad_positions.size)
     bad_share = bad_rows / rows if rows else 0.0
@@ -244,6 +243,9 @@ def validate_events(
 
     fatal = [failure for failure in failures if failure.level != "row"]
     passed = not fatal and bad_share <= max_bad_row_share
+    daily = (events["timestamp"].dt.floor("D").value_counts()
+             if "timestamp" in events and isinstance(events["timestamp"].dtype, pd.DatetimeTZDtype)
+             else pd.Series(dtype="int64"))
     report = ValidationReport(
         rows=rows,
         bad_rows=bad_rows,
@@ -252,14 +254,9 @@ def validate_events(
         failures=tuple(failures),
         quarantine_path=written,
         data_docs_path=docs_index,
+        volume_warnings=tuple(check_daily_volume(daily, as_utc(cutoff), runner.volume_rule)),
     )
-    for failure in failures:
-        if failure.level == "row":
-            logger.warning("%s: %d rows quarantined, e.g. %s", failure.label,
-                           failure.unexpected_count, _format_examples(failure))
-        else:
-            logger.warning("%s failed (%s)%s", failure.label, failure.level,
-                           f": {failure.detail}" if failure.detail else "")
+    _log_failures(report)
     if not passed:
         message = _failure_message(report, max_bad_row_share, max_timestamp)
         logger.error("%s", message)
@@ -271,6 +268,222 @@ def validate_events(
     logger.info("Validated %d events: %d quarantined (%.2f%%), %d clean; quarantine=%s docs=%s",
                 rows, bad_rows, 100.0 * bad_share, len(clean), written, docs_index)
     return clean, report
+
+
+def validate_events_file(
+    raw_path: Path,
+    *,
+    clean_path: Path,
+    suite_path: Path,
+    cutoff: dt.datetime,
+    allowed_event_types: Collection[str],
+    max_bad_row_share: float = 0.05,
+    quarantine_path: Path,
+    data_docs_dir: Path | None = None,
+    clock_skew: dt.timedelta = DEFAULT_CLOCK_SKEW,
+    chunk_rows: int = 250_000,
+) -> ValidationReport:
+    """:func:`validate_events` streamed over a Parquet snapshot, ``chunk_rows`` rows at a time.
+
+    Memory is bounded by a chunk. Each chunk runs through the suite; ``event_id`` uniqueness is
+    also enforced across chunks (later copies are quarantined with the uniqueness reason). Clean
+    rows go to ``clean_path`` (replaced atomically, only when the batch passes), bad rows to
+    ``quarantine_path``; the daily volume is checked against the suite's ``meta.volume`` rule
+    (warnings only). Raises :class:`EventValidationFailed` like :func:`validate_events`.
+    """
+    from pipeline.ingest import EventIdIndex, hash_event_ids
+
+    if not 0.0 <= max_bad_row_share <= 1.0:
+        raise ValueError(f"max_bad_row_share must be within [0, 1], got {max_bad_row_share}")
+    allowed = sorted({str(event_type) for event_type in allowed_event_types})
+    if not allowed:
+        raise ValueError("allowed_event_types is empty")
+    max_timestamp = as_utc(cutoff) + clock_skew
+    runner = _SuiteRunner(Path(suite_path), allowed, data_docs_dir)
+    parquet = pq.ParquetFile(raw_path)
+    schema = parquet.schema_arrow
+    seen = EventIdIndex()
+    merged: dict[tuple[str, str | None, str], ExpectationFailure] = {}
+    daily: pd.Series = pd.Series(dtype="int64")
+    rows = bad_rows = 0
+    quarantine_writer: pq.ParquetWriter | None = None
+    quarantine_tmp = _tmp_path(Path(quarantine_path))
+    clean_tmp = _tmp_path(Path(clean_path))
+    started = time.perf_counter()
+    try:
+        with pq.ParquetWriter(clean_tmp, schema) as clean_writer:
+            for number, chunk in enumerate(_iter_frames(parquet, chunk_rows)):
+                failures, row_failures = runner.run(chunk, max_timestamp,
+                                                    f"{_run_name(cutoff)}-part{number:04d}")
+                if "event_id" in chunk:
+                    h1, h2 = hash_event_ids(pa.array(chunk["event_id"].array))
+                    again = np.flatnonzero(seen.contains(h1, h2))
+                    seen.add(h1, h2)
+                    if again.size:
+                        failure = ExpectationFailure(_UNIQUE, "event_id", "row", int(again.size),
+                                                     _examples(chunk, again, ["event_id"]))
+                        failures.append(failure)
+                        row_failures.append((failure.label, again))
+                _merge_failures(merged, failures)
+                bad, reasons = _combine_row_failures(row_failures, len(chunk))
+                if bad.size:
+                    quarantined = chunk.iloc[bad].reset_index(drop=True)
+                    quarantined[REASON_COLUMN] = pd.array(reasons, dtype="string")
+                    table = pa.Table.from_pandas(quarantined, preserve_index=False)
+                    if quarantine_writer is None:
+                        quarantine_writer = pq.ParquetWriter(quarantine_tmp, table.schema)
+                    quarantine_writer.write_table(table)
+                keep = np.ones(len(chunk), dtype=bool)
+                keep[bad] = False
+                clean_writer.write_table(pa.Table.from_pandas(chunk[keep], schema=schema,
+                                                              preserve_index=False))
+                if (len(chunk) and "timestamp" in chunk
+                        and isinstance(chunk["timestamp"].dtype, pd.DatetimeTZDtype)):
+                    days = chunk["timestamp"].dt.floor("D").value_counts()
+                    daily = daily.add(days, fill_value=0) if len(daily) else days
+                rows += len(chunk)
+                bad_rows += int(bad.size)
+                logger.info("validated %d rows so far, %d quarantined (%.1fs)", rows, bad_rows,
+                            time.perf_counter() - started)
+        if quarantine_writer is not None:
+            quarantine_writer.close()
+            os.replace(quarantine_tmp, quarantine_path)
+            written: Path | None = Path(quarantine_path)
+        else:
+            Path(quarantine_path).unlink(missing_ok=True)
+            written = None
+    except BaseException:
+        if quarantine_writer is not None:
+            quarantine_writer.close()
+        quarantine_tmp.unlink(missing_ok=True)
+        clean_tmp.unlink(missing_ok=True)
+        raise
+    docs_index = _build_data_docs(runner.context, data_docs_dir) if data_docs_dir else None
+    failures = sorted(merged.values(), key=lambda f: runner.order.get((f.expectation, f.column),
+                                                                      len(runner.order)))
+    volume = check_daily_volume(daily, as_utc(cutoff), runner.volume_rule)
+    bad_share = bad_rows / rows if rows else 0.0
+    passed = not [f for f in failures if f.level != "row"] and bad_share <= max_bad_row_share
+    report = ValidationReport(rows=rows, bad_rows=bad_rows, bad_share=bad_share, passed=passed,
+                              failures=tuple(failures), quarantine_path=written,
+                              data_docs_path=docs_index, volume_warnings=tuple(volume))
+    _log_failures(report)
+    for warning in volume:
+        logger.warning("volume: %s has %d events, under %.0f%% of the trailing median %.0f",
+                       warning["date"], warning["rows"],
+                       100 * runner.volume_rule["min_ratio_to_trailing_median"],
+                       warning["trailing_median"])
+    if not passed:
+        clean_tmp.unlink(missing_ok=True)
+        message = _failure_message(report, max_bad_row_share, max_timestamp)
+        logger.error("%s", message)
+        raise EventValidationFailed(message, report)
+    os.replace(clean_tmp, clean_path)
+    logger.info("Validated %d events: %d quarantined (%.2f%%); clean -> %s; quarantine=%s; "
+                "data docs: %s", rows, bad_rows, 100.0 * bad_share, clean_path, written,
+                docs_index)
+    return report
+
+
+def check_daily_volume(daily: pd.Series, cutoff: dt.datetime, rule: Mapping[str, Any]
+                       ) -> list[dict[str, Any]]:
+    """Days (among the last ``check_days`` before ``cutoff``) under ``min_ratio`` x the median
+    of their ``trailing_days`` predecessors; missing days count as 0, and a day needs at least
+    3 trailing days inside the data to be judged."""
+    if daily.empty:
+        return []
+    first = pd.Timestamp(daily.index.min())
+    last_day = pd.Timestamp(cutoff).floor("D") - pd.Timedelta(days=1)
+    if last_day < first:
+        return []
+    counts = daily.reindex(pd.date_range(first, last_day, freq="D", tz="UTC"), fill_value=0)
+    trailing = int(rule["trailing_days"])
+    median = counts.shift(1).rolling(trailing, min_periods=3).median()
+    ratio = float(rule["min_ratio_to_trailing_median"])
+    recent = counts.index > last_day - pd.Timedelta(days=int(rule["check_days"]))
+    flagged = recent & (counts < ratio * median).to_numpy()
+    return [{"date": day.date().isoformat(), "rows": int(counts[day]),
+             "trailing_median": float(median[day])} for day in counts.index[flagged]]
+
+
+def _iter_frames(parquet: pq.ParquetFile, chunk_rows: int) -> Any:
+    """Frames of at most ``chunk_rows`` rows (one empty frame for an empty file)."""
+    empty = True
+    for batch in parquet.iter_batches(batch_size=chunk_rows):
+        empty = False
+        yield pa.Table.from_batches([batch]).to_pandas()
+    if empty:
+        yield parquet.schema_arrow.empty_table().to_pandas()
+
+
+def _merge_failures(merged: dict[tuple[str, str | None, str], ExpectationFailure],
+                    failures: list[ExpectationFailure]) -> None:
+    """Add one chunk's failures: counts add up, examples keep the first MAX_EXAMPLES."""
+    for failure in failures:
+        key = (failure.expectation, failure.column, failure.level)
+        before = merged.get(key)
+        if before is None:
+            merged[key] = failure
+            continue
+        count = None
+        if failure.unexpected_count is not None or before.unexpected_count is not None:
+            count = (before.unexpected_count or 0) + (failure.unexpected_count or 0)
+        merged[key] = ExpectationFailure(before.expectation, before.column, before.level, count,
+                                         (before.examples + failure.examples)[:MAX_EXAMPLES],
+                                         before.detail)
+
+
+def _log_failures(report: ValidationReport) -> None:
+    for failure in report.failures:
+        if failure.level == "row":
+            logger.warning("%s: %d rows quarantined, e.g. %s", failure.label,
+                           failure.unexpected_count, _format_examples(failure))
+        else:
+            logger.warning("%s failed (%s)%s", failure.label, failure.level,
+                           f": {failure.detail}" if failure.detail else "")
+
+
+def _tmp_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+class _SuiteRunner:
+    """The suite loaded once into one ephemeral context; runs it on one frame at a time."""
+
+    def __init__(self, suite_path: Path, allowed: list[str], data_docs_dir: Path | None) -> None:
+        gx = _import_gx()
+        config = load_suite_config(suite_path)
+        self.volume_rule: dict[str, Any] = {**_DEFAULT_VOLUME_RULE,
+                                            **config.get("meta", {}).get("volume", {})}
+        suite = _load_suite(suite_path, allowed)
+        self.context = _ephemeral_context(data_docs_dir)
+        self.suite = self.context.suites.add(suite)
+        self.checked = _suite_columns(self.suite)
+        self.order = {(e.expectation_type, ", ".join(_domain_columns(e.configuration.kwargs))
+                       or None): i for i, e in enumerate(self.suite.expectations)}
+        datasource = self.context.data_sources.add_pandas(name="events")
+        asset = datasource.add_dataframe_asset(name="events")
+        batch_definition = asset.add_batch_definition_whole_dataframe("snapshot")
+        self.definition = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name="events", data=batch_definition, suite=self.suite))
+
+    def run(self, events: pd.DataFrame, max_timestamp: dt.datetime, run_name: str
+            ) -> tuple[list[ExpectationFailure], list[tuple[str, np.ndarray]]]:
+        """Failures (suite order) and ``(reason, row positions)`` for one frame."""
+        gx = _import_gx()
+        frame = events.copy(deep=False)  # shares data (copy-on-write); only the index changes
+        frame.index = pd.RangeIndex(len(events), name=_ROW_INDEX)
+        # GX fingerprints (hashes) the whole batch: hand it only the columns the suite checks.
+        checked = self.checked
+        batch = frame if checked is None else frame[[c for c in frame.columns if c in checked]]
+        result = self.definition.run(
+            batch_parameters={"dataframe": batch},
+            expectation_parameters={MAX_TIMESTAMP_PARAMETER: max_timestamp.isoformat()},
+            result_format=_RESULT_FORMAT,
+            run_id=gx.RunIdentifier(run_name=run_name,
+                                    run_time=dt.datetime.now(dt.timezone.utc)))
+        return _collect_failures(result, self.suite, frame)
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,31 +569,6 @@ def _ephemeral_context(data_docs_dir: Path | None) -> EphemeralDataContext:
 
 def _run_name(cutoff: dt.datetime) -> str:
     return "cutoff-" + as_utc(cutoff).strftime("%Y-%m-%dT%H%M%SZ")
-
-
-def _run_suite(
-    context: EphemeralDataContext,
-    suite: ExpectationSuite,
-    frame: pd.DataFrame,
-    max_timestamp: dt.datetime,
-    *,
-    run_name: str,
-) -> ExpectationSuiteValidationResult:
-    """Validate ``frame`` as one whole-dataframe batch; the cutoff goes in as a parameter."""
-    gx = _import_gx()
-    datasource = context.data_sources.add_pandas(name="events")
-    asset = datasource.add_dataframe_asset(name="events")
-    batch_definition = asset.add_batch_definition_whole_dataframe("snapshot")
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="events", data=batch_definition, suite=suite)
-    )
-    result: ExpectationSuiteValidationResult = definition.run(
-        batch_parameters={"dataframe": frame},
-        expectation_parameters={MAX_TIMESTAMP_PARAMETER: max_timestamp.isoformat()},
-        result_format=_RESULT_FORMAT,
-        run_id=gx.RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.timezone.utc)),
-    )
-    return result
 
 
 def _build_data_docs(context: EphemeralDataContext, data_docs_dir: Path) -> Path | None:

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.errors import DataError
 from pipeline.ingest import (
+    read_manifest,
     derive_event_ids,
     ingest_landing,
     load_snapshot,
@@ -92,14 +93,18 @@ def test_reads_every_supported_format(tmp_path, fmt):
         "event_date=2024-01-01", "event_date=2024-01-02"]
 
 
-def test_reingest_is_idempotent_and_dedupes_by_event_id(tmp_path):
+def test_reingest_skips_known_content_and_dedupes_replays_by_event_id(tmp_path):
     events_dir, lake = _landing(tmp_path)
     (events_dir / "a.csv").write_text(CSV)
     first = ingest_landing(events_dir, lake)
-    (events_dir / "b.csv").write_text(CSV)  # the same events again, in a second file
+    (events_dir / "b.csv").write_text(CSV)  # the same bytes under another name
     second = ingest_landing(events_dir, lake)
-    assert first.rows_new == 3
-    assert second.rows_new == 0 and second.rows_duplicate == 6
+    (events_dir / "c.csv").write_text(CSV.replace("12.5", "13"))  # new bytes, same event ids
+    third = ingest_landing(events_dir, lake)
+    assert first.rows_new == 3 and first.files == 1
+    assert (second.files, second.files_skipped, second.rows_new) == (0, 2, 0)
+    assert sorted(second.skipped) == ["a.csv", "b.csv"]
+    assert (third.files, third.rows_read, third.rows_new, third.rows_duplicate) == (1, 3, 0, 3)
     lake_rows = sum(len(pd.read_parquet(p)) for p in lake.glob("*/*.parquet"))
     assert lake_rows == 3
 
@@ -126,7 +131,6 @@ def test_missing_column_names_file_and_column(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (b"", "0 bytes"),
     (gzip.compress(CSV.encode())[:40], "cannot be read"),
-    (b"user_id,item_id,event_type,timestamp\nu,\xff\xfe,view,2024-01-01\n", "cannot be read"),
 ])
 def test_unreadable_files_raise_a_data_error_naming_the_file(tmp_path, content, message):
     name = "broken.csv.gz" if content[:2] == b"\x1f\x8b" else "broken.csv"
@@ -141,3 +145,155 @@ def test_empty_landing_folder_is_an_error(tmp_path):
     events_dir, lake = _landing(tmp_path)
     with pytest.raises(DataError, match="no event files"):
         ingest_landing(events_dir, lake)
+
+
+# ---- exactly once -------------------------------------------------------------------------------
+NOW = dt.datetime(2024, 3, 10, tzinfo=UTC)
+
+
+def _lake_rows(lake) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(lake.glob("*/*.parquet"))])
+
+
+def test_dropping_the_same_export_twice_leaves_the_lake_unchanged(tmp_path):
+    from pipeline.data import write_landing
+    from pipeline.data.synthetic import generate_clickstream
+
+    events_dir, lake = _landing(tmp_path)
+    data = generate_clickstream(n_users=40, n_items=30, n_days=10, start="2024-02-20", seed=3)
+    (path,) = write_landing(data, tmp_path / "landing", name="ml", fmt="csv", gzip=True)[:1]
+    first = ingest_landing(events_dir, lake, ingested_at=NOW)
+    (events_dir / "ml_copy.csv.gz").write_bytes(path.read_bytes())  # dropped again, renamed
+    second = ingest_landing(events_dir, lake, ingested_at=NOW)
+    assert first.rows_new == len(data.events) == len(_lake_rows(lake))
+    assert (second.rows_new, second.files_skipped, second.skipped) == (
+        0, 2, ["ml.csv.gz", "ml_copy.csv.gz"])
+    assert len(_lake_rows(lake)) == len(data.events)
+    (manifest_record,) = read_manifest(lake.parent)
+    assert manifest_record["file"] == "ml.csv.gz" and manifest_record["rows_new"] == first.rows_new
+
+
+def test_replayed_event_with_another_timestamp_is_not_stored_twice(tmp_path):
+    events_dir, lake = _landing(tmp_path)
+    (events_dir / "a.csv").write_text(CSV)
+    ingest_landing(events_dir, lake, ingested_at=NOW)
+    replay = CSV.replace("e1,u1,i1,view,2024-01-01T10:00:00Z", "e1,u1,i1,view,2024-01-02T09:00:00Z")
+    (events_dir / "b.csv").write_text(replay)
+    report = ingest_landing(events_dir, lake, ingested_at=NOW)
+    assert (report.rows_new, report.rows_duplicate) == (0, 3)
+    lake_rows = _lake_rows(lake)
+    assert lake_rows["event_id"].tolist().count("e1") == 1
+    assert lake_rows.set_index("event_id").loc["e1", "timestamp"] == pd.Timestamp(
+        "2024-01-01T10:00:00Z")
+
+
+def test_crash_between_partition_write_and_manifest_update_is_retried_exactly_once(
+        tmp_path, monkeypatch):
+    import pipeline.ingest as ingest_module
+
+    events_dir, lake = _landing(tmp_path)
+    (events_dir / "a.csv").write_text(CSV)
+    real_append = ingest_module.append_manifest
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the partitions were written")
+
+    monkeypatch.setattr(ingest_module, "append_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_landing(events_dir, lake, ingested_at=NOW)
+    assert len(_lake_rows(lake)) == 3 and read_manifest(lake.parent) == []
+
+    monkeypatch.setattr(ingest_module, "append_manifest", real_append)
+    retry = ingest_landing(events_dir, lake, ingested_at=NOW)
+    assert (retry.files, retry.rows_new, retry.rows_duplicate) == (1, 0, 3)
+    assert len(_lake_rows(lake)) == 3
+    assert [r["file"] for r in read_manifest(lake.parent)] == ["a.csv"]
+    assert not list((lake.parent / "_staging").glob("*"))
+    again = ingest_landing(events_dir, lake, ingested_at=NOW)
+    assert again.files_skipped == 1 and len(_lake_rows(lake)) == 3
+
+
+def test_late_events_inside_the_window_land_in_their_partition_later_ones_are_quarantined(
+        tmp_path):
+    events_dir, lake = _landing(tmp_path)
+    (events_dir / "a.csv").write_text(
+        "event_id,user_id,item_id,event_type,timestamp\n"
+        "e1,u1,i1,view,2024-03-05T10:00:00Z\n")  # the watermark
+    ingest_landing(events_dir, lake, ingested_at=NOW)
+    (events_dir / "b.csv").write_text(
+        "event_id,user_id,item_id,event_type,timestamp\n"
+        "e2,u1,i2,view,2024-03-03T10:00:00Z\n"  # 2 days late: within 3 days
+        "e3,u1,i3,view,2024-02-20T10:00:00Z\n")  # too late
+    report = ingest_landing(events_dir, lake, ingested_at=NOW,
+                            allowed_lateness=dt.timedelta(days=3))
+    assert (report.rows_new, report.rows_late) == (1, 1)
+    assert report.watermark == "2024-03-05T10:00:00+00:00"
+    assert (lake / "event_date=2024-03-03").is_dir()
+    assert not (lake / "event_date=2024-02-20").exists()
+    late = pd.read_parquet(report.quarantine_files[0])
+    assert late["event_id"].tolist() == ["e3"] and late["reason"].iloc[0].startswith("late:")
+
+
+def test_column_mapping_points_at_a_site_layout(tmp_path):
+    from pipeline.ingest import load_column_mapping
+
+    events_dir, lake = _landing(tmp_path)
+    (events_dir / "site.tsv").write_text(
+        "UID\tts\tkind\tproduct\tEmail\n"
+        "u1\t1709287200000\tview\tp1\ta@b.c\n")
+    (events_dir / "legacy.csv").write_text("usr,ts,kind,product\nu2,1709287200,click,p2\n")
+    config = tmp_path / "landing" / "column_mapping.json"
+    config.write_text(json.dumps({"columns": {"uid": "user_id", "ts": "timestamp",
+                                              "kind": "event_type", "product": "item_id"},
+                                  "files": {"legacy*": {"usr": "user_id"}}}))
+    mapping = load_column_mapping(config, override='{"KIND": "event_type"}')
+    report = ingest_landing(events_dir, lake, ingested_at=NOW, column_mapping=mapping)
+    rows = _lake_rows(lake).sort_values("user_id")
+    assert report.rows_new == 2 and report.pii_columns == ["email"]
+    assert rows["item_id"].tolist() == ["p1", "p2"]
+    assert (rows["timestamp"] == pd.Timestamp("2024-03-01T10:00:00Z")).all()
+
+
+def test_mapping_onto_a_non_contract_column_is_refused(tmp_path):
+    from pipeline.ingest import load_column_mapping
+
+    with pytest.raises(DataError, match="not a contract column"):
+        load_column_mapping(None, override='{"uid": "userid"}')
+
+
+def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path):
+    from pipeline.ingest import write_snapshot
+
+    events_dir, lake = _landing(tmp_path)
+    (events_dir / "a.csv").write_text(CSV)
+    ingest_landing(events_dir, lake, ingested_at=NOW)
+    cutoff = dt.datetime(2024, 1, 3, tzinfo=UTC)
+    rows = write_snapshot(lake, cutoff, 30, tmp_path / "snap.parquet")
+    written = pd.read_parquet(tmp_path / "snap.parquet")
+    assert rows == 3
+    pd.testing.assert_frame_equal(written, load_snapshot(lake, cutoff, 30))
+    assert list(written.columns) == ["event_id", "user_id", "item_id", "event_type",
+                                     "timestamp", "value", "device", "session_id",
+                                     "source_file", "source_row"]
+    assert str(written["timestamp"].dtype) == "datetime64[us, UTC]"
+    assert str(written["user_id"].dtype) == "string" and str(written["source_row"].dtype) == "int64"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_chunked_reading_keeps_every_row_and_its_source_row(tmp_path, fmt):
+    from pipeline.ingest import iter_raw_chunks
+
+    frame = pd.DataFrame({"event_id": [f"e{i}" for i in range(4)], "user_id": ["u"] * 4,
+                          "item_id": ["i"] * 4, "event_type": ["view"] * 4,
+                          "timestamp": ["2024-01-01T00:00:00Z"] * 4})
+    path = tmp_path / f"events.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path, index=False)
+    chunks = list(iter_raw_chunks(path, {}, chunk_rows=2))  # CSV chunks follow Arrow blocks
+    assert [len(c.frame) for c in chunks] == ([4] if fmt == "csv" else [2, 2])
+    assert [r for c in chunks for r in c.rows] == [1, 2, 3, 4]
+    assert [e for c in chunks for e in c.frame["event_id"]] == ["e0", "e1", "e2", "e3"]

@@ -30,6 +30,7 @@ IN_SET = "expect_column_values_to_be_in_set"
 BETWEEN = "expect_column_values_to_be_between"
 UNIQUE = "expect_column_values_to_be_unique"
 EXISTS = "expect_column_to_exist"
+OF_TYPE = "expect_column_values_to_be_of_type"
 
 
 def make_events(n: int = 40) -> pd.DataFrame:
@@ -88,6 +89,12 @@ def test_suite_json_loads_with_the_expected_expectations() -> None:
         (EXISTS, "event_type"),
         (EXISTS, "timestamp"),
         (EXISTS, "event_id"),
+        (OF_TYPE, "event_id"),
+        (OF_TYPE, "user_id"),
+        (OF_TYPE, "item_id"),
+        (OF_TYPE, "event_type"),
+        (OF_TYPE, "timestamp"),
+        (OF_TYPE, "value"),
         (NOT_NULL, "event_id"),
         (NOT_NULL, "user_id"),
         (NOT_NULL, "item_id"),
@@ -108,6 +115,8 @@ def test_suite_json_loads_with_the_expected_expectations() -> None:
     assert by_key[(BETWEEN, "value")].min_value == 0
     assert by_key[(BETWEEN, "value")].max_value == 1e7
     assert by_key[(BETWEEN, "timestamp")].max_value == {"$PARAMETER": MAX_TIMESTAMP_PARAMETER}
+    assert by_key[(BETWEEN, "timestamp")].min_value == dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc)
+    assert config["meta"]["volume"]["min_ratio_to_trailing_median"] == 0.5
 
 
 # ---- clean data ----------------------------------------------------------------------------
@@ -235,7 +244,7 @@ def test_suite_with_an_unknown_expectation_is_rejected(tmp_path: Path) -> None:
     broken = tmp_path / "events.json"
     broken.write_text(json.dumps(config), encoding="utf-8")
 
-    with pytest.raises(ValueError, match="only 14 of 15 expectations"):
+    with pytest.raises(ValueError, match="only 20 of 21 expectations"):
         run(make_events(), tmp_path, suite_path=broken)
 
 
@@ -333,3 +342,57 @@ def test_no_data_docs_by_default(tmp_path: Path) -> None:
 
     assert report.data_docs_path is None
     assert not (tmp_path / "docs").exists()
+
+
+# ---- streaming over a file ----------------------------------------------------------------------
+def test_file_validation_in_chunks_matches_whole_frame_and_catches_cross_chunk_duplicates(
+    tmp_path: Path,
+) -> None:
+    from pipeline.validate import validate_events_file
+
+    events = make_events()
+    events.loc[3, "user_id"] = pd.NA
+    events.loc[25, "event_id"] = "e0002"  # a copy of row 3, in another chunk
+    raw = tmp_path / "raw.parquet"
+    events.to_parquet(raw, index=False)
+
+    report = validate_events_file(raw, clean_path=tmp_path / "clean.parquet",
+                                  suite_path=SUITE_PATH, cutoff=CUTOFF,
+                                  allowed_event_types=EVENT_TYPES, max_bad_row_share=0.1,
+                                  quarantine_path=tmp_path / "q.parquet", chunk_rows=10)
+
+    assert (report.rows, report.bad_rows, report.passed) == (40, 2, True)
+    assert reasons_by_source_row(tmp_path / "q.parquet") == {
+        4: f"{NOT_NULL}(user_id)", 26: f"{UNIQUE}(event_id)"}
+    clean = pd.read_parquet(tmp_path / "clean.parquet")
+    pd.testing.assert_frame_equal(clean, events.drop(index=[3, 25]).reset_index(drop=True))
+
+
+def test_file_validation_failure_writes_no_clean_file(tmp_path: Path) -> None:
+    from pipeline.validate import validate_events_file
+
+    events = make_events(20)
+    events.loc[[2, 5], "user_id"] = pd.NA
+    raw = tmp_path / "raw.parquet"
+    events.to_parquet(raw, index=False)
+    with pytest.raises(EventValidationFailed, match=f"{SOURCE} row 3"):
+        validate_events_file(raw, clean_path=tmp_path / "clean.parquet", suite_path=SUITE_PATH,
+                             cutoff=CUTOFF, allowed_event_types=EVENT_TYPES,
+                             quarantine_path=tmp_path / "q.parquet", chunk_rows=7)
+    assert not (tmp_path / "clean.parquet").exists()
+    assert (tmp_path / "q.parquet").exists()
+
+
+def test_a_day_under_half_the_trailing_median_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    days = [10, 10, 12, 9, 11, 10, 4]  # the last day before the cutoff is thin
+    stamps = [pd.Timestamp("2024-05-25T10:00Z") + pd.Timedelta(days=d)
+              for d, count in enumerate(days) for _ in range(count)]
+    events = make_events(len(stamps))
+    events["timestamp"] = pd.Series(stamps).astype("datetime64[us, UTC]")
+
+    clean, report = run(events, tmp_path)
+
+    assert report.passed and len(clean) == len(events)
+    assert report.volume_warnings == ({"date": "2024-05-31", "rows": 4,
+                                       "trailing_median": 10.0},)
+    assert report.to_dict()["volume_warnings"][0]["date"] == "2024-05-31"
