@@ -43,6 +43,13 @@ PARAMS = {
                            description="Make this run's model the champion even if it loses "
                                        "to the champion at the promotion gate (recorded in "
                                        "model_promotions with who triggered the run)."),
+    "tune": Param(False, type="boolean", title="Tune hyperparameters",
+                  description="Before training, search ALS and ranker hyperparameters by "
+                              "expanding-window time-series CV (3 folds of holdout_days "
+                              "before the cutoff); the chosen params are logged."),
+    "tune_budget_minutes": Param(10.0, type="number", minimum=0.5, maximum=240,
+                                 title="Tuning budget (minutes)",
+                                 description="Wall-clock budget of the search when tune is on."),
     "max_bad_row_share": Param(0.05, type="number", minimum=0, maximum=1,
                                title="Max bad-row share",
                                description="Quarantine up to this share of rows; above it, "
@@ -64,7 +71,8 @@ def _run_args() -> tuple:
                         als_regularization=params["als_regularization"],
                         als_alpha=params["als_alpha"],
                         max_bad_row_share=params["max_bad_row_share"],
-                        force_promote=params["force_promote"])
+                        force_promote=params["force_promote"], tune=params["tune"],
+                        tune_budget_minutes=params["tune_budget_minutes"])
     return settings, as_utc(moment.date())
 
 

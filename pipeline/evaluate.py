@@ -109,13 +109,160 @@ def popularity_top(split: HoldoutSplit, rows: np.ndarray, k: int, days: int | No
 
 def evaluate_models(split: HoldoutSplit, recommenders: Mapping[str, Callable[[np.ndarray, int],
                                                                              np.ndarray]],
-                    k: int = 10) -> pd.DataFrame:
-    """One row per model: metrics at ``k`` on the warm users of the holdout."""
+                    k: int = 10, diversity: bool = False) -> pd.DataFrame:
+    """One row per model: metrics at ``k`` on the warm users of the holdout (with
+    ``diversity``, also catalog coverage and popularity bias, see :func:`top_diversity`)."""
     rows = split.eval_rows
     truth = split.truth[rows]
     records = []
+    catalog = np.asarray((split.train.confidence > 0).sum(axis=0)).ravel()
     for name, recommend in recommenders.items():
-        metrics = ranking_metrics(recommend(rows, k), truth, k)
+        top = recommend(rows, k)
+        metrics = ranking_metrics(top, truth, k)
+        if diversity:
+            metrics.update(top_diversity(top, catalog, k))
         records.append({"model": name, "users": len(rows), **metrics})
         logger.info("holdout %s: %s", name, {m: round(v, 4) for m, v in metrics.items()})
     return pd.DataFrame.from_records(records).set_index("model")
+
+
+# ---- id-level evaluation of published-shape lists (warm and cold users alike) -------------
+def window_truth_frame(events: pd.DataFrame, start: dt.datetime, end: dt.datetime,
+                       exclude_seen: bool = True) -> pd.DataFrame:
+    """(user_id, item_id) engaged with in ``[start, end)``; minus pairs seen before ``start``."""
+    window = events[(events["timestamp"] >= start) & (events["timestamp"] < end)]
+    truth = window[["user_id", "item_id"]].drop_duplicates()
+    if exclude_seen:
+        seen = events[events["timestamp"] < start][["user_id", "item_id"]].drop_duplicates()
+        truth = truth.merge(seen, how="left", indicator=True)
+        truth = truth[truth["_merge"] == "left_only"].drop(columns="_merge")
+    return truth.astype({"user_id": object, "item_id": object}).reset_index(drop=True)
+
+
+def user_metrics(lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """Per user of ``truth``: precision, recall, nDCG, MAP and hit rate at ``k`` of ``lists``.
+
+    ``lists`` has user_id, rank (1 = best), item_id; ``truth`` user_id, item_id. A user with
+    truth but no list scores 0 everywhere.
+    """
+    truth = truth[["user_id", "item_id"]].drop_duplicates().astype(object)
+    relevant = truth.groupby("user_id").size().rename("relevant")
+    top = lists[lists["rank"] <= k][["user_id", "item_id", "rank"]].astype(
+        {"user_id": object, "item_id": object})
+    hits = top.merge(truth, on=["user_id", "item_id"]).sort_values(["user_id", "rank"])
+    hits["gain"] = 1.0 / np.log2(hits["rank"].to_numpy(np.float64) + 1.0)
+    hits["n_hit"] = hits.groupby("user_id").cumcount() + 1.0
+    hits["prec_at"] = hits["n_hit"] / hits["rank"].astype(np.float64)
+    by = hits.groupby("user_id")
+    frame = pd.DataFrame({"relevant": relevant})
+    frame["hits"] = by.size().reindex(frame.index, fill_value=0).astype(np.float64)
+    frame["dcg"] = by["gain"].sum().reindex(frame.index, fill_value=0.0)
+    frame["ap_sum"] = by["prec_at"].sum().reindex(frame.index, fill_value=0.0)
+    capped = np.minimum(frame["relevant"].to_numpy(), k)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))[capped - 1]
+    out = pd.DataFrame({"precision": frame["hits"] / k,
+                        "recall": frame["hits"] / frame["relevant"],
+                        "ndcg": frame["dcg"] / ideal,
+                        "map": frame["ap_sum"] / capped,
+                        "hit_rate": (frame["hits"] > 0).astype(np.float64)}, index=frame.index)
+    out.index.name = "user_id"
+    return out
+
+
+def summarise_lists(lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10,
+                    catalog: pd.Series | None = None) -> dict[str, float]:
+    """Mean :func:`user_metrics` plus catalog coverage and popularity bias of the top ``k``.
+
+    ``catalog`` is the training popularity per item id (events or users per item): coverage
+    is the share of it recommended to the evaluated users, and ``popularity_bias`` is the mean
+    log(1 + popularity) of the recommended items minus that of the catalog.
+    """
+    per_user = user_metrics(lists, truth, k)
+    out = {m: float(per_user[m].mean()) if len(per_user) else float("nan")
+           for m in per_user.columns}
+    out["users"] = float(len(per_user))
+    if catalog is not None:
+        out.update(list_diversity(lists[lists["user_id"].isin(per_user.index)], catalog, k))
+    return out
+
+
+def list_diversity(lists: pd.DataFrame, catalog: pd.Series, k: int = 10) -> dict[str, float]:
+    """Catalog coverage and popularity bias (see :func:`summarise_lists`)."""
+    top = lists[lists["rank"] <= k]
+    log_pop = np.log1p(catalog.astype(np.float64))
+    recommended = top["item_id"].map(log_pop).fillna(0.0)
+    return {"coverage": float(top["item_id"].nunique() / max(len(catalog), 1)),
+            "popularity_bias": float(recommended.mean() - log_pop.mean()) if len(top)
+            else float("nan")}
+
+
+def segment_audit(per_user: Mapping[str, pd.DataFrame], segments: pd.DataFrame
+                  ) -> pd.DataFrame:
+    """Bias audit: mean metrics per model x segment column x segment value.
+
+    ``per_user`` maps model name -> :func:`user_metrics` frame; ``segments`` is indexed by
+    user_id with one column per segmentation (e.g. ``user_type`` new/returning, ``gender``).
+    """
+    records = []
+    for model, frame in per_user.items():
+        joined = frame.join(segments, how="left")
+        for column in segments.columns:
+            labels = joined[column].astype("string").fillna("unknown")
+            for value, group in joined.groupby(labels, sort=True):
+                records.append({"model": model, "segment": column, "value": value,
+                                "users": len(group),
+                                **{m: float(group[m].mean()) for m in frame.columns}})
+    return pd.DataFrame.from_records(records)
+
+
+def top_diversity(top: np.ndarray, catalog: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Coverage and popularity bias of top-``k`` column lists (-1 = empty).
+
+    ``catalog`` is the training popularity per item column (users per item). Coverage is the
+    share of the catalog recommended at least once; popularity bias is the mean
+    log(1 + popularity) of the recommended items minus the catalog's mean (0 = no bias).
+    """
+    cols = top[:, :k].ravel()
+    cols = cols[cols >= 0]
+    log_pop = np.log1p(np.asarray(catalog, np.float64))
+    if len(cols) == 0 or len(log_pop) == 0:
+        return {"coverage": float("nan"), "popularity_bias": float("nan")}
+    return {"coverage": float(len(np.unique(cols)) / len(log_pop)),
+            "popularity_bias": float(log_pop[cols].mean() - log_pop.mean())}
+
+
+def lists_to_top(lists: pd.DataFrame, user_ids: np.ndarray, matrix: InteractionMatrix, k: int
+                 ) -> np.ndarray:
+    """Ranked id lists -> users x ``k`` item columns of ``matrix`` (-1 = empty/unknown)."""
+    top = np.full((len(user_ids), k), -1, np.int64)
+    lists = lists[lists["rank"] <= k]
+    pos = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids, dtype=object))
+    row = lists["user_id"].astype(object).map(pos)
+    ok = row.notna().to_numpy()
+    cols = matrix.item_index(lists["item_id"].astype(object).to_numpy())
+    top[row[ok].astype(np.int64).to_numpy(), lists["rank"].to_numpy()[ok] - 1] = cols[ok]
+    return top
+
+
+def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray, k: int,
+                     days: int | None = None) -> pd.DataFrame:
+    """Non-personal baseline for any users (cold too): the most popular items (distinct
+    users, optionally in the last ``days`` before ``cutoff``) each user has not seen."""
+    events = events[events["timestamp"] < cutoff]
+    window = events if days is None else events[
+        events["timestamp"] >= cutoff - dt.timedelta(days=days)]
+    counts = window.groupby("item_id", observed=True)["user_id"].nunique()
+    ranked = counts.rename("n").reset_index().sort_values(["n", "item_id"],
+                                                          ascending=[False, True])
+    user_ids = np.asarray(user_ids, dtype=object)
+    seen = events[events["user_id"].isin(user_ids)][["user_id", "item_id"]].drop_duplicates()
+    depth = k + int(seen.groupby("user_id", observed=True).size().max()) if len(seen) else k
+    top = ranked["item_id"].astype(object).to_numpy()[:depth]
+    cand = pd.DataFrame({"user_id": np.repeat(user_ids, len(top)),
+                         "item_id": np.tile(top, len(user_ids)),
+                         "order": np.tile(np.arange(len(top)), len(user_ids))})
+    cand = cand.merge(seen.astype(object).assign(seen=True), how="left",
+                      on=["user_id", "item_id"])
+    cand = cand[cand["seen"].isna()].sort_values(["user_id", "order"], kind="stable")
+    cand["rank"] = cand.groupby("user_id").cumcount() + 1
+    return cand[cand["rank"] <= k][["user_id", "rank", "item_id"]].reset_index(drop=True)

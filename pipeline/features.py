@@ -1,4 +1,5 @@
-"""Point-in-time features: RFM and context per user, popularity and age per item.
+"""Point-in-time features: RFM and context per user, popularity and age per item, and the
+matrix-aligned pieces the ranker uses (recent history, category affinity, demographics).
 
 Every function takes the run's ``cutoff`` and uses only events strictly before it, so a
 feature row never sees the future even when the frame passed in holds later events.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from pipeline.schema import DEVICES
 
@@ -18,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 FREQUENCY_WINDOWS = (7, 30, 90)
 POPULARITY_WINDOWS = (1, 7, 30)
+#: users.csv attributes used as (target-encoded) demographic features and cold-start segments.
+DEMOGRAPHICS = ("age_band", "gender", "occupation")
 DAYPARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
 
 
@@ -61,11 +66,14 @@ def build_item_features(events: pd.DataFrame, cutoff: dt.datetime,
     by_item = events.groupby("item_id", observed=True)
     frame = pd.DataFrame({"users_total": by_item["user_id"].nunique(),
                           "first_seen_days": (cutoff - by_item["timestamp"].min())
-                          .dt.total_seconds() / 86400.0})
+                          .dt.total_seconds() / 86400.0,
+                          "value_mean": by_item["value"].mean()})
     for days in POPULARITY_WINDOWS:
         recent = events[events["timestamp"] >= cutoff - dt.timedelta(days=days)]
         counts = recent.groupby("item_id", observed=True)["user_id"].nunique()
         frame[f"popularity_{days}d"] = counts.reindex(frame.index, fill_value=0)
+    frame["newcomer_popularity_30d"] = _newcomer_popularity(events, cutoff, 30).reindex(
+        frame.index, fill_value=0)
     # Trend: last week's daily rate against the 30-day daily rate (1.0 = steady).
     frame["trend"] = ((frame["popularity_7d"] / 7.0 + 1e-3)
                       / (frame["popularity_30d"] / 30.0 + 1e-3)).astype("float64")
@@ -107,3 +115,180 @@ def _session_stats(events: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"sessions": by_user.size(),
                          "events_per_session": by_user["size"].mean(),
                          "session_minutes": by_user["minutes"].mean()})
+
+
+def _newcomer_popularity(events: pd.DataFrame, cutoff: dt.datetime, days: int) -> pd.Series:
+    """Distinct users per item among users whose first event falls in the last ``days``."""
+    first = events.groupby("user_id", observed=True)["timestamp"].transform("min")
+    recent = events[first >= cutoff - dt.timedelta(days=days)]
+    return recent.groupby("item_id", observed=True)["user_id"].nunique()
+
+
+# ---- matrix-aligned features (rows/columns of an InteractionMatrix) ----------------------
+def recent_history(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
+                   item_ids: np.ndarray, n_recent: int) -> sp.csr_matrix:
+    """users x items, 1.0 for each user's ``n_recent`` most recently touched distinct items."""
+    from pipeline.matrix import _lookup
+
+    events = before(events, cutoff)
+    last = events.groupby(["user_id", "item_id"], observed=True)["timestamp"].max().reset_index()
+    last = last.sort_values(["user_id", "timestamp", "item_id"],
+                            ascending=[True, False, True], kind="stable")
+    last = last[last.groupby("user_id", observed=True).cumcount() < n_recent]
+    rows = _lookup(user_ids, last["user_id"].to_numpy(dtype=object))
+    cols = _lookup(item_ids, last["item_id"].to_numpy(dtype=object))
+    ok = (rows >= 0) & (cols >= 0)
+    return sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])),
+                         shape=(len(user_ids), len(item_ids)))
+
+
+def item_category_codes(item_ids: np.ndarray, items: pd.DataFrame | None
+                        ) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Category code per item column (-1 unknown) and the category names, sorted."""
+    codes = np.full(len(item_ids), -1, np.int64)
+    if items is None or "category" not in items:
+        return codes, ()
+    side = items.drop_duplicates("item_id").set_index("item_id")["category"]
+    labels = pd.Series(item_ids, dtype=object).map(side).astype("string")
+    names = tuple(sorted(labels.dropna().unique()))
+    known = labels.notna().to_numpy()
+    codes[known] = np.searchsorted(np.asarray(names, dtype=object),
+                                   labels[known].to_numpy(dtype=object))
+    return codes, names
+
+
+def category_affinity(confidence: sp.csr_matrix, codes: np.ndarray, n_categories: int
+                      ) -> np.ndarray:
+    """users x categories: share of each user's distinct items that fall in each category."""
+    n_cat = max(n_categories, 1)
+    known = codes >= 0
+    onehot = sp.csr_matrix((np.ones(int(known.sum()), np.float32),
+                            (np.flatnonzero(known), codes[known])),
+                           shape=(len(codes), n_cat))
+    counts = np.asarray(((confidence > 0).astype(np.float32) @ onehot).todense())
+    totals = counts.sum(axis=1, keepdims=True)
+    return (counts / np.maximum(totals, 1.0)).astype(np.float32)
+
+
+def segment_labels(users: pd.DataFrame | None, user_ids: np.ndarray,
+                   columns: tuple[str, ...]) -> np.ndarray:
+    """Segment key per user ("25-34|F"), or ``None`` where any attribute is unknown."""
+    out = np.full(len(user_ids), None, dtype=object)
+    if users is None or not len(users) or not columns or not set(columns) <= set(users):
+        return out
+    side = users.drop_duplicates("user_id").set_index("user_id")
+    parts = [pd.Series(user_ids, dtype=object).map(side[c]).astype("string") for c in columns]
+    key = parts[0]
+    for part in parts[1:]:
+        key = key + "|" + part
+    known = key.notna().to_numpy()
+    out[known] = key[known].to_numpy(dtype=object)
+    return out
+
+
+# ---- everything the ranker reads, aligned to one matrix ----------------------------------
+@dataclass(frozen=True)
+class FeatureTables:
+    """Point-in-time feature arrays aligned to an :class:`InteractionMatrix`.
+
+    Attributes:
+        user: users x ``user_names`` (matrix rows), float32, NaN where undefined.
+        item: items x ``item_names`` (matrix columns), float32.
+        affinity: users x categories, share of the user's items in each category.
+        item_category: category code per item column (-1 unknown).
+        segment_popularity: segments x items, share of a segment's users (last
+            ``segment_days``) who engaged with the item; the last row is the global share.
+        user_segment: users x ``segment_names``: the user's row in ``segment_popularity`` for
+            each demographic attribute (-1 = unknown, read as the global row).
+        segment_names: the demographic attributes (``users.csv`` columns) used.
+        item_log_basis: distinct users per item (all time before the cutoff).
+        user_taste: users x 2: mean log(1 + users) and mean age (days) of the user's items.
+    """
+
+    user: np.ndarray
+    user_names: tuple[str, ...]
+    item: np.ndarray
+    item_names: tuple[str, ...]
+    affinity: np.ndarray
+    item_category: np.ndarray
+    segment_popularity: np.ndarray
+    user_segment: np.ndarray
+    segment_names: tuple[str, ...]
+    item_log_basis: np.ndarray
+    user_taste: np.ndarray
+
+    ARRAY_FIELDS = ("user", "item", "affinity", "item_category", "segment_popularity",
+                    "user_segment", "item_log_basis", "user_taste")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by field name (for saving and fingerprints)."""
+        return {name: getattr(self, name) for name in self.ARRAY_FIELDS}
+
+
+def build_feature_tables(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
+                         item_ids: np.ndarray, confidence: sp.csr_matrix,
+                         items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
+                         segments: tuple[str, ...] = DEMOGRAPHICS, segment_days: int = 30
+                         ) -> FeatureTables:
+    """All ranker features from events before ``cutoff``, on the matrix's rows and columns."""
+    events = before(events, cutoff)
+    user_frame = build_user_features(events, cutoff).set_index("user_id").reindex(user_ids)
+    item_frame = build_item_features(events, cutoff, items).set_index("item_id").reindex(item_ids)
+    item_frame = item_frame.drop(columns=[c for c in ("category",) if c in item_frame])
+    codes, names = item_category_codes(item_ids, items)
+    used = tuple(c for c in segments if users is not None and c in users)
+    recent = events[events["timestamp"] >= cutoff - dt.timedelta(days=segment_days)]
+    seg_pop, user_seg = _segment_popularity(recent, user_ids, item_ids, users, used)
+    item_matrix = item_frame.to_numpy(np.float32, na_value=np.nan)
+    basis = item_frame["users_total"].fillna(0).to_numpy(np.float32)
+    return FeatureTables(
+        user=user_frame.to_numpy(np.float32, na_value=np.nan),
+        user_names=tuple(user_frame.columns), item=item_matrix,
+        item_names=tuple(item_frame.columns),
+        affinity=category_affinity(confidence, codes, len(names)),
+        item_category=codes, segment_popularity=seg_pop, user_segment=user_seg,
+        segment_names=used, item_log_basis=basis,
+        user_taste=_user_taste(confidence, np.log1p(basis),
+                               item_frame["age_days"].to_numpy(np.float32, na_value=np.nan)))
+
+
+def _user_taste(confidence: sp.csr_matrix, log_pop: np.ndarray, age: np.ndarray) -> np.ndarray:
+    """Mean log-popularity and mean age of each user's distinct items."""
+    seen = (confidence > 0).astype(np.float32).tocsr()
+    counts = np.maximum(np.asarray(seen.sum(axis=1)).ravel(), 1.0)
+    age = np.nan_to_num(age, nan=float(np.nanmean(age)) if np.isfinite(age).any() else 0.0)
+    taste = np.column_stack([seen @ log_pop, seen @ age]) / counts[:, None]
+    return taste.astype(np.float32)
+
+
+def _segment_popularity(recent: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray,
+                        users: pd.DataFrame | None, columns: tuple[str, ...]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(segments + global) x items popularity shares, and each user's row per attribute."""
+    from pipeline.matrix import _lookup
+
+    pairs = recent[["user_id", "item_id"]].drop_duplicates()
+    cols = _lookup(item_ids, pairs["item_id"].to_numpy(dtype=object))
+    ok = cols >= 0
+    pair_users = pairs["user_id"].to_numpy(dtype=object)
+    blocks, user_seg, offset = [], np.full((len(user_ids), len(columns)), -1, np.int64), 0
+    for k, column in enumerate(columns):
+        labels = segment_labels(users, pair_users, (column,))
+        names = np.asarray(sorted({v for v in labels if v is not None}), dtype=object)
+        known = pd.notna(labels) & ok
+        table = np.zeros((len(names), len(item_ids)), np.float32)
+        if len(names):
+            seg = np.searchsorted(names, labels[known].astype(object))
+            np.add.at(table, (seg, cols[known]), 1.0)
+            sizes = pd.Series(labels[known]).groupby(pair_users[known]).first().value_counts()
+            table /= np.maximum(sizes.reindex(names).fillna(0).to_numpy(np.float32), 1.0)[:, None]
+            mine = segment_labels(users, np.asarray(user_ids, dtype=object), (column,))
+            has = pd.notna(mine)
+            pos = np.minimum(np.searchsorted(names, mine[has].astype(object)), len(names) - 1)
+            user_seg[has, k] = np.where(names[pos] == mine[has], pos + offset, -1)
+        blocks.append(table)
+        offset += len(names)
+    glob = np.zeros((1, len(item_ids)), np.float32)
+    np.add.at(glob, (np.zeros(int(ok.sum()), np.int64), cols[ok]), 1.0)
+    glob /= max(pairs["user_id"].nunique(), 1)
+    return np.vstack([*blocks, glob]), user_seg

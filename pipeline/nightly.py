@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -102,43 +103,69 @@ def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
 
 
 def train(settings: Settings, cutoff: dt.datetime) -> dict:
-    """Fit ALS on every event before the cutoff; save the bundle to ``<run>/model``."""
+    """Fit the two-stage recommender on every event before the cutoff (optionally tuning it
+    first by expanding-window CV); save the bundle to ``<run>/model``."""
     from pipeline.ingest import read_side_file
-    from pipeline.matrix import build_matrix
-    from pipeline.popularity import popular_items
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "train") as result:
         events = pd.read_parquet(run / "events.parquet")
         items = read_side_file(settings.landing_dir / "items.csv")
-        matrix = build_matrix(events, settings.event_weights)
-        popular = popular_items(events, cutoff, max(settings.top_n * 5, 50), items)
-        model = _als(settings).fit(matrix, popular, items)
+        users = read_side_file(settings.landing_dir / "users.csv")
+        params = _twostage(settings).get_params()
+        if settings.tune:
+            from pipeline.tuning import tune_twostage
+
+            tuned = tune_twostage(events, cutoff, params, settings.tune_budget_minutes, items,
+                                  users, settings.event_weights, n_folds=3,
+                                  horizon_days=settings.holdout_days,
+                                  random_state=settings.seed)
+            tuned.trials.to_csv(run / "tuning.csv", index=False)
+            params = tuned.best_params
+            result["tuning"] = tuned.to_dict()
+        model = _twostage(settings, params).fit(events, cutoff, settings.event_weights, items,
+                                                users)
         bundle = run / "model"
         shutil.rmtree(bundle, ignore_errors=True)
         model.save(bundle)
+        matrix = model.matrix_
         result.update(users=matrix.shape[0], items=matrix.shape[1],
                       pairs=int(matrix.confidence.nnz), bundle_path=str(bundle),
-                      params=model.get_params())
+                      params=model.get_params(), training=model.training_,
+                      ranker_validation=(model.ranker_.validation_ if model.ranker_ is not None
+                                         else None))
     return result
 
 
 def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
-    """Holdout metrics at ``k`` for the model recipe (fitted before the holdout) and baselines."""
+    """Holdout metrics at ``k`` for the model recipe (fitted before the holdout) and baselines.
+
+    The row ``model`` is the deployable model (the two-stage recommender, with the params
+    ``train`` used); ``als`` is plain ALS, a baseline like the popularity rows. Also: the
+    ranker's AUC-ROC / PR-AUC and candidate recall on the holdout, cold-start metrics for users
+    first seen in the holdout, and a bias audit per segment (``bias_audit.csv``).
+    """
+    from pipeline.evaluate import segment_audit
+
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "evaluate") as result:
         events = pd.read_parquet(run / "events.parquet")
-        table = holdout_table(settings, events, cutoff, k)
+        params = _read_json(run / "train.json")["params"] if (run / "train.json").exists() \
+            else None
+        table, extra = _holdout(settings, events, cutoff, k, params)
         table.to_csv(run / "metrics.csv")
-        best_baseline = table.drop(index="als")["ndcg"].max()
-        als_ndcg = table.loc["als", "ndcg"]
-        gate = bool(als_ndcg >= best_baseline)
+        segment_audit(extra.pop("per_user"), extra.pop("segments")).to_csv(
+            run / "bias_audit.csv", index=False)
+        best_baseline = table.drop(index=["model", "als"])["ndcg"].max()
+        model_ndcg = table.loc["model", "ndcg"]
+        gate = bool(model_ndcg >= best_baseline)
+        metrics = {f"{m}_{c}_at_{k}": round(float(table.loc[m, c]), 6)
+                   for m in table.index for c in table.columns if c != "users"}
+        metrics.update({key: round(float(value), 6) for key, value in extra.items()})
         result.update(
             k=k, holdout_days=settings.holdout_days, users=int(table["users"].iloc[0]),
-            metrics={f"{m}_{c}_at_{k}": round(float(table.loc[m, c]), 6)
-                     for m in table.index for c in table.columns if c != "users"},
-            gate_passed=gate,
-            gate_reason=(f"ndcg@{k} {als_ndcg:.4f} {'>=' if gate else '<'} best baseline "
+            metrics=metrics, gate_passed=gate,
+            gate_reason=(f"ndcg@{k} {model_ndcg:.4f} {'>=' if gate else '<'} best baseline "
                          f"{best_baseline:.4f}"))
     return result
 
@@ -150,17 +177,77 @@ def holdout_table(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime,
     Pure in its inputs, so the promotion gate can re-score the champion's recipe on exactly
     the same split.
     """
-    from pipeline.evaluate import evaluate_models, popularity_top, split_holdout
+    return _holdout(settings, events, cutoff, k)[0]
+
+
+def _holdout(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: int = 10,
+             params: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """(metrics table, extras) of the two-stage recipe (row ``model``) and the baselines."""
+    from pipeline.evaluate import evaluate_models, lists_to_top, popularity_top, split_holdout
+    from pipeline.ingest import read_side_file
     from pipeline.popularity import popular_items
 
+    items = read_side_file(settings.landing_dir / "items.csv")
+    users = read_side_file(settings.landing_dir / "users.csv")
     split = split_holdout(events, cutoff, settings.holdout_days, settings.event_weights)
-    popular = popular_items(split.train_events, split.holdout_start, k)
-    als = _als(settings).fit(split.train, popular)
-    return evaluate_models(split, {
-        "als": lambda rows, n: als.score_top(rows, n)[0],
+    start = split.holdout_start
+    model = _twostage(settings, params).fit(split.train_events, start, settings.event_weights,
+                                            items, users)
+    plain = _als(settings).fit(split.train, popular_items(split.train_events, start, k))
+    warm_ids = split.train.user_ids[split.eval_rows]
+    warm_lists = model.recommend(warm_ids, k)
+    table = evaluate_models(split, {
+        "model": lambda rows, n: lists_to_top(warm_lists, warm_ids, split.train, n),
+        "als": lambda rows, n: plain.score_top(rows, n)[0],
         "popularity": lambda rows, n: popularity_top(split, rows, n, None),
         "popularity_30d": lambda rows, n: popularity_top(split, rows, n, 30),
-    }, k=k)
+    }, k=k, diversity=True)
+    extra = _holdout_extras(model, split, events, cutoff, k, users, warm_lists)
+    return table, extra
+
+
+def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
+    """Ranker AUC/PR-AUC, candidate recall, cold-start metrics and per-user frames for the
+    bias audit, all on the holdout window."""
+    import numpy as np
+
+    from pipeline.candidates import candidate_recall
+    from pipeline.evaluate import popularity_lists, user_metrics, window_truth_frame
+    from pipeline.ranker import held_out_scores, label_pairs
+    from pipeline.twostage import window_truth
+
+    start = split.holdout_start
+    truth = window_truth(events, start, cutoff, model.matrix_, model.weights_)
+    rows = np.flatnonzero(np.diff(truth.indptr) > 0)
+    pairs = model.rank_candidates(rows)
+    labels = label_pairs(pairs, truth) if len(pairs) else np.zeros(0)
+    scores = held_out_scores(labels, pairs["score"].to_numpy()) if len(pairs) else {
+        "auc": float("nan"), "pr_auc": float("nan")}
+    recall = candidate_recall(pairs, truth)["all"] if len(pairs) else float("nan")
+    truth_ids = window_truth_frame(events[events["timestamp"] < cutoff], start, cutoff)
+    seen_before = set(split.train_events["user_id"].astype(object).unique())
+    cold_ids = truth_ids.loc[~truth_ids["user_id"].isin(seen_before), "user_id"].unique()
+    warm_ids = truth_ids.loc[truth_ids["user_id"].isin(seen_before), "user_id"].unique()
+    warm_truth = truth_ids[truth_ids["user_id"].isin(warm_lists["user_id"])]
+    lists = {"model": pd.concat([warm_lists, model.recommend(cold_ids, k)]),
+             "popularity_30d": popularity_lists(split.train_events, start,
+                                                np.concatenate([warm_ids, cold_ids]), k, 30)}
+    scored = pd.concat([warm_truth, truth_ids[truth_ids["user_id"].isin(cold_ids)]])
+    per_user = {name: user_metrics(frame, scored, k) for name, frame in lists.items()}
+    segments = pd.DataFrame(index=pd.Index(scored["user_id"].unique(), name="user_id"))
+    segments["user_type"] = np.where(segments.index.isin(list(cold_ids)), "new", "returning")
+    if users is not None and len(users):
+        side = users.drop_duplicates("user_id").set_index("user_id")
+        for column in ("age_band", "gender", "occupation"):
+            if column in side:
+                segments[column] = segments.index.map(side[column])
+    cold = {name: frame.loc[frame.index.isin(list(cold_ids)), "ndcg"].mean()
+            for name, frame in per_user.items()}
+    return {"model_auc": scores["auc"], "model_pr_auc": scores["pr_auc"],
+            "model_candidate_recall": recall, f"model_cold_ndcg_at_{k}": cold["model"],
+            f"popularity_30d_cold_ndcg_at_{k}": cold["popularity_30d"],
+            "model_cold_users": float(len(cold_ids)), "per_user": per_user,
+            "segments": segments}
 
 
 def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
@@ -181,15 +268,15 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
         trained, evaluated = _read_json(run / "train.json"), _read_json(run / "evaluate.json")
         validated, ingested = _read_json(run / "validate.json"), _read_json(run / "ingest.json")
         k, metrics = evaluated["k"], dict(evaluated["metrics"])
-        challenger_score = metrics[f"als_ndcg_at_{k}"]
-        baseline = max(v for key, v in metrics.items()
-                       if key.startswith("popularity") and key.endswith(f"_ndcg_at_{k}"))
+        challenger_score = metrics[f"model_ndcg_at_{k}"]
+        baseline = max(v for key, v in metrics.items()  # warm-user popularity rows only
+                       if re.fullmatch(rf"popularity(_\d+d)?_ndcg_at_{k}", key))
         configure_mlflow()
         champion = champion_version()
         champion_score = None
         if champion is not None:
-            champion_recipe = version_details(champion)["params"]
-            champion_score = _recipe_score(settings, cutoff, champion_recipe, challenger_score, k)
+            champion_score = _recipe_score(settings, cutoff, version_details(champion),
+                                           trained["params"], challenger_score, k)
             metrics[f"champion_ndcg_at_{k}"] = champion_score
         report = _write_report(run, Path(trained["bundle_path"]), champion_score, k)
         registration = register_model(
@@ -199,6 +286,7 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                     **_prefixed("model", trained["params"])},
             metrics=metrics,
             tags={"logical_date": cutoff.isoformat(), "triggered_by": triggered_by,
+                  "model_params": json.dumps(trained["params"], sort_keys=True),
                   "rows_snapshot": str(ingested["snapshot_rows"]),
                   "rows_clean": str(validated.get("rows", 0) - validated.get("bad_rows", 0)),
                   "validation_passed": str(validated.get("passed")),
@@ -259,7 +347,8 @@ def _write_report(run: Path, bundle_dir: Path, champion_score: float | None, k: 
 _NOT_RECIPE = frozenset({"data_dir", "event_weights", "top_n", "holdout_days",
                          "max_bad_row_share", "force_promote", "gate_min_relative_gain",
                          "gate_tolerance", "consumed_event_types", "max_per_category",
-                         "item_ttl_days", "candidate_multiplier", "keep_versions"})
+                         "item_ttl_days", "candidate_multiplier", "keep_versions", "tune",
+                         "tune_budget_minutes"})
 
 
 def recipe_params(settings: Settings) -> dict:
@@ -270,22 +359,28 @@ def recipe_params(settings: Settings) -> dict:
             and isinstance(getattr(settings, f.name), (int, float, str, bool))}
 
 
-def _recipe_score(settings: Settings, cutoff: dt.datetime, recipe: dict, own_score: float,
-                  k: int) -> float:
-    """nDCG@k of a logged recipe on this run's holdout (reuses ``own_score`` when equal)."""
+def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_params: dict,
+                  own_score: float, k: int) -> float:
+    """nDCG@k of the champion's recipe refitted on this run's holdout split.
+
+    The recipe is the champion's training settings (run params) plus its exact model params
+    (the ``model_params`` tag, tuned values included). When both equal this run's, the refit
+    would be identical (deterministic fit, same split), so ``own_score`` is reused.
+    """
     mine = {key: str(value) for key, value in recipe_params(settings).items()}
-    theirs = {key: recipe[key] for key in mine if key in recipe}
-    if theirs == mine:
-        return own_score  # same recipe, same split, deterministic fit: same score
+    theirs = {key: champion["params"][key] for key in mine if key in champion["params"]}
+    their_params = json.loads(champion["tags"].get("model_params", "null"))
+    if theirs == mine and their_params in (None, own_params):
+        return own_score
     fields = {f.name: f.type for f in dataclasses.fields(Settings)}
     overrides = {key: _as_type(value, fields[key]) for key, value in theirs.items()
                  if key in fields}
     champion_settings = dataclasses.replace(settings, **overrides)
     events = pd.read_parquet(settings.run_dir(cutoff) / "events.parquet")
-    table = holdout_table(champion_settings, events, cutoff, k)
-    logger.info("champion recipe %s re-scored on this holdout: ndcg@%d %.4f", overrides, k,
-                table.loc["als", "ndcg"])
-    return float(table.loc["als", "ndcg"])
+    table = _holdout(champion_settings, events, cutoff, k, their_params)[0]
+    logger.info("champion v%s re-scored on this holdout: ndcg@%d %.4f", champion["version"], k,
+                table.loc["model", "ndcg"])
+    return float(table.loc["model", "ndcg"])
 
 
 def _as_type(value: str, annotation: str):
@@ -333,6 +428,18 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> 
                       rules=rule_stats.to_dict(),
                       target="postgres" if dsn else str(settings.serving_sqlite_path))
     return result
+
+
+def _twostage(settings: Settings, params: dict | None = None):
+    """The deployable two-stage recommender from ``settings`` (``params`` override them)."""
+    from pipeline.twostage import TwoStageRecommender
+
+    model = TwoStageRecommender(
+        factors=settings.als_factors, regularization=settings.als_regularization,
+        alpha=settings.als_alpha, iterations=settings.als_iterations,
+        label_days=settings.label_days, label_windows=settings.label_windows,
+        random_state=settings.seed)
+    return model.set_params(**params) if params else model
 
 
 def _als(settings: Settings):

@@ -1,7 +1,9 @@
 """MLflow pyfunc wrapper: ``models:/recommender@champion`` alone produces ranked lists.
 
 Input: a DataFrame with a ``user_id`` column. Params: ``n`` (list length, default 10).
-Output: user_id, rank, item_id, score, reason, source. Unknown users get the popularity list.
+Output: user_id, rank, item_id, score, reason, source (``ranker`` for re-ranked items,
+``popular`` for the cold-start/fallback list). The bundle is a :class:`TwoStageRecommender`
+(older bundles holding an ``AlsRecommender`` still load).
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from pipeline.recommender import AlsRecommender
+from pipeline.recommender import load_recommender
 
 BUNDLE_ARTIFACT = "bundle"
 
 
 class RecommenderModel(mlflow.pyfunc.PythonModel):
-    """Loads the saved :class:`AlsRecommender` folder and serves batch predictions."""
+    """Loads the saved recommender folder and serves batch predictions."""
 
     def load_context(self, context) -> None:
-        self.recommender = AlsRecommender.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+        self.recommender = load_recommender(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
                 ) -> pd.DataFrame:

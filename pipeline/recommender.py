@@ -263,3 +263,13 @@ def _empty_lists() -> pd.DataFrame:
     return pd.DataFrame({"user_id": pd.Series(dtype=object), "rank": pd.Series(dtype=np.int16),
                          "item_id": pd.Series(dtype=object), "score": pd.Series(dtype=np.float32),
                          "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})
+
+
+def load_recommender(folder: Path):
+    """Load a saved bundle of either kind: two-stage (``meta.json`` kind) or plain ALS."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    if meta.get("kind") == "twostage":
+        from pipeline.twostage import TwoStageRecommender
+
+        return TwoStageRecommender.load(Path(folder))
+    return AlsRecommender.load(Path(folder))

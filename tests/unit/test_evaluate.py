@@ -73,3 +73,57 @@ def test_popularity_baseline_ranks_by_distinct_users():
     top = popularity_top(split, np.arange(3), 3, days=None)
     # a (2 users) > b (1) = c (1, tie broken by item order); seen items excluded per user
     assert top.tolist() == [[1, 2, -1], [2, -1, -1], [0, 1, -1]]
+
+
+# ---- id-level metrics, diversity, bias audit -------------------------------------------------
+def test_user_metrics_match_the_matrix_version():
+    from pipeline.evaluate import user_metrics
+
+    truth_m = sp.csr_matrix(np.array([[0, 1, 0, 1], [1, 0, 0, 0]], dtype=np.float32))
+    expected = ranking_metrics(np.array([[1, 2, 3], [2, 1, -1]]), truth_m, k=3)
+    lists = pd.DataFrame({"user_id": ["x", "x", "x", "y", "y"], "rank": [1, 2, 3, 1, 2],
+                          "item_id": ["i1", "i2", "i3", "i2", "i1"]})
+    truth = pd.DataFrame({"user_id": ["x", "x", "y", "z"], "item_id": ["i1", "i3", "i0", "i9"]})
+    got = user_metrics(lists, truth, k=3)
+    assert list(got.index) == ["x", "y", "z"]            # z has truth but no list: zeros
+    assert got.loc["z"].sum() == 0
+    for metric, value in expected.items():
+        assert got.loc[["x", "y"], metric].mean() == pytest.approx(value)
+
+
+def test_top_diversity_and_lists_to_top():
+    from pipeline.evaluate import lists_to_top, top_diversity
+
+    got = top_diversity(np.array([[0, 1], [0, -1]]), np.array([9.0, 0.0, 0.0]), k=2)
+    log_pop = np.log1p([9.0, 0.0, 0.0])
+    assert got["coverage"] == pytest.approx(2 / 3)
+    assert got["popularity_bias"] == pytest.approx((2 * log_pop[0] + 0) / 3 - log_pop.mean())
+    events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "b", "view", "2024-01-01")])
+    split = split_holdout(events, dt.datetime(2024, 1, 10, tzinfo=UTC), 3, {"view": 1.0})
+    lists = pd.DataFrame({"user_id": ["u2", "u2", "ghost"], "rank": [1, 2, 1],
+                          "item_id": ["b", "new", "a"]})
+    top = lists_to_top(lists, np.array(["u1", "u2"], dtype=object), split.train, 2)
+    assert top.tolist() == [[-1, -1], [1, -1]]
+
+
+def test_popularity_lists_cover_cold_users_and_skip_seen_items():
+    from pipeline.evaluate import popularity_lists
+
+    events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "a", "view", "2024-01-01"),
+                      ("u2", "b", "view", "2024-01-02"), ("u3", "c", "view", "2024-01-20")])
+    lists = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC),
+                             np.array(["u2", "new"], dtype=object), k=2)
+    assert lists[lists["user_id"] == "new"]["item_id"].tolist() == ["a", "b"]
+    assert lists[lists["user_id"] == "u2"]["item_id"].tolist() == []  # saw both; c is later
+
+
+def test_segment_audit_groups_per_model_and_segment():
+    from pipeline.evaluate import segment_audit
+
+    per_user = pd.DataFrame({"ndcg": [1.0, 0.0, 0.5]}, index=pd.Index(["a", "b", "c"]))
+    segments = pd.DataFrame({"user_type": ["new", "returning", "returning"],
+                             "gender": ["F", None, "M"]}, index=["a", "b", "c"])
+    audit = segment_audit({"m": per_user}, segments).set_index(["segment", "value"])
+    assert audit.loc[("user_type", "returning"), "ndcg"] == pytest.approx(0.25)
+    assert audit.loc[("user_type", "returning"), "users"] == 2
+    assert audit.loc[("gender", "unknown"), "ndcg"] == 0.0

@@ -66,3 +66,58 @@ def test_future_events_cannot_change_features():
     later.loc[len(later)] = ["u1", "z", pd.Timestamp("2024-05-01", tz="UTC"), 1e6, "tv", "s",
                              "view"]
     pd.testing.assert_frame_equal(base, build_user_features(later, CUTOFF))
+
+
+# ---- matrix-aligned features used by the ranker --------------------------------------------
+def test_item_value_mean_and_newcomer_popularity():
+    feats = build_item_features(_events(), CUTOFF).set_index("item_id")
+    assert feats.loc["a", "value_mean"] == pytest.approx(55.0)  # (10 + 100) / 2, NaN skipped
+    # u1 first acted 2024-01-06 (within 30 days) -> a newcomer; u2 (2023-12-01) is not
+    assert feats.loc["a", "newcomer_popularity_30d"] == 1
+    assert feats.loc["b", "newcomer_popularity_30d"] == 1
+
+
+def test_recent_history_keeps_the_latest_distinct_items():
+    import numpy as np
+
+    from pipeline.features import recent_history
+
+    recent = recent_history(_events(), CUTOFF, np.array(["u1", "u2"], dtype=object),
+                            np.array(["a", "b", "c"], dtype=object), n_recent=1).toarray()
+    assert recent.tolist() == [[0, 1, 0], [1, 0, 0]]  # u1's latest is b (20:30); u2's b is late
+
+
+def test_category_affinity_shares():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pipeline.features import category_affinity, item_category_codes
+
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "category": ["News", "Sports", "News"]})
+    codes, names = item_category_codes(np.array(["a", "b", "c"], dtype=object), items)
+    assert names == ("News", "Sports") and codes.tolist() == [0, 1, 0]
+    conf = sp.csr_matrix(np.array([[1, 3, 1], [0, 0, 0]], np.float32))
+    got = category_affinity(conf, codes, len(names))
+    np.testing.assert_allclose(got, [[2 / 3, 1 / 3], [0, 0]], rtol=1e-6)
+
+
+def test_feature_tables_ignore_events_after_the_cutoff():
+    import numpy as np
+
+    from pipeline.features import build_feature_tables
+    from pipeline.matrix import build_matrix
+
+    users = pd.DataFrame({"user_id": ["u1", "u2", "u3"], "age_band": ["18-24", "56+", "56+"]})
+    events = _events()
+    past = events[events["timestamp"] < CUTOFF].assign(value=events["value"])
+    matrix = build_matrix(past.assign(event_type="view"), {"view": 1.0})
+    args = (CUTOFF, matrix.user_ids, matrix.item_ids, matrix.confidence, None, users)
+    base = build_feature_tables(events, *args)
+    later = pd.concat([events, events.assign(timestamp=pd.Timestamp("2024-03-01", tz="UTC"),
+                                             user_id="u2")], ignore_index=True)
+    again = build_feature_tables(later, *args)
+    for name, array in base.arrays().items():
+        np.testing.assert_array_equal(array, again.arrays()[name], err_msg=name)
+    assert base.segment_names == ("age_band",)
+    # last 30 days: only u1 (18-24) -> a and b have share 1 in 18-24, global share 1 of 1 user
+    assert base.segment_popularity[-1].tolist() == [1.0, 1.0]

@@ -1,0 +1,136 @@
+"""Cold start: the best non-personal list, recent popularity by user segment.
+
+For a segment ``s`` (e.g. an age band from ``users.csv``) an item's score is its share of the
+segment's active users in the window, shrunk towards the global share with ``shrinkage``
+pseudo-users: ``(users_s(i) + m * users(i) / users) / (users_s + m)``. Small segments thus fall
+back smoothly to the global list; users whose segment is unknown get the global list.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import numpy as np
+import pandas as pd
+
+from pipeline.features import segment_labels
+
+logger = logging.getLogger(__name__)
+
+_WINDOW_PHRASES = ((1, "today"), (7, "this week"), (31, "this month"))
+
+
+class SegmentPopularity:
+    """Top items per segment over the last ``days`` before the cutoff."""
+
+    def __init__(self, days: int = 30, segment: tuple[str, ...] = ("age_band",),
+                 shrinkage: float = 20.0, n_keep: int = 100) -> None:
+        self.days = days
+        self.segment = tuple(segment)
+        self.shrinkage = shrinkage
+        self.n_keep = n_keep
+
+    def get_params(self) -> dict:
+        return {"days": self.days, "segment": list(self.segment), "shrinkage": self.shrinkage}
+
+    def fit(self, events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataFrame | None = None,
+            items: pd.DataFrame | None = None) -> SegmentPopularity:
+        """Learn ``global_`` (item_id, score, reason) and ``segments_`` (segment + same)."""
+        window = events[(events["timestamp"] < cutoff)
+                        & (events["timestamp"] >= cutoff - dt.timedelta(days=self.days))]
+        if window.empty:  # nothing recent: fall back to all history before the cutoff
+            window = events[events["timestamp"] < cutoff]
+        pairs = window[["user_id", "item_id"]].drop_duplicates()
+        glob = pairs.groupby("item_id", observed=True).size()
+        n_users = max(pairs["user_id"].nunique(), 1)
+        self.global_ = self._ranked(glob / n_users, items)
+        seg = segment_labels(users, pairs["user_id"].to_numpy(dtype=object), self.segment)
+        pairs = pairs.assign(segment=seg)[pd.notna(seg)]
+        frames = []
+        for name, group in pairs.groupby("segment", sort=True):
+            counts = group.groupby("item_id", observed=True).size().reindex(glob.index,
+                                                                            fill_value=0)
+            m = self.shrinkage
+            share = (counts + m * glob / n_users) / (group["user_id"].nunique() + m)
+            frames.append(self._ranked(share, items).assign(segment=name))
+        self.segments_ = (pd.concat(frames, ignore_index=True) if frames
+                          else self.global_.head(0).assign(segment=pd.Series(dtype=object)))
+        self.users_ = (users.drop_duplicates("user_id").reset_index(drop=True)
+                       if users is not None else None)
+        logger.info("cold-start popularity: %d items in %d days, %d segments (%s)", len(glob),
+                    self.days, self.segments_["segment"].nunique(), "|".join(self.segment))
+        return self
+
+    def lists_for(self, user_ids: np.ndarray) -> pd.DataFrame:
+        """Candidate rows (user_id, order, item_id, score, reason) for each user."""
+        user_ids = np.asarray(user_ids, dtype=object)
+        seg = segment_labels(self.users_, user_ids, self.segment)
+        frame = pd.DataFrame({"user_id": user_ids, "segment": seg})
+        known = frame[frame["segment"].notna()].merge(self.segments_, on="segment")
+        unknown = frame[~frame["user_id"].isin(known["user_id"])][["user_id"]]
+        unknown = unknown.merge(self.global_, how="cross")
+        out = pd.concat([known.drop(columns="segment"), unknown], ignore_index=True)
+        return out[["user_id", "order", "item_id", "score", "reason"]]
+
+    def _ranked(self, share: pd.Series, items: pd.DataFrame | None) -> pd.DataFrame:
+        frame = share.rename("share").rename_axis("item_id").reset_index()
+        frame = frame.sort_values(["share", "item_id"], ascending=[False, True], kind="stable")
+        frame = frame.head(self.n_keep).reset_index(drop=True)
+        frame["order"] = np.arange(len(frame))
+        frame["score"] = frame["share"].astype(np.float32)
+        frame["reason"] = popular_reasons(frame["item_id"], items, self.days)
+        return frame[["order", "item_id", "score", "reason"]]
+
+
+def popular_reasons(item_ids: pd.Series, items: pd.DataFrame | None, days: int) -> np.ndarray:
+    """"popular in <category> this week" (or "popular this month" without a category)."""
+    phrase = next((p for d, p in _WINDOW_PHRASES if days <= d), "lately")
+    category = pd.Series(pd.NA, index=item_ids.index, dtype="string")
+    if items is not None and "category" in items:
+        lookup = items.drop_duplicates("item_id").set_index("item_id")["category"]
+        category = item_ids.map(lookup).astype("string")
+    specific = "popular in " + category.fillna("") + " " + phrase
+    has = category.notna() & (category != "")
+    return specific.where(has, f"popular {phrase}").astype(object).to_numpy()
+
+
+#: Options :func:`select_cold_start` compares (window days x segment attributes).
+COLD_OPTIONS: tuple[tuple[int, str], ...] = tuple(
+    (days, segment) for days in (14, 30, 60)
+    for segment in ("", "age_band", "gender", "occupation", "age_band|gender"))
+
+
+def select_cold_start(events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataFrame | None,
+                      items: pd.DataFrame | None = None, n_folds: int = 3,
+                      horizon_days: int = 14, shrinkage: float = 50.0, k: int = 10,
+                      options: tuple[tuple[int, str], ...] = COLD_OPTIONS) -> dict:
+    """Pick the cold-start window and segment by nDCG@k on the new users of ``n_folds``
+    windows of ``horizon_days`` before ``cutoff`` (time-series CV; ties keep the earlier
+    option, the global list first). Returns ``SegmentPopularity`` keyword arguments."""
+    from pipeline.evaluate import user_metrics
+
+    events = events[events["timestamp"] < cutoff]
+    first = events.groupby("user_id", observed=True)["timestamp"].min()
+    usable = [(d, s) for d, s in options
+              if not s or (users is not None and set(s.split("|")) <= set(users))]
+    scores = np.zeros(len(usable))
+    for fold in range(1, n_folds + 1):
+        end = cutoff - dt.timedelta(days=horizon_days * (fold - 1))
+        start = end - dt.timedelta(days=horizon_days)
+        new = first[(first >= start) & (first < end)].index
+        truth = events[(events["timestamp"] >= start) & (events["timestamp"] < end)
+                       & events["user_id"].isin(new)][["user_id", "item_id"]]
+        if truth.empty or (events["timestamp"] < start).sum() == 0:
+            continue
+        for n, (days, segment) in enumerate(usable):
+            model = SegmentPopularity(days=days, segment=tuple(filter(None, segment.split("|"))),
+                                      shrinkage=shrinkage, n_keep=k).fit(events, start, users)
+            lists = model.lists_for(truth["user_id"].unique()).assign(
+                rank=lambda f: f["order"] + 1)
+            scores[n] += user_metrics(lists, truth, k)["ndcg"].mean()
+    days, segment = usable[int(np.argmax(scores))]
+    logger.info("cold start selected: %d days, segment %r (cv ndcg sums %s)", days, segment,
+                np.round(scores, 4).tolist())
+    return {"days": days, "segment": tuple(filter(None, segment.split("|"))),
+            "shrinkage": shrinkage}

@@ -1,0 +1,92 @@
+"""Item-kNN: a sparse item x item similarity (cosine or BM25) and user scores from it.
+
+The similarity comes from implicit's ``CosineRecommender`` / ``BM25Recommender`` (C++ all-pairs
+top-K), with the self-similarity removed so an item never recommends itself. Scoring is one
+sparse product, ``history @ similarity``: any user x item weight matrix works as history
+(all of a user's items, or only the most recent ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("cosine", "bm25")
+
+
+class ItemKnn:
+    """Top-``k`` neighbours per item; ``fit(user_items)`` learns ``similarity_`` (items x items)."""
+
+    def __init__(self, k: int = 100, method: str = "cosine", bm25_k1: float = 1.2,
+                 bm25_b: float = 0.75, num_threads: int = 0) -> None:
+        self.k = k
+        self.method = method
+        self.bm25_k1 = bm25_k1
+        self.bm25_b = bm25_b
+        self.num_threads = num_threads
+
+    def get_params(self) -> dict:
+        return {"k": self.k, "method": self.method, "bm25_k1": self.bm25_k1,
+                "bm25_b": self.bm25_b}
+
+    def fit(self, user_items: sp.csr_matrix) -> ItemKnn:
+        """Learn the similarity from a users x items weight matrix (binarised for cosine)."""
+        from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        counts = sp.csr_matrix(user_items, dtype=np.float32)
+        if self.method == "cosine":
+            counts = (counts > 0).astype(np.float32).tocsr()
+            model = CosineRecommender(K=self.k + 1, num_threads=self.num_threads)
+        else:
+            model = BM25Recommender(K=self.k + 1, K1=self.bm25_k1, B=self.bm25_b,
+                                    num_threads=self.num_threads)
+        with warnings.catch_warnings():  # implicit converts its own normalised copy to CSR
+            warnings.filterwarnings("ignore", message="Method expects CSR input")
+            model.fit(counts, show_progress=False)
+        similarity = sp.csr_matrix(model.similarity, dtype=np.float32)
+        similarity.setdiag(0.0)
+        similarity.eliminate_zeros()
+        self.similarity_ = _keep_top_k(similarity.tocsr(), self.k)
+        logger.info("item-kNN (%s) fitted: %d items, %d neighbour pairs", self.method,
+                    similarity.shape[0], self.similarity_.nnz)
+        return self
+
+    def score(self, history: sp.csr_matrix) -> sp.csr_matrix:
+        """users x items scores: the summed similarity of each item to the history items."""
+        return (sp.csr_matrix(history, dtype=np.float32) @ self.similarity_).tocsr()
+
+
+def top_k_sparse(scores: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, score) of the ``k`` best positive entries per row, best first.
+
+    ``exclude`` (same shape) removes entries (e.g. items already seen). Ties go to the lower
+    column, so the result is deterministic.
+    """
+    scores = sp.csr_matrix(scores)
+    if exclude is not None:
+        scores = scores - scores.multiply(sp.csr_matrix(exclude) > 0)
+    coo = scores.tocoo()
+    keep = coo.data > 0
+    row, col, val = coo.row[keep], coo.col[keep], coo.data[keep]
+    order = np.lexsort((col, -val, row))
+    row, col, val = row[order], col[order], val[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(row)) + 1]
+    position = np.arange(len(row)) - np.repeat(starts, np.diff(np.r_[starts, len(row)]))
+    top = position < k
+    return row[top].astype(np.int64), col[top].astype(np.int64), val[top].astype(np.float32)
+
+
+def _keep_top_k(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    row, col, val = top_k_sparse(matrix, k)
+    return sp.csr_matrix((val, (row, col)), shape=matrix.shape, dtype=np.float32)

@@ -1,0 +1,230 @@
+"""Stage two: XGBoost re-ranks the (user, candidate) pairs.
+
+:func:`pair_features` turns candidate pairs into the feature matrix (stage-one scores, item
+popularity/recency, user RFM/context, category affinity, segment popularity, demographics);
+:class:`Ranker` wraps ``XGBClassifier`` (``binary:logistic``) or ``XGBRanker``
+(``rank:ndcg`` / ``rank:pairwise``, one query per user), with early stopping on a held-out
+share of users, then a refit on all users with the best number of trees.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.candidates import SOURCES, CandidateGenerator
+from pipeline.features import FeatureTables
+
+logger = logging.getLogger(__name__)
+
+STAGE_ONE = tuple(f"from_{s}" for s in SOURCES) + ("als_rank", "knn_rank", "als_score",
+                                                   "knn_recent", "knn_all")
+PAIR = ("category_affinity", "global_popularity", "popularity_gap", "age_gap")
+OBJECTIVES = ("binary:logistic", "rank:ndcg", "rank:pairwise")
+
+
+def feature_names(tables: FeatureTables) -> list[str]:
+    """Column order of :func:`pair_features`."""
+    return [*STAGE_ONE, *PAIR, *(f"segment_popularity_{n}" for n in tables.segment_names),
+            *(f"item_{n}" for n in tables.item_names),
+            *(f"user_{n}" for n in tables.user_names)]
+
+
+def pair_features(pairs: pd.DataFrame, tables: FeatureTables) -> np.ndarray:
+    """Feature matrix (pairs x :func:`feature_names`) for candidate ``pairs`` (row, item)."""
+    rows = pairs["row"].to_numpy()
+    items = pairs["item"].to_numpy()
+    category = tables.item_category[items]
+    affinity = np.where(category >= 0,
+                        tables.affinity[rows, np.maximum(category, 0)], 0.0)
+    glob_pop = tables.segment_popularity[-1, items]
+    # Target-encoded demographics: the item's popularity within each of the user's segments.
+    seg_pop = [tables.segment_popularity[np.where(seg[rows] >= 0, seg[rows], -1), items]
+               for seg in tables.user_segment.T]
+    log_pop = np.log1p(tables.item_log_basis[items])
+    gaps = [log_pop - tables.user_taste[rows, 0],
+            tables.item[items, tables.item_names.index("age_days")] - tables.user_taste[rows, 1]]
+    blocks = [pairs[list(STAGE_ONE)].to_numpy(np.float32),
+              np.column_stack([affinity, glob_pop, *gaps, *seg_pop]).astype(np.float32),
+              tables.item[items], tables.user[rows]]
+    return np.hstack(blocks).astype(np.float32)
+
+
+def label_pairs(pairs: pd.DataFrame, truth) -> np.ndarray:
+    """1 where the user engaged with the candidate in the label window (``truth`` CSR)."""
+    from pipeline.candidates import _gather
+
+    return (_gather(truth, pairs["row"].to_numpy(), pairs["item"].to_numpy()) > 0).astype(
+        np.float32)
+
+
+def generate_scored_pairs(generator: CandidateGenerator, tables: FeatureTables,
+                          rows: np.ndarray, chunk_users: int = 2_000
+                          ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Candidates and their feature matrix for ``rows``, built chunk by chunk."""
+    frames, blocks = [], []
+    for start in range(0, len(rows), chunk_users):
+        pairs = generator.generate(rows[start:start + chunk_users])
+        frames.append(pairs)
+        blocks.append(pair_features(pairs, tables))
+    if not frames:
+        width = len(feature_names(tables))
+        return pd.DataFrame(columns=["row", "item"]), np.empty((0, width), np.float32)
+    return pd.concat(frames, ignore_index=True), np.vstack(blocks)
+
+
+class Ranker:
+    """XGBoost on pair features; ``predict`` gives a score where higher means rank higher."""
+
+    def __init__(self, objective: str = "binary:logistic", max_depth: int = 6,
+                 learning_rate: float = 0.1, min_child_weight: float = 1.0,
+                 subsample: float = 0.8, colsample_bytree: float = 0.8, n_estimators: int = 300,
+                 early_stopping_rounds: int = 30, validation_share: float = 0.2,
+                 prior: str | None = "global_popularity", random_state: int = 42,
+                 n_jobs: int = 1) -> None:
+        self.objective = objective
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.min_child_weight = min_child_weight
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.n_estimators = n_estimators
+        self.early_stopping_rounds = early_stopping_rounds
+        self.validation_share = validation_share
+        self.prior = prior
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def get_params(self) -> dict:
+        return {"objective": self.objective, "max_depth": self.max_depth,
+                "learning_rate": self.learning_rate, "min_child_weight": self.min_child_weight,
+                "subsample": self.subsample, "colsample_bytree": self.colsample_bytree,
+                "n_estimators": self.n_estimators,
+                "early_stopping_rounds": self.early_stopping_rounds, "prior": self.prior,
+                "random_state": self.random_state}
+
+    def fit(self, features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+            names: list[str] | None = None, split_keys: np.ndarray | None = None) -> Ranker:
+        """Early-stop on a held-out share of users, then refit on all of them.
+
+        ``groups`` are the ranking queries (user x label window); ``split_keys`` (the user id
+        of each pair, default ``groups``) decide the held-out share, so that a user's
+        overlapping windows never sit on both sides of the split.
+        """
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if labels.sum() == 0:
+            raise ValueError("no positive labels to learn from")
+        groups = np.unique(groups, return_inverse=True)[1].astype(np.int64)  # dense, uint32-safe
+        keys = groups if split_keys is None else np.asarray(split_keys)
+        order = np.argsort(groups, kind="stable")  # XGBRanker needs sorted query ids
+        features, labels, groups, keys = (features[order], labels[order], groups[order],
+                                          keys[order])
+        self.feature_names_ = list(names) if names is not None else None
+        margin = self._margin(features)
+        held = self._held_out(keys)
+        trees = self.n_estimators
+        if held.any() and (~held).any() and labels[held].sum() > 0:
+            probe = self._model(self.n_estimators, early_stopping=True)
+            self._fit_model(probe, features[~held], labels[~held], groups[~held],
+                            margin[~held], (features[held], labels[held], groups[held],
+                                            margin[held]))
+            trees = int(probe.best_iteration) + 1
+            self.model_ = probe
+            self.validation_ = held_out_scores(labels[held], self.predict(
+                features[held], iteration_range=(0, trees)))
+        else:
+            self.validation_ = {"auc": float("nan"), "pr_auc": float("nan")}
+        self.model_ = self._fit_model(self._model(trees, early_stopping=False), features,
+                                      labels, groups, margin, None)
+        self.n_trees_ = trees
+        logger.info("ranker fitted (%s): %d pairs, %d positives, %d groups, %d trees, "
+                    "held-out AUC %.4f PR-AUC %.4f", self.objective, len(labels),
+                    int(labels.sum()), len(np.unique(groups)), trees,
+                    self.validation_["auc"], self.validation_["pr_auc"])
+        return self
+
+    def predict(self, features: np.ndarray, iteration_range: tuple[int, int] | None = None
+                ) -> np.ndarray:
+        """Ranking scores (probabilities for ``binary:logistic``), prior margin included."""
+        kwargs = {"base_margin": self._margin(features)}
+        if iteration_range is not None:
+            kwargs["iteration_range"] = iteration_range
+        if self._is_ranker:
+            return self.model_.predict(features, **kwargs).astype(np.float32)
+        return self.model_.predict_proba(features, **kwargs)[:, 1].astype(np.float32)
+
+    def _margin(self, features: np.ndarray) -> np.ndarray:
+        """Starting margin: log of the ``prior`` feature (recent popularity), so the trees
+        learn corrections to a popularity ranking and early stopping falls back to it."""
+        if self.prior is None or not self.feature_names_ or self.prior not in self.feature_names_:
+            return np.zeros(len(features), np.float32)
+        column = features[:, self.feature_names_.index(self.prior)]
+        return np.log(np.nan_to_num(column, nan=0.0) + 1e-4).astype(np.float32)
+
+    def importances(self) -> pd.Series:
+        """Gain importance per feature, largest first."""
+        gain = self.model_.get_booster().get_score(importance_type="gain")
+        names = self.feature_names_ or [f"f{k}" for k in range(self.model_.n_features_in_)]
+        values = [gain.get(f"f{k}", 0.0) for k in range(len(names))]
+        return pd.Series(values, index=names).sort_values(ascending=False)
+
+    def save(self, path: Path) -> None:
+        self.model_.save_model(str(path))
+
+    def load_model(self, path: Path, n_trees: int) -> Ranker:
+        """Restore a model written by :meth:`save` into this (unfitted) instance."""
+        model = self._model(n_trees, early_stopping=False)
+        model.load_model(str(path))
+        self.model_, self.n_trees_ = model, n_trees
+        return self
+
+    @property
+    def _is_ranker(self) -> bool:
+        return self.objective.startswith("rank:")
+
+    def _held_out(self, keys: np.ndarray) -> np.ndarray:
+        unique = np.unique(keys)
+        rng = np.random.default_rng(self.random_state)
+        n_held = int(round(len(unique) * self.validation_share))
+        chosen = rng.permutation(unique)[:n_held]
+        return np.isin(keys, chosen)
+
+    def _model(self, trees: int, early_stopping: bool):
+        from xgboost import XGBClassifier, XGBRanker
+
+        common = dict(n_estimators=trees, max_depth=self.max_depth,
+                      learning_rate=self.learning_rate, min_child_weight=self.min_child_weight,
+                      subsample=self.subsample, colsample_bytree=self.colsample_bytree,
+                      tree_method="hist", random_state=self.random_state, n_jobs=self.n_jobs,
+                      early_stopping_rounds=self.early_stopping_rounds if early_stopping
+                      else None)
+        if self._is_ranker:
+            return XGBRanker(objective=self.objective, eval_metric="ndcg@10",
+                             lambdarank_pair_method="topk", lambdarank_num_pair_per_sample=10,
+                             **common)
+        return XGBClassifier(objective=self.objective, eval_metric="aucpr", **common)
+
+    def _fit_model(self, model, features, labels, groups, margin, evaluation):
+        kwargs = {"verbose": False, "base_margin": margin}
+        if evaluation is not None:
+            kwargs.update(eval_set=[evaluation[:2]], base_margin_eval_set=[evaluation[3]])
+        if self._is_ranker:
+            kwargs["qid"] = groups
+            if evaluation is not None:
+                kwargs["eval_qid"] = [evaluation[2]]
+        model.fit(features, labels, **kwargs)
+        return model
+
+
+def held_out_scores(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUC-ROC and PR-AUC (average precision) of pair scores; NaN with one class only."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        return {"auc": float("nan"), "pr_auc": float("nan")}
+    return {"auc": float(roc_auc_score(labels, scores)),
+            "pr_auc": float(average_precision_score(labels, scores))}
