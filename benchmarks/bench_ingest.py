@@ -107,7 +107,8 @@ def _pipeline(root: Path) -> dict:
     done = time.perf_counter()
     return {"seconds": done - started, "ingest_s": ingested - started,
             "snapshot_s": snapshotted - ingested, "validate_s": done - snapshotted,
-            "gx_import_s": gx_import_s, "rows_new": report.rows_new, "bad_rows": validation.bad_rows,
+            "gx_import_s": gx_import_s, "rows_new": report.rows_new,
+            "bad_rows": validation.bad_rows,
             "csv_mb": (landing / "clicks.csv").stat().st_size / 2**20}
 
 

@@ -49,8 +49,12 @@ def demo_data(settings: Settings) -> int:
 
 def default_date(settings: Settings) -> int:
     """Print the day after the newest event in the landing files."""
-    from pipeline.ingest import (list_landing_files, load_column_mapping, parse_timestamps,
-                                 read_event_file)
+    from pipeline.ingest import (
+        list_landing_files,
+        load_column_mapping,
+        parse_timestamps,
+        read_event_file,
+    )
 
     mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
                                   settings.column_mapping)

@@ -259,8 +259,14 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     data. The decision goes to MLflow tags and to the serving DB's ``model_promotions``.
     """
     from pipeline.gate import decide_promotion
-    from pipeline.registry import (champion_version, configure_mlflow, register_model,
-                                   set_champion, tag_decision, version_details)
+    from pipeline.registry import (
+        champion_version,
+        configure_mlflow,
+        register_model,
+        set_champion,
+        tag_decision,
+        version_details,
+    )
     from pipeline.serving import record_promotion
 
     run = settings.run_dir(cutoff)
@@ -319,8 +325,11 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
 def _write_report(run: Path, bundle_dir: Path, champion_score: float | None, k: int) -> Path:
     """Plots and tables for the MLflow run, in ``<run>/report/``."""
     from pipeline.registry import load_bundle
-    from pipeline.report import (plot_feature_importance, plot_metrics_comparison,
-                                 plot_score_distribution)
+    from pipeline.report import (
+        plot_feature_importance,
+        plot_metrics_comparison,
+        plot_score_distribution,
+    )
 
     folder = run / "report"
     shutil.rmtree(folder, ignore_errors=True)
@@ -477,8 +486,13 @@ def rollback(settings: Settings, version: str | None = None, dsn: str | None = N
     can republish exactly the lists that version served (``publish`` for that cutoff).
     """
     from pipeline.config import as_utc
-    from pipeline.registry import (champion_version, configure_mlflow, previous_champion,
-                                   set_champion, version_details)
+    from pipeline.registry import (
+        champion_version,
+        configure_mlflow,
+        previous_champion,
+        set_champion,
+        version_details,
+    )
     from pipeline.serving import record_promotion
 
     configure_mlflow()

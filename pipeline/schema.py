@@ -23,7 +23,8 @@ EVENT_DTYPES: dict[str, str] = {
     "session_id": "string",
 }
 
-ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "category", "published_at", "available", "price")
+ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "category", "published_at", "available",
+                                  "price")
 
 #: What a landing file may contribute: the event columns plus ``consent`` (never stored).
 CONTRACT_INPUT_COLUMNS: tuple[str, ...] = (*EVENT_COLUMNS, "consent")

@@ -11,13 +11,13 @@ import pytest
 
 from pipeline.errors import DataError
 from pipeline.ingest import (
-    read_manifest,
     derive_event_ids,
     ingest_landing,
     load_snapshot,
     normalise_events,
     parse_timestamps,
     read_event_file,
+    read_manifest,
 )
 
 UTC = dt.timezone.utc

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.report import plot_feature_importance, plot_metrics_comparison, plot_score_distribution
+from pipeline.report import (
+    plot_feature_importance,
+    plot_metrics_comparison,
+    plot_score_distribution,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,8 @@ LOGICAL_DATE = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
 CMS_QUERY = "SELECT item_id, reason FROM recommendations WHERE user_id = ? ORDER BY rank"
 
 
-def _publish(lists: pd.DataFrame, path: Path, model_version: str, **kwargs) -> serving.PublishResult:
+def _publish(lists: pd.DataFrame, path: Path, model_version: str,
+             **kwargs) -> serving.PublishResult:
     return serving.publish_lists(lists, dsn=None, sqlite_path=path, model_version=model_version,
                                  logical_date=LOGICAL_DATE, **kwargs)
 
@@ -38,7 +39,8 @@ def _expected_view(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
 def _tables(path: Path) -> set[str]:
     with sqlite3.connect(path) as conn:
         return {name for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'recommendations_v%'")}
+            "SELECT name FROM sqlite_master "
+            "WHERE type = 'table' AND name LIKE 'recommendations_v%'")}
 
 
 def _catalog(path: Path) -> list[tuple]:
@@ -67,7 +69,8 @@ def test_publish_then_read_back_exactly(db_path: Path, make_lists: Callable) -> 
     assert live["logical_date"] == LOGICAL_DATE
 
 
-def test_read_user_list_matches_cms_query_and_falls_back(db_path: Path, make_lists: Callable) -> None:
+def test_read_user_list_matches_cms_query_and_falls_back(db_path: Path,
+                                                        make_lists: Callable) -> None:
     lists = make_lists(n_users=2, n_ranks=4)
     _publish(lists, db_path, "m-1")
 
@@ -191,7 +194,8 @@ def test_reads_before_first_publish(db_path: Path) -> None:
 def test_record_promotion(db_path: Path) -> None:
     first = serving.record_promotion(
         dsn=None, sqlite_path=db_path, model_name="recommender", model_version="7",
-        decision="promoted", reason="ndcg@10 +4%", metrics={"ndcg_at_10": 0.31, "bad": float("nan")},
+        decision="promoted", reason="ndcg@10 +4%",
+        metrics={"ndcg_at_10": 0.31, "bad": float("nan")},
         triggered_by="nightly", decided_at=LOGICAL_DATE)
     second = serving.record_promotion(
         dsn=None, sqlite_path=db_path, model_name="recommender", model_version="8",
@@ -229,7 +233,8 @@ def test_concurrent_reader_only_sees_complete_lists(db_path: Path, make_lists: C
                 (version,) = versions
                 seen.add(version)
                 if len(rows) != expected_rows[version]:
-                    problems.append(f"{version}: {len(rows)} rows, expected {expected_rows[version]}")
+                    problems.append(
+                        f"{version}: {len(rows)} rows, expected {expected_rows[version]}")
                 by_user: dict[str, list[int]] = {}
                 for user, rank, _ in rows:
                     by_user.setdefault(user, []).append(rank)

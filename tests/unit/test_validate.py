@@ -115,7 +115,8 @@ def test_suite_json_loads_with_the_expected_expectations() -> None:
     assert by_key[(BETWEEN, "value")].min_value == 0
     assert by_key[(BETWEEN, "value")].max_value == 1e7
     assert by_key[(BETWEEN, "timestamp")].max_value == {"$PARAMETER": MAX_TIMESTAMP_PARAMETER}
-    assert by_key[(BETWEEN, "timestamp")].min_value == dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc)
+    oldest = dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc)
+    assert by_key[(BETWEEN, "timestamp")].min_value == oldest
     assert config["meta"]["volume"]["min_ratio_to_trailing_median"] == 0.5
 
 
