@@ -94,7 +94,8 @@ def summary(settings: Settings, date: str) -> int:
         f"{val['bad_rows']:,} quarantined ({val['bad_share']:.2%})",
         f"  features   {stages['build_features']['users']:,} users, "
         f"{stages['build_features']['items']:,} items",
-        f"  train      ALS on {stages['train']['pairs']:,} user-item pairs "
+        f"  train      two-stage: ALS/kNN/popular candidates + XGBoost ranker, "
+        f"{stages['train']['pairs']:,} user-item pairs "
         f"({stages['train']['users']:,} users x {stages['train']['items']:,} items)",
         f"  evaluate   holdout = last {eva['holdout_days']} days, {eva['users']} warm users, "
         f"@{eva['k']}:",
@@ -132,7 +133,7 @@ def _metrics_table(metrics: dict, k: int) -> list[str]:
     models = sorted({key.split("_")[0] if not key.startswith("popularity_30d")
                      else "popularity_30d" for key in metrics},
                     key=lambda m: (m != "model", m))
-    rows = [f"    {'model':<16}" + "".join(f"{n:>11}" for n in names)]
+    rows = [f"    {'method':<16}" + "".join(f"{n:>11}" for n in names)]
     for model in models:
         rows.append(f"    {model:<16}" + "".join(
             f"{metrics.get(f'{model}_{n}_at_{k}', float('nan')):>11.4f}" for n in names))
