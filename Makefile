@@ -36,7 +36,8 @@ run: install  ## run the nightly DAG once on the demo data (DATE=YYYY-MM-DD to c
 	 echo "running recommendations_nightly for $$date (log: logs/make-run.log)"; \
 	 mkdir -p logs; \
 	 if ! $(BIN)/airflow dags test recommendations_nightly $$date > logs/make-run.log 2>&1; then \
-	   grep -E "ERROR|Error|error:" logs/make-run.log | grep -v "^\s*$$" | tail -n 15; \
+	   grep -E "^[A-Za-z_.]+(Error|Exception|Failed)[A-Za-z]*: " logs/make-run.log \
+	     | sort -u | tail -n 5; \
 	   echo "the run failed; full log: logs/make-run.log"; exit 1; \
 	 fi; \
 	 $(BIN)/python -m pipeline.cli summary $$date

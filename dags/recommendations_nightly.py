@@ -76,6 +76,21 @@ def _run_args() -> tuple:
     return settings, as_utc(moment.date())
 
 
+def _run_stage(name: str, **kwargs) -> dict:
+    """Call ``pipeline.nightly.<name>`` for this run. Bad input (a file that cannot be read,
+    validation beyond the quarantine threshold) fails the task at once: no retry can fix it,
+    while other errors (a database briefly down) keep the task's retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline import nightly
+    from pipeline.errors import DataError, ValidationFailed
+
+    try:
+        return getattr(nightly, name)(*_run_args(), **kwargs)
+    except (DataError, ValidationFailed) as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
 def _serving_dsn() -> str | None:
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
@@ -112,38 +127,31 @@ def _triggered_by() -> str:
 def recommendations_nightly():
     @task
     def ingest() -> dict:
-        from pipeline import nightly
-        return nightly.ingest(*_run_args())
+        return _run_stage("ingest")
 
     @task
     def validate(_: dict) -> dict:
-        from pipeline import nightly
-        return nightly.validate(*_run_args())
+        return _run_stage("validate")
 
     @task
     def build_features(_: dict) -> dict:
-        from pipeline import nightly
-        return nightly.build_features(*_run_args())
+        return _run_stage("build_features")
 
     @task
     def train(_: dict) -> dict:
-        from pipeline import nightly
-        return nightly.train(*_run_args())
+        return _run_stage("train")
 
     @task
     def evaluate(_: dict) -> dict:
-        from pipeline import nightly
-        return nightly.evaluate(*_run_args())
+        return _run_stage("evaluate")
 
     @task
     def register(_: dict) -> dict:
-        from pipeline import nightly
-        return nightly.register(*_run_args(), dsn=_serving_dsn(), triggered_by=_triggered_by())
+        return _run_stage("register", dsn=_serving_dsn(), triggered_by=_triggered_by())
 
     @task
     def publish(_: dict) -> dict:
-        from pipeline import nightly
-        return nightly.publish(*_run_args(), dsn=_serving_dsn())
+        return _run_stage("publish", dsn=_serving_dsn())
 
     publish(register(evaluate(train(build_features(validate(ingest()))))))
 
