@@ -181,3 +181,63 @@ def _cache_dir() -> Path:
 
 def _utc(day: str) -> dt.datetime:
     return dt.datetime.fromisoformat(day).replace(tzinfo=dt.timezone.utc)
+
+
+# ---- development cutoffs (model selection; never the CUTOFFS above) -----------------------
+DEV_CUTOFFS = ("1997-11-15", "1997-12-01", "1997-12-15")  # 30-day windows end < 1998-01-15
+
+
+def run_dev(objectives: tuple[str, ...] = ("rank:ndcg", "binary:logistic")) -> None:
+    """Score cold-start options and ranker objectives on DEV_CUTOFFS (default params)."""
+    from pipeline.coldstart import COLD_OPTIONS, SegmentPopularity, select_cold_start
+    from pipeline.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.data.movielens import load_movielens_100k
+    from pipeline.evaluate import user_metrics, window_truth_frame
+    from pipeline.twostage import TwoStageRecommender
+
+    data = load_movielens_100k(_cache_dir())
+    events = data.events
+    print(f"dev cutoffs {', '.join(DEV_CUTOFFS)}; nDCG@{K} over the next {HORIZON_DAYS} days")
+    for day in DEV_CUTOFFS:
+        cutoff = _utc(day)
+        train = events[events["timestamp"] < cutoff]
+        truth = window_truth_frame(events, cutoff, cutoff + dt.timedelta(days=HORIZON_DAYS))
+        users = truth["user_id"].unique()
+        warm = np.isin(users, train["user_id"].unique())
+
+        def score(frame, mask, truth=truth, users=users):
+            per_user = user_metrics(frame, truth, K)["ndcg"].reindex(users).fillna(0.0)
+            return per_user[mask].mean()
+
+        cold_users = users[~warm]
+        print(f"\n{day}: {len(users)} users ({int(warm.sum())} warm, {len(cold_users)} cold)")
+        pop30 = _popular_lists(train, cutoff, users, 30)
+        print(f"  cold  popularity (30 days) baseline   {score(pop30, ~warm):.4f}")
+        for days, segment in COLD_OPTIONS:
+            model = SegmentPopularity(days=days, segment=tuple(filter(None, segment.split("|"))),
+                                      shrinkage=50.0, n_keep=K).fit(train, cutoff, data.users)
+            lists = model.lists_for(cold_users).assign(rank=lambda f: f["order"] + 1)
+            print(f"  cold  {days:>3}d {segment or 'global':<18}          "
+                  f"{score(lists, ~warm):.4f}")
+        for horizon in (14, 30):
+            chosen = select_cold_start(train, cutoff, data.users, horizon_days=horizon)
+            print(f"  cold  select_cold_start(horizon={horizon}) -> {chosen}")
+        print(f"  warm  popularity (30 days) baseline   {score(pop30, warm):.4f}")
+        for objective in objectives:
+            model = TwoStageRecommender(objective=objective).fit(
+                train, cutoff, DEFAULT_EVENT_WEIGHTS, data.items, data.users)
+            lists = model.recommend(users, K)
+            print(f"  two-stage {objective:<16} warm {score(lists, warm):.4f} "
+                  f"cold {score(lists, ~warm):.4f} (cold params {model.cold_.get_params()})",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.WARNING)
+    if "--dev" in sys.argv[1:]:
+        run_dev()
+    else:
+        run(quick="--quick" in sys.argv[1:])

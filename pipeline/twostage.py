@@ -10,8 +10,9 @@ window). The stage-one models are then refitted on everything before the cutoff 
 
 Users with fewer than ``min_history`` items, and users never seen, get the cold-start list:
 recent popularity in their segment (``cold_segment`` attributes of ``users.csv``, ``"auto"``:
-window and attributes chosen by time-series CV on the new users of windows before the
-cutoff), or the global list when the segment is unknown. Same interface as
+plain 30-day popularity unless another window and attributes win clearly in time-series CV on
+the new users of 30-day windows before the cutoff), or the global list when the segment is
+unknown. Same interface as
 :class:`pipeline.recommender.AlsRecommender`: ``recommend``, ``default_list``,
 ``save``/``load``, ``fingerprint``, ``get_params`` (plus ``popular_``, ``matrix_``).
 """
@@ -220,8 +221,7 @@ class TwoStageRecommender:
         if self.cold_segment == "auto":
             from pipeline.coldstart import select_cold_start
 
-            return select_cold_start(events, cutoff, users, horizon_days=self.label_days,
-                                     shrinkage=self.cold_shrinkage)
+            return select_cold_start(events, cutoff, users, shrinkage=self.cold_shrinkage)
         return {"days": self.popular_days, "shrinkage": self.cold_shrinkage,
                 "segment": tuple(s for s in str(self.cold_segment or "").split("|") if s)}
 

@@ -65,3 +65,41 @@ def test_selection_prefers_the_segment_that_predicts_new_users():
                                horizon_days=7, shrinkage=1.0,
                                options=((14, ""), (14, "age_band")))
     assert chosen["segment"] == ("age_band",) and chosen["days"] == 14
+
+
+def _weekly(pattern):
+    """Six weeks of newcomers: ``pattern`` is (age band, item, users per week)."""
+    rows, n = [], 0
+    for week in range(6):
+        day = dt.date(2024, 1, 1) + dt.timedelta(days=7 * week)
+        for band, item, count in pattern:
+            for _ in range(count):
+                rows.append((f"u{n}", band, item, day.isoformat()))
+                n += 1
+    frame = pd.DataFrame(rows, columns=["user_id", "age_band", "item_id", "timestamp"])
+    return _events(frame[["user_id", "item_id", "timestamp"]].values.tolist()), frame[
+        ["user_id", "age_band"]]
+
+
+def test_default_options_start_with_plain_30_day_popularity():
+    from pipeline.coldstart import COLD_HORIZON_DAYS, COLD_OPTIONS
+
+    assert COLD_OPTIONS[0] == (30, "")
+    assert COLD_HORIZON_DAYS == 30 and all(days >= 30 for days, _ in COLD_OPTIONS)
+
+
+def test_selection_keeps_the_default_without_a_clear_win():
+    # Both bands take the same item: segments cannot beat the global list.
+    events, users = _weekly((("18-24", "a", 2), ("56+", "a", 3)))
+    chosen = select_cold_start(events, dt.datetime(2024, 2, 12, tzinfo=UTC), users,
+                               horizon_days=7, shrinkage=1.0,
+                               options=((14, ""), (14, "age_band")))
+    assert chosen["segment"] == () and chosen["days"] == 14
+
+
+def test_selection_needs_the_minimum_gain():
+    events, users = _weekly((("18-24", "a", 2), ("56+", "b", 3)))
+    chosen = select_cold_start(events, dt.datetime(2024, 2, 12, tzinfo=UTC), users,
+                               horizon_days=7, shrinkage=1.0, min_gain=1.0,
+                               options=((14, ""), (14, "age_band")))
+    assert chosen["segment"] == ()
