@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -32,7 +33,39 @@ _HISTORY_FOR_REASONS = 20   # strongest history items considered when explaining
 _PAIRS_PER_CHUNK = 20_000   # bounds the (pairs x n x factors) similarity block
 
 
-class AlsRecommender:
+class ListRecommender(ABC):
+    """What every deployable model shares: chunked ``recommend`` and the ``__default__`` list.
+
+    Subclasses provide ``_recommend_chunk(users, n)`` and ``popular_`` (item_id, score,
+    reason; best first).
+    """
+
+    chunk_users = 5_000  # users scored at a time: bounds memory as the user base grows
+
+    def recommend(self, user_ids: pd.Series | np.ndarray | list, n: int) -> pd.DataFrame:
+        """Ranked lists: user_id, rank (1..n), item_id, score, reason, source."""
+        users = pd.unique(pd.Series(user_ids, dtype="string").dropna()).astype(object)
+        parts = [self._recommend_chunk(users[s:s + self.chunk_users], n)
+                 for s in range(0, len(users), self.chunk_users)]
+        if not parts:
+            return _empty_lists()
+        return pd.concat(parts, ignore_index=True)
+
+    def default_list(self, n: int) -> pd.DataFrame:
+        """The ``__default__`` rows: the popularity fallback."""
+        top = self.popular_.head(n)
+        return pd.DataFrame({"rank": np.arange(1, len(top) + 1, dtype=np.int16),
+                             "item_id": top["item_id"].astype(object).to_numpy(),
+                             "score": top["score"].astype(np.float32).to_numpy(),
+                             "reason": top["reason"].astype(object).to_numpy(),
+                             "source": "popular"})
+
+    @abstractmethod
+    def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
+        """Lists for one chunk of users, in the columns of :meth:`recommend`."""
+
+
+class AlsRecommender(ListRecommender):
     """Implicit ALS on event-weighted confidences, with reasons and a popularity fallback."""
 
     def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
@@ -87,25 +120,6 @@ class AlsRecommender:
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         scores = np.where(ids < 0, -np.inf, scores)  # implicit pads with -1 / very low scores
         return ids, scores
-
-    def recommend(self, user_ids: pd.Series | np.ndarray | list, n: int,
-                  chunk_users: int = 5_000) -> pd.DataFrame:
-        """Ranked lists: user_id, rank (1..n), item_id, score, reason, source."""
-        users = pd.unique(pd.Series(user_ids, dtype="string").dropna()).astype(object)
-        parts = [self._recommend_chunk(users[s:s + chunk_users], n)
-                 for s in range(0, len(users), chunk_users)]
-        if not parts:
-            return _empty_lists()
-        return pd.concat(parts, ignore_index=True)
-
-    def default_list(self, n: int) -> pd.DataFrame:
-        """The ``__default__`` rows: the popularity fallback."""
-        top = self.popular_.head(n)
-        return pd.DataFrame({"rank": np.arange(1, len(top) + 1, dtype=np.int16),
-                             "item_id": top["item_id"].astype(object).to_numpy(),
-                             "score": top["score"].astype(np.float32).to_numpy(),
-                             "reason": top["reason"].astype(object).to_numpy(),
-                             "source": "popular"})
 
     def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
         rows = self.matrix_.user_index(users)

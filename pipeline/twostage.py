@@ -41,7 +41,13 @@ from pipeline.config import DEFAULT_EVENT_WEIGHTS  # noqa: E402
 from pipeline.features import FeatureTables, before, build_feature_tables, recent_history  # noqa: E402
 from pipeline.matrix import InteractionMatrix, build_matrix  # noqa: E402
 from pipeline.ranker import Ranker, feature_names, generate_scored_pairs, label_pairs  # noqa: E402
-from pipeline.recommender import VERBS, _empty_lists, _item_labels, _normalise  # noqa: E402
+from pipeline.recommender import (  # noqa: E402
+    VERBS,
+    ListRecommender,
+    _empty_lists,
+    _item_labels,
+    _normalise,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +66,10 @@ class Snapshot:
     popular_cols: np.ndarray
 
 
-class TwoStageRecommender:
+class TwoStageRecommender(ListRecommender):
     """ALS + item-kNN + popularity candidates, XGBoost ranker, segment-popularity cold start."""
+
+    chunk_users = 2_000  # candidate features are wide: smaller chunks than plain ALS
 
     def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
                  iterations: int = 15, n_als: int = 100, n_knn: int = 100, n_popular: int = 50,
@@ -242,25 +250,6 @@ class TwoStageRecommender:
             parts.append(pairs)
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             columns=["row", "item", "score"])
-
-    def recommend(self, user_ids: pd.Series | np.ndarray | list, n: int,
-                  chunk_users: int = 2_000) -> pd.DataFrame:
-        """Ranked lists: user_id, rank (1..n), item_id, score, reason, source."""
-        users = pd.unique(pd.Series(user_ids, dtype="string").dropna()).astype(object)
-        parts = [self._recommend_chunk(users[s:s + chunk_users], n)
-                 for s in range(0, len(users), chunk_users)]
-        if not parts:
-            return _empty_lists()
-        return pd.concat(parts, ignore_index=True)
-
-    def default_list(self, n: int) -> pd.DataFrame:
-        """The ``__default__`` rows: the global recent-popularity list."""
-        top = self.cold_.global_.head(n)
-        return pd.DataFrame({"rank": np.arange(1, len(top) + 1, dtype=np.int16),
-                             "item_id": top["item_id"].astype(object).to_numpy(),
-                             "score": top["score"].astype(np.float32).to_numpy(),
-                             "reason": top["reason"].astype(object).to_numpy(),
-                             "source": "popular"})
 
     def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
         matrix = self.snapshot_.matrix
