@@ -232,12 +232,80 @@ def run_dev(objectives: tuple[str, ...] = ("rank:ndcg", "binary:logistic")) -> N
                   flush=True)
 
 
+#: (label_days, label_windows, label_stride_days) compared by ``--dev``; the first is the default.
+LABEL_OPTIONS = ((14, 6, 7), (21, 6, 7), (30, 6, 7), (30, 3, 10), (14, 3, 10))
+#: Seeds averaged per cell: one seed's nDCG moves by up to ~0.03 (ALS init, XGBoost sampling).
+LABEL_SEEDS = (42, 7, 123)
+
+
+def label_window_scores(options=LABEL_OPTIONS, cutoffs=DEV_CUTOFFS,
+                        seeds=LABEL_SEEDS) -> pd.DataFrame:
+    """Warm-user nDCG@K (HORIZON_DAYS) of the two-stage model, default params (no tuning),
+    for each label-window setting, dev cutoff and seed: columns cutoff, option, seed, warm."""
+    from pipeline.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.data.movielens import load_movielens_100k
+    from pipeline.evaluate import user_metrics, window_truth_frame
+    from pipeline.twostage import TwoStageRecommender
+
+    data = load_movielens_100k(_cache_dir())
+    events = data.events
+    rows = []
+    for day in cutoffs:
+        cutoff = _utc(day)
+        train = events[events["timestamp"] < cutoff]
+        truth = window_truth_frame(events, cutoff, cutoff + dt.timedelta(days=HORIZON_DAYS))
+        users = truth["user_id"].unique()
+        warm_users = users[np.isin(users, train["user_id"].unique())]
+        for days, windows, stride in options:
+            for seed in seeds:
+                started = time.perf_counter()
+                model = TwoStageRecommender(label_days=days, label_windows=windows,
+                                            label_stride_days=stride, random_state=seed).fit(
+                    train, cutoff, DEFAULT_EVENT_WEIGHTS, data.items, data.users)
+                lists = model.recommend(warm_users, K)
+                ndcg = user_metrics(lists, truth, K)["ndcg"].reindex(warm_users).fillna(0.0)
+                rows.append({"cutoff": day, "option": f"{days}d x{windows} /{stride}d",
+                             "seed": seed, "warm": ndcg.mean(),
+                             "seconds": time.perf_counter() - started})
+                print(f"  {day} label {rows[-1]['option']:<14} seed {seed:<4} warm "
+                      f"{ndcg.mean():.4f} ({rows[-1]['seconds']:.0f}s)", flush=True)
+    return pd.DataFrame(rows)
+
+
+def print_label_windows(scores: pd.DataFrame) -> None:
+    """The label-window table (seed means): per dev cutoff, mean, and the difference from the
+    default (first option); then each option's seed range per cutoff, for scale."""
+    wide = scores.pivot_table(index="option", columns="cutoff", values="warm", aggfunc="mean")
+    cutoffs = [c for c in DEV_CUTOFFS if c in wide.columns]
+    order = list(scores["option"].drop_duplicates())
+    wide = wide.loc[order, cutoffs]
+    wide["mean"] = wide.mean(axis=1)
+    base = wide.iloc[0]
+    n_seeds = scores["seed"].nunique() if "seed" in scores else 1
+    print(f"\ntwo-stage label windows (days x windows / stride), default params; warm nDCG@{K} "
+          f"over the next {HORIZON_DAYS} days, mean of {n_seeds} seed(s)")
+    print(f"  {'label windows':<16}" + "".join(f"{c:>12}" for c in wide.columns)
+          + f"{'vs default':>12}{'not worse':>11}")
+    for option, row in wide.iterrows():
+        not_worse = int((row[cutoffs] >= base[cutoffs]).sum())
+        print(f"  {option:<16}" + "".join(f"{v:>12.4f}" for v in row)
+              + f"{row['mean'] - base['mean']:>+12.4f}{not_worse:>8}/{len(cutoffs)}")
+    if n_seeds > 1:
+        spread = scores.pivot_table(index="option", columns="cutoff", values="warm",
+                                    aggfunc=lambda v: v.max() - v.min()).loc[order, cutoffs]
+        print(f"  seed range (max - min) per cell: {spread.to_numpy().min():.4f} .. "
+              f"{spread.to_numpy().max():.4f} (median {np.median(spread.to_numpy()):.4f})")
+
+
 if __name__ == "__main__":
     import logging
     import sys
 
     logging.basicConfig(level=logging.WARNING)
-    if "--dev" in sys.argv[1:]:
+    if "--dev-labels" in sys.argv[1:]:
+        print_label_windows(label_window_scores())
+    elif "--dev" in sys.argv[1:]:
         run_dev()
+        print_label_windows(label_window_scores())
     else:
         run(quick="--quick" in sys.argv[1:])
