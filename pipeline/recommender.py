@@ -64,6 +64,35 @@ class ListRecommender(ABC):
     def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
         """Lists for one chunk of users, in the columns of :meth:`recommend`."""
 
+    @abstractmethod
+    def _fallback_candidates(self, users: np.ndarray, n: int) -> pd.DataFrame:
+        """Non-personal items for ``users``: user_id, item_id, score, reason, source, order."""
+
+    @abstractmethod
+    def _seen(self, user_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
+        """Per pair, whether the user has already engaged with the item."""
+
+    def _fill_from_fallback(self, personal: pd.DataFrame, users: np.ndarray, n: int
+                            ) -> pd.DataFrame:
+        """Top up lists shorter than ``n`` (all of them, for unknown users) with fallback
+        items the user has not seen and the list does not hold yet."""
+        have = personal.groupby("user_id", sort=False).size().reindex(users, fill_value=0)
+        short = have[have < n].index.to_numpy(dtype=object)
+        if len(short):
+            cand = self._fallback_candidates(short, n)
+            cand = cand[~self._seen(cand["user_id"], cand["item_id"])]
+            cand = cand.merge(personal[["user_id", "item_id"]], how="left", indicator=True)
+            cand = cand[cand["_merge"] == "left_only"].drop(columns="_merge")
+            cand = cand.sort_values(["user_id", "order"], kind="stable")
+            cand["rank"] = (cand.groupby("user_id", sort=False).cumcount()
+                            + cand["user_id"].map(have).to_numpy() + 1)
+            cand = cand[cand["rank"] <= n].drop(columns="order")
+            personal = pd.concat([personal, cand], ignore_index=True)
+        personal["rank"] = personal["rank"].astype(np.int16)
+        personal["score"] = personal["score"].astype(np.float32)
+        return personal.sort_values(["user_id", "rank"], kind="stable")[
+            ["user_id", "rank", "item_id", "score", "reason", "source"]].reset_index(drop=True)
+
 
 class AlsRecommender(ListRecommender):
     """Implicit ALS on event-weighted confidences, with reasons and a popularity fallback."""
@@ -135,32 +164,17 @@ class AlsRecommender(ListRecommender):
         personal = personal[personal["col"] >= 0]
         personal["item_id"] = self.matrix_.item_ids[personal["col"].to_numpy()]
         personal["source"] = "als"
-        return self._fill_from_popular(personal.drop(columns="col"), users, n)
+        return self._fill_from_fallback(personal.drop(columns="col"), users, n)
 
-    def _fill_from_popular(self, personal: pd.DataFrame, users: np.ndarray, n: int
-                           ) -> pd.DataFrame:
-        """Top up lists shorter than ``n`` with popular items the user has not seen."""
-        have = personal.groupby("user_id", sort=False).size().reindex(users, fill_value=0)
-        short = have[have < n].index.to_numpy(dtype=object)
-        if len(short):
-            pop = self.popular_.head(n * 3)
-            cand = pd.DataFrame({"user_id": np.repeat(short, len(pop)),
-                                 "item_id": np.tile(pop["item_id"].to_numpy(object), len(short)),
-                                 "score": np.tile(pop["score"].to_numpy(np.float32), len(short)),
-                                 "reason": np.tile(pop["reason"].to_numpy(object), len(short)),
-                                 "source": "popular", "order": np.tile(np.arange(len(pop)),
-                                                                       len(short))})
-            cand = cand[~self._seen(cand["user_id"], cand["item_id"])]
-            cand = cand.merge(personal[["user_id", "item_id"]], how="left", indicator=True)
-            cand = cand[cand["_merge"] == "left_only"].drop(columns="_merge")
-            cand["rank"] = (cand.groupby("user_id", sort=False).cumcount()
-                            + cand["user_id"].map(have).to_numpy() + 1)
-            cand = cand[cand["rank"] <= n].drop(columns="order")
-            personal = pd.concat([personal, cand], ignore_index=True)
-        personal["rank"] = personal["rank"].astype(np.int16)
-        personal["score"] = personal["score"].astype(np.float32)
-        return personal.sort_values(["user_id", "rank"], kind="stable")[
-            ["user_id", "rank", "item_id", "score", "reason", "source"]].reset_index(drop=True)
+    def _fallback_candidates(self, users: np.ndarray, n: int) -> pd.DataFrame:
+        """The popular list, best first, for each of ``users`` (``order`` = position)."""
+        pop = self.popular_.head(n * 3)
+        return pd.DataFrame({
+            "user_id": np.repeat(users, len(pop)),
+            "item_id": np.tile(pop["item_id"].to_numpy(object), len(users)),
+            "score": np.tile(pop["score"].to_numpy(np.float32), len(users)),
+            "reason": np.tile(pop["reason"].to_numpy(object), len(users)),
+            "source": "popular", "order": np.tile(np.arange(len(pop)), len(users))})
 
     def _seen(self, user_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
         rows = self.matrix_.user_index(user_ids.to_numpy(object))

@@ -257,7 +257,7 @@ class TwoStageRecommender(ListRecommender):
         warm = rows >= 0
         warm[warm] = np.diff(matrix.confidence.indptr)[rows[warm]] >= self.min_history
         personal = self._personal(users[warm], rows[warm], n)
-        return self._fill_from_cold(personal, users, n)
+        return self._fill_from_fallback(personal, users, n)
 
     def _personal(self, users: np.ndarray, rows: np.ndarray, n: int) -> pd.DataFrame:
         if len(rows) == 0:
@@ -275,25 +275,9 @@ class TwoStageRecommender(ListRecommender):
             "score": pairs["score"].to_numpy(np.float32),
             "reason": self._explain(pairs), "source": "ranker"})
 
-    def _fill_from_cold(self, personal: pd.DataFrame, users: np.ndarray, n: int
-                        ) -> pd.DataFrame:
-        """Top up lists shorter than ``n`` (all of them, for cold users) from the cold list."""
-        have = personal.groupby("user_id", sort=False).size().reindex(users, fill_value=0)
-        short = have[have < n].index.to_numpy(dtype=object)
-        if len(short):
-            cand = self.cold_.lists_for(short).assign(source="popular")
-            cand = cand[~self._seen(cand["user_id"], cand["item_id"])]
-            cand = cand.merge(personal[["user_id", "item_id"]], how="left", indicator=True)
-            cand = cand[cand["_merge"] == "left_only"].drop(columns="_merge")
-            cand = cand.sort_values(["user_id", "order"], kind="stable")
-            cand["rank"] = (cand.groupby("user_id", sort=False).cumcount()
-                            + cand["user_id"].map(have).to_numpy() + 1)
-            cand = cand[cand["rank"] <= n].drop(columns="order")
-            personal = pd.concat([personal, cand], ignore_index=True)
-        personal["rank"] = personal["rank"].astype(np.int16)
-        personal["score"] = personal["score"].astype(np.float32)
-        return personal.sort_values(["user_id", "rank"], kind="stable")[
-            ["user_id", "rank", "item_id", "score", "reason", "source"]].reset_index(drop=True)
+    def _fallback_candidates(self, users: np.ndarray, n: int) -> pd.DataFrame:
+        """The cold-start list (by segment where known) for each of ``users``."""
+        return self.cold_.lists_for(users).assign(source="popular")
 
     def _seen(self, user_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
         matrix = self.snapshot_.matrix
