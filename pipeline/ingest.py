@@ -97,6 +97,7 @@ from pipeline.schema import (
     EVENT_DTYPES,
     PII_NAME_PATTERN,
     REQUIRED_COLUMNS,
+    parse_bool,
 )
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,6 @@ DEFAULT_SETTLE_SECONDS = 60.0
 _JSON_CHUNK_ROWS = 100_000  # a JSON record costs ~1 kB of Python objects while parsed
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
              ".parquet": "parquet", ".pq": "parquet"}
-_TRUE = {"true", "1", "yes", "y", "t"}
-_FALSE = {"false", "0", "no", "n", "f"}
 _MISSING_TEXT = ["", "nan", "NaN", "None", "null", "NULL"]
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 _REPLACEMENT = "\ufffd"
@@ -688,7 +687,7 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     """
     frame = raw.reset_index(drop=True)
     dropped = [c for c in frame.columns if c not in CONTRACT_INPUT_COLUMNS]
-    consent = _parse_bool(frame["consent"]) if "consent" in frame else None
+    consent = parse_bool(frame["consent"]) if "consent" in frame else None
     out = pd.DataFrame(index=frame.index)
     value_unreadable = pd.Series(False, index=frame.index)
     for column in EVENT_COLUMNS:
@@ -784,12 +783,6 @@ def derive_event_ids(events: pd.DataFrame) -> pd.Series:
 def _clean_text(values: pd.Series) -> pd.Series:
     text = values.astype("string").str.strip()
     return text.mask(text.isin(_MISSING_TEXT))
-
-
-def _parse_bool(values: pd.Series) -> pd.Series:
-    text = values.astype("string").str.strip().str.lower()
-    return pd.Series(np.where(text.isin(_FALSE), False, np.where(text.isin(_TRUE), True, None)),
-                     index=values.index, dtype="boolean")
 
 
 # ---- staging ---------------------------------------------------------------------------------

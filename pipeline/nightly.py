@@ -262,6 +262,7 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     from pipeline.registry import (
         champion_version,
         configure_mlflow,
+        load_bundle,
         register_model,
         set_champion,
         tag_decision,
@@ -284,7 +285,8 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
             champion_score = _recipe_score(settings, cutoff, version_details(champion),
                                            trained["params"], challenger_score, k)
             metrics[f"champion_ndcg_at_{k}"] = champion_score
-        report = _write_report(run, Path(trained["bundle_path"]), champion_score, k)
+        bundle = load_bundle(Path(trained["bundle_path"]))
+        report = _write_report(run, bundle, champion_score, k)
         registration = register_model(
             Path(trained["bundle_path"]), run_name=f"nightly-{cutoff:%Y-%m-%d}",
             params={**recipe_params(settings), "top_n": settings.top_n,
@@ -297,7 +299,7 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                   "rows_clean": str(validated.get("rows", 0) - validated.get("bad_rows", 0)),
                   "validation_passed": str(validated.get("passed")),
                   "lake_path": str(settings.lake_events_dir)},
-            artifacts={"report": report})
+            artifacts={"report": report}, recommender=bundle)
         if champion == registration.version:  # a re-run of the model that already serves
             result.update(registration.to_dict(), promoted=False, decision="unchanged",
                           reason=f"v{champion} is already champion", champion_version=champion)
@@ -322,9 +324,9 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     return result
 
 
-def _write_report(run: Path, bundle_dir: Path, champion_score: float | None, k: int) -> Path:
-    """Plots and tables for the MLflow run, in ``<run>/report/``."""
-    from pipeline.registry import load_bundle
+def _write_report(run: Path, model, champion_score: float | None, k: int) -> Path:
+    """Plots and tables for the MLflow run of ``model`` (the loaded bundle), in
+    ``<run>/report/``."""
     from pipeline.report import (
         plot_feature_importance,
         plot_metrics_comparison,
@@ -338,7 +340,6 @@ def _write_report(run: Path, bundle_dir: Path, champion_score: float | None, k: 
     shutil.copy(run / "metrics.csv", folder / "metrics.csv")
     plot_metrics_comparison(table, folder / "metrics_vs_baselines.png",
                             champion={"ndcg": champion_score} if champion_score else None)
-    model = load_bundle(bundle_dir)
     users = model.matrix_.user_ids[:: max(1, len(model.matrix_.user_ids) // 2000)]
     lists = model.recommend(users, k)
     plot_score_distribution(lists["score"], folder / "score_distribution.png",

@@ -50,11 +50,13 @@ def configure_mlflow() -> None:
 
 def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, object],
                    metrics: Mapping[str, float], tags: Mapping[str, str],
-                   artifacts: Mapping[str, Path] | None = None) -> Registration:
+                   artifacts: Mapping[str, Path] | None = None,
+                   recommender=None) -> Registration:
     """Log params, metrics, lineage tags, readable artifacts and the pyfunc bundle; register
     it as a new version of ``recommender`` with alias ``challenger``.
 
     Idempotent: a bundle already registered (same fingerprint) is reused, not duplicated.
+    ``recommender`` is the bundle already loaded, when the caller has it.
     """
     import mlflow
     import pandas as pd
@@ -64,7 +66,7 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
     from pipeline.pyfunc_model import BUNDLE_ARTIFACT, RecommenderModel
 
     configure_mlflow()
-    recommender = load_bundle(bundle_dir)
+    recommender = recommender if recommender is not None else load_bundle(bundle_dir)
     fingerprint = recommender.fingerprint()
     existing = _version_with_fingerprint(fingerprint)
     if existing is not None:

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DEFAULT_USER, as_utc
+from pipeline.schema import parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ FILL_SOURCE = "popular"
 GENERIC_REASON = "recommended for you"
 DEFAULT_CHUNK_USERS = 50_000
 _FALLBACK_PRIORITY = 1 << 40  # fallback rows sort after every personal candidate
-_TRUE = frozenset({"true", "t", "1", "yes", "y"})
-_FALSE = frozenset({"false", "f", "0", "no", "n"})
 
 
 @dataclass
@@ -280,11 +279,10 @@ def _parse_available(values: pd.Series) -> np.ndarray:
     """Booleans from bool/number/text; unknown (NA) is available, unreadable is unavailable."""
     if pd.api.types.is_bool_dtype(values.dtype) and not values.isna().any():
         return values.to_numpy(dtype=bool)
-    text = values.astype("string").str.strip().str.lower()
-    known_true = text.isin(_TRUE).to_numpy(dtype=bool)
-    known_false = text.isin(_FALSE).to_numpy(dtype=bool)
-    unknown = text.isna().to_numpy(dtype=bool)
-    unreadable = ~(known_true | known_false | unknown)
+    parsed = parse_bool(values)
+    known_true = parsed.eq(True).fillna(False).to_numpy(dtype=bool)
+    unknown = values.isna().to_numpy(dtype=bool)
+    unreadable = parsed.isna().to_numpy(dtype=bool) & ~unknown
     if unreadable.any():
         logger.warning("%d item(s) have an unreadable 'available' value (e.g. %r): treated as "
                        "unavailable", int(unreadable.sum()), values[unreadable].iloc[0])

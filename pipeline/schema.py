@@ -37,3 +37,21 @@ PII_NAME_PATTERN = re.compile(
     r"zip(_?code)?|post(al)?_?code|ssn|passport|iban|credit_?card|card_?number|dob|"
     r"birth_?(date|day)|date_?of_?birth|lat(itude)?|lon(gitude)?|geo(location)?|user_?agent|"
     r"cookie|device_?fingerprint)($|[_\W])|^(name|fullname|firstname|lastname|surname|username)$")
+
+TRUE_WORDS = frozenset({"true", "t", "1", "yes", "y"})
+FALSE_WORDS = frozenset({"false", "f", "0", "no", "n"})
+
+
+def parse_bool(values):
+    """Contract booleans (``consent``, ``available``) from bool, number or text columns.
+
+    Returns a pandas ``boolean`` Series: True/False where the value reads as one (case and
+    spaces ignored), NA where it is missing or unreadable; callers decide what NA means.
+    """
+    import numpy as np
+    import pandas as pd
+
+    text = values.astype("string").str.strip().str.lower()
+    return pd.Series(np.where(text.isin(FALSE_WORDS), False,
+                              np.where(text.isin(TRUE_WORDS), True, None)),
+                     index=values.index, dtype="boolean")
