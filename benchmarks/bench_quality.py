@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -238,10 +239,11 @@ LABEL_OPTIONS = ((14, 6, 7), (21, 6, 7), (30, 6, 7), (30, 3, 10), (14, 3, 10))
 LABEL_SEEDS = (42, 7, 123)
 
 
-def label_window_scores(options=LABEL_OPTIONS, cutoffs=DEV_CUTOFFS,
-                        seeds=LABEL_SEEDS) -> pd.DataFrame:
-    """Warm-user nDCG@K (HORIZON_DAYS) of the two-stage model, default params (no tuning),
-    for each label-window setting, dev cutoff and seed: columns cutoff, option, seed, warm."""
+def variant_scores(variants: Mapping[str, Mapping], cutoffs=DEV_CUTOFFS,
+                   seeds=LABEL_SEEDS) -> pd.DataFrame:
+    """Warm-user nDCG@K (HORIZON_DAYS) of the two-stage model for each named parameter
+    ``variant`` (no tuning), dev cutoff and seed, plus the 30-day popularity baseline
+    (option "popularity (30 days)"): columns cutoff, option, seed, warm, seconds."""
     from pipeline.config import DEFAULT_EVENT_WEIGHTS
     from pipeline.data.movielens import load_movielens_100k
     from pipeline.evaluate import user_metrics, window_truth_frame
@@ -256,45 +258,64 @@ def label_window_scores(options=LABEL_OPTIONS, cutoffs=DEV_CUTOFFS,
         truth = window_truth_frame(events, cutoff, cutoff + dt.timedelta(days=HORIZON_DAYS))
         users = truth["user_id"].unique()
         warm_users = users[np.isin(users, train["user_id"].unique())]
-        for days, windows, stride in options:
+
+        def warm_ndcg(lists, truth=truth, warm_users=warm_users):
+            return user_metrics(lists, truth, K)["ndcg"].reindex(warm_users).fillna(0.0).mean()
+
+        pop = warm_ndcg(_popular_lists(train, cutoff, warm_users, 30))
+        rows.extend({"cutoff": day, "option": "popularity (30 days)", "seed": seed,
+                     "warm": pop, "seconds": 0.0} for seed in seeds)
+        for name, params in variants.items():
             for seed in seeds:
                 started = time.perf_counter()
-                model = TwoStageRecommender(label_days=days, label_windows=windows,
-                                            label_stride_days=stride, random_state=seed).fit(
+                model = TwoStageRecommender(**{**params, "random_state": seed}).fit(
                     train, cutoff, DEFAULT_EVENT_WEIGHTS, data.items, data.users)
-                lists = model.recommend(warm_users, K)
-                ndcg = user_metrics(lists, truth, K)["ndcg"].reindex(warm_users).fillna(0.0)
-                rows.append({"cutoff": day, "option": f"{days}d x{windows} /{stride}d",
-                             "seed": seed, "warm": ndcg.mean(),
+                rows.append({"cutoff": day, "option": name, "seed": seed,
+                             "warm": warm_ndcg(model.recommend(warm_users, K)),
                              "seconds": time.perf_counter() - started})
-                print(f"  {day} label {rows[-1]['option']:<14} seed {seed:<4} warm "
-                      f"{ndcg.mean():.4f} ({rows[-1]['seconds']:.0f}s)", flush=True)
+                print(f"  {day} {name:<20} seed {seed:<4} warm {rows[-1]['warm']:.4f} "
+                      f"(pop30 {pop:.4f}, {rows[-1]['seconds']:.0f}s)", flush=True)
     return pd.DataFrame(rows)
 
 
-def print_label_windows(scores: pd.DataFrame) -> None:
-    """The label-window table (seed means): per dev cutoff, mean, and the difference from the
-    default (first option); then each option's seed range per cutoff, for scale."""
+def label_window_scores(options=LABEL_OPTIONS, cutoffs=DEV_CUTOFFS,
+                        seeds=LABEL_SEEDS) -> pd.DataFrame:
+    """:func:`variant_scores` of the label-window settings (label_days, label_windows,
+    label_stride_days) in ``options``."""
+    return variant_scores({f"{d}d x{w} /{s}d": {"label_days": d, "label_windows": w,
+                                                 "label_stride_days": s}
+                           for d, w, s in options}, cutoffs, seeds)
+
+
+def print_variants(scores: pd.DataFrame, title: str = "variant") -> None:
+    """The variant table (seed means): per dev cutoff, mean, and the difference from the
+    first variant; then the seed range per cell, for scale."""
     wide = scores.pivot_table(index="option", columns="cutoff", values="warm", aggfunc="mean")
-    cutoffs = [c for c in DEV_CUTOFFS if c in wide.columns]
+    cutoffs = sorted(wide.columns)
     order = list(scores["option"].drop_duplicates())
     wide = wide.loc[order, cutoffs]
     wide["mean"] = wide.mean(axis=1)
-    base = wide.iloc[0]
+    models = [o for o in order if o != "popularity (30 days)"]
+    base = wide.loc[models[0]]
     n_seeds = scores["seed"].nunique() if "seed" in scores else 1
-    print(f"\ntwo-stage label windows (days x windows / stride), default params; warm nDCG@{K} "
-          f"over the next {HORIZON_DAYS} days, mean of {n_seeds} seed(s)")
-    print(f"  {'label windows':<16}" + "".join(f"{c:>12}" for c in wide.columns)
-          + f"{'vs default':>12}{'not worse':>11}")
+    print(f"\ntwo-stage {title}s, default params otherwise; warm nDCG@{K} over the next "
+          f"{HORIZON_DAYS} days, mean of {n_seeds} seed(s)")
+    print(f"  {title:<20}" + "".join(f"{c.removeprefix('19'):>9}" for c in wide.columns)
+          + f"{'vs first':>10}{'not worse':>11}")
     for option, row in wide.iterrows():
         not_worse = int((row[cutoffs] >= base[cutoffs]).sum())
-        print(f"  {option:<16}" + "".join(f"{v:>12.4f}" for v in row)
-              + f"{row['mean'] - base['mean']:>+12.4f}{not_worse:>8}/{len(cutoffs)}")
+        print(f"  {option:<20}" + "".join(f"{v:>9.4f}" for v in row)
+              + f"{row['mean'] - base['mean']:>+10.4f}{not_worse:>8}/{len(cutoffs)}")
     if n_seeds > 1:
-        spread = scores.pivot_table(index="option", columns="cutoff", values="warm",
-                                    aggfunc=lambda v: v.max() - v.min()).loc[order, cutoffs]
-        print(f"  seed range (max - min) per cell: {spread.to_numpy().min():.4f} .. "
-              f"{spread.to_numpy().max():.4f} (median {np.median(spread.to_numpy()):.4f})")
+        spread = scores[scores["option"].isin(models)].pivot_table(
+            index="option", columns="cutoff", values="warm",
+            aggfunc=lambda v: v.max() - v.min()).to_numpy()
+        print(f"  seed range (max - min) per cell: {spread.min():.4f} .. {spread.max():.4f} "
+              f"(median {np.median(spread):.4f})")
+
+
+def print_label_windows(scores: pd.DataFrame) -> None:
+    print_variants(scores, "label windows")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
 popularity/recency, user RFM/context, category affinity, segment popularity, demographics);
 :class:`Ranker` wraps ``XGBClassifier`` (``binary:logistic``) or ``XGBRanker``
 (``rank:ndcg`` / ``rank:pairwise``, one query per user), with early stopping on a held-out
-share of users, then a refit on all users with the best number of trees.
+share of users, then a refit on all users with the best number of trees. With ``n_bags > 1``
+that is repeated with ``n_bags`` seeds (each its own held-out users, row and column samples)
+and the scores are averaged: the training sets are small (a few hundred queries), so one
+model's ranking moves with its seed; the average moves much less.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ class Ranker:
                  learning_rate: float = 0.1, min_child_weight: float = 1.0,
                  subsample: float = 0.8, colsample_bytree: float = 0.8, n_estimators: int = 300,
                  early_stopping_rounds: int = 30, validation_share: float = 0.2,
-                 prior: str | None = "global_popularity", random_state: int = 42,
-                 n_jobs: int = 1) -> None:
+                 prior: str | None = "global_popularity", n_bags: int = 1,
+                 random_state: int = 42, n_jobs: int = 1) -> None:
         self.objective = objective
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -95,6 +98,7 @@ class Ranker:
         self.early_stopping_rounds = early_stopping_rounds
         self.validation_share = validation_share
         self.prior = prior
+        self.n_bags = n_bags
         self.random_state = random_state
         self.n_jobs = n_jobs
 
@@ -104,7 +108,7 @@ class Ranker:
                 "subsample": self.subsample, "colsample_bytree": self.colsample_bytree,
                 "n_estimators": self.n_estimators,
                 "early_stopping_rounds": self.early_stopping_rounds, "prior": self.prior,
-                "random_state": self.random_state}
+                "n_bags": self.n_bags, "random_state": self.random_state}
 
     def fit(self, features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
             names: list[str] | None = None, split_keys: np.ndarray | None = None) -> Ranker:
@@ -124,38 +128,62 @@ class Ranker:
         features, labels, groups, keys = (features[order], labels[order], groups[order],
                                           keys[order])
         self.feature_names_ = list(names) if names is not None else None
+        if self.n_bags < 1:
+            raise ValueError(f"n_bags must be >= 1, got {self.n_bags}")
         margin = self._margin(features)
-        held = self._held_out(keys)
+        self.models_, self.n_trees_, scores = [], [], []
+        for bag in range(self.n_bags):
+            model, trees, validation = self._fit_bag(self.random_state + bag, features, labels,
+                                                     groups, keys, margin)
+            self.models_.append(model)
+            self.n_trees_.append(trees)
+            scores.append(validation)
+        self.validation_ = {k: float(np.mean([v[k] for v in scores])) for k in scores[0]}
+        logger.info("ranker fitted (%s): %d pairs, %d positives, %d groups, %d bag(s) of %s "
+                    "trees, held-out AUC %.4f PR-AUC %.4f", self.objective, len(labels),
+                    int(labels.sum()), len(np.unique(groups)), self.n_bags, self.n_trees_,
+                    self.validation_["auc"], self.validation_["pr_auc"])
+        return self
+
+    def _fit_bag(self, seed, features, labels, groups, keys, margin):
+        """One bag: early stopping on the users ``seed`` holds out, then a refit on all.
+        Returns (model, trees, held-out scores)."""
+        held = self._held_out(keys, seed)
         trees = self.n_estimators
+        validation = {"auc": float("nan"), "pr_auc": float("nan")}
         if held.any() and (~held).any() and labels[held].sum() > 0:
-            probe = self._model(self.n_estimators, early_stopping=True)
+            probe = self._model(self.n_estimators, seed, early_stopping=True)
             self._fit_model(probe, features[~held], labels[~held], groups[~held],
                             margin[~held], (features[held], labels[held], groups[held],
                                             margin[held]))
             trees = int(probe.best_iteration) + 1
-            self.model_ = probe
-            self.validation_ = held_out_scores(labels[held], self.predict(
-                features[held], iteration_range=(0, trees)))
-        else:
-            self.validation_ = {"auc": float("nan"), "pr_auc": float("nan")}
-        self.model_ = self._fit_model(self._model(trees, early_stopping=False), features,
-                                      labels, groups, margin, None)
-        self.n_trees_ = trees
-        logger.info("ranker fitted (%s): %d pairs, %d positives, %d groups, %d trees, "
-                    "held-out AUC %.4f PR-AUC %.4f", self.objective, len(labels),
-                    int(labels.sum()), len(np.unique(groups)), trees,
-                    self.validation_["auc"], self.validation_["pr_auc"])
-        return self
+            validation = held_out_scores(labels[held], self._predict_one(
+                probe, features[held], margin[held], iteration_range=(0, trees)))
+        model = self._fit_model(self._model(trees, seed, early_stopping=False), features,
+                                labels, groups, margin, None)
+        return model, trees, validation
 
-    def predict(self, features: np.ndarray, iteration_range: tuple[int, int] | None = None
-                ) -> np.ndarray:
-        """Ranking scores (probabilities for ``binary:logistic``), prior margin included."""
-        kwargs = {"base_margin": self._margin(features)}
+    @property
+    def model_(self):
+        """The first bag's XGBoost model."""
+        return self.models_[0]
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Ranking scores (probabilities for ``binary:logistic``), prior margin included;
+        the mean over the bags."""
+        margin = self._margin(features)
+        total = np.zeros(len(features), np.float64)
+        for model in self.models_:
+            total += self._predict_one(model, features, margin)
+        return (total / len(self.models_)).astype(np.float32)
+
+    def _predict_one(self, model, features, margin, iteration_range=None) -> np.ndarray:
+        kwargs = {"base_margin": margin}
         if iteration_range is not None:
             kwargs["iteration_range"] = iteration_range
         if self._is_ranker:
-            return self.model_.predict(features, **kwargs).astype(np.float32)
-        return self.model_.predict_proba(features, **kwargs)[:, 1].astype(np.float32)
+            return model.predict(features, **kwargs).astype(np.float32)
+        return model.predict_proba(features, **kwargs)[:, 1].astype(np.float32)
 
     def _margin(self, features: np.ndarray) -> np.ndarray:
         """Starting margin: log of the ``prior`` feature (recent popularity), so the trees
@@ -166,40 +194,57 @@ class Ranker:
         return np.log(np.nan_to_num(column, nan=0.0) + 1e-4).astype(np.float32)
 
     def importances(self) -> pd.Series:
-        """Gain importance per feature, largest first."""
-        gain = self.model_.get_booster().get_score(importance_type="gain")
+        """Gain importance per feature (mean over the bags), largest first."""
         names = self.feature_names_ or [f"f{k}" for k in range(self.model_.n_features_in_)]
-        values = [gain.get(f"f{k}", 0.0) for k in range(len(names))]
-        return pd.Series(values, index=names).sort_values(ascending=False)
+        values = np.zeros(len(names))
+        for model in self.models_:
+            gain = model.get_booster().get_score(importance_type="gain")
+            values += [gain.get(f"f{k}", 0.0) for k in range(len(names))]
+        return pd.Series(values / len(self.models_), index=names).sort_values(ascending=False)
 
-    def save(self, path: Path) -> None:
-        self.model_.save_model(str(path))
+    def boosters_raw(self) -> list[bytes]:
+        """Each bag's booster as JSON bytes (for fingerprints)."""
+        return [bytes(m.get_booster().save_raw("json")) for m in self.models_]
 
-    def load_model(self, path: Path, n_trees: int) -> Ranker:
-        """Restore a model written by :meth:`save` into this (unfitted) instance."""
-        model = self._model(n_trees, early_stopping=False)
-        model.load_model(str(path))
-        self.model_, self.n_trees_ = model, n_trees
+    def save(self, folder: Path, stem: str = "ranker") -> list[str]:
+        """Write each bag to ``folder/<stem>[_<bag>].ubj``; returns the file names."""
+        names = [f"{stem}.ubj" if bag == 0 else f"{stem}_{bag}.ubj"
+                 for bag in range(len(self.models_))]
+        for model, name in zip(self.models_, names, strict=True):
+            model.save_model(str(Path(folder) / name))
+        return names
+
+    def load_model(self, folder: Path, n_trees: int | list[int], stem: str = "ranker"
+                   ) -> Ranker:
+        """Restore the bags written by :meth:`save` into this (unfitted) instance."""
+        trees = [n_trees] if isinstance(n_trees, int) else list(n_trees)
+        self.models_ = []
+        for bag, count in enumerate(trees):
+            name = f"{stem}.ubj" if bag == 0 else f"{stem}_{bag}.ubj"
+            model = self._model(count, self.random_state + bag, early_stopping=False)
+            model.load_model(str(Path(folder) / name))
+            self.models_.append(model)
+        self.n_trees_ = trees
         return self
 
     @property
     def _is_ranker(self) -> bool:
         return self.objective.startswith("rank:")
 
-    def _held_out(self, keys: np.ndarray) -> np.ndarray:
+    def _held_out(self, keys: np.ndarray, seed: int) -> np.ndarray:
         unique = np.unique(keys)
-        rng = np.random.default_rng(self.random_state)
+        rng = np.random.default_rng(seed)
         n_held = int(round(len(unique) * self.validation_share))
         chosen = rng.permutation(unique)[:n_held]
         return np.isin(keys, chosen)
 
-    def _model(self, trees: int, early_stopping: bool):
+    def _model(self, trees: int, seed: int, early_stopping: bool):
         from xgboost import XGBClassifier, XGBRanker
 
         common = dict(n_estimators=trees, max_depth=self.max_depth,
                       learning_rate=self.learning_rate, min_child_weight=self.min_child_weight,
                       subsample=self.subsample, colsample_bytree=self.colsample_bytree,
-                      tree_method="hist", random_state=self.random_state, n_jobs=self.n_jobs,
+                      tree_method="hist", random_state=seed, n_jobs=self.n_jobs,
                       early_stopping_rounds=self.early_stopping_rounds if early_stopping
                       else None)
         if self._is_ranker:

@@ -46,12 +46,32 @@ def test_same_data_same_model():
     assert np.array_equal(first, second)
 
 
+def test_bagged_scores_are_the_mean_of_the_single_seed_models(tmp_path):
+    x, y, groups = _planted()
+    x_new = _planted(seed=1)[0]
+    bagged = Ranker(objective="rank:ndcg", n_estimators=20, n_bags=3, random_state=5).fit(
+        x, y, groups, ["signal", "noise"])
+    singles = [Ranker(objective="rank:ndcg", n_estimators=20, random_state=seed).fit(
+        x, y, groups, ["signal", "noise"]).predict(x_new) for seed in (5, 6, 7)]
+    np.testing.assert_allclose(bagged.predict(x_new), np.mean(singles, axis=0), rtol=1e-5,
+                               atol=1e-6)
+    assert len(bagged.n_trees_) == 3 and len(set(bagged.boosters_raw())) == 3
+    files = bagged.save(tmp_path)
+    assert files == ["ranker.ubj", "ranker_1.ubj", "ranker_2.ubj"]
+    loaded = Ranker(objective="rank:ndcg", n_bags=3, random_state=5).load_model(
+        tmp_path, bagged.n_trees_)
+    loaded.feature_names_ = ["signal", "noise"]
+    np.testing.assert_array_equal(loaded.predict(x_new), bagged.predict(x_new))
+
+
 def test_guards():
     x, y, groups = _planted()
     with pytest.raises(ValueError, match="objective"):
         Ranker(objective="reg:squarederror").fit(x, y, groups)
     with pytest.raises(ValueError, match="positive"):
         Ranker().fit(x, np.zeros_like(y), groups)
+    with pytest.raises(ValueError, match="n_bags"):
+        Ranker(n_bags=0).fit(x, y, groups)
 
 
 def test_held_out_scores_known_answer():
