@@ -36,7 +36,7 @@ class CandidateGenerator:
     def __init__(self, n_als: int = 100, n_knn: int = 100, n_popular: int = 50,
                  knn_k: int = 100, knn_method: str = "cosine", factors: int = 64,
                  regularization: float = 0.05, alpha: float = 2.0, iterations: int = 15,
-                 random_state: int = 42, num_threads: int = 0) -> None:
+                 als_bags: int = 1, random_state: int = 42, num_threads: int = 0) -> None:
         self.n_als = n_als
         self.n_knn = n_knn
         self.n_popular = n_popular
@@ -46,6 +46,7 @@ class CandidateGenerator:
         self.regularization = regularization
         self.alpha = alpha
         self.iterations = iterations
+        self.als_bags = als_bags
         self.random_state = random_state
         self.num_threads = num_threads
 
@@ -53,22 +54,16 @@ class CandidateGenerator:
         return {"n_als": self.n_als, "n_knn": self.n_knn, "n_popular": self.n_popular,
                 "knn_k": self.knn_k, "knn_method": self.knn_method, "factors": self.factors,
                 "regularization": self.regularization, "alpha": self.alpha,
-                "iterations": self.iterations, "random_state": self.random_state}
+                "iterations": self.iterations, "als_bags": self.als_bags,
+                "random_state": self.random_state}
 
     def fit(self, matrix: InteractionMatrix, recent: sp.csr_matrix, popular_cols: np.ndarray
             ) -> CandidateGenerator:
         """Fit ALS and kNN on ``matrix``; ``recent`` marks each user's recent items (same
         shape); ``popular_cols`` are item columns, most recently popular first."""
-        from implicit.cpu.als import AlternatingLeastSquares
-
         if matrix.confidence.nnz == 0:
             raise ValueError("cannot train on an empty interaction matrix")
-        als = AlternatingLeastSquares(
-            factors=self.factors, regularization=self.regularization, alpha=self.alpha,
-            iterations=self.iterations, random_state=self.random_state,
-            num_threads=self.num_threads, calculate_training_loss=False)
-        als.fit(matrix.confidence, show_progress=False)
-        self.als_ = als
+        self.als_ = self._fit_als(matrix.confidence)
         self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method,
                             num_threads=self.num_threads).fit(matrix.confidence)
         self.matrix_ = matrix
@@ -78,6 +73,33 @@ class CandidateGenerator:
                     self.get_params())
         return self
 
+    def _fit_als(self, confidence: sp.csr_matrix):
+        """Implicit ALS; with ``als_bags > 1``, that many seeds averaged, stored as one model
+        whose factors are the seeds' side by side (user factors divided by the count), so
+        its dot products, top-K and saved file are those of the average."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        def als(factors: int, seed: int) -> AlternatingLeastSquares:
+            return AlternatingLeastSquares(
+                factors=factors, regularization=self.regularization, alpha=self.alpha,
+                iterations=self.iterations, random_state=seed, num_threads=self.num_threads,
+                calculate_training_loss=False)
+
+        if self.als_bags < 1:
+            raise ValueError(f"als_bags must be >= 1, got {self.als_bags}")
+        models = []
+        for bag in range(self.als_bags):
+            models.append(als(self.factors, self.random_state + bag))
+            models[-1].fit(confidence, show_progress=False)
+        if len(models) == 1:
+            return models[0]
+        combined = als(self.factors * len(models), self.random_state)
+        combined.user_factors = np.ascontiguousarray(np.hstack(
+            [np.asarray(m.user_factors) for m in models]) / len(models), dtype=np.float32)
+        combined.item_factors = np.ascontiguousarray(np.hstack(
+            [np.asarray(m.item_factors) for m in models]), dtype=np.float32)
+        return combined
+
     def generate(self, rows: np.ndarray) -> pd.DataFrame:
         """Candidates for user ``rows``: row, item (column), source flags, stage-one scores."""
         rows = np.asarray(rows, np.int64)
@@ -85,17 +107,15 @@ class CandidateGenerator:
         parts = [self._from_als(rows, seen), self._from_knn(rows, seen),
                  self._from_popular(rows, seen)]
         pairs = pd.concat(parts, ignore_index=True)
-        flags = pd.crosstab([pairs["u"], pairs["item"]], pairs["source"]).reindex(
-            columns=list(SOURCES), fill_value=0)
-        ranks = pairs.pivot_table(index=["u", "item"], columns="source", values="rank",
-                                  aggfunc="min").reindex(columns=list(SOURCES))
-        frame = pd.DataFrame(index=flags.index)
-        for source in SOURCES:
-            frame[f"from_{source}"] = (flags[source] > 0).astype(np.float32)
-        frame["als_rank"] = ranks["als"].fillna(self.n_als + 1).astype(np.float32)
-        frame["knn_rank"] = ranks["knn"].fillna(self.n_knn + 1).astype(np.float32)
-        frame = frame.reset_index().sort_values(["u", "item"], kind="stable")
-        frame = frame.reset_index(drop=True)
+        # One row per (u, item), sorted; a source's rank is NaN where it did not propose it.
+        ranks = (pairs.groupby(["u", "item", "source"], sort=True)["rank"].min()
+                 .unstack("source").reindex(columns=range(len(SOURCES))))
+        frame = pd.DataFrame(index=ranks.index)
+        for code, source in enumerate(SOURCES):
+            frame[f"from_{source}"] = ranks[code].notna().to_numpy(np.float32)
+        frame["als_rank"] = ranks[0].fillna(self.n_als + 1).to_numpy(np.float32)
+        frame["knn_rank"] = ranks[1].fillna(self.n_knn + 1).to_numpy(np.float32)
+        frame = frame.reset_index()
         u, item = frame["u"].to_numpy(), frame["item"].to_numpy()
         frame.insert(0, "row", rows[u])
         frame["als_score"] = self.als_scores(rows[u], item)
@@ -156,7 +176,8 @@ def candidate_recall(pairs: pd.DataFrame, truth: sp.csr_matrix) -> dict[str, flo
 
 def _part(u: np.ndarray, item: np.ndarray, rank: np.ndarray, source: str) -> pd.DataFrame:
     return pd.DataFrame({"u": u.astype(np.int64), "item": item.astype(np.int64),
-                         "rank": rank.astype(np.float32), "source": source})
+                         "rank": rank.astype(np.float32),
+                         "source": np.full(len(u), SOURCES.index(source), np.int8)})
 
 
 def _gather(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
