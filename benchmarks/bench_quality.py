@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -139,7 +140,9 @@ def _personal_lists(train: pd.DataFrame, cutoff: dt.datetime, users: np.ndarray,
                                                         random_state=42),
              "cosine": lambda: CosineRecommender(K=100),
              "bm25": lambda: BM25Recommender(K=100)}[kind]()
-    model.fit(matrix.confidence, show_progress=False)
+    with warnings.catch_warnings():  # implicit's kNN converts its own normalised copy to CSR
+        warnings.filterwarnings("ignore", message="Method expects CSR input")
+        model.fit(matrix.confidence, show_progress=False)
     rows = matrix.user_index(users)
     warm_rows = rows[rows >= 0]
     ids, _ = model.recommend(warm_rows, matrix.confidence[warm_rows], N=K,

@@ -36,7 +36,7 @@ class CandidateGenerator:
     def __init__(self, n_als: int = 100, n_knn: int = 100, n_popular: int = 50,
                  knn_k: int = 100, knn_method: str = "cosine", factors: int = 64,
                  regularization: float = 0.05, alpha: float = 2.0, iterations: int = 15,
-                 als_bags: int = 1, random_state: int = 42, num_threads: int = 0) -> None:
+                 random_state: int = 42, num_threads: int = 0) -> None:
         self.n_als = n_als
         self.n_knn = n_knn
         self.n_popular = n_popular
@@ -46,7 +46,6 @@ class CandidateGenerator:
         self.regularization = regularization
         self.alpha = alpha
         self.iterations = iterations
-        self.als_bags = als_bags
         self.random_state = random_state
         self.num_threads = num_threads
 
@@ -54,16 +53,22 @@ class CandidateGenerator:
         return {"n_als": self.n_als, "n_knn": self.n_knn, "n_popular": self.n_popular,
                 "knn_k": self.knn_k, "knn_method": self.knn_method, "factors": self.factors,
                 "regularization": self.regularization, "alpha": self.alpha,
-                "iterations": self.iterations, "als_bags": self.als_bags,
-                "random_state": self.random_state}
+                "iterations": self.iterations, "random_state": self.random_state}
 
     def fit(self, matrix: InteractionMatrix, recent: sp.csr_matrix, popular_cols: np.ndarray
             ) -> CandidateGenerator:
         """Fit ALS and kNN on ``matrix``; ``recent`` marks each user's recent items (same
         shape); ``popular_cols`` are item columns, most recently popular first."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
         if matrix.confidence.nnz == 0:
             raise ValueError("cannot train on an empty interaction matrix")
-        self.als_ = self._fit_als(matrix.confidence)
+        als = AlternatingLeastSquares(
+            factors=self.factors, regularization=self.regularization, alpha=self.alpha,
+            iterations=self.iterations, random_state=self.random_state,
+            num_threads=self.num_threads, calculate_training_loss=False)
+        als.fit(matrix.confidence, show_progress=False)
+        self.als_ = als
         self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method,
                             num_threads=self.num_threads).fit(matrix.confidence)
         self.matrix_ = matrix
@@ -72,33 +77,6 @@ class CandidateGenerator:
         logger.info("candidate generator fitted: %d users x %d items, %s", *matrix.shape,
                     self.get_params())
         return self
-
-    def _fit_als(self, confidence: sp.csr_matrix):
-        """Implicit ALS; with ``als_bags > 1``, that many seeds averaged, stored as one model
-        whose factors are the seeds' side by side (user factors divided by the count), so
-        its dot products, top-K and saved file are those of the average."""
-        from implicit.cpu.als import AlternatingLeastSquares
-
-        def als(factors: int, seed: int) -> AlternatingLeastSquares:
-            return AlternatingLeastSquares(
-                factors=factors, regularization=self.regularization, alpha=self.alpha,
-                iterations=self.iterations, random_state=seed, num_threads=self.num_threads,
-                calculate_training_loss=False)
-
-        if self.als_bags < 1:
-            raise ValueError(f"als_bags must be >= 1, got {self.als_bags}")
-        models = []
-        for bag in range(self.als_bags):
-            models.append(als(self.factors, self.random_state + bag))
-            models[-1].fit(confidence, show_progress=False)
-        if len(models) == 1:
-            return models[0]
-        combined = als(self.factors * len(models), self.random_state)
-        combined.user_factors = np.ascontiguousarray(np.hstack(
-            [np.asarray(m.user_factors) for m in models]) / len(models), dtype=np.float32)
-        combined.item_factors = np.ascontiguousarray(np.hstack(
-            [np.asarray(m.item_factors) for m in models]), dtype=np.float32)
-        return combined
 
     def generate(self, rows: np.ndarray) -> pd.DataFrame:
         """Candidates for user ``rows``: row, item (column), source flags, stage-one scores."""
