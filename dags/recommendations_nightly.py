@@ -39,6 +39,10 @@ PARAMS = {
                                 title="ALS regularization", description="L2 penalty."),
     "als_alpha": Param(2.0, type="number", exclusiveMinimum=0, maximum=1000, title="ALS alpha",
                        description="Confidence scaling of the event weights."),
+    "ranker_bags": Param(5, type="integer", minimum=1, maximum=20, title="Ranker bags",
+                         description="XGBoost rankers trained with different seeds and "
+                                     "averaged; more bags give steadier lists and cost "
+                                     "proportionally more ranker training time."),
     "force_promote": Param(False, type="boolean", title="Force promote",
                            description="Make this run's model the champion even if it loses "
                                        "to the champion at the promotion gate (recorded in "
@@ -69,7 +73,7 @@ def _run_args() -> tuple:
                         holdout_days=params["holdout_days"], als_factors=params["als_factors"],
                         als_iterations=params["als_iterations"],
                         als_regularization=params["als_regularization"],
-                        als_alpha=params["als_alpha"],
+                        als_alpha=params["als_alpha"], ranker_bags=params["ranker_bags"],
                         max_bad_row_share=params["max_bad_row_share"],
                         force_promote=params["force_promote"], tune=params["tune"],
                         tune_budget_minutes=params["tune_budget_minutes"])

@@ -52,6 +52,8 @@ class Settings:
     #: Two-stage ranker: label window length (days) and number of label windows.
     label_days: int = 14
     label_windows: int = 6
+    #: XGBoost rankers (seeds) averaged in the two-stage model.
+    ranker_bags: int = 5
     #: Hyperparameter search in ``train`` (expanding-window CV), and its time budget.
     tune: bool = False
     tune_budget_minutes: float = 10.0

@@ -448,7 +448,7 @@ def _twostage(settings: Settings, params: dict | None = None):
         factors=settings.als_factors, regularization=settings.als_regularization,
         alpha=settings.als_alpha, iterations=settings.als_iterations,
         label_days=settings.label_days, label_windows=settings.label_windows,
-        random_state=settings.seed)
+        n_bags=settings.ranker_bags, random_state=settings.seed)
     return model.set_params(**params) if params else model
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 UTC = dt.timezone.utc
 CUTOFF = dt.datetime(2024, 2, 1, tzinfo=UTC)
-CONF = {"top_n": 5, "als_iterations": 5, "als_factors": 16, "holdout_days": 7}
+CONF = {"top_n": 5, "als_iterations": 5, "als_factors": 16, "holdout_days": 7, "ranker_bags": 2}
 
 
 def test_first_run_publishes_a_list_for_every_user_seen_before_the_cutoff(world, published):

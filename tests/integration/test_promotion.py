@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 UTC = dt.timezone.utc
 DAY1 = dt.datetime(2024, 2, 1, tzinfo=UTC)
-GOOD = {"top_n": 5, "als_factors": 16, "als_iterations": 8, "holdout_days": 7}
+GOOD = {"top_n": 5, "als_factors": 16, "als_iterations": 8, "holdout_days": 7,
+        "ranker_bags": 2}
 BAD = {**GOOD, "als_factors": 2, "als_iterations": 1, "als_regularization": 10.0}
 
 
