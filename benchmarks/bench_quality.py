@@ -349,7 +349,11 @@ if __name__ == "__main__":
     import sys
 
     logging.basicConfig(level=logging.WARNING)
-    if "--dev-labels" in sys.argv[1:]:
+    if "--dev-variants" in sys.argv[1:]:
+        import json
+
+        print_variants(variant_scores(json.loads(sys.argv[sys.argv.index("--dev-variants") + 1])))
+    elif "--dev-labels" in sys.argv[1:]:
         print_label_windows(label_window_scores())
     elif "--dev" in sys.argv[1:]:
         run_dev()
