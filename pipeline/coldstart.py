@@ -44,18 +44,25 @@ class SegmentPopularity:
         pairs = window[["user_id", "item_id"]].drop_duplicates()
         glob = pairs.groupby("item_id", observed=True).size()
         n_users = max(pairs["user_id"].nunique(), 1)
-        self.global_ = self._ranked(glob / n_users, items)
+        item_ids = glob.index
+        counts = glob.to_numpy(np.float64)
+        self.global_ = self._ranked((counts / n_users)[None, :], item_ids, items)
         seg = segment_labels(users, pairs["user_id"].to_numpy(dtype=object), self.segment)
         pairs = pairs.assign(segment=seg)[pd.notna(seg)]
-        frames = []
-        for name, group in pairs.groupby("segment", sort=True):
-            counts = group.groupby("item_id", observed=True).size().reindex(glob.index,
-                                                                            fill_value=0)
+        names = np.array(sorted(pairs["segment"].unique()), dtype=object)
+        if len(names):
+            # segments x items: distinct users of each item within each segment, then shrunk.
+            rows = np.searchsorted(names, pairs["segment"].to_numpy(dtype=object))
+            cols = item_ids.get_indexer(pairs["item_id"])
+            in_segment = np.zeros((len(names), len(item_ids)))
+            np.add.at(in_segment, (rows, cols), 1.0)
+            seg_users = np.bincount(rows[~pairs.duplicated(["user_id", "segment"]).to_numpy()],
+                                    minlength=len(names)).astype(np.float64)
             m = self.shrinkage
-            share = (counts + m * glob / n_users) / (group["user_id"].nunique() + m)
-            frames.append(self._ranked(share, items).assign(segment=name))
-        self.segments_ = (pd.concat(frames, ignore_index=True) if frames
-                          else self.global_.head(0).assign(segment=pd.Series(dtype=object)))
+            share = (in_segment + m * counts / n_users) / (seg_users[:, None] + m)
+            self.segments_ = self._ranked(share, item_ids, items, names)
+        else:
+            self.segments_ = self.global_.head(0).assign(segment=pd.Series(dtype=object))
         self.users_ = (users.drop_duplicates("user_id").reset_index(drop=True)
                        if users is not None else None)
         logger.info("cold-start popularity: %d items in %d days, %d segments (%s)", len(glob),
@@ -73,14 +80,22 @@ class SegmentPopularity:
         out = pd.concat([known.drop(columns="segment"), unknown], ignore_index=True)
         return out[["user_id", "order", "item_id", "score", "reason"]]
 
-    def _ranked(self, share: pd.Series, items: pd.DataFrame | None) -> pd.DataFrame:
-        frame = share.rename("share").rename_axis("item_id").reset_index()
-        frame = frame.sort_values(["share", "item_id"], ascending=[False, True], kind="stable")
-        frame = frame.head(self.n_keep).reset_index(drop=True)
-        frame["order"] = np.arange(len(frame))
-        frame["score"] = frame["share"].astype(np.float32)
+    def _ranked(self, share: np.ndarray, item_ids: pd.Index, items: pd.DataFrame | None,
+                segments: np.ndarray | None = None) -> pd.DataFrame:
+        """The top ``n_keep`` items of each row of ``share`` (rows x items), best first, ties
+        by item id: (order, item_id, score, reason), plus ``segment`` when given."""
+        tie = np.argsort(item_ids.argsort(kind="stable"), kind="stable")  # rank in id order
+        frames = []
+        for row in range(share.shape[0]):
+            top = np.lexsort((tie, -share[row]))[: self.n_keep]
+            frames.append(pd.DataFrame({"order": np.arange(len(top)),
+                                        "item_id": item_ids[top].array,
+                                        "score": share[row, top].astype(np.float32)}))
+        frame = pd.concat(frames, ignore_index=True)
         frame["reason"] = popular_reasons(frame["item_id"], items, self.days)
-        return frame[["order", "item_id", "score", "reason"]]
+        if segments is not None:
+            frame["segment"] = np.repeat(segments, [len(f) for f in frames])
+        return frame
 
 
 def popular_reasons(item_ids: pd.Series, items: pd.DataFrame | None, days: int) -> np.ndarray:
