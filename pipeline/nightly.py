@@ -380,6 +380,10 @@ def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_p
     mine = {key: str(value) for key, value in recipe_params(settings).items()}
     theirs = {key: champion["params"][key] for key in mine if key in champion["params"]}
     their_params = json.loads(champion["tags"].get("model_params", "null"))
+    if their_params is not None:
+        from pipeline.twostage import with_legacy_params
+
+        their_params = with_legacy_params(their_params)
     if theirs == mine and their_params in (None, own_params):
         return own_score
     fields = {f.name: f.type for f in dataclasses.fields(Settings)}

@@ -55,6 +55,9 @@ from pipeline.recommender import (  # noqa: E402
 logger = logging.getLogger(__name__)
 
 _HISTORY_FOR_REASONS = 20
+#: Parameters added after models were first saved, with the value that reproduces a model
+#: saved without them (bundles and logged recipes from before ranker bagging had one ranker).
+LEGACY_PARAMS = {"n_bags": 1}
 _TABLE_FIELDS = FeatureTables.ARRAY_FIELDS
 
 
@@ -399,7 +402,7 @@ class TwoStageRecommender(ListRecommender):
 
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
-        self = cls(**meta["params"])
+        self = cls(**with_legacy_params(meta["params"]))
         self.weights_, self.feature_names_ = meta["weights"], meta["feature_names"]
         self.training_ = meta["training"]
         items = pd.read_parquet(folder / "items.parquet")
@@ -439,6 +442,11 @@ class TwoStageRecommender(ListRecommender):
         self.cold_ = cold
         self.items_ = items
         return self
+
+
+def with_legacy_params(params: Mapping[str, object]) -> dict:
+    """``params`` of a saved model or logged recipe, completed with :data:`LEGACY_PARAMS`."""
+    return {**LEGACY_PARAMS, **params}
 
 
 def build_snapshot(events: pd.DataFrame, cutoff: dt.datetime, weights: Mapping[str, float],

@@ -88,6 +88,23 @@ def test_save_load_round_trip(tmp_path, data, model):
     assert isinstance(load_recommender(tmp_path / "bundle"), TwoStageRecommender)
 
 
+def test_a_bundle_saved_before_bagging_loads_as_one_ranker(tmp_path, data):
+    import json
+
+    single = TwoStageRecommender(**{**PARAMS, "n_bags": 1}).fit(
+        _before(data), CUTOFF, items=data.items, users=data.users)
+    folder = single.save(tmp_path / "old")
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["params"]["n_bags"]  # written before the parameter existed
+    meta["ranker"]["n_trees"] = meta["ranker"]["n_trees"][0]  # a plain count then
+    (folder / "meta.json").write_text(json.dumps(meta))
+    loaded = TwoStageRecommender.load(folder)
+    assert loaded.get_params()["n_bags"] == 1
+    assert loaded.fingerprint() == single.fingerprint()
+    users = sorted(_before(data)["user_id"].unique())[:10]
+    pd.testing.assert_frame_equal(loaded.recommend(users, 5), single.recommend(users, 5))
+
+
 def test_training_reports_recall_and_validation(model):
     assert model.training_["positives"] > 0
     assert 0 < model.training_["candidate_recall"]["all"] <= 1
