@@ -13,6 +13,8 @@ model's ranking moves with its seed; the average moves much less.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +89,7 @@ class Ranker:
                  subsample: float = 0.8, colsample_bytree: float = 0.8, n_estimators: int = 300,
                  early_stopping_rounds: int = 30, validation_share: float = 0.2,
                  prior: str | None = "global_popularity", n_bags: int = 1,
-                 random_state: int = 42, n_jobs: int = 1) -> None:
+                 random_state: int = 42, n_jobs: int = 1, bag_workers: int = 0) -> None:
         self.objective = objective
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -101,6 +103,7 @@ class Ranker:
         self.n_bags = n_bags
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.bag_workers = bag_workers  # 0: one thread per bag, up to the CPU count
 
     def get_params(self) -> dict:
         return {"objective": self.objective, "max_depth": self.max_depth,
@@ -131,13 +134,17 @@ class Ranker:
         if self.n_bags < 1:
             raise ValueError(f"n_bags must be >= 1, got {self.n_bags}")
         margin = self._margin(features)
-        self.models_, self.n_trees_, scores = [], [], []
-        for bag in range(self.n_bags):
-            model, trees, validation = self._fit_bag(self.random_state + bag, features, labels,
-                                                     groups, keys, margin)
-            self.models_.append(model)
-            self.n_trees_.append(trees)
-            scores.append(validation)
+        seeds = [self.random_state + bag for bag in range(self.n_bags)]
+        workers = min(self.n_bags, self.bag_workers or os.cpu_count() or 1)
+        # Bags are independent and XGBoost releases the GIL while it trains, so they run in
+        # threads; each booster keeps its own thread count (n_jobs), so the models, and the
+        # lists, do not depend on how many bags ran at once.
+        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+            fitted = list(pool.map(lambda seed: self._fit_bag(
+                seed, features, labels, groups, keys, margin), seeds))
+        self.models_ = [model for model, _, _ in fitted]
+        self.n_trees_ = [trees for _, trees, _ in fitted]
+        scores = [validation for _, _, validation in fitted]
         self.validation_ = {k: float(np.mean([v[k] for v in scores])) for k in scores[0]}
         logger.info("ranker fitted (%s): %d pairs, %d positives, %d groups, %d bag(s) of %s "
                     "trees, held-out AUC %.4f PR-AUC %.4f", self.objective, len(labels),

@@ -87,7 +87,8 @@ class TwoStageRecommender(ListRecommender):
                  subsample: float = 0.8, colsample_bytree: float = 0.8,
                  n_estimators: int = 300, n_bags: int = 5, popular_days: int = 30,
                  cold_segment: str = "auto", cold_shrinkage: float = 50.0,
-                 random_state: int = 42, num_threads: int = 0, n_jobs: int = 1) -> None:
+                 random_state: int = 42, num_threads: int = 0, n_jobs: int = 1,
+                 bag_workers: int = 0) -> None:
         self.factors = factors
         self.regularization = regularization
         self.alpha = alpha
@@ -116,6 +117,7 @@ class TwoStageRecommender(ListRecommender):
         self.random_state = random_state
         self.num_threads = num_threads
         self.n_jobs = n_jobs
+        self.bag_workers = bag_workers
 
     _PARAMS = ("factors", "regularization", "alpha", "iterations", "n_als", "n_knn",
                "n_popular", "knn_k", "knn_method", "n_recent", "label_days", "label_windows",
@@ -129,7 +131,7 @@ class TwoStageRecommender(ListRecommender):
 
     def set_params(self, **params) -> TwoStageRecommender:
         for name, value in params.items():
-            if name not in self._PARAMS and name not in ("num_threads", "n_jobs"):
+            if name not in self._PARAMS and name not in ("num_threads", "n_jobs", "bag_workers"):
                 raise ValueError(f"unknown parameter {name!r}")
             setattr(self, name, value)
         return self
@@ -229,7 +231,8 @@ class TwoStageRecommender(ListRecommender):
                       learning_rate=self.learning_rate, min_child_weight=self.min_child_weight,
                       subsample=self.subsample, colsample_bytree=self.colsample_bytree,
                       n_estimators=self.n_estimators, n_bags=self.n_bags,
-                      random_state=self.random_state, n_jobs=self.n_jobs)
+                      random_state=self.random_state, n_jobs=self.n_jobs,
+                      bag_workers=self.bag_workers)
 
     def _cold_params(self, events, cutoff, users) -> dict:
         """Cold-start list settings: given, or selected by time-series CV when "auto"."""

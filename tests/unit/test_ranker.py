@@ -64,6 +64,17 @@ def test_bagged_scores_are_the_mean_of_the_single_seed_models(tmp_path):
     np.testing.assert_array_equal(loaded.predict(x_new), bagged.predict(x_new))
 
 
+def test_bags_trained_in_parallel_equal_bags_trained_one_by_one():
+    x, y, groups = _planted()
+    one_by_one = Ranker(objective="rank:ndcg", n_estimators=20, n_bags=4, bag_workers=1).fit(
+        x, y, groups)
+    parallel = Ranker(objective="rank:ndcg", n_estimators=20, n_bags=4, bag_workers=4).fit(
+        x, y, groups)
+    assert one_by_one.boosters_raw() == parallel.boosters_raw()
+    assert one_by_one.n_trees_ == parallel.n_trees_
+    np.testing.assert_array_equal(one_by_one.predict(x), parallel.predict(x))
+
+
 def test_guards():
     x, y, groups = _planted()
     with pytest.raises(ValueError, match="objective"):
