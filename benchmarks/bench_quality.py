@@ -174,8 +174,9 @@ def _personal_lists(train: pd.DataFrame, cutoff: dt.datetime, users: np.ndarray,
     matrix = build_matrix(train, DEFAULT_EVENT_WEIGHTS)
     model = {"als": lambda: AlternatingLeastSquares(factors=64, regularization=0.05, alpha=2.0,
                                                     iterations=15, random_state=42),
+             # one thread: implicit's multi-threaded BPR updates race, so scores would vary
              "bpr": lambda: BayesianPersonalizedRanking(factors=64, iterations=100,
-                                                        random_state=42),
+                                                        random_state=42, num_threads=1),
              "cosine": lambda: CosineRecommender(K=100),
              "bm25": lambda: BM25Recommender(K=100)}[kind]()
     with warnings.catch_warnings():  # implicit's kNN converts its own normalised copy to CSR
