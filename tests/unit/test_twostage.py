@@ -105,6 +105,16 @@ def test_a_bundle_saved_before_bagging_loads_as_one_ranker(tmp_path, data):
     pd.testing.assert_frame_equal(loaded.recommend(users, 5), single.recommend(users, 5))
 
 
+def test_label_users_per_window_are_capped_by_a_seeded_sample(data, model):
+    assert model.training_["users"] > 2 * PARAMS["label_windows"]  # the cap matters below
+    capped = TwoStageRecommender(**{**PARAMS, "max_label_users": 2}).fit(
+        _before(data), CUTOFF, items=data.items, users=data.users)
+    assert capped.training_["users"] <= 2 * PARAMS["label_windows"]
+    again = TwoStageRecommender(**{**PARAMS, "max_label_users": 2}).fit(
+        _before(data), CUTOFF, items=data.items, users=data.users)
+    assert again.fingerprint() == capped.fingerprint()
+
+
 def test_training_reports_recall_and_validation(model):
     assert model.training_["positives"] > 0
     assert 0 < model.training_["candidate_recall"]["all"] <= 1
