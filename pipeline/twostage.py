@@ -124,10 +124,10 @@ class TwoStageRecommender(ListRecommender):
 
     _PARAMS = ("factors", "regularization", "alpha", "iterations", "n_als", "n_knn",
                "n_popular", "knn_k", "knn_method", "n_recent", "label_days", "label_windows",
-               "label_stride_days",
-               "min_history", "objective", "max_depth", "learning_rate", "min_child_weight",
-               "subsample", "colsample_bytree", "n_estimators", "n_bags", "popular_days",
-               "cold_segment", "cold_shrinkage", "random_state")
+               "label_stride_days", "max_label_users", "min_history", "objective", "max_depth",
+               "learning_rate", "min_child_weight", "subsample", "colsample_bytree",
+               "n_estimators", "n_bags", "popular_days", "cold_segment", "cold_shrinkage",
+               "random_state")
 
     def get_params(self) -> dict:
         return {name: getattr(self, name) for name in self._PARAMS}

@@ -110,6 +110,7 @@ def test_label_users_per_window_are_capped_by_a_seeded_sample(data, model):
     capped = TwoStageRecommender(**{**PARAMS, "max_label_users": 2}).fit(
         _before(data), CUTOFF, items=data.items, users=data.users)
     assert capped.training_["users"] <= 2 * PARAMS["label_windows"]
+    assert capped.get_params()["max_label_users"] == 2  # logged, fingerprinted, re-fitted
     again = TwoStageRecommender(**{**PARAMS, "max_label_users": 2}).fit(
         _before(data), CUTOFF, items=data.items, users=data.users)
     assert again.fingerprint() == capped.fingerprint()
