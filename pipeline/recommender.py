@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -41,12 +42,19 @@ class ListRecommender(ABC):
     """
 
     chunk_users = 5_000  # users scored at a time: bounds memory as the user base grows
+    progress_seconds = 10.0  # at most one progress line this often
 
     def recommend(self, user_ids: pd.Series | np.ndarray | list, n: int) -> pd.DataFrame:
         """Ranked lists: user_id, rank (1..n), item_id, score, reason, source."""
         users = pd.unique(pd.Series(user_ids, dtype="string").dropna()).astype(object)
-        parts = [self._recommend_chunk(users[s:s + self.chunk_users], n)
-                 for s in range(0, len(users), self.chunk_users)]
+        parts, started, reported = [], time.perf_counter(), time.perf_counter()
+        for first in range(0, len(users), self.chunk_users):
+            parts.append(self._recommend_chunk(users[first:first + self.chunk_users], n))
+            done, now = min(first + self.chunk_users, len(users)), time.perf_counter()
+            if now - reported >= self.progress_seconds or (done == len(users) and first):
+                reported = now
+                logger.info("%s: lists for %d of %d users (%.0f users/s)",
+                            type(self).__name__, done, len(users), done / (now - started))
         if not parts:
             return _empty_lists()
         return pd.concat(parts, ignore_index=True)

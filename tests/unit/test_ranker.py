@@ -75,6 +75,26 @@ def test_bags_trained_in_parallel_equal_bags_trained_one_by_one():
     np.testing.assert_array_equal(one_by_one.predict(x), parallel.predict(x))
 
 
+def test_bag_budget_trains_only_the_bags_that_fit():
+    x, y, groups = _planted()
+    pairs = len(y)
+    assert Ranker(n_bags=4, bag_budget_pairs=None).bags_for(pairs) == 4
+    assert Ranker(n_bags=4, bag_budget_pairs=2 * pairs + 1).bags_for(pairs) == 2
+    assert Ranker(n_bags=4, bag_budget_pairs=pairs // 2).bags_for(pairs) == 1  # at least one
+    budgeted = Ranker(objective="rank:ndcg", n_estimators=10, n_bags=4,
+                      bag_budget_pairs=2 * pairs).fit(x, y, groups)
+    two = Ranker(objective="rank:ndcg", n_estimators=10, n_bags=2).fit(x, y, groups)
+    assert budgeted.boosters_raw() == two.boosters_raw()
+
+
+def test_the_model_does_not_depend_on_the_thread_count():
+    x, y, groups = _planted(n_groups=200)
+    models = [Ranker(objective="rank:ndcg", n_estimators=20, n_jobs=threads).fit(x, y, groups)
+              for threads in (1, 2, 3)]
+    assert models[0].boosters_raw() == models[1].boosters_raw() == models[2].boosters_raw()
+    np.testing.assert_array_equal(models[0].predict(x), models[2].predict(x))
+
+
 def test_guards():
     x, y, groups = _planted()
     with pytest.raises(ValueError, match="objective"):

@@ -91,15 +91,17 @@ def test_save_load_round_trip(tmp_path, data, model):
 def test_a_bundle_saved_before_bagging_loads_as_one_ranker(tmp_path, data):
     import json
 
-    single = TwoStageRecommender(**{**PARAMS, "n_bags": 1}).fit(
+    single = TwoStageRecommender(**{**PARAMS, "n_bags": 1, "bag_budget_pairs": None}).fit(
         _before(data), CUTOFF, items=data.items, users=data.users)
     folder = single.save(tmp_path / "old")
     meta = json.loads((folder / "meta.json").read_text())
-    del meta["params"]["n_bags"]  # written before the parameter existed
+    del meta["params"]["n_bags"]  # written before these parameters existed
+    del meta["params"]["bag_budget_pairs"]
     meta["ranker"]["n_trees"] = meta["ranker"]["n_trees"][0]  # a plain count then
     (folder / "meta.json").write_text(json.dumps(meta))
     loaded = TwoStageRecommender.load(folder)
     assert loaded.get_params()["n_bags"] == 1
+    assert loaded.get_params()["bag_budget_pairs"] is None
     assert loaded.fingerprint() == single.fingerprint()
     users = sorted(_before(data)["user_id"].unique())[:10]
     pd.testing.assert_frame_equal(loaded.recommend(users, 5), single.recommend(users, 5))
@@ -111,6 +113,9 @@ def test_label_users_per_window_are_capped_by_a_seeded_sample(data, model):
         _before(data), CUTOFF, items=data.items, users=data.users)
     assert capped.training_["users"] <= 2 * PARAMS["label_windows"]
     assert capped.get_params()["max_label_users"] == 2  # logged, fingerprinted, re-fitted
+    # recall and candidate counts are over the sampled users, not every user of the window
+    assert capped.training_["candidate_recall"]["candidates"] == pytest.approx(
+        capped.training_["pairs"] / capped.training_["users"])
     again = TwoStageRecommender(**{**PARAMS, "max_label_users": 2}).fit(
         _before(data), CUTOFF, items=data.items, users=data.users)
     assert again.fingerprint() == capped.fingerprint()
@@ -121,6 +126,16 @@ def test_training_reports_recall_and_validation(model):
     assert 0 < model.training_["candidate_recall"]["all"] <= 1
     assert np.isfinite(model.ranker_.validation_["auc"])
     assert not model.feature_importance().empty
+    assert list(model.timings_) == ["training pairs", "ranker", "stage one", "cold start"]
+    assert all(seconds >= 0 for seconds in model.timings_.values())
+
+
+def test_the_bag_budget_caps_the_bags_of_a_large_training_set(data, model):
+    pairs = model.training_["pairs"]
+    assert len(model.ranker_.models_) == model.n_bags  # the default budget is far away
+    budgeted = TwoStageRecommender(**{**PARAMS, "bag_budget_pairs": 2 * pairs}).fit(
+        _before(data), CUTOFF, items=data.items, users=data.users)
+    assert len(budgeted.ranker_.models_) == 2
 
 
 def test_empty_history_is_rejected(data):
