@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks._child import run_child
 
 _START = "2024-01-01"
 _DAYS = 60
@@ -49,18 +49,7 @@ def run(quick: bool) -> None:
 
 
 def _child(args: list[str]) -> tuple[dict, int]:
-    """Run this module in a subprocess; its JSON result and its peak RSS in bytes."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "GX_ANALYTICS_ENABLED": "false",
-           "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ingest", *args],
-                            stdout=subprocess.PIPE, env=env,
-                            cwd=Path(__file__).resolve().parent.parent)
-    out = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step {args[0]} failed with exit code {proc.returncode}")
-    return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_maxrss * 1024
+    return run_child("benchmarks.bench_ingest", args)
 
 
 def _generate(size: int, root: Path) -> dict:

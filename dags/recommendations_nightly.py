@@ -42,7 +42,9 @@ PARAMS = {
     "ranker_bags": Param(5, type="integer", minimum=1, maximum=20, title="Ranker bags",
                          description="XGBoost rankers trained with different seeds and "
                                      "averaged; more bags give steadier lists and cost "
-                                     "proportionally more ranker training time."),
+                                     "proportionally more ranker training time. Large "
+                                     "logs get fewer: bags x training pairs stays within "
+                                     "2M (at least one bag)."),
     "force_promote": Param(False, type="boolean", title="Force promote",
                            description="Make this run's model the champion even if it loses "
                                        "to the champion at the promotion gate (recorded in "
