@@ -82,7 +82,8 @@ class CandidateGenerator:
         """Candidates for user ``rows``: row, item (column), source flags, stage-one scores."""
         rows = np.asarray(rows, np.int64)
         seen = self.matrix_.confidence[rows]
-        parts = [self._from_als(rows, seen), self._from_knn(rows, seen),
+        recent_scores = _sorted(self.knn_.score(self.recent_[rows]))
+        parts = [self._from_als(rows, seen), self._from_knn(recent_scores, seen),
                  self._from_popular(rows, seen)]
         pairs = pd.concat(parts, ignore_index=True)
         # One row per (u, item), sorted; a source's rank is NaN where it did not propose it.
@@ -97,8 +98,9 @@ class CandidateGenerator:
         u, item = frame["u"].to_numpy(), frame["item"].to_numpy()
         frame.insert(0, "row", rows[u])
         frame["als_score"] = self.als_scores(rows[u], item)
-        frame["knn_recent"] = _gather(self.knn_.score(self.recent_[rows]), u, item)
-        frame["knn_all"] = _gather(self.knn_.score((seen > 0).astype(np.float32)), u, item)
+        frame["knn_recent"] = _gather(recent_scores, u, item)
+        frame["knn_all"] = _gather(_sorted(self.knn_.score((seen > 0).astype(np.float32))),
+                                   u, item)
         return frame
 
     def als_scores(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -116,8 +118,8 @@ class CandidateGenerator:
         ok = ids.ravel() >= 0
         return _part(u[ok], ids.ravel()[ok], rank[ok], "als")
 
-    def _from_knn(self, rows: np.ndarray, seen: sp.csr_matrix) -> pd.DataFrame:
-        u, item, _ = top_k_sparse(self.knn_.score(self.recent_[rows]), self.n_knn, exclude=seen)
+    def _from_knn(self, recent_scores: sp.csr_matrix, seen: sp.csr_matrix) -> pd.DataFrame:
+        u, item, _ = top_k_sparse(recent_scores, self.n_knn, exclude=seen)
         starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
         rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)])) + 1
         return _part(u, item, rank, "knn")
@@ -158,8 +160,16 @@ def _part(u: np.ndarray, item: np.ndarray, rank: np.ndarray, source: str) -> pd.
                          "source": np.full(len(u), SOURCES.index(source), np.int8)})
 
 
+def _sorted(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """``matrix`` with sorted column indices: scipy then looks values up by binary search
+    (a sparse product's rows come unsorted, and are scanned end to end per lookup)."""
+    matrix.sort_indices()
+    return matrix
+
+
 def _gather(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``matrix[rows[k], cols[k]]`` for every k, as a flat float32 array."""
+    """``matrix[rows[k], cols[k]]`` for every k, as a flat float32 array (sort the
+    matrix's indices first when looking up many values in long rows: :func:`_sorted`)."""
     if len(rows) == 0:
         return np.zeros(0, np.float32)
     return np.asarray(sp.csr_matrix(matrix)[rows, cols], dtype=np.float32).ravel()

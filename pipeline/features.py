@@ -95,8 +95,11 @@ def build_item_features(events: pd.DataFrame, cutoff: dt.datetime,
 
 def _shares(events: pd.DataFrame, labels: pd.Series, prefix: str, levels: tuple[str, ...]
             ) -> pd.DataFrame:
-    counts = pd.crosstab(events["user_id"], labels.astype("string").fillna("other"))
-    counts = counts.reindex(columns=list(levels), fill_value=0)
+    keys = pd.DataFrame({"user_id": events["user_id"],
+                         "label": labels.astype("string").fillna("other")})
+    counts = (keys.groupby(["user_id", "label"], observed=True, sort=True).size()
+              .unstack("label", fill_value=0)  # a crosstab, without its per-group Python loop
+              .reindex(columns=list(levels), fill_value=0))
     shares = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0).fillna(0.0)
     shares.columns = [f"{prefix}_{c}_share" for c in shares.columns]
     return shares
