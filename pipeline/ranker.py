@@ -134,7 +134,10 @@ class Ranker:
         if labels.sum() == 0:
             raise ValueError("no positive labels to learn from")
         groups = np.unique(groups, return_inverse=True)[1].astype(np.int64)  # dense, uint32-safe
-        keys = groups if split_keys is None else np.asarray(split_keys)
+        # split keys as codes of their sorted distinct values (hashing: np.isin over object ids
+        # was 40% of a 2M-pair fit)
+        keys = pd.factorize(groups if split_keys is None else np.asarray(split_keys),
+                            sort=True)[0]
         order = np.argsort(groups, kind="stable")  # XGBRanker needs sorted query ids
         features, labels, groups, keys = (features[order], labels[order], groups[order],
                                           keys[order])
@@ -261,11 +264,13 @@ class Ranker:
         return self.objective.startswith("rank:")
 
     def _held_out(self, keys: np.ndarray, seed: int) -> np.ndarray:
-        unique = np.unique(keys)
-        rng = np.random.default_rng(seed)
-        n_held = int(round(len(unique) * self.validation_share))
-        chosen = rng.permutation(unique)[:n_held]
-        return np.isin(keys, chosen)
+        """Rows of a seeded ``validation_share`` of the keys (codes 0..n-1 of the sorted
+        distinct split keys)."""
+        n_keys = int(keys.max()) + 1 if len(keys) else 0
+        chosen = np.zeros(n_keys, bool)
+        chosen[np.random.default_rng(seed).permutation(n_keys)[
+            :int(round(n_keys * self.validation_share))]] = True
+        return chosen[keys]
 
     def _model(self, trees: int, seed: int, early_stopping: bool):
         from xgboost import XGBClassifier, XGBRanker

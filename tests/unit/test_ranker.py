@@ -95,6 +95,17 @@ def test_the_model_does_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(models[0].predict(x), models[2].predict(x))
 
 
+def test_held_out_users_are_a_seeded_share_of_the_sorted_distinct_keys():
+    rng = np.random.default_rng(0)
+    keys = rng.choice(np.array([f"user{k}" for k in range(50)], dtype=object), 400)
+    codes = pd.factorize(keys, sort=True)[0]
+    for seed in (1, 2, 3):
+        held = Ranker(validation_share=0.2)._held_out(codes, seed)
+        # the selection models were trained with: a permutation of the sorted distinct ids
+        chosen = np.random.default_rng(seed).permutation(np.unique(keys))[:10]
+        np.testing.assert_array_equal(held, np.isin(keys, chosen))
+
+
 def test_guards():
     x, y, groups = _planted()
     with pytest.raises(ValueError, match="objective"):
