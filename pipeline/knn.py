@@ -77,7 +77,14 @@ def top_k_sparse(scores: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = 
     if exclude is not None:
         scores = scores - scores.multiply(sp.csr_matrix(exclude) > 0)
     coo = scores.tocoo()
-    keep = coo.data > 0
+    # Sort only what can make a top k: each long row's k-th largest value is a floor (ties
+    # with it stay, so the result is the same as sorting everything).
+    floor = np.full(scores.shape[0], -np.inf, dtype=np.float64)
+    lengths = np.diff(scores.indptr)
+    for r in np.flatnonzero(lengths > k):
+        values = scores.data[scores.indptr[r]:scores.indptr[r + 1]]
+        floor[r] = np.partition(values, lengths[r] - k)[lengths[r] - k]
+    keep = (coo.data > 0) & (coo.data >= floor[coo.row])
     row, col, val = coo.row[keep], coo.col[keep], coo.data[keep]
     order = np.lexsort((col, -val, row))
     row, col, val = row[order], col[order], val[order]

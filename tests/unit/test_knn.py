@@ -43,3 +43,17 @@ def test_top_k_sparse_orders_excludes_and_breaks_ties_by_column():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="method"):
         ItemKnn(method="jaccard").fit(_blocks())
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_top_k_sparse_matches_a_full_sort_on_long_rows_with_ties(k):
+    scores = sp.random(60, 80, density=0.6, random_state=k, format="csr", dtype=np.float32)
+    scores.data = np.round(scores.data * 4) - 1  # many ties, explicit zeros and negatives
+    exclude = sp.random(60, 80, density=0.1, random_state=k + 1, format="csr")
+    row, col, val = top_k_sparse(scores, k, exclude)
+    dense = np.where(exclude.toarray() > 0, 0.0, scores.toarray())
+    for r in range(dense.shape[0]):
+        positive = np.flatnonzero(dense[r] > 0)
+        expected = positive[np.lexsort((positive, -dense[r, positive]))][:k]
+        np.testing.assert_array_equal(col[row == r], expected)
+        np.testing.assert_array_equal(val[row == r], dense[r, expected].astype(np.float32))
