@@ -74,9 +74,9 @@ class SegmentPopularity:
         user_ids = np.asarray(user_ids, dtype=object)
         seg = segment_labels(self.users_, user_ids, self.segment)
         frame = pd.DataFrame({"user_id": user_ids, "segment": seg})
-        known = frame[frame["segment"].notna()].merge(self.segments_, on="segment")
-        unknown = frame[~frame["user_id"].isin(known["user_id"])][["user_id"]]
-        unknown = unknown.merge(self.global_, how="cross")
+        listed = frame["segment"].isin(pd.unique(self.segments_["segment"])).to_numpy()
+        known = frame[listed].merge(self.segments_, on="segment")
+        unknown = frame.loc[~listed, ["user_id"]].merge(self.global_, how="cross")
         out = pd.concat([known.drop(columns="segment"), unknown], ignore_index=True)
         return out[["user_id", "order", "item_id", "score", "reason"]]
 

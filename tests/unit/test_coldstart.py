@@ -49,6 +49,17 @@ def test_users_without_a_known_segment_get_the_global_list():
     assert "late" not in set(lists["item_id"]) and "z" not in set(lists["item_id"])
 
 
+def test_a_segment_nobody_was_active_in_gets_the_global_list():
+    users = pd.concat([USERS, pd.DataFrame({"user_id": ["m1"], "age_band": ["35-44"]})])
+    model = SegmentPopularity(days=30, segment=("age_band",), shrinkage=5.0).fit(
+        EVENTS, CUTOFF, users)
+    assert "35-44" not in set(model.segments_["segment"])
+    lists = model.lists_for(["m1", "o1"])
+    assert lists[lists["user_id"] == "m1"]["item_id"].tolist() == ["b", "a", "c"]
+    assert lists[lists["user_id"] == "o1"]["item_id"].iloc[0] == "b"
+    assert lists.groupby("user_id").size().to_dict() == {"m1": 3, "o1": 3}
+
+
 def test_selection_prefers_the_segment_that_predicts_new_users():
     # Every week young newcomers take "a" and old newcomers "b"; globally "b" leads.
     rows, n = [], 0
