@@ -138,9 +138,10 @@ class Ranker:
         # was 40% of a 2M-pair fit)
         keys = pd.factorize(groups if split_keys is None else np.asarray(split_keys),
                             sort=True)[0]
-        order = np.argsort(groups, kind="stable")  # XGBRanker needs sorted query ids
-        features, labels, groups, keys = (features[order], labels[order], groups[order],
-                                          keys[order])
+        if (np.diff(groups) < 0).any():  # XGBRanker needs sorted query ids
+            order = np.argsort(groups, kind="stable")  # (a copy of the features: skip if sorted)
+            features, labels, groups, keys = (features[order], labels[order], groups[order],
+                                              keys[order])
         self.feature_names_ = list(names) if names is not None else None
         margin = self._margin(features)
         bags = self.bags_for(len(labels))
