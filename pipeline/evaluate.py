@@ -82,8 +82,13 @@ def ranking_metrics(top: np.ndarray, truth: sp.csr_matrix, k: int = 10) -> dict[
             "hit_rate": float((hits.sum(axis=1) > 0).mean())}
 
 
-def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
-    """Top-``k`` columns per row of a dense score matrix, excluding seen items."""
+def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int, chunk_rows: int = 2_048
+                  ) -> np.ndarray:
+    """Top-``k`` columns per row of a dense score matrix, excluding seen items; a block of
+    ``chunk_rows`` rows at a time (the float64 copy of every row was GBs at 50k users)."""
+    if len(scores) > chunk_rows:
+        return np.vstack([top_by_scores(scores[s:s + chunk_rows], seen[s:s + chunk_rows], k,
+                                        chunk_rows) for s in range(0, len(scores), chunk_rows)])
     scores = np.array(scores, dtype=np.float64, copy=True)
     coo = seen.tocoo()
     scores[coo.row, coo.col] = -np.inf
@@ -245,9 +250,10 @@ def lists_to_top(lists: pd.DataFrame, user_ids: np.ndarray, matrix: InteractionM
 
 
 def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray, k: int,
-                     days: int | None = None) -> pd.DataFrame:
+                     days: int | None = None, chunk_users: int = 2_000) -> pd.DataFrame:
     """Non-personal baseline for any users (cold too): the most popular items (distinct
-    users, optionally in the last ``days`` before ``cutoff``) each user has not seen."""
+    users, optionally in the last ``days`` before ``cutoff``) each user has not seen;
+    ``chunk_users`` users at a time (each gets k + the heaviest user's history candidates)."""
     events = events[events["timestamp"] < cutoff]
     window = events if days is None else events[
         events["timestamp"] >= cutoff - dt.timedelta(days=days)]
@@ -255,9 +261,21 @@ def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.nda
     ranked = counts.rename("n").reset_index().sort_values(["n", "item_id"],
                                                           ascending=[False, True])
     user_ids = np.asarray(user_ids, dtype=object)
+    ranking = ranked["item_id"].astype(object).to_numpy()
+    parts = [_unseen_top(events, user_ids[s:s + chunk_users], ranking, k)
+             for s in range(0, len(user_ids), chunk_users)]  # users x depth rows per chunk
+    if not parts:
+        return pd.DataFrame(columns=["user_id", "rank", "item_id"])
+    return (pd.concat(parts, ignore_index=True)
+            .sort_values(["user_id", "rank"], kind="stable").reset_index(drop=True))
+
+
+def _unseen_top(events: pd.DataFrame, user_ids: np.ndarray, ranking: np.ndarray, k: int
+                ) -> pd.DataFrame:
+    """The first ``k`` items of ``ranking`` each user has no event with."""
     seen = events[events["user_id"].isin(user_ids)][["user_id", "item_id"]].drop_duplicates()
     depth = k + int(seen.groupby("user_id", observed=True).size().max()) if len(seen) else k
-    top = ranked["item_id"].astype(object).to_numpy()[:depth]
+    top = ranking[:depth]
     cand = pd.DataFrame({"user_id": np.repeat(user_ids, len(top)),
                          "item_id": np.tile(top, len(user_ids)),
                          "order": np.tile(np.arange(len(top)), len(user_ids))})

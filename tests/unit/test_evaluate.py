@@ -41,6 +41,14 @@ def test_top_by_scores_excludes_seen_and_pads():
     assert top_by_scores(scores, seen, 3).tolist() == [[1, 2, -1]]
 
 
+def test_top_by_scores_in_row_blocks_equals_all_rows_at_once():
+    rng = np.random.default_rng(0)
+    scores = rng.random((11, 7)).round(1)  # ties
+    seen = sp.random(11, 7, density=0.3, random_state=1, format="csr")
+    whole = top_by_scores(scores, seen, 4, chunk_rows=100)
+    np.testing.assert_array_equal(top_by_scores(scores, seen, 4, chunk_rows=3), whole)
+
+
 def _events(rows):
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp"])
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
@@ -115,6 +123,11 @@ def test_popularity_lists_cover_cold_users_and_skip_seen_items():
                              np.array(["u2", "new"], dtype=object), k=2)
     assert lists[lists["user_id"] == "new"]["item_id"].tolist() == ["a", "b"]
     assert lists[lists["user_id"] == "u2"]["item_id"].tolist() == []  # saw both; c is later
+    users = np.array(["u2", "new", "u1", "other"], dtype=object)
+    one_go = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC), users, k=2)
+    chunked = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC), users, k=2,
+                               chunk_users=1)
+    pd.testing.assert_frame_equal(chunked, one_go)
 
 
 def test_segment_audit_groups_per_model_and_segment():
