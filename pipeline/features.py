@@ -231,11 +231,15 @@ class FeatureTables:
 def build_feature_tables(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
                          item_ids: np.ndarray, confidence: sp.csr_matrix,
                          items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
-                         segments: tuple[str, ...] = DEMOGRAPHICS, segment_days: int = 30
-                         ) -> FeatureTables:
-    """All ranker features from events before ``cutoff``, on the matrix's rows and columns."""
+                         segments: tuple[str, ...] = DEMOGRAPHICS, segment_days: int = 30,
+                         feature_rows: np.ndarray | None = None) -> FeatureTables:
+    """All ranker features from events before ``cutoff``, on the matrix's rows and columns;
+    with ``feature_rows``, user features (each computed from its user's events alone) only for
+    those rows, NaN elsewhere: training reads a sample of users."""
     events = before(events, cutoff)
-    user_frame = build_user_features(events, cutoff).set_index("user_id").reindex(user_ids)
+    user_events = events if feature_rows is None else events[
+        events["user_id"].isin(np.asarray(user_ids, dtype=object)[feature_rows])]
+    user_frame = build_user_features(user_events, cutoff).set_index("user_id").reindex(user_ids)
     item_frame = build_item_features(events, cutoff, items).set_index("item_id").reindex(item_ids)
     item_frame = item_frame.drop(columns=[c for c in ("category",) if c in item_frame])
     codes, names = item_category_codes(item_ids, items)

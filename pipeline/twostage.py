@@ -204,14 +204,17 @@ class TwoStageRecommender(ListRecommender):
             start = end - dt.timedelta(days=self.label_days)
             if before(events, start).empty:
                 continue
-            snap, generator = self._fit_stage_one(events, start, items, users)
-            truth = window_truth(events, start, end, snap.matrix, self.weights_)
-            rows = np.flatnonzero((np.diff(truth.indptr) > 0) & self._enough_history(snap))
+            matrix = build_matrix(before(events, start), self.weights_)
+            truth = window_truth(events, start, end, matrix, self.weights_)
+            rows = np.flatnonzero((np.diff(truth.indptr) > 0) & self._enough_history(matrix))
             if len(rows) > self.max_label_users:  # bound the pairs: a seeded sample of users
                 rng = np.random.default_rng(self.random_state + window)
                 rows = np.sort(rng.choice(rows, self.max_label_users, replace=False))
             if len(rows) == 0:
                 continue
+            # user features only for the sampled users: the others are never read here
+            snap, generator = self._fit_stage_one(events, start, items, users, matrix=matrix,
+                                                  feature_rows=rows)
             pairs, features = generate_scored_pairs(generator, snap.tables, rows)
             truth_rows = sp.csr_matrix(truth.multiply(_row_mask(rows, truth.shape[0])[:, None]))
             truth_rows.eliminate_zeros()  # or the users left out count as having no candidates
@@ -231,10 +234,11 @@ class TwoStageRecommender(ListRecommender):
         return (np.vstack(blocks), np.concatenate(labels), np.concatenate(groups),
                 np.concatenate(keys), recall)
 
-    def _fit_stage_one(self, events, cutoff, items, users
+    def _fit_stage_one(self, events, cutoff, items, users, matrix=None, feature_rows=None
                        ) -> tuple[Snapshot, CandidateGenerator]:
         snap = build_snapshot(events, cutoff, self.weights_, items, users,
-                              n_recent=self.n_recent, popular_days=self.popular_days)
+                              n_recent=self.n_recent, popular_days=self.popular_days,
+                              matrix=matrix, feature_rows=feature_rows)
         self.feature_names_ = feature_names(snap.tables)
         return snap, self._generator().fit(snap.matrix, snap.recent, snap.popular_cols)
 
@@ -263,8 +267,8 @@ class TwoStageRecommender(ListRecommender):
         return {"days": self.popular_days, "shrinkage": self.cold_shrinkage,
                 "segment": tuple(s for s in str(self.cold_segment or "").split("|") if s)}
 
-    def _enough_history(self, snap: Snapshot) -> np.ndarray:
-        return np.diff(snap.matrix.confidence.indptr) >= self.min_history
+    def _enough_history(self, matrix: InteractionMatrix) -> np.ndarray:
+        return np.diff(matrix.confidence.indptr) >= self.min_history
 
     # ---- scoring -----------------------------------------------------------------------
     def rank_candidates(self, rows: np.ndarray, chunk_users: int = 2_000) -> pd.DataFrame:
@@ -487,13 +491,16 @@ def with_legacy_params(params: Mapping[str, object]) -> dict:
 
 def build_snapshot(events: pd.DataFrame, cutoff: dt.datetime, weights: Mapping[str, float],
                    items: pd.DataFrame | None, users: pd.DataFrame | None, n_recent: int = 20,
-                   popular_days: int = 30) -> Snapshot:
-    """Matrix, recent items, feature tables and popular columns from events before ``cutoff``."""
+                   popular_days: int = 30, matrix: InteractionMatrix | None = None,
+                   feature_rows: np.ndarray | None = None) -> Snapshot:
+    """Matrix (``build_matrix`` of the events before ``cutoff`` unless given), recent items,
+    feature tables (user features only for ``feature_rows`` when given) and popular columns."""
     events = before(events, cutoff)
-    matrix = build_matrix(events, weights)
+    matrix = build_matrix(events, weights) if matrix is None else matrix
     recent = recent_history(events, cutoff, matrix.user_ids, matrix.item_ids, n_recent)
     tables = build_feature_tables(events, cutoff, matrix.user_ids, matrix.item_ids,
-                                  matrix.confidence, items, users, segment_days=popular_days)
+                                  matrix.confidence, items, users, segment_days=popular_days,
+                                  feature_rows=feature_rows)
     recent_top = _popular_columns(events[events["timestamp"] >= cutoff - dt.timedelta(
         days=popular_days)], matrix.item_ids)
     overall_top = _popular_columns(events, matrix.item_ids)

@@ -121,3 +121,24 @@ def test_feature_tables_ignore_events_after_the_cutoff():
     assert base.segment_names == ("age_band",)
     # last 30 days: only u1 (18-24) -> a and b have share 1 in 18-24, global share 1 of 1 user
     assert base.segment_popularity[-1].tolist() == [1.0, 1.0]
+
+
+def test_feature_rows_compute_user_features_for_those_users_alone():
+    import numpy as np
+
+    from pipeline.features import build_feature_tables
+    from pipeline.matrix import build_matrix
+
+    events = _events()
+    past = events[events["timestamp"] < CUTOFF]
+    matrix = build_matrix(past.assign(event_type="view"), {"view": 1.0})
+    args = (CUTOFF, matrix.user_ids, matrix.item_ids, matrix.confidence)
+    full = build_feature_tables(events, *args)
+    rows = np.array([len(matrix.user_ids) - 1])
+    some = build_feature_tables(events, *args, feature_rows=rows)
+    assert some.user_names == full.user_names
+    np.testing.assert_array_equal(some.user[rows], full.user[rows])  # same values for them
+    others = np.setdiff1d(np.arange(len(matrix.user_ids)), rows)
+    assert len(others) and np.isnan(some.user[others]).all()
+    for name in ("item", "affinity", "segment_popularity", "user_taste"):
+        np.testing.assert_array_equal(getattr(some, name), getattr(full, name), err_msg=name)
