@@ -113,6 +113,7 @@ from psycopg2.extensions import parse_dsn
 
 from pipeline.config import DEFAULT_USER, REPO_ROOT, as_utc
 from pipeline.errors import ServingError
+from pipeline.timing import StageClock
 
 logger = logging.getLogger(__name__)
 
@@ -934,14 +935,8 @@ def _pg_load_table(conn: PgConnection, schema: str, table: str, frame: pd.DataFr
 @contextlib.contextmanager
 def _phases() -> Iterator[Any]:
     """``phase(name)`` logs (DEBUG) the seconds since the previous phase ended."""
-    mark = [time.perf_counter()]
-
-    def phase(name: str) -> None:
-        now = time.perf_counter()
-        logger.debug("phase %s %.1fs", name, now - mark[0])
-        mark[0] = now
-
-    yield phase
+    clock = StageClock()
+    yield lambda name: logger.debug("phase %s %.1fs", name, clock.lap(name))
 
 
 def _pg_swap_view(conn: PgConnection, schema: str, version: int, table: str, *,

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from pipeline.recommender import (  # noqa: E402
     _item_labels,
     _normalise,
 )
+from pipeline.timing import StageClock  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class TwoStageRecommender(ListRecommender):
             ) -> TwoStageRecommender:
         """Train the ranker on label windows before ``cutoff``, then refit stage one on all
         events before ``cutoff`` for serving."""
-        clock = _StageClock()
+        clock = StageClock()
         events = before(events, cutoff)
         if events.empty:
             raise ValueError("cannot train on an empty interaction matrix")
@@ -469,19 +469,6 @@ class TwoStageRecommender(ListRecommender):
         self.cold_ = cold
         self.items_ = items
         return self
-
-
-class _StageClock:
-    """Seconds per named stage, for logs and benchmarks."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._last, 3)
-        self._last = now
 
 
 def with_legacy_params(params: Mapping[str, object]) -> dict:

@@ -58,6 +58,19 @@ def test_unknown_users_and_short_lists_fill_from_popular():
     assert list(default["item_id"]) == ["i00", "i10", "i01"] and list(default["rank"]) == [1, 2, 3]
 
 
+def test_long_list_runs_log_progress_and_chunks_change_nothing(caplog):
+    model = _fit(_two_communities())
+    users = [f"u{u:02d}" for u in range(40)]
+    whole = model.recommend(users, n=3)
+    model.chunk_users, model.progress_seconds = 15, 0.0  # 3 chunks, a line after each
+    with caplog.at_level("INFO", logger="pipeline.recommender"):
+        chunked = model.recommend(users, n=3)
+    pd.testing.assert_frame_equal(chunked, whole)
+    progress = [r.getMessage() for r in caplog.records if "lists for" in r.getMessage()]
+    assert [m.split(" (")[0] for m in progress] == [
+        f"AlsRecommender: lists for {done} of 40 users" for done in (15, 30, 40)]
+
+
 def test_same_seed_same_lists_and_save_load_round_trip(tmp_path):
     events = _two_communities()
     first = _fit(events).recommend(["u00", "u30"], n=5)
