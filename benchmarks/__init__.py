@@ -3,3 +3,5 @@
 They print comparable numbers (ratios against a baseline measured in the same run, since the
 machine is shared and noisy); they are not tests and assert nothing.
 """
+
+import pipeline  # noqa: F401  (before any benchmark loads numpy: pins the BLAS kernels)

@@ -23,10 +23,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 CUTOFFS = ("1998-01-15", "1998-02-15", "1998-03-15")
 HORIZON_DAYS = 30

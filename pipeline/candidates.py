@@ -14,16 +14,13 @@ vectorised over the chunk; memory is bounded by ``chunk x (n_als + n_knn + n_pop
 from __future__ import annotations
 
 import logging
-import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-
-from pipeline.knn import ItemKnn, top_k_sparse  # noqa: E402
-from pipeline.matrix import InteractionMatrix  # noqa: E402
+from pipeline.knn import ItemKnn, top_k_sparse
+from pipeline.matrix import InteractionMatrix
 
 logger = logging.getLogger(__name__)
 

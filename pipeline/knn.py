@@ -9,13 +9,10 @@ sparse product, ``history @ similarity``: any user x item weight matrix works as
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
 

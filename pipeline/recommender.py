@@ -12,18 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-
-from pipeline.matrix import InteractionMatrix  # noqa: E402
+from pipeline.matrix import InteractionMatrix
 
 logger = logging.getLogger(__name__)
 

@@ -31,31 +31,29 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-
-from pipeline.candidates import CandidateGenerator, _gather, candidate_recall  # noqa: E402
-from pipeline.coldstart import SegmentPopularity  # noqa: E402
-from pipeline.config import DEFAULT_EVENT_WEIGHTS  # noqa: E402
-from pipeline.features import FeatureTables, before, build_feature_tables, recent_history  # noqa: E402
-from pipeline.matrix import InteractionMatrix, build_matrix  # noqa: E402
-from pipeline.ranker import Ranker, feature_names, generate_scored_pairs, label_pairs  # noqa: E402
-from pipeline.recommender import (  # noqa: E402
+from pipeline.candidates import CandidateGenerator, _gather, candidate_recall
+from pipeline.coldstart import SegmentPopularity
+from pipeline.config import DEFAULT_EVENT_WEIGHTS
+from pipeline.features import FeatureTables, before, build_feature_tables, recent_history
+from pipeline.matrix import InteractionMatrix, build_matrix
+from pipeline.ranker import Ranker, feature_names, generate_scored_pairs, label_pairs
+from pipeline.recommender import (
     VERBS,
     ListRecommender,
     _empty_lists,
     _item_labels,
     _normalise,
 )
-from pipeline.timing import StageClock  # noqa: E402
+from pipeline.runtime import check_blas
+from pipeline.timing import StageClock
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +174,8 @@ class TwoStageRecommender(ListRecommender):
                                                                       users)
         clock.lap("training pairs")
         self.training_ = {"pairs": int(len(labels)), "positives": int(labels.sum()),
-                          "users": int(len(np.unique(groups))), "candidate_recall": recall}
+                          "users": int(len(np.unique(groups))), "candidate_recall": recall,
+                          "blas": check_blas()}
         self.ranker_ = None
         if len(labels) and labels.sum() > 0:
             self.ranker_ = self._ranker().fit(features, labels, groups, self.feature_names_,

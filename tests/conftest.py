@@ -8,6 +8,7 @@ tests that need it; it does not skip them.
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import urllib.parse
@@ -16,11 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# Before anything imports numpy or Airflow: one BLAS thread (implicit's advice), the project's
-# airflow.cfg, and a throwaway Airflow metadata DB and log folder for this test session.
+# Before anything imports numpy or Airflow: the BLAS pin (one thread, fixed kernels; see
+# pipeline.runtime), the project's airflow.cfg, and a throwaway Airflow metadata DB and log
+# folder for this test session.
 _REPO = Path(__file__).resolve().parent.parent
 _AIRFLOW_TMP = Path(tempfile.mkdtemp(prefix="recs-airflow-"))
-os.environ["OPENBLAS_NUM_THREADS"] = "1"
+importlib.import_module("pipeline")  # its import runs pipeline.runtime.pin_blas()
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ["AIRFLOW_HOME"] = str(_REPO)
