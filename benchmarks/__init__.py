@@ -4,4 +4,4 @@ They print comparable numbers (ratios against a baseline measured in the same ru
 machine is shared and noisy); they are not tests and assert nothing.
 """
 
-import pipeline  # noqa: F401  (before any benchmark loads numpy: pins the BLAS kernels)
+import pipeline  # noqa: F401  (before any benchmark loads numpy: pins the BLAS and numpy kernels)

@@ -1,18 +1,21 @@
 """Numerical runtime settings that decide whether the same data and seed give the same lists.
 
-OpenBLAS picks its kernels for the CPU it finds (``DYNAMIC_ARCH``): on a CPU with AVX-512 it
-runs different kernels than on an AVX2 one, and the float results differ in the last bits.
-ALS factors and the scores computed from them move with those bits, enough to reorder
+OpenBLAS and numpy pick their kernels for the CPU they find: on a CPU with AVX-512 they run
+other code than on an AVX2 one, and float results differ in the last bits. ALS factors, and
+the scores and features computed from them, move with those bits, enough to reorder
 near-tied candidates. The MovieLens-100k benchmark's published two-stage row read 0.3514
-nDCG@10 at 1998-01-15 on one machine and 0.3394 on another (AVX2, Haswell kernels), same code,
-data and seed; on the second, forcing OpenBLAS's Sandybridge or Prescott kernels also changed
-the lists, and forcing the AVX-512 ones (SkylakeX) died with an illegal instruction.
+nDCG@10 at 1998-01-15 on one machine and 0.3394 on another (AVX2), same code, data and seed.
+On the second, each of these changed the lists: OpenBLAS's Sandybridge or Prescott kernels
+instead of its Haswell ones, and numpy without its AVX2 (``X86_V3``) loops; forcing the
+AVX-512 kernels (SkylakeX) died with an illegal instruction.
 
-So :func:`pin_blas` (run when :mod:`pipeline` is imported, before numpy loads OpenBLAS) fixes
-the kernel family to ``Haswell`` on every x86-64 CPU that has AVX2, and uses one BLAS thread
-(our models parallelise over users instead). Environment variables already set win, so an
-operator can choose otherwise. :func:`blas_cores` reports what is loaded, for the training log
-and the MLflow run; :func:`check_blas` warns when numpy was imported before the pin.
+So :func:`pin_numerics` (run when :mod:`pipeline` is imported, before numpy loads) fixes
+both to the AVX2 level on every x86-64 CPU that has AVX2: OpenBLAS's ``Haswell`` kernels
+and numpy without its AVX-512 loops; and one BLAS thread (our models parallelise over users
+instead). Environment variables already set win, so an operator can choose otherwise.
+:func:`check_numerics` reports what is loaded, for the training log, the model bundle and
+the MLflow run, and warns when numpy was imported before the pin. XGBoost, implicit and scipy
+are compiled for the baseline CPU and do not switch code paths by CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 #: OpenBLAS kernel family used on x86-64 CPUs with AVX2 (every x86 server CPU since 2013-15).
 PINNED_CORE = "Haswell"
+#: numpy's AVX-512 dispatch targets, by their numpy 2.4 names and older ones (unknown names
+#: are ignored): disabled where the BLAS is pinned, so numpy runs its AVX2 loops at most.
+NUMPY_DISABLED = ("X86_V4 AVX512F AVX512CD AVX512_KNL AVX512_KNM AVX512_SKX AVX512_CLX "
+                  "AVX512_CNL AVX512_ICL AVX512_SPR AVX512FP16")
 _CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -53,16 +60,18 @@ def pinned_core(machine: str | None = None, flags: frozenset[str] | None = None)
     return PINNED_CORE if "avx2" in flags else None
 
 
-def pin_blas(environ: MutableMapping[str, str] | None = None,
-             core: str | None = None) -> None:
-    """Set one BLAS thread and the pinned kernel family, unless the environment already says.
+def pin_numerics(environ: MutableMapping[str, str] | None = None,
+                 core: str | None = None) -> None:
+    """Set one BLAS thread, the pinned OpenBLAS kernels and numpy's dispatch ceiling, unless
+    the environment already says. ``core``: default :func:`pinned_core` ("" pins nothing).
 
-    Only takes effect if numpy has not loaded OpenBLAS yet (see :func:`check_blas`)."""
+    Only takes effect if numpy has not been imported yet (see :func:`check_numerics`)."""
     environ = os.environ if environ is None else environ
     environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     core = pinned_core() if core is None else core
     if core:
         environ.setdefault("OPENBLAS_CORETYPE", core)
+        environ.setdefault("NPY_DISABLE_CPU_FEATURES", NUMPY_DISABLED)
 
 
 def blas_cores() -> list[str]:
@@ -75,10 +84,25 @@ def blas_cores() -> list[str]:
                    for info in threadpool_info() if info.get("user_api") == "blas"})
 
 
-def check_blas() -> str:
-    """The loaded BLAS kernels as one string; warns when an OpenBLAS runs other kernels than
-    ``OPENBLAS_CORETYPE`` asks (numpy was imported before :mod:`pipeline`, so lists may differ
-    from another machine's for the same data and seed)."""
+def numpy_simd() -> str:
+    """numpy's highest SIMD dispatch target in use (e.g. ``X86_V3``), "" if unknown."""
+    try:
+        from numpy._core._multiarray_umath import (
+            __cpu_baseline__,
+            __cpu_dispatch__,
+            __cpu_features__,
+        )
+    except ImportError:  # private names; numpy may move them
+        return ""
+    active = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+    return (active or list(__cpu_baseline__) or ["baseline"])[-1]
+
+
+def check_numerics() -> str:
+    """The loaded BLAS kernels and numpy's SIMD level as one string; warns when an OpenBLAS
+    runs other kernels than ``OPENBLAS_CORETYPE`` asks (numpy was imported before
+    :mod:`pipeline`, so lists may differ from another machine's for the same data and
+    seed)."""
     cores = blas_cores()
     wanted = os.environ.get("OPENBLAS_CORETYPE")
     stray = [c for c in cores if c.startswith("openblas ")
@@ -88,4 +112,5 @@ def check_blas() -> str:
                        "pipeline): lists can differ from other machines' in the last bits; "
                        "import pipeline first or export OPENBLAS_CORETYPE", ", ".join(stray),
                        wanted)
-    return ", ".join(cores)
+    simd = numpy_simd()
+    return ", ".join(cores + ([f"numpy {simd}"] if simd else []))

@@ -52,7 +52,7 @@ from pipeline.recommender import (
     _item_labels,
     _normalise,
 )
-from pipeline.runtime import check_blas
+from pipeline.runtime import check_numerics
 from pipeline.timing import StageClock
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class TwoStageRecommender(ListRecommender):
         clock.lap("training pairs")
         self.training_ = {"pairs": int(len(labels)), "positives": int(labels.sum()),
                           "users": int(len(np.unique(groups))), "candidate_recall": recall,
-                          "blas": check_blas()}
+                          "numerics": check_numerics()}
         self.ranker_ = None
         if len(labels) and labels.sum() > 0:
             self.ranker_ = self._ranker().fit(features, labels, groups, self.feature_names_,

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# Before anything imports numpy or Airflow: the BLAS pin (one thread, fixed kernels; see
-# pipeline.runtime), the project's airflow.cfg, and a throwaway Airflow metadata DB and log
+# Before anything imports numpy or Airflow: the numerics pin (one BLAS thread, fixed kernels;
+# see pipeline.runtime), the project's airflow.cfg, and a throwaway Airflow metadata DB and log
 # folder for this test session.
 _REPO = Path(__file__).resolve().parent.parent
 _AIRFLOW_TMP = Path(tempfile.mkdtemp(prefix="recs-airflow-"))
-importlib.import_module("pipeline")  # its import runs pipeline.runtime.pin_blas()
+importlib.import_module("pipeline")  # its import runs pipeline.runtime.pin_numerics()
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ["AIRFLOW_HOME"] = str(_REPO)

@@ -1,4 +1,4 @@
-"""The BLAS pin that keeps lists identical across machines (pipeline.runtime)."""
+"""The numerics pin that keeps lists identical across machines (pipeline.runtime)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("OPENBLAS_") and k != "NPY_DISABLE_CPU_FEATURES"}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean, **env},
                           capture_output=True, text=True, check=True, timeout=120)
 
@@ -39,35 +40,47 @@ def test_pinned_core_only_where_the_kernels_run(machine, flags, expected):
     assert runtime.pinned_core(machine, frozenset(flags)) == expected
 
 
-def test_pin_blas_keeps_what_the_environment_already_says():
+def test_pin_numerics_sets_what_the_environment_does_not_say():
     env = {"OPENBLAS_CORETYPE": "Sandybridge"}
-    runtime.pin_blas(env, core="Haswell")
-    assert env == {"OPENBLAS_CORETYPE": "Sandybridge", "OPENBLAS_NUM_THREADS": "1"}
-    env = {}
-    runtime.pin_blas(env, core=None if runtime.pinned_core() is None else "Haswell")
-    assert env.get("OPENBLAS_NUM_THREADS") == "1"
+    runtime.pin_numerics(env, core="Haswell")
+    assert env == {"OPENBLAS_CORETYPE": "Sandybridge", "OPENBLAS_NUM_THREADS": "1",
+                   "NPY_DISABLE_CPU_FEATURES": runtime.NUMPY_DISABLED}
+    assert "X86_V4" in env["NPY_DISABLE_CPU_FEATURES"].split()
+    env = {"OPENBLAS_NUM_THREADS": "4"}
+    runtime.pin_numerics(env, core="")            # no AVX2: only the thread default
+    assert env == {"OPENBLAS_NUM_THREADS": "4"}
 
 
 def test_importing_pipeline_first_pins_the_loaded_kernels():
     out = _python("import json, os, pipeline, numpy\n"
-                  "from pipeline.runtime import blas_cores\n"
-                  "print(json.dumps([os.environ.get('OPENBLAS_CORETYPE'), blas_cores()]))")
-    wanted, cores = json.loads(out.stdout)
+                  "from pipeline.runtime import blas_cores, numpy_simd\n"
+                  "print(json.dumps([os.environ.get('OPENBLAS_CORETYPE'), blas_cores(), "
+                  "numpy_simd()]))")
+    wanted, cores, simd = json.loads(out.stdout)
     assert cores and all(c.startswith("openblas ") for c in cores)
     if runtime.pinned_core() is None:
         assert wanted is None
     else:
         assert wanted == runtime.PINNED_CORE
         assert cores == [f"openblas {runtime.PINNED_CORE}"]
+        assert simd == "X86_V3"  # AVX2 loops, never the AVX-512 ones
 
 
-def test_check_blas_warns_when_numpy_was_loaded_with_other_kernels():
+def test_numpy_simd_reports_the_dispatch_level_numpy_runs():
+    if runtime.pinned_core() is None:
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    out = _python("import pipeline, numpy\nfrom pipeline.runtime import numpy_simd\n"
+                  "print(numpy_simd())", NPY_DISABLE_CPU_FEATURES="X86_V3")
+    assert out.stdout.strip() == "X86_V2"
+
+
+def test_check_numerics_warns_when_numpy_was_loaded_with_other_kernels():
     if runtime.pinned_core() is None:
         pytest.skip("needs an x86-64 CPU with AVX2 (to load the Sandybridge kernels)")
     out = _python("import logging, os, numpy, scipy.linalg\n"
                   "logging.basicConfig(level=logging.WARNING)\n"
                   "os.environ['OPENBLAS_CORETYPE'] = 'Haswell'\n"
-                  "from pipeline.runtime import check_blas\n"
-                  "print(check_blas())", OPENBLAS_CORETYPE="Sandybridge")
-    assert out.stdout.strip() == "openblas Sandybridge"
+                  "from pipeline.runtime import check_numerics\n"
+                  "print(check_numerics())", OPENBLAS_CORETYPE="Sandybridge")
+    assert out.stdout.strip() == "openblas Sandybridge, numpy X86_V3"
     assert "not OPENBLAS_CORETYPE=Haswell" in out.stderr
