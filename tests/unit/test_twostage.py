@@ -4,6 +4,10 @@ point in time, persistence."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -68,6 +72,29 @@ def test_same_data_and_seed_same_lists_and_fingerprint(data, model):
                                               users=data.users)
     pd.testing.assert_frame_equal(model.recommend(users, 5), again.recommend(users, 5))
     assert model.fingerprint() == again.fingerprint()
+
+
+_FIT_IN_A_FRESH_PROCESS = """
+import datetime as dt, sys
+from pipeline.data.synthetic import generate_clickstream
+from pipeline.twostage import TwoStageRecommender
+data = generate_clickstream(n_users=120, n_items=60, n_days=40, start="2024-01-01", seed=3)
+model = TwoStageRecommender(**{params}).fit(
+    data.events, dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc), items=data.items,
+    users=data.users)
+print(model.fingerprint())
+"""
+
+
+@pytest.mark.parametrize("hash_seed", ["0", "12345"])
+def test_same_fingerprint_in_a_fresh_process_with_another_hash_seed(model, hash_seed):
+    """Nothing depends on Python's per-process string hashing, thread timing or state left
+    from earlier fits: a new interpreter (the next nightly run) fits the same model."""
+    code = _FIT_IN_A_FRESH_PROCESS.format(params=repr(PARAMS))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+                         env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    assert out.stdout.strip().splitlines()[-1] == model.fingerprint()
 
 
 def test_events_after_the_cutoff_change_nothing(data, model):
