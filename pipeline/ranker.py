@@ -122,12 +122,15 @@ class Ranker:
                 "random_state": self.random_state}
 
     def fit(self, features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-            names: list[str] | None = None, split_keys: np.ndarray | None = None) -> Ranker:
+            names: list[str] | None = None, split_keys: np.ndarray | None = None,
+            weights: np.ndarray | None = None) -> Ranker:
         """Early-stop on a held-out share of users, then refit on all of them.
 
         ``groups`` are the ranking queries (user x label window); ``split_keys`` (the user id
         of each pair, default ``groups``) decide the held-out share, so that a user's
-        overlapping windows never sit on both sides of the split.
+        overlapping windows never sit on both sides of the split. ``weights`` (per pair, the
+        same within a query; default all 1) weigh the queries in training; the held-out
+        early-stopping score is unweighted.
         """
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
@@ -138,10 +141,17 @@ class Ranker:
         # was 40% of a 2M-pair fit)
         keys = pd.factorize(groups if split_keys is None else np.asarray(split_keys),
                             sort=True)[0]
+        if weights is not None:
+            weights = np.asarray(weights, np.float32)
+            if weights.shape != labels.shape or not (weights > 0).all():
+                raise ValueError("weights must be positive, one per pair")
         if (np.diff(groups) < 0).any():  # XGBRanker needs sorted query ids
             order = np.argsort(groups, kind="stable")  # (a copy of the features: skip if sorted)
             features, labels, groups, keys = (features[order], labels[order], groups[order],
                                               keys[order])
+            weights = weights[order] if weights is not None else None
+        if weights is not None and (np.diff(weights)[np.diff(groups) == 0] != 0).any():
+            raise ValueError("weights must be the same within a query")
         self.feature_names_ = list(names) if names is not None else None
         margin = self._margin(features)
         bags = self.bags_for(len(labels))
@@ -153,7 +163,7 @@ class Ranker:
         # lists, do not depend on how many bags ran at once or on the machine's CPUs.
         with ThreadPoolExecutor(max_workers=workers) as pool:
             fitted = list(pool.map(lambda seed: self._fit_bag(
-                seed, features, labels, groups, keys, margin), seeds))
+                seed, features, labels, groups, keys, margin, weights), seeds))
         self.models_ = [model for model, _, _ in fitted]
         self.n_trees_ = [trees for _, trees, _ in fitted]
         scores = [validation for _, _, validation in fitted]
@@ -173,7 +183,7 @@ class Ranker:
             return self.n_bags
         return max(1, min(self.n_bags, self.bag_budget_pairs // max(pairs, 1)))
 
-    def _fit_bag(self, seed, features, labels, groups, keys, margin):
+    def _fit_bag(self, seed, features, labels, groups, keys, margin, weights=None):
         """One bag: early stopping on the users ``seed`` holds out, then a refit on all.
         Returns (model, trees, held-out scores)."""
         held = self._held_out(keys, seed)
@@ -183,12 +193,13 @@ class Ranker:
             probe = self._model(self.n_estimators, seed, early_stopping=True)
             self._fit_model(probe, features[~held], labels[~held], groups[~held],
                             margin[~held], (features[held], labels[held], groups[held],
-                                            margin[held]))
+                                            margin[held]),
+                            None if weights is None else weights[~held])
             trees = int(probe.best_iteration) + 1
             validation = held_out_scores(labels[held], self._predict_one(
                 probe, features[held], margin[held], iteration_range=(0, trees)))
         model = self._fit_model(self._model(trees, seed, early_stopping=False), features,
-                                labels, groups, margin, None)
+                                labels, groups, margin, None, weights)
         return model, trees, validation
 
     _threads = 0  # set by fit; 0 until then (predict then uses every CPU)
@@ -289,8 +300,11 @@ class Ranker:
                              **common)
         return XGBClassifier(objective=self.objective, eval_metric="aucpr", **common)
 
-    def _fit_model(self, model, features, labels, groups, margin, evaluation):
+    def _fit_model(self, model, features, labels, groups, margin, evaluation, weights=None):
         kwargs = {"verbose": False, "base_margin": margin}
+        if weights is not None:  # XGBoost ranking weighs queries: one weight per group
+            kwargs["sample_weight"] = (weights[np.r_[0, np.flatnonzero(np.diff(groups)) + 1]]
+                                       if self._is_ranker else weights)
         if evaluation is not None:
             kwargs.update(eval_set=[evaluation[:2]], base_margin_eval_set=[evaluation[3]])
         if self._is_ranker:

@@ -37,6 +37,7 @@ SEARCH_SPACE: dict[str, tuple] = {
     "min_child_weight": (1.0, 5.0, 20.0),
     "subsample": (0.6, 0.8, 1.0),
     "n_estimators": (100, 300, 600),  # upper bound; early stopping picks the number of trees
+    "label_halflife_days": (None, 14.0, 28.0, 56.0),  # ranker query weights by window age
 }
 
 

@@ -106,6 +106,28 @@ def test_held_out_users_are_a_seeded_share_of_the_sorted_distinct_keys():
         np.testing.assert_array_equal(held, np.isin(keys, chosen))
 
 
+@pytest.mark.parametrize("objective", ["binary:logistic", "rank:ndcg"])
+def test_unit_weights_change_nothing(objective):
+    x, y, groups = _planted()
+    plain = Ranker(objective=objective, n_estimators=20).fit(x, y, groups)
+    ones = Ranker(objective=objective, n_estimators=20).fit(x, y, groups,
+                                                            weights=np.ones(len(y)))
+    assert plain.boosters_raw() == ones.boosters_raw()
+
+
+@pytest.mark.parametrize("objective", ["binary:logistic", "rank:ndcg"])
+def test_query_weights_decide_which_of_two_conflicting_rules_is_learned(objective):
+    """Half the queries follow feature 0, half feature 1: the heavily weighted half wins."""
+    x, y, groups = _planted(n_groups=80)
+    old = groups >= 40
+    y = np.where(old, (x[:, 1] > 0.8), (x[:, 0] > 0.8)).astype(np.float32)
+    weights = np.where(old, 0.01, 1.0)
+    for w, winner in ((weights, "signal"), (1.01 - weights, "noise")):
+        ranker = Ranker(objective=objective, n_estimators=30, max_depth=2, prior=None).fit(
+            x, y, groups, ["signal", "noise"], weights=w)
+        assert ranker.importances().index[0] == winner
+
+
 def test_guards():
     x, y, groups = _planted()
     with pytest.raises(ValueError, match="objective"):
@@ -114,6 +136,10 @@ def test_guards():
         Ranker().fit(x, np.zeros_like(y), groups)
     with pytest.raises(ValueError, match="n_bags"):
         Ranker(n_bags=0).fit(x, y, groups)
+    with pytest.raises(ValueError, match="positive, one per pair"):
+        Ranker().fit(x, y, groups, weights=np.zeros(len(y)))
+    with pytest.raises(ValueError, match="same within a query"):
+        Ranker().fit(x, y, groups, weights=np.arange(1, len(y) + 1, dtype=float))
 
 
 def test_held_out_scores_known_answer():

@@ -118,20 +118,39 @@ def test_save_load_round_trip(tmp_path, data, model):
 def test_a_bundle_saved_before_bagging_loads_as_one_ranker(tmp_path, data):
     import json
 
-    single = TwoStageRecommender(**{**PARAMS, "n_bags": 1, "bag_budget_pairs": None}).fit(
+    single = TwoStageRecommender(**{**PARAMS, "n_bags": 1, "bag_budget_pairs": None,
+                                    "label_halflife_days": None}).fit(
         _before(data), CUTOFF, items=data.items, users=data.users)
     folder = single.save(tmp_path / "old")
     meta = json.loads((folder / "meta.json").read_text())
-    del meta["params"]["n_bags"]  # written before these parameters existed
-    del meta["params"]["bag_budget_pairs"]
+    for name in ("n_bags", "bag_budget_pairs", "label_halflife_days"):
+        del meta["params"][name]  # written before these parameters existed
     meta["ranker"]["n_trees"] = meta["ranker"]["n_trees"][0]  # a plain count then
     (folder / "meta.json").write_text(json.dumps(meta))
     loaded = TwoStageRecommender.load(folder)
     assert loaded.get_params()["n_bags"] == 1
     assert loaded.get_params()["bag_budget_pairs"] is None
+    assert loaded.get_params()["label_halflife_days"] is None
     assert loaded.fingerprint() == single.fingerprint()
     users = sorted(_before(data)["user_id"].unique())[:10]
     pd.testing.assert_frame_equal(loaded.recommend(users, 5), single.recommend(users, 5))
+
+
+def test_label_windows_weigh_less_the_earlier_they_end():
+    model = TwoStageRecommender(label_stride_days=7, label_halflife_days=14)
+    # (window << 32) + user row; window 1 ends at the cutoff, window w 7 (w - 1) days before
+    groups = np.array([(1 << 32) + 5, (2 << 32) + 7, (3 << 32) + 1, (5 << 32) + 2])
+    np.testing.assert_allclose(model._window_weights(groups), [1.0, 2 ** -0.5, 0.5, 0.25],
+                               rtol=1e-6)
+    assert TwoStageRecommender(label_halflife_days=None)._window_weights(groups) is None
+
+
+def test_a_half_life_changes_the_ranker_not_the_training_pairs(data, model):
+    assert model.label_halflife_days is None  # the default: all windows alike
+    weighted = TwoStageRecommender(**{**PARAMS, "label_halflife_days": 7}).fit(
+        _before(data), CUTOFF, items=data.items, users=data.users)
+    assert weighted.ranker_.boosters_raw() != model.ranker_.boosters_raw()
+    assert weighted.training_["pairs"] == model.training_["pairs"]
 
 
 def test_label_users_per_window_are_capped_by_a_seeded_sample(data, model):
