@@ -14,8 +14,9 @@ both to the AVX2 level on every x86-64 CPU that has AVX2: OpenBLAS's ``Haswell``
 and numpy without its AVX-512 loops; and one BLAS thread (our models parallelise over users
 instead). Environment variables already set win, so an operator can choose otherwise.
 :func:`check_numerics` reports what is loaded, for the training log, the model bundle and
-the MLflow run, and warns when numpy was imported before the pin. XGBoost, implicit and scipy
-are compiled for the baseline CPU and do not switch code paths by CPU.
+the MLflow run, and warns when numpy was imported before the pin. Only these two switches are
+pinned: XGBoost and implicit run their own compiled loops, which we have not seen switch by
+CPU, and only one machine was at hand to compare (its kernels forced to others' choices).
 """
 
 from __future__ import annotations

@@ -51,6 +51,22 @@ def test_first_model_becomes_champion(world, first_lists):
     assert list(audit["decision"]) == ["first"]
 
 
+def test_the_run_records_the_numeric_kernels_it_trained_with(world, first_lists):
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipeline.runtime import check_numerics
+
+    client = MlflowClient()
+    tag = client.get_run(client.get_model_version("recommender", "1").run_id).data.tags.get(
+        "numerics")
+    assert tag == check_numerics() and tag.startswith("openblas ")
+    meta = json.loads((world["root"] / "data" / "runs" / "2024-02-01T000000" / "model"
+                       / "meta.json").read_text())
+    assert meta["training"]["numerics"] == tag
+
+
 def test_registered_bundle_round_trips_to_the_same_predictions(world, first_lists):
     from pipeline.registry import load_bundle, load_version
 
