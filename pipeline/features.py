@@ -179,13 +179,18 @@ def segment_labels(users: pd.DataFrame | None, user_ids: np.ndarray,
     out = np.full(len(user_ids), None, dtype=object)
     if users is None or not len(users) or not columns or not set(columns) <= set(users):
         return out
+    # label each distinct id once (callers pass one id per event or pair: many repeats)
+    codes, distinct = pd.factorize(np.asarray(user_ids, dtype=object))
     side = users.drop_duplicates("user_id").set_index("user_id")
-    parts = [pd.Series(user_ids, dtype=object).map(side[c]).astype("string") for c in columns]
+    parts = [pd.Series(distinct, dtype=object).map(side[c]).astype("string") for c in columns]
     key = parts[0]
     for part in parts[1:]:
         key = key + "|" + part
+    labels = np.full(len(distinct), None, dtype=object)
     known = key.notna().to_numpy()
-    out[known] = key[known].to_numpy(dtype=object)
+    labels[known] = key[known].to_numpy(dtype=object)
+    found = codes >= 0
+    out[found] = labels[codes[found]]
     return out
 
 

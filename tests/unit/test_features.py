@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.features import build_item_features, build_user_features
+from pipeline.features import build_item_features, build_user_features, segment_labels
 
 UTC = dt.timezone.utc
 CUTOFF = dt.datetime(2024, 2, 1, tzinfo=UTC)
@@ -142,3 +143,17 @@ def test_feature_rows_compute_user_features_for_those_users_alone():
     assert len(others) and np.isnan(some.user[others]).all()
     for name in ("item", "affinity", "segment_popularity", "user_taste"):
         np.testing.assert_array_equal(getattr(some, name), getattr(full, name), err_msg=name)
+
+
+def test_segment_labels_per_id_with_repeats_unknown_ids_and_missing_attributes():
+    users = pd.DataFrame({"user_id": ["a", "b", "c", "a"],
+                          "age_band": ["18-24", None, "35-44", "99+"],
+                          "gender": ["F", "M", None, "M"]})
+    ids = np.array(["a", "b", "zz", "a", "c", None, "c"], dtype=object)
+    assert segment_labels(users, ids, ("age_band",)).tolist() == [
+        "18-24", None, None, "18-24", "35-44", None, "35-44"]  # first row per user wins
+    assert segment_labels(users, ids, ("age_band", "gender")).tolist() == [
+        "18-24|F", None, None, "18-24|F", None, None, None]
+    assert segment_labels(users, ids, ("income",)).tolist() == [None] * 7
+    assert segment_labels(None, ids, ("age_band",)).tolist() == [None] * 7
+    assert segment_labels(users, np.array([], dtype=object), ("gender",)).tolist() == []
