@@ -924,7 +924,9 @@ def _commit_staged(staged: _Staged, lake_dir: Path, index: EventIdIndex, policy:
                 keep &= ~late
         new = table.filter(pa.array(keep))
         if new.num_rows:
-            _write_table(new, _part_path(lake_dir, day, staged.folder.name, batch), durable=True)
+            part = _part_path(lake_dir, day, staged.folder.name, batch)
+            _write_table(new, part, durable=True)
+            _cache_part_hashes(lake_dir, part, h1[keep], h2[keep])  # the next run reads these
             committed.partitions.add(day)
         committed.new += new.num_rows
         index.add(h1[keep], h2[keep])
@@ -1030,12 +1032,76 @@ def lake_part_files(lake_dir: Path) -> list[Path]:
     return sorted(p for p in lake_dir.glob("event_date=*/*.parquet") if not p.name.startswith("."))
 
 
+#: Per part file, its event ids' hash pairs (sorted by the first), so that each ingest reads
+#: and hashes only the part files added since: ``<lake>/.event-id-hashes-v1/<date>/<part>.npz``
+#: (outside the ``event_date=*/*.parquet`` files readers list), stamped with the part's size
+#: and mtime; a missing, stale or unreadable cache is rebuilt from the part.
+_HASH_CACHE = ".event-id-hashes-v1"
+
+
+def _hash_cache_path(lake_dir: Path, part: Path) -> Path:
+    return lake_dir / _HASH_CACHE / part.parent.name / f"{part.name}.npz"
+
+
+def _part_stamp(part: Path) -> np.ndarray:
+    stat = part.stat()
+    return np.array([stat.st_size, stat.st_mtime_ns], np.int64)
+
+
+def _part_hashes(lake_dir: Path, part: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(h1, h2) of ``part``'s event ids, sorted by h1: cached, or read, hashed and cached."""
+    cache = _hash_cache_path(lake_dir, part)
+    try:
+        with np.load(cache) as saved:
+            if np.array_equal(saved["stamp"], _part_stamp(part)):
+                return saved["h1"], saved["h2"]
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # a torn or foreign file: rebuild it
+        logger.warning("event-id hash cache %s unreadable (%s): rebuilding it", cache, exc)
+    h1, h2 = hash_event_ids(pq.read_table(part, columns=["event_id"]).column("event_id"))
+    return _cache_part_hashes(lake_dir, part, h1, h2)
+
+
+def _cache_part_hashes(lake_dir: Path, part: Path, h1: np.ndarray, h2: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Sort (h1, h2) by h1 and save them as ``part``'s cache (atomically; a lake we cannot
+    write to only loses the speed-up). Returns the sorted pair."""
+    order = np.argsort(h1, kind="stable")
+    h1, h2 = h1[order], h2[order]
+    cache = _hash_cache_path(lake_dir, part)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            np.savez(handle, h1=h1, h2=h2, stamp=_part_stamp(part))
+        os.replace(tmp, cache)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        logger.warning("cannot cache the event-id hashes of %s: %s", part, exc)
+    return h1, h2
+
+
+def _prune_hash_cache(lake_dir: Path, parts: list[Path]) -> None:
+    """Delete the caches (and leftover temporary files) of part files no longer in the lake."""
+    root = lake_dir / _HASH_CACHE
+    if not root.is_dir():
+        return
+    wanted = {_hash_cache_path(lake_dir, part) for part in parts}
+    for path in root.glob("*/*"):
+        if path not in wanted:
+            path.unlink(missing_ok=True)
+
+
 def _load_lake_index(lake_dir: Path) -> tuple[EventIdIndex, pd.Timestamp | None]:
     """The ids already in the lake (every date) and its watermark (newest event time)."""
     index = EventIdIndex()
     parts = lake_part_files(lake_dir)
-    for part in parts:
-        index.add(*hash_event_ids(pq.read_table(part, columns=["event_id"]).column("event_id")))
+    hashes = [_part_hashes(lake_dir, part) for part in parts]
+    _prune_hash_cache(lake_dir, parts)
+    if hashes:  # one sort of everything (sorted runs: the stable sort merges them)
+        index.add(np.concatenate([h[0] for h in hashes]), np.concatenate([h[1] for h in hashes]))
+    del hashes
     watermark = None
     if parts:
         newest_day = parts[-1].parent.name

@@ -7,6 +7,7 @@ import gzip
 import json
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from pipeline.errors import DataError
@@ -297,3 +298,53 @@ def test_chunked_reading_keeps_every_row_and_its_source_row(tmp_path, fmt):
     assert [len(c.frame) for c in chunks] == ([4] if fmt == "csv" else [2, 2])
     assert [r for c in chunks for r in c.rows] == [1, 2, 3, 4]
     assert [e for c in chunks for e in c.frame["event_id"]] == ["e0", "e1", "e2", "e3"]
+
+
+def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_parts(
+        tmp_path, monkeypatch, caplog):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline import ingest
+    from pipeline.data import write_landing
+    from pipeline.data.synthetic import generate_clickstream
+
+    events_dir, lake = _landing(tmp_path)
+    data = generate_clickstream(n_users=40, n_items=30, n_days=10, start="2024-02-20", seed=3)
+    write_landing(data, tmp_path / "landing", name="ml", fmt="csv")
+    ingest_landing(events_dir, lake, ingested_at=NOW)
+    parts = ingest.lake_part_files(lake)
+    assert len(parts) > 3 and all(ingest._hash_cache_path(lake, p).exists() for p in parts)
+
+    real_hash = ingest.hash_event_ids
+
+    def ids_found(index, ids):
+        return index.contains(*real_hash(pa.array(ids, type=pa.string())))
+
+    all_ids = _lake_rows(lake)["event_id"].tolist()
+    calls = []
+    monkeypatch.setattr(ingest, "hash_event_ids", lambda ids: calls.append(len(ids)) or
+                        real_hash(ids))
+    index, _ = ingest._load_lake_index(lake)  # every part cached at commit: nothing re-hashed
+    assert calls == [] and len(index) == len(all_ids)
+    assert ids_found(index, all_ids + ["never-seen"]).tolist() == [True] * len(all_ids) + [False]
+
+    rewritten, removed, torn = parts[0], parts[1], parts[2]
+    table = pq.read_table(rewritten)
+    kept = table.slice(0, table.num_rows // 2)
+    pq.write_table(kept, rewritten)  # same name, other content: its cache is stale
+    dropped = set(table.column("event_id").to_pylist()) - set(kept.column("event_id").to_pylist())
+    gone = pq.read_table(removed).column("event_id").to_pylist()
+    removed.unlink()
+    ingest._hash_cache_path(lake, torn).write_bytes(b"not a numpy archive")
+    index, _ = ingest._load_lake_index(lake)
+    assert sorted(calls) == sorted([kept.num_rows, pq.read_table(torn).num_rows])
+    assert not ids_found(index, sorted(dropped) + gone).any()
+    assert ids_found(index, kept.column("event_id").to_pylist()).all()
+    assert not ingest._hash_cache_path(lake, removed).exists()  # pruned with its part
+    assert "unreadable" in caplog.text
+    calls.clear()
+    ingest._load_lake_index(lake)  # all rebuilt caches are used now
+    assert calls == []
+    with np.load(ingest._hash_cache_path(lake, torn)) as rebuilt:
+        assert len(rebuilt["h1"]) == pq.read_table(torn).num_rows
