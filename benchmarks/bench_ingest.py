@@ -79,6 +79,7 @@ def _baseline(root: Path) -> dict:
 def _pipeline(root: Path) -> dict:
     from pipeline.config import REPO_ROOT
     from pipeline.ingest import _HASH_CACHE, _load_lake_index, ingest_landing, write_snapshot
+    from pipeline.timing import StageClock
     from pipeline.validate import _import_gx, validate_events_file
 
     imported = time.perf_counter()
@@ -99,21 +100,19 @@ def _pipeline(root: Path) -> dict:
         allowed_event_types=["view", "click", "like", "share", "add_to_cart", "purchase",
                              "rating"], quarantine_path=run / "quarantine.parquet")
     done = time.perf_counter()
-    index_s = _timed(lambda: _load_lake_index(lake))  # what the next run pays before its files
+    clock = StageClock()
+    _load_lake_index(lake)  # what the next run pays before its files
+    index_s = clock.lap("index")
     shutil.rmtree(lake / _HASH_CACHE)
-    rebuild_s = _timed(lambda: _load_lake_index(lake))  # a lake without the hash caches
+    clock.lap("remove caches")
+    _load_lake_index(lake)  # a lake without the hash caches
+    rebuild_s = clock.lap("rebuild")
     return {"seconds": done - started, "ingest_s": ingested - started,
             "index_s": index_s, "index_rebuild_s": rebuild_s,
             "snapshot_s": snapshotted - ingested, "validate_s": done - snapshotted,
             "gx_import_s": gx_import_s, "rows_new": report.rows_new,
             "bad_rows": validation.bad_rows,
             "csv_mb": (landing / "clicks.csv").stat().st_size / 2**20}
-
-
-def _timed(step) -> float:
-    started = time.perf_counter()
-    step()
-    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -1051,14 +1051,13 @@ def _part_stamp(part: Path) -> np.ndarray:
 def _part_hashes(lake_dir: Path, part: Path) -> tuple[np.ndarray, np.ndarray]:
     """(h1, h2) of ``part``'s event ids, sorted by h1: cached, or read, hashed and cached."""
     cache = _hash_cache_path(lake_dir, part)
-    try:
-        with np.load(cache) as saved:
-            if np.array_equal(saved["stamp"], _part_stamp(part)):
-                return saved["h1"], saved["h2"]
-    except FileNotFoundError:
-        pass
-    except Exception as exc:  # a torn or foreign file: rebuild it
-        logger.warning("event-id hash cache %s unreadable (%s): rebuilding it", cache, exc)
+    if cache.exists():  # (the ingest lock keeps other writers out meanwhile)
+        try:
+            with np.load(cache) as saved:
+                if np.array_equal(saved["stamp"], _part_stamp(part)):
+                    return saved["h1"], saved["h2"]
+        except Exception as exc:  # a torn or foreign file: rebuild it
+            logger.warning("event-id hash cache %s unreadable (%s): rebuilding it", cache, exc)
     h1, h2 = hash_event_ids(pq.read_table(part, columns=["event_id"]).column("event_id"))
     return _cache_part_hashes(lake_dir, part, h1, h2)
 

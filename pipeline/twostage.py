@@ -227,7 +227,7 @@ class TwoStageRecommender(ListRecommender):
             recalls.append(candidate_recall(pairs, truth_rows))
             blocks.append(features)
             labels.append(label_pairs(pairs, truth))
-            groups.append(pairs["row"].to_numpy() + (window << 32))  # (window, user) queries
+            groups.append(_query_ids(window, pairs["row"].to_numpy()))
             keys.append(snap.matrix.user_ids[pairs["row"].to_numpy()])
             self.feature_names_ = feature_names(snap.tables)
             logger.info("label window %s..%s: %d users, %d pairs, %d positives, recall %s",
@@ -245,7 +245,7 @@ class TwoStageRecommender(ListRecommender):
         the cutoff (the newest window weighs 1); None (all equal) without a half-life."""
         if not self.label_halflife_days:
             return None
-        ends_before = self.label_stride_days * ((groups >> 32) - 1)  # days, per pair
+        ends_before = self.label_stride_days * (_window_of(groups) - 1)  # days, per pair
         return np.power(0.5, ends_before / float(self.label_halflife_days)).astype(np.float32)
 
     def _fit_stage_one(self, events, cutoff, items, users, matrix=None, feature_rows=None
@@ -531,6 +531,16 @@ def window_truth(events: pd.DataFrame, start: dt.datetime, end: dt.datetime,
     truth = (truth - truth.multiply(matrix.confidence > 0)).tocsr()
     truth.eliminate_zeros()
     return truth
+
+
+def _query_ids(window: int, rows: np.ndarray) -> np.ndarray:
+    """Ranking query id of each (label window, user row) pair: sorted by window, then row."""
+    return np.asarray(rows, np.int64) + (np.int64(window) << 32)
+
+
+def _window_of(query_ids: np.ndarray) -> np.ndarray:
+    """The label window (1 = ending at the cutoff) of each :func:`_query_ids` id."""
+    return np.asarray(query_ids, np.int64) >> 32
 
 
 def _row_mask(rows: np.ndarray, n: int) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import shutil
 
 import pandas as pd
 import pyarrow as pa
@@ -348,3 +349,8 @@ def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_part
     assert calls == []
     with np.load(ingest._hash_cache_path(lake, torn)) as rebuilt:
         assert len(rebuilt["h1"]) == pq.read_table(torn).num_rows
+    shutil.rmtree(lake / ingest._HASH_CACHE)  # the README: delete the folder freely
+    index, _ = ingest._load_lake_index(lake)
+    assert len(calls) == len(ingest.lake_part_files(lake)) and len(index) == len(
+        _lake_rows(lake))
+    assert all(ingest._hash_cache_path(lake, p).exists() for p in ingest.lake_part_files(lake))

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from pipeline.data.synthetic import generate_clickstream
-from pipeline.twostage import TwoStageRecommender
+from pipeline.twostage import TwoStageRecommender, _query_ids
 
 CUTOFF = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
 PARAMS = dict(factors=8, iterations=3, label_days=7, label_windows=2, n_estimators=30,
@@ -138,8 +138,9 @@ def test_a_bundle_saved_before_bagging_loads_as_one_ranker(tmp_path, data):
 
 def test_label_windows_weigh_less_the_earlier_they_end():
     model = TwoStageRecommender(label_stride_days=7, label_halflife_days=14)
-    # (window << 32) + user row; window 1 ends at the cutoff, window w 7 (w - 1) days before
-    groups = np.array([(1 << 32) + 5, (2 << 32) + 7, (3 << 32) + 1, (5 << 32) + 2])
+    # window 1 ends at the cutoff, window w 7 (w - 1) days before
+    groups = np.concatenate([_query_ids(w, [row]) for w, row in ((1, 5), (2, 7), (3, 1),
+                                                                    (5, 2))])
     np.testing.assert_allclose(model._window_weights(groups), [1.0, 2 ** -0.5, 0.5, 0.25],
                                rtol=1e-6)
     assert TwoStageRecommender(label_halflife_days=None)._window_weights(groups) is None
