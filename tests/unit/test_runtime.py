@@ -66,12 +66,36 @@ def test_importing_pipeline_first_pins_the_loaded_kernels():
         assert simd == "X86_V3"  # AVX2 loops, never the AVX-512 ones
 
 
+def _native_numpy_simd() -> str:
+    """numpy's SIMD level on this CPU without any pin, read in an interpreter that never
+    imports pipeline: what numpy runs when it is loaded first."""
+    return _python(
+        "import numpy\n"
+        "from numpy._core._multiarray_umath import __cpu_baseline__, __cpu_dispatch__, "
+        "__cpu_features__\n"
+        "active = [n for n in __cpu_dispatch__ if __cpu_features__.get(n)]\n"
+        "print((active or list(__cpu_baseline__))[-1])").stdout.strip()
+
+
 def test_numpy_simd_reports_the_dispatch_level_numpy_runs():
     if runtime.pinned_core() is None:
         pytest.skip("needs an x86-64 CPU with AVX2")
+    # The AVX2 level and every AVX-512 one off: numpy falls back to its X86_V2 baseline on any
+    # CPU with AVX2, with or without AVX-512 (disabling X86_V3 alone leaves AVX-512 on).
     out = _python("import pipeline, numpy\nfrom pipeline.runtime import numpy_simd\n"
-                  "print(numpy_simd())", NPY_DISABLE_CPU_FEATURES="X86_V3")
+                  "print(numpy_simd())",
+                  NPY_DISABLE_CPU_FEATURES=f"X86_V3 {runtime.NUMPY_DISABLED}")
     assert out.stdout.strip() == "X86_V2"
+
+
+def test_numpy_left_alone_runs_at_least_the_pinned_level_here():
+    """Unpinned, numpy runs X86_V3 on an AVX2-only CPU and an AVX-512 level where the CPU has
+    X86_V4's flags: the machines the pin exists for. Both end at X86_V3 when pinned (above)."""
+    if runtime.pinned_core() is None:
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    native = _native_numpy_simd()
+    x86_v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= runtime.cpu_flags()
+    assert (native != "X86_V3") == x86_v4, (native, x86_v4)
 
 
 def test_check_numerics_warns_when_numpy_was_loaded_with_other_kernels():
@@ -82,5 +106,7 @@ def test_check_numerics_warns_when_numpy_was_loaded_with_other_kernels():
                   "os.environ['OPENBLAS_CORETYPE'] = 'Haswell'\n"
                   "from pipeline.runtime import check_numerics\n"
                   "print(check_numerics())", OPENBLAS_CORETYPE="Sandybridge")
-    assert out.stdout.strip() == "openblas Sandybridge, numpy X86_V3"
+    # numpy was imported before pipeline, so it runs this CPU's own level (X86_V3 on an AVX2
+    # CPU, an AVX-512 level on one with AVX-512): the report says what is really loaded.
+    assert out.stdout.strip() == f"openblas Sandybridge, numpy {_native_numpy_simd()}"
     assert "not OPENBLAS_CORETYPE=Haswell" in out.stderr
