@@ -22,6 +22,12 @@ pytestmark = pytest.mark.integration
 LOGICAL_DATE = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
 UNUSED = Path("unused.sqlite")
 CMS_QUERY = "SELECT item_id, reason FROM recommendations WHERE user_id = %s ORDER BY rank"
+#: How long the tests wait for an event at most, and a blocking reader holds the view at most
+#: (the server then ends its session): a swap that ignored its lock timeout would wait that long.
+HOLD_LIMIT_S = 20
+#: Slack over the lock timeout for one CMS query on a loaded, shared CI machine; far below
+#: HOLD_LIMIT_S, so a reader stuck behind an untimed swap still blows past the bound.
+READER_WAIT_SLACK_S = 1.5
 
 
 def _publish(lists: pd.DataFrame, dsn: str, model_version: str, **kwargs) -> serving.PublishResult:
@@ -59,6 +65,30 @@ def _version_tables(dsn: str) -> set[str]:
 def _catalog(dsn: str) -> list[tuple]:
     return _query(dsn, "SELECT version, status, model_version, dropped_at IS NOT NULL "
                        "FROM recs.recommendation_versions ORDER BY version")
+
+
+def _wait_until(condition: Callable[[], object], timeout_s: float) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def swap_retries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The swap attempts that hit the lock timeout and were retried, in order (each backs off)."""
+    retried: list[int] = []
+    backoff = serving._backoff_delay
+
+    def record(attempt: int) -> float:
+        retried.append(attempt)
+        return backoff(attempt)
+
+    monkeypatch.setattr(serving, "_backoff_delay", record)
+    return retried
 
 
 def test_publish_then_read_back_exactly(pg_dsn: str, make_lists: Callable) -> None:
@@ -229,42 +259,45 @@ def test_concurrent_reader_only_sees_complete_lists(pg_dsn: str, make_lists: Cal
     _publish(make_lists(*shapes[0]), pg_dsn, "m-0")
     stop = threading.Event()
     problems: list[str] = []
-    latencies: list[float] = []
+    seen = {version: threading.Event() for version in expected_rows}
 
     def read_loop() -> None:
         try:
             with _connect(pg_dsn) as conn, conn.cursor() as cur:
                 cur.execute("SET search_path = recs")
                 while not stop.is_set():
-                    started = time.monotonic()
                     cur.execute("SELECT user_id, rank, model_version FROM recommendations "
                                 "ORDER BY user_id, rank")
                     rows = cur.fetchall()
                     cur.execute(CMS_QUERY, ("u003",))
                     personal = cur.fetchall()
-                    latencies.append(time.monotonic() - started)
                     problem = _check_snapshot(rows, expected_rows)
                     if problem:
                         problems.append(problem)
+                    else:
+                        seen[rows[0][2]].set()
                     if not personal:
                         problems.append("empty personal list")
         except psycopg2.Error as exc:
             problems.append(f"reader error: {exc}")
+        finally:
+            for event in seen.values():  # a dead reader holds up nobody
+                event.set()
 
-    reader = threading.Thread(target=read_loop)
+    reader = threading.Thread(target=read_loop, daemon=True)
     reader.start()
     try:
         for index, shape in enumerate(shapes[1:], start=1):
+            # Each swap happens under a reader that has read the version it replaces.
+            assert seen[f"m-{index - 1}"].wait(HOLD_LIMIT_S), problems[:5]
             _publish(make_lists(*shape), pg_dsn, f"m-{index}", keep_versions=1,
                      lock_timeout_ms=500)
-            time.sleep(0.03)
+        assert seen["m-5"].wait(HOLD_LIMIT_S), problems[:5]
     finally:
         stop.set()
         reader.join(timeout=10)
 
     assert not problems, problems[:5]
-    assert len(latencies) > len(shapes)
-    assert max(latencies) < 1.0
     assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-5"
     assert _version_tables(pg_dsn) == {"recommendations_v6"}
 
@@ -276,8 +309,9 @@ class _CmsProbe:
         self.dsn = dsn
         self.latencies: list[float] = []
         self.errors: list[str] = []
+        self.ready = threading.Event()  # first query done (or the probe failed)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
+        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         try:
@@ -289,12 +323,16 @@ class _CmsProbe:
                     if not cur.fetchall():
                         self.errors.append("empty list")
                     self.latencies.append(time.monotonic() - started)
+                    self.ready.set()
                     time.sleep(0.01)
         except psycopg2.Error as exc:
             self.errors.append(str(exc))
+        finally:
+            self.ready.set()
 
     def __enter__(self) -> _CmsProbe:
         self.thread.start()
+        assert self.ready.wait(HOLD_LIMIT_S), "the CMS probe never ran a query"
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -303,64 +341,74 @@ class _CmsProbe:
 
 
 def _hold_view(dsn: str) -> psycopg2.extensions.connection:
-    """A reader with an open transaction that selected from the view (holds ACCESS SHARE)."""
-    conn = psycopg2.connect(dsn)
+    """A reader with an open transaction that selected from the view (holds ACCESS SHARE) until
+    it ends the transaction, or for HOLD_LIMIT_S at most: then the server ends its session."""
+    conn = psycopg2.connect(
+        dsn, options=f"-c idle_in_transaction_session_timeout={HOLD_LIMIT_S * 1000}")
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM recs.recommendations")
     return conn
 
 
-def test_publish_retries_until_a_long_reader_commits(pg_dsn: str, make_lists: Callable) -> None:
-    lock_timeout_ms = 300
+def test_publish_retries_until_a_long_reader_commits(pg_dsn: str, make_lists: Callable,
+                                                     swap_retries: list[int]) -> None:
+    lock_timeout_s = 0.3
     _publish(make_lists(), pg_dsn, "m-1")
-    holder = _hold_view(pg_dsn)
     outcome: dict[str, object] = {}
 
     def publish() -> None:
         try:
             outcome["result"] = _publish(make_lists(n_ranks=4), pg_dsn, "m-2",
-                                         lock_timeout_ms=lock_timeout_ms, swap_attempts=6)
+                                         lock_timeout_ms=int(lock_timeout_s * 1000),
+                                         swap_attempts=6)
         except Exception as exc:  # noqa: BLE001 (reported below)
             outcome["error"] = exc
 
-    with _CmsProbe(pg_dsn) as probe:
-        publisher = threading.Thread(target=publish)
-        publisher.start()
-        time.sleep(1.0)
-        assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-1"
-        holder.commit()
+    publisher = threading.Thread(target=publish, daemon=True)
+    holder = _hold_view(pg_dsn)
+    try:
+        with _CmsProbe(pg_dsn) as probe:
+            publisher.start()
+            # The reader lets go once the swap has timed out behind it twice (a swap without
+            # the lock timeout would wait, with the CMS behind it, until HOLD_LIMIT_S).
+            assert _wait_until(lambda: len(swap_retries) >= 2 or not publisher.is_alive(),
+                               HOLD_LIMIT_S), "the swap never hit its lock timeout"
+            assert swap_retries[:2] == [1, 2], (swap_retries, outcome)
+            assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-1"
+            holder.commit()
+            publisher.join(timeout=HOLD_LIMIT_S)
+    finally:
         holder.close()
-        publisher.join(timeout=15)
-        time.sleep(0.1)
 
+    assert not publisher.is_alive()
     assert "error" not in outcome, outcome
     assert outcome["result"].model_version == "m-2"
     assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-2"
     assert not probe.errors
-    assert len(probe.latencies) > 10
-    assert max(probe.latencies) < lock_timeout_ms / 1000 + 0.5
+    # The CMS did queue behind the waiting swap (else the next check proves nothing) ...
+    assert max(probe.latencies) > lock_timeout_s / 2
+    # ... for about the lock timeout at most, not as long as the reader held the view.
+    assert max(probe.latencies) < lock_timeout_s + READER_WAIT_SLACK_S
 
 
-def test_publish_fails_cleanly_when_a_reader_never_lets_go(pg_dsn: str,
-                                                           make_lists: Callable) -> None:
-    lock_timeout_ms = 200
+def test_publish_fails_cleanly_when_a_reader_never_lets_go(pg_dsn: str, make_lists: Callable,
+                                                           swap_retries: list[int]) -> None:
+    lock_timeout_s = 0.2
     old = make_lists()
     _publish(old, pg_dsn, "m-1")
-    holder = _hold_view(pg_dsn)
+    holder = _hold_view(pg_dsn)  # a swap without the lock timeout would succeed after 20 s
     try:
         with _CmsProbe(pg_dsn) as probe:
-            started = time.monotonic()
             with pytest.raises(serving.SwapLockTimeout, match="lock timeout in all 3 attempts"):
                 _publish(make_lists(n_ranks=4), pg_dsn, "m-2",
-                         lock_timeout_ms=lock_timeout_ms, swap_attempts=3)
-            elapsed = time.monotonic() - started
+                         lock_timeout_ms=int(lock_timeout_s * 1000), swap_attempts=3)
     finally:
-        holder.rollback()
         holder.close()
 
-    assert elapsed < 3 * lock_timeout_ms / 1000 + 0.2 + 0.4 + 1.0
+    assert swap_retries == [1, 2]  # three attempts, then it gave up
     assert not probe.errors
-    assert max(probe.latencies) < lock_timeout_ms / 1000 + 0.5
+    assert max(probe.latencies) > lock_timeout_s / 2  # the CMS queued behind the swap ...
+    assert max(probe.latencies) < lock_timeout_s + READER_WAIT_SLACK_S  # ... not for long
     pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
                                   _expected_view(old, "m-1"))
     assert _catalog(pg_dsn) == [(1, "live", "m-1", False), (2, "failed", "m-2", True)]
