@@ -34,3 +34,10 @@ class IngestFailed(DataError):
                  column: str | None = None, report: object = None) -> None:
         super().__init__(message, file=file, row=row, column=column)
         self.report = report
+
+
+class WindowError(PipelineError):
+    """The run's window holds too few events, or only stale ones: no retry can fix it.
+
+    The message names the cutoff, the lake's newest event and a logical date that would work.
+    """

@@ -1101,15 +1101,24 @@ def _load_lake_index(lake_dir: Path) -> tuple[EventIdIndex, pd.Timestamp | None]
     if hashes:  # one sort of everything (sorted runs: the stable sort merges them)
         index.add(np.concatenate([h[0] for h in hashes]), np.concatenate([h[1] for h in hashes]))
     del hashes
-    watermark = None
-    if parts:
-        newest_day = parts[-1].parent.name
-        newest = [p for p in parts if p.parent.name == newest_day]
-        watermark = max(pd.Timestamp(pq.read_table(p, columns=["timestamp"]).column(
-            "timestamp").to_pandas().max()) for p in newest)
+    watermark = _newest_event(parts)
     logger.info("lake index: %d event ids in %d part files, watermark %s", len(index),
                 len(parts), watermark)
     return index, watermark
+
+
+def lake_watermark(lake_dir: Path) -> pd.Timestamp | None:
+    """The newest event time in the lake (any date), or None when the lake is empty."""
+    return _newest_event(lake_part_files(lake_dir))
+
+
+def _newest_event(parts: list[Path]) -> pd.Timestamp | None:
+    """Newest ``timestamp`` in the part files of the newest date partition (``parts`` sorted)."""
+    if not parts:
+        return None
+    newest_day = parts[-1].parent.name
+    return max(pd.Timestamp(pq.read_table(p, columns=["timestamp"]).column("timestamp")
+                            .to_pandas().max()) for p in parts if p.parent.name == newest_day)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -1200,14 +1209,26 @@ def load_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int) -> pd
     return frame
 
 
-def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path: Path) -> int:
+@dataclass(frozen=True)
+class Snapshot:
+    """What :func:`write_snapshot` wrote: the run's window and the events in it."""
+
+    path: Path
+    start: dt.datetime
+    cutoff: dt.datetime
+    rows: int
+    newest: pd.Timestamp | None  # the newest event in the window (None: empty window)
+
+
+def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path: Path
+                   ) -> Snapshot:
     """Stream the run's snapshot (see :func:`load_snapshot`) to Parquet, one day at a time."""
     start = cutoff - dt.timedelta(days=lookback_days)
     days = _snapshot_parts(lake_dir, start, cutoff)
     schema = pa.Schema.from_pandas(_empty_snapshot(), preserve_index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    rows = 0
+    rows, newest = 0, None
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for _, parts in sorted(days.items()):
@@ -1215,13 +1236,15 @@ def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path
                 writer.write_table(pa.Table.from_pandas(frame, schema=schema,
                                                         preserve_index=False))
                 rows += len(frame)
+                if len(frame):  # days ascend, rows sorted by time: the last row is the newest
+                    newest = pd.Timestamp(frame["timestamp"].iloc[-1])
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     logger.info("snapshot: %d events from %d days, window [%s, %s) -> %s", rows, len(days),
                 start.isoformat(), cutoff.isoformat(), path)
-    return rows
+    return Snapshot(path, start, cutoff, rows, newest)
 
 
 def _empty_snapshot() -> pd.DataFrame:

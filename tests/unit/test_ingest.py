@@ -264,15 +264,19 @@ def test_mapping_onto_a_non_contract_column_is_refused(tmp_path):
 
 
 def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path):
+    from pipeline import ingest
     from pipeline.ingest import write_snapshot
 
     events_dir, lake = _landing(tmp_path)
     (events_dir / "a.csv").write_text(CSV)
     ingest_landing(events_dir, lake, ingested_at=NOW)
     cutoff = dt.datetime(2024, 1, 3, tzinfo=UTC)
-    rows = write_snapshot(lake, cutoff, 30, tmp_path / "snap.parquet")
+    snapshot = write_snapshot(lake, cutoff, 30, tmp_path / "snap.parquet")
     written = pd.read_parquet(tmp_path / "snap.parquet")
-    assert rows == 3
+    assert snapshot.rows == 3 and snapshot.newest == written["timestamp"].max()
+    assert snapshot.start == cutoff - dt.timedelta(days=30)
+    assert ingest.lake_watermark(lake) >= snapshot.newest
+    assert ingest.lake_watermark(tmp_path / "no-lake") is None
     pd.testing.assert_frame_equal(written, load_snapshot(lake, cutoff, 30))
     assert list(written.columns) == ["event_id", "user_id", "item_id", "event_type",
                                      "timestamp", "value", "device", "session_id",
