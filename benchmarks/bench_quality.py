@@ -37,6 +37,7 @@ PUBLISHED = "two-stage"
 
 def run(quick: bool = False, tune_minutes: float = 0.0) -> None:
     from pipeline.data.movielens import load_movielens_100k
+    from pipeline.evaluate import paired_bootstrap
 
     data = load_movielens_100k(_cache_dir())
     seeds = (SEED,) if quick else (SEED, *OTHER_SEEDS)
@@ -68,7 +69,7 @@ def run(quick: bool = False, tune_minutes: float = 0.0) -> None:
 
 def _evaluate_cutoff(data, cutoff: dt.datetime, seeds: tuple[int, ...], tune_minutes: float):
     from pipeline.config import DEFAULT_EVENT_WEIGHTS
-    from pipeline.evaluate import user_metrics, window_truth_frame
+    from pipeline.evaluate import paired_bootstrap, user_metrics, window_truth_frame
     from pipeline.twostage import TwoStageRecommender
 
     events = data.events
@@ -118,16 +119,6 @@ def _evaluate_cutoff(data, cutoff: dt.datetime, seeds: tuple[int, ...], tune_min
             f"(95% paired bootstrap {low:+.4f} .. {high:+.4f}); candidate recall "
             f"{recall:.3f}; cold-start list {models[SEED].cold_.get_params()}{tuned}")
     return frame, seconds, note, per_user[PUBLISHED].to_numpy() - per_user[best].to_numpy()
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2_000, seed: int = 0
-                     ) -> tuple[float, float]:
-    """95% interval of mean(a - b) over users resampled with replacement (paired)."""
-    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(axis=1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(low), float(high)
 
 
 # ---- baselines -----------------------------------------------------------------------------

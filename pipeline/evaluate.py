@@ -57,11 +57,22 @@ def ranking_metrics(top: np.ndarray, truth: sp.csr_matrix, k: int = 10) -> dict[
     ``top`` is users x >=k item columns (-1 = no item); ``truth`` is users x items on the
     same rows. Users with an empty truth row are skipped.
     """
+    per_user = ranking_metrics_per_user(top, truth, k)
+    if len(per_user["ndcg"]) == 0:
+        return {m: float("nan") for m in per_user}
+    return {m: float(values.mean()) for m, values in per_user.items()}
+
+
+def ranking_metrics_per_user(top: np.ndarray, truth: sp.csr_matrix, k: int = 10
+                             ) -> dict[str, np.ndarray]:
+    """Precision, recall, nDCG, AP and hit (0/1) at ``k`` of each user with a non-empty truth
+    row, in row order: what :func:`ranking_metrics` averages, and what a paired comparison of
+    two models over the same users needs."""
     top = top[:, :k]
     relevant = np.diff(truth.indptr)
     users = np.flatnonzero(relevant > 0)
     if len(users) == 0:
-        return {m: float("nan") for m in ("precision", "recall", "ndcg", "map", "hit_rate")}
+        return {m: np.zeros(0) for m in ("precision", "recall", "ndcg", "map", "hit_rate")}
     top, relevant = top[users], relevant[users]
     truth = truth[users]
     rows = np.repeat(np.arange(len(users)), top.shape[1])
@@ -75,11 +86,28 @@ def ranking_metrics(top: np.ndarray, truth: sp.csr_matrix, k: int = 10) -> dict[
     ideal = np.cumsum(discounts)[np.minimum(relevant, top.shape[1]) - 1]
     precision_at = np.cumsum(hits, axis=1) / np.arange(1, top.shape[1] + 1)
     ap = (precision_at * hits).sum(axis=1) / np.minimum(relevant, top.shape[1])
-    return {"precision": float(hits.sum(axis=1).mean() / k),
-            "recall": float((hits.sum(axis=1) / relevant).mean()),
-            "ndcg": float((dcg / ideal).mean()),
-            "map": float(ap.mean()),
-            "hit_rate": float((hits.sum(axis=1) > 0).mean())}
+    return {"precision": hits.sum(axis=1) / k,
+            "recall": hits.sum(axis=1) / relevant,
+            "ndcg": dcg / ideal,
+            "map": ap,
+            "hit_rate": (hits.sum(axis=1) > 0).astype(np.float64)}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2_000, seed: int = 0,
+                     level: float = 0.95, block: int = 100) -> tuple[float, float]:
+    """Percentile interval (``level``) of mean(a - b) over users resampled with replacement,
+    paired: ``a[i]`` and ``b[i]`` are the same user's scores under two models. Seeded, so the
+    same inputs give the same interval; ``block`` resamples at a time bound the memory."""
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if len(diff) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([
+        diff[rng.integers(0, len(diff), size=(min(block, n - start), len(diff)))].mean(axis=1)
+        for start in range(0, n, block)])
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
 
 
 def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int, chunk_rows: int = 2_048

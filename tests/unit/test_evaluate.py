@@ -140,3 +140,30 @@ def test_segment_audit_groups_per_model_and_segment():
     assert audit.loc[("user_type", "returning"), "ndcg"] == pytest.approx(0.25)
     assert audit.loc[("user_type", "returning"), "users"] == 2
     assert audit.loc[("gender", "unknown"), "ndcg"] == 0.0
+
+
+def test_paired_bootstrap_interval_brackets_the_mean_difference():
+    from pipeline.evaluate import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    a = rng.random(400)
+    low, high = paired_bootstrap(a + 0.1, a)  # the same users, 0.1 better each
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    noisy_low, noisy_high = paired_bootstrap(a, rng.random(400))
+    assert noisy_low < 0 < noisy_high
+    assert paired_bootstrap(a, a) == (0.0, 0.0)  # the same model: nothing to tell apart
+    b = rng.random(400)
+    assert paired_bootstrap(a, b, block=7) == pytest.approx(paired_bootstrap(a, b))  # seeded
+
+
+def test_per_user_metrics_are_what_the_means_average():
+    from pipeline.evaluate import ranking_metrics, ranking_metrics_per_user
+
+    truth = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]], np.float32))
+    top = np.array([[0, 1], [2, 3], [3, 1]])
+    per_user = ranking_metrics_per_user(top, truth, k=2)
+    assert per_user["hit_rate"].tolist() == [1.0, 1.0]  # the empty row is skipped
+    assert per_user["ndcg"][0] == pytest.approx(1 / (1 + 1 / np.log2(3)))
+    assert per_user["ndcg"][1] == pytest.approx((1 / np.log2(3)) / 1.0)
+    means = ranking_metrics(top, truth, k=2)
+    assert means == {m: pytest.approx(v.mean()) for m, v in per_user.items()}
