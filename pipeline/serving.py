@@ -121,6 +121,7 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "ListValidationError",
     "NothingPublishedError",
+    "OlderThanLive",
     "PublishResult",
     "READER_ROLE",
     "ServingConnectionError",
@@ -129,6 +130,7 @@ __all__ = [
     "VIEW_NAME",
     "ensure_schema",
     "live_version",
+    "promotion_lock",
     "publish_lists",
     "read_all",
     "read_user_list",
@@ -159,6 +161,8 @@ READ_LOCK_TIMEOUT_MS = 2000
 SWAP_ATTEMPTS = 5
 SWAP_BACKOFF_S = 0.2
 PUBLISH_LOCK_WAIT_S = 300
+#: How long a run waits for another run's promotion decision (which may refit a champion).
+PROMOTION_LOCK_WAIT_S = 3 * 3600
 #: ``maintenance_work_mem`` for the (user_id, rank) index build: an in-memory sort up to a few
 #: million rows instead of a spill to disk (session-local, one index build at a time).
 INDEX_BUILD_MEMORY = "256MB"
@@ -194,6 +198,10 @@ class SwapLockTimeout(ServingError):
 
 class NothingPublishedError(ServingError):
     """The serving database has no live version (or no schema) yet."""
+
+
+class OlderThanLive(ServingError):
+    """The live lists are for a newer logical date than this publish: they stay live."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,7 @@ def publish_lists(
     lock_timeout_ms: int = 2000,
     swap_attempts: int = SWAP_ATTEMPTS,
     schema: str | None = None,
+    allow_older: bool = True,
 ) -> PublishResult:
     """Publish ``lists`` as a new version and make it live atomically.
 
@@ -248,7 +257,10 @@ def publish_lists(
     ``RECS_SERVING_SCHEMA`` or ``recs``. Raises
     :class:`ListValidationError` for lists that break the contract, :class:`SwapLockTimeout`
     when readers block the swap ``swap_attempts`` times, :class:`ServingConnectionError` when the
-    database is unreachable; in every case the previously live version stays live.
+    database is unreachable; in every case the previously live version stays live. With
+    ``allow_older`` False, raises :class:`OlderThanLive` (before loading anything) when the live
+    version's ``logical_date`` is newer than ``logical_date``: checked under the publish lock,
+    so two runs that race cannot put older lists over newer ones.
     """
     if keep_versions < 1:
         raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
@@ -263,12 +275,13 @@ def publish_lists(
     if dsn is None:
         return _sqlite_publish(frame, Path(sqlite_path), model_version=model_version,
                                logical_date=when, keep_versions=keep_versions,
-                               lock_timeout_ms=lock_timeout_ms, swap_attempts=swap_attempts)
+                               lock_timeout_ms=lock_timeout_ms, swap_attempts=swap_attempts,
+                               allow_older=allow_older)
     target = _resolve_schema(schema)
     try:
         return _pg_publish(frame, dsn, target, model_version=model_version, logical_date=when,
                            keep_versions=keep_versions, lock_timeout_ms=lock_timeout_ms,
-                           swap_attempts=swap_attempts)
+                           swap_attempts=swap_attempts, allow_older=allow_older)
     except psycopg2.Error as exc:
         raise ServingError(
             f"publish to {_describe_dsn(dsn)} schema {target} failed: "
@@ -292,6 +305,30 @@ def ensure_schema(*, dsn: str | None, sqlite_path: Path, schema: str | None = No
             raise ServingError(
                 f"schema migration on {_describe_dsn(dsn)} failed: {_scrub(str(exc).strip(), dsn)}"
             ) from None
+
+
+@contextlib.contextmanager
+def promotion_lock(*, dsn: str | None, sqlite_path: Path, schema: str | None = None,
+                   wait_s: float = PROMOTION_LOCK_WAIT_S) -> Iterator[None]:
+    """Held while a run decides whether its model becomes champion and moves the alias: two
+    runs (a backfill beside the nightly run, say) never decide at once, so each sees the
+    other's champion. A PostgreSQL session advisory lock (another key than the publish lock,
+    which it never blocks), or a ``flock`` beside the SQLite file. Raises
+    :class:`ServingError` after ``wait_s`` seconds of waiting."""
+    if dsn is None:
+        with _sqlite_file_lock(Path(sqlite_path), ".promotion-lock", "promotion decision",
+                               wait_s):
+            yield
+        return
+    target = _resolve_schema(schema)
+    with contextlib.closing(_pg_connect(dsn, lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
+        try:
+            _pg_advisory_lock(conn, _advisory_key(f"{target}/promotion"), wait_s,
+                              f"another run's promotion decision on schema {target}")
+        except psycopg2.Error as exc:
+            raise ServingError(f"promotion lock on {_describe_dsn(dsn)} failed: "
+                               f"{_scrub(str(exc).strip(), dsn)}") from None
+        yield  # closing the session releases the lock
 
 
 def read_user_list(
@@ -820,15 +857,31 @@ def _pg_log_notices(conn: PgConnection) -> None:
 
 def _pg_acquire_publish_lock(conn: PgConnection, schema: str) -> None:
     """Session advisory lock: one publisher (or migration) per schema at a time."""
+    _pg_advisory_lock(conn, _advisory_key(schema), PUBLISH_LOCK_WAIT_S,
+                      f"another publish to schema {schema}")
+
+
+def _pg_advisory_lock(conn: PgConnection, key: int, wait_s: float, holder: str) -> None:
+    """Take the session advisory lock ``key``, waiting at most ``wait_s`` seconds."""
     try:
         with _pg_transaction(conn) as cur:
             cur.execute("SELECT set_config('lock_timeout', %s, true)",
-                        (f"{PUBLISH_LOCK_WAIT_S * 1000}ms",))
-            cur.execute("SELECT pg_advisory_lock(%s)", (_advisory_key(schema),))
+                        (f"{int(wait_s * 1000)}ms",))
+            cur.execute("SELECT pg_advisory_lock(%s)", (key,))
     except pg_errors.LockNotAvailable:
-        raise ServingError(
-            f"another publish to schema {schema} held the publish lock for over "
-            f"{PUBLISH_LOCK_WAIT_S} s") from None
+        raise ServingError(f"{holder} held the lock for over {wait_s:g} s") from None
+
+
+def _refuse_older(live_logical_date: Any, logical_date: datetime) -> None:
+    """Raise :class:`OlderThanLive` when the live lists are for a later logical date."""
+    if live_logical_date is None:
+        return
+    live = as_utc(live_logical_date)
+    if live > logical_date:
+        raise OlderThanLive(
+            f"the live lists are for logical date {live:%Y-%m-%d %H:%M}, newer than this "
+            f"publish's {logical_date:%Y-%m-%d %H:%M}: they stay live (production moves "
+            "forward only)")
 
 
 def _pg_ensure_schema(conn: PgConnection, schema: str) -> None:
@@ -840,12 +893,17 @@ def _pg_ensure_schema(conn: PgConnection, schema: str) -> None:
 
 def _pg_publish(frame: pd.DataFrame, dsn: str, schema: str, *, model_version: str,
                 logical_date: datetime, keep_versions: int, lock_timeout_ms: int,
-                swap_attempts: int) -> PublishResult:
+                swap_attempts: int, allow_older: bool) -> PublishResult:
     started = time.monotonic()
     with contextlib.closing(_pg_connect(dsn, lock_timeout_ms=lock_timeout_ms)) as conn:
         _pg_acquire_publish_lock(conn, schema)
         _pg_ensure_schema(conn, schema)
         _pg_fail_abandoned(conn, schema)
+        if not allow_older:
+            with _pg_transaction(conn) as cur:
+                cur.execute(_pg_query("live_version.sql", schema))
+                live = cur.fetchone()
+            _refuse_older(live[5] if live else None, logical_date)
         users = int(frame["user_id"].nunique())
         version, table = _pg_reserve_version(conn, schema, rows=len(frame), users=users,
                                              model_version=model_version,
@@ -1101,25 +1159,30 @@ def _sqlite_ensure_schema(conn: sqlite3.Connection) -> None:
                 cur.execute(statement)
 
 
-@contextlib.contextmanager
-def _sqlite_publish_lock(path: Path) -> Iterator[None]:
+def _sqlite_publish_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     """Exclusive ``flock`` on ``<file>.publish-lock``: one publisher per SQLite file."""
-    lock_path = path.with_name(path.name + ".publish-lock")
+    return _sqlite_file_lock(path, ".publish-lock", "publish", PUBLISH_LOCK_WAIT_S)
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(path: Path, suffix: str, what: str, wait_s: float) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<file><suffix>``, waiting at most ``wait_s`` seconds."""
+    lock_path = path.with_name(path.name + suffix)
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock_path, "a+b")  # noqa: SIM115 (closed below)
     except OSError as exc:
-        raise ServingConnectionError(f"cannot open the publish lock {lock_path}: {exc}") from None
+        raise ServingConnectionError(f"cannot open the {what} lock {lock_path}: {exc}") from None
     try:
-        deadline = time.monotonic() + PUBLISH_LOCK_WAIT_S
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise ServingError(f"another publish held {lock_path} for over "
-                                       f"{PUBLISH_LOCK_WAIT_S} s") from None
+                    raise ServingError(f"another {what} held {lock_path} for over "
+                                       f"{wait_s:g} s") from None
                 time.sleep(0.05)
         try:
             yield
@@ -1131,13 +1194,16 @@ def _sqlite_publish_lock(path: Path) -> Iterator[None]:
 
 def _sqlite_publish(frame: pd.DataFrame, path: Path, *, model_version: str,
                     logical_date: datetime, keep_versions: int, lock_timeout_ms: int,
-                    swap_attempts: int) -> PublishResult:
+                    swap_attempts: int, allow_older: bool) -> PublishResult:
     started = time.monotonic()
     try:
         with _sqlite_publish_lock(path), contextlib.closing(
                 _sqlite_connect(path, timeout_s=lock_timeout_ms / 1000, must_exist=False)) as conn:
             _sqlite_ensure_schema(conn)
             _sqlite_fail_abandoned(conn)
+            if not allow_older:
+                live = conn.execute(_sqlite_query("live_version.sql")).fetchone()
+                _refuse_older(live[5] if live else None, logical_date)
             users = int(frame["user_id"].nunique())
             version, table = _sqlite_reserve_version(conn, rows=len(frame), users=users,
                                                      model_version=model_version,
