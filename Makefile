@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
+# One JWT secret and Fernet key shared by every Airflow component (generated once, git-ignored;
+# variables already in the environment win). AIRFLOW_ENV loads them into a recipe's shell.
+AIRFLOW_SECRETS ?= $(CURDIR)/airflow-secrets.env
+AIRFLOW_ENV := set -a; . "$(AIRFLOW_SECRETS)"; set +a;
 
 export AIRFLOW_HOME := $(CURDIR)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -21,6 +25,9 @@ help:  ## list the targets
 
 install: $(STAMP)  ## create .venv and install the pinned requirements (no-op when up to date)
 
+$(AIRFLOW_SECRETS):
+	@$(PYTHON) -m pipeline.cli airflow-secrets "$@"
+
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing pinned requirements into $(VENV) (about a minute with a warm pip cache)"
@@ -29,13 +36,13 @@ $(STAMP): requirements.txt
 	@$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/recs-pipeline.pth', 'w').write('$(CURDIR)\n')"
 	@touch $(STAMP)
 
-run: install  ## run the nightly DAG once on the demo data (DATE=YYYY-MM-DD to choose the day)
-	@$(BIN)/airflow db migrate > /dev/null
+run: install $(AIRFLOW_SECRETS)  ## run the nightly DAG once on the demo data (DATE=YYYY-MM-DD to choose the day)
+	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
 	@$(BIN)/python -m pipeline.cli demo-data
 	@date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
 	 echo "running recommendations_nightly for $$date (log: logs/make-run.log)"; \
 	 mkdir -p logs; \
-	 if ! $(BIN)/airflow dags test recommendations_nightly $$date > logs/make-run.log 2>&1; then \
+	 if ! $(AIRFLOW_ENV) $(BIN)/airflow dags test recommendations_nightly $$date > logs/make-run.log 2>&1; then \
 	   grep -E "^[A-Za-z_.]+(Error|Exception|Failed)[A-Za-z]*: " logs/make-run.log \
 	     | sort -u | tail -n 5; \
 	   echo "the run failed; full log: logs/make-run.log"; exit 1; \
@@ -48,9 +55,9 @@ test: install  ## run the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
 test-unit: install  ## the fast unit tests only
 	$(BIN)/python -m pytest -q tests/unit tests/dags
 
-airflow: install  ## start Airflow (UI on http://127.0.0.1:8080, login: admin / see README)
-	@$(BIN)/airflow db migrate > /dev/null
-	$(BIN)/airflow standalone
+airflow: install $(AIRFLOW_SECRETS)  ## start Airflow: scheduler, DAG processor, triggerer, UI on http://127.0.0.1:8080 (login: README)
+	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
+	@$(AIRFLOW_ENV) exec $(BIN)/airflow standalone
 
 mlflow: install  ## open the MLflow UI on the project's tracking store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
@@ -69,4 +76,4 @@ freeze:  ## re-pin requirements.txt from requirements.in in a scratch virtualenv
 	mv requirements.txt.new requirements.txt
 
 clean:  ## remove local state (data, stores, logs); keeps .venv
-	rm -rf data logs airflow.db mlflow.db mlartifacts mlruns
+	rm -rf data logs airflow.db mlflow.db mlartifacts mlruns  # airflow-secrets.env stays

@@ -12,7 +12,14 @@ recommendations in the serving DB's `recommendations` view:
   carries only paths and small metrics.
 * **Serving DB:** the Airflow connection `recs_serving` (Postgres); without it, the embedded
   SQLite file `$RECS_DATA_DIR/serving.sqlite`.
-* **Model:** MLflow registered model `recommender`; `publish` serves the `champion` alias.
+* **Model:** MLflow registered model `recommender`; `publish` serves the version this run's
+  promotion gate decided on (the new `champion`, or the one it kept).
+* **Forward only:** a run for a date older than production's (a backfill) records its results
+  (run folder, metrics, MLflow run and model version) but promotes and publishes nothing,
+  unless `serve_backfill` or `force_promote` is set.
+* **No data, no run:** a window with fewer than `min_window_events` events, or whose newest
+  event is older than `max_staleness_days`, fails `ingest` at once (no retries) and names a
+  logical date that would work.
 
 The logic lives in the `pipeline` package; this file only wires it.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
+from recs_support import TIMEOUTS, notify_failure, serving_dsn, triggered_by
 
 PARAMS = {
     "top_n": Param(10, type="integer", minimum=1, maximum=100,
@@ -60,7 +68,37 @@ PARAMS = {
                                title="Max bad-row share",
                                description="Quarantine up to this share of rows; above it, "
                                            "the run fails before training."),
+    "min_window_events": Param(100, type="integer", minimum=1, title="Min events in window",
+                               description="Fail at ingest, without retries, when the run's "
+                                           "window (lookback days before the cutoff) holds "
+                                           "fewer events; the error names a date that works."),
+    "max_staleness_days": Param(3.0, type=["null", "number"], minimum=0,
+                                title="Max staleness (days)",
+                                description="Fail at ingest, without retries, when the newest "
+                                            "event before the cutoff is older than this (a "
+                                            "stopped export); empty = no limit."),
+    "serve_backfill": Param(False, type="boolean", title="Serve a backfill",
+                            description="A run for a date older than the live lists or the "
+                                        "champion records its results but serves nothing; "
+                                        "set this to let it through the gate and publish."),
+    "gate_min_relative_gain": Param(0.0, type="number", minimum=0, maximum=1,
+                                    title="Gate: min relative gain",
+                                    description="The challenger needs nDCG@10 >= champion x "
+                                                "(1 + this) - tolerance to become champion."),
+    "gate_tolerance": Param(0.001, type="number", minimum=0, maximum=1,
+                            title="Gate: tolerance",
+                            description="Absolute nDCG@10 slack of the promotion gate."),
+    "gate_require_significance": Param(False, type="boolean",
+                                       title="Gate: require a significant gain",
+                                       description="Promote a different recipe only when the "
+                                                   "95% paired bootstrap interval of "
+                                                   "challenger minus champion (over holdout "
+                                                   "users) lies above zero."),
 }
+
+#: Params that map one to one onto ``pipeline.config.Settings`` fields.
+SETTINGS_PARAMS = tuple(PARAMS)
+
 
 
 def _run_args() -> tuple:
@@ -71,48 +109,24 @@ def _run_args() -> tuple:
     run = context["dag_run"]
     moment = run.logical_date or run.run_after  # manual runs may have no logical date
     params = context["params"]
-    settings = Settings(top_n=params["top_n"], lookback_days=params["lookback_days"],
-                        holdout_days=params["holdout_days"], als_factors=params["als_factors"],
-                        als_iterations=params["als_iterations"],
-                        als_regularization=params["als_regularization"],
-                        als_alpha=params["als_alpha"], ranker_bags=params["ranker_bags"],
-                        max_bad_row_share=params["max_bad_row_share"],
-                        force_promote=params["force_promote"], tune=params["tune"],
-                        tune_budget_minutes=params["tune_budget_minutes"])
+    settings = Settings(**{name: params[name] for name in SETTINGS_PARAMS})
     return settings, as_utc(moment.date())
 
 
 def _run_stage(name: str, **kwargs) -> dict:
     """Call ``pipeline.nightly.<name>`` for this run. Bad input (a file that cannot be read,
-    validation beyond the quarantine threshold) fails the task at once: no retry can fix it,
-    while other errors (a database briefly down) keep the task's retries."""
+    validation beyond the quarantine threshold, an empty or stale window) fails the task at
+    once: no retry can fix it, while other errors (a database briefly down) keep the task's
+    retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from pipeline import nightly
-    from pipeline.errors import DataError, ValidationFailed
+    from pipeline.errors import DataError, ValidationFailed, WindowError
 
     try:
         return getattr(nightly, name)(*_run_args(), **kwargs)
-    except (DataError, ValidationFailed) as exc:
+    except (DataError, ValidationFailed, WindowError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _serving_dsn() -> str | None:
-    from airflow.sdk import Connection
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    try:
-        return Connection.get("recs_serving").get_uri()
-    except AirflowNotFoundException:
-        return None
-
-
-def _triggered_by() -> str:
-    """Who or what started the run: "scheduled", or "manual by <user>" from the UI/API."""
-    run = get_current_context()["dag_run"]
-    user = getattr(run, "triggering_user_name", None)
-    kind = str(getattr(run.run_type, "value", run.run_type))
-    return f"{kind} by {user}" if user else kind
 
 
 @dag(
@@ -125,39 +139,40 @@ def _triggered_by() -> str:
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": pendulum.duration(minutes=2),
-                  "retry_exponential_backoff": True},
+                  "retry_exponential_backoff": True, "on_failure_callback": notify_failure},
     params=PARAMS,
     tags=["recommendations", "ml"],
     doc_md=__doc__,
 )
 def recommendations_nightly():
-    @task
+    @task(execution_timeout=TIMEOUTS["ingest"])
     def ingest() -> dict:
         return _run_stage("ingest")
 
-    @task
+    @task(execution_timeout=TIMEOUTS["validate"])
     def validate(_: dict) -> dict:
         return _run_stage("validate")
 
-    @task
+    @task(execution_timeout=TIMEOUTS["build_features"])
     def build_features(_: dict) -> dict:
         return _run_stage("build_features")
 
-    @task
+    @task(execution_timeout=TIMEOUTS["train"])
     def train(_: dict) -> dict:
         return _run_stage("train")
 
-    @task
+    @task(execution_timeout=TIMEOUTS["evaluate"])
     def evaluate(_: dict) -> dict:
         return _run_stage("evaluate")
 
-    @task
+    @task(execution_timeout=TIMEOUTS["register"])
     def register(_: dict) -> dict:
-        return _run_stage("register", dsn=_serving_dsn(), triggered_by=_triggered_by())
+        return _run_stage("register", dsn=serving_dsn(),
+                          triggered_by=triggered_by(get_current_context()))
 
-    @task
-    def publish(_: dict) -> dict:
-        return _run_stage("publish", dsn=_serving_dsn())
+    @task(execution_timeout=TIMEOUTS["publish"])
+    def publish(decision: dict) -> dict:
+        return _run_stage("publish", dsn=serving_dsn(), decision=decision)
 
     publish(register(evaluate(train(build_features(validate(ingest()))))))
 

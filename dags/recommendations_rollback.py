@@ -13,22 +13,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
-
-
-def _who() -> str:
-    run = get_current_context()["dag_run"]
-    user = getattr(run, "triggering_user_name", None)
-    return f"rollback by {user}" if user else "rollback"
-
-
-def _serving_dsn() -> str | None:
-    from airflow.sdk import Connection
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    try:
-        return Connection.get("recs_serving").get_uri()
-    except AirflowNotFoundException:
-        return None
+from recs_support import TIMEOUTS, notify_failure, serving_dsn, triggered_by
 
 
 @dag(
@@ -37,7 +22,8 @@ def _serving_dsn() -> str | None:
     start_date=pendulum.datetime(1990, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=30)},
+    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=30),
+                  "on_failure_callback": notify_failure},
     params={"version": Param(None, type=["null", "string"], pattern=r"^[0-9]+$",
                              title="Model version",
                              description="Registered version of `recommender` to serve again; "
@@ -46,21 +32,23 @@ def _serving_dsn() -> str | None:
     doc_md=__doc__,
 )
 def recommendations_rollback():
-    @task
+    @task(execution_timeout=TIMEOUTS["move_champion"])
     def move_champion() -> dict:
         from pipeline import nightly
         from pipeline.config import Settings
 
-        version = get_current_context()["params"]["version"]
-        return nightly.rollback(Settings(), version, dsn=_serving_dsn(), triggered_by=_who())
+        context = get_current_context()
+        return nightly.rollback(Settings(), context["params"]["version"], dsn=serving_dsn(),
+                                triggered_by=triggered_by(context, prefix="rollback"))
 
-    @task
+    @task(execution_timeout=TIMEOUTS["republish"])
     def republish(target: dict) -> dict:
         from pipeline import nightly
         from pipeline.config import Settings, as_utc
 
         settings = Settings(top_n=target["top_n"])
-        return nightly.publish(settings, as_utc(target["cutoff"]), dsn=_serving_dsn())
+        return nightly.publish(settings, as_utc(target["cutoff"]), dsn=serving_dsn(),
+                               version=target["version"])
 
     republish(move_champion())
 

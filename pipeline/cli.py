@@ -3,16 +3,21 @@
     python -m pipeline.cli demo-data        # fetch MovieLens-100k into an empty landing folder
     python -m pipeline.cli default-date     # the day after the last landing event
     python -m pipeline.cli summary DATE     # what the run for DATE did, and a sample list
+    python -m pipeline.cli airflow-secrets FILE  # one JWT secret and Fernet key for local Airflow
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
+import secrets
 import sys
+from pathlib import Path
 
 from pipeline.config import Settings, as_utc
 
@@ -20,16 +25,61 @@ logger = logging.getLogger(__name__)
 
 
 def serving_dsn() -> str | None:
-    """The ``recs_serving`` connection from the environment, as Airflow would read it."""
+    """The ``recs_serving`` connection from the environment, as Airflow would read it.
+
+    Parsed by Airflow's own ``Connection`` (JSON or URI, as its environment-variable secrets
+    backend does) and rendered with ``get_uri()``, as the DAGs' tasks get it: every part is
+    URL-quoted, so a login or password holding ``@ : / %`` survives. The scheme is
+    ``postgres://`` (Airflow's spelling; :mod:`pipeline.serving` takes it); a JSON connection
+    without ``conn_type`` is taken as postgres, the serving database's type.
+    """
     raw = os.environ.get("AIRFLOW_CONN_RECS_SERVING", "").strip()
     if not raw:
         return None
+    # Airflow only here, imported when needed: the pipeline package does not import it, and
+    # this is a command-line entry point, run where Airflow is installed.
+    from airflow.sdk import Connection
+
     if raw.startswith("{"):
-        conn = json.loads(raw)
-        auth = conn.get("login", "") + (f":{conn['password']}" if conn.get("password") else "")
-        host = f"{conn.get('host', 'localhost')}:{conn.get('port', 5432)}"
-        return f"postgresql://{auth + '@' if auth else ''}{host}/{conn.get('schema', '')}"
-    return raw
+        conn = Connection.from_json(raw, conn_id="recs_serving")
+        conn.conn_type = conn.conn_type or "postgres"
+    else:
+        conn = Connection.from_uri(raw, conn_id="recs_serving")
+    return conn.get_uri()
+
+
+#: Secrets every Airflow component must share (a component that finds one empty generates its
+#: own, and then tasks fail with "Invalid auth token"), with a generator of the right length.
+AIRFLOW_SECRETS = {
+    "AIRFLOW__API_AUTH__JWT_SECRET": lambda: secrets.token_urlsafe(64),  # 64 bytes for HS512
+    "AIRFLOW__CORE__FERNET_KEY": lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+    "AIRFLOW__API__SECRET_KEY": lambda: secrets.token_urlsafe(32),
+}
+
+
+def airflow_secrets(path: Path) -> int:
+    """Write ``path`` once (mode 0600) with a fresh JWT secret, Fernet key and API secret key
+    for a local Airflow; an existing file is kept, so every component and every start shares
+    the same values. The file is shell syntax for ``set -a; . FILE``, and a variable already
+    in the environment (production: set by the deployment or a secrets backend) wins."""
+    if path.exists():
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# Local Airflow secrets, generated once by `python -m pipeline.cli airflow-secrets`.",
+             "# Never commit this file. Load it with: set -a; . ./airflow-secrets.env; set +a",
+             "# A variable already set in the environment wins over the value here."]
+    lines += [f"{name}=${{{name}:-{make()}}}" for name, make in AIRFLOW_SECRETS.items()]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    try:
+        with contextlib.suppress(FileExistsError):  # another process wrote it first: keep that
+            os.link(tmp, path)
+    finally:
+        tmp.unlink()
+    print(f"generated Airflow secrets (JWT secret, Fernet key) in {path}")
+    return 0
 
 
 def demo_data(settings: Settings) -> int:
@@ -158,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("default-date", help="the day after the newest landing event")
     run = sub.add_parser("summary", help="summarise the run for DATE")
     run.add_argument("date", help="the run's logical date, YYYY-MM-DD")
+    keys = sub.add_parser("airflow-secrets",
+                          help="write FILE with shared Airflow secrets unless it exists")
+    keys.add_argument("file", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "airflow-secrets":
+        return airflow_secrets(args.file)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
     if args.command == "demo-data":

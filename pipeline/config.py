@@ -71,9 +71,19 @@ class Settings:
         default_factory=lambda: float(os.environ.get("RECS_LANDING_SETTLE_SECONDS", "60")))
     #: Rows per chunk streamed through ingest and validation (bounds memory).
     chunk_rows: int = 250_000
+    #: A run stops at ingest (no retry) when its window holds fewer events than this, or when
+    #: its newest event is more than max_staleness_days before the cutoff (None: no limit).
+    min_window_events: int = 100
+    max_staleness_days: float | None = 3.0
+    #: A run whose cutoff is older than production's (the live lists' or the champion's)
+    #: records its results but serves nothing and promotes nothing, unless this is set.
+    serve_backfill: bool = False
     # Promotion gate (pipeline.gate): challenger >= champion * (1 + gain) - tolerance, nDCG@10.
     gate_min_relative_gain: float = 0.0
     gate_tolerance: float = 0.001
+    #: Promote a different recipe only when the paired bootstrap interval of challenger minus
+    #: champion (over holdout users) lies above zero.
+    gate_require_significance: bool = False
     force_promote: bool = False
     # Publish: business rules (pipeline.rules) and serving versions (pipeline.serving).
     #: Event types that count as "consumed" (never recommended again); None: every type.

@@ -18,6 +18,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -44,7 +45,8 @@ def _stage(settings: Settings, cutoff: dt.datetime, name: str) -> Iterator[dict]
 
 def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
     """Landing files -> lake; then the run's point-in-time snapshot -> ``events_raw.parquet``."""
-    from pipeline.ingest import ingest_landing, load_column_mapping, write_snapshot
+    from pipeline.freshness import WindowCheck, check_window
+    from pipeline.ingest import ingest_landing, lake_watermark, load_column_mapping, write_snapshot
 
     with _stage(settings, cutoff, "ingest") as result:
         mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
@@ -59,8 +61,13 @@ def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
             settle_seconds=settings.landing_settle_seconds,
             max_bad_row_share=settings.max_bad_row_share, chunk_rows=settings.chunk_rows)
         path = settings.run_dir(cutoff) / "events_raw.parquet"
-        rows = write_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days, path)
-        result.update(report.to_dict(), snapshot_rows=rows, snapshot_path=str(path))
+        snapshot = write_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days, path)
+        window = WindowCheck(cutoff, snapshot.start, snapshot.rows, snapshot.newest,
+                             lake_watermark(settings.lake_events_dir))
+        result.update(report.to_dict(), snapshot_rows=snapshot.rows, snapshot_path=str(path),
+                      **window.to_dict())
+        check_window(window, min_events=settings.min_window_events,
+                     max_staleness_days=settings.max_staleness_days)
     return result
 
 
@@ -152,8 +159,10 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
         events = pd.read_parquet(run / "events.parquet")
         params = _read_json(run / "train.json")["params"] if (run / "train.json").exists() \
             else None
-        table, extra = _holdout(settings, events, cutoff, k, params)
+        holdout = _holdout(settings, events, cutoff, k, params)
+        table, extra = holdout.table, holdout.extra
         table.to_csv(run / "metrics.csv")
+        holdout.user_ndcg.to_frame().to_parquet(run / USER_NDCG_FILE)
         segment_audit(extra.pop("per_user"), extra.pop("segments")).to_csv(
             run / "bias_audit.csv", index=False)
         best_baseline = table.drop(index=["model", "als"])["ndcg"].max()
@@ -177,13 +186,30 @@ def holdout_table(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime,
     Pure in its inputs, so the promotion gate can re-score the champion's recipe on exactly
     the same split.
     """
-    return _holdout(settings, events, cutoff, k)[0]
+    return _holdout(settings, events, cutoff, k, extras=False).table
+
+
+#: Per-user nDCG@k of the run's model on the holdout's warm users (the gate's paired bootstrap).
+USER_NDCG_FILE = "holdout_user_ndcg.parquet"
+
+
+@dataclass(frozen=True)
+class _Holdout:
+    table: pd.DataFrame  # metrics per model (rows model, als, popularity, popularity_30d)
+    user_ndcg: pd.Series  # the model's nDCG@k per warm user (index user_id)
+    extra: dict  # ranker AUC, candidate recall, cold-start metrics, bias-audit inputs
 
 
 def _holdout(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: int = 10,
-             params: dict | None = None) -> tuple[pd.DataFrame, dict]:
-    """(metrics table, extras) of the two-stage recipe (row ``model``) and the baselines."""
-    from pipeline.evaluate import evaluate_models, lists_to_top, popularity_top, split_holdout
+             params: dict | None = None, *, extras: bool = True) -> _Holdout:
+    """Metrics of the two-stage recipe (row ``model``) and the baselines on the holdout."""
+    from pipeline.evaluate import (
+        evaluate_models,
+        lists_to_top,
+        popularity_top,
+        ranking_metrics_per_user,
+        split_holdout,
+    )
     from pipeline.ingest import read_side_file
     from pipeline.popularity import popular_items
 
@@ -196,14 +222,18 @@ def _holdout(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: i
     plain = _als(settings).fit(split.train, popular_items(split.train_events, start, k))
     warm_ids = split.train.user_ids[split.eval_rows]
     warm_lists = model.recommend(warm_ids, k)
+    model_top = lists_to_top(warm_lists, warm_ids, split.train, k)
     table = evaluate_models(split, {
-        "model": lambda rows, n: lists_to_top(warm_lists, warm_ids, split.train, n),
+        "model": lambda rows, n: model_top[:, :n],
         "als": lambda rows, n: plain.score_top(rows, n)[0],
         "popularity": lambda rows, n: popularity_top(split, rows, n, None),
         "popularity_30d": lambda rows, n: popularity_top(split, rows, n, 30),
     }, k=k, diversity=True)
-    extra = _holdout_extras(model, split, events, cutoff, k, users, warm_lists)
-    return table, extra
+    user_ndcg = pd.Series(ranking_metrics_per_user(model_top, split.truth[split.eval_rows], k)
+                          ["ndcg"], index=pd.Index(warm_ids, name="user_id"), name="ndcg")
+    extra = (_holdout_extras(model, split, events, cutoff, k, users, warm_lists) if extras
+             else {})
+    return _Holdout(table, user_ndcg, extra)
 
 
 def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
@@ -252,14 +282,23 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
 
 def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
              triggered_by: str = "pipeline") -> dict:
-    """Log and register the bundle (alias ``challenger``), then run the promotion gate.
+    """Log and register the bundle, then decide whether it becomes champion.
 
-    The champion is re-scored on this run's holdout by refitting its recipe (the settings it
-    was trained with, logged as run params) on the same split, so both are judged on the same
-    data. The decision goes to MLflow tags and to the serving DB's ``model_promotions``.
+    A run whose cutoff is older than production's (the live lists' or the champion's logical
+    date) is a backfill: its model is logged and registered, but it moves no alias and serves
+    nothing, unless ``serve_backfill`` or ``force_promote`` says so. Otherwise the model becomes
+    ``challenger`` and the gate (:mod:`pipeline.gate`) decides: the champion is re-scored on
+    this run's holdout by refitting its recipe (the settings it was trained with, logged as run
+    params) on the same split, and the two are compared user by user (paired bootstrap).
+
+    Everything from reading the champion to moving the alias happens under the serving DB's
+    promotion lock, so two runs never decide at once. The decision goes to MLflow tags and to
+    ``model_promotions``; ``serve_version`` in the result is the version ``publish`` must serve
+    (None: publish nothing).
     """
-    from pipeline.gate import decide_promotion
+    from pipeline.gate import GateDecision, decide_promotion
     from pipeline.registry import (
+        CHALLENGER,
         champion_version,
         configure_mlflow,
         load_bundle,
@@ -268,10 +307,11 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
         tag_decision,
         version_details,
     )
-    from pipeline.serving import record_promotion
+    from pipeline.serving import promotion_lock, record_promotion
 
     run = settings.run_dir(cutoff)
-    with _stage(settings, cutoff, "register") as result:
+    with (_stage(settings, cutoff, "register") as result,
+          promotion_lock(dsn=dsn, sqlite_path=settings.serving_sqlite_path)):
         trained, evaluated = _read_json(run / "train.json"), _read_json(run / "evaluate.json")
         validated, ingested = _read_json(run / "validate.json"), _read_json(run / "ingest.json")
         k, metrics = evaluated["k"], dict(evaluated["metrics"])
@@ -280,11 +320,19 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                        if re.fullmatch(rf"popularity(_\d+d)?_ndcg_at_{k}", key))
         configure_mlflow()
         champion = champion_version()
-        champion_score = None
-        if champion is not None:
-            champion_score = _recipe_score(settings, cutoff, version_details(champion),
-                                           trained["params"], challenger_score, k)
-            metrics[f"champion_ndcg_at_{k}"] = champion_score
+        production = _production_cutoff(settings, dsn, champion)
+        backfill = production is not None and cutoff < production[0]
+        decides = not backfill or settings.serve_backfill or settings.force_promote
+        champion_score = interval = None
+        same_recipe = False
+        if champion is not None and decides:
+            own = pd.read_parquet(run / USER_NDCG_FILE)["ndcg"]
+            rescored = _recipe_score(settings, cutoff, version_details(champion),
+                                     trained["params"], own, k)
+            champion_score, same_recipe = rescored.mean, rescored.same_recipe
+            interval = _paired_interval(own, rescored.user_ndcg, settings.seed)
+            metrics.update({f"champion_ndcg_at_{k}": champion_score,
+                            "gate_diff_low": interval[0], "gate_diff_high": interval[1]})
         bundle = load_bundle(Path(trained["bundle_path"]))
         report = _write_report(run, bundle, champion_score, k)
         registration = register_model(
@@ -294,21 +342,37 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                     **_prefixed("model", trained["params"])},
             metrics=metrics,
             tags={"logical_date": cutoff.isoformat(), "triggered_by": triggered_by,
+                  "backfill": str(backfill),
                   "model_params": json.dumps(trained["params"], sort_keys=True),
                   "numerics": str((trained.get("training") or {}).get("numerics", "")),
                   "rows_snapshot": str(ingested["snapshot_rows"]),
                   "rows_clean": str(validated.get("rows", 0) - validated.get("bad_rows", 0)),
                   "validation_passed": str(validated.get("passed")),
                   "lake_path": str(settings.lake_events_dir)},
-            artifacts={"report": report}, recommender=bundle)
+            artifacts={"report": report}, recommender=bundle,
+            alias=CHALLENGER if decides else None)
         if champion == registration.version:  # a re-run of the model that already serves
             result.update(registration.to_dict(), promoted=False, decision="unchanged",
-                          reason=f"v{champion} is already champion", champion_version=champion)
+                          reason=f"v{champion} is already champion", champion_version=champion,
+                          serve_version=champion)
             return result
-        gate = decide_promotion(challenger_score, champion_score, baseline,
-                                min_relative_gain=settings.gate_min_relative_gain,
-                                tolerance=settings.gate_tolerance,
-                                force=settings.force_promote, metric=f"ndcg@{k}")
+        if decides:
+            gate = decide_promotion(
+                challenger_score, champion_score, baseline,
+                min_relative_gain=settings.gate_min_relative_gain,
+                tolerance=settings.gate_tolerance, force=settings.force_promote,
+                metric=f"ndcg@{k}", same_recipe=same_recipe, interval=interval,
+                require_significance=settings.gate_require_significance)
+        else:
+            gate = GateDecision(
+                False, "backfill",
+                f"backfill: cutoff {cutoff:%Y-%m-%d} is older than production's "
+                f"{production[0]:%Y-%m-%d} ({production[1]}); the run's results are recorded, "
+                f"the champion (v{champion}) and the live lists stay (set serve_backfill or "
+                "force_promote to serve it)", challenger_score, None, baseline,
+                min_relative_gain=settings.gate_min_relative_gain,
+                tolerance=settings.gate_tolerance,
+                require_significance=settings.gate_require_significance)
         if gate.promote:
             set_champion(registration.version, decision=gate.decision, reason=gate.reason)
         else:
@@ -319,10 +383,41 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                          metrics={**gate.to_dict(), "champion_version": champion,
                                   "logical_date": cutoff.isoformat()},
                          triggered_by=triggered_by)
+        logger.info("register: v%s %s: %s", registration.version, gate.decision, gate.reason)
+        serve = registration.version if gate.promote else champion
         result.update(registration.to_dict(), promoted=gate.promote, decision=gate.decision,
-                      reason=gate.reason,
-                      champion_version=registration.version if gate.promote else champion)
+                      reason=gate.reason, backfill=backfill,
+                      champion_version=registration.version if gate.promote else champion,
+                      serve_version=serve if decides else None)
     return result
+
+
+def _production_cutoff(settings: Settings, dsn: str | None, champion: str | None
+                       ) -> tuple[dt.datetime, str] | None:
+    """The newest logical date production serves, and what serves it: the live lists' or
+    the champion's, whichever is later (None before the first publish and promotion)."""
+    from pipeline.config import as_utc
+    from pipeline.registry import version_details
+    from pipeline.serving import live_version
+
+    found = []
+    live = live_version(dsn=dsn, sqlite_path=settings.serving_sqlite_path)
+    if live is not None:
+        found.append((live["logical_date"], f"the live lists: serving version {live['version']}, "
+                                            f"model v{live['model_version']}"))
+    if champion is not None:
+        logical_date = version_details(champion)["tags"].get("logical_date")
+        if logical_date:
+            found.append((as_utc(logical_date), f"champion v{champion}"))
+    return max(found, key=lambda pair: pair[0]) if found else None
+
+
+def _paired_interval(own: pd.Series, theirs: pd.Series, seed: int) -> tuple[float, float]:
+    """95% paired bootstrap interval of own minus theirs over the users both were scored on."""
+    from pipeline.evaluate import paired_bootstrap
+
+    users = own.index.intersection(theirs.index)
+    return paired_bootstrap(own.loc[users].to_numpy(), theirs.loc[users].to_numpy(), seed=seed)
 
 
 def _write_report(run: Path, model, champion_score: float | None, k: int) -> Path:
@@ -357,9 +452,10 @@ def _write_report(run: Path, model, champion_score: float | None, k: int) -> Pat
 #: Settings that do not change how a model is trained (paths, serving, gate, split).
 _NOT_RECIPE = frozenset({"data_dir", "event_weights", "top_n", "holdout_days",
                          "max_bad_row_share", "force_promote", "gate_min_relative_gain",
-                         "gate_tolerance", "consumed_event_types", "max_per_category",
-                         "item_ttl_days", "candidate_multiplier", "keep_versions", "tune",
-                         "tune_budget_minutes"})
+                         "gate_tolerance", "gate_require_significance", "consumed_event_types",
+                         "max_per_category", "item_ttl_days", "candidate_multiplier",
+                         "keep_versions", "tune", "tune_budget_minutes", "min_window_events",
+                         "max_staleness_days", "serve_backfill"})
 
 
 def recipe_params(settings: Settings) -> dict:
@@ -370,13 +466,21 @@ def recipe_params(settings: Settings) -> dict:
             and isinstance(getattr(settings, f.name), (int, float, str, bool))}
 
 
+@dataclass(frozen=True)
+class _Rescored:
+    mean: float  # nDCG@k of the champion's recipe on this run's holdout
+    user_ndcg: pd.Series  # per warm user (index user_id)
+    same_recipe: bool  # the champion's recipe is this run's: the refit is this run's model
+
+
 def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_params: dict,
-                  own_score: float, k: int) -> float:
+                  own_users: pd.Series, k: int) -> _Rescored:
     """nDCG@k of the champion's recipe refitted on this run's holdout split.
 
     The recipe is the champion's training settings (run params) plus its exact model params
     (the ``model_params`` tag, tuned values included). When both equal this run's, the refit
-    would be identical (deterministic fit, same split), so ``own_score`` is reused.
+    would be this run's own model (deterministic fit, same split, same code), so its scores
+    ``own_users`` are reused and the two tie by construction.
     """
     mine = {key: str(value) for key, value in recipe_params(settings).items()}
     theirs = {key: champion["params"][key] for key in mine if key in champion["params"]}
@@ -386,16 +490,17 @@ def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_p
 
         their_params = with_legacy_params(their_params)
     if theirs == mine and their_params in (None, own_params):
-        return own_score
+        return _Rescored(float(own_users.mean()), own_users, True)
     fields = {f.name: f.type for f in dataclasses.fields(Settings)}
     overrides = {key: _as_type(value, fields[key]) for key, value in theirs.items()
                  if key in fields}
     champion_settings = dataclasses.replace(settings, **overrides)
     events = pd.read_parquet(settings.run_dir(cutoff) / "events.parquet")
-    table = _holdout(champion_settings, events, cutoff, k, their_params)[0]
+    holdout = _holdout(champion_settings, events, cutoff, k, their_params, extras=False)
+    score = float(holdout.table.loc["model", "ndcg"])
     logger.info("champion v%s re-scored on this holdout: ndcg@%d %.4f", champion["version"], k,
-                table.loc["model", "ndcg"])
-    return float(table.loc["model", "ndcg"])
+                score)
+    return _Rescored(score, holdout.user_ndcg, False)
 
 
 def _as_type(value: str, annotation: str):
@@ -407,21 +512,35 @@ def _prefixed(prefix: str, params: dict) -> dict:
     return {f"{prefix}.{key}": value for key, value in params.items()}
 
 
-def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> dict:
-    """Top-N for every user seen before the cutoff from the champion, plus ``__default__``.
+def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
+            decision: dict | None = None, version: str | None = None) -> dict:
+    """Top-N for every user seen before the cutoff, plus ``__default__``, from one model.
 
-    The champion proposes ``candidate_multiplier`` x N candidates per user; the business rules
+    Which model: ``version`` when given (a rollback republishing what it served; may be an
+    older date), else the version this run's ``register`` decided on (``decision``, its result:
+    ``serve_version``, None for a backfill, which publishes nothing), else the champion. Lists
+    for a date older than the live lists' are refused under the publish lock (production moves
+    forward only) unless ``serve_backfill`` or ``force_promote`` is set, or ``version`` is.
+
+    The model proposes ``candidate_multiplier`` x N candidates per user; the business rules
     (:mod:`pipeline.rules`: nothing consumed, unavailable or expired, at most
     ``max_per_category`` per category, exactly N from the fallback list) pick the N published.
     """
     from pipeline.ingest import read_side_file
-    from pipeline.registry import load_champion
+    from pipeline.registry import load_version
     from pipeline.rules import build_consumed, recommend_with_rules
-    from pipeline.serving import publish_lists
+    from pipeline.serving import OlderThanLive, publish_lists
 
     run = settings.run_dir(cutoff)
+    allow_older = version is not None or settings.serve_backfill or settings.force_promote
     with _stage(settings, cutoff, "publish") as result:
-        model, version = load_champion()
+        if version is None and decision is not None:
+            version = decision.get("serve_version")
+            if version is None:
+                logger.info("publish: nothing to serve: %s", decision.get("reason"))
+                result.update(published=False, reason=decision.get("reason"))
+                return result
+        model, version = load_version(version)
         recommender = model.unwrap_python_model().recommender
         events = pd.read_parquet(run / "events.parquet",
                                  columns=["user_id", "item_id", "event_type"])
@@ -435,12 +554,21 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> 
             cutoff=cutoff, default_user=DEFAULT_USER)
         del events
         lists["generated_at"] = pd.Timestamp(cutoff)
-        published = publish_lists(lists, dsn=dsn, sqlite_path=settings.serving_sqlite_path,
-                                  model_version=str(version), logical_date=cutoff,
-                                  keep_versions=settings.keep_versions)
-        result.update(model_version=str(version), rows=published.rows, users=published.users,
-                      serving_version=published.version, table=published.table,
-                      rules=rule_stats.to_dict(),
+        try:
+            published = publish_lists(lists, dsn=dsn, sqlite_path=settings.serving_sqlite_path,
+                                      model_version=str(version), logical_date=cutoff,
+                                      keep_versions=settings.keep_versions,
+                                      allow_older=allow_older)
+        except OlderThanLive as exc:  # another run published newer lists meanwhile
+            logger.info("publish: not serving model v%s for %s: %s", version,
+                        f"{cutoff:%Y-%m-%d}", exc)
+            result.update(published=False, model_version=str(version), reason=str(exc))
+            return result
+        logger.info("publish: model v%s serves %d users (serving version %d)", version,
+                    published.users, published.version)
+        result.update(published=True, model_version=str(version), rows=published.rows,
+                      users=published.users, serving_version=published.version,
+                      table=published.table, rules=rule_stats.to_dict(),
                       target="postgres" if dsn else str(settings.serving_sqlite_path))
     return result
 

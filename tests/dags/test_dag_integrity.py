@@ -13,9 +13,9 @@ PIPELINE_ORDER = ["ingest", "validate", "build_features", "train", "evaluate", "
 
 @pytest.fixture(scope="module")
 def dagbag():
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
-    return DagBag(dag_folder=str(REPO / "dags"))
+    return BundleDagBag(dag_folder=str(REPO / "dags"), bundle_path=REPO / "dags")
 
 
 def test_no_import_errors(dagbag):
@@ -67,3 +67,42 @@ def test_airflow_cfg_points_at_the_repo():
     assert Path(conf.get("core", "dags_folder")).resolve() == (REPO / "dags").resolve()
     assert conf.getboolean("core", "load_examples") is False
     assert conf.getint("core", "parallelism") <= 4
+
+
+def test_every_task_has_a_timeout_and_the_failure_notifier(dagbag):
+    from recs_support import notify_failure
+
+    for dag_id in ("recommendations_nightly", "recommendations_rollback"):
+        for task in dagbag.dags[dag_id].tasks:
+            assert task.execution_timeout is not None, f"{dag_id}.{task.task_id}"
+            assert task.execution_timeout.total_seconds() >= 600
+            assert notify_failure in list(task.on_failure_callback or []) \
+                or task.on_failure_callback is notify_failure, f"{dag_id}.{task.task_id}"
+
+
+def test_every_param_is_a_pipeline_setting(dagbag):
+    import dataclasses
+
+    from pipeline.config import Settings
+
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    params = dagbag.dags["recommendations_nightly"].params
+    assert set(params) <= fields, set(params) - fields
+    defaults = Settings()
+    for name in params:  # the form's defaults are the pipeline's
+        assert params[name] == getattr(defaults, name), name
+
+
+def test_the_failure_notifier_is_quiet_when_no_address_is_configured(monkeypatch):
+    from recs_support import notify_failure
+
+    monkeypatch.delenv("RECS_ALERT_EMAIL", raising=False)
+    assert notify_failure({}) is None  # no SMTP connection needed, nothing raised
+
+
+def test_the_failure_mail_names_the_first_line_of_the_error():
+    from recs_support import first_error_line
+
+    assert first_error_line(ValueError("bad value\nTraceback ...")) == "ValueError: bad value"
+    assert first_error_line(RuntimeError("RuntimeError: said twice")) == "RuntimeError: said twice"
+    assert first_error_line(None).startswith("unknown error")

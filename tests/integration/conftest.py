@@ -16,7 +16,7 @@ UTC = dt.timezone.utc
 def world(tmp_path_factory, pg_dsn_module, airflow_db):
     """Synthetic landing data (40 days from 2024-01-01), env pointing every store at a temp
     folder or a throwaway Postgres database, and the DAGs with retries off."""
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
     from pipeline.data import write_landing
     from pipeline.data.synthetic import generate_clickstream
@@ -30,7 +30,7 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
     env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     env.setenv("MLFLOW_ARTIFACT_ROOT", str(root / "mlartifacts"))
     env.setenv("AIRFLOW_CONN_RECS_SERVING", pg_dsn_module)
-    dags = DagBag(dag_folder=str(REPO / "dags")).dags
+    dags = BundleDagBag(dag_folder=str(REPO / "dags"), bundle_path=REPO / "dags").dags
     for dag in dags.values():
         for task in dag.tasks:
             task.retries = 0  # a failure should fail the run now, not after retry delays

@@ -128,3 +128,47 @@ def test_broken_champion_artifact_fails_loudly_and_keeps_the_lists(world, first_
     finally:
         shutil.move(hidden, bundle)
     pd.testing.assert_frame_equal(before, published())
+
+
+def test_the_same_recipe_on_newer_data_is_a_retrain_not_a_win(world, first_lists, published):
+    """After the rollback, v1 (the GOOD recipe) is champion: GOOD again on newer data ties it
+    by construction, which the audit row says, with the gate's settings and interval."""
+    import json
+
+    day4 = DAY1 + dt.timedelta(days=3)
+    # dag.test() keeps earlier runs' conf in the DAG's params (one DAG object, one process):
+    # name every value the earlier runs changed.
+    conf = {**GOOD, "als_regularization": 0.05, "force_promote": False}
+    run = world["dags"]["recommendations_nightly"].test(logical_date=day4, run_conf=conf)
+    assert run.state == "success"
+    with psycopg2.connect(world["dsn"]) as conn, conn.cursor() as cur:
+        cur.execute("SELECT model_version, decision, reason, metrics FROM recs.model_promotions "
+                    "ORDER BY id DESC LIMIT 1")
+        version, decision, reason, metrics = cur.fetchone()
+    assert decision == "retrained", _promotions(world["dsn"]).to_string()
+    assert "same recipe" in reason and "tie, not a win" in reason
+    assert metrics["same_recipe"] is True and metrics["interval"] == [0.0, 0.0]
+    assert metrics["tolerance"] == 0.001 and metrics["min_relative_gain"] == 0.0
+    assert _champion() == version
+    assert set(published()["model_version"]) == {version}
+    register = json.loads((world["root"] / "data" / "runs" / "2024-02-04T000000"
+                           / "register.json").read_text())
+    assert register["serve_version"] == version
+
+
+def test_publish_serves_the_version_its_gate_decided_on_not_the_alias(world, published):
+    """Another run may move ``champion`` between this run's register and publish."""
+    from pipeline import nightly
+    from pipeline.config import Settings
+    from pipeline.registry import set_champion
+
+    day4 = DAY1 + dt.timedelta(days=3)
+    decided = _champion()
+    set_champion("2", decision="test", reason="another run moved the alias meanwhile")
+    try:
+        result = nightly.publish(Settings(top_n=5), day4, dsn=world["dsn"],
+                                 decision={"serve_version": decided, "reason": "decided"})
+    finally:
+        set_champion(decided, decision="test", reason="restore")
+    assert result["published"] and result["model_version"] == decided
+    assert set(published()["model_version"]) == {decided}
