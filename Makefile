@@ -39,10 +39,10 @@ $(STAMP): requirements.txt
 run: install $(AIRFLOW_SECRETS)  ## run the nightly DAG once on the demo data (DATE=YYYY-MM-DD to choose the day)
 	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
 	@$(BIN)/python -m pipeline.cli demo-data
-	@date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
+	@$(AIRFLOW_ENV) date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
 	 echo "running recommendations_nightly for $$date (log: logs/make-run.log)"; \
 	 mkdir -p logs; \
-	 if ! $(AIRFLOW_ENV) $(BIN)/airflow dags test recommendations_nightly $$date > logs/make-run.log 2>&1; then \
+	 if ! $(BIN)/airflow dags test recommendations_nightly $$date > logs/make-run.log 2>&1; then \
 	   grep -E "^[A-Za-z_.]+(Error|Exception|Failed)[A-Za-z]*: " logs/make-run.log \
 	     | sort -u | tail -n 5; \
 	   echo "the run failed; full log: logs/make-run.log"; exit 1; \

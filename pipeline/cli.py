@@ -160,10 +160,11 @@ def summary(settings: Settings, date: str) -> int:
                      f"{m.get(f'popularity_30d_cold_ndcg_at_{k}', float('nan')):.4f}")
     lines += [
         f"  register   {reg['decision']}: {reg['reason']}; version {reg['version']} "
-        f"{'promoted to champion' if reg['promoted'] else 'is challenger'}; "
+        f"{_version_role(reg)}; "
         f"champion = v{reg['champion_version']}",
-        f"  publish    {pub['rows']:,} rows for {pub['users']:,} users (incl. __default__) "
-        f"from model v{pub['model_version']} -> {pub['target']}",
+        (f"  publish    {pub['rows']:,} rows for {pub['users']:,} users (incl. __default__) "
+         f"from model v{pub['model_version']} -> {pub['target']}"
+         if pub.get("published", True) else f"  publish    nothing published: {pub['reason']}"),
     ]
     sample = _sample_user(run)
     if sample is not None:
@@ -176,6 +177,14 @@ def summary(settings: Settings, date: str) -> int:
                   for r in rows.itertuples()]
     print("\n".join(lines))
     return 0
+
+
+def _version_role(registered: dict) -> str:
+    if registered["promoted"]:
+        return "promoted to champion"
+    if registered.get("decision") == "backfill":
+        return "recorded, not a candidate (backfill)"
+    return "is challenger"
 
 
 def _metrics_table(metrics: dict, k: int) -> list[str]:

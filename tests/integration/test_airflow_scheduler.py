@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from email import message_from_bytes
@@ -309,3 +310,11 @@ def test_a_backfill_of_two_older_dates_records_them_and_leaves_production_alone(
         assert "older than production's 2024-02-01" in registered["reason"]
         published = json.loads((folder / "publish.json").read_text())
         assert published["published"] is False
+    # The summary `make run` prints says so too.
+    summary = subprocess.run([sys.executable, "-m", "pipeline.cli", "summary", "2024-01-30"],
+                             cwd=REPO, env=airflow.env, capture_output=True, text=True,
+                             timeout=120)
+    assert summary.returncode == 0, summary.stderr
+    assert "register   backfill: backfill: cutoff 2024-01-30" in summary.stdout
+    assert "recorded, not a candidate (backfill)" in summary.stdout
+    assert "publish    nothing published: backfill" in summary.stdout
