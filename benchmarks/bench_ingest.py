@@ -58,8 +58,8 @@ def _child(args: list[str]) -> tuple[dict, int]:
 
 
 def _generate(size: int, root: Path) -> dict:
-    from pipeline.data import write_landing
-    from pipeline.data.synthetic import generate_clickstream
+    from pipeline.lake.demo import write_landing
+    from pipeline.lake.demo.synthetic import generate_clickstream
 
     data = generate_clickstream(n_users=max(1, size // 56), n_items=max(100, size // 200),
                                 n_days=_DAYS, start=_START, seed=1)
@@ -77,10 +77,10 @@ def _baseline(root: Path) -> dict:
 
 
 def _pipeline(root: Path) -> dict:
-    from pipeline.config import REPO_ROOT
-    from pipeline.ingest import _HASH_CACHE, _load_lake_index, ingest_landing, write_snapshot
-    from pipeline.timing import StageClock
-    from pipeline.validate import _import_gx, validate_events_file
+    from pipeline.core.config import REPO_ROOT
+    from pipeline.core.timing import StageClock
+    from pipeline.lake.ingest import _HASH_CACHE, _load_lake_index, ingest_landing, write_snapshot
+    from pipeline.lake.validate import _import_gx, validate_events_file
 
     imported = time.perf_counter()
     _import_gx()  # a one-off ~5 s per process: reported apart from the throughput

@@ -56,10 +56,10 @@ def _measure(n_users: int, n_items: int, root: Path) -> dict:
     import logging
 
     from pipeline import nightly
-    from pipeline.config import Settings, as_utc
-    from pipeline.data import write_landing
-    from pipeline.data.synthetic import generate_clickstream
-    from pipeline.twostage import TwoStageRecommender
+    from pipeline.core.config import Settings, as_utc
+    from pipeline.lake.demo import write_landing
+    from pipeline.lake.demo.synthetic import generate_clickstream
+    from pipeline.models.twostage import TwoStageRecommender
 
     logging.basicConfig(level=logging.WARNING)
     data = generate_clickstream(n_users=n_users, n_items=n_items, n_days=DAYS, start=START,

@@ -37,8 +37,8 @@ import pandas as pd
 import psycopg2
 from psycopg2 import sql
 
-from pipeline import serving
-from pipeline.config import DEFAULT_USER
+from pipeline.core.config import DEFAULT_USER
+from pipeline.serving import store as serving
 
 ITEMS_PER_USER = 10
 CATALOGUE = 20_000
@@ -163,7 +163,7 @@ class _PhaseLog(logging.Handler):
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
-        log = logging.getLogger("pipeline.serving")
+        log = logging.getLogger("pipeline.serving.store")
         level, propagate = log.level, log.propagate
         log.setLevel(logging.DEBUG)
         log.propagate = False

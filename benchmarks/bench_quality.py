@@ -36,8 +36,8 @@ PUBLISHED = "two-stage"
 
 
 def run(quick: bool = False, tune_minutes: float = 0.0) -> None:
-    from pipeline.data.movielens import load_movielens_100k
-    from pipeline.evaluate import paired_bootstrap
+    from pipeline.core.metrics import paired_bootstrap
+    from pipeline.lake.demo.movielens import load_movielens_100k
 
     data = load_movielens_100k(_cache_dir())
     seeds = (SEED,) if quick else (SEED, *OTHER_SEEDS)
@@ -68,9 +68,9 @@ def run(quick: bool = False, tune_minutes: float = 0.0) -> None:
 
 
 def _evaluate_cutoff(data, cutoff: dt.datetime, seeds: tuple[int, ...], tune_minutes: float):
-    from pipeline.config import DEFAULT_EVENT_WEIGHTS
-    from pipeline.evaluate import paired_bootstrap, user_metrics, window_truth_frame
-    from pipeline.twostage import TwoStageRecommender
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.metrics import paired_bootstrap, user_metrics, window_truth_frame
+    from pipeline.models.twostage import TwoStageRecommender
 
     events = data.events
     train = events[events["timestamp"] < cutoff]
@@ -93,7 +93,7 @@ def _evaluate_cutoff(data, cutoff: dt.datetime, seeds: tuple[int, ...], tune_min
             seconds[PUBLISHED] = time.perf_counter() - started
     tuned = ""
     if tune_minutes > 0:
-        from pipeline.tuning import tune_twostage
+        from pipeline.evaluation.tuning import tune_twostage
 
         started = time.perf_counter()
         result = tune_twostage(train, cutoff, TwoStageRecommender().get_params(), tune_minutes,
@@ -157,8 +157,8 @@ def _personal_lists(train: pd.DataFrame, cutoff: dt.datetime, users: np.ndarray,
     from implicit.cpu.bpr import BayesianPersonalizedRanking
     from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
 
-    from pipeline.config import DEFAULT_EVENT_WEIGHTS
-    from pipeline.matrix import build_matrix
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.features.matrix import build_matrix
 
     matrix = build_matrix(train, DEFAULT_EVENT_WEIGHTS)
     model = {"als": lambda: AlternatingLeastSquares(factors=64, regularization=0.05, alpha=2.0,
@@ -228,11 +228,11 @@ DEV_CUTOFFS = ("1997-11-15", "1997-12-01", "1997-12-15")  # 30-day windows end <
 
 def run_dev(objectives: tuple[str, ...] = ("rank:ndcg", "binary:logistic")) -> None:
     """Score cold-start options and ranker objectives on DEV_CUTOFFS (default params)."""
-    from pipeline.coldstart import COLD_OPTIONS, SegmentPopularity, select_cold_start
-    from pipeline.config import DEFAULT_EVENT_WEIGHTS
-    from pipeline.data.movielens import load_movielens_100k
-    from pipeline.evaluate import user_metrics, window_truth_frame
-    from pipeline.twostage import TwoStageRecommender
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.metrics import user_metrics, window_truth_frame
+    from pipeline.lake.demo.movielens import load_movielens_100k
+    from pipeline.models.coldstart import COLD_OPTIONS, SegmentPopularity, select_cold_start
+    from pipeline.models.twostage import TwoStageRecommender
 
     data = load_movielens_100k(_cache_dir())
     events = data.events
@@ -282,10 +282,10 @@ def variant_scores(variants: Mapping[str, Mapping], cutoffs=DEV_CUTOFFS,
     """Warm-user nDCG@K (HORIZON_DAYS) of the two-stage model for each named parameter
     ``variant`` (no tuning), dev cutoff and seed, plus the 30-day popularity baseline
     (option "popularity (30 days)"): columns cutoff, option, seed, warm, seconds."""
-    from pipeline.config import DEFAULT_EVENT_WEIGHTS
-    from pipeline.data.movielens import load_movielens_100k
-    from pipeline.evaluate import user_metrics, window_truth_frame
-    from pipeline.twostage import TwoStageRecommender
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.metrics import user_metrics, window_truth_frame
+    from pipeline.lake.demo.movielens import load_movielens_100k
+    from pipeline.models.twostage import TwoStageRecommender
 
     data = load_movielens_100k(_cache_dir())
     events = data.events

@@ -1,12 +1,12 @@
 """Training and serving at scale: the two-stage model against plain ALS on synthetic logs.
 
-Seeded synthetic clickstreams (:func:`pipeline.data.synthetic.generate_clickstream`, 90 days,
+Seeded synthetic clickstreams (:func:`pipeline.lake.demo.synthetic.generate_clickstream`, 90 days,
 ~58 events per user); the cutoff is 14 days before the end. Each method runs in a fresh
 subprocess (its peak RSS is its own) and does what the nightly run does with it:
 
 * ``als``: the interaction matrix and implicit ALS (the obvious personal baseline), then
   lists for every user seen before the cutoff;
-* ``two-stage``: :class:`pipeline.twostage.TwoStageRecommender` with its defaults (the
+* ``two-stage``: :class:`pipeline.models.twostage.TwoStageRecommender` with its defaults (the
   published model: label windows, candidates, XGBoost ranker, cold start), then lists for
   the same users.
 
@@ -64,9 +64,10 @@ def run(quick: bool) -> None:
 
 def _measure(method: str, n_users: int, n_items: int) -> dict:
     """Generate the log, fit ``method`` at the cutoff, list every known user, score."""
-    from pipeline.config import DEFAULT_EVENT_WEIGHTS
-    from pipeline.data.synthetic import generate_clickstream
-    from pipeline.evaluate import popularity_lists, user_metrics, window_truth_frame
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.metrics import user_metrics, window_truth_frame
+    from pipeline.evaluation.holdout import popularity_lists
+    from pipeline.lake.demo.synthetic import generate_clickstream
 
     data = generate_clickstream(n_users=n_users, n_items=n_items, n_days=DAYS, seed=1)
     events = data.events
@@ -85,14 +86,14 @@ def _measure(method: str, n_users: int, n_items: int) -> dict:
         return {**result, "ndcg": ndcg(popularity_lists(train, cutoff, eval_users, K, 30))}
     started = time.perf_counter()
     if method == "als":
-        from pipeline.matrix import build_matrix
-        from pipeline.popularity import popular_items
-        from pipeline.recommender import AlsRecommender
+        from pipeline.features.matrix import build_matrix
+        from pipeline.features.popularity import popular_items
+        from pipeline.models.als import AlsRecommender
 
         model = AlsRecommender().fit(build_matrix(train, DEFAULT_EVENT_WEIGHTS),
                                      popular_items(train, cutoff, K))
     else:
-        from pipeline.twostage import TwoStageRecommender
+        from pipeline.models.twostage import TwoStageRecommender
 
         model = TwoStageRecommender().fit(train, cutoff, DEFAULT_EVENT_WEIGHTS, data.items,
                                           data.users)

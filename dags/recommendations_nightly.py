@@ -96,14 +96,14 @@ PARAMS = {
                                                    "users) lies above zero."),
 }
 
-#: Params that map one to one onto ``pipeline.config.Settings`` fields.
+#: Params that map one to one onto ``pipeline.core.config.Settings`` fields.
 SETTINGS_PARAMS = tuple(PARAMS)
 
 
 
 def _run_args() -> tuple:
     """(Settings, cutoff) for the running task: cutoff = midnight UTC of the logical date."""
-    from pipeline.config import Settings, as_utc
+    from pipeline.core.config import Settings, as_utc
 
     context = get_current_context()
     run = context["dag_run"]
@@ -121,7 +121,7 @@ def _run_stage(name: str, **kwargs) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pipeline import nightly
-    from pipeline.errors import DataError, ValidationFailed, WindowError
+    from pipeline.core.errors import DataError, ValidationFailed, WindowError
 
     try:
         return getattr(nightly, name)(*_run_args(), **kwargs)

@@ -35,7 +35,7 @@ def recommendations_rollback():
     @task(execution_timeout=TIMEOUTS["move_champion"])
     def move_champion() -> dict:
         from pipeline import nightly
-        from pipeline.config import Settings
+        from pipeline.core.config import Settings
 
         context = get_current_context()
         return nightly.rollback(Settings(), context["params"]["version"], dsn=serving_dsn(),
@@ -44,7 +44,7 @@ def recommendations_rollback():
     @task(execution_timeout=TIMEOUTS["republish"])
     def republish(target: dict) -> dict:
         from pipeline import nightly
-        from pipeline.config import Settings, as_utc
+        from pipeline.core.config import Settings, as_utc
 
         settings = Settings(top_n=target["top_n"])
         return nightly.publish(settings, as_utc(target["cutoff"]), dsn=serving_dsn(),

@@ -19,7 +19,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from pipeline.config import Settings, as_utc
+from pipeline.core.config import Settings, as_utc
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def airflow_secrets(path: Path) -> int:
 
 def demo_data(settings: Settings) -> int:
     """Write MovieLens-100k to the landing folder unless it already holds event files."""
-    from pipeline.data.movielens import write_demo_landing
-    from pipeline.ingest import list_landing_files
+    from pipeline.lake.demo.movielens import write_demo_landing
+    from pipeline.lake.ingest import list_landing_files
 
     existing = list_landing_files(settings.landing_events_dir)
     if existing:
@@ -99,7 +99,7 @@ def demo_data(settings: Settings) -> int:
 
 def default_date(settings: Settings) -> int:
     """Print the day after the newest event in the landing files."""
-    from pipeline.ingest import (
+    from pipeline.lake.ingest import (
         list_landing_files,
         load_column_mapping,
         parse_timestamps,
@@ -120,8 +120,8 @@ def default_date(settings: Settings) -> int:
 
 def summary(settings: Settings, date: str) -> int:
     """Print the run's stage results and one sample user's published list."""
-    from pipeline.ingest import read_side_file
-    from pipeline.serving import read_user_list
+    from pipeline.lake.ingest import read_side_file
+    from pipeline.serving.store import read_user_list
 
     cutoff = as_utc(date)
     run = settings.run_dir(cutoff)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import DEFAULT_USER, REPO_ROOT, Settings
+from pipeline.core.config import DEFAULT_USER, REPO_ROOT, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,13 @@ def _stage(settings: Settings, cutoff: dt.datetime, name: str) -> Iterator[dict]
 
 def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
     """Landing files -> lake; then the run's point-in-time snapshot -> ``events_raw.parquet``."""
-    from pipeline.freshness import WindowCheck, check_window
-    from pipeline.ingest import ingest_landing, lake_watermark, load_column_mapping, write_snapshot
+    from pipeline.lake.freshness import WindowCheck, check_window
+    from pipeline.lake.ingest import (
+        ingest_landing,
+        lake_watermark,
+        load_column_mapping,
+        write_snapshot,
+    )
 
     with _stage(settings, cutoff, "ingest") as result:
         mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
@@ -73,7 +78,7 @@ def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
 
 def validate(settings: Settings, cutoff: dt.datetime) -> dict:
     """Run the expectation suite; bad rows go to quarantine; clean rows -> ``events.parquet``."""
-    from pipeline.validate import validate_events_file
+    from pipeline.lake.validate import validate_events_file
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "validate") as result:
@@ -92,8 +97,8 @@ def validate(settings: Settings, cutoff: dt.datetime) -> dict:
 
 def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
     """RFM/context features per user and popularity/age features per item."""
-    from pipeline.features import build_item_features, build_user_features
-    from pipeline.ingest import read_side_file
+    from pipeline.features.tables import build_item_features, build_user_features
+    from pipeline.lake.ingest import read_side_file
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "build_features") as result:
@@ -112,7 +117,7 @@ def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
 def train(settings: Settings, cutoff: dt.datetime) -> dict:
     """Fit the two-stage recommender on every event before the cutoff (optionally tuning it
     first by expanding-window CV); save the bundle to ``<run>/model``."""
-    from pipeline.ingest import read_side_file
+    from pipeline.lake.ingest import read_side_file
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "train") as result:
@@ -121,7 +126,7 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
         users = read_side_file(settings.landing_dir / "users.csv")
         params = _twostage(settings).get_params()
         if settings.tune:
-            from pipeline.tuning import tune_twostage
+            from pipeline.evaluation.tuning import tune_twostage
 
             tuned = tune_twostage(events, cutoff, params, settings.tune_budget_minutes, items,
                                   users, settings.event_weights, n_folds=3,
@@ -152,7 +157,7 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
     ranker's AUC-ROC / PR-AUC and candidate recall on the holdout, cold-start metrics for users
     first seen in the holdout, and a bias audit per segment (``bias_audit.csv``).
     """
-    from pipeline.evaluate import segment_audit
+    from pipeline.evaluation.holdout import segment_audit
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "evaluate") as result:
@@ -203,15 +208,15 @@ class _Holdout:
 def _holdout(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: int = 10,
              params: dict | None = None, *, extras: bool = True) -> _Holdout:
     """Metrics of the two-stage recipe (row ``model``) and the baselines on the holdout."""
-    from pipeline.evaluate import (
+    from pipeline.core.metrics import ranking_metrics_per_user
+    from pipeline.evaluation.holdout import (
         evaluate_models,
         lists_to_top,
         popularity_top,
-        ranking_metrics_per_user,
         split_holdout,
     )
-    from pipeline.ingest import read_side_file
-    from pipeline.popularity import popular_items
+    from pipeline.features.popularity import popular_items
+    from pipeline.lake.ingest import read_side_file
 
     items = read_side_file(settings.landing_dir / "items.csv")
     users = read_side_file(settings.landing_dir / "users.csv")
@@ -241,10 +246,11 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
     bias audit, all on the holdout window."""
     import numpy as np
 
-    from pipeline.candidates import candidate_recall
-    from pipeline.evaluate import popularity_lists, user_metrics, window_truth_frame
-    from pipeline.ranker import held_out_scores, label_pairs
-    from pipeline.twostage import window_truth
+    from pipeline.core.metrics import user_metrics, window_truth_frame
+    from pipeline.evaluation.holdout import popularity_lists
+    from pipeline.models.candidates import candidate_recall
+    from pipeline.models.ranker import held_out_scores, label_pairs
+    from pipeline.models.twostage import window_truth
 
     start = split.holdout_start
     truth = window_truth(events, start, cutoff, model.matrix_, model.weights_)
@@ -287,17 +293,18 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     A run whose cutoff is older than production's (the live lists' or the champion's logical
     date) is a backfill: its model is logged and registered, but it moves no alias and serves
     nothing, unless ``serve_backfill`` or ``force_promote`` says so. Otherwise the model becomes
-    ``challenger`` and the gate (:mod:`pipeline.gate`) decides: the champion is re-scored on
-    this run's holdout by refitting its recipe (the settings it was trained with, logged as run
-    params) on the same split, and the two are compared user by user (paired bootstrap).
+    ``challenger`` and the gate (:mod:`pipeline.evaluation.gate`) decides: the champion is
+    re-scored on this run's holdout by refitting its recipe (the settings it was trained with,
+    logged as run params) on the same split, and the two are compared user by user (paired
+    bootstrap).
 
     Everything from reading the champion to moving the alias happens under the serving DB's
     promotion lock, so two runs never decide at once. The decision goes to MLflow tags and to
     ``model_promotions``; ``serve_version`` in the result is the version ``publish`` must serve
     (None: publish nothing).
     """
-    from pipeline.gate import GateDecision, decide_promotion
-    from pipeline.registry import (
+    from pipeline.evaluation.gate import GateDecision, decide_promotion
+    from pipeline.registry.versions import (
         CHALLENGER,
         champion_version,
         configure_mlflow,
@@ -307,7 +314,7 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
         tag_decision,
         version_details,
     )
-    from pipeline.serving import promotion_lock, record_promotion
+    from pipeline.serving.store import promotion_lock, record_promotion
 
     run = settings.run_dir(cutoff)
     with (_stage(settings, cutoff, "register") as result,
@@ -396,9 +403,9 @@ def _production_cutoff(settings: Settings, dsn: str | None, champion: str | None
                        ) -> tuple[dt.datetime, str] | None:
     """The newest logical date production serves, and what serves it: the live lists' or
     the champion's, whichever is later (None before the first publish and promotion)."""
-    from pipeline.config import as_utc
-    from pipeline.registry import version_details
-    from pipeline.serving import live_version
+    from pipeline.core.config import as_utc
+    from pipeline.registry.versions import version_details
+    from pipeline.serving.store import live_version
 
     found = []
     live = live_version(dsn=dsn, sqlite_path=settings.serving_sqlite_path)
@@ -414,7 +421,7 @@ def _production_cutoff(settings: Settings, dsn: str | None, champion: str | None
 
 def _paired_interval(own: pd.Series, theirs: pd.Series, seed: int) -> tuple[float, float]:
     """95% paired bootstrap interval of own minus theirs over the users both were scored on."""
-    from pipeline.evaluate import paired_bootstrap
+    from pipeline.core.metrics import paired_bootstrap
 
     users = own.index.intersection(theirs.index)
     return paired_bootstrap(own.loc[users].to_numpy(), theirs.loc[users].to_numpy(), seed=seed)
@@ -423,7 +430,7 @@ def _paired_interval(own: pd.Series, theirs: pd.Series, seed: int) -> tuple[floa
 def _write_report(run: Path, model, champion_score: float | None, k: int) -> Path:
     """Plots and tables for the MLflow run of ``model`` (the loaded bundle), in
     ``<run>/report/``."""
-    from pipeline.report import (
+    from pipeline.evaluation.report import (
         plot_feature_importance,
         plot_metrics_comparison,
         plot_score_distribution,
@@ -486,7 +493,7 @@ def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_p
     theirs = {key: champion["params"][key] for key in mine if key in champion["params"]}
     their_params = json.loads(champion["tags"].get("model_params", "null"))
     if their_params is not None:
-        from pipeline.twostage import with_legacy_params
+        from pipeline.models.twostage import with_legacy_params
 
         their_params = with_legacy_params(their_params)
     if theirs == mine and their_params in (None, own_params):
@@ -523,13 +530,13 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
     forward only) unless ``serve_backfill`` or ``force_promote`` is set, or ``version`` is.
 
     The model proposes ``candidate_multiplier`` x N candidates per user; the business rules
-    (:mod:`pipeline.rules`: nothing consumed, unavailable or expired, at most
+    (:mod:`pipeline.serving.rules`: nothing consumed, unavailable or expired, at most
     ``max_per_category`` per category, exactly N from the fallback list) pick the N published.
     """
-    from pipeline.ingest import read_side_file
-    from pipeline.registry import load_version
-    from pipeline.rules import build_consumed, recommend_with_rules
-    from pipeline.serving import OlderThanLive, publish_lists
+    from pipeline.lake.ingest import read_side_file
+    from pipeline.registry.versions import load_version
+    from pipeline.serving.rules import build_consumed, recommend_with_rules
+    from pipeline.serving.store import OlderThanLive, publish_lists
 
     run = settings.run_dir(cutoff)
     allow_older = version is not None or settings.serve_backfill or settings.force_promote
@@ -575,7 +582,7 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
 
 def _twostage(settings: Settings, params: dict | None = None):
     """The deployable two-stage recommender from ``settings`` (``params`` override them)."""
-    from pipeline.twostage import TwoStageRecommender
+    from pipeline.models.twostage import TwoStageRecommender
 
     model = TwoStageRecommender(
         factors=settings.als_factors, regularization=settings.als_regularization,
@@ -586,7 +593,7 @@ def _twostage(settings: Settings, params: dict | None = None):
 
 
 def _als(settings: Settings):
-    from pipeline.recommender import AlsRecommender
+    from pipeline.models.als import AlsRecommender
 
     return AlsRecommender(factors=settings.als_factors, regularization=settings.als_regularization,
                           alpha=settings.als_alpha, iterations=settings.als_iterations,
@@ -619,15 +626,15 @@ def rollback(settings: Settings, version: str | None = None, dsn: str | None = N
     Returns the version, and the cutoff and list length it was published with, so the caller
     can republish exactly the lists that version served (``publish`` for that cutoff).
     """
-    from pipeline.config import as_utc
-    from pipeline.registry import (
+    from pipeline.core.config import as_utc
+    from pipeline.registry.versions import (
         champion_version,
         configure_mlflow,
         previous_champion,
         set_champion,
         version_details,
     )
-    from pipeline.serving import record_promotion
+    from pipeline.serving.store import record_promotion
 
     configure_mlflow()
     current = champion_version()

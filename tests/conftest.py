@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # Before anything imports numpy or Airflow: the numerics pin (one BLAS thread, fixed kernels;
-# see pipeline.runtime), the project's airflow.cfg, and a throwaway Airflow metadata DB and log
+# see pipeline.core.runtime), the project's airflow.cfg, and a throwaway Airflow metadata DB and log
 # folder for this test session.
 _REPO = Path(__file__).resolve().parent.parent
 _AIRFLOW_TMP = Path(tempfile.mkdtemp(prefix="recs-airflow-"))
-importlib.import_module("pipeline")  # its import runs pipeline.runtime.pin_numerics()
+importlib.import_module("pipeline")  # its import runs pipeline.core.runtime.pin_numerics()
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ["AIRFLOW_HOME"] = str(_REPO)
@@ -34,7 +34,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from pipeline.config import DEFAULT_USER
+from pipeline.core.config import DEFAULT_USER
 
 ADMIN_DSN_ENV = "RECS_TEST_PG_ADMIN_DSN"
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -83,7 +83,7 @@ def test_every_task_has_a_timeout_and_the_failure_notifier(dagbag):
 def test_every_param_is_a_pipeline_setting(dagbag):
     import dataclasses
 
-    from pipeline.config import Settings
+    from pipeline.core.config import Settings
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     params = dagbag.dags["recommendations_nightly"].params

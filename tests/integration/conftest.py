@@ -18,8 +18,8 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
     folder or a throwaway Postgres database, and the DAGs with retries off."""
     from airflow.dag_processing.dagbag import BundleDagBag
 
-    from pipeline.data import write_landing
-    from pipeline.data.synthetic import generate_clickstream
+    from pipeline.lake.demo import write_landing
+    from pipeline.lake.demo.synthetic import generate_clickstream
 
     root = tmp_path_factory.mktemp("world")
     data = generate_clickstream(n_users=300, n_items=150, n_days=40, start="2024-01-01",
@@ -41,7 +41,7 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
 @pytest.fixture(scope="module")
 def published(world):
     """Reads the whole ``recommendations`` view of the world, ordered by user and rank."""
-    from pipeline.serving import read_all
+    from pipeline.serving.store import read_all
 
     def read() -> pd.DataFrame:
         return read_all(dsn=world["dsn"], sqlite_path=Path("/nonexistent"))

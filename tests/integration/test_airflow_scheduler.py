@@ -168,8 +168,8 @@ def mailbox() -> Iterator[_Mailbox]:
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory, pg_dsn_module, mailbox) -> Iterator[_Airflow]:
-    from pipeline.data import write_landing
-    from pipeline.data.synthetic import generate_clickstream
+    from pipeline.lake.demo import write_landing
+    from pipeline.lake.demo.synthetic import generate_clickstream
 
     root = tmp_path_factory.mktemp("scheduler")
     data = generate_clickstream(n_users=200, n_items=120, n_days=40, start="2024-01-01",
@@ -206,7 +206,7 @@ def airflow(tmp_path_factory, pg_dsn_module, mailbox) -> Iterator[_Airflow]:
 @pytest.fixture(scope="module")
 def serving(airflow, pg_dsn_module):
     """Reads the whole view the CMS reads."""
-    from pipeline.serving import read_all
+    from pipeline.serving.store import read_all
 
     return lambda: read_all(dsn=pg_dsn_module, sqlite_path=Path("/nonexistent"))
 

@@ -16,7 +16,7 @@ import pytest
 from psycopg2 import sql
 
 from pipeline.cli import serving_dsn
-from pipeline.serving import _pg_connect
+from pipeline.serving.store import _pg_connect
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import serving
-from pipeline.errors import ServingError
+from pipeline.core.errors import ServingError
+from pipeline.serving import store as serving
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import datetime as dt
 import pandas as pd
 import pytest
 
-from pipeline.config import DEFAULT_USER
+from pipeline.core.config import DEFAULT_USER
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ def _promotions(dsn: str) -> pd.DataFrame:
 
 
 def _champion() -> str:
-    from pipeline.registry import champion_version, configure_mlflow
+    from pipeline.registry.versions import champion_version, configure_mlflow
 
     configure_mlflow()
     return champion_version()
@@ -56,7 +56,7 @@ def test_the_run_records_the_numeric_kernels_it_trained_with(world, first_lists)
 
     from mlflow import MlflowClient
 
-    from pipeline.runtime import check_numerics
+    from pipeline.core.runtime import check_numerics
 
     client = MlflowClient()
     tag = client.get_run(client.get_model_version("recommender", "1").run_id).data.tags.get(
@@ -68,7 +68,7 @@ def test_the_run_records_the_numeric_kernels_it_trained_with(world, first_lists)
 
 
 def test_registered_bundle_round_trips_to_the_same_predictions(world, first_lists):
-    from pipeline.registry import load_bundle, load_version
+    from pipeline.registry.versions import load_bundle, load_version
 
     model, version = load_version("1")
     users = pd.DataFrame({"user_id": sorted(set(first_lists["user_id"]))[:20] + ["nobody"]})
@@ -159,8 +159,8 @@ def test_the_same_recipe_on_newer_data_is_a_retrain_not_a_win(world, first_lists
 def test_publish_serves_the_version_its_gate_decided_on_not_the_alias(world, published):
     """Another run may move ``champion`` between this run's register and publish."""
     from pipeline import nightly
-    from pipeline.config import Settings
-    from pipeline.registry import set_champion
+    from pipeline.core.config import Settings
+    from pipeline.registry.versions import set_champion
 
     day4 = DAY1 + dt.timedelta(days=3)
     decided = _champion()

@@ -14,8 +14,8 @@ import psycopg2
 import pytest
 from psycopg2 import errors as pg_errors
 
-from pipeline import serving
-from pipeline.config import DEFAULT_USER
+from pipeline.core.config import DEFAULT_USER
+from pipeline.serving import store as serving
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ import pytest
 from psycopg2 import errors as pg_errors
 from psycopg2 import sql
 
-from pipeline import serving
-from pipeline.config import DEFAULT_USER
+from pipeline.core.config import DEFAULT_USER
+from pipeline.serving import store as serving
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_readers_see_a_complete_old_or_new_list_set_never_empty_or_mixed(
 _SLOW_PUBLISHER = textwrap.dedent("""
     import datetime as dt, sys, time
     import numpy as np, pandas as pd
-    from pipeline import serving
+    from pipeline.serving import store as serving
 
     dsn, users = sys.argv[1], int(sys.argv[2])
     render = serving._render_csv

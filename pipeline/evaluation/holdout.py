@@ -1,0 +1,173 @@
+"""Time-based holdout evaluation: ranking metrics at K for the model and the baselines.
+
+The last ``holdout_days`` before the cutoff are the test period. A model is fitted on the
+events before it and asked for K items per user; the truth is what each user engaged with in
+the test period and had not engaged with before. Only users with history before the holdout
+are scored here (warm users): cold users get the popularity list by design.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline.core.metrics import ranking_metrics, top_diversity
+from pipeline.features.matrix import InteractionMatrix, build_matrix
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """Train matrix, and truth (users x items, 1 where engaged in the holdout) on the same ids."""
+
+    train: InteractionMatrix
+    truth: sp.csr_matrix
+    train_events: pd.DataFrame
+    holdout_start: dt.datetime
+
+    @property
+    def eval_rows(self) -> np.ndarray:
+        """Rows of users with at least one new item in the holdout."""
+        return np.flatnonzero(np.diff(self.truth.indptr) > 0)
+
+
+def split_holdout(events: pd.DataFrame, cutoff: dt.datetime, holdout_days: int,
+                  weights: Mapping[str, float]) -> HoldoutSplit:
+    """Split events at ``cutoff - holdout_days``; truth excludes items seen before."""
+    start = cutoff - dt.timedelta(days=holdout_days)
+    train_events = events[events["timestamp"] < start]
+    test_events = events[(events["timestamp"] >= start) & (events["timestamp"] < cutoff)]
+    train = build_matrix(train_events, weights)
+    test = build_matrix(test_events, weights, user_ids=train.user_ids, item_ids=train.item_ids)
+    truth = (test.confidence > 0).astype(np.float32).tocsr()
+    truth = (truth - truth.multiply(train.confidence > 0)).tocsr()
+    truth.eliminate_zeros()
+    return HoldoutSplit(train, truth, train_events, start)
+
+
+def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int, chunk_rows: int = 2_048
+                  ) -> np.ndarray:
+    """Top-``k`` columns per row of a dense score matrix, excluding seen items; a block of
+    ``chunk_rows`` rows at a time (the float64 copy of every row was GBs at 50k users)."""
+    if len(scores) > chunk_rows:
+        return np.vstack([top_by_scores(scores[s:s + chunk_rows], seen[s:s + chunk_rows], k,
+                                        chunk_rows) for s in range(0, len(scores), chunk_rows)])
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    coo = seen.tocoo()
+    scores[coo.row, coo.col] = -np.inf
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(part, order, axis=1)
+    return np.where(np.take_along_axis(scores, top, axis=1) == -np.inf, -1, top)
+
+
+def popularity_top(split: HoldoutSplit, rows: np.ndarray, k: int, days: int | None
+                   ) -> np.ndarray:
+    """Baseline: the most popular unseen items (distinct users, optionally last ``days``)."""
+    events = split.train_events
+    if days is not None:
+        events = events[events["timestamp"] >= split.holdout_start - dt.timedelta(days=days)]
+    counts = (events.groupby("item_id", observed=True)["user_id"].nunique()
+              .reindex(split.train.item_ids).fillna(0).to_numpy(np.float64))
+    # Ties broken by item order so the baseline is deterministic.
+    scores = np.broadcast_to(counts - np.arange(len(counts)) * 1e-9, (len(rows), len(counts)))
+    return top_by_scores(scores, split.train.confidence[rows], k)
+
+
+def evaluate_models(split: HoldoutSplit, recommenders: Mapping[str, Callable[[np.ndarray, int],
+                                                                             np.ndarray]],
+                    k: int = 10, diversity: bool = False) -> pd.DataFrame:
+    """One row per model: metrics at ``k`` on the warm users of the holdout (with
+    ``diversity``, also catalog coverage and popularity bias, see :func:`top_diversity`)."""
+    rows = split.eval_rows
+    truth = split.truth[rows]
+    records = []
+    catalog = np.asarray((split.train.confidence > 0).sum(axis=0)).ravel()
+    for name, recommend in recommenders.items():
+        top = recommend(rows, k)
+        metrics = ranking_metrics(top, truth, k)
+        if diversity:
+            metrics.update(top_diversity(top, catalog, k))
+        records.append({"model": name, "users": len(rows), **metrics})
+        logger.info("holdout %s: %s", name, {m: round(v, 4) for m, v in metrics.items()})
+    return pd.DataFrame.from_records(records).set_index("model")
+
+
+# ---- id-level evaluation of published-shape lists (warm and cold users alike) -------------
+
+
+def segment_audit(per_user: Mapping[str, pd.DataFrame], segments: pd.DataFrame
+                  ) -> pd.DataFrame:
+    """Bias audit: mean metrics per model x segment column x segment value.
+
+    ``per_user`` maps model name -> :func:`user_metrics` frame; ``segments`` is indexed by
+    user_id with one column per segmentation (e.g. ``user_type`` new/returning, ``gender``).
+    """
+    records = []
+    for model, frame in per_user.items():
+        joined = frame.join(segments, how="left")
+        for column in segments.columns:
+            labels = joined[column].astype("string").fillna("unknown")
+            for value, group in joined.groupby(labels, sort=True):
+                records.append({"model": model, "segment": column, "value": value,
+                                "users": len(group),
+                                **{m: float(group[m].mean()) for m in frame.columns}})
+    return pd.DataFrame.from_records(records)
+
+
+def lists_to_top(lists: pd.DataFrame, user_ids: np.ndarray, matrix: InteractionMatrix, k: int
+                 ) -> np.ndarray:
+    """Ranked id lists -> users x ``k`` item columns of ``matrix`` (-1 = empty/unknown)."""
+    top = np.full((len(user_ids), k), -1, np.int64)
+    lists = lists[lists["rank"] <= k]
+    pos = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids, dtype=object))
+    row = lists["user_id"].astype(object).map(pos)
+    ok = row.notna().to_numpy()
+    cols = matrix.item_index(lists["item_id"].astype(object).to_numpy())
+    top[row[ok].astype(np.int64).to_numpy(), lists["rank"].to_numpy()[ok] - 1] = cols[ok]
+    return top
+
+
+def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray, k: int,
+                     days: int | None = None, chunk_users: int = 2_000) -> pd.DataFrame:
+    """Non-personal baseline for any users (cold too): the most popular items (distinct
+    users, optionally in the last ``days`` before ``cutoff``) each user has not seen;
+    ``chunk_users`` users at a time (each gets k + the heaviest user's history candidates)."""
+    events = events[events["timestamp"] < cutoff]
+    window = events if days is None else events[
+        events["timestamp"] >= cutoff - dt.timedelta(days=days)]
+    counts = window.groupby("item_id", observed=True)["user_id"].nunique()
+    ranked = counts.rename("n").reset_index().sort_values(["n", "item_id"],
+                                                          ascending=[False, True])
+    user_ids = np.asarray(user_ids, dtype=object)
+    ranking = ranked["item_id"].astype(object).to_numpy()
+    parts = [_unseen_top(events, user_ids[s:s + chunk_users], ranking, k)
+             for s in range(0, len(user_ids), chunk_users)]  # users x depth rows per chunk
+    if not parts:
+        return pd.DataFrame(columns=["user_id", "rank", "item_id"])
+    return (pd.concat(parts, ignore_index=True)
+            .sort_values(["user_id", "rank"], kind="stable").reset_index(drop=True))
+
+
+def _unseen_top(events: pd.DataFrame, user_ids: np.ndarray, ranking: np.ndarray, k: int
+                ) -> pd.DataFrame:
+    """The first ``k`` items of ``ranking`` each user has no event with."""
+    seen = events[events["user_id"].isin(user_ids)][["user_id", "item_id"]].drop_duplicates()
+    depth = k + int(seen.groupby("user_id", observed=True).size().max()) if len(seen) else k
+    top = ranking[:depth]
+    cand = pd.DataFrame({"user_id": np.repeat(user_ids, len(top)),
+                         "item_id": np.tile(top, len(user_ids)),
+                         "order": np.tile(np.arange(len(top)), len(user_ids))})
+    cand = cand.merge(seen.astype(object).assign(seen=True), how="left",
+                      on=["user_id", "item_id"])
+    cand = cand[cand["seen"].isna()].sort_values(["user_id", "order"], kind="stable")
+    cand["rank"] = cand.groupby("user_id").cumcount() + 1
+    return cand[cand["rank"] <= k][["user_id", "rank", "item_id"]].reset_index(drop=True)

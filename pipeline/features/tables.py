@@ -1,0 +1,303 @@
+"""Point-in-time features: RFM and context per user, popularity and age per item, and the
+matrix-aligned pieces the ranker uses (recent history, category affinity, demographics).
+
+Every function takes the run's ``cutoff`` and uses only events strictly before it, so a
+feature row never sees the future even when the frame passed in holds later events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline.core.schema import DEVICES
+from pipeline.features.matrix import lookup
+
+logger = logging.getLogger(__name__)
+
+FREQUENCY_WINDOWS = (7, 30, 90)
+POPULARITY_WINDOWS = (1, 7, 30)
+#: users.csv attributes used as (target-encoded) demographic features and cold-start segments.
+DEMOGRAPHICS = ("age_band", "gender", "occupation")
+DAYPARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
+
+
+def before(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFrame:
+    """The events strictly before ``cutoff``."""
+    return events[events["timestamp"] < cutoff]
+
+
+def build_user_features(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFrame:
+    """One row per user: recency, frequency per window, monetary, device and time profile."""
+    events = before(events, cutoff)
+    by_user = events.groupby("user_id", observed=True)
+    age_days = (cutoff - events["timestamp"]).dt.total_seconds() / 86400.0
+    frame = pd.DataFrame({
+        "recency_days": (cutoff - by_user["timestamp"].max()).dt.total_seconds() / 86400.0,
+        "tenure_days": (cutoff - by_user["timestamp"].min()).dt.total_seconds() / 86400.0,
+        "events_total": by_user.size(),
+        "items_distinct": by_user["item_id"].nunique(),
+        "monetary": by_user["value"].sum(min_count=0).fillna(0.0),
+    })
+    for days in FREQUENCY_WINDOWS:
+        recent = events[age_days <= days].groupby("user_id", observed=True).size()
+        frame[f"frequency_{days}d"] = recent.reindex(frame.index, fill_value=0)
+    frame = frame.join(_shares(events, events["device"].fillna("other"), "device", DEVICES))
+    hours = events["timestamp"].dt.hour
+    daypart = pd.Series(pd.NA, index=events.index, dtype="string")
+    for name, (lo, hi) in DAYPARTS.items():
+        daypart = daypart.mask((hours >= lo) & (hours < hi), name)
+    frame = frame.join(_shares(events, daypart, "daypart", tuple(DAYPARTS)))
+    weekend = (events["timestamp"].dt.day_of_week >= 5).astype("float64")
+    frame["weekend_share"] = weekend.groupby(events["user_id"]).mean()
+    frame = frame.join(_session_stats(events))
+    frame.index.name = "user_id"
+    return frame.reset_index().sort_values("user_id", kind="stable").reset_index(drop=True)
+
+
+def build_item_features(events: pd.DataFrame, cutoff: dt.datetime,
+                        items: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per item: distinct users per window, trend, age since first seen, category."""
+    events = before(events, cutoff)
+    by_item = events.groupby("item_id", observed=True)
+    frame = pd.DataFrame({"users_total": by_item["user_id"].nunique(),
+                          "first_seen_days": (cutoff - by_item["timestamp"].min())
+                          .dt.total_seconds() / 86400.0,
+                          "value_mean": by_item["value"].mean()})
+    for days in POPULARITY_WINDOWS:
+        recent = events[events["timestamp"] >= cutoff - dt.timedelta(days=days)]
+        counts = recent.groupby("item_id", observed=True)["user_id"].nunique()
+        frame[f"popularity_{days}d"] = counts.reindex(frame.index, fill_value=0)
+    frame["newcomer_popularity_30d"] = _newcomer_popularity(events, cutoff, 30).reindex(
+        frame.index, fill_value=0)
+    # Trend: last week's daily rate against the 30-day daily rate (1.0 = steady).
+    frame["trend"] = ((frame["popularity_7d"] / 7.0 + 1e-3)
+                      / (frame["popularity_30d"] / 30.0 + 1e-3)).astype("float64")
+    frame.index.name = "item_id"
+    frame = frame.reset_index()
+    if items is not None and len(items):
+        side = items.drop_duplicates("item_id").set_index("item_id")
+        if "category" in side:
+            frame["category"] = frame["item_id"].map(side["category"]).astype("string")
+        if "published_at" in side:
+            published = pd.to_datetime(frame["item_id"].map(side["published_at"]), utc=True,
+                                       errors="coerce")
+            frame["age_days"] = (cutoff - published).dt.total_seconds() / 86400.0
+    if "age_days" not in frame:
+        frame["age_days"] = frame["first_seen_days"]
+    frame["age_days"] = frame["age_days"].fillna(frame["first_seen_days"])
+    return frame.sort_values("item_id", kind="stable").reset_index(drop=True)
+
+
+def _shares(events: pd.DataFrame, labels: pd.Series, prefix: str, levels: tuple[str, ...]
+            ) -> pd.DataFrame:
+    keys = pd.DataFrame({"user_id": events["user_id"],
+                         "label": labels.astype("string").fillna("other")})
+    counts = (keys.groupby(["user_id", "label"], observed=True, sort=True).size()
+              .unstack("label", fill_value=0)  # a crosstab, without its per-group Python loop
+              .reindex(columns=list(levels), fill_value=0))
+    shares = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0).fillna(0.0)
+    shares.columns = [f"{prefix}_{c}_share" for c in shares.columns]
+    return shares
+
+
+def _session_stats(events: pd.DataFrame) -> pd.DataFrame:
+    """Sessions per user and mean events / duration per session (sessions = session_id)."""
+    with_session = events[events["session_id"].notna()]
+    if with_session.empty:
+        return pd.DataFrame(columns=["sessions", "events_per_session", "session_minutes"],
+                            dtype="float64")
+    per = with_session.groupby(["user_id", "session_id"], observed=True)["timestamp"].agg(
+        ["size", "min", "max"])
+    per["minutes"] = (per["max"] - per["min"]).dt.total_seconds() / 60.0
+    by_user = per.groupby(level="user_id")
+    return pd.DataFrame({"sessions": by_user.size(),
+                         "events_per_session": by_user["size"].mean(),
+                         "session_minutes": by_user["minutes"].mean()})
+
+
+def _newcomer_popularity(events: pd.DataFrame, cutoff: dt.datetime, days: int) -> pd.Series:
+    """Distinct users per item among users whose first event falls in the last ``days``."""
+    first = events.groupby("user_id", observed=True)["timestamp"].transform("min")
+    recent = events[first >= cutoff - dt.timedelta(days=days)]
+    return recent.groupby("item_id", observed=True)["user_id"].nunique()
+
+
+# ---- matrix-aligned features (rows/columns of an InteractionMatrix) ----------------------
+def recent_history(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
+                   item_ids: np.ndarray, n_recent: int) -> sp.csr_matrix:
+    """users x items, 1.0 for each user's ``n_recent`` most recently touched distinct items."""
+    events = before(events, cutoff)
+    last = events.groupby(["user_id", "item_id"], observed=True)["timestamp"].max().reset_index()
+    last = last.sort_values(["user_id", "timestamp", "item_id"],
+                            ascending=[True, False, True], kind="stable")
+    last = last[last.groupby("user_id", observed=True).cumcount() < n_recent]
+    rows = lookup(user_ids, last["user_id"].to_numpy(dtype=object))
+    cols = lookup(item_ids, last["item_id"].to_numpy(dtype=object))
+    ok = (rows >= 0) & (cols >= 0)
+    return sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])),
+                         shape=(len(user_ids), len(item_ids)))
+
+
+def item_category_codes(item_ids: np.ndarray, items: pd.DataFrame | None
+                        ) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Category code per item column (-1 unknown) and the category names, sorted."""
+    codes = np.full(len(item_ids), -1, np.int64)
+    if items is None or "category" not in items:
+        return codes, ()
+    side = items.drop_duplicates("item_id").set_index("item_id")["category"]
+    labels = pd.Series(item_ids, dtype=object).map(side).astype("string")
+    names = tuple(sorted(labels.dropna().unique()))
+    known = labels.notna().to_numpy()
+    codes[known] = np.searchsorted(np.asarray(names, dtype=object),
+                                   labels[known].to_numpy(dtype=object))
+    return codes, names
+
+
+def category_affinity(confidence: sp.csr_matrix, codes: np.ndarray, n_categories: int
+                      ) -> np.ndarray:
+    """users x categories: share of each user's distinct items that fall in each category."""
+    n_cat = max(n_categories, 1)
+    known = codes >= 0
+    onehot = sp.csr_matrix((np.ones(int(known.sum()), np.float32),
+                            (np.flatnonzero(known), codes[known])),
+                           shape=(len(codes), n_cat))
+    counts = np.asarray(((confidence > 0).astype(np.float32) @ onehot).todense())
+    totals = counts.sum(axis=1, keepdims=True)
+    return (counts / np.maximum(totals, 1.0)).astype(np.float32)
+
+
+def segment_labels(users: pd.DataFrame | None, user_ids: np.ndarray,
+                   columns: tuple[str, ...]) -> np.ndarray:
+    """Segment key per user ("25-34|F"), or ``None`` where any attribute is unknown."""
+    out = np.full(len(user_ids), None, dtype=object)
+    if users is None or not len(users) or not columns or not set(columns) <= set(users):
+        return out
+    # label each distinct id once (callers pass one id per event or pair: many repeats)
+    codes, distinct = pd.factorize(np.asarray(user_ids, dtype=object))
+    side = users.drop_duplicates("user_id").set_index("user_id")
+    parts = [pd.Series(distinct, dtype=object).map(side[c]).astype("string") for c in columns]
+    key = parts[0]
+    for part in parts[1:]:
+        key = key + "|" + part
+    labels = np.full(len(distinct), None, dtype=object)
+    known = key.notna().to_numpy()
+    labels[known] = key[known].to_numpy(dtype=object)
+    found = codes >= 0
+    out[found] = labels[codes[found]]
+    return out
+
+
+# ---- everything the ranker reads, aligned to one matrix ----------------------------------
+@dataclass(frozen=True)
+class FeatureTables:
+    """Point-in-time feature arrays aligned to an :class:`InteractionMatrix`.
+
+    Attributes:
+        user: users x ``user_names`` (matrix rows), float32, NaN where undefined.
+        item: items x ``item_names`` (matrix columns), float32.
+        affinity: users x categories, share of the user's items in each category.
+        item_category: category code per item column (-1 unknown).
+        segment_popularity: segments x items, share of a segment's users (last
+            ``segment_days``) who engaged with the item; the last row is the global share.
+        user_segment: users x ``segment_names``: the user's row in ``segment_popularity`` for
+            each demographic attribute (-1 = unknown, read as the global row).
+        segment_names: the demographic attributes (``users.csv`` columns) used.
+        item_log_basis: distinct users per item (all time before the cutoff).
+        user_taste: users x 2: mean log(1 + users) and mean age (days) of the user's items.
+    """
+
+    user: np.ndarray
+    user_names: tuple[str, ...]
+    item: np.ndarray
+    item_names: tuple[str, ...]
+    affinity: np.ndarray
+    item_category: np.ndarray
+    segment_popularity: np.ndarray
+    user_segment: np.ndarray
+    segment_names: tuple[str, ...]
+    item_log_basis: np.ndarray
+    user_taste: np.ndarray
+
+    ARRAY_FIELDS = ("user", "item", "affinity", "item_category", "segment_popularity",
+                    "user_segment", "item_log_basis", "user_taste")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by field name (for saving and fingerprints)."""
+        return {name: getattr(self, name) for name in self.ARRAY_FIELDS}
+
+
+def build_feature_tables(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
+                         item_ids: np.ndarray, confidence: sp.csr_matrix,
+                         items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
+                         segments: tuple[str, ...] = DEMOGRAPHICS, segment_days: int = 30,
+                         feature_rows: np.ndarray | None = None) -> FeatureTables:
+    """All ranker features from events before ``cutoff``, on the matrix's rows and columns;
+    with ``feature_rows``, user features (each computed from its user's events alone) only for
+    those rows, NaN elsewhere: training reads a sample of users."""
+    events = before(events, cutoff)
+    user_events = events if feature_rows is None else events[
+        events["user_id"].isin(np.asarray(user_ids, dtype=object)[feature_rows])]
+    user_frame = build_user_features(user_events, cutoff).set_index("user_id").reindex(user_ids)
+    item_frame = build_item_features(events, cutoff, items).set_index("item_id").reindex(item_ids)
+    item_frame = item_frame.drop(columns=[c for c in ("category",) if c in item_frame])
+    codes, names = item_category_codes(item_ids, items)
+    used = tuple(c for c in segments if users is not None and c in users)
+    recent = events[events["timestamp"] >= cutoff - dt.timedelta(days=segment_days)]
+    seg_pop, user_seg = _segment_popularity(recent, user_ids, item_ids, users, used)
+    item_matrix = item_frame.to_numpy(np.float32, na_value=np.nan)
+    basis = item_frame["users_total"].fillna(0).to_numpy(np.float32)
+    return FeatureTables(
+        user=user_frame.to_numpy(np.float32, na_value=np.nan),
+        user_names=tuple(user_frame.columns), item=item_matrix,
+        item_names=tuple(item_frame.columns),
+        affinity=category_affinity(confidence, codes, len(names)),
+        item_category=codes, segment_popularity=seg_pop, user_segment=user_seg,
+        segment_names=used, item_log_basis=basis,
+        user_taste=_user_taste(confidence, np.log1p(basis),
+                               item_frame["age_days"].to_numpy(np.float32, na_value=np.nan)))
+
+
+def _user_taste(confidence: sp.csr_matrix, log_pop: np.ndarray, age: np.ndarray) -> np.ndarray:
+    """Mean log-popularity and mean age of each user's distinct items."""
+    seen = (confidence > 0).astype(np.float32).tocsr()
+    counts = np.maximum(np.asarray(seen.sum(axis=1)).ravel(), 1.0)
+    age = np.nan_to_num(age, nan=float(np.nanmean(age)) if np.isfinite(age).any() else 0.0)
+    taste = np.column_stack([seen @ log_pop, seen @ age]) / counts[:, None]
+    return taste.astype(np.float32)
+
+
+def _segment_popularity(recent: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray,
+                        users: pd.DataFrame | None, columns: tuple[str, ...]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(segments + global) x items popularity shares, and each user's row per attribute."""
+    pairs = recent[["user_id", "item_id"]].drop_duplicates()
+    cols = lookup(item_ids, pairs["item_id"].to_numpy(dtype=object))
+    ok = cols >= 0
+    pair_users = pairs["user_id"].to_numpy(dtype=object)
+    blocks, user_seg, offset = [], np.full((len(user_ids), len(columns)), -1, np.int64), 0
+    for k, column in enumerate(columns):
+        labels = segment_labels(users, pair_users, (column,))
+        names = np.asarray(sorted({v for v in labels if v is not None}), dtype=object)
+        known = pd.notna(labels) & ok
+        table = np.zeros((len(names), len(item_ids)), np.float32)
+        if len(names):
+            seg = np.searchsorted(names, labels[known].astype(object))
+            np.add.at(table, (seg, cols[known]), 1.0)
+            sizes = pd.Series(labels[known]).groupby(pair_users[known]).first().value_counts()
+            table /= np.maximum(sizes.reindex(names).fillna(0).to_numpy(np.float32), 1.0)[:, None]
+            mine = segment_labels(users, np.asarray(user_ids, dtype=object), (column,))
+            has = pd.notna(mine)
+            pos = np.minimum(np.searchsorted(names, mine[has].astype(object)), len(names) - 1)
+            user_seg[has, k] = np.where(names[pos] == mine[has], pos + offset, -1)
+        blocks.append(table)
+        offset += len(names)
+    glob = np.zeros((1, len(item_ids)), np.float32)
+    np.add.at(glob, (np.zeros(int(ok.sum()), np.int64), cols[ok]), 1.0)
+    glob /= max(pairs["user_id"].nunique(), 1)
+    return np.vstack([*blocks, glob]), user_seg

@@ -1,0 +1,119 @@
+"""The deployable recommender: ALS factors + id maps + fallback list, saved as one folder.
+
+``AlsRecommender`` follows scikit-learn's estimator rules: hyperparameters are constructor
+arguments stored unchanged, ``fit`` returns ``self`` and learned state ends in ``_``. Its
+``recommend`` gives each user ``n`` unseen items with a score, a human-readable reason (the
+item in the user's history closest to the recommendation in factor space) and a ``source``;
+users it has never seen, and short lists, are filled from the popularity fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+#: How a reason names what the user did with the history item.
+VERBS = {"view": "viewed", "click": "opened", "like": "liked", "share": "shared",
+         "add_to_cart": "added", "purchase": "bought", "rating": "rated"}
+HISTORY_FOR_REASONS = 20   # strongest history items considered when explaining a pick
+PAIRS_PER_CHUNK = 20_000   # bounds the (pairs x n x factors) similarity block
+
+
+class ListRecommender(ABC):
+    """What every deployable model shares: chunked ``recommend`` and the ``__default__`` list.
+
+    Subclasses provide ``_recommend_chunk(users, n)`` and ``popular_`` (item_id, score,
+    reason; best first).
+    """
+
+    chunk_users = 5_000  # users scored at a time: bounds memory as the user base grows
+    progress_seconds = 10.0  # at most one progress line this often
+
+    def recommend(self, user_ids: pd.Series | np.ndarray | list, n: int) -> pd.DataFrame:
+        """Ranked lists: user_id, rank (1..n), item_id, score, reason, source."""
+        users = pd.unique(pd.Series(user_ids, dtype="string").dropna()).astype(object)
+        parts, started, reported = [], time.perf_counter(), time.perf_counter()
+        for first in range(0, len(users), self.chunk_users):
+            parts.append(self._recommend_chunk(users[first:first + self.chunk_users], n))
+            done, now = min(first + self.chunk_users, len(users)), time.perf_counter()
+            if now - reported >= self.progress_seconds or (done == len(users) and first):
+                reported = now
+                logger.info("%s: lists for %d of %d users (%.0f users/s)",
+                            type(self).__name__, done, len(users), done / (now - started))
+        if not parts:
+            return empty_lists()
+        return pd.concat(parts, ignore_index=True)
+
+    def default_list(self, n: int) -> pd.DataFrame:
+        """The ``__default__`` rows: the popularity fallback."""
+        top = self.popular_.head(n)
+        return pd.DataFrame({"rank": np.arange(1, len(top) + 1, dtype=np.int16),
+                             "item_id": top["item_id"].astype(object).to_numpy(),
+                             "score": top["score"].astype(np.float32).to_numpy(),
+                             "reason": top["reason"].astype(object).to_numpy(),
+                             "source": "popular"})
+
+    @abstractmethod
+    def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
+        """Lists for one chunk of users, in the columns of :meth:`recommend`."""
+
+    @abstractmethod
+    def _fallback_candidates(self, users: np.ndarray, n: int) -> pd.DataFrame:
+        """Non-personal items for ``users``: user_id, item_id, score, reason, source, order."""
+
+    @abstractmethod
+    def _seen(self, user_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
+        """Per pair, whether the user has already engaged with the item."""
+
+    def _fill_from_fallback(self, personal: pd.DataFrame, users: np.ndarray, n: int
+                            ) -> pd.DataFrame:
+        """Top up lists shorter than ``n`` (all of them, for unknown users) with fallback
+        items the user has not seen and the list does not hold yet."""
+        have = personal.groupby("user_id", sort=False).size().reindex(users, fill_value=0)
+        short = have[have < n].index.to_numpy(dtype=object)
+        if len(short):
+            cand = self._fallback_candidates(short, n)
+            cand = cand[~self._seen(cand["user_id"], cand["item_id"])]
+            cand = cand.merge(personal[["user_id", "item_id"]], how="left", indicator=True)
+            cand = cand[cand["_merge"] == "left_only"].drop(columns="_merge")
+            cand = cand.sort_values(["user_id", "order"], kind="stable")
+            cand["rank"] = (cand.groupby("user_id", sort=False).cumcount()
+                            + cand["user_id"].map(have).to_numpy() + 1)
+            cand = cand[cand["rank"] <= n].drop(columns="order")
+            personal = pd.concat([personal, cand], ignore_index=True)
+        personal["rank"] = personal["rank"].astype(np.int16)
+        personal["score"] = personal["score"].astype(np.float32)
+        return personal.sort_values(["user_id", "rank"], kind="stable")[
+            ["user_id", "rank", "item_id", "score", "reason", "source"]].reset_index(drop=True)
+
+
+def item_labels(item_ids: np.ndarray, items: pd.DataFrame | None) -> pd.DataFrame:
+    labels = pd.DataFrame({"item_id": item_ids})
+    if items is not None and "title" in items:
+        side = items.drop_duplicates("item_id").set_index("item_id")
+        labels["title"] = labels["item_id"].map(side["title"]).astype("string")
+        if "category" in side:
+            labels["category"] = labels["item_id"].map(side["category"]).astype("string")
+    if "title" not in labels:
+        labels["title"] = pd.Series(pd.NA, index=labels.index, dtype="string")
+    labels["title"] = labels["title"].fillna(labels["item_id"].astype("string"))
+    return labels
+
+
+def normalise_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+def empty_lists() -> pd.DataFrame:
+    return pd.DataFrame({"user_id": pd.Series(dtype=object), "rank": pd.Series(dtype=np.int16),
+                         "item_id": pd.Series(dtype=object), "score": pd.Series(dtype=np.float32),
+                         "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})
+
+

@@ -1,0 +1,172 @@
+"""Stage one: candidate items per user from ALS, item-kNN and recent popularity.
+
+:class:`CandidateGenerator` fits implicit ALS and an item-kNN on one interaction matrix and,
+for a chunk of user rows, returns the union of
+
+* ALS top ``n_als`` unseen items,
+* the ``n_knn`` unseen items most similar to the user's recent items (item-kNN),
+* the ``n_popular`` most recently popular items the user has not seen,
+
+one row per (user, item) with the stage-one scores the ranker uses as features. Everything is
+vectorised over the chunk; memory is bounded by ``chunk x (n_als + n_knn + n_popular)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline.features.matrix import InteractionMatrix
+from pipeline.models.knn import ItemKnn, top_k_sparse
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("als", "knn", "popular")
+
+
+class CandidateGenerator:
+    """ALS + item-kNN + recent popularity candidates, with their scores and ranks."""
+
+    def __init__(self, n_als: int = 100, n_knn: int = 100, n_popular: int = 50,
+                 knn_k: int = 100, knn_method: str = "cosine", factors: int = 64,
+                 regularization: float = 0.05, alpha: float = 2.0, iterations: int = 15,
+                 random_state: int = 42, num_threads: int = 0) -> None:
+        self.n_als = n_als
+        self.n_knn = n_knn
+        self.n_popular = n_popular
+        self.knn_k = knn_k
+        self.knn_method = knn_method
+        self.factors = factors
+        self.regularization = regularization
+        self.alpha = alpha
+        self.iterations = iterations
+        self.random_state = random_state
+        self.num_threads = num_threads
+
+    def get_params(self) -> dict:
+        return {"n_als": self.n_als, "n_knn": self.n_knn, "n_popular": self.n_popular,
+                "knn_k": self.knn_k, "knn_method": self.knn_method, "factors": self.factors,
+                "regularization": self.regularization, "alpha": self.alpha,
+                "iterations": self.iterations, "random_state": self.random_state}
+
+    def fit(self, matrix: InteractionMatrix, recent: sp.csr_matrix, popular_cols: np.ndarray
+            ) -> CandidateGenerator:
+        """Fit ALS and kNN on ``matrix``; ``recent`` marks each user's recent items (same
+        shape); ``popular_cols`` are item columns, most recently popular first."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        if matrix.confidence.nnz == 0:
+            raise ValueError("cannot train on an empty interaction matrix")
+        als = AlternatingLeastSquares(
+            factors=self.factors, regularization=self.regularization, alpha=self.alpha,
+            iterations=self.iterations, random_state=self.random_state,
+            num_threads=self.num_threads, calculate_training_loss=False)
+        als.fit(matrix.confidence, show_progress=False)
+        self.als_ = als
+        self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method,
+                            num_threads=self.num_threads).fit(matrix.confidence)
+        self.matrix_ = matrix
+        self.recent_ = sp.csr_matrix(recent, dtype=np.float32)
+        self.popular_cols_ = np.asarray(popular_cols, np.int64)[: self.n_popular]
+        logger.info("candidate generator fitted: %d users x %d items, %s", *matrix.shape,
+                    self.get_params())
+        return self
+
+    def generate(self, rows: np.ndarray) -> pd.DataFrame:
+        """Candidates for user ``rows``: row, item (column), source flags, stage-one scores."""
+        rows = np.asarray(rows, np.int64)
+        seen = self.matrix_.confidence[rows]
+        recent_scores = _sorted(self.knn_.score(self.recent_[rows]))
+        parts = [self._from_als(rows, seen), self._from_knn(recent_scores, seen),
+                 self._from_popular(rows, seen)]
+        pairs = pd.concat(parts, ignore_index=True)
+        # One row per (u, item), sorted; a source's rank is NaN where it did not propose it.
+        ranks = (pairs.groupby(["u", "item", "source"], sort=True)["rank"].min()
+                 .unstack("source").reindex(columns=range(len(SOURCES))))
+        frame = pd.DataFrame(index=ranks.index)
+        for code, source in enumerate(SOURCES):
+            frame[f"from_{source}"] = ranks[code].notna().to_numpy(np.float32)
+        frame["als_rank"] = ranks[0].fillna(self.n_als + 1).to_numpy(np.float32)
+        frame["knn_rank"] = ranks[1].fillna(self.n_knn + 1).to_numpy(np.float32)
+        frame = frame.reset_index()
+        u, item = frame["u"].to_numpy(), frame["item"].to_numpy()
+        frame.insert(0, "row", rows[u])
+        frame["als_score"] = self.als_scores(rows[u], item)
+        frame["knn_recent"] = gather(recent_scores, u, item)
+        frame["knn_all"] = gather(_sorted(self.knn_.score((seen > 0).astype(np.float32))),
+                                   u, item)
+        return frame
+
+    def als_scores(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Dot products of the user and item factors for each (row, item) pair."""
+        users = np.asarray(self.als_.user_factors)[rows]
+        return np.einsum("pf,pf->p", users, np.asarray(self.als_.item_factors)[items]).astype(
+            np.float32)
+
+    def _from_als(self, rows: np.ndarray, seen: sp.csr_matrix) -> pd.DataFrame:
+        n = min(self.n_als, self.matrix_.shape[1])
+        ids, _ = self.als_.recommend(rows, seen, N=n, filter_already_liked_items=True)
+        ids = np.asarray(ids, np.int64).reshape(len(rows), -1)
+        u = np.repeat(np.arange(len(rows)), ids.shape[1])
+        rank = np.tile(np.arange(1, ids.shape[1] + 1), len(rows))
+        ok = ids.ravel() >= 0
+        return _part(u[ok], ids.ravel()[ok], rank[ok], "als")
+
+    def _from_knn(self, recent_scores: sp.csr_matrix, seen: sp.csr_matrix) -> pd.DataFrame:
+        u, item, _ = top_k_sparse(recent_scores, self.n_knn, exclude=seen)
+        starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+        rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)])) + 1
+        return _part(u, item, rank, "knn")
+
+    def _from_popular(self, rows: np.ndarray, seen: sp.csr_matrix) -> pd.DataFrame:
+        cols = self.popular_cols_
+        u = np.repeat(np.arange(len(rows)), len(cols))
+        item = np.tile(cols, len(rows))
+        rank = np.tile(np.arange(1, len(cols) + 1), len(rows))
+        unseen = gather(seen, u, item) <= 0
+        return _part(u[unseen], item[unseen], rank[unseen], "popular")
+
+
+def candidate_recall(pairs: pd.DataFrame, truth: sp.csr_matrix) -> dict[str, float]:
+    """Mean share of each user's truth items found among the candidates (all and per source).
+
+    ``pairs`` has ``row``, ``item`` and ``from_<source>`` columns; ``truth`` is users x items
+    on the same rows. Users without truth are skipped; users without candidates count as 0.
+    """
+    relevant = np.diff(truth.indptr)
+    users = np.flatnonzero(relevant > 0)
+    if len(users) == 0:
+        return {"all": float("nan"), **{s: float("nan") for s in SOURCES}, "candidates": 0.0}
+    hit = gather(truth, pairs["row"].to_numpy(), pairs["item"].to_numpy()) > 0
+    out = {}
+    for name in ("all", *SOURCES):
+        mask = hit if name == "all" else hit & (pairs[f"from_{name}"].to_numpy() > 0)
+        found = np.bincount(pairs["row"].to_numpy()[mask], minlength=truth.shape[0])
+        out[name] = float((found[users] / relevant[users]).mean())
+    sizes = pairs["row"].value_counts().reindex(users, fill_value=0)
+    out["candidates"] = float(sizes.mean())
+    return out
+
+
+def _part(u: np.ndarray, item: np.ndarray, rank: np.ndarray, source: str) -> pd.DataFrame:
+    return pd.DataFrame({"u": u.astype(np.int64), "item": item.astype(np.int64),
+                         "rank": rank.astype(np.float32),
+                         "source": np.full(len(u), SOURCES.index(source), np.int8)})
+
+
+def _sorted(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """``matrix`` with sorted column indices: scipy then looks values up by binary search
+    (a sparse product's rows come unsorted, and are scanned end to end per lookup)."""
+    matrix.sort_indices()
+    return matrix
+
+
+def gather(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``matrix[rows[k], cols[k]]`` for every k, as a flat float32 array (sort the
+    matrix's indices first when looking up many values in long rows: :func:`_sorted`)."""
+    if len(rows) == 0:
+        return np.zeros(0, np.float32)
+    return np.asarray(sp.csr_matrix(matrix)[rows, cols], dtype=np.float32).ravel()

@@ -1,0 +1,171 @@
+"""Ranking metrics on hand-computed cases, holdout split, popularity baseline."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from pipeline.core.metrics import ranking_metrics
+from pipeline.evaluation.holdout import popularity_top, split_holdout, top_by_scores
+
+UTC = dt.timezone.utc
+
+
+def test_ranking_metrics_known_answer():
+    # user 0: relevant {1, 3}; list [1, 2, 3] -> hits at ranks 1 and 3
+    # user 1: relevant {0};    list [2, 1, -1] -> no hit
+    truth = sp.csr_matrix(np.array([[0, 1, 0, 1], [1, 0, 0, 0]], dtype=np.float32))
+    top = np.array([[1, 2, 3], [2, 1, -1]])
+    got = ranking_metrics(top, truth, k=3)
+    dcg0 = 1 + 1 / np.log2(4)
+    idcg0 = 1 + 1 / np.log2(3)
+    assert got["precision"] == pytest.approx((2 / 3 + 0) / 2)
+    assert got["recall"] == pytest.approx((1.0 + 0) / 2)
+    assert got["ndcg"] == pytest.approx((dcg0 / idcg0 + 0) / 2)
+    assert got["map"] == pytest.approx(((1 + 2 / 3) / 2 + 0) / 2)
+    assert got["hit_rate"] == pytest.approx(0.5)
+
+
+def test_users_without_truth_are_skipped():
+    truth = sp.csr_matrix(np.array([[1, 0], [0, 0]], dtype=np.float32))
+    got = ranking_metrics(np.array([[0, 1], [0, 1]]), truth, k=2)
+    assert got["hit_rate"] == 1.0
+
+
+def test_top_by_scores_excludes_seen_and_pads():
+    scores = np.array([[0.9, 0.5, 0.1]])
+    seen = sp.csr_matrix(np.array([[1, 0, 0]]))
+    assert top_by_scores(scores, seen, 3).tolist() == [[1, 2, -1]]
+
+
+def test_top_by_scores_in_row_blocks_equals_all_rows_at_once():
+    rng = np.random.default_rng(0)
+    scores = rng.random((11, 7)).round(1)  # ties
+    seen = sp.random(11, 7, density=0.3, random_state=1, format="csr")
+    whole = top_by_scores(scores, seen, 4, chunk_rows=100)
+    np.testing.assert_array_equal(top_by_scores(scores, seen, 4, chunk_rows=3), whole)
+
+
+def _events(rows):
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp"])
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
+    frame["value"] = np.nan
+    return frame
+
+
+def test_split_holdout_truth_is_new_items_of_warm_users_only():
+    events = _events([
+        ("u1", "a", "view", "2024-01-01"), ("u1", "b", "view", "2024-01-09"),
+        ("u1", "a", "view", "2024-01-09"),            # seen before: not truth
+        ("u2", "a", "view", "2024-01-02"),
+        ("cold", "b", "view", "2024-01-09"),          # no history: not scored
+        ("u2", "b", "view", "2024-01-11"),            # at/after cutoff: ignored
+    ])
+    cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
+    split = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})
+    assert list(split.train.user_ids) == ["u1", "u2"]
+    assert list(split.train.item_ids) == ["a"]   # b first appears in the holdout
+    assert split.truth.nnz == 0                  # ... so it cannot be truth either
+    assert len(split.eval_rows) == 0
+
+
+def test_popularity_baseline_ranks_by_distinct_users():
+    events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "a", "view", "2024-01-01"),
+                      ("u2", "b", "view", "2024-01-01"), ("u3", "c", "view", "2024-01-01"),
+                      ("u3", "a", "view", "2024-01-09")])
+    cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
+    split = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})
+    top = popularity_top(split, np.arange(3), 3, days=None)
+    # a (2 users) > b (1) = c (1, tie broken by item order); seen items excluded per user
+    assert top.tolist() == [[1, 2, -1], [2, -1, -1], [0, 1, -1]]
+
+
+# ---- id-level metrics, diversity, bias audit -------------------------------------------------
+def test_user_metrics_match_the_matrix_version():
+    from pipeline.core.metrics import user_metrics
+
+    truth_m = sp.csr_matrix(np.array([[0, 1, 0, 1], [1, 0, 0, 0]], dtype=np.float32))
+    expected = ranking_metrics(np.array([[1, 2, 3], [2, 1, -1]]), truth_m, k=3)
+    lists = pd.DataFrame({"user_id": ["x", "x", "x", "y", "y"], "rank": [1, 2, 3, 1, 2],
+                          "item_id": ["i1", "i2", "i3", "i2", "i1"]})
+    truth = pd.DataFrame({"user_id": ["x", "x", "y", "z"], "item_id": ["i1", "i3", "i0", "i9"]})
+    got = user_metrics(lists, truth, k=3)
+    assert list(got.index) == ["x", "y", "z"]            # z has truth but no list: zeros
+    assert got.loc["z"].sum() == 0
+    for metric, value in expected.items():
+        assert got.loc[["x", "y"], metric].mean() == pytest.approx(value)
+
+
+def test_top_diversity_and_lists_to_top():
+    from pipeline.core.metrics import top_diversity
+    from pipeline.evaluation.holdout import lists_to_top
+
+    got = top_diversity(np.array([[0, 1], [0, -1]]), np.array([9.0, 0.0, 0.0]), k=2)
+    log_pop = np.log1p([9.0, 0.0, 0.0])
+    assert got["coverage"] == pytest.approx(2 / 3)
+    assert got["popularity_bias"] == pytest.approx((2 * log_pop[0] + 0) / 3 - log_pop.mean())
+    events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "b", "view", "2024-01-01")])
+    split = split_holdout(events, dt.datetime(2024, 1, 10, tzinfo=UTC), 3, {"view": 1.0})
+    lists = pd.DataFrame({"user_id": ["u2", "u2", "ghost"], "rank": [1, 2, 1],
+                          "item_id": ["b", "new", "a"]})
+    top = lists_to_top(lists, np.array(["u1", "u2"], dtype=object), split.train, 2)
+    assert top.tolist() == [[-1, -1], [1, -1]]
+
+
+def test_popularity_lists_cover_cold_users_and_skip_seen_items():
+    from pipeline.evaluation.holdout import popularity_lists
+
+    events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "a", "view", "2024-01-01"),
+                      ("u2", "b", "view", "2024-01-02"), ("u3", "c", "view", "2024-01-20")])
+    lists = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC),
+                             np.array(["u2", "new"], dtype=object), k=2)
+    assert lists[lists["user_id"] == "new"]["item_id"].tolist() == ["a", "b"]
+    assert lists[lists["user_id"] == "u2"]["item_id"].tolist() == []  # saw both; c is later
+    users = np.array(["u2", "new", "u1", "other"], dtype=object)
+    one_go = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC), users, k=2)
+    chunked = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC), users, k=2,
+                               chunk_users=1)
+    pd.testing.assert_frame_equal(chunked, one_go)
+
+
+def test_segment_audit_groups_per_model_and_segment():
+    from pipeline.evaluation.holdout import segment_audit
+
+    per_user = pd.DataFrame({"ndcg": [1.0, 0.0, 0.5]}, index=pd.Index(["a", "b", "c"]))
+    segments = pd.DataFrame({"user_type": ["new", "returning", "returning"],
+                             "gender": ["F", None, "M"]}, index=["a", "b", "c"])
+    audit = segment_audit({"m": per_user}, segments).set_index(["segment", "value"])
+    assert audit.loc[("user_type", "returning"), "ndcg"] == pytest.approx(0.25)
+    assert audit.loc[("user_type", "returning"), "users"] == 2
+    assert audit.loc[("gender", "unknown"), "ndcg"] == 0.0
+
+
+def test_paired_bootstrap_interval_brackets_the_mean_difference():
+    from pipeline.core.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    a = rng.random(400)
+    low, high = paired_bootstrap(a + 0.1, a)  # the same users, 0.1 better each
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    noisy_low, noisy_high = paired_bootstrap(a, rng.random(400))
+    assert noisy_low < 0 < noisy_high
+    assert paired_bootstrap(a, a) == (0.0, 0.0)  # the same model: nothing to tell apart
+    b = rng.random(400)
+    assert paired_bootstrap(a, b, block=7) == pytest.approx(paired_bootstrap(a, b))  # seeded
+
+
+def test_per_user_metrics_are_what_the_means_average():
+    from pipeline.core.metrics import ranking_metrics, ranking_metrics_per_user
+
+    truth = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]], np.float32))
+    top = np.array([[0, 1], [2, 3], [3, 1]])
+    per_user = ranking_metrics_per_user(top, truth, k=2)
+    assert per_user["hit_rate"].tolist() == [1.0, 1.0]  # the empty row is skipped
+    assert per_user["ndcg"][0] == pytest.approx(1 / (1 + 1 / np.log2(3)))
+    assert per_user["ndcg"][1] == pytest.approx((1 / np.log2(3)) / 1.0)
+    means = ranking_metrics(top, truth, k=2)
+    assert means == {m: pytest.approx(v.mean()) for m, v in per_user.items()}

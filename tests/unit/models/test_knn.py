@@ -1,0 +1,59 @@
+"""Item-kNN: neighbours from co-occurrence, no self-similarity, deterministic top-k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pipeline.models.knn import ItemKnn, top_k_sparse
+
+
+def _blocks() -> sp.csr_matrix:
+    """Users 0-2 take items 0-1, users 3-5 take items 2-3; nobody mixes the blocks."""
+    rows = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    cols = [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
+    return sp.csr_matrix((np.ones(12, np.float32), (rows, cols)), shape=(6, 4))
+
+
+@pytest.mark.parametrize("method", ["cosine", "bm25"])
+def test_neighbours_stay_in_their_block_and_exclude_self(method):
+    sim = ItemKnn(k=3, method=method).fit(_blocks()).similarity_.toarray()
+    assert np.all(np.diag(sim) == 0)
+    assert sim[0, 1] > 0 and sim[2, 3] > 0
+    assert sim[0, 2] == 0 and sim[1, 3] == 0
+
+
+def test_scores_sum_similarity_to_the_history():
+    knn = ItemKnn(k=3).fit(_blocks())
+    history = sp.csr_matrix(np.array([[1, 0, 0, 0]], np.float32))
+    scores = knn.score(history).toarray()[0]
+    assert scores[1] == pytest.approx(1.0) and scores[2] == 0 and scores[3] == 0
+
+
+def test_top_k_sparse_orders_excludes_and_breaks_ties_by_column():
+    scores = sp.csr_matrix(np.array([[0.5, 0.9, 0.5, 0.1], [0, 0, 0, 0], [0.2, 0, 0.3, 0]]))
+    exclude = sp.csr_matrix(np.array([[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    row, col, val = top_k_sparse(scores, 2, exclude)
+    assert row.tolist() == [0, 0, 2, 2]
+    assert col.tolist() == [0, 2, 2, 0]            # 0.5 tie -> lower column first
+    assert val.tolist() == pytest.approx([0.5, 0.5, 0.3, 0.2])
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="method"):
+        ItemKnn(method="jaccard").fit(_blocks())
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_top_k_sparse_matches_a_full_sort_on_long_rows_with_ties(k):
+    scores = sp.random(60, 80, density=0.6, random_state=k, format="csr", dtype=np.float32)
+    scores.data = np.round(scores.data * 4) - 1  # many ties, explicit zeros and negatives
+    exclude = sp.random(60, 80, density=0.1, random_state=k + 1, format="csr")
+    row, col, val = top_k_sparse(scores, k, exclude)
+    dense = np.where(exclude.toarray() > 0, 0.0, scores.toarray())
+    for r in range(dense.shape[0]):
+        positive = np.flatnonzero(dense[r] > 0)
+        expected = positive[np.lexsort((positive, -dense[r, positive]))][:k]
+        np.testing.assert_array_equal(col[row == r], expected)
+        np.testing.assert_array_equal(val[row == r], dense[r, expected].astype(np.float32))
