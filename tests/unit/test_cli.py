@@ -89,3 +89,28 @@ assert serving_dsn() and "airflow" in sys.modules
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_airflow_secrets_are_written_once_private_and_yield_to_the_environment(tmp_path):
+    from cryptography.fernet import Fernet
+
+    from pipeline.cli import airflow_secrets
+
+    path = tmp_path / "airflow-secrets.env"
+    assert airflow_secrets(path) == 0
+    first = path.read_text()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert airflow_secrets(path) == 0 and path.read_text() == first  # kept, never regenerated
+
+    def sourced(**env: str) -> dict[str, str]:
+        script = (f'set -a; . "{path}"; set +a; printf "%s\\n" "$AIRFLOW__API_AUTH__JWT_SECRET" '
+                  '"$AIRFLOW__CORE__FERNET_KEY"')
+        out = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return {"jwt": out[0], "fernet": out[1]}
+
+    values = sourced()
+    assert len(values["jwt"]) >= 86 and values["jwt"] in first
+    Fernet(values["fernet"].encode())  # a valid Fernet key
+    assert sourced(AIRFLOW__CORE__FERNET_KEY="from-the-deployment")["fernet"] == \
+        "from-the-deployment"
