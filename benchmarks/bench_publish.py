@@ -38,7 +38,9 @@ import psycopg2
 from psycopg2 import sql
 
 from pipeline.core.config import DEFAULT_USER
+from pipeline.serving import postgres as serving_pg
 from pipeline.serving import store as serving
+from pipeline.serving.contract import prepare_lists
 
 ITEMS_PER_USER = 10
 CATALOGUE = 20_000
@@ -119,7 +121,7 @@ def _make_lists(n_users: int) -> pd.DataFrame:
 
 def _time_raw_copy(dsn: str, lists: pd.DataFrame) -> float:
     """Seconds to COPY the same rows (same CSV renderer) into a plain table."""
-    frame = serving._prepare_lists(lists, "raw")  # not timed: the data a loader starts from
+    frame = prepare_lists(lists, "raw")  # not timed: the data a loader starts from
     with contextlib.closing(psycopg2.connect(dsn)) as conn:
         with conn.cursor() as cur:
             started = time.perf_counter()
@@ -127,7 +129,7 @@ def _time_raw_copy(dsn: str, lists: pd.DataFrame) -> float:
                         "score real, reason text, source text, model_version text, "
                         "generated_at timestamptz)")
             cur.copy_expert("COPY raw_copy FROM STDIN WITH (FORMAT csv)",
-                            serving._CsvChunkStream(frame), size=serving.COPY_READ_BYTES)
+                            serving_pg.CsvChunkStream(frame), size=serving_pg.COPY_READ_BYTES)
             conn.commit()
             elapsed = time.perf_counter() - started
             cur.execute("DROP TABLE raw_copy")
@@ -163,7 +165,7 @@ class _PhaseLog(logging.Handler):
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
-        log = logging.getLogger("pipeline.serving.store")
+        log = logging.getLogger("pipeline.serving")  # store and its backends
         level, propagate = log.level, log.propagate
         log.setLevel(logging.DEBUG)
         log.propagate = False

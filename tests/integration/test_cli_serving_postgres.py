@@ -16,7 +16,7 @@ import pytest
 from psycopg2 import sql
 
 from pipeline.cli import serving_dsn
-from pipeline.serving.store import _pg_connect
+from pipeline.serving.postgres import connect as pg_connect
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def test_serving_dsn_connects_as_the_connection_says(pg_dsn, odd_role, form, mon
         quote = lambda text: urllib.parse.quote(text, safe="")  # noqa: E731
         value = f"postgresql://{quote(odd_role)}:{quote(PASSWORD)}@{host}:{port}/{dbname}"
     monkeypatch.setenv("AIRFLOW_CONN_RECS_SERVING", value)
-    conn = _pg_connect(serving_dsn(), lock_timeout_ms=5_000)  # how pipeline.serving connects
+    conn = pg_connect(serving_dsn(), lock_timeout_ms=5_000)  # how pipeline.serving connects
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT current_user, current_database(), inet_server_port()")

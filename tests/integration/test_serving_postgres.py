@@ -15,6 +15,7 @@ import pytest
 from psycopg2 import errors as pg_errors
 
 from pipeline.core.config import DEFAULT_USER
+from pipeline.serving import postgres as serving_pg
 from pipeline.serving import store as serving
 
 pytestmark = pytest.mark.integration
@@ -81,13 +82,13 @@ def _wait_until(condition: Callable[[], object], timeout_s: float) -> bool:
 def swap_retries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The swap attempts that hit the lock timeout and were retried, in order (each backs off)."""
     retried: list[int] = []
-    backoff = serving._backoff_delay
+    backoff = serving.backoff_delay
 
     def record(attempt: int) -> float:
         retried.append(attempt)
         return backoff(attempt)
 
-    monkeypatch.setattr(serving, "_backoff_delay", record)
+    monkeypatch.setattr(serving, "backoff_delay", record)  # the swap loop's
     return retried
 
 
@@ -440,7 +441,7 @@ def test_reads_before_first_publish(pg_dsn: str) -> None:
 
 def test_large_publish_streams_in_chunks(pg_dsn: str, make_lists: Callable,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving, "LOAD_CHUNK_ROWS", 1000)
+    monkeypatch.setattr(serving_pg, "LOAD_CHUNK_ROWS", 1000)
     lists = make_lists(n_users=2999, n_ranks=10)
 
     result = _publish(lists, pg_dsn, "m-big")

@@ -27,6 +27,7 @@ from psycopg2 import errors as pg_errors
 from psycopg2 import sql
 
 from pipeline.core.config import DEFAULT_USER
+from pipeline.serving import postgres as serving_pg
 from pipeline.serving import store as serving
 
 pytestmark = pytest.mark.integration
@@ -170,12 +171,13 @@ def test_readers_see_a_complete_old_or_new_list_set_never_empty_or_mixed(
 _SLOW_PUBLISHER = textwrap.dedent("""
     import datetime as dt, sys, time
     import numpy as np, pandas as pd
+    from pipeline.serving import postgres as serving_pg
     from pipeline.serving import store as serving
 
     dsn, users = sys.argv[1], int(sys.argv[2])
-    render = serving._render_csv
-    serving._render_csv = lambda chunk: (time.sleep(0.05), render(chunk))[1]  # a slow network
-    serving.LOAD_CHUNK_ROWS = 2000
+    render = serving_pg.render_csv
+    serving_pg.render_csv = lambda chunk: (time.sleep(0.05), render(chunk))[1]  # a slow network
+    serving_pg.LOAD_CHUNK_ROWS = 2000
     ids = np.array([f"k{u}" for u in range(users)] + ["__default__"], dtype=object)
     lists = pd.DataFrame({
         "user_id": np.repeat(ids, 10), "rank": np.tile(np.arange(1, 11), len(ids)),
@@ -290,7 +292,7 @@ def test_unreachable_server_is_a_clear_error_and_the_retry_is_idempotent(
 
 def test_a_server_that_never_answers_is_given_up_after_the_connect_timeout(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving, "CONNECT_TIMEOUT_S", 1)  # (libpq < 13 makes that 2 s)
+    monkeypatch.setattr(serving_pg, "CONNECT_TIMEOUT_S", 1)  # (libpq < 13 makes that 2 s)
     caught: list[Exception] = []
 
     def read(dsn: str) -> None:

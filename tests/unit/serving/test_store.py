@@ -323,15 +323,17 @@ def test_bad_dsn_is_a_clear_error_without_password(dsn: str, make_lists: Callabl
 
 
 # =================================================================================================
-# SQL identifiers are built only with psycopg2.sql.Identifier (static check of pipeline/serving.py)
+# SQL identifiers are built only with psycopg2.sql.Identifier (static check of the store, the
+# contract and both backends)
 # =================================================================================================
 
-_SERVING_PY = Path(serving.__file__)
+_SERVING_MODULES = ("store", "contract", "postgres", "sqlite")
+_SERVING_DIR = Path(serving.__file__).parent
 _SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|DROP|CREATE|ALTER|GRANT|REVOKE|TRUNCATE|"
                         r"COPY|ANALYZE|VACUUM|FROM|INTO|TABLE|VIEW|SCHEMA|WHERE|SET|INDEX)\b")
-#: The SQLite side has no psycopg2.sql: its one quoting helper validates the name against a
+#: The SQLite backend has no psycopg2.sql: its one quoting helper validates the name against a
 #: strict pattern, and its one formatter fills SQL files only with that helper's output.
-_SQLITE_QUOTING = {"_sqlite_ident", "_sqlite_query"}
+_SQLITE_QUOTING = {"_ident", "_query"}
 
 
 def _literal_text(node: ast.AST) -> str:
@@ -350,14 +352,14 @@ def _is_sql_sql_call(node: ast.AST) -> bool:
             and node.func.value.id == "sql")
 
 
-def _sql_string_building(source: str) -> list[str]:
+def _sql_string_building(source: str, quoting: frozenset[str] = frozenset()) -> list[str]:
     """Places where SQL text is built by f-string, ``%`` or ``str.format``/concatenation, or an
-    identifier is quoted by hand, outside the SQLite quoting helpers."""
+    identifier is quoted by hand, outside the quoting helpers named in ``quoting``."""
     found: list[str] = []
     allowed_lines: set[int] = set()
     tree = ast.parse(source)
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name in _SQLITE_QUOTING:
+        if isinstance(node, ast.FunctionDef) and node.name in quoting:
             allowed_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
@@ -381,8 +383,11 @@ def _sql_string_building(source: str) -> list[str]:
     return found
 
 
-def test_serving_builds_identifiers_only_with_sql_identifier() -> None:
-    assert _sql_string_building(_SERVING_PY.read_text(encoding="utf-8")) == []
+@pytest.mark.parametrize("module", _SERVING_MODULES)
+def test_serving_builds_identifiers_only_with_sql_identifier(module: str) -> None:
+    quoting = frozenset(_SQLITE_QUOTING if module == "sqlite" else ())
+    source = (_SERVING_DIR / f"{module}.py").read_text(encoding="utf-8")
+    assert _sql_string_building(source, quoting) == []
 
 
 def test_the_identifier_check_catches_string_built_sql() -> None:

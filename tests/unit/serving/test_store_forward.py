@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.core.errors import ServingError
 from pipeline.serving import store as serving
+from pipeline.serving.sqlite import SqliteBackend
 
 UTC = dt.timezone.utc
 OLDER, NEWER = dt.datetime(2024, 1, 30, tzinfo=UTC), dt.datetime(2024, 2, 1, tzinfo=UTC)
@@ -69,6 +70,6 @@ def test_promotion_decisions_take_turns(tmp_path):
     two.join(10)
     assert order == ["first in", "first out", "second in"]
     # The promotion lock is not the publish lock: a decision never blocks a publish.
-    with serving.promotion_lock(dsn=None, sqlite_path=path), serving._sqlite_publish_lock(path):
+    with serving.promotion_lock(dsn=None, sqlite_path=path), SqliteBackend(path).publish_lock():
         order.append("publish while deciding")
     assert order[-1] == "publish while deciding"
