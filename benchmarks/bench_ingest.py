@@ -79,7 +79,9 @@ def _baseline(root: Path) -> dict:
 def _pipeline(root: Path) -> dict:
     from pipeline.core.config import REPO_ROOT
     from pipeline.core.timing import StageClock
-    from pipeline.lake.ingest import _HASH_CACHE, _load_lake_index, ingest_landing, write_snapshot
+    from pipeline.lake.event_ids import _HASH_CACHE, load_lake_index
+    from pipeline.lake.ingest import ingest_landing
+    from pipeline.lake.snapshot import write_snapshot
     from pipeline.lake.validate import _import_gx, validate_events_file
 
     imported = time.perf_counter()
@@ -101,11 +103,11 @@ def _pipeline(root: Path) -> dict:
                              "rating"], quarantine_path=run / "quarantine.parquet")
     done = time.perf_counter()
     clock = StageClock()
-    _load_lake_index(lake)  # what the next run pays before its files
+    load_lake_index(lake)  # what the next run pays before its files
     index_s = clock.lap("index")
     shutil.rmtree(lake / _HASH_CACHE)
     clock.lap("remove caches")
-    _load_lake_index(lake)  # a lake without the hash caches
+    load_lake_index(lake)  # a lake without the hash caches
     rebuild_s = clock.lap("rebuild")
     return {"seconds": done - started, "ingest_s": ingested - started,
             "index_s": index_s, "index_rebuild_s": rebuild_s,

@@ -85,7 +85,7 @@ def airflow_secrets(path: Path) -> int:
 def demo_data(settings: Settings) -> int:
     """Write MovieLens-100k to the landing folder unless it already holds event files."""
     from pipeline.lake.demo.movielens import write_demo_landing
-    from pipeline.lake.ingest import list_landing_files
+    from pipeline.lake.readers import list_landing_files
 
     existing = list_landing_files(settings.landing_events_dir)
     if existing:
@@ -99,12 +99,9 @@ def demo_data(settings: Settings) -> int:
 
 def default_date(settings: Settings) -> int:
     """Print the day after the newest event in the landing files."""
-    from pipeline.lake.ingest import (
-        list_landing_files,
-        load_column_mapping,
-        parse_timestamps,
-        read_event_file,
-    )
+    from pipeline.lake.mapping import load_column_mapping
+    from pipeline.lake.normalise import parse_timestamps
+    from pipeline.lake.readers import list_landing_files, read_event_file
 
     mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
                                   settings.column_mapping)
@@ -120,7 +117,7 @@ def default_date(settings: Settings) -> int:
 
 def summary(settings: Settings, date: str) -> int:
     """Print the run's stage results and one sample user's published list."""
-    from pipeline.lake.ingest import read_side_file
+    from pipeline.lake.readers import read_side_file
     from pipeline.serving.store import read_user_list
 
     cutoff = as_utc(date)

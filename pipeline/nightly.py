@@ -46,12 +46,10 @@ def _stage(settings: Settings, cutoff: dt.datetime, name: str) -> Iterator[dict]
 def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
     """Landing files -> lake; then the run's point-in-time snapshot -> ``events_raw.parquet``."""
     from pipeline.lake.freshness import WindowCheck, check_window
-    from pipeline.lake.ingest import (
-        ingest_landing,
-        lake_watermark,
-        load_column_mapping,
-        write_snapshot,
-    )
+    from pipeline.lake.ingest import ingest_landing
+    from pipeline.lake.mapping import load_column_mapping
+    from pipeline.lake.snapshot import write_snapshot
+    from pipeline.lake.storage import lake_watermark
 
     with _stage(settings, cutoff, "ingest") as result:
         mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
@@ -98,7 +96,7 @@ def validate(settings: Settings, cutoff: dt.datetime) -> dict:
 def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
     """RFM/context features per user and popularity/age features per item."""
     from pipeline.features.tables import build_item_features, build_user_features
-    from pipeline.lake.ingest import read_side_file
+    from pipeline.lake.readers import read_side_file
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "build_features") as result:
@@ -117,7 +115,7 @@ def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
 def train(settings: Settings, cutoff: dt.datetime) -> dict:
     """Fit the two-stage recommender on every event before the cutoff (optionally tuning it
     first by expanding-window CV); save the bundle to ``<run>/model``."""
-    from pipeline.lake.ingest import read_side_file
+    from pipeline.lake.readers import read_side_file
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "train") as result:
@@ -216,7 +214,7 @@ def _holdout(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: i
         split_holdout,
     )
     from pipeline.features.popularity import popular_items
-    from pipeline.lake.ingest import read_side_file
+    from pipeline.lake.readers import read_side_file
 
     items = read_side_file(settings.landing_dir / "items.csv")
     users = read_side_file(settings.landing_dir / "users.csv")
@@ -533,7 +531,7 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
     (:mod:`pipeline.serving.rules`: nothing consumed, unavailable or expired, at most
     ``max_per_category`` per category, exactly N from the fallback list) pick the N published.
     """
-    from pipeline.lake.ingest import read_side_file
+    from pipeline.lake.readers import read_side_file
     from pipeline.registry.versions import load_version
     from pipeline.serving.rules import build_consumed, recommend_with_rules
     from pipeline.serving.store import OlderThanLive, publish_lists

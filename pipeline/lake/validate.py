@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.config import as_utc
 from pipeline.core.errors import ValidationFailed
-from pipeline.lake.ingest import EventIdIndex, hash_event_ids
+from pipeline.lake.event_ids import EventIdIndex, hash_event_ids
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_suite import ExpectationSuite

@@ -18,7 +18,7 @@ import pytest
 from psycopg2.extensions import parse_dsn
 
 from pipeline.cli import serving_dsn
-from pipeline.serving.store import _normalize_dsn
+from pipeline.serving.postgres import normalize_dsn
 
 REPO = Path(__file__).resolve().parents[2]
 LOGIN, PASSWORD = "recs user@x:y/z", "p@ss:w/rd %20x@"
@@ -28,7 +28,7 @@ FIELDS = {"user": LOGIN, "password": PASSWORD, "host": "db.example", "port": "54
 
 def _libpq(dsn: str) -> dict:
     """What libpq reads from ``dsn`` once pipeline.serving has normalised it."""
-    return parse_dsn(_normalize_dsn(dsn))
+    return parse_dsn(normalize_dsn(dsn))
 
 
 def _quote(text: str) -> str:

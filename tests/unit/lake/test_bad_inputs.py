@@ -20,7 +20,8 @@ import pytest
 
 from pipeline.core.config import REPO_ROOT
 from pipeline.core.errors import DataError, IngestFailed, ValidationFailed
-from pipeline.lake.ingest import IngestReport, ingest_landing, read_manifest, write_snapshot
+from pipeline.lake.ingest import IngestReport, ingest_landing, read_manifest
+from pipeline.lake.snapshot import write_snapshot
 from pipeline.lake.validate import ValidationReport, validate_events_file
 from pipeline.serving.store import publish_lists, read_all
 from tests.conftest import build_lists
@@ -336,7 +337,7 @@ def test_validation_failure_names_file_expectation_and_rows(world):
 
 
 def test_unreadable_column_mapping_names_the_file(tmp_path):
-    from pipeline.lake.ingest import load_column_mapping
+    from pipeline.lake.mapping import load_column_mapping
 
     path = tmp_path / "column_mapping.json"
     path.write_text('{"email": "user_id"}')

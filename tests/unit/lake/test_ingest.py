@@ -12,15 +12,10 @@ import pyarrow as pa
 import pytest
 
 from pipeline.core.errors import DataError
-from pipeline.lake.ingest import (
-    derive_event_ids,
-    ingest_landing,
-    load_snapshot,
-    normalise_events,
-    parse_timestamps,
-    read_event_file,
-    read_manifest,
-)
+from pipeline.lake.ingest import ingest_landing, read_manifest
+from pipeline.lake.normalise import derive_event_ids, normalise_events, parse_timestamps
+from pipeline.lake.readers import read_event_file
+from pipeline.lake.snapshot import load_snapshot
 
 UTC = dt.timezone.utc
 CSV = (
@@ -237,7 +232,7 @@ def test_late_events_inside_the_window_land_in_their_partition_later_ones_are_qu
 
 
 def test_column_mapping_points_at_a_site_layout(tmp_path):
-    from pipeline.lake.ingest import load_column_mapping
+    from pipeline.lake.mapping import load_column_mapping
 
     events_dir, lake = _landing(tmp_path)
     (events_dir / "site.tsv").write_text(
@@ -257,15 +252,15 @@ def test_column_mapping_points_at_a_site_layout(tmp_path):
 
 
 def test_mapping_onto_a_non_contract_column_is_refused(tmp_path):
-    from pipeline.lake.ingest import load_column_mapping
+    from pipeline.lake.mapping import load_column_mapping
 
     with pytest.raises(DataError, match="not a contract column"):
         load_column_mapping(None, override='{"uid": "userid"}')
 
 
 def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path):
-    from pipeline.lake import ingest
-    from pipeline.lake.ingest import write_snapshot
+    from pipeline.lake.snapshot import write_snapshot
+    from pipeline.lake.storage import lake_watermark
 
     events_dir, lake = _landing(tmp_path)
     (events_dir / "a.csv").write_text(CSV)
@@ -275,8 +270,8 @@ def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path)
     written = pd.read_parquet(tmp_path / "snap.parquet")
     assert snapshot.rows == 3 and snapshot.newest == written["timestamp"].max()
     assert snapshot.start == cutoff - dt.timedelta(days=30)
-    assert ingest.lake_watermark(lake) >= snapshot.newest
-    assert ingest.lake_watermark(tmp_path / "no-lake") is None
+    assert lake_watermark(lake) >= snapshot.newest
+    assert lake_watermark(tmp_path / "no-lake") is None
     pd.testing.assert_frame_equal(written, load_snapshot(lake, cutoff, 30))
     assert list(written.columns) == ["event_id", "user_id", "item_id", "event_type",
                                      "timestamp", "value", "device", "session_id",
@@ -287,7 +282,7 @@ def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path)
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_chunked_reading_keeps_every_row_and_its_source_row(tmp_path, fmt):
-    from pipeline.lake.ingest import iter_raw_chunks
+    from pipeline.lake.readers import iter_raw_chunks
 
     frame = pd.DataFrame({"event_id": [f"e{i}" for i in range(4)], "user_id": ["u"] * 4,
                           "item_id": ["i"] * 4, "event_type": ["view"] * 4,
@@ -310,27 +305,28 @@ def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_part
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.lake import ingest
+    from pipeline.lake import event_ids
     from pipeline.lake.demo import write_landing
     from pipeline.lake.demo.synthetic import generate_clickstream
+    from pipeline.lake.storage import lake_part_files
 
     events_dir, lake = _landing(tmp_path)
     data = generate_clickstream(n_users=40, n_items=30, n_days=10, start="2024-02-20", seed=3)
     write_landing(data, tmp_path / "landing", name="ml", fmt="csv")
     ingest_landing(events_dir, lake, ingested_at=NOW)
-    parts = ingest.lake_part_files(lake)
-    assert len(parts) > 3 and all(ingest._hash_cache_path(lake, p).exists() for p in parts)
+    parts = lake_part_files(lake)
+    assert len(parts) > 3 and all(event_ids._hash_cache_path(lake, p).exists() for p in parts)
 
-    real_hash = ingest.hash_event_ids
+    real_hash = event_ids.hash_event_ids
 
     def ids_found(index, ids):
         return index.contains(*real_hash(pa.array(ids, type=pa.string())))
 
     all_ids = _lake_rows(lake)["event_id"].tolist()
     calls = []
-    monkeypatch.setattr(ingest, "hash_event_ids", lambda ids: calls.append(len(ids)) or
+    monkeypatch.setattr(event_ids, "hash_event_ids", lambda ids: calls.append(len(ids)) or
                         real_hash(ids))
-    index, _ = ingest._load_lake_index(lake)  # every part cached at commit: nothing re-hashed
+    index, _ = event_ids.load_lake_index(lake)  # every part cached at commit: nothing re-hashed
     assert calls == [] and len(index) == len(all_ids)
     assert ids_found(index, all_ids + ["never-seen"]).tolist() == [True] * len(all_ids) + [False]
 
@@ -341,20 +337,20 @@ def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_part
     dropped = set(table.column("event_id").to_pylist()) - set(kept.column("event_id").to_pylist())
     gone = pq.read_table(removed).column("event_id").to_pylist()
     removed.unlink()
-    ingest._hash_cache_path(lake, torn).write_bytes(b"not a numpy archive")
-    index, _ = ingest._load_lake_index(lake)
+    event_ids._hash_cache_path(lake, torn).write_bytes(b"not a numpy archive")
+    index, _ = event_ids.load_lake_index(lake)
     assert sorted(calls) == sorted([kept.num_rows, pq.read_table(torn).num_rows])
     assert not ids_found(index, sorted(dropped) + gone).any()
     assert ids_found(index, kept.column("event_id").to_pylist()).all()
-    assert not ingest._hash_cache_path(lake, removed).exists()  # pruned with its part
+    assert not event_ids._hash_cache_path(lake, removed).exists()  # pruned with its part
     assert "unreadable" in caplog.text
     calls.clear()
-    ingest._load_lake_index(lake)  # all rebuilt caches are used now
+    event_ids.load_lake_index(lake)  # all rebuilt caches are used now
     assert calls == []
-    with np.load(ingest._hash_cache_path(lake, torn)) as rebuilt:
+    with np.load(event_ids._hash_cache_path(lake, torn)) as rebuilt:
         assert len(rebuilt["h1"]) == pq.read_table(torn).num_rows
-    shutil.rmtree(lake / ingest._HASH_CACHE)  # the README: delete the folder freely
-    index, _ = ingest._load_lake_index(lake)
-    assert len(calls) == len(ingest.lake_part_files(lake)) and len(index) == len(
+    shutil.rmtree(lake / event_ids._HASH_CACHE)  # the README: delete the folder freely
+    index, _ = event_ids.load_lake_index(lake)
+    assert len(calls) == len(lake_part_files(lake)) and len(index) == len(
         _lake_rows(lake))
-    assert all(ingest._hash_cache_path(lake, p).exists() for p in ingest.lake_part_files(lake))
+    assert all(event_ids._hash_cache_path(lake, p).exists() for p in lake_part_files(lake))

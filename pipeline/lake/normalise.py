@@ -1,0 +1,135 @@
+"""Normalising: raw landing columns -> contract-typed event rows, and the rows rejected.
+
+Timestamps in epoch seconds, epoch milliseconds or ISO-8601 with any offset become UTC;
+``event_type`` is lower-cased; a missing ``event_id`` is derived deterministically from the
+other fields. ``consent=false`` events are dropped before anything is stored. Every column
+outside the contract is dropped (its name is reported).
+
+Rows that cannot be stored are rejected with a ``reason`` each: invalid UTF-8 in a contract
+column (a U+FFFD from a replaced byte), unreadable timestamp, missing ``user_id`` / ``item_id``
+/ ``event_type``, unreadable value, timestamp after the ingestion time (plus the clock skew).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.core.schema import CONTRACT_INPUT_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES, parse_bool
+from pipeline.lake.readers import REPLACEMENT_CHAR
+
+_MISSING_TEXT = ["", "nan", "NaN", "None", "null", "NULL"]
+_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None = None,
+                     check_replacement: bool = False, latest_valid: pd.Timestamp | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, int, list[str]]:
+    """Contract-typed events, rejected rows (with ``reason``), no-consent count, dropped columns.
+
+    ``rows`` are the source row numbers (default 1..n); ``check_replacement`` quarantines rows
+    with U+FFFD (undecodable bytes) in a text column; ``latest_valid`` quarantines later events.
+    """
+    frame = raw.reset_index(drop=True)
+    dropped = [c for c in frame.columns if c not in CONTRACT_INPUT_COLUMNS]
+    consent = parse_bool(frame["consent"]) if "consent" in frame else None
+    out = pd.DataFrame(index=frame.index)
+    value_unreadable = pd.Series(False, index=frame.index)
+    for column in EVENT_COLUMNS:
+        if column == "timestamp":
+            out[column] = parse_timestamps(frame[column])
+        elif column == "value":
+            if column in frame:
+                out[column], value_unreadable = _parse_values(frame[column])
+            else:
+                out[column] = np.nan
+        else:
+            values = frame[column] if column in frame else pd.Series(pd.NA, index=frame.index)
+            out[column] = _clean_text(values)
+    out["event_type"] = out["event_type"].str.lower()
+    out["source_file"] = pd.Series(source, index=frame.index, dtype="string")
+    out["source_row"] = (np.asarray(rows, dtype=np.int64) if rows is not None
+                         else np.arange(1, len(frame) + 1, dtype="int64"))
+
+    no_consent = consent.eq(False).to_numpy() if consent is not None else np.zeros(len(out), bool)
+    keep = ~no_consent
+    out, value_unreadable = out[keep], value_unreadable[keep]
+    reason = pd.Series("", index=out.index, dtype="string")
+    if check_replacement:
+        for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id"):
+            bad = out[column].str.contains(REPLACEMENT_CHAR, regex=False).fillna(False)
+            reason = reason.mask(bad & (reason == ""), f"invalid UTF-8 in {column}")
+    reason = reason.mask(out["timestamp"].isna() & (reason == ""), "timestamp unreadable")
+    for column in ("user_id", "item_id", "event_type"):
+        reason = reason.mask(out[column].isna() & (reason == ""), f"{column} missing")
+    reason = reason.mask(value_unreadable & (reason == ""), "value unreadable")
+    if latest_valid is not None:
+        future = (out["timestamp"] > latest_valid).fillna(False)
+        reason = reason.mask(future & (reason == ""), "timestamp after ingestion time")
+    bad = (reason != "").to_numpy()
+    rejected = out[bad].assign(reason=reason[bad]).astype(EVENT_DTYPES)
+    events = out[~bad].copy()
+    missing_id = events["event_id"].isna()
+    if missing_id.any():
+        events.loc[missing_id, "event_id"] = derive_event_ids(events[missing_id])
+    return events.astype(EVENT_DTYPES), rejected, int(no_consent.sum()), dropped
+
+
+def parse_timestamps(values: pd.Series) -> pd.Series:
+    """ISO-8601 (any offset) or epoch seconds/milliseconds -> UTC; unreadable -> NaT."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        parsed = values if values.dt.tz is not None else values.dt.tz_localize("UTC")
+        return parsed.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+    if pd.api.types.is_numeric_dtype(values):
+        numeric, is_num = values.astype("float64"), values.notna()
+    else:
+        numeric, is_num = _parse_numbers(values.astype("string").str.strip(),
+                                         r"^[-+]?\d+(\.\d*)?$")
+    result = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us, UTC]")
+    if is_num.any():
+        epoch = numeric[is_num].astype("float64")
+        millis = epoch.abs() > 1e11  # epoch seconds reach 1e11 only in the year 5138
+        seconds = epoch.where(~millis, epoch / 1000.0)
+        result[is_num] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
+    is_text = ~is_num & values.notna()
+    if is_text.any():
+        result[is_text] = pd.to_datetime(values[is_text].astype(str), utc=True,
+                                         format="ISO8601", errors="coerce")
+    return result
+
+
+def _parse_values(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """``value`` as float64, and where a non-empty value was not a number."""
+    if pd.api.types.is_numeric_dtype(values):
+        return values.astype("float64"), pd.Series(False, index=values.index)
+    text = _clean_text(values)
+    numbers, is_number = _parse_numbers(text, _NUMBER.pattern)
+    return numbers, (text.notna() & ~is_number).fillna(False).astype(bool)
+
+
+def _parse_numbers(text: pd.Series, pattern: str) -> tuple[pd.Series, pd.Series]:
+    """Vectorised (Arrow) float parsing of the strings matching ``pattern``; others -> NaN."""
+    arrow = pa.array(text.array, type=pa.large_string())
+    is_number = pc.fill_null(pc.match_substring_regex(arrow, pattern), False)
+    numbers = pc.cast(pc.if_else(is_number, pc.utf8_trim_whitespace(arrow), None), pa.float64())
+    return (pd.Series(numbers.to_numpy(zero_copy_only=False), index=text.index, dtype="float64"),
+            pd.Series(is_number.to_numpy(zero_copy_only=False), index=text.index))
+
+
+def derive_event_ids(events: pd.DataFrame) -> pd.Series:
+    """Deterministic id from the other fields, for files that carry no ``event_id``."""
+    parts = [events[c].astype("string").fillna("") for c in
+             ("user_id", "item_id", "event_type", "value", "session_id")]
+    parts.insert(3, events["timestamp"].astype("int64").astype("string"))
+    key = parts[0].str.cat(parts[1:], sep="\x1f")
+    return key.map(lambda k: "h" + hashlib.sha1(k.encode()).hexdigest()[:20]).astype("string")
+
+
+def _clean_text(values: pd.Series) -> pd.Series:
+    text = values.astype("string").str.strip()
+    return text.mask(text.isin(_MISSING_TEXT))
