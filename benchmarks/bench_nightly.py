@@ -26,7 +26,8 @@ from pathlib import Path
 
 from benchmarks._child import run_child
 
-STAGES = ("ingest", "validate", "build_features", "train", "evaluate", "register", "publish")
+STAGES = ("ingest", "validate", "build_features", "tune", "train", "evaluate", "register",
+          "publish")
 DAYS = 90
 START = "2024-01-01"
 

@@ -4,7 +4,9 @@
 Turns the interaction logs in `$RECS_DATA_DIR/landing/events/` into fresh per-user
 recommendations in the serving DB's `recommendations` view:
 
-`ingest` → `validate` → `build_features` → `train` → `evaluate` → `register` → `publish`
+`ingest` → `validate` → `build_features` → `tune` → (`train` ∥ `evaluate`) → `register` →
+`publish`; `train` (the model to serve) and `evaluate` (the same recipe refitted before the
+holdout, and the baselines) are independent and run side by side.
 
 * **Point in time:** a run for logical date *D* uses only events before *D* 00:00 UTC.
   Re-running a date overwrites its run folder and republishes identical rows.
@@ -157,6 +159,10 @@ def recommendations_nightly():
     def build_features(_: dict) -> dict:
         return _run_stage("build_features")
 
+    @task(execution_timeout=TIMEOUTS["tune"])
+    def tune(_: dict) -> dict:
+        return _run_stage("tune")
+
     @task(execution_timeout=TIMEOUTS["train"])
     def train(_: dict) -> dict:
         return _run_stage("train")
@@ -166,7 +172,7 @@ def recommendations_nightly():
         return _run_stage("evaluate")
 
     @task(execution_timeout=TIMEOUTS["register"])
-    def register(_: dict) -> dict:
+    def register(_trained: dict, _evaluated: dict) -> dict:
         return _run_stage("register", dsn=serving_dsn(),
                           triggered_by=triggered_by(get_current_context()))
 
@@ -174,7 +180,8 @@ def recommendations_nightly():
     def publish(decision: dict) -> dict:
         return _run_stage("publish", dsn=serving_dsn(), decision=decision)
 
-    publish(register(evaluate(train(build_features(validate(ingest()))))))
+    params = tune(build_features(validate(ingest())))
+    publish(register(train(params), evaluate(params)))
 
 
 recommendations_nightly()

@@ -41,6 +41,7 @@ TIMEOUTS = {
     "ingest": pendulum.duration(hours=1),
     "validate": pendulum.duration(hours=1),
     "build_features": pendulum.duration(hours=1),
+    "tune": pendulum.duration(hours=5),  # tune_budget_minutes is at most 4 hours
     "train": pendulum.duration(hours=4),
     "evaluate": pendulum.duration(hours=4),
     "register": pendulum.duration(hours=4),  # may refit the champion's recipe

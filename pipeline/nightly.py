@@ -28,7 +28,8 @@ from pipeline.core.config import DEFAULT_USER, REPO_ROOT, Settings
 logger = logging.getLogger(__name__)
 
 SUITE_PATH = REPO_ROOT / "expectations" / "events.json"
-STAGES = ("ingest", "validate", "build_features", "train", "evaluate", "register", "publish")
+STAGES = ("ingest", "validate", "build_features", "tune", "train", "evaluate", "register",
+          "publish")
 
 
 @contextmanager
@@ -112,9 +113,41 @@ def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
     return result
 
 
+def tune(settings: Settings, cutoff: dt.datetime) -> dict:
+    """The model params this run trains and evaluates with: the settings' own, or (``tune``)
+    the best of an expanding-window CV search within ``tune_budget_minutes``, whose trials go
+    to ``tuning.csv``. ``train`` and ``evaluate`` both read ``params`` from here, so they can
+    run side by side."""
+    run = settings.run_dir(cutoff)
+    with _stage(settings, cutoff, "tune") as result:
+        params = _twostage(settings).get_params()
+        if settings.tune:
+            from pipeline.evaluation.tuning import tune_twostage
+            from pipeline.lake.readers import read_side_file
+
+            tuned = tune_twostage(pd.read_parquet(run / "events.parquet"), cutoff, params,
+                                  settings.tune_budget_minutes,
+                                  read_side_file(settings.landing_dir / "items.csv"),
+                                  read_side_file(settings.landing_dir / "users.csv"),
+                                  settings.event_weights, n_folds=3,
+                                  horizon_days=settings.holdout_days,
+                                  random_state=settings.seed)
+            tuned.trials.to_csv(run / "tuning.csv", index=False)
+            params = tuned.best_params
+            result["tuning"] = tuned.to_dict()
+        result.update(tuned=settings.tune, params=params)
+    return result
+
+
+def _tuned_params(settings: Settings, cutoff: dt.datetime) -> dict:
+    """The params ``tune`` chose for this run (the settings' own when it has not run)."""
+    path = settings.run_dir(cutoff) / "tune.json"
+    return _read_json(path)["params"] if path.exists() else _twostage(settings).get_params()
+
+
 def train(settings: Settings, cutoff: dt.datetime) -> dict:
-    """Fit the two-stage recommender on every event before the cutoff (optionally tuning it
-    first by expanding-window CV); save the bundle to ``<run>/model``."""
+    """Fit the two-stage recommender with this run's params (``tune``) on every event before
+    the cutoff; save the bundle to ``<run>/model``."""
     from pipeline.lake.readers import read_side_file
 
     run = settings.run_dir(cutoff)
@@ -122,19 +155,8 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
         events = pd.read_parquet(run / "events.parquet")
         items = read_side_file(settings.landing_dir / "items.csv")
         users = read_side_file(settings.landing_dir / "users.csv")
-        params = _twostage(settings).get_params()
-        if settings.tune:
-            from pipeline.evaluation.tuning import tune_twostage
-
-            tuned = tune_twostage(events, cutoff, params, settings.tune_budget_minutes, items,
-                                  users, settings.event_weights, n_folds=3,
-                                  horizon_days=settings.holdout_days,
-                                  random_state=settings.seed)
-            tuned.trials.to_csv(run / "tuning.csv", index=False)
-            params = tuned.best_params
-            result["tuning"] = tuned.to_dict()
-        model = _twostage(settings, params).fit(events, cutoff, settings.event_weights, items,
-                                                users)
+        model = _twostage(settings, _tuned_params(settings, cutoff)).fit(
+            events, cutoff, settings.event_weights, items, users)
         bundle = run / "model"
         shutil.rmtree(bundle, ignore_errors=True)
         model.save(bundle)
@@ -150,19 +172,18 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
 def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
     """Holdout metrics at ``k`` for the model recipe (fitted before the holdout) and baselines.
 
-    The row ``model`` is the deployable model (the two-stage recommender, with the params
-    ``train`` used); ``als`` is plain ALS, a baseline like the popularity rows. Also: the
-    ranker's AUC-ROC / PR-AUC and candidate recall on the holdout, cold-start metrics for users
-    first seen in the holdout, and a bias audit per segment (``bias_audit.csv``).
+    The row ``model`` is the deployable model (the two-stage recommender, with this run's
+    params from ``tune``, refitted before the holdout); ``als`` is plain ALS, a baseline like
+    the popularity rows. Also: the ranker's AUC-ROC / PR-AUC and candidate recall on the
+    holdout, cold-start metrics for users first seen in the holdout, and a bias audit per
+    segment (``bias_audit.csv``).
     """
     from pipeline.evaluation.holdout import segment_audit
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "evaluate") as result:
         events = pd.read_parquet(run / "events.parquet")
-        params = _read_json(run / "train.json")["params"] if (run / "train.json").exists() \
-            else None
-        holdout = _holdout(settings, events, cutoff, k, params)
+        holdout = _holdout(settings, events, cutoff, k, _tuned_params(settings, cutoff))
         table, extra = holdout.table, holdout.extra
         table.to_csv(run / "metrics.csv")
         holdout.user_ndcg.to_frame().to_parquet(run / USER_NDCG_FILE)

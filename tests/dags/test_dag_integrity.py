@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PIPELINE_ORDER = ["ingest", "validate", "build_features", "train", "evaluate", "register",
-                  "publish"]
+DOWNSTREAM = {"ingest": {"validate"}, "validate": {"build_features"},
+              "build_features": {"tune"}, "tune": {"train", "evaluate"},
+              "train": {"register"}, "evaluate": {"register"}, "register": {"publish"},
+              "publish": set()}
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +25,16 @@ def test_no_import_errors(dagbag):
     assert "recommendations_nightly" in dagbag.dag_ids
 
 
-def test_nightly_is_a_linear_chain_in_stage_order(dagbag):
+def test_nightly_runs_the_stages_in_order_with_train_and_evaluate_side_by_side(dagbag):
+    from pipeline.nightly import STAGES
+
     dag = dagbag.dags["recommendations_nightly"]
-    assert [t.task_id for t in dag.topological_sort()] == PIPELINE_ORDER
-    for upstream, downstream in zip(PIPELINE_ORDER, PIPELINE_ORDER[1:]):
-        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+    assert {t.task_id for t in dag.tasks} == set(STAGES) == set(DOWNSTREAM)
+    for task_id, downstream in DOWNSTREAM.items():
+        assert dag.get_task(task_id).downstream_task_ids == downstream, task_id
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order[:4] == ["ingest", "validate", "build_features", "tune"]
+    assert order[-2:] == ["register", "publish"]
 
 
 def test_nightly_schedule_and_defaults(dagbag):

@@ -1,0 +1,48 @@
+"""The nightly stages around tuning: ``tune`` picks the params, ``train`` and ``evaluate`` both
+read them from the run folder, so the DAG can run those two side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+
+import pandas as pd
+
+from pipeline import nightly
+from pipeline.core.config import Settings
+from pipeline.lake.demo import write_landing
+from pipeline.lake.demo.synthetic import generate_clickstream
+
+CUTOFF = dt.datetime(2024, 2, 10, tzinfo=dt.timezone.utc)
+
+
+def test_train_and_evaluate_use_the_params_tune_chose(tmp_path, monkeypatch):
+    data = generate_clickstream(n_users=120, n_items=60, n_days=40, start="2024-01-01", seed=5)
+    write_landing(data, tmp_path / "landing", name="clicks", fmt="csv")
+    settings = Settings(data_dir=tmp_path, landing_settle_seconds=0.0, als_factors=8,
+                        als_iterations=2, ranker_bags=1, holdout_days=7, tune=True,
+                        tune_budget_minutes=0.0)  # one trial: the settings' own params
+    nightly.ingest(settings, CUTOFF)
+    nightly.validate(settings, CUTOFF)
+    tuned = nightly.tune(settings, CUTOFF)
+    run = settings.run_dir(CUTOFF)
+    trials = pd.read_csv(run / "tuning.csv")
+    assert tuned["tuned"] is True and len(trials) == 1
+    assert tuned["params"]["factors"] == 8 and tuned["tuning"]
+
+    # As if the search had picked 12 factors: both stages must follow tune.json.
+    chosen = {**tuned["params"], "factors": 12}
+    (run / "tune.json").write_text(json.dumps({**tuned, "params": chosen}))
+    built = []
+    real = nightly._twostage
+    monkeypatch.setattr(nightly, "_twostage",
+                        lambda s, params=None: built.append(dict(params or {})) or real(s, params))
+    trained = nightly.train(settings, CUTOFF)
+    assert trained["params"]["factors"] == 12
+    nightly.evaluate(settings, CUTOFF)
+    assert built and all(p.get("factors") == 12 for p in built), built
+
+    # Without tune, the settings' own params.
+    untuned = nightly.tune(dataclasses.replace(settings, tune=False), CUTOFF)
+    assert untuned["tuned"] is False and untuned["params"]["factors"] == 8
