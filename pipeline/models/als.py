@@ -22,6 +22,7 @@ from pipeline.models.base import (
     PAIRS_PER_CHUNK,
     VERBS,
     ListRecommender,
+    fit_als,
     item_labels,
     normalise_rows,
 )
@@ -50,16 +51,10 @@ class AlsRecommender(ListRecommender):
     def fit(self, matrix: InteractionMatrix, popular: pd.DataFrame,
             items: pd.DataFrame | None = None) -> AlsRecommender:
         """Fit factors on ``matrix``; ``popular`` (item_id, score, reason) is the fallback."""
-        from implicit.cpu.als import AlternatingLeastSquares
-
-        if matrix.confidence.nnz == 0:
-            raise ValueError("cannot train on an empty interaction matrix")
-        model = AlternatingLeastSquares(
-            factors=self.factors, regularization=self.regularization, alpha=self.alpha,
-            iterations=self.iterations, random_state=self.random_state,
-            num_threads=self.num_threads, calculate_training_loss=False)
-        model.fit(matrix.confidence, show_progress=False)
-        self.model_ = model
+        self.model_ = fit_als(matrix.confidence, factors=self.factors,
+                              regularization=self.regularization, alpha=self.alpha,
+                              iterations=self.iterations, random_state=self.random_state,
+                              num_threads=self.num_threads)
         self.matrix_ = matrix
         self.popular_ = popular.reset_index(drop=True)
         self.items_ = item_labels(matrix.item_ids, items)

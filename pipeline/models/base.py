@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +118,16 @@ def empty_lists() -> pd.DataFrame:
                          "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})
 
 
+def fit_als(confidence: sp.csr_matrix, *, factors: int, regularization: float, alpha: float,
+            iterations: int, random_state: int, num_threads: int = 0):
+    """Implicit ALS fitted on a users x items confidence matrix (no progress bar, no loss):
+    the one place both the plain ALS model and the candidate generator build it."""
+    from implicit.cpu.als import AlternatingLeastSquares  # lazy: implicit is slow to import
+
+    if confidence.nnz == 0:
+        raise ValueError("cannot train on an empty interaction matrix")
+    model = AlternatingLeastSquares(
+        factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
+        random_state=random_state, num_threads=num_threads, calculate_training_loss=False)
+    model.fit(confidence, show_progress=False)
+    return model

@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline.features.matrix import InteractionMatrix
+from pipeline.models.base import fit_als
 from pipeline.models.knn import ItemKnn, top_k_sparse
 
 logger = logging.getLogger(__name__)
@@ -56,16 +57,10 @@ class CandidateGenerator:
             ) -> CandidateGenerator:
         """Fit ALS and kNN on ``matrix``; ``recent`` marks each user's recent items (same
         shape); ``popular_cols`` are item columns, most recently popular first."""
-        from implicit.cpu.als import AlternatingLeastSquares
-
-        if matrix.confidence.nnz == 0:
-            raise ValueError("cannot train on an empty interaction matrix")
-        als = AlternatingLeastSquares(
-            factors=self.factors, regularization=self.regularization, alpha=self.alpha,
-            iterations=self.iterations, random_state=self.random_state,
-            num_threads=self.num_threads, calculate_training_loss=False)
-        als.fit(matrix.confidence, show_progress=False)
-        self.als_ = als
+        self.als_ = fit_als(matrix.confidence, factors=self.factors,
+                            regularization=self.regularization, alpha=self.alpha,
+                            iterations=self.iterations, random_state=self.random_state,
+                            num_threads=self.num_threads)
         self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method,
                             num_threads=self.num_threads).fit(matrix.confidence)
         self.matrix_ = matrix
