@@ -512,7 +512,7 @@ def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_p
     theirs = {key: champion["params"][key] for key in mine if key in champion["params"]}
     their_params = json.loads(champion["tags"].get("model_params", "null"))
     if their_params is not None:
-        from pipeline.models.twostage import with_legacy_params
+        from pipeline.models.recipe import with_legacy_params
 
         their_params = with_legacy_params(their_params)
     if theirs == mine and their_params in (None, own_params):
@@ -601,14 +601,16 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
 
 def _twostage(settings: Settings, params: dict | None = None):
     """The deployable two-stage recommender from ``settings`` (``params`` override them)."""
+    from pipeline.models.recipe import TwoStageRecipe
     from pipeline.models.twostage import TwoStageRecommender
 
-    model = TwoStageRecommender(
+    # the Settings names of the recipe fields (the rest keep the recipe's defaults)
+    recipe = TwoStageRecipe(
         factors=settings.als_factors, regularization=settings.als_regularization,
         alpha=settings.als_alpha, iterations=settings.als_iterations,
         label_days=settings.label_days, label_windows=settings.label_windows,
         n_bags=settings.ranker_bags, random_state=settings.seed)
-    return model.set_params(**params) if params else model
+    return TwoStageRecommender(recipe.replace(**params) if params else recipe)
 
 
 def _als(settings: Settings):

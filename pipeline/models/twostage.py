@@ -25,7 +25,9 @@ plain 30-day popularity unless another window and attributes win clearly in time
 the new users of 30-day windows before the cutoff), or the global list when the segment is
 unknown. Same interface as
 :class:`pipeline.models.als.AlsRecommender`: ``recommend``, ``default_list``,
-``save``/``load``, ``fingerprint``, ``get_params`` (plus ``popular_``, ``matrix_``).
+``save``/``load``, ``fingerprint``, ``get_params`` (plus ``popular_``, ``matrix_``). Its
+training parameters are one :class:`pipeline.models.recipe.TwoStageRecipe` (``recipe``);
+``get_params()`` is the recipe's flat dict.
 """
 
 from __future__ import annotations
@@ -59,14 +61,10 @@ from pipeline.models.candidates import CandidateGenerator, candidate_recall, gat
 from pipeline.models.coldstart import SegmentPopularity, popular_reasons, select_cold_start
 from pipeline.models.knn import ItemKnn
 from pipeline.models.ranker import Ranker, feature_names, generate_scored_pairs, label_pairs
+from pipeline.models.recipe import TwoStageRecipe
 
 logger = logging.getLogger(__name__)
 
-#: Parameters added after models were first saved, with the value that reproduces a model
-#: saved without them: bundles and logged recipes from before ranker bagging had one ranker
-#: and every label-window user; those from before the bag budget trained all ``n_bags``.
-LEGACY_PARAMS = {"n_bags": 1, "max_label_users": 2**62, "bag_budget_pairs": None,
-                 "label_halflife_days": None}
 _TABLE_FIELDS = FeatureTables.ARRAY_FIELDS
 
 
@@ -86,67 +84,31 @@ class TwoStageRecommender(ListRecommender):
 
     chunk_users = 2_000  # candidate features are wide: smaller chunks than plain ALS
 
-    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
-                 iterations: int = 15, n_als: int = 100, n_knn: int = 100, n_popular: int = 50,
-                 knn_k: int = 100, knn_method: str = "cosine", n_recent: int = 20,
-                 label_days: int = 14, label_windows: int = 6, label_stride_days: int = 7,
-                 label_halflife_days: float | None = None, max_label_users: int = 2_000,
-                 min_history: int = 1,
-                 objective: str = "rank:ndcg", max_depth: int = 6,
-                 learning_rate: float = 0.1, min_child_weight: float = 1.0,
-                 subsample: float = 0.8, colsample_bytree: float = 0.8,
-                 n_estimators: int = 300, n_bags: int = 5,
-                 bag_budget_pairs: int | None = 2_000_000, popular_days: int = 30,
-                 cold_segment: str = "auto", cold_shrinkage: float = 50.0,
-                 random_state: int = 42, num_threads: int = 0, n_jobs: int = 0,
-                 bag_workers: int = 0) -> None:
-        self.factors = factors
-        self.regularization = regularization
-        self.alpha = alpha
-        self.iterations = iterations
-        self.n_als = n_als
-        self.n_knn = n_knn
-        self.n_popular = n_popular
-        self.knn_k = knn_k
-        self.knn_method = knn_method
-        self.n_recent = n_recent
-        self.label_days = label_days
-        self.label_windows = label_windows
-        self.label_stride_days = label_stride_days
-        self.label_halflife_days = label_halflife_days
-        self.max_label_users = max_label_users
-        self.min_history = min_history
-        self.objective = objective
-        self.max_depth = max_depth
-        self.learning_rate = learning_rate
-        self.min_child_weight = min_child_weight
-        self.subsample = subsample
-        self.colsample_bytree = colsample_bytree
-        self.n_estimators = n_estimators
-        self.n_bags = n_bags
-        self.bag_budget_pairs = bag_budget_pairs
-        self.popular_days = popular_days
-        self.cold_segment = cold_segment
-        self.cold_shrinkage = cold_shrinkage
-        self.random_state = random_state
+    #: How fast, not what: thread and worker counts, settable but not part of the recipe.
+    RUNTIME_PARAMS = ("num_threads", "n_jobs", "bag_workers")
+
+    def __init__(self, recipe: TwoStageRecipe | None = None, *, num_threads: int = 0,
+                 n_jobs: int = 0, bag_workers: int = 0, **params) -> None:
+        """``recipe`` (default: :class:`TwoStageRecipe`'s defaults) with the keyword
+        ``params`` replacing its fields; the runtime knobs are ALS threads, XGBoost threads
+        and parallel bags (0: automatic)."""
+        if recipe is None:
+            recipe = TwoStageRecipe()
+        elif not isinstance(recipe, TwoStageRecipe):
+            raise TypeError(f"recipe must be a TwoStageRecipe, not {type(recipe).__name__}")
+        self.recipe = recipe.replace(**params)
         self.num_threads = num_threads
         self.n_jobs = n_jobs
         self.bag_workers = bag_workers
 
-    _PARAMS = ("factors", "regularization", "alpha", "iterations", "n_als", "n_knn",
-               "n_popular", "knn_k", "knn_method", "n_recent", "label_days", "label_windows",
-               "label_stride_days", "label_halflife_days", "max_label_users", "min_history",
-               "objective", "max_depth", "learning_rate", "min_child_weight", "subsample",
-               "colsample_bytree", "n_estimators", "n_bags", "bag_budget_pairs", "popular_days",
-               "cold_segment", "cold_shrinkage", "random_state")
-
     def get_params(self) -> dict:
-        return {name: getattr(self, name) for name in self._PARAMS}
+        return self.recipe.to_dict()
 
     def set_params(self, **params) -> TwoStageRecommender:
-        for name, value in params.items():
-            if name not in self._PARAMS and name not in ("num_threads", "n_jobs", "bag_workers"):
-                raise ValueError(f"unknown parameter {name!r}")
+        """Replace recipe fields and/or runtime knobs; unknown names raise ValueError."""
+        runtime = {k: params.pop(k) for k in self.RUNTIME_PARAMS if k in params}
+        self.recipe = self.recipe.replace(**params)
+        for name, value in runtime.items():
             setattr(self, name, value)
         return self
 
@@ -206,17 +168,18 @@ class TwoStageRecommender(ListRecommender):
 
     def _training_pairs(self, events, cutoff, items, users):
         blocks, labels, groups, keys, recalls = [], [], [], [], []
-        for window in range(1, self.label_windows + 1):
-            end = cutoff - dt.timedelta(days=self.label_stride_days * (window - 1))
-            start = end - dt.timedelta(days=self.label_days)
+        for window in range(1, self.recipe.label_windows + 1):
+            end = cutoff - dt.timedelta(days=self.recipe.label_stride_days * (window - 1))
+            start = end - dt.timedelta(days=self.recipe.label_days)
             if before(events, start).empty:
                 continue
             matrix = build_matrix(before(events, start), self.weights_)
             truth = window_truth(events, start, end, matrix, self.weights_)
             rows = np.flatnonzero((np.diff(truth.indptr) > 0) & self._enough_history(matrix))
-            if len(rows) > self.max_label_users:  # bound the pairs: a seeded sample of users
-                rng = np.random.default_rng(self.random_state + window)
-                rows = np.sort(rng.choice(rows, self.max_label_users, replace=False))
+            cap = self.recipe.max_label_users
+            if len(rows) > cap:  # bound the pairs: a seeded sample of users
+                rng = np.random.default_rng(self.recipe.random_state + window)
+                rows = np.sort(rng.choice(rows, cap, replace=False))
             if len(rows) == 0:
                 continue
             # user features only for the sampled users: the others are never read here
@@ -244,44 +207,43 @@ class TwoStageRecommender(ListRecommender):
     def _window_weights(self, groups: np.ndarray) -> np.ndarray | None:
         """Query weights that halve every ``label_halflife_days`` a label window ends before
         the cutoff (the newest window weighs 1); None (all equal) without a half-life."""
-        if not self.label_halflife_days:
+        halflife, stride = self.recipe.label_halflife_days, self.recipe.label_stride_days
+        if not halflife:
             return None
-        ends_before = self.label_stride_days * (_window_of(groups) - 1)  # days, per pair
-        return np.power(0.5, ends_before / float(self.label_halflife_days)).astype(np.float32)
+        ends_before = stride * (_window_of(groups) - 1)  # days, per pair
+        return np.power(0.5, ends_before / float(halflife)).astype(np.float32)
 
     def _fit_stage_one(self, events, cutoff, items, users, matrix=None, feature_rows=None
                        ) -> tuple[Snapshot, CandidateGenerator]:
         snap = build_snapshot(events, cutoff, self.weights_, items, users,
-                              n_recent=self.n_recent, popular_days=self.popular_days,
+                              n_recent=self.recipe.n_recent,
+                              popular_days=self.recipe.popular_days,
                               matrix=matrix, feature_rows=feature_rows)
         self.feature_names_ = feature_names(snap.tables)
         return snap, self._generator().fit(snap.matrix, snap.recent, snap.popular_cols)
 
     def _generator(self) -> CandidateGenerator:
-        return CandidateGenerator(
-            n_als=self.n_als, n_knn=self.n_knn, n_popular=self.n_popular, knn_k=self.knn_k,
-            knn_method=self.knn_method, factors=self.factors,
-            regularization=self.regularization, alpha=self.alpha, iterations=self.iterations,
-            random_state=self.random_state, num_threads=self.num_threads)
+        """Stage one: the recipe fields named like CandidateGenerator's parameters."""
+        return CandidateGenerator(**self.recipe.kwargs_for(CandidateGenerator),
+                                  num_threads=self.num_threads)
 
     def _ranker(self) -> Ranker:
-        return Ranker(objective=self.objective, max_depth=self.max_depth,
-                      learning_rate=self.learning_rate, min_child_weight=self.min_child_weight,
-                      subsample=self.subsample, colsample_bytree=self.colsample_bytree,
-                      n_estimators=self.n_estimators, n_bags=self.n_bags,
-                      bag_budget_pairs=self.bag_budget_pairs,
-                      random_state=self.random_state, n_jobs=self.n_jobs,
+        """Stage two: the recipe fields named like Ranker's parameters (its validation
+        split, early stopping and prior keep Ranker's defaults)."""
+        return Ranker(**self.recipe.kwargs_for(Ranker), n_jobs=self.n_jobs,
                       bag_workers=self.bag_workers)
 
     def _cold_params(self, events, cutoff, users) -> dict:
         """Cold-start list settings: given, or selected by time-series CV when "auto"."""
-        if self.cold_segment == "auto":
-            return select_cold_start(events, cutoff, users, shrinkage=self.cold_shrinkage)
-        return {"days": self.popular_days, "shrinkage": self.cold_shrinkage,
-                "segment": tuple(s for s in str(self.cold_segment or "").split("|") if s)}
+        if self.recipe.cold_segment == "auto":
+            return select_cold_start(events, cutoff, users,
+                                     shrinkage=self.recipe.cold_shrinkage)
+        return {"days": self.recipe.popular_days, "shrinkage": self.recipe.cold_shrinkage,
+                "segment": tuple(s for s in str(self.recipe.cold_segment or "").split("|")
+                                 if s)}
 
     def _enough_history(self, matrix: InteractionMatrix) -> np.ndarray:
-        return np.diff(matrix.confidence.indptr) >= self.min_history
+        return np.diff(matrix.confidence.indptr) >= self.recipe.min_history
 
     # ---- scoring -----------------------------------------------------------------------
     def rank_candidates(self, rows: np.ndarray, chunk_users: int = 2_000) -> pd.DataFrame:
@@ -302,7 +264,7 @@ class TwoStageRecommender(ListRecommender):
         matrix = self.snapshot_.matrix
         rows = matrix.user_index(users)
         warm = rows >= 0
-        warm[warm] = np.diff(matrix.confidence.indptr)[rows[warm]] >= self.min_history
+        warm[warm] = np.diff(matrix.confidence.indptr)[rows[warm]] >= self.recipe.min_history
         personal = self._personal(users[warm], rows[warm], n)
         return self._fill_from_fallback(personal, users, n)
 
@@ -366,7 +328,7 @@ class TwoStageRecommender(ListRecommender):
     def _popular_reason(self, cols: np.ndarray) -> np.ndarray:
         items = self.items_.rename(columns={})
         return popular_reasons(pd.Series(self.snapshot_.matrix.item_ids[cols]), items,
-                               self.popular_days)
+                               self.recipe.popular_days)
 
     # ---- identity and persistence ------------------------------------------------------
     def fingerprint(self) -> str:
@@ -438,7 +400,7 @@ class TwoStageRecommender(ListRecommender):
 
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
-        self = cls(**with_legacy_params(meta["params"]))
+        self = cls(TwoStageRecipe.from_dict(meta["params"]))
         self.weights_, self.feature_names_ = meta["weights"], meta["feature_names"]
         self.training_ = meta["training"]
         items = pd.read_parquet(folder / "items.parquet")
@@ -458,10 +420,10 @@ class TwoStageRecommender(ListRecommender):
                                   tables, stored["popular_cols"])
         generator = self._generator()
         generator.als_ = AlternatingLeastSquares.load(str(folder / "als.npz"))
-        generator.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method)
+        generator.knn_ = ItemKnn(k=self.recipe.knn_k, method=self.recipe.knn_method)
         generator.knn_.similarity_ = sp.load_npz(folder / "similarity.npz").tocsr()
         generator.matrix_, generator.recent_ = matrix, recent
-        generator.popular_cols_ = stored["popular_cols"][: self.n_popular]
+        generator.popular_cols_ = stored["popular_cols"][: self.recipe.n_popular]
         self.generator_ = generator
         self.ranker_ = None
         if meta["ranker"] is not None:
@@ -478,11 +440,6 @@ class TwoStageRecommender(ListRecommender):
         self.cold_ = cold
         self.items_ = items
         return self
-
-
-def with_legacy_params(params: Mapping[str, object]) -> dict:
-    """``params`` of a saved model or logged recipe, completed with :data:`LEGACY_PARAMS`."""
-    return {**LEGACY_PARAMS, **params}
 
 
 def build_snapshot(events: pd.DataFrame, cutoff: dt.datetime, weights: Mapping[str, float],

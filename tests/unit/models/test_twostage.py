@@ -147,7 +147,7 @@ def test_label_windows_weigh_less_the_earlier_they_end():
 
 
 def test_a_half_life_changes_the_ranker_not_the_training_pairs(data, model):
-    assert model.label_halflife_days is None  # the default: all windows alike
+    assert model.recipe.label_halflife_days is None  # the default: all windows alike
     weighted = TwoStageRecommender(**{**PARAMS, "label_halflife_days": 7}).fit(
         _before(data), CUTOFF, items=data.items, users=data.users)
     assert weighted.ranker_.boosters_raw() != model.ranker_.boosters_raw()
@@ -179,7 +179,7 @@ def test_training_reports_recall_and_validation(model):
 
 def test_the_bag_budget_caps_the_bags_of_a_large_training_set(data, model):
     pairs = model.training_["pairs"]
-    assert len(model.ranker_.models_) == model.n_bags  # the default budget is far away
+    assert len(model.ranker_.models_) == model.recipe.n_bags  # the default budget is far away
     budgeted = TwoStageRecommender(**{**PARAMS, "bag_budget_pairs": 2 * pairs}).fit(
         _before(data), CUTOFF, items=data.items, users=data.users)
     assert len(budgeted.ranker_.models_) == 2
