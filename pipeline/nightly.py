@@ -346,15 +346,15 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                        if re.fullmatch(rf"popularity(_\d+d)?_ndcg_at_{k}", key))
         configure_mlflow()
         champion = champion_version()
-        production = _production_cutoff(settings, dsn, champion)
+        details = version_details(champion) if champion is not None else None
+        production = _production_cutoff(settings, dsn, details)
         backfill = production is not None and cutoff < production[0]
         decides = not backfill or settings.serve_backfill or settings.force_promote
         champion_score = interval = None
         same_recipe = False
         if champion is not None and decides:
             own = pd.read_parquet(run / USER_NDCG_FILE)["ndcg"]
-            rescored = _recipe_score(settings, cutoff, version_details(champion),
-                                     trained["params"], own, k)
+            rescored = _recipe_score(settings, cutoff, details, trained["params"], own, k)
             champion_score, same_recipe = rescored.mean, rescored.same_recipe
             interval = _paired_interval(own, rescored.user_ndcg, settings.seed)
             metrics.update({f"champion_ndcg_at_{k}": champion_score,
@@ -418,12 +418,12 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     return result
 
 
-def _production_cutoff(settings: Settings, dsn: str | None, champion: str | None
+def _production_cutoff(settings: Settings, dsn: str | None, champion: dict | None
                        ) -> tuple[dt.datetime, str] | None:
     """The newest logical date production serves, and what serves it: the live lists' or
-    the champion's, whichever is later (None before the first publish and promotion)."""
+    the champion's (``champion``: its :func:`version_details`), whichever is later (None
+    before the first publish and promotion)."""
     from pipeline.core.config import as_utc
-    from pipeline.registry.versions import version_details
     from pipeline.serving.store import live_version
 
     found = []
@@ -431,10 +431,8 @@ def _production_cutoff(settings: Settings, dsn: str | None, champion: str | None
     if live is not None:
         found.append((live["logical_date"], f"the live lists: serving version {live['version']}, "
                                             f"model v{live['model_version']}"))
-    if champion is not None:
-        logical_date = version_details(champion)["tags"].get("logical_date")
-        if logical_date:
-            found.append((as_utc(logical_date), f"champion v{champion}"))
+    if champion is not None and champion["tags"].get("logical_date"):
+        found.append((as_utc(champion["tags"]["logical_date"]), f"champion v{champion['version']}"))
     return max(found, key=lambda pair: pair[0]) if found else None
 
 

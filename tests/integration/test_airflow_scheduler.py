@@ -310,6 +310,13 @@ def test_a_backfill_of_two_older_dates_records_them_and_leaves_production_alone(
         assert "older than production's 2024-02-01" in registered["reason"]
         published = json.loads((folder / "publish.json").read_text())
         assert published["published"] is False
+        # The version is recorded, but is no candidate for production: no alias, tagged.
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=airflow.env["MLFLOW_TRACKING_URI"])
+        version = client.get_model_version("recommender", registered["version"])
+        assert version.aliases == [] and version.tags["promotion_decision"] == "backfill"
+        assert client.get_run(version.run_id).data.tags["backfill"] == "True"
     # The summary `make run` prints says so too.
     summary = subprocess.run([sys.executable, "-m", "pipeline.cli", "summary", "2024-01-30"],
                              cwd=REPO, env=airflow.env, capture_output=True, text=True,

@@ -154,6 +154,11 @@ def test_the_same_recipe_on_newer_data_is_a_retrain_not_a_win(world, first_lists
     register = json.loads((world["root"] / "data" / "runs" / "2024-02-04T000000"
                            / "register.json").read_text())
     assert register["serve_version"] == version
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    logged = client.get_run(client.get_model_version("recommender", version).run_id).data
+    assert logged.metrics["gate_diff_low"] == 0.0 and logged.metrics["gate_diff_high"] == 0.0
 
 
 def test_publish_serves_the_version_its_gate_decided_on_not_the_alias(world, published):

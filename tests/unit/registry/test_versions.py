@@ -209,3 +209,11 @@ def test_registered_model_serves_with_only_its_requirements(bundle, tmp_path, mo
     assert not _providers("xgboost") & _closure(without) and len(without) < len(requirements)
     done = _serve_with_only(model_dir, without, users, run)
     assert done.returncode != 0 and "No module named 'xgboost'" in done.stderr, done.stderr[-2000:]
+
+
+def test_versions_registered_before_the_layered_layout_find_their_pyfunc_class():
+    """MLflow unpickles the wrapper by module path: ``pipeline.pyfunc_model`` must stay."""
+    from pipeline.pyfunc_model import RecommenderModel as legacy
+    from pipeline.registry.pyfunc import RecommenderModel
+
+    assert legacy is RecommenderModel
