@@ -197,13 +197,13 @@ def _metrics_table(metrics: dict, k: int) -> list[str]:
 
 
 def _sample_user(run) -> str | None:
-    import pandas as pd
+    from pipeline.core.ids import EncodedEvents
 
-    events = pd.read_parquet(run / "events.parquet", columns=["user_id"])
-    if events.empty:
+    events = EncodedEvents.read(run, ("user_id",))
+    if not len(events):
         return None
-    counts = events["user_id"].value_counts()
-    return str(counts.index[len(counts) // 2])  # a typical user, not the heaviest
+    counts = events.frame["user_id"].value_counts()
+    return str(events.users.decode(counts.index[len(counts) // 2:][:1])[0])  # typical user
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,22 +95,54 @@ def validate(settings: Settings, cutoff: dt.datetime) -> dict:
 
 
 def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
-    """RFM/context features per user and popularity/age features per item."""
-    from pipeline.features.tables import build_item_features, build_user_features
+    """Encode the validated events once, then build the feature tables the model reads.
+
+    Writes ``events_encoded.parquet`` with the run's user and item id maps
+    (:mod:`pipeline.core.ids`), which every later stage reads instead of ``events.parquet``,
+    and the RFM/context features per user and popularity/age features per item as of the
+    cutoff (``train`` reads them) and as of the holdout start (``evaluate`` reads them), under
+    ``<run>/features/as_of=<time>/``.
+    """
+    from pipeline.core.ids import encode_events_file
+    from pipeline.features.tables import FeatureFrames
     from pipeline.lake.readers import read_side_file
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "build_features") as result:
-        events = pd.read_parquet(run / "events.parquet")
-        items = read_side_file(settings.landing_dir / "items.csv")
-        users = build_user_features(events, cutoff)
-        item_features = build_item_features(events, cutoff, items)
-        _write_parquet(users, run / "user_features.parquet")
-        _write_parquet(item_features, run / "item_features.parquet")
-        result.update(users=len(users), items=len(item_features),
-                      user_feature_columns=len(users.columns) - 1,
-                      item_feature_columns=len(item_features.columns) - 1)
+        encoded = encode_events_file(run / "events.parquet", run, settings.event_weights)
+        items = encoded.items.rekey(read_side_file(settings.landing_dir / "items.csv"),
+                                    "item_id")
+        shutil.rmtree(run / "features", ignore_errors=True)
+        for as_of in (cutoff, _holdout_start(settings, cutoff)):
+            frames = FeatureFrames.build(encoded.before(as_of).frame, as_of, items)
+            frames.write(run / "features")
+        result.update(events=len(encoded), users=len(encoded.users), items=len(encoded.items),
+                      user_feature_columns=len(frames.user.columns) - 1,
+                      item_feature_columns=len(frames.item.columns) - 1)
     return result
+
+
+def _holdout_start(settings: Settings, cutoff: dt.datetime) -> dt.datetime:
+    return cutoff - dt.timedelta(days=settings.holdout_days)
+
+
+def _encoded(settings: Settings, cutoff: dt.datetime, columns: tuple[str, ...] | None = None):
+    """The run's encoded events (``build_features``' output)."""
+    from pipeline.core.ids import EncodedEvents
+
+    return EncodedEvents.read(settings.run_dir(cutoff), columns)
+
+
+def _features(settings: Settings, cutoff: dt.datetime, as_of: dt.datetime):
+    """The run's user and item feature tables as of ``as_of`` (``build_features``' output);
+    None when they were not built (then the model computes them)."""
+    from pipeline.features.tables import FeatureFrames
+
+    root = settings.run_dir(cutoff) / "features"
+    try:
+        return FeatureFrames.read(root, as_of)
+    except FileNotFoundError:
+        return None
 
 
 def tune(settings: Settings, cutoff: dt.datetime) -> dict:
@@ -125,7 +157,7 @@ def tune(settings: Settings, cutoff: dt.datetime) -> dict:
             from pipeline.evaluation.tuning import tune_twostage
             from pipeline.lake.readers import read_side_file
 
-            tuned = tune_twostage(pd.read_parquet(run / "events.parquet"), cutoff, params,
+            tuned = tune_twostage(_encoded(settings, cutoff), cutoff, params,
                                   settings.tune_budget_minutes,
                                   read_side_file(settings.landing_dir / "items.csv"),
                                   read_side_file(settings.landing_dir / "users.csv"),
@@ -152,11 +184,11 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "train") as result:
-        events = pd.read_parquet(run / "events.parquet")
         items = read_side_file(settings.landing_dir / "items.csv")
         users = read_side_file(settings.landing_dir / "users.csv")
         model = _twostage(settings, _tuned_params(settings, cutoff)).fit(
-            events, cutoff, settings.event_weights, items, users)
+            _encoded(settings, cutoff), cutoff, settings.event_weights, items, users,
+            features=_features(settings, cutoff, cutoff))
         bundle = run / "model"
         shutil.rmtree(bundle, ignore_errors=True)
         model.save(bundle)
@@ -182,8 +214,10 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
 
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "evaluate") as result:
-        events = pd.read_parquet(run / "events.parquet")
-        holdout = _holdout(settings, events, cutoff, k, _tuned_params(settings, cutoff))
+        holdout = _holdout(settings, _encoded(settings, cutoff), cutoff, k,
+                           _tuned_params(settings, cutoff),
+                           features=_features(settings, cutoff,
+                                              _holdout_start(settings, cutoff)))
         table, extra = holdout.table, holdout.extra
         table.to_csv(run / "metrics.csv")
         holdout.user_ndcg.to_frame().to_parquet(run / USER_NDCG_FILE)
@@ -203,7 +237,7 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
     return result
 
 
-def holdout_table(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: int = 10
+def holdout_table(settings: Settings, events, cutoff: dt.datetime, k: int = 10
                   ) -> pd.DataFrame:
     """Metrics at ``k`` per model on the holdout: the recipe in ``settings`` and the baselines.
 
@@ -224,9 +258,13 @@ class _Holdout:
     extra: dict  # ranker AUC, candidate recall, cold-start metrics, bias-audit inputs
 
 
-def _holdout(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: int = 10,
-             params: dict | None = None, *, extras: bool = True) -> _Holdout:
-    """Metrics of the two-stage recipe (row ``model``) and the baselines on the holdout."""
+def _holdout(settings: Settings, events, cutoff: dt.datetime, k: int = 10,
+             params: dict | None = None, *, extras: bool = True, features=None) -> _Holdout:
+    """Metrics of the two-stage recipe (row ``model``) and the baselines on the holdout.
+
+    ``events``: the run's :class:`~pipeline.core.ids.EncodedEvents` (a frame of string ids
+    is encoded first); ``features``: the feature tables as of the holdout start, when built."""
+    from pipeline.core.ids import EncodedEvents
     from pipeline.core.metrics import ranking_metrics_per_user
     from pipeline.evaluation.holdout import (
         evaluate_models,
@@ -239,10 +277,14 @@ def _holdout(settings: Settings, events: pd.DataFrame, cutoff: dt.datetime, k: i
 
     items = read_side_file(settings.landing_dir / "items.csv")
     users = read_side_file(settings.landing_dir / "users.csv")
+    if not isinstance(events, EncodedEvents):
+        events = EncodedEvents.from_frame(events[events["timestamp"] < cutoff],
+                                          settings.event_weights)
+    events = events.before(cutoff)
     split = split_holdout(events, cutoff, settings.holdout_days, settings.event_weights)
     start = split.holdout_start
-    model = _twostage(settings, params).fit(split.train_events, start, settings.event_weights,
-                                            items, users)
+    model = _twostage(settings, params).fit(split.encoded, start, settings.event_weights,
+                                            items, users, features=features)
     plain = _als(settings).fit(split.train, popular_items(split.train_events, start, k))
     warm_ids = split.train.user_ids[split.eval_rows]
     warm_lists = model.recommend(warm_ids, k)
@@ -272,21 +314,27 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
     from pipeline.models.twostage import window_truth
 
     start = split.holdout_start
-    truth = window_truth(events, start, cutoff, model.matrix_, model.weights_)
+    truth = window_truth(events.frame, start, cutoff, model.matrix_, model.weights_)
     rows = np.flatnonzero(np.diff(truth.indptr) > 0)
     pairs = model.rank_candidates(rows)
     labels = label_pairs(pairs, truth) if len(pairs) else np.zeros(0)
     scores = held_out_scores(labels, pairs["score"].to_numpy()) if len(pairs) else {
         "auc": float("nan"), "pr_auc": float("nan")}
     recall = candidate_recall(pairs, truth)["all"] if len(pairs) else float("nan")
-    truth_ids = window_truth_frame(events[events["timestamp"] < cutoff], start, cutoff)
-    seen_before = set(split.train_events["user_id"].astype(object).unique())
-    cold_ids = truth_ids.loc[~truth_ids["user_id"].isin(seen_before), "user_id"].unique()
-    warm_ids = truth_ids.loc[truth_ids["user_id"].isin(seen_before), "user_id"].unique()
+    coded = window_truth_frame(events.frame, start, cutoff)  # codes, then ids for the lists
+    seen_before = split.train_events["user_id"].unique()
+    old = coded["user_id"].isin(seen_before).to_numpy()
+    cold_codes = coded.loc[~old, "user_id"].unique()
+    warm_codes = coded.loc[old, "user_id"].unique()
+    baseline = popularity_lists(split.train_events, start,
+                                np.concatenate([warm_codes, cold_codes]), k, 30)
+    truth_ids, baseline = (frame.assign(user_id=events.users.decode(frame["user_id"]),
+                                        item_id=events.items.decode(frame["item_id"]))
+                           for frame in (coded, baseline))
+    cold_ids = events.users.decode(cold_codes)
     warm_truth = truth_ids[truth_ids["user_id"].isin(warm_lists["user_id"])]
     lists = {"model": pd.concat([warm_lists, model.recommend(cold_ids, k)]),
-             "popularity_30d": popularity_lists(split.train_events, start,
-                                                np.concatenate([warm_ids, cold_ids]), k, 30)}
+             "popularity_30d": baseline}
     scored = pd.concat([warm_truth, truth_ids[truth_ids["user_id"].isin(cold_ids)]])
     per_user = {name: user_metrics(frame, scored, k) for name, frame in lists.items()}
     segments = pd.DataFrame(index=pd.Index(scored["user_id"].unique(), name="user_id"))
@@ -519,8 +567,9 @@ def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_p
     overrides = {key: _as_type(value, fields[key]) for key, value in theirs.items()
                  if key in fields}
     champion_settings = dataclasses.replace(settings, **overrides)
-    events = pd.read_parquet(settings.run_dir(cutoff) / "events.parquet")
-    holdout = _holdout(champion_settings, events, cutoff, k, their_params, extras=False)
+    holdout = _holdout(champion_settings, _encoded(settings, cutoff), cutoff, k, their_params,
+                       extras=False,
+                       features=_features(settings, cutoff, _holdout_start(settings, cutoff)))
     score = float(holdout.table.loc["model", "ndcg"])
     logger.info("champion v%s re-scored on this holdout: ndcg@%d %.4f", champion["version"], k,
                 score)
@@ -555,7 +604,6 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
     from pipeline.serving.rules import build_consumed, recommend_with_rules
     from pipeline.serving.store import OlderThanLive, publish_lists
 
-    run = settings.run_dir(cutoff)
     allow_older = version is not None or settings.serve_backfill or settings.force_promote
     with _stage(settings, cutoff, "publish") as result:
         if version is None and decision is not None:
@@ -566,10 +614,9 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
                 return result
         model, version = load_version(version)
         recommender = model.unwrap_python_model().recommender
-        events = pd.read_parquet(run / "events.parquet",
-                                 columns=["user_id", "item_id", "event_type"])
+        events = _encoded(settings, cutoff, ("user_id", "item_id", "event_type"))
         lists, rule_stats = recommend_with_rules(
-            recommender.recommend, events["user_id"].astype(str).unique(),
+            recommender.recommend, events.users.ids,
             candidate_multiplier=settings.candidate_multiplier,
             consumed=build_consumed(events, settings.consumed_event_types),
             items=read_side_file(settings.landing_dir / "items.csv"),
@@ -646,6 +693,7 @@ def rollback(settings: Settings, version: str | None = None, dsn: str | None = N
     can republish exactly the lists that version served (``publish`` for that cutoff).
     """
     from pipeline.core.config import as_utc
+    from pipeline.core.ids import EVENTS_FILE
     from pipeline.registry.versions import (
         champion_version,
         configure_mlflow,
@@ -662,7 +710,7 @@ def rollback(settings: Settings, version: str | None = None, dsn: str | None = N
         raise LookupError("no previous champion to roll back to; pass a version explicitly")
     details = version_details(target)
     cutoff = as_utc(details["tags"]["logical_date"])
-    if not (settings.run_dir(cutoff) / "events.parquet").exists():
+    if not (settings.run_dir(cutoff) / EVENTS_FILE).exists():
         raise FileNotFoundError(f"run folder of v{target} ({settings.run_dir(cutoff)}) is gone: "
                                 "its lists cannot be rebuilt exactly")
     reason = f"rollback from v{current} to v{target} ({triggered_by})"

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline.core.ids import EncodedEvents
 from pipeline.core.metrics import ranking_metrics, top_diversity
-from pipeline.features.matrix import InteractionMatrix, build_matrix
+from pipeline.features.matrix import InteractionMatrix, build_matrix, with_history
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class HoldoutSplit:
     truth: sp.csr_matrix
     train_events: pd.DataFrame
     holdout_start: dt.datetime
+    encoded: EncodedEvents | None = None  # the events before the holdout, when encoded
 
     @property
     def eval_rows(self) -> np.ndarray:
@@ -38,18 +40,34 @@ class HoldoutSplit:
         return np.flatnonzero(np.diff(self.truth.indptr) > 0)
 
 
-def split_holdout(events: pd.DataFrame, cutoff: dt.datetime, holdout_days: int,
+def split_holdout(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime, holdout_days: int,
                   weights: Mapping[str, float]) -> HoldoutSplit:
-    """Split events at ``cutoff - holdout_days``; truth excludes items seen before."""
+    """Split events at ``cutoff - holdout_days``; truth excludes items seen before, and users
+    and items without history before the holdout (new users are scored elsewhere).
+
+    On :class:`EncodedEvents` the train and truth matrices have the run's one shape, rows
+    and columns named by the id maps; on a frame of string ids, the train events' ids."""
     start = cutoff - dt.timedelta(days=holdout_days)
-    train_events = events[events["timestamp"] < start]
-    test_events = events[(events["timestamp"] >= start) & (events["timestamp"] < cutoff)]
-    train = build_matrix(train_events, weights)
-    test = build_matrix(test_events, weights, user_ids=train.user_ids, item_ids=train.item_ids)
+    encoded = events if isinstance(events, EncodedEvents) else None
+    frame = encoded.frame if encoded is not None else events
+    train_mask = (frame["timestamp"] < start).to_numpy()
+    train_events = frame[train_mask]
+    test_events = frame[~train_mask & (frame["timestamp"] < cutoff).to_numpy()]
+    if encoded is not None:
+        space = (np.arange(encoded.shape[0]), np.arange(encoded.shape[1]))
+        train = build_matrix(train_events, weights, *space)
+        test = build_matrix(test_events, weights, *space)
+    else:
+        train = build_matrix(train_events, weights)
+        test = build_matrix(test_events, weights, user_ids=train.user_ids,
+                            item_ids=train.item_ids)
     truth = (test.confidence > 0).astype(np.float32).tocsr()
     truth = (truth - truth.multiply(train.confidence > 0)).tocsr()
-    truth.eliminate_zeros()
-    return HoldoutSplit(train, truth, train_events, start)
+    truth = with_history(truth, train)
+    if encoded is not None:
+        train = train.relabel(encoded.users.ids, encoded.items.ids)
+        encoded = encoded.where(train_mask)
+    return HoldoutSplit(train, truth, train_events, start, encoded)
 
 
 def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int, chunk_rows: int = 2_048
@@ -75,8 +93,10 @@ def popularity_top(split: HoldoutSplit, rows: np.ndarray, k: int, days: int | No
     events = split.train_events
     if days is not None:
         events = events[events["timestamp"] >= split.holdout_start - dt.timedelta(days=days)]
+    keys = (np.arange(split.train.shape[1]) if events["item_id"].dtype.kind in "iu"
+            else split.train.item_ids)  # encoded events: codes are the columns
     counts = (events.groupby("item_id", observed=True)["user_id"].nunique()
-              .reindex(split.train.item_ids).fillna(0).to_numpy(np.float64))
+              .reindex(keys).fillna(0).to_numpy(np.float64))
     # Ties broken by item order so the baseline is deterministic.
     scores = np.broadcast_to(counts - np.arange(len(counts)) * 1e-9, (len(rows), len(counts)))
     return top_by_scores(scores, split.train.confidence[rows], k)

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+from pipeline.core.ids import EncodedEvents
 from pipeline.core.metrics import user_metrics, window_truth_frame
 from pipeline.models.twostage import TwoStageRecommender
 
@@ -73,14 +74,17 @@ def sample_params(rng: np.random.Generator, space: Mapping[str, tuple] = SEARCH_
             for name, values in space.items()}
 
 
-def score_params(events: pd.DataFrame, folds: list[tuple[dt.datetime, dt.datetime]],
+def score_params(events: EncodedEvents, folds: list[tuple[dt.datetime, dt.datetime]],
                  params: Mapping[str, object], items: pd.DataFrame | None,
                  users: pd.DataFrame | None, weights: Mapping[str, float], k: int = 10
                  ) -> list[float]:
     """nDCG@k of a :class:`TwoStageRecommender` with ``params`` on each fold."""
     scores = []
+    frame = events.frame
     for start, end in folds:
-        truth = window_truth_frame(events[events["timestamp"] < end], start, end)
+        truth = window_truth_frame(frame[frame["timestamp"] < end], start, end)
+        truth = pd.DataFrame({"user_id": events.users.decode(truth["user_id"]),
+                              "item_id": events.items.decode(truth["item_id"])})
         if truth.empty:
             scores.append(float("nan"))
             continue
@@ -90,14 +94,17 @@ def score_params(events: pd.DataFrame, folds: list[tuple[dt.datetime, dt.datetim
     return scores
 
 
-def tune_twostage(events: pd.DataFrame, cutoff: dt.datetime, base_params: Mapping[str, object],
-                  budget_minutes: float, items: pd.DataFrame | None = None,
+def tune_twostage(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime,
+                  base_params: Mapping[str, object], budget_minutes: float,
+                  items: pd.DataFrame | None = None,
                   users: pd.DataFrame | None = None,
                   weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS, n_folds: int = 3,
                   horizon_days: int = 14, max_trials: int = 50, random_state: int = 42,
                   space: Mapping[str, tuple] = SEARCH_SPACE, k: int = 10) -> TuningResult:
     """Random search over ``space`` within ``budget_minutes``; trial 0 is ``base_params``."""
-    events = events[events["timestamp"] < cutoff]
+    if not isinstance(events, EncodedEvents):
+        events = EncodedEvents.from_frame(events[events["timestamp"] < cutoff], weights)
+    events = events.before(cutoff)
     folds = expanding_folds(cutoff, n_folds, horizon_days)
     rng = np.random.default_rng(random_state)
     started, longest = time.perf_counter(), 0.0

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -128,6 +130,48 @@ def _newcomer_popularity(events: pd.DataFrame, cutoff: dt.datetime, days: int) -
     return recent.groupby("item_id", observed=True)["user_id"].nunique()
 
 
+@dataclass(frozen=True)
+class FeatureFrames:
+    """The user and item feature tables "as of" a time: what ``build_features`` writes once
+    per run (on encoded events: ``user_id``/``item_id`` are codes) and training and
+    evaluation read instead of recomputing them.
+
+    Attributes:
+        as_of: the cutoff; only events strictly before it went in.
+        user: :func:`build_user_features` of every user.
+        item: :func:`build_item_features` of every item.
+    """
+
+    as_of: dt.datetime
+    user: pd.DataFrame
+    item: pd.DataFrame
+
+    @classmethod
+    def build(cls, events: pd.DataFrame, as_of: dt.datetime,
+              items: pd.DataFrame | None = None) -> FeatureFrames:
+        return cls(as_of, build_user_features(events, as_of),
+                   build_item_features(events, as_of, items))
+
+    def folder(self, root: Path) -> Path:
+        return Path(root) / f"as_of={self.as_of:%Y-%m-%dT%H%M%S}"
+
+    def write(self, root: Path) -> Path:
+        """``<root>/as_of=<time>/{user,item}_features.parquet``; returns the folder."""
+        folder = self.folder(root)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, frame in (("user", self.user), ("item", self.item)):
+            tmp = folder / f".{name}_features.parquet.{os.getpid()}.tmp"
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, folder / f"{name}_features.parquet")
+        return folder
+
+    @classmethod
+    def read(cls, root: Path, as_of: dt.datetime) -> FeatureFrames:
+        folder = cls(as_of, pd.DataFrame(), pd.DataFrame()).folder(root)
+        return cls(as_of, pd.read_parquet(folder / "user_features.parquet"),
+                   pd.read_parquet(folder / "item_features.parquet"))
+
+
 # ---- matrix-aligned features (rows/columns of an InteractionMatrix) ----------------------
 def recent_history(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
                    item_ids: np.ndarray, n_recent: int) -> sp.csr_matrix:
@@ -137,8 +181,8 @@ def recent_history(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarr
     last = last.sort_values(["user_id", "timestamp", "item_id"],
                             ascending=[True, False, True], kind="stable")
     last = last[last.groupby("user_id", observed=True).cumcount() < n_recent]
-    rows = lookup(user_ids, last["user_id"].to_numpy(dtype=object))
-    cols = lookup(item_ids, last["item_id"].to_numpy(dtype=object))
+    rows = lookup(user_ids, last["user_id"].to_numpy())
+    cols = lookup(item_ids, last["item_id"].to_numpy())
     ok = (rows >= 0) & (cols >= 0)
     return sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])),
                          shape=(len(user_ids), len(item_ids)))
@@ -236,15 +280,22 @@ def build_feature_tables(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np
                          item_ids: np.ndarray, confidence: sp.csr_matrix,
                          items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
                          segments: tuple[str, ...] = DEMOGRAPHICS, segment_days: int = 30,
-                         feature_rows: np.ndarray | None = None) -> FeatureTables:
+                         feature_rows: np.ndarray | None = None,
+                         frames: FeatureFrames | None = None) -> FeatureTables:
     """All ranker features from events before ``cutoff``, on the matrix's rows and columns;
     with ``feature_rows``, user features (each computed from its user's events alone) only for
-    those rows, NaN elsewhere: training reads a sample of users."""
+    those rows, NaN elsewhere: training reads a sample of users. ``frames``: the user and
+    item tables as of ``cutoff``, already built (``build_features``), on the same ids."""
     events = before(events, cutoff)
-    user_events = events if feature_rows is None else events[
-        events["user_id"].isin(np.asarray(user_ids, dtype=object)[feature_rows])]
-    user_frame = build_user_features(user_events, cutoff).set_index("user_id").reindex(user_ids)
-    item_frame = build_item_features(events, cutoff, items).set_index("item_id").reindex(item_ids)
+    if frames is not None and frames.as_of != cutoff:
+        raise ValueError(f"features as of {frames.as_of} given for a cutoff of {cutoff}")
+    if frames is None:
+        user_events = events if feature_rows is None else events[
+            events["user_id"].isin(np.asarray(user_ids)[feature_rows])]
+        frames = FeatureFrames(cutoff, build_user_features(user_events, cutoff),
+                               build_item_features(events, cutoff, items))
+    user_frame = frames.user.set_index("user_id").reindex(user_ids)
+    item_frame = frames.item.set_index("item_id").reindex(item_ids)
     item_frame = item_frame.drop(columns=[c for c in ("category",) if c in item_frame])
     codes, names = item_category_codes(item_ids, items)
     used = tuple(c for c in segments if users is not None and c in users)
@@ -277,7 +328,7 @@ def _segment_popularity(recent: pd.DataFrame, user_ids: np.ndarray, item_ids: np
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(segments + global) x items popularity shares, and each user's row per attribute."""
     pairs = recent[["user_id", "item_id"]].drop_duplicates()
-    cols = lookup(item_ids, pairs["item_id"].to_numpy(dtype=object))
+    cols = lookup(item_ids, pairs["item_id"].to_numpy())
     ok = cols >= 0
     pair_users = pairs["user_id"].to_numpy(dtype=object)
     blocks, user_seg, offset = [], np.full((len(user_ids), len(columns)), -1, np.int64), 0

@@ -22,6 +22,7 @@ from pipeline.models.base import (
     PAIRS_PER_CHUNK,
     VERBS,
     ListRecommender,
+    empty_columns,
     fit_als,
     item_labels,
     normalise_rows,
@@ -56,6 +57,7 @@ class AlsRecommender(ListRecommender):
                               iterations=self.iterations, random_state=self.random_state,
                               num_threads=self.num_threads)
         self.matrix_ = matrix
+        self._empty = empty_columns(matrix.confidence)
         self.popular_ = popular.reset_index(drop=True)
         self.items_ = item_labels(matrix.item_ids, items)
         logger.info("ALS fitted: %d users x %d items, %d pairs, %s", *matrix.shape,
@@ -70,7 +72,7 @@ class AlsRecommender(ListRecommender):
         n_eff = min(n, self.matrix_.shape[1])
         ids, scores = self.model_.recommend(
             user_rows, self.matrix_.confidence[user_rows], N=n_eff,
-            filter_already_liked_items=True)
+            filter_already_liked_items=True, filter_items=self._empty_items())
         ids = np.asarray(ids, np.int64).reshape(len(user_rows), -1)
         scores = np.asarray(scores, np.float32).reshape(len(user_rows), -1)
         if ids.shape[1] < n:
@@ -79,6 +81,11 @@ class AlsRecommender(ListRecommender):
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         scores = np.where(ids < 0, -np.inf, scores)  # implicit pads with -1 / very low scores
         return ids, scores
+
+    def _empty_items(self) -> np.ndarray | None:
+        if not hasattr(self, "_empty"):
+            self._empty = empty_columns(self.matrix_.confidence)
+        return self._empty
 
     def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
         rows = self.matrix_.user_index(users)

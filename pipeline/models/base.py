@@ -118,10 +118,30 @@ def empty_lists() -> pd.DataFrame:
                          "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})
 
 
+def empty_columns(confidence: sp.csr_matrix) -> np.ndarray | None:
+    """Item columns nobody interacted with (items of the run's id space first seen after the
+    matrix's cutoff), which ALS must never propose; None when there are none."""
+    empty = np.flatnonzero(np.bincount(confidence.indices, minlength=confidence.shape[1]) == 0)
+    return empty if len(empty) else None
+
+
+def active_part(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of ``matrix`` with at least one stored entry, in order."""
+    matrix = sp.csr_matrix(matrix)
+    rows = np.flatnonzero(np.diff(matrix.indptr) > 0)
+    cols = np.flatnonzero(np.bincount(matrix.indices, minlength=matrix.shape[1]) > 0)
+    return rows, cols
+
+
 def fit_als(confidence: sp.csr_matrix, *, factors: int, regularization: float, alpha: float,
             iterations: int, random_state: int, num_threads: int = 0):
     """Implicit ALS fitted on a users x items confidence matrix (no progress bar, no loss):
-    the one place both the plain ALS model and the candidate generator build it."""
+    the one place both the plain ALS model and the candidate generator build it.
+
+    A run's matrices have its whole id space, so users and items first seen after the
+    matrix's cutoff are empty rows and columns. ALS is fitted on the active part only (its
+    random start, and so its factors, are those of a matrix of the active users and items,
+    in code order) and the empty rows and columns get zero factors."""
     from implicit.cpu.als import AlternatingLeastSquares  # lazy: implicit is slow to import
 
     if confidence.nnz == 0:
@@ -129,5 +149,15 @@ def fit_als(confidence: sp.csr_matrix, *, factors: int, regularization: float, a
     model = AlternatingLeastSquares(
         factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
         random_state=random_state, num_threads=num_threads, calculate_training_loss=False)
-    model.fit(confidence, show_progress=False)
+    rows, cols = active_part(confidence)
+    if len(rows) == confidence.shape[0] and len(cols) == confidence.shape[1]:
+        model.fit(confidence, show_progress=False)
+        return model
+    model.fit(sp.csr_matrix(confidence[rows][:, cols]), show_progress=False)
+    for name, index, size in (("user_factors", rows, confidence.shape[0]),
+                              ("item_factors", cols, confidence.shape[1])):
+        active = np.asarray(getattr(model, name))
+        full = np.zeros((size, active.shape[1]), dtype=active.dtype)
+        full[index] = active
+        setattr(model, name, full)
     return model

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline.features.matrix import InteractionMatrix
-from pipeline.models.base import fit_als
+from pipeline.models.base import empty_columns, fit_als
 from pipeline.models.knn import ItemKnn, top_k_sparse
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class CandidateGenerator:
         self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method,
                             num_threads=self.num_threads).fit(matrix.confidence)
         self.matrix_ = matrix
+        self._empty_items = empty_columns(matrix.confidence)
         self.recent_ = sp.csr_matrix(recent, dtype=np.float32)
         self.popular_cols_ = np.asarray(popular_cols, np.int64)[: self.n_popular]
         logger.info("candidate generator fitted: %d users x %d items, %s", *matrix.shape,
@@ -103,7 +104,10 @@ class CandidateGenerator:
 
     def _from_als(self, rows: np.ndarray, seen: sp.csr_matrix) -> pd.DataFrame:
         n = min(self.n_als, self.matrix_.shape[1])
-        ids, _ = self.als_.recommend(rows, seen, N=n, filter_already_liked_items=True)
+        if not hasattr(self, "_empty_items"):  # columns with no history (never proposed)
+            self._empty_items = empty_columns(self.matrix_.confidence)
+        ids, _ = self.als_.recommend(rows, seen, N=n, filter_already_liked_items=True,
+                                     filter_items=self._empty_items)
         ids = np.asarray(ids, np.int64).reshape(len(rows), -1)
         u = np.repeat(np.arange(len(rows)), ids.shape[1])
         rank = np.tile(np.arange(1, ids.shape[1] + 1), len(rows))

@@ -70,6 +70,19 @@ class SegmentPopularity:
                     self.days, self.segments_["segment"].nunique(), "|".join(self.segment))
         return self
 
+    def relabel(self, item_ids: np.ndarray, users: pd.DataFrame | None) -> SegmentPopularity:
+        """After a fit on encoded events (codes for ids, side tables re-keyed to codes): the
+        lists name items by ``item_ids[code]``, and segments are looked up in ``users``
+        (string-keyed), so that users the codes never held get their segment's list too."""
+        item_ids = np.asarray(item_ids, dtype=object)
+        for name in ("global_", "segments_"):
+            table = getattr(self, name)
+            setattr(self, name, table.assign(item_id=item_ids[table["item_id"].to_numpy(
+                np.int64)] if len(table) else table["item_id"].astype(object)))
+        self.users_ = (users.drop_duplicates("user_id").reset_index(drop=True)
+                       if users is not None else None)
+        return self
+
     def lists_for(self, user_ids: np.ndarray) -> pd.DataFrame:
         """Candidate rows (user_id, order, item_id, score, reason) for each user."""
         user_ids = np.asarray(user_ids, dtype=object)

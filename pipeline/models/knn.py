@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
+from pipeline.models.base import active_part
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("cosine", "bm25")
@@ -35,12 +37,18 @@ class ItemKnn:
                 "bm25_b": self.bm25_b}
 
     def fit(self, user_items: sp.csr_matrix) -> ItemKnn:
-        """Learn the similarity from a users x items weight matrix (binarised for cosine)."""
+        """Learn the similarity from a users x items weight matrix (binarised for cosine).
+
+        Empty rows and columns (users and items of the run's id space first seen later) are
+        left out of the fit, as if the matrix held only the active ones; they get no
+        neighbours."""
         from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        counts = sp.csr_matrix(user_items, dtype=np.float32)
+        user_items = sp.csr_matrix(user_items, dtype=np.float32)
+        rows, cols = active_part(user_items)
+        counts = sp.csr_matrix(user_items[rows][:, cols])
         if self.method == "cosine":
             counts = (counts > 0).astype(np.float32).tocsr()
             model = CosineRecommender(K=self.k + 1, num_threads=self.num_threads)
@@ -53,7 +61,11 @@ class ItemKnn:
         similarity = sp.csr_matrix(model.similarity, dtype=np.float32)
         similarity.setdiag(0.0)
         similarity.eliminate_zeros()
-        self.similarity_ = _keep_top_k(similarity.tocsr(), self.k)
+        similarity = _keep_top_k(similarity.tocsr(), self.k).tocoo()
+        n_items = user_items.shape[1]
+        self.similarity_ = sp.csr_matrix(
+            (similarity.data, (cols[similarity.row], cols[similarity.col])),
+            shape=(n_items, n_items), dtype=np.float32)
         logger.info("item-kNN (%s) fitted: %d items, %d neighbour pairs", self.method,
                     similarity.shape[0], self.similarity_.nnz)
         return self

@@ -32,6 +32,7 @@ training parameters are one :class:`pipeline.models.recipe.TwoStageRecipe` (``re
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -45,10 +46,17 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+from pipeline.core.ids import EncodedEvents
 from pipeline.core.runtime import check_numerics
 from pipeline.core.timing import StageClock
-from pipeline.features.matrix import InteractionMatrix, build_matrix
-from pipeline.features.tables import FeatureTables, before, build_feature_tables, recent_history
+from pipeline.features.matrix import InteractionMatrix, build_matrix, with_history
+from pipeline.features.tables import (
+    FeatureFrames,
+    FeatureTables,
+    before,
+    build_feature_tables,
+    recent_history,
+)
 from pipeline.models.base import (
     HISTORY_FOR_REASONS,
     VERBS,
@@ -128,38 +136,57 @@ class TwoStageRecommender(ListRecommender):
         return self.snapshot_.matrix
 
     # ---- training ----------------------------------------------------------------------
-    def fit(self, events: pd.DataFrame, cutoff: dt.datetime,
+    def fit(self, events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime,
             weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
-            items: pd.DataFrame | None = None, users: pd.DataFrame | None = None
-            ) -> TwoStageRecommender:
+            items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
+            features: FeatureFrames | None = None) -> TwoStageRecommender:
         """Train the ranker on label windows before ``cutoff``, then refit stage one on all
-        events before ``cutoff`` for serving."""
+        events before ``cutoff`` for serving.
+
+        ``events``: the run's :class:`EncodedEvents` (a frame of string ids is encoded
+        first). Training works on codes only: every matrix has the id maps' shape, and the
+        side tables are re-keyed to codes; the fitted model names users and items by their
+        ids again (``matrix_.user_ids``), for serving. ``features``: the user and item
+        feature tables as of ``cutoff`` on the same codes (``build_features``' output), read
+        instead of recomputed."""
         clock = StageClock()
-        events = before(events, cutoff)
-        if events.empty:
+        encoded = (events if isinstance(events, EncodedEvents)
+                   else EncodedEvents.from_frame(before(events, cutoff), weights)).before(cutoff)
+        if len(encoded) == 0:
             raise ValueError("cannot train on an empty interaction matrix")
         self.weights_ = dict(weights)
-        features, labels, groups, keys, recall = self._training_pairs(events, cutoff, items,
-                                                                      users)
+        self._space = (np.arange(len(encoded.users)), np.arange(len(encoded.items)))
+        events = encoded.frame
+        coded_items = encoded.items.rekey(items, "item_id")
+        coded_users = encoded.users.rekey(users, "user_id")
+        clock.lap("encode")
+        pairs, labels, groups, keys, recall = self._training_pairs(events, cutoff,
+                                                                      coded_items, coded_users)
         clock.lap("training pairs")
         self.training_ = {"pairs": int(len(labels)), "positives": int(labels.sum()),
                           "users": int(len(np.unique(groups))), "candidate_recall": recall,
                           "numerics": check_numerics()}
         self.ranker_ = None
         if len(labels) and labels.sum() > 0:
-            self.ranker_ = self._ranker().fit(features, labels, groups, self.feature_names_,
+            self.ranker_ = self._ranker().fit(pairs, labels, groups, self.feature_names_,
                                               split_keys=keys,
                                               weights=self._window_weights(groups))
         else:
             logger.warning("no labelled pairs before %s: ranking candidates by ALS rank",
                            cutoff.isoformat())
-        del features
+        del pairs
         clock.lap("ranker")
-        self.snapshot_, self.generator_ = self._fit_stage_one(events, cutoff, items, users)
+        snap, self.generator_ = self._fit_stage_one(events, cutoff, coded_items, coded_users,
+                                                    frames=features)
         clock.lap("stage one")
-        self.cold_ = SegmentPopularity(**self._cold_params(events, cutoff, users)).fit(
-            events, cutoff, users, items)
-        self.items_ = item_labels(self.snapshot_.matrix.item_ids, items)
+        self.cold_ = SegmentPopularity(**self._cold_params(events, cutoff, coded_users)).fit(
+            events, cutoff, coded_users, coded_items).relabel(encoded.items.ids, users)
+        # from here on the model serves: rows and columns are named by the ids again
+        matrix = snap.matrix.relabel(encoded.users.ids, encoded.items.ids)
+        self.snapshot_ = dataclasses.replace(snap, matrix=matrix)
+        self.generator_.matrix_ = matrix
+        self.items_ = item_labels(matrix.item_ids, items)
+        del self._space
         clock.lap("cold start")
         self.timings_ = clock.laps
         logger.info("two-stage fitted in %.1fs (%s): %s", sum(clock.laps.values()),
@@ -173,7 +200,7 @@ class TwoStageRecommender(ListRecommender):
             start = end - dt.timedelta(days=self.recipe.label_days)
             if before(events, start).empty:
                 continue
-            matrix = build_matrix(before(events, start), self.weights_)
+            matrix = build_matrix(before(events, start), self.weights_, *self._space)
             truth = window_truth(events, start, end, matrix, self.weights_)
             rows = np.flatnonzero((np.diff(truth.indptr) > 0) & self._enough_history(matrix))
             cap = self.recipe.max_label_users
@@ -213,12 +240,12 @@ class TwoStageRecommender(ListRecommender):
         ends_before = stride * (_window_of(groups) - 1)  # days, per pair
         return np.power(0.5, ends_before / float(halflife)).astype(np.float32)
 
-    def _fit_stage_one(self, events, cutoff, items, users, matrix=None, feature_rows=None
-                       ) -> tuple[Snapshot, CandidateGenerator]:
+    def _fit_stage_one(self, events, cutoff, items, users, matrix=None, feature_rows=None,
+                       frames=None) -> tuple[Snapshot, CandidateGenerator]:
         snap = build_snapshot(events, cutoff, self.weights_, items, users,
-                              n_recent=self.recipe.n_recent,
+                              n_recent=self.recipe.n_recent, space=self._space,
                               popular_days=self.recipe.popular_days,
-                              matrix=matrix, feature_rows=feature_rows)
+                              matrix=matrix, feature_rows=feature_rows, frames=frames)
         self.feature_names_ = feature_names(snap.tables)
         return snap, self._generator().fit(snap.matrix, snap.recent, snap.popular_cols)
 
@@ -445,15 +472,19 @@ class TwoStageRecommender(ListRecommender):
 def build_snapshot(events: pd.DataFrame, cutoff: dt.datetime, weights: Mapping[str, float],
                    items: pd.DataFrame | None, users: pd.DataFrame | None, n_recent: int = 20,
                    popular_days: int = 30, matrix: InteractionMatrix | None = None,
-                   feature_rows: np.ndarray | None = None) -> Snapshot:
-    """Matrix (``build_matrix`` of the events before ``cutoff`` unless given), recent items,
+                   feature_rows: np.ndarray | None = None,
+                   space: tuple[np.ndarray, np.ndarray] | None = None,
+                   frames: FeatureFrames | None = None) -> Snapshot:
+    """Matrix (``build_matrix`` of the events before ``cutoff`` on the id ``space``, the
+    row and column labels of encoded events, unless given), recent items,
     feature tables (user features only for ``feature_rows`` when given) and popular columns."""
     events = before(events, cutoff)
-    matrix = build_matrix(events, weights) if matrix is None else matrix
+    if matrix is None:
+        matrix = build_matrix(events, weights, *(space or (None, None)))
     recent = recent_history(events, cutoff, matrix.user_ids, matrix.item_ids, n_recent)
     tables = build_feature_tables(events, cutoff, matrix.user_ids, matrix.item_ids,
                                   matrix.confidence, items, users, segment_days=popular_days,
-                                  feature_rows=feature_rows)
+                                  feature_rows=feature_rows, frames=frames)
     recent_top = _popular_columns(events[events["timestamp"] >= cutoff - dt.timedelta(
         days=popular_days)], matrix.item_ids)
     overall_top = _popular_columns(events, matrix.item_ids)
@@ -482,7 +513,7 @@ def window_truth(events: pd.DataFrame, start: dt.datetime, end: dt.datetime,
     truth = (test.confidence > 0).astype(np.float32).tocsr()
     truth = (truth - truth.multiply(matrix.confidence > 0)).tocsr()
     truth.eliminate_zeros()
-    return truth
+    return with_history(truth, matrix)
 
 
 def _query_ids(window: int, rows: np.ndarray) -> np.ndarray:

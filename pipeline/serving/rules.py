@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import DEFAULT_USER, as_utc
+from pipeline.core.ids import EncodedEvents
 from pipeline.core.schema import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -119,13 +120,18 @@ class _Rules:
 # =================================================================================================
 
 
-def build_consumed(events: pd.DataFrame,
+def build_consumed(events: EncodedEvents | pd.DataFrame,
                    event_types: Collection[str] | None = None) -> pd.DataFrame:
     """Distinct (user_id, item_id) pairs the users consumed: events of ``event_types`` (None:
-    every type)."""
+    every type). On encoded events the pairs are deduplicated on codes, then named by id."""
+    frame = events.frame if isinstance(events, EncodedEvents) else events
     if event_types is not None:
-        events = events[events["event_type"].isin(list(event_types))]
-    pairs = events[["user_id", "item_id"]].astype(str).drop_duplicates()
+        frame = frame[frame["event_type"].isin(list(event_types)).to_numpy()]
+    if isinstance(events, EncodedEvents):
+        pairs = frame[["user_id", "item_id"]].drop_duplicates()
+        return pd.DataFrame({"user_id": events.users.decode(pairs["user_id"]),
+                             "item_id": events.items.decode(pairs["item_id"])})
+    pairs = frame[["user_id", "item_id"]].astype(str).drop_duplicates()
     return pairs.reset_index(drop=True)
 
 

@@ -25,6 +25,7 @@ def test_train_and_evaluate_use_the_params_tune_chose(tmp_path, monkeypatch):
                         tune_budget_minutes=0.0)  # one trial: the settings' own params
     nightly.ingest(settings, CUTOFF)
     nightly.validate(settings, CUTOFF)
+    nightly.build_features(settings, CUTOFF)
     tuned = nightly.tune(settings, CUTOFF)
     run = settings.run_dir(CUTOFF)
     trials = pd.read_csv(run / "tuning.csv")

@@ -169,3 +169,28 @@ def test_per_user_metrics_are_what_the_means_average():
     assert per_user["ndcg"][1] == pytest.approx((1 / np.log2(3)) / 1.0)
     means = ranking_metrics(top, truth, k=2)
     assert means == {m: pytest.approx(v.mean()) for m, v in per_user.items()}
+
+
+def test_encoded_split_has_the_run_shape_and_the_same_truth():
+    from pipeline.core.ids import EncodedEvents
+
+    events = _events([
+        ("u1", "a", "view", "2024-01-01"), ("u1", "b", "view", "2024-01-02"),
+        ("u1", "c", "view", "2024-01-09"),            # c first appears in the holdout
+        ("u2", "a", "view", "2024-01-02"),
+        ("u2", "b", "view", "2024-01-08"),            # new to u2, known item: truth
+        ("cold", "b", "view", "2024-01-09"),          # no history: not scored
+        ("u1", "d", "view", "2024-01-09"),            # d first appears in the holdout
+    ])
+    cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
+    by_string = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})
+    encoded = EncodedEvents.from_frame(events, {"view": 1.0})
+    by_code = split_holdout(encoded, cutoff, holdout_days=3, weights={"view": 1.0})
+    assert by_code.train.shape == encoded.shape == (3, 4)      # one shape for the run
+    assert list(by_code.train.user_ids) == ["cold", "u1", "u2"]  # named by the id maps
+    truth = {(by_code.train.user_ids[r], by_code.train.item_ids[c])
+             for r, c in zip(*by_code.truth.nonzero(), strict=True)}
+    old = {(by_string.train.user_ids[r], by_string.train.item_ids[c])
+           for r, c in zip(*by_string.truth.nonzero(), strict=True)}
+    assert truth == old == {("u2", "b")}
+    assert len(by_code.encoded) == len(by_code.train_events) == 3

@@ -34,12 +34,12 @@ def test_search_keeps_the_best_trial_and_never_sees_the_cutoff(monkeypatch):
     seen = []
 
     def fake_score(events, folds, params, items, users, weights, k=10):
-        seen.append(events["timestamp"].max())
+        seen.append(events.frame["timestamp"].max())
         assert all(end <= CUTOFF for _, end in folds)
         return [params["max_depth"] / 10.0] * len(folds)
 
     monkeypatch.setattr(tuning, "score_params", fake_score)
-    events = pd.DataFrame({"timestamp": pd.to_datetime(["2024-02-01", "2024-03-05"], utc=True)})
+    events = _events(["2024-02-01", "2024-03-05"])
     result = tune_twostage(events, CUTOFF, {"max_depth": 3, "factors": 8}, budget_minutes=10,
                            max_trials=12, random_state=1)
     assert len(result.trials) == 12
@@ -51,6 +51,12 @@ def test_search_keeps_the_best_trial_and_never_sees_the_cutoff(monkeypatch):
 
 def test_zero_budget_runs_only_the_base_trial(monkeypatch):
     monkeypatch.setattr(tuning, "score_params", lambda *a, **k: [0.5])
-    events = pd.DataFrame({"timestamp": pd.to_datetime(["2024-02-01"], utc=True)})
+    events = _events(["2024-02-01"])
     result = tune_twostage(events, CUTOFF, {"max_depth": 3}, budget_minutes=0)
     assert len(result.trials) == 1 and result.best_params == {"max_depth": 3}
+
+
+def _events(times: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": [f"u{k}" for k in range(len(times))],
+                         "item_id": "i1", "event_type": "view", "value": float("nan"),
+                         "timestamp": pd.to_datetime(times, utc=True)})

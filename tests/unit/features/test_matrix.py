@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pipeline.features.matrix import build_matrix, event_weights
 
@@ -33,3 +34,25 @@ def test_fixed_index_drops_unknown_ids_and_lookups_return_minus_one():
     assert m.shape == (1, 2) and m.confidence.nnz == 1
     assert list(m.user_index(np.array(["u1", "zz"], dtype=object))) == [0, -1]
     assert list(m.item_index(np.array(["b", "c"], dtype=object))) == [1, -1]
+
+
+def test_encoded_events_give_the_string_matrix_in_the_run_shape():
+    from pipeline.core.ids import EncodedEvents
+
+    events = _events([("u2", "b", "view", None), ("u1", "a", "purchase", 20.0),
+                      ("u1", "a", "view", None), ("u3", "c", "unknown", None),
+                      ("u2", "a", "rating", 3.0)])
+    events["timestamp"] = pd.Timestamp("2024-01-01", tz="UTC")
+    by_string = build_matrix(events, WEIGHTS)
+    encoded = EncodedEvents.from_frame(events, WEIGHTS)
+    space = (np.arange(encoded.shape[0]), np.arange(encoded.shape[1]))
+    by_code = build_matrix(encoded.frame, WEIGHTS, *space)
+    # u3 and c only had a zero-weight event: the run's shape keeps them as empty row/column
+    assert by_code.shape == (3, 3) and by_string.shape == (2, 2)
+    assert (by_code.confidence[:2, :2] != by_string.confidence).nnz == 0
+    assert (by_code.strongest[:2, :2] != by_string.strongest).nnz == 0
+    assert by_code.confidence[2].nnz == 0
+    named = by_code.relabel(encoded.users.ids, encoded.items.ids)
+    assert named.user_index(["u3", "u1", "x"]).tolist() == [2, 0, -1]
+    with pytest.raises(ValueError, match="need user_ids"):
+        build_matrix(encoded.frame, WEIGHTS)

@@ -57,3 +57,30 @@ def test_top_k_sparse_matches_a_full_sort_on_long_rows_with_ties(k):
         expected = positive[np.lexsort((positive, -dense[r, positive]))][:k]
         np.testing.assert_array_equal(col[row == r], expected)
         np.testing.assert_array_equal(val[row == r], dense[r, expected].astype(np.float32))
+
+
+def test_empty_rows_and_columns_change_nothing_and_get_no_neighbours():
+    """A run's matrices hold its whole id space: users and items first seen later are empty
+    rows and columns, and the fit must equal the fit on the active part alone."""
+    import scipy.sparse as sp
+
+    from pipeline.models.base import fit_als
+
+    rng = np.random.default_rng(3)
+    active = sp.random(40, 30, density=0.2, random_state=rng, format="csr", dtype=np.float32)
+    active.data[:] = rng.integers(1, 5, active.nnz)
+    rows, cols = np.array([0, 2, 3] + list(range(5, 42))), np.array([1] + list(range(3, 32)))
+    full = sp.csr_matrix((active.tocoo().data, (rows[active.tocoo().row],
+                                                cols[active.tocoo().col])), shape=(42, 32))
+    for method in ("cosine", "bm25"):
+        small = ItemKnn(k=5, method=method).fit(active).similarity_
+        big = ItemKnn(k=5, method=method).fit(full).similarity_
+        assert big.shape == (32, 32)
+        assert (big[cols][:, cols] != small).nnz == 0
+        assert big[[0, 2]].nnz == 0 and big[:, [0, 2]].nnz == 0
+    kwargs = dict(factors=4, regularization=0.1, alpha=1.0, iterations=3, random_state=0)
+    small, big = fit_als(active, **kwargs), fit_als(full, **kwargs)
+    np.testing.assert_array_equal(np.asarray(big.user_factors)[rows], small.user_factors)
+    np.testing.assert_array_equal(np.asarray(big.item_factors)[cols], small.item_factors)
+    assert not np.asarray(big.user_factors)[[1, 4]].any()
+    assert not np.asarray(big.item_factors)[[0, 2]].any()

@@ -173,7 +173,7 @@ def test_training_reports_recall_and_validation(model):
     assert 0 < model.training_["candidate_recall"]["all"] <= 1
     assert np.isfinite(model.ranker_.validation_["auc"])
     assert not model.feature_importance().empty
-    assert list(model.timings_) == ["training pairs", "ranker", "stage one", "cold start"]
+    assert list(model.timings_) == ["encode", "training pairs", "ranker", "stage one", "cold start"]
     assert all(seconds >= 0 for seconds in model.timings_.values())
 
 
@@ -189,3 +189,23 @@ def test_empty_history_is_rejected(data):
     with pytest.raises(ValueError, match="empty"):
         TwoStageRecommender(**PARAMS).fit(data.events, dt.datetime(2020, 1, 1,
                                                                    tzinfo=dt.timezone.utc))
+
+
+def test_encoded_events_and_prebuilt_features_give_the_same_model(data, model):
+    """What the nightly does (events encoded once, feature tables built by build_features)
+    fits exactly the model a frame of string ids gives."""
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.ids import EncodedEvents
+    from pipeline.features.tables import FeatureFrames
+
+    encoded = EncodedEvents.from_frame(data.events, DEFAULT_EVENT_WEIGHTS)  # later events too
+    frames = FeatureFrames.build(encoded.before(CUTOFF).frame, CUTOFF,
+                                 encoded.items.rekey(data.items, "item_id"))
+    fitted = TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, items=data.items,
+                                               users=data.users, features=frames)
+    users = sorted(_before(data)["user_id"].unique())[:40] + ["nobody"]
+    pd.testing.assert_frame_equal(fitted.recommend(users, 5), model.recommend(users, 5))
+    assert fitted.matrix_.shape == encoded.shape  # the run's one id space
+    late = FeatureFrames(CUTOFF - dt.timedelta(days=1), frames.user, frames.item)
+    with pytest.raises(ValueError, match="features as of"):
+        TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, features=late)
