@@ -8,7 +8,8 @@ evaluation both build on them.
 * on matrix columns: :func:`ranking_metrics` / :func:`ranking_metrics_per_user` over a users x
   k array of item columns and a truth matrix on the same rows;
 * on id frames: :func:`user_metrics` over published-shape lists (user_id, rank, item_id) and
-  truth pairs, for warm and cold users alike; :func:`window_truth_frame` builds that truth;
+  truth pairs, for warm and cold users alike: the ids are encoded and scored by the matrix
+  version, so there is one implementation; :func:`window_truth_frame` builds that truth;
 * :func:`paired_bootstrap`: how sure a difference between two models over the same users is.
 """
 
@@ -96,30 +97,31 @@ def user_metrics(lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10) -> pd.Da
     """Per user of ``truth``: precision, recall, nDCG, MAP and hit rate at ``k`` of ``lists``.
 
     ``lists`` has user_id, rank (1 = best), item_id; ``truth`` user_id, item_id. A user with
-    truth but no list scores 0 everywhere.
+    truth but no list scores 0 everywhere. The ids are encoded (truth's users and items, in
+    sorted order) and scored by :func:`ranking_metrics_per_user`: one implementation.
     """
-    truth = truth[["user_id", "item_id"]].drop_duplicates().astype(object)
-    relevant = truth.groupby("user_id").size().rename("relevant")
-    top = lists[lists["rank"] <= k][["user_id", "item_id", "rank"]].astype(
-        {"user_id": object, "item_id": object})
-    hits = top.merge(truth, on=["user_id", "item_id"]).sort_values(["user_id", "rank"])
-    hits["gain"] = 1.0 / np.log2(hits["rank"].to_numpy(np.float64) + 1.0)
-    hits["n_hit"] = hits.groupby("user_id").cumcount() + 1.0
-    hits["prec_at"] = hits["n_hit"] / hits["rank"].astype(np.float64)
-    by = hits.groupby("user_id")
-    frame = pd.DataFrame({"relevant": relevant})
-    frame["hits"] = by.size().reindex(frame.index, fill_value=0).astype(np.float64)
-    frame["dcg"] = by["gain"].sum().reindex(frame.index, fill_value=0.0)
-    frame["ap_sum"] = by["prec_at"].sum().reindex(frame.index, fill_value=0.0)
-    capped = np.minimum(frame["relevant"].to_numpy(), k)
-    ideal = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))[capped - 1]
-    out = pd.DataFrame({"precision": frame["hits"] / k,
-                        "recall": frame["hits"] / frame["relevant"],
-                        "ndcg": frame["dcg"] / ideal,
-                        "map": frame["ap_sum"] / capped,
-                        "hit_rate": (frame["hits"] > 0).astype(np.float64)}, index=frame.index)
-    out.index.name = "user_id"
-    return out
+    truth = truth[["user_id", "item_id"]].drop_duplicates()
+    user_codes, users = pd.factorize(truth["user_id"].astype(object), sort=True)
+    item_codes, items = pd.factorize(truth["item_id"].astype(object), sort=True)
+    relevant = sp.csr_matrix((np.ones(len(truth), np.float32), (user_codes, item_codes)),
+                             shape=(len(users), max(len(items), 1)))
+    top = top_from_lists(lists, users, items, k)
+    per_user = ranking_metrics_per_user(top, relevant, k)
+    out = pd.DataFrame(per_user, index=pd.Index(users, name="user_id"))
+    return out[["precision", "recall", "ndcg", "map", "hit_rate"]]
+
+
+def top_from_lists(lists: pd.DataFrame, user_ids, item_ids, k: int) -> np.ndarray:
+    """Ranked id lists (user_id, rank, item_id) -> ``len(user_ids)`` x ``k`` positions in
+    ``item_ids`` (-1: empty, or an item not in ``item_ids``); users not in ``user_ids`` are
+    left out."""
+    top = np.full((len(user_ids), k), -1, np.int64)
+    lists = lists[lists["rank"] <= k]
+    rows = pd.Index(user_ids).get_indexer(lists["user_id"].astype(object))
+    cols = pd.Index(item_ids).get_indexer(lists["item_id"].astype(object))
+    ok = rows >= 0
+    top[rows[ok], lists["rank"].to_numpy(np.int64)[ok] - 1] = cols[ok]
+    return top
 
 
 def summarise_lists(lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10,

@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline.core.ids import EncodedEvents
-from pipeline.core.metrics import ranking_metrics, top_diversity
+from pipeline.core.metrics import ranking_metrics, top_diversity, top_from_lists
 from pipeline.features.matrix import InteractionMatrix, build_matrix, with_history
 
 logger = logging.getLogger(__name__)
@@ -146,14 +146,7 @@ def segment_audit(per_user: Mapping[str, pd.DataFrame], segments: pd.DataFrame
 def lists_to_top(lists: pd.DataFrame, user_ids: np.ndarray, matrix: InteractionMatrix, k: int
                  ) -> np.ndarray:
     """Ranked id lists -> users x ``k`` item columns of ``matrix`` (-1 = empty/unknown)."""
-    top = np.full((len(user_ids), k), -1, np.int64)
-    lists = lists[lists["rank"] <= k]
-    pos = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids, dtype=object))
-    row = lists["user_id"].astype(object).map(pos)
-    ok = row.notna().to_numpy()
-    cols = matrix.item_index(lists["item_id"].astype(object).to_numpy())
-    top[row[ok].astype(np.int64).to_numpy(), lists["rank"].to_numpy()[ok] - 1] = cols[ok]
-    return top
+    return top_from_lists(lists, user_ids, matrix.item_ids, k)
 
 
 def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray, k: int,
