@@ -63,7 +63,8 @@ def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
             allowed_lateness=dt.timedelta(days=settings.allowed_lateness_days),
             clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
             settle_seconds=settings.landing_settle_seconds,
-            max_bad_row_share=settings.max_bad_row_share, chunk_rows=settings.chunk_rows)
+            max_bad_row_share=settings.max_bad_row_share, chunk_rows=settings.chunk_rows,
+            suite_path=SUITE_PATH, allowed_event_types=sorted(settings.event_weights))
         path = settings.run_dir(cutoff) / "events_raw.parquet"
         snapshot = write_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days, path)
         window = WindowCheck(cutoff, snapshot.start, snapshot.rows, snapshot.newest,
@@ -76,10 +77,19 @@ def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
 
 
 def validate(settings: Settings, cutoff: dt.datetime) -> dict:
-    """Run the expectation suite; bad rows go to quarantine; clean rows -> ``events.parquet``."""
-    from pipeline.lake.validate import validate_events_file
+    """Run the expectation suite; bad rows go to quarantine; clean rows -> ``events.parquet``.
+
+    Rows that passed the same suite (and event types) when they were ingested are not checked
+    again: only rows of files ingested before landing validation, or under another suite, are."""
+    from pipeline.lake.ingest import read_manifest
+    from pipeline.lake.validate import suite_digest, validate_events_file
 
     run = settings.run_dir(cutoff)
+    digest = suite_digest(SUITE_PATH, settings.event_weights)
+    by_name: dict[str, bool] = {}
+    for record in read_manifest(settings.lake_events_dir.parent):
+        by_name[record["file"]] = (by_name.get(record["file"], True)
+                                   and record.get("validated") == digest)
     with _stage(settings, cutoff, "validate") as result:
         report = validate_events_file(
             run / "events_raw.parquet", clean_path=run / "events.parquet",
@@ -88,7 +98,8 @@ def validate(settings: Settings, cutoff: dt.datetime) -> dict:
             max_bad_row_share=settings.max_bad_row_share,
             quarantine_path=run / "quarantine.parquet", data_docs_dir=run / "data_docs",
             clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
-            chunk_rows=settings.chunk_rows)
+            chunk_rows=settings.chunk_rows,
+            validated_sources=[name for name, ok in by_name.items() if ok])
         result.update(report.to_dict())
         logger.info("validate: data docs at %s", report.data_docs_path)
     return result

@@ -48,19 +48,21 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
 from pipeline.core.errors import DataError, IngestFailed
 from pipeline.lake.event_ids import EventIdIndex, load_lake_index
 from pipeline.lake.mapping import ColumnMapping
@@ -75,6 +77,7 @@ from pipeline.lake.staging import (
     write_quarantine,
 )
 from pipeline.lake.storage import durable_write
+from pipeline.lake.validate import LandingValidator
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +132,15 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
                    clock_skew: dt.timedelta = DEFAULT_CLOCK_SKEW,
                    settle_seconds: float = DEFAULT_SETTLE_SECONDS,
                    max_bad_row_share: float = 0.05,
-                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> IngestReport:
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                   suite_path: Path | None = None,
+                   allowed_event_types: Collection[str] | None = None) -> IngestReport:
     """Ingest every new landing file into the lake (see the module docstring); idempotent.
+
+    With ``suite_path`` (the events expectation suite) and ``allowed_event_types``, each
+    file's rows are validated before they enter the lake: failing rows go to the file's
+    quarantine, and the manifest records the suite's digest, so that a run's ``validate``
+    does not check them again.
 
     ``ingested_at`` (default: now) is recorded per row and per file and bounds event times.
     Raises :class:`IngestFailed` (a DataError) after the other files are ingested when some file
@@ -156,10 +166,14 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
         policy = Policy(now, now + clock_skew, late_before, settle_seconds, max_bad_row_share,
                         chunk_rows)
         errors: list[DataError] = []
+        validator = None
+        if suite_path is not None:  # loaded once, and only if a file needs it (GX is slow)
+            validator = functools.cache(lambda: LandingValidator(
+                suite_path, allowed_event_types or DEFAULT_EVENT_WEIGHTS))
         for path in files:
             try:
                 _ingest_one(path, lake_dir, known, index, mapping.for_file(path.name), policy,
-                            report)
+                            report, validator)
             except DataError as exc:
                 report.files_failed += 1
                 report.failed.append(path.name)
@@ -181,7 +195,8 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
 
 
 def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex,
-                mapping: dict[str, str], policy: Policy, report: IngestReport) -> None:
+                mapping: dict[str, str], policy: Policy, report: IngestReport,
+                validator: Callable[[], LandingValidator] | None = None) -> None:
     """Stage, check, commit and record one landing file (or skip/defer it)."""
     stat = path.stat()
     if _should_defer(path, stat, policy):
@@ -201,7 +216,8 @@ def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex
     lake_root = lake_dir.parent
     folder = staging_dir(lake_root, digest)
     try:
-        staged = stage_file(path, mapping, policy, folder)
+        staged = stage_file(path, mapping, policy, folder,
+                            validator() if validator is not None else None)
         if (path.stat().st_mtime_ns, path.stat().st_size) != (stat.st_mtime_ns, stat.st_size):
             shutil.rmtree(folder, ignore_errors=True)
             report.files_deferred += 1
@@ -224,6 +240,7 @@ def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex
         "dropped_columns": staged.dropped, "pii_columns": staged.pii,
         "partitions": sorted(committed.partitions),
         "quarantine_file": quarantine.name if quarantine else None,
+        "validated": validator().digest if validator is not None else None,
     }
     append_manifest(lake_root, record)  # only now: every row above is durable
     known.add(digest)

@@ -41,6 +41,7 @@ from pipeline.lake.storage import (
     to_lake_table,
     write_table,
 )
+from pipeline.lake.validate import REASON_COLUMN, LandingValidator
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,9 @@ def staging_dir(lake_root: Path, digest: str) -> Path:
 
 
 def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
-               folder: Path) -> Staged:
-    """Read, normalise and stage every chunk of ``path``."""
+               folder: Path, validator: LandingValidator | None = None) -> Staged:
+    """Read, normalise and stage every chunk of ``path``; with a ``validator`` (the events
+    suite), rows that fail it are rejected here, before anything reaches the lake."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     staged = Staged(folder)
@@ -108,6 +110,12 @@ def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
         if raw.malformed:
             rejected = pd.concat([rejected, _malformed_rows(raw.malformed, path.name)],
                                  ignore_index=True)
+        if validator is not None and len(events):
+            events, invalid = validator.split(events, latest_valid=policy.latest_valid,
+                                              source=path.name)
+            if len(invalid):
+                rejected = pd.concat([rejected, invalid.rename(columns={REASON_COLUMN: REASON})],
+                                     ignore_index=True)
         staged.no_consent += no_consent
         staged.dropped = sorted(set(staged.dropped) | set(raw.dropped))
         staged.pii = sorted(c for c in staged.dropped if is_pii_column(c))

@@ -22,9 +22,11 @@ is set to ``false`` before that import.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -35,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.config import as_utc
-from pipeline.core.errors import ValidationFailed
+from pipeline.core.errors import DataError, ValidationFailed
 from pipeline.lake.event_ids import EventIdIndex, hash_event_ids
 
 if TYPE_CHECKING:
@@ -283,6 +286,7 @@ def validate_events_file(
     data_docs_dir: Path | None = None,
     clock_skew: dt.timedelta = DEFAULT_CLOCK_SKEW,
     chunk_rows: int = 250_000,
+    validated_sources: Collection[str] = (),
 ) -> ValidationReport:
     """:func:`validate_events` streamed over a Parquet snapshot, ``chunk_rows`` rows at a time.
 
@@ -291,6 +295,12 @@ def validate_events_file(
     rows go to ``clean_path`` (replaced atomically, only when the batch passes), bad rows to
     ``quarantine_path``; the daily volume is checked against the suite's ``meta.volume`` rule
     (warnings only). Raises :class:`EventValidationFailed` like :func:`validate_events`.
+
+    Rows whose ``source_file`` is in ``validated_sources`` passed this suite, with these event
+    types, when they were ingested (:class:`LandingValidator`), and the lake holds each event
+    id once: they are not checked again. When every row is such a row, the snapshot becomes
+    the clean file as it is (a hard link: nothing is rewritten), so a night's validation
+    costs what its new data costs, not what the lake holds.
     """
     if not 0.0 <= max_bad_row_share <= 1.0:
         raise ValueError(f"max_bad_row_share must be within [0, 1], got {max_bad_row_share}")
@@ -298,6 +308,9 @@ def validate_events_file(
     if not allowed:
         raise ValueError("allowed_event_types is empty")
     max_timestamp = as_utc(cutoff) + clock_skew
+    validated = frozenset(validated_sources)
+    if validated and _all_validated(raw_path, validated):
+        return _prevalidated(raw_path, clean_path, quarantine_path, cutoff, suite_path)
     runner = _SuiteRunner(Path(suite_path), allowed, data_docs_dir)
     parquet = pq.ParquetFile(raw_path)
     schema = parquet.schema_arrow
@@ -312,11 +325,18 @@ def validate_events_file(
     try:
         with pq.ParquetWriter(clean_tmp, schema) as clean_writer:
             for number, chunk in enumerate(_iter_frames(parquet, chunk_rows)):
-                failures, row_failures = runner.run(chunk, max_timestamp,
-                                                    f"{_run_name(cutoff)}-part{number:04d}")
+                check = (~chunk["source_file"].isin(list(validated)).to_numpy()
+                         if validated and "source_file" in chunk
+                         else np.ones(len(chunk), dtype=bool))
+                positions = np.flatnonzero(check)
+                failures, row_failures = runner.run(
+                    chunk.iloc[positions].reset_index(drop=True), max_timestamp,
+                    f"{_run_name(cutoff)}-part{number:04d}") if (
+                        positions.size or number == 0) else ([], [])
+                row_failures = [(label, positions[at]) for label, at in row_failures]
                 if "event_id" in chunk:
-                    h1, h2 = hash_event_ids(pa.array(chunk["event_id"].array))
-                    again = np.flatnonzero(seen.contains(h1, h2))
+                    h1, h2 = hash_event_ids(pa.array(chunk["event_id"].iloc[positions].array))
+                    again = positions[np.flatnonzero(seen.contains(h1, h2))]
                     seen.add(h1, h2)
                     if again.size:
                         failure = ExpectationFailure(_UNIQUE, "event_id", "row", int(again.size),
@@ -382,6 +402,90 @@ def validate_events_file(
                 "data docs: %s", rows, bad_rows, 100.0 * bad_share, clean_path, written,
                 docs_index)
     return report
+
+
+def _all_validated(raw_path: Path, validated: frozenset[str]) -> bool:
+    """Whether every row of the snapshot came from a file validated at ingest."""
+    table = pq.read_table(raw_path, columns=["source_file"])
+    sources = pc.unique(table.column("source_file")).to_pylist()
+    return all(source in validated for source in sources)
+
+
+def _prevalidated(raw_path: Path, clean_path: Path, quarantine_path: Path,
+                  cutoff: dt.datetime, suite_path: Path) -> ValidationReport:
+    """The report of a snapshot validated row by row at ingest: the snapshot is the clean
+    file (hard-linked), only the daily volume is checked."""
+    stamps = pq.read_table(raw_path, columns=["timestamp"]).column("timestamp").to_pandas()
+    daily = stamps.dt.floor("D").value_counts()
+    config = load_suite_config(Path(suite_path))
+    rule = {**_DEFAULT_VOLUME_RULE, **config.get("meta", {}).get("volume", {})}
+    volume = check_daily_volume(daily, as_utc(cutoff), rule)
+    for warning in volume:
+        logger.warning("volume: %s has %d events, under %.0f%% of the trailing median %.0f",
+                       warning["date"], warning["rows"],
+                       100 * rule["min_ratio_to_trailing_median"], warning["trailing_median"])
+    tmp = _tmp_path(Path(clean_path))
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(raw_path, tmp)
+    except OSError:  # no hard links here (another file system): copy
+        shutil.copyfile(raw_path, tmp)
+    os.replace(tmp, clean_path)
+    Path(quarantine_path).unlink(missing_ok=True)
+    logger.info("Validated %d events at ingest (suite digest matches): nothing to re-check; "
+                "clean -> %s", len(stamps), clean_path)
+    return ValidationReport(rows=len(stamps), bad_rows=0, bad_share=0.0, passed=True,
+                            volume_warnings=tuple(volume))
+
+
+def suite_digest(suite_path: Path, allowed_event_types: Collection[str]) -> str:
+    """What a validation means: a hash of the suite file and the allowed event types. Rows
+    validated at ingest under the same digest need no second validation in a run."""
+    digest = hashlib.sha256(Path(suite_path).read_bytes())
+    digest.update("\x1f".join(sorted({str(t) for t in allowed_event_types})).encode())
+    return digest.hexdigest()[:16]
+
+
+class LandingValidator:
+    """The events suite, loaded once per ingest, run on each normalised chunk of a landing file
+    before its rows enter the lake: rows that fail go to the file's quarantine with their
+    reason (so a corrected re-send of them is not deduplicated away later), and a
+    table-level failure (a column missing or of the wrong type) rejects the file.
+
+    Duplicate event ids are not this check's business: the lake's commit deduplicates them.
+    """
+
+    def __init__(self, suite_path: Path, allowed_event_types: Collection[str]) -> None:
+        allowed = sorted({str(event_type) for event_type in allowed_event_types})
+        if not allowed:
+            raise ValueError("allowed_event_types is empty")
+        self.digest = suite_digest(suite_path, allowed)
+        self._runner = _SuiteRunner(Path(suite_path), allowed, None)
+
+    def split(self, events: pd.DataFrame, *, latest_valid: dt.datetime, source: str
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(clean, rejected)``: ``rejected`` holds the failing rows with a ``reason``.
+
+        Raises :class:`~pipeline.core.errors.DataError` on a table-level failure, naming the
+        file and the column (the file stays out of the lake and is retried)."""
+        if events.empty:
+            return events, events.assign(**{REASON_COLUMN: pd.Series(dtype="string")})
+        failures, row_failures = self._runner.run(events, latest_valid, f"ingest-{source}")
+        fatal = [f for f in failures if f.level != "row"]
+        if fatal:
+            report = ValidationReport(rows=len(events), bad_rows=0, bad_share=0.0,
+                                      passed=False, failures=tuple(failures))
+            raise DataError(_failure_message(report, 0.0, latest_valid), file=source,
+                            column=fatal[0].column)
+        row_level = [f for f in failures if f.level == "row"]
+        kept = [pair for pair, failure in zip(row_failures, row_level, strict=True)
+                if failure.expectation not in _KEEP_FIRST_TYPES]
+        bad, reasons = _combine_row_failures(kept, len(events))
+        keep = np.ones(len(events), dtype=bool)
+        keep[bad] = False
+        rejected = events.iloc[bad].reset_index(drop=True)
+        rejected[REASON_COLUMN] = pd.array(reasons, dtype="string")
+        return events[keep].reset_index(drop=True), rejected
 
 
 def check_daily_volume(daily: pd.Series, cutoff: dt.datetime, rule: Mapping[str, Any]
