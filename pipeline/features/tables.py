@@ -49,12 +49,12 @@ def build_user_features(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFra
     for days in FREQUENCY_WINDOWS:
         recent = events[age_days <= days].groupby("user_id", observed=True).size()
         frame[f"frequency_{days}d"] = recent.reindex(frame.index, fill_value=0)
-    frame = frame.join(_shares(events, events["device"].fillna("other"), "device", DEVICES))
-    hours = events["timestamp"].dt.hour
-    daypart = pd.Series(pd.NA, index=events.index, dtype="string")
-    for name, (lo, hi) in DAYPARTS.items():
-        daypart = daypart.mask((hours >= lo) & (hours < hi), name)
-    frame = frame.join(_shares(events, daypart, "daypart", tuple(DAYPARTS)))
+    device = pd.Categorical(events["device"].astype(object).where(events["device"].notna(),
+                                                                  "other"), categories=DEVICES)
+    frame = frame.join(_shares(events["user_id"], device.codes, "device", DEVICES))
+    bounds = [lo for lo, _ in DAYPARTS.values()][1:]  # the day parts are contiguous, in order
+    daypart = np.digitize(events["timestamp"].dt.hour.to_numpy(), bounds)
+    frame = frame.join(_shares(events["user_id"], daypart, "daypart", tuple(DAYPARTS)))
     weekend = (events["timestamp"].dt.day_of_week >= 5).astype("float64")
     frame["weekend_share"] = weekend.groupby(events["user_id"]).mean()
     frame = frame.join(_session_stats(events))
@@ -96,16 +96,19 @@ def build_item_features(events: pd.DataFrame, cutoff: dt.datetime,
     return frame.sort_values("item_id", kind="stable").reset_index(drop=True)
 
 
-def _shares(events: pd.DataFrame, labels: pd.Series, prefix: str, levels: tuple[str, ...]
+def _shares(users: pd.Series, codes: np.ndarray, prefix: str, levels: tuple[str, ...]
             ) -> pd.DataFrame:
-    keys = pd.DataFrame({"user_id": events["user_id"],
-                         "label": labels.astype("string").fillna("other")})
-    counts = (keys.groupby(["user_id", "label"], observed=True, sort=True).size()
-              .unstack("label", fill_value=0)  # a crosstab, without its per-group Python loop
-              .reindex(columns=list(levels), fill_value=0))
-    shares = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0).fillna(0.0)
-    shares.columns = [f"{prefix}_{c}_share" for c in shares.columns]
-    return shares
+    """Per user, the share of their events at each of ``levels`` (``codes`` index into it per
+    event; -1, a value outside the levels, counts nowhere): a crosstab by integer codes."""
+    codes = np.asarray(codes, dtype=np.int64)
+    user_codes, distinct = pd.factorize(users, sort=True)
+    ok = (codes >= 0) & (user_codes >= 0)
+    counts = np.bincount(user_codes[ok] * len(levels) + codes[ok],
+                         minlength=len(distinct) * len(levels)).reshape(-1, len(levels))
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    return pd.DataFrame(shares, index=pd.Index(distinct, name="user_id"),
+                        columns=[f"{prefix}_{c}_share" for c in levels])
 
 
 def _session_stats(events: pd.DataFrame) -> pd.DataFrame:

@@ -157,3 +157,21 @@ def test_segment_labels_per_id_with_repeats_unknown_ids_and_missing_attributes()
     assert segment_labels(users, ids, ("income",)).tolist() == [None] * 7
     assert segment_labels(None, ids, ("age_band",)).tolist() == [None] * 7
     assert segment_labels(users, np.array([], dtype=object), ("gender",)).tolist() == []
+
+
+def test_user_features_on_encoded_events_equal_those_on_ids():
+    """build_features computes them on codes: the same numbers, rows named by code."""
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.ids import EncodedEvents
+
+    events = _events()
+    encoded = EncodedEvents.from_frame(events, DEFAULT_EVENT_WEIGHTS)
+    by_id = build_user_features(events, CUTOFF)
+    by_code = build_user_features(encoded.frame, CUTOFF)
+    assert by_code["user_id"].tolist() == encoded.users.encode(by_id["user_id"]).tolist()
+    pd.testing.assert_frame_equal(by_code.drop(columns="user_id"),
+                                  by_id.drop(columns="user_id"), check_dtype=False)
+    items_by_code = build_item_features(encoded.frame, CUTOFF)
+    pd.testing.assert_frame_equal(items_by_code.drop(columns="item_id"),
+                                  build_item_features(events, CUTOFF).drop(columns="item_id"),
+                                  check_dtype=False)
