@@ -78,18 +78,24 @@ class CandidateGenerator:
         recent_scores = _sorted(self.knn_.score(self.recent_[rows]))
         parts = [self._from_als(rows, seen), self._from_knn(recent_scores, seen),
                  self._from_popular(rows, seen)]
-        pairs = pd.concat(parts, ignore_index=True)
-        # One row per (u, item), sorted; a source's rank is NaN where it did not propose it.
-        ranks = (pairs.groupby(["u", "item", "source"], sort=True)["rank"].min()
-                 .unstack("source").reindex(columns=range(len(SOURCES))))
-        frame = pd.DataFrame(index=ranks.index)
+        # One row per (u, item), sorted by both (a key per pair, by integer arithmetic: no
+        # groupby); a source's rank is NaN where it did not propose the pair.
+        width = np.int64(self.matrix_.shape[1])
+        keys = [p_u * width + p_item for p_u, p_item, _ in parts]
+        union = np.sort(np.concatenate(keys))  # sorted, then deduplicated (np.unique hashes)
+        union = union[np.r_[True, union[1:] != union[:-1]]] if len(union) else union
+        ranks = np.full((len(SOURCES), len(union)), np.nan, np.float32)
+        for code, ((_, _, rank), key) in enumerate(zip(parts, keys, strict=True)):
+            at = np.searchsorted(union, key)
+            np.fmin.at(ranks[code], at, rank)  # a source proposes a pair once; min if not
+        u, item = union // width, union % width
+        frame = pd.DataFrame({"row": rows[u], "u": u, "item": item})
         for code, source in enumerate(SOURCES):
-            frame[f"from_{source}"] = ranks[code].notna().to_numpy(np.float32)
-        frame["als_rank"] = ranks[0].fillna(self.n_als + 1).to_numpy(np.float32)
-        frame["knn_rank"] = ranks[1].fillna(self.n_knn + 1).to_numpy(np.float32)
-        frame = frame.reset_index()
-        u, item = frame["u"].to_numpy(), frame["item"].to_numpy()
-        frame.insert(0, "row", rows[u])
+            frame[f"from_{source}"] = (~np.isnan(ranks[code])).astype(np.float32)
+        frame["als_rank"] = np.where(np.isnan(ranks[0]), self.n_als + 1, ranks[0]).astype(
+            np.float32)
+        frame["knn_rank"] = np.where(np.isnan(ranks[1]), self.n_knn + 1, ranks[1]).astype(
+            np.float32)
         frame["als_score"] = self.als_scores(rows[u], item)
         frame["knn_recent"] = gather(recent_scores, u, item)
         frame["knn_all"] = gather(_sorted(self.knn_.score((seen > 0).astype(np.float32))),
@@ -102,7 +108,7 @@ class CandidateGenerator:
         return np.einsum("pf,pf->p", users, np.asarray(self.als_.item_factors)[items]).astype(
             np.float32)
 
-    def _from_als(self, rows: np.ndarray, seen: sp.csr_matrix) -> pd.DataFrame:
+    def _from_als(self, rows: np.ndarray, seen: sp.csr_matrix) -> tuple[np.ndarray, ...]:
         n = min(self.n_als, self.matrix_.shape[1])
         if not hasattr(self, "_empty_items"):  # columns with no history (never proposed)
             self._empty_items = empty_columns(self.matrix_.confidence)
@@ -112,21 +118,22 @@ class CandidateGenerator:
         u = np.repeat(np.arange(len(rows)), ids.shape[1])
         rank = np.tile(np.arange(1, ids.shape[1] + 1), len(rows))
         ok = ids.ravel() >= 0
-        return _part(u[ok], ids.ravel()[ok], rank[ok], "als")
+        return _part(u[ok], ids.ravel()[ok], rank[ok])
 
-    def _from_knn(self, recent_scores: sp.csr_matrix, seen: sp.csr_matrix) -> pd.DataFrame:
+    def _from_knn(self, recent_scores: sp.csr_matrix, seen: sp.csr_matrix
+                  ) -> tuple[np.ndarray, ...]:
         u, item, _ = top_k_sparse(recent_scores, self.n_knn, exclude=seen)
         starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
         rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)])) + 1
-        return _part(u, item, rank, "knn")
+        return _part(u, item, rank)
 
-    def _from_popular(self, rows: np.ndarray, seen: sp.csr_matrix) -> pd.DataFrame:
+    def _from_popular(self, rows: np.ndarray, seen: sp.csr_matrix) -> tuple[np.ndarray, ...]:
         cols = self.popular_cols_
         u = np.repeat(np.arange(len(rows)), len(cols))
         item = np.tile(cols, len(rows))
         rank = np.tile(np.arange(1, len(cols) + 1), len(rows))
         unseen = gather(seen, u, item) <= 0
-        return _part(u[unseen], item[unseen], rank[unseen], "popular")
+        return _part(u[unseen], item[unseen], rank[unseen])
 
 
 def candidate_recall(pairs: pd.DataFrame, truth: sp.csr_matrix) -> dict[str, float]:
@@ -150,10 +157,10 @@ def candidate_recall(pairs: pd.DataFrame, truth: sp.csr_matrix) -> dict[str, flo
     return out
 
 
-def _part(u: np.ndarray, item: np.ndarray, rank: np.ndarray, source: str) -> pd.DataFrame:
-    return pd.DataFrame({"u": u.astype(np.int64), "item": item.astype(np.int64),
-                         "rank": rank.astype(np.float32),
-                         "source": np.full(len(u), SOURCES.index(source), np.int8)})
+def _part(u: np.ndarray, item: np.ndarray, rank: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One source's proposals: (chunk user, item column, rank), in ``SOURCES`` order."""
+    return u.astype(np.int64), item.astype(np.int64), rank.astype(np.float32)
 
 
 def _sorted(matrix: sp.csr_matrix) -> sp.csr_matrix:
