@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 
 import pandas as pd
 
@@ -24,10 +25,14 @@ def test_train_and_evaluate_use_the_params_tune_chose(tmp_path, monkeypatch):
                         als_iterations=2, ranker_bags=1, holdout_days=7, tune=True,
                         tune_budget_minutes=0.0)  # one trial: the settings' own params
     nightly.ingest(settings, CUTOFF)
-    nightly.validate(settings, CUTOFF)
-    nightly.build_features(settings, CUTOFF)
-    tuned = nightly.tune(settings, CUTOFF)
+    checked = nightly.validate(settings, CUTOFF)
     run = settings.run_dir(CUTOFF)
+    # ingest validated every landing row: validate re-checks nothing and links the snapshot
+    assert checked["passed"] and checked["data_docs_path"] is None
+    assert os.path.samefile(run / "events_raw.parquet", run / "events.parquet")
+    built = nightly.build_features(settings, CUTOFF)
+    assert (run / "events_encoded.parquet").exists() and built["events"] == checked["rows"]
+    tuned = nightly.tune(settings, CUTOFF)
     trials = pd.read_csv(run / "tuning.csv")
     assert tuned["tuned"] is True and len(trials) == 1
     assert tuned["params"]["factors"] == 8 and tuned["tuning"]
