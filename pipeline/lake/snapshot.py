@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.schema import EVENT_COLUMNS, EVENT_DTYPES
@@ -37,11 +38,23 @@ def _snapshot_parts(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime
 
 
 def _snapshot_day(parts: list[Path], start: dt.datetime, cutoff: dt.datetime) -> pd.DataFrame:
-    frame = pd.concat([pq.read_table(p, columns=SNAPSHOT_COLUMNS, schema=LAKE_SCHEMA)
-                       .to_pandas() for p in parts], ignore_index=True)
-    frame = frame[(frame["timestamp"] >= start) & (frame["timestamp"] < cutoff)]
-    frame = frame.sort_values(["timestamp", "event_id"], kind="stable").reset_index(drop=True)
+    frame = _snapshot_day_table(parts, start, cutoff).to_pandas()
     return frame.astype({**EVENT_DTYPES, "source_file": "string", "source_row": "int64"})
+
+
+def _snapshot_day_table(parts: list[Path], start: dt.datetime, cutoff: dt.datetime
+                        ) -> pa.Table:
+    """One day's events in the window, sorted by time then event id (a stable sort), in
+    Arrow: no Python object per event."""
+    table = pa.concat_tables([pq.read_table(p, columns=SNAPSHOT_COLUMNS, schema=LAKE_SCHEMA)
+                              for p in parts])
+    stamps = table.column("timestamp")
+    inside = pc.and_(pc.greater_equal(stamps, pa.scalar(start, type=stamps.type)),
+                     pc.less(stamps, pa.scalar(cutoff, type=stamps.type)))
+    table = table.filter(inside)
+    order = pc.sort_indices(table, sort_keys=[("timestamp", "ascending"),
+                                              ("event_id", "ascending")])
+    return table.take(order)
 
 
 def load_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int) -> pd.DataFrame:
@@ -80,12 +93,11 @@ def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for _, parts in sorted(days.items()):
-                frame = _snapshot_day(parts, start, cutoff)
-                writer.write_table(pa.Table.from_pandas(frame, schema=schema,
-                                                        preserve_index=False))
-                rows += len(frame)
-                if len(frame):  # days ascend, rows sorted by time: the last row is the newest
-                    newest = pd.Timestamp(frame["timestamp"].iloc[-1])
+                table = _snapshot_day_table(parts, start, cutoff).select(schema.names)
+                writer.write_table(table.cast(schema))
+                rows += table.num_rows
+                if table.num_rows:  # days ascend, rows sorted by time: the last is the newest
+                    newest = pd.Timestamp(table.column("timestamp")[-1].as_py())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
