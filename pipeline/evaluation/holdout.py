@@ -70,10 +70,18 @@ def split_holdout(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime, hol
     return HoldoutSplit(train, truth, train_events, start, encoded)
 
 
-def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int, chunk_rows: int = 2_048
-                  ) -> np.ndarray:
+#: Cells (rows x items) of one block of :func:`top_by_scores`: its float64 copy and its
+#: partition indices take about 1 GB, however many items there are.
+BLOCK_CELLS = 2**26
+
+
+def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int,
+                  chunk_rows: int | None = None) -> np.ndarray:
     """Top-``k`` columns per row of a dense score matrix, excluding seen items; a block of
-    ``chunk_rows`` rows at a time (the float64 copy of every row was GBs at 50k users)."""
+    ``chunk_rows`` rows at a time (default: :data:`BLOCK_CELLS` cells; the float64 copy of
+    every row was GBs at 50k users, and 2,048 rows of 100k items were 3 GB)."""
+    if chunk_rows is None:
+        chunk_rows = max(1, BLOCK_CELLS // max(scores.shape[1], 1))
     if len(scores) > chunk_rows:
         return np.vstack([top_by_scores(scores[s:s + chunk_rows], seen[s:s + chunk_rows], k,
                                         chunk_rows) for s in range(0, len(scores), chunk_rows)])
