@@ -332,13 +332,16 @@ class TwoStageRecommender(ListRecommender):
         hist = _strongest_history(matrix, np.unique(picks["row"].to_numpy()))
         pairs = picks[["row", "item", "knn_all", "from_als"]].reset_index().merge(
             hist, on="row")
-        knn = gather(self.generator_.knn_.similarity_, pairs["hist"].to_numpy(),
-                      pairs["item"].to_numpy())
-        factors = normalise_rows(np.asarray(self.generator_.als_.item_factors, np.float32))
-        als = np.einsum("pf,pf->p", factors[pairs["hist"].to_numpy()],
-                        factors[pairs["item"].to_numpy()])
+        # each similarity only where it is used: kNN for picks with a kNN link, else ALS
+        hist_col, item_col = pairs["hist"].to_numpy(), pairs["item"].to_numpy()
         use_knn = pairs["knn_all"].to_numpy() > 0
-        pairs["sim"] = np.where(use_knn, knn, als)
+        sim = np.empty(len(pairs), np.float32)
+        sim[use_knn] = gather(self.generator_.knn_.similarity_, hist_col[use_knn],
+                              item_col[use_knn])
+        factors = self._unit_item_factors()
+        sim[~use_knn] = np.einsum("pf,pf->p", factors[hist_col[~use_knn]],
+                                  factors[item_col[~use_knn]])
+        pairs["sim"] = sim
         pairs = pairs.sort_values(["index", "sim", "hist"], ascending=[True, False, True],
                                   kind="stable").drop_duplicates("index")
         titles = self.items_["title"].astype(object).to_numpy()
@@ -351,6 +354,15 @@ class TwoStageRecommender(ListRecommender):
                         dtype=object)
         out.loc[pairs["index"].to_numpy()[linked]] = text[linked]
         return out.to_numpy(dtype=object)
+
+    def _unit_item_factors(self) -> np.ndarray:
+        """The ALS item factors scaled to unit length (cosine in factor space), computed once
+        per model rather than once per chunk of users."""
+        factors = getattr(self, "_unit_factors", None)
+        if factors is None:
+            factors = normalise_rows(np.asarray(self.generator_.als_.item_factors, np.float32))
+            self._unit_factors = factors
+        return factors
 
     def _popular_reason(self, cols: np.ndarray) -> np.ndarray:
         items = self.items_.rename(columns={})
