@@ -118,6 +118,19 @@ def empty_lists() -> pd.DataFrame:
                          "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})
 
 
+def ranked_within(groups: np.ndarray, scores: np.ndarray, ties: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Order rows by group, best score first within a group, ties by ``ties`` (ascending),
+    stably: the positions in that order and each one's rank in its group (1 = best). What a
+    multi-key ``sort_values`` and ``groupby().cumcount()`` give, by ``np.lexsort``."""
+    order = np.lexsort((ties, -np.asarray(scores), groups))
+    grouped = np.asarray(groups)[order]
+    positions = np.arange(len(order))
+    first = np.r_[True, grouped[1:] != grouped[:-1]] if len(order) else np.zeros(0, bool)
+    rank = positions - np.maximum.accumulate(np.where(first, positions, 0)) + 1
+    return order, rank
+
+
 def empty_columns(confidence: sp.csr_matrix) -> np.ndarray | None:
     """Item columns nobody interacted with (items of the run's id space first seen after the
     matrix's cutoff), which ALS must never propose; None when there are none."""

@@ -64,6 +64,7 @@ from pipeline.models.base import (
     empty_lists,
     item_labels,
     normalise_rows,
+    ranked_within,
 )
 from pipeline.models.candidates import CandidateGenerator, candidate_recall, gather
 from pipeline.models.coldstart import SegmentPopularity, popular_reasons, select_cold_start
@@ -299,10 +300,10 @@ class TwoStageRecommender(ListRecommender):
         if len(rows) == 0:
             return empty_lists()
         pairs = self.rank_candidates(rows)
-        pairs = pairs.sort_values(["row", "score", "item"], ascending=[True, False, True],
-                                  kind="stable")
-        pairs = pairs[pairs.groupby("row", sort=False).cumcount() < n].reset_index(drop=True)
-        pairs["rank"] = pairs.groupby("row", sort=False).cumcount() + 1
+        order, rank = ranked_within(pairs["row"].to_numpy(), pairs["score"].to_numpy(),
+                                    pairs["item"].to_numpy())
+        pairs = pairs.iloc[order[rank <= n]].reset_index(drop=True)
+        pairs["rank"] = rank[rank <= n]
         user_of_row = pd.Series(users, index=rows)
         return pd.DataFrame({
             "user_id": user_of_row.loc[pairs["row"].to_numpy()].to_numpy(dtype=object),
@@ -342,8 +343,8 @@ class TwoStageRecommender(ListRecommender):
         sim[~use_knn] = np.einsum("pf,pf->p", factors[hist_col[~use_knn]],
                                   factors[item_col[~use_knn]])
         pairs["sim"] = sim
-        pairs = pairs.sort_values(["index", "sim", "hist"], ascending=[True, False, True],
-                                  kind="stable").drop_duplicates("index")
+        order, rank = ranked_within(pairs["index"].to_numpy(), sim, hist_col)
+        pairs = pairs.iloc[order[rank == 1]]  # the closest history item of each pick
         titles = self.items_["title"].astype(object).to_numpy()
         verbs = np.array([VERBS.get(t, "engaged with") for t in matrix.event_types],
                          dtype=object)
@@ -550,6 +551,6 @@ def _strongest_history(matrix: InteractionMatrix, rows: np.ndarray) -> pd.DataFr
     code = matrix.strongest[rows].tocoo()
     frame = pd.DataFrame({"row": rows[conf.row], "hist": conf.col, "c": conf.data,
                           "code": code.data.astype(np.int64)})
-    frame = frame.sort_values(["row", "c", "hist"], ascending=[True, False, True], kind="stable")
-    frame = frame[frame.groupby("row").cumcount() < HISTORY_FOR_REASONS]
-    return frame[["row", "hist", "code"]]
+    order, rank = ranked_within(frame["row"].to_numpy(), frame["c"].to_numpy(),
+                                frame["hist"].to_numpy())
+    return frame.iloc[order[rank <= HISTORY_FOR_REASONS]][["row", "hist", "code"]]
