@@ -55,7 +55,7 @@ class IdMap:
 
     def __init__(self, ids: np.ndarray | list | tuple = ()) -> None:
         """``ids`` in code order: code ``c`` stands for ``ids[c]``; they must be distinct."""
-        self._ids = np.asarray(ids, dtype=object)
+        self._ids = np.array(ids, dtype=object)  # a copy: the caller's array stays writable
         self._ids.flags.writeable = False
         if len(self._ids) >= 2**31 - 1:
             raise ValueError(f"{len(self._ids):,} ids do not fit int32 codes")
@@ -77,7 +77,7 @@ class IdMap:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IdMap) and np.array_equal(self._ids, other._ids)
 
-    __hash__ = None  # mutable-looking container semantics: compare by content, never hash
+    __hash__ = None  # compared by content, so not hashable
 
     def __repr__(self) -> str:
         return f"IdMap({len(self):,} ids)"
@@ -288,8 +288,7 @@ def _session_codes(values: pd.Series) -> pd.arrays.IntegerArray:
 
 
 def _timestamps(values: pd.Series) -> pd.Series:
-    stamps = pd.to_datetime(values, utc=True)
-    return stamps.dt.as_unit("us") if hasattr(stamps, "dt") else stamps
+    return pd.to_datetime(values, utc=True).dt.as_unit("us")
 
 
 def _as_timestamp(cutoff: dt.datetime) -> pd.Timestamp:
