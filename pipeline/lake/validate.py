@@ -387,11 +387,7 @@ def validate_events_file(
                               failures=tuple(failures), quarantine_path=written,
                               data_docs_path=docs_index, volume_warnings=tuple(volume))
     _log_failures(report)
-    for warning in volume:
-        logger.warning("volume: %s has %d events, under %.0f%% of the trailing median %.0f",
-                       warning["date"], warning["rows"],
-                       100 * runner.volume_rule["min_ratio_to_trailing_median"],
-                       warning["trailing_median"])
+    _warn_volume(volume, runner.volume_rule)
     if not passed:
         clean_tmp.unlink(missing_ok=True)
         message = _failure_message(report, max_bad_row_share, max_timestamp)
@@ -417,13 +413,9 @@ def _prevalidated(raw_path: Path, clean_path: Path, quarantine_path: Path,
     file (hard-linked), only the daily volume is checked."""
     stamps = pq.read_table(raw_path, columns=["timestamp"]).column("timestamp").to_pandas()
     daily = stamps.dt.floor("D").value_counts()
-    config = load_suite_config(Path(suite_path))
-    rule = {**_DEFAULT_VOLUME_RULE, **config.get("meta", {}).get("volume", {})}
+    rule = _volume_rule(Path(suite_path))
     volume = check_daily_volume(daily, as_utc(cutoff), rule)
-    for warning in volume:
-        logger.warning("volume: %s has %d events, under %.0f%% of the trailing median %.0f",
-                       warning["date"], warning["rows"],
-                       100 * rule["min_ratio_to_trailing_median"], warning["trailing_median"])
+    _warn_volume(volume, rule)
     tmp = _tmp_path(Path(clean_path))
     tmp.unlink(missing_ok=True)
     try:
@@ -436,6 +428,19 @@ def _prevalidated(raw_path: Path, clean_path: Path, quarantine_path: Path,
                 "clean -> %s", len(stamps), clean_path)
     return ValidationReport(rows=len(stamps), bad_rows=0, bad_share=0.0, passed=True,
                             volume_warnings=tuple(volume))
+
+
+def _volume_rule(suite_path: Path) -> dict[str, Any]:
+    """The suite's ``meta.volume`` rule over the defaults."""
+    config = load_suite_config(suite_path)
+    return {**_DEFAULT_VOLUME_RULE, **config.get("meta", {}).get("volume", {})}
+
+
+def _warn_volume(volume: list[dict[str, Any]], rule: Mapping[str, Any]) -> None:
+    for warning in volume:
+        logger.warning("volume: %s has %d events, under %.0f%% of the trailing median %.0f",
+                       warning["date"], warning["rows"],
+                       100 * rule["min_ratio_to_trailing_median"], warning["trailing_median"])
 
 
 def suite_digest(suite_path: Path, allowed_event_types: Collection[str]) -> str:
@@ -556,9 +561,7 @@ class _SuiteRunner:
 
     def __init__(self, suite_path: Path, allowed: list[str], data_docs_dir: Path | None) -> None:
         gx = _import_gx()
-        config = load_suite_config(suite_path)
-        self.volume_rule: dict[str, Any] = {**_DEFAULT_VOLUME_RULE,
-                                            **config.get("meta", {}).get("volume", {})}
+        self.volume_rule = _volume_rule(suite_path)
         suite = _load_suite(suite_path, allowed)
         self.context = _ephemeral_context(data_docs_dir)
         self.suite = self.context.suites.add(suite)
