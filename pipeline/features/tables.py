@@ -178,16 +178,26 @@ class FeatureFrames:
 # ---- matrix-aligned features (rows/columns of an InteractionMatrix) ----------------------
 def recent_history(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
                    item_ids: np.ndarray, n_recent: int) -> sp.csr_matrix:
-    """users x items, 1.0 for each user's ``n_recent`` most recently touched distinct items."""
+    """users x items, 1.0 for each user's ``n_recent`` most recently touched distinct items
+    (ties to the lower column); events of ids outside ``user_ids``/``item_ids`` are ignored."""
     events = before(events, cutoff)
-    last = events.groupby(["user_id", "item_id"], observed=True)["timestamp"].max().reset_index()
-    last = last.sort_values(["user_id", "timestamp", "item_id"],
-                            ascending=[True, False, True], kind="stable")
-    last = last[last.groupby("user_id", observed=True).cumcount() < n_recent]
-    rows = lookup(user_ids, last["user_id"].to_numpy())
-    cols = lookup(item_ids, last["item_id"].to_numpy())
+    rows = lookup(user_ids, events["user_id"].to_numpy())
+    cols = lookup(item_ids, events["item_id"].to_numpy())
     ok = (rows >= 0) & (cols >= 0)
-    return sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])),
+    rows, cols = rows[ok].astype(np.int64), cols[ok].astype(np.int64)
+    when = events["timestamp"].to_numpy(dtype="datetime64[us]").view(np.int64)[ok]
+    # newest first within each user (ties to the lower column): a pair's first occurrence is
+    # its latest touch, and the first n_recent distinct pairs of a user are the recent items
+    order = np.lexsort((cols, -when, rows))
+    rows, cols = rows[order], cols[order]
+    pair = rows * len(item_ids) + cols
+    seen_first = np.zeros(len(pair), bool)
+    seen_first[np.unique(pair, return_index=True)[1]] = True
+    rows, cols = rows[seen_first], cols[seen_first]
+    starts = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
+    position = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    keep = position < n_recent
+    return sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
                          shape=(len(user_ids), len(item_ids)))
 
 

@@ -104,5 +104,11 @@ def top_k_sparse(scores: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = 
 
 
 def _keep_top_k(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """The ``k`` best positive entries per row (ties to the lower column) as a matrix."""
+    if np.diff(matrix.indptr).max(initial=0) <= k:  # the usual case: implicit kept k + 1
+        kept = sp.csr_matrix(matrix, dtype=np.float32, copy=True)  # and the diagonal went
+        kept.data[kept.data < 0] = 0.0
+        kept.eliminate_zeros()
+        return kept
     row, col, val = top_k_sparse(matrix, k)
     return sp.csr_matrix((val, (row, col)), shape=matrix.shape, dtype=np.float32)

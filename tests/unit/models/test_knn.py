@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.models.knn import ItemKnn, top_k_sparse
+from pipeline.models.knn import ItemKnn, _keep_top_k, top_k_sparse
 
 
 def _blocks() -> sp.csr_matrix:
@@ -84,3 +84,16 @@ def test_empty_rows_and_columns_change_nothing_and_get_no_neighbours():
     np.testing.assert_array_equal(np.asarray(big.item_factors)[cols], small.item_factors)
     assert not np.asarray(big.user_factors)[[1, 4]].any()
     assert not np.asarray(big.item_factors)[[0, 2]].any()
+
+
+@pytest.mark.parametrize("k", [3, 80])
+def test_keeping_the_top_k_is_the_same_with_and_without_rows_longer_than_k(k):
+    """Rows no longer than k keep every positive entry (the shortcut) exactly as the full
+    top-k selection would."""
+    scores = sp.random(50, 80, density=0.5, random_state=k, format="csr", dtype=np.float32)
+    scores.data = np.round(scores.data * 4) - 1  # ties, explicit zeros and negatives
+    row, col, val = top_k_sparse(scores, k)
+    expected = sp.csr_matrix((val, (row, col)), shape=scores.shape)
+    kept = _keep_top_k(scores, k)
+    assert (kept != expected).nnz == 0 and kept.dtype == np.float32
+    assert np.diff(scores.indptr).max() <= k or k == 3  # k=80 takes the shortcut
