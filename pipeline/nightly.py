@@ -327,11 +327,23 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
     start = split.holdout_start
     truth = window_truth(events.frame, start, cutoff, model.matrix_, model.weights_)
     rows = np.flatnonzero(np.diff(truth.indptr) > 0)
-    pairs = model.rank_candidates(rows)
-    labels = label_pairs(pairs, truth) if len(pairs) else np.zeros(0)
-    scores = held_out_scores(labels, pairs["score"].to_numpy()) if len(pairs) else {
+    # chunk by chunk, keeping only each pair's label and score: the candidates of every
+    # holdout user at once would be ~60 bytes x users x ~200 candidates
+    labels, pair_scores, recall_sum = [], [], 0.0
+    for first in range(0, len(rows), model.chunk_users):
+        chunk = rows[first:first + model.chunk_users]
+        pairs = model.rank_candidates(chunk)
+        labels.append(label_pairs(pairs, truth).astype(np.int8))
+        pair_scores.append(pairs["score"].to_numpy(np.float32))
+        local = pairs.assign(row=np.searchsorted(chunk, pairs["row"].to_numpy()))
+        recall_sum += candidate_recall(local, truth[chunk])["all"] * len(chunk)
+        del pairs, local
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int8)
+    pair_scores = np.concatenate(pair_scores) if pair_scores else np.zeros(0, np.float32)
+    scores = held_out_scores(labels, pair_scores) if len(labels) else {
         "auc": float("nan"), "pr_auc": float("nan")}
-    recall = candidate_recall(pairs, truth)["all"] if len(pairs) else float("nan")
+    recall = recall_sum / len(rows) if len(labels) else float("nan")
+    del labels, pair_scores
     coded = window_truth_frame(events.frame, start, cutoff)  # codes, then ids for the lists
     seen_before = split.train_events["user_id"].unique()
     old = coded["user_id"].isin(seen_before).to_numpy()

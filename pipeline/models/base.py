@@ -147,14 +147,19 @@ def active_part(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_als(confidence: sp.csr_matrix, *, factors: int, regularization: float, alpha: float,
-            iterations: int, random_state: int, num_threads: int = 0):
+            iterations: int, random_state: int, num_threads: int = 0,
+            warm_start: tuple[np.ndarray, np.ndarray] | None = None):
     """Implicit ALS fitted on a users x items confidence matrix (no progress bar, no loss):
     the one place both the plain ALS model and the candidate generator build it.
 
     A run's matrices have its whole id space, so users and items first seen after the
     matrix's cutoff are empty rows and columns. ALS is fitted on the active part only (its
     random start, and so its factors, are those of a matrix of the active users and items,
-    in code order) and the empty rows and columns get zero factors."""
+    in code order) and the empty rows and columns get zero factors.
+
+    ``warm_start``: (user factors, item factors) of an earlier fit on the same id space (an
+    older cutoff) to start from instead of a random start; the users and items it did not
+    know start at zero. ``iterations`` then counts the sweeps after that start."""
     from implicit.cpu.als import AlternatingLeastSquares  # lazy: implicit is slow to import
 
     if confidence.nnz == 0:
@@ -163,6 +168,14 @@ def fit_als(confidence: sp.csr_matrix, *, factors: int, regularization: float, a
         factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
         random_state=random_state, num_threads=num_threads, calculate_training_loss=False)
     rows, cols = active_part(confidence)
+    if warm_start is not None:
+        users, items = (np.asarray(f) for f in warm_start)
+        if users.shape != (confidence.shape[0], factors) or items.shape != (
+                confidence.shape[1], factors):
+            raise ValueError(f"warm start factors {users.shape} and {items.shape} do not fit "
+                             f"a {confidence.shape} matrix with {factors} factors")
+        model.user_factors = np.ascontiguousarray(users[rows], dtype=np.float32)
+        model.item_factors = np.ascontiguousarray(items[cols], dtype=np.float32)
     if len(rows) == confidence.shape[0] and len(cols) == confidence.shape[1]:
         model.fit(confidence, show_progress=False)
         return model

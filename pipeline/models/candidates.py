@@ -34,7 +34,8 @@ class CandidateGenerator:
     def __init__(self, n_als: int = 100, n_knn: int = 100, n_popular: int = 50,
                  knn_k: int = 100, knn_method: str = "cosine", factors: int = 64,
                  regularization: float = 0.05, alpha: float = 2.0, iterations: int = 15,
-                 random_state: int = 42, num_threads: int = 0) -> None:
+                 warm_iterations: int = 0, random_state: int = 42, num_threads: int = 0
+                 ) -> None:
         self.n_als = n_als
         self.n_knn = n_knn
         self.n_popular = n_popular
@@ -44,6 +45,7 @@ class CandidateGenerator:
         self.regularization = regularization
         self.alpha = alpha
         self.iterations = iterations
+        self.warm_iterations = warm_iterations
         self.random_state = random_state
         self.num_threads = num_threads
 
@@ -51,16 +53,26 @@ class CandidateGenerator:
         return {"n_als": self.n_als, "n_knn": self.n_knn, "n_popular": self.n_popular,
                 "knn_k": self.knn_k, "knn_method": self.knn_method, "factors": self.factors,
                 "regularization": self.regularization, "alpha": self.alpha,
-                "iterations": self.iterations, "random_state": self.random_state}
+                "iterations": self.iterations, "warm_iterations": self.warm_iterations,
+                "random_state": self.random_state}
 
-    def fit(self, matrix: InteractionMatrix, recent: sp.csr_matrix, popular_cols: np.ndarray
-            ) -> CandidateGenerator:
+    def fit(self, matrix: InteractionMatrix, recent: sp.csr_matrix, popular_cols: np.ndarray,
+            warm_from: CandidateGenerator | None = None) -> CandidateGenerator:
         """Fit ALS and kNN on ``matrix``; ``recent`` marks each user's recent items (same
-        shape); ``popular_cols`` are item columns, most recently popular first."""
+        shape); ``popular_cols`` are item columns, most recently popular first.
+
+        ``warm_from``: a generator fitted on the same id space at an earlier cutoff. With
+        ``warm_iterations`` > 0, ALS starts from its factors and runs that many sweeps
+        instead of ``iterations`` from a random start (a week more data moves the factors
+        little, so a few sweeps from the last fit replace a full fit)."""
+        warm = (warm_from is not None and self.warm_iterations > 0
+                and warm_from.matrix_.shape == matrix.shape)
         self.als_ = fit_als(matrix.confidence, factors=self.factors,
                             regularization=self.regularization, alpha=self.alpha,
-                            iterations=self.iterations, random_state=self.random_state,
-                            num_threads=self.num_threads)
+                            iterations=self.warm_iterations if warm else self.iterations,
+                            random_state=self.random_state, num_threads=self.num_threads,
+                            warm_start=(warm_from.als_.user_factors,
+                                        warm_from.als_.item_factors) if warm else None)
         self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method,
                             num_threads=self.num_threads).fit(matrix.confidence)
         self.matrix_ = matrix

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 #: saved without them: bundles and logged recipes from before ranker bagging had one ranker
 #: and every label-window user; those from before the bag budget trained all ``n_bags``.
 LEGACY_PARAMS = {"n_bags": 1, "max_label_users": 2**62, "bag_budget_pairs": None,
-                 "label_halflife_days": None}
+                 "label_halflife_days": None, "warm_iterations": 0}
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class TwoStageRecipe:
     """Everything that decides what the two-stage recommender learns (see the module doc)."""
 
     #: candidates: ALS (factors .. iterations), item-kNN (knn_k, knn_method), how many of
-    #: each source (n_als, n_knn, n_popular), and the recent items a user's features read
+    #: each source (n_als, n_knn, n_popular), the recent items a user's features read, and
+    #: the ALS sweeps of a fit that starts from the previous label window's factors (0: every
+    #: fit starts at random and runs ``iterations``)
     factors: int = 64
     regularization: float = 0.05
     alpha: float = 2.0
@@ -43,6 +45,7 @@ class TwoStageRecipe:
     knn_k: int = 100
     knn_method: str = "cosine"
     n_recent: int = 20
+    warm_iterations: int = 5
     #: label windows: length, count, spacing, age half-life of the query weights (None: all
     #: alike), seeded sample of users per window; users with fewer items are cold
     label_days: int = 14

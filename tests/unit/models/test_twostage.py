@@ -209,3 +209,23 @@ def test_encoded_events_and_prebuilt_features_give_the_same_model(data, model):
     late = FeatureFrames(CUTOFF - dt.timedelta(days=1), frames.user, frames.item)
     with pytest.raises(ValueError, match="features as of"):
         TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, features=late)
+
+
+def test_serving_als_starts_from_the_newest_label_window_unless_warm_iterations_is_0(data,
+                                                                                      model):
+    """Label windows are fitted oldest first, each ALS starting from the previous one's
+    factors, and the serving fit from the newest window's (``warm_iterations`` sweeps); with
+    0 every fit is a cold one, the same as fitting stage one alone on the serving matrix."""
+    cold = TwoStageRecommender(**{**PARAMS, "warm_iterations": 0}).fit(
+        _before(data), CUTOFF, items=data.items, users=data.users)
+
+    def alone(fitted):
+        snap = fitted.snapshot_
+        return fitted._generator().fit(snap.matrix, snap.recent, snap.popular_cols).als_
+
+    for fitted, same in ((cold, True), (model, False)):
+        np.testing.assert_array_equal(fitted.snapshot_.matrix.confidence.toarray(),
+                                      model.snapshot_.matrix.confidence.toarray())
+        equal = np.array_equal(fitted.generator_.als_.item_factors, alone(fitted).item_factors)
+        assert equal is same
+    assert model.recipe.warm_iterations == 5 and cold.training_["pairs"] > 0
