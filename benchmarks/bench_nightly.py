@@ -17,6 +17,11 @@ Sizes: ``--quick`` 5k users x 2k items over 90 days; the default 50k x 10k over 
 (the table kept from earlier sessions); ``RECS_BENCH_NIGHTLY_SIZES`` picks others, e.g.
 ``50000x100000x365,200000x100000x365,1000000x100000x365`` (users x items x days).
 Run with ``python -m benchmarks nightly [--quick]``.
+
+A large size's history takes a while to generate and ingest; it can be prepared once and the
+night run on it later (once: the night ingests the landing day):
+``python -m benchmarks.bench_nightly prepare USERS ITEMS DAYS FOLDER``, then
+``python -m benchmarks.bench_nightly night FOLDER``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ STAGES = ("ingest", "validate", "build_features", "tune", "train", "evaluate", "
 START = "2024-01-01"
 DEFAULT_SIZES = ((50_000, 10_000, 90),)
 QUICK_SIZES = ((5_000, 2_000, 90),)
+PREPARED = "prepared.json"
 
 
 def _sizes(quick: bool) -> tuple[tuple[int, int, int], ...]:
@@ -60,9 +66,24 @@ def run(quick: bool) -> None:
               f"x{large['peak'] / small['peak']:.1f}", flush=True)
 
 
-def _night(n_users: int, n_items: int, days: int, root: Path) -> dict:
-    prepared, _ = run_child("benchmarks.bench_nightly",
-                            ["prepare", str(n_users), str(n_items), str(days), str(root)])
+def run_prepared(root: Path) -> None:
+    """The night on a folder made by the ``prepare`` command (usable once)."""
+    record = root / PREPARED
+    prepared = json.loads(record.read_text())
+    if prepared.get("night_started"):
+        raise SystemExit(f"{root}: its night already ran (the landing day is in the lake); "
+                         "prepare the folder again")
+    record.write_text(json.dumps({**prepared, "night_started": time.time()}))
+    _print_night(_night(prepared["users"], prepared["items"], prepared["days"], root,
+                        prepared))
+
+
+def _night(n_users: int, n_items: int, days: int, root: Path,
+           prepared: dict | None = None) -> dict:
+    if prepared is None:
+        prepared, _ = run_child("benchmarks.bench_nightly",
+                                ["prepare", str(n_users), str(n_items), str(days), str(root)])
+    prepared = {k: v for k, v in prepared.items() if k in ("events", "new_events", "history_s")}
     stages, peaks = {}, {}
     for name in STAGES:
         started = time.perf_counter()
@@ -115,6 +136,7 @@ def _cutoff(root: Path) -> dt.datetime:
 
 def _prepare(n_users: int, n_items: int, days: int, root: Path) -> dict:
     """The history lands and is ingested; then the last day lands."""
+    root.mkdir(parents=True, exist_ok=True)
     _environment(root)
     from pipeline import nightly
     from pipeline.core.config import Settings, as_utc
@@ -134,8 +156,10 @@ def _prepare(n_users: int, n_items: int, days: int, root: Path) -> dict:
     write_landing(dataclasses.replace(data, events=data.events[last_day]), landing,
                   name="tonight", fmt="csv")
     (root / "night.json").write_text(json.dumps({"cutoff": cutoff.isoformat()}))
-    return {"events": int(len(data.events)), "new_events": int(last_day.sum()),
-            "history_s": history_s}
+    prepared = {"events": int(len(data.events)), "new_events": int(last_day.sum()),
+                "history_s": history_s, "users": n_users, "items": n_items, "days": days}
+    (root / PREPARED).write_text(json.dumps(prepared))
+    return prepared
 
 
 def _stage(name: str, root: Path) -> dict:
@@ -176,6 +200,9 @@ def _fit(root: Path) -> dict:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
+    if command == "night":
+        run_prepared(Path(args[0]))
+        sys.exit(0)
     if command == "prepare":
         out = _prepare(int(args[0]), int(args[1]), int(args[2]), Path(args[3]))
     elif command == "stage":
