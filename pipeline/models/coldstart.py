@@ -38,11 +38,12 @@ class SegmentPopularity:
     def fit(self, events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataFrame | None = None,
             items: pd.DataFrame | None = None) -> SegmentPopularity:
         """Learn ``global_`` (item_id, score, reason) and ``segments_`` (segment + same)."""
-        window = events[(events["timestamp"] < cutoff)
-                        & (events["timestamp"] >= cutoff - dt.timedelta(days=self.days))]
-        if window.empty:  # nothing recent: fall back to all history before the cutoff
-            window = events[events["timestamp"] < cutoff]
-        pairs = window[["user_id", "item_id"]].drop_duplicates()
+        return self.fit_pairs(window_pairs(events, cutoff, self.days), users, items)
+
+    def fit_pairs(self, pairs: pd.DataFrame, users: pd.DataFrame | None = None,
+                  items: pd.DataFrame | None = None) -> SegmentPopularity:
+        """:meth:`fit` from the window's distinct (user_id, item_id) pairs
+        (:func:`window_pairs` of this ``days``), which options of one window share."""
         glob = pairs.groupby("item_id", observed=True).size()
         n_users = max(pairs["user_id"].nunique(), 1)
         item_ids = glob.index
@@ -112,6 +113,16 @@ class SegmentPopularity:
         return frame
 
 
+def window_pairs(events: pd.DataFrame, cutoff: dt.datetime, days: int) -> pd.DataFrame:
+    """Distinct (user_id, item_id) of the ``days`` before ``cutoff`` (all history before it
+    when those days are empty)."""
+    window = events[(events["timestamp"] < cutoff)
+                    & (events["timestamp"] >= cutoff - dt.timedelta(days=days))]
+    if window.empty:  # nothing recent: fall back to all history before the cutoff
+        window = events[events["timestamp"] < cutoff]
+    return window[["user_id", "item_id"]].drop_duplicates()
+
+
 def popular_reasons(item_ids: pd.Series, items: pd.DataFrame | None, days: int) -> np.ndarray:
     """"popular in <category> this week" (or "popular this month" without a category)."""
     phrase = next((p for d, p in _WINDOW_PHRASES if days <= d), "lately")
@@ -161,9 +172,11 @@ def select_cold_start(events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataF
         if truth.empty or (events["timestamp"] < start).sum() == 0:
             continue
         row = np.zeros(len(usable))
+        pairs = {days: window_pairs(events, start, days) for days in {d for d, _ in usable}}
         for n, (days, segment) in enumerate(usable):
             model = SegmentPopularity(days=days, segment=tuple(filter(None, segment.split("|"))),
-                                      shrinkage=shrinkage, n_keep=k).fit(events, start, users)
+                                      shrinkage=shrinkage, n_keep=k).fit_pairs(pairs[days],
+                                                                               users)
             lists = model.lists_for(truth["user_id"].unique()).assign(
                 rank=lambda f: f["order"] + 1)
             row[n] = user_metrics(lists, truth, k)["ndcg"].mean()
