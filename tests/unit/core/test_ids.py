@@ -88,3 +88,22 @@ def test_file_encoding_matches_frame_encoding_and_round_trips(tmp_path):
     assert (tmp_path / EVENTS_FILE).exists()
     only = EncodedEvents.read(tmp_path, ("user_id", "item_id"))
     assert list(only.frame.columns) == ["user_id", "item_id"]
+
+
+@pytest.mark.parametrize("drop", [[], ["value", "device", "session_id"]])
+def test_file_encoding_streams_columns_of_many_row_groups_and_optional_columns(tmp_path, drop):
+    """Each column is read and encoded on its own across row groups; files without the
+    optional columns, and zone-less timestamps (read as UTC), encode as a frame does."""
+    events = _events().drop(columns=drop)
+    naive = events.assign(timestamp=events["timestamp"].dt.tz_localize(None))
+    naive.to_parquet(tmp_path / "events.parquet", row_group_size=1)
+    written = encode_events_file(tmp_path / "events.parquet", tmp_path, WEIGHTS)
+    pd.testing.assert_frame_equal(written.frame, EncodedEvents.from_frame(events, WEIGHTS).frame)
+
+
+def test_file_encoding_rejects_events_without_ids(tmp_path):
+    events = _events()
+    events.loc[2, "item_id"] = None
+    events.to_parquet(tmp_path / "events.parquet")
+    with pytest.raises(ValueError, match="1 validated events have no item_id"):
+        encode_events_file(tmp_path / "events.parquet", tmp_path, WEIGHTS)
