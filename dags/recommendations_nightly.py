@@ -41,6 +41,10 @@ PARAMS = {
     "holdout_days": Param(14, type="integer", minimum=1, maximum=90, title="Holdout days",
                           description="The last days before the cutoff held out to evaluate "
                                       "the model against the popularity baselines."),
+    "eval_max_users": Param(50_000, type=["integer", "null"], minimum=100,
+                            title="Holdout users scored",
+                            description="The holdout metrics use a seeded sample of at most "
+                                        "this many returning users (empty: all of them)."),
     "als_factors": Param(64, type="integer", minimum=2, maximum=512, title="ALS factors",
                          description="Latent factors of the ALS model."),
     "als_iterations": Param(15, type="integer", minimum=1, maximum=100,

@@ -292,7 +292,8 @@ def _holdout(settings: Settings, events, cutoff: dt.datetime, k: int = 10,
         events = EncodedEvents.from_frame(events[events["timestamp"] < cutoff],
                                           settings.event_weights)
     events = events.before(cutoff)
-    split = split_holdout(events, cutoff, settings.holdout_days, settings.event_weights)
+    split = split_holdout(events, cutoff, settings.holdout_days, settings.event_weights,
+                          max_users=settings.eval_max_users, seed=settings.seed)
     start = split.holdout_start
     model = _twostage(settings, params).fit(split.encoded, start, settings.event_weights,
                                             items, users, features=features)
@@ -326,7 +327,7 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
 
     start = split.holdout_start
     truth = window_truth(events.frame, start, cutoff, model.matrix_, model.weights_)
-    rows = np.flatnonzero(np.diff(truth.indptr) > 0)
+    rows = np.intersect1d(np.flatnonzero(np.diff(truth.indptr) > 0), split.eval_rows)
     # chunk by chunk, keeping only each pair's label and score: the candidates of every
     # holdout user at once would be ~60 bytes x users x ~200 candidates
     labels, pair_scores, recall_sum = [], [], 0.0
@@ -545,7 +546,7 @@ def _write_report(run: Path, model, champion_score: float | None, k: int) -> Pat
 
 
 #: Settings that do not change how a model is trained (paths, serving, gate, split).
-_NOT_RECIPE = frozenset({"data_dir", "event_weights", "top_n", "holdout_days",
+_NOT_RECIPE = frozenset({"data_dir", "event_weights", "top_n", "holdout_days", "eval_max_users",
                          "max_bad_row_share", "force_promote", "gate_min_relative_gain",
                          "gate_tolerance", "gate_require_significance", "consumed_event_types",
                          "max_per_category", "item_ttl_days", "candidate_multiplier",

@@ -41,9 +41,11 @@ class HoldoutSplit:
 
 
 def split_holdout(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime, holdout_days: int,
-                  weights: Mapping[str, float]) -> HoldoutSplit:
+                  weights: Mapping[str, float], max_users: int | None = None,
+                  seed: int = 0) -> HoldoutSplit:
     """Split events at ``cutoff - holdout_days``; truth excludes items seen before, and users
-    and items without history before the holdout (new users are scored elsewhere).
+    and items without history before the holdout (new users are scored elsewhere). With
+    ``max_users``, truth keeps a seeded sample of that many of its users (``eval_rows``).
 
     On :class:`EncodedEvents` the train and truth matrices have the run's one shape, rows
     and columns named by the id maps; on a frame of string ids, the train events' ids."""
@@ -64,10 +66,25 @@ def split_holdout(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime, hol
     truth = (test.confidence > 0).astype(np.float32).tocsr()
     truth = (truth - truth.multiply(train.confidence > 0)).tocsr()
     truth = with_history(truth, train)
+    truth = _sample_rows(truth, max_users, seed)
     if encoded is not None:
         train = train.relabel(encoded.users.ids, encoded.items.ids)
         encoded = encoded.where(train_mask)
     return HoldoutSplit(train, truth, train_events, start, encoded)
+
+
+def _sample_rows(truth: sp.csr_matrix, max_users: int | None, seed: int) -> sp.csr_matrix:
+    """``truth`` with only a seeded sample of ``max_users`` of its non-empty rows left."""
+    rows = np.flatnonzero(np.diff(truth.indptr) > 0)
+    if max_users is None or len(rows) <= max_users:
+        return truth
+    keep = np.zeros(truth.shape[0], np.float32)
+    keep[np.random.default_rng(seed).choice(rows, max_users, replace=False)] = 1.0
+    logger.info("holdout: scoring a seeded sample of %d of its %d returning users", max_users,
+                len(rows))
+    sampled = sp.csr_matrix(truth.multiply(keep[:, None]))
+    sampled.eliminate_zeros()
+    return sampled
 
 
 #: Cells (rows x items) of one block of :func:`top_by_scores`: its float64 copy and its

@@ -194,3 +194,24 @@ def test_encoded_split_has_the_run_shape_and_the_same_truth():
            for r, c in zip(*by_string.truth.nonzero(), strict=True)}
     assert truth == old == {("u2", "b")}
     assert len(by_code.encoded) == len(by_code.train_events) == 3
+
+
+def test_max_users_scores_a_seeded_sample_of_the_returning_users():
+    rows = []
+    for n in range(40):  # every user has history, and a new item in the holdout
+        rows += [(f"u{n:02d}", "a", "view", "2024-01-01"), (f"u{n:02d}", "b", "view", "2024-01-02"),
+                 (f"u{n:02d}", "c" if n % 2 else "b2", "view", "2024-01-09")]
+    events = _events(rows + [("x", "c", "view", "2024-01-01"), ("x", "b2", "view", "2024-01-01")])
+    cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
+    full = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})
+    sampled = split_holdout(events, cutoff, 3, {"view": 1.0}, max_users=10, seed=4)
+    again = split_holdout(events, cutoff, 3, {"view": 1.0}, max_users=10, seed=4)
+    other = split_holdout(events, cutoff, 3, {"view": 1.0}, max_users=10, seed=5)
+    assert len(full.eval_rows) == 40 and len(sampled.eval_rows) == 10
+    assert set(sampled.eval_rows) <= set(full.eval_rows)
+    assert sampled.eval_rows.tolist() == again.eval_rows.tolist() != other.eval_rows.tolist()
+    # the sampled users keep their whole truth; the train matrix is untouched
+    assert (sampled.truth[sampled.eval_rows] != full.truth[sampled.eval_rows]).nnz == 0
+    assert (sampled.train.confidence != full.train.confidence).nnz == 0
+    unlimited = split_holdout(events, cutoff, 3, {"view": 1.0}, max_users=40)
+    assert (unlimited.truth != full.truth).nnz == 0

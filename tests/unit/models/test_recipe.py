@@ -17,7 +17,8 @@ from pipeline.models.twostage import TwoStageRecommender
 #: values are logged to MLflow, stored in bundles and hashed into fingerprints.
 DEFAULTS = {
     "factors": 64, "regularization": 0.05, "alpha": 2.0, "iterations": 15, "n_als": 100,
-    "n_knn": 100, "n_popular": 50, "knn_k": 100, "knn_method": "cosine", "n_recent": 20, "warm_iterations": 5,
+    "n_knn": 100, "n_popular": 50, "knn_k": 100, "knn_method": "cosine", "n_recent": 20,
+    "warm_iterations": 5,
     "label_days": 14, "label_windows": 6, "label_stride_days": 7, "label_halflife_days": None,
     "max_label_users": 2_000, "min_history": 1, "objective": "rank:ndcg", "max_depth": 6,
     "learning_rate": 0.1, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
