@@ -66,6 +66,7 @@ class ItemKnn:
         self.similarity_ = sp.csr_matrix(
             (similarity.data, (cols[similarity.row], cols[similarity.col])),
             shape=(n_items, n_items), dtype=np.float32)
+        self.similarity_.sum_duplicates()  # canonical (sorted), for lookups without a copy
         logger.info("item-kNN (%s) fitted: %d items, %d neighbour pairs", self.method,
                     similarity.shape[0], self.similarity_.nnz)
         return self

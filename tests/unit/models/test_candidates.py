@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from pipeline.features.matrix import build_matrix
-from pipeline.models.candidates import CandidateGenerator, candidate_recall
+from pipeline.models.candidates import CandidateGenerator, candidate_recall, gather
 
 
 def _two_communities(n_users=40, n_items=20, seed=0):
@@ -58,3 +58,26 @@ def test_candidate_recall_known_answer():
     assert got["all"] == pytest.approx((0.5 + 0.0) / 2)
     assert got["als"] == pytest.approx(0.25) and got["knn"] == 0 and got["popular"] == 0
     assert got["candidates"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gather_reads_every_cell_like_a_dense_lookup(seed):
+    """Rows of any length (empty ones too), unsorted indices and duplicates (summed)."""
+    rng = np.random.default_rng(seed)
+    matrix = sp.random(30, 200, density=0.3, random_state=seed, format="csr",
+                       dtype=np.float32)
+    matrix[rng.integers(0, 30, 5)] = 0.0  # some empty rows
+    matrix.eliminate_zeros()
+    coo = matrix.tocoo()
+    shuffled = rng.permutation(coo.nnz)
+    twice = np.r_[shuffled, shuffled[:40]]  # 40 duplicates; columns unsorted within rows
+    twice = twice[np.argsort(coo.row[twice], kind="stable")]
+    indptr = np.r_[0, np.cumsum(np.bincount(coo.row[twice], minlength=30))]
+    messy = sp.csr_matrix((coo.data[twice], coo.col[twice], indptr), shape=matrix.shape)
+    assert not messy.has_canonical_format
+    dense = messy.toarray()
+    rows, cols = rng.integers(0, 30, 5_000), rng.integers(0, 200, 5_000)
+    np.testing.assert_array_equal(gather(messy, rows, cols), dense[rows, cols])
+    np.testing.assert_array_equal(gather(matrix, rows, cols), matrix.toarray()[rows, cols])
+    assert gather(sp.csr_matrix((30, 200), dtype=np.float32), rows, cols).sum() == 0
+    assert gather(matrix, rows[:0], cols[:0]).shape == (0,)
