@@ -16,7 +16,9 @@ time and peak memory grew against the number of events.
 Sizes: ``--quick`` 5k users x 2k items over 90 days; the default 50k x 10k over 90 days
 (the table kept from earlier sessions); ``RECS_BENCH_NIGHTLY_SIZES`` picks others, e.g.
 ``50000x100000x365,200000x100000x365,1000000x100000x365`` (users x items x days).
-Run with ``python -m benchmarks nightly [--quick]``.
+Run with ``python -m benchmarks nightly [--quick]``. Each stage's time and peak go to
+stderr as it ends; ``RECS_BENCH_NIGHTLY_FIT=0`` skips the comparison fit (at 1M users it
+costs as much as ``train``).
 
 A large size's history takes a while to generate and ingest; it can be prepared once and the
 night run on it later (once: the night ingests the landing day):
@@ -89,11 +91,15 @@ def _night(n_users: int, n_items: int, days: int, root: Path,
         started = time.perf_counter()
         result, rss = run_child("benchmarks.bench_nightly", ["stage", name, str(root)])
         stages[name], peaks[name] = time.perf_counter() - started, rss
+        print(f"  ({n_users:,} users) {name}: {stages[name]:.1f} s, peak RSS "
+              f"{rss / 2**30:.2f} GB", file=sys.stderr, flush=True)  # progress on long sizes
         if name == "publish":
             prepared["rows"], prepared["published_users"] = result.get("rows", 0), result.get(
                 "users", 0)
             prepared["list_seconds"] = result.get("seconds", 0.0)
-    fit, fit_rss = run_child("benchmarks.bench_nightly", ["fit", str(root)])
+    fit, fit_rss = ({"seconds": float("nan")}, 0) if os.environ.get(
+        "RECS_BENCH_NIGHTLY_FIT") == "0" else run_child("benchmarks.bench_nightly",
+                                                        ["fit", str(root)])
     return {**prepared, "users": n_users, "items": n_items, "days": days, "stages": stages,
             "peaks": peaks, "total": sum(stages.values()), "peak": max(peaks.values()),
             "fit_s": fit["seconds"], "fit_rss": fit_rss}
@@ -111,8 +117,10 @@ def _print_night(row: dict) -> None:
               f"{row['peaks'][name] / gb:>8.2f} GB", flush=True)
     users_per_s = row["published_users"] / max(row["list_seconds"], 1e-9)
     print(f"  {'whole night':<16} {row['total']:>8.1f}        {row['peak'] / gb:>8.2f} GB"
-          f"  = {row['total'] / row['fit_s']:.1f}x one two-stage fit ({row['fit_s']:.1f} s, "
-          f"{row['fit_rss'] / gb:.2f} GB); publish {users_per_s:,.0f} users/s", flush=True)
+          + (f"  = {row['total'] / row['fit_s']:.1f}x one two-stage fit ({row['fit_s']:.1f} s, "
+             f"{row['fit_rss'] / gb:.2f} GB)" if row["fit_s"] == row["fit_s"] else
+             "  (no comparison fit)")
+          + f"; publish {users_per_s:,.0f} users/s", flush=True)
 
 
 # ---- the child processes ---------------------------------------------------------------
