@@ -38,6 +38,10 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     frame = raw.reset_index(drop=True)
     dropped = [c for c in frame.columns if c not in CONTRACT_INPUT_COLUMNS]
     consent = parse_bool(frame["consent"]) if "consent" in frame else None
+    # a blank consent says nothing (as if the column were absent); any other value that is
+    # neither true nor false is unreadable and its row is quarantined, never stored
+    consent_unreadable = (consent.isna() & _clean_text(frame["consent"]).notna()).to_numpy(
+        bool) if consent is not None else np.zeros(len(frame), bool)
     out = pd.DataFrame(index=frame.index)
     value_unreadable = pd.Series(False, index=frame.index)
     for column in EVENT_COLUMNS:
@@ -56,10 +60,13 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     out["source_row"] = (np.asarray(rows, dtype=np.int64) if rows is not None
                          else np.arange(1, len(frame) + 1, dtype="int64"))
 
-    no_consent = consent.eq(False).to_numpy() if consent is not None else np.zeros(len(out), bool)
+    no_consent = (consent.eq(False).fillna(False).to_numpy(bool) if consent is not None
+                  else np.zeros(len(out), bool))
     keep = ~no_consent
     out, value_unreadable = out[keep], value_unreadable[keep]
     reason = pd.Series("", index=out.index, dtype="string")
+    reason = reason.mask(pd.Series(consent_unreadable[keep], index=out.index),
+                         "consent unreadable (neither true nor false)")
     if check_replacement:
         for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id"):
             bad = out[column].str.contains(REPLACEMENT_CHAR, regex=False).fillna(False)
@@ -92,14 +99,20 @@ def parse_timestamps(values: pd.Series) -> pd.Series:
                                          r"^[-+]?\d+(\.\d*)?$")
     result = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us, UTC]")
     if is_num.any():
-        epoch = numeric[is_num].astype("float64")
-        millis = epoch.abs() > 1e11  # epoch seconds reach 1e11 only in the year 5138
-        seconds = epoch.where(~millis, epoch / 1000.0)
-        result[is_num] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
+        epoch = numeric[is_num].to_numpy(dtype="float64", na_value=np.nan)
+        millis = np.abs(epoch) > 1e11  # epoch seconds reach 1e11 only in the year 5138
+        # to whole microseconds (a millisecond or fractional-second part is kept, finer
+        # parts are rounded away); beyond datetime64's range -> NaT
+        micros = np.round(np.where(millis, epoch * 1e3, epoch * 1e6))
+        ok = np.isfinite(micros) & (np.abs(micros) < 9.2e18)
+        stamps = np.full(len(epoch), np.datetime64("NaT"), "datetime64[us]")
+        stamps[ok] = micros[ok].astype(np.int64).astype("datetime64[us]")
+        result[is_num] = pd.DatetimeIndex(stamps).tz_localize("UTC")
     is_text = ~is_num & values.notna()
     if is_text.any():
-        result[is_text] = pd.to_datetime(values[is_text].astype(str), utc=True,
-                                         format="ISO8601", errors="coerce")
+        parsed = pd.to_datetime(values[is_text].astype(str), utc=True, format="ISO8601",
+                                errors="coerce")
+        result[is_text] = parsed.dt.floor("us").dt.as_unit("us")  # nanoseconds: floored
     return result
 
 

@@ -43,6 +43,24 @@ def test_parse_timestamps_mixed_formats_to_utc():
     assert parsed.iloc[3:].isna().all()
 
 
+@pytest.mark.parametrize(("values", "micros"), [
+    (["1706745600123", "1706745600000"], 123_000),           # epoch ms with a ms part
+    ([1706745600123, 1706745600000], 123_000),               # the same as numbers (JSONL)
+    (["1706745600.123", "1706745600"], 123_000),             # fractional epoch seconds
+    (["2024-02-01T00:00:00.123456789Z", "2024-02-01T00:00:00Z"], 123_456),  # ISO, ns
+])
+def test_parse_timestamps_keeps_sub_second_parts_to_the_microsecond(values, micros):
+    parsed = parse_timestamps(pd.Series(values))
+    assert str(parsed.dtype) == "datetime64[us, UTC]"
+    assert parsed.iloc[1] == pd.Timestamp("2024-02-01T00:00:00Z")
+    assert parsed.iloc[0] - parsed.iloc[1] == pd.Timedelta(microseconds=micros)
+
+
+def test_parse_timestamps_out_of_range_epochs_are_unreadable_not_a_crash():
+    parsed = parse_timestamps(pd.Series(["1e30", "99999999999999999999", "-5e20", "inf"]))
+    assert parsed.isna().all()
+
+
 def test_normalise_drops_pii_and_no_consent_and_rejects_unreadable_rows():
     raw = pd.DataFrame({
         "user_id": ["u1", "u2", "", "u4"], "item_id": ["i1", "i1", "i1", "i1"],
@@ -57,6 +75,24 @@ def test_normalise_drops_pii_and_no_consent_and_rejects_unreadable_rows():
     assert sorted(rejected["reason"]) == ["timestamp unreadable", "user_id missing"]
     assert list(rejected["source_row"]) == [3, 4]
     assert events["event_id"].iloc[0].startswith("h")  # derived when absent
+
+
+@pytest.mark.parametrize("consent", [
+    ["true", "", "false", "maybe"],          # blank and unrecognised among good values
+    [True, None, False, "maybe"],            # JSONL: some records carry no consent
+    ["", "", "", ""],                        # an all-blank column
+])
+def test_blank_consent_keeps_the_row_and_unreadable_consent_quarantines_it(consent):
+    raw = pd.DataFrame({"user_id": ["u1", "u2", "u3", "u4"], "item_id": ["i1"] * 4,
+                        "event_type": ["view"] * 4, "timestamp": ["2024-01-01T00:00:00Z"] * 4,
+                        "consent": consent})
+    events, rejected, no_consent, _ = normalise_events(raw, source="f.csv")
+    if consent[0] == "":
+        assert list(events["user_id"]) == ["u1", "u2", "u3", "u4"] and no_consent == 0
+        return
+    assert list(events["user_id"]) == ["u1", "u2"] and no_consent == 1
+    assert list(rejected["user_id"]) == ["u4"]
+    assert list(rejected["reason"]) == ["consent unreadable (neither true nor false)"]
 
 
 def test_derived_event_ids_are_deterministic_and_distinct():
