@@ -66,7 +66,12 @@ from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
 from pipeline.core.errors import DataError, IngestFailed
 from pipeline.lake.event_ids import EventIdIndex, load_lake_index
 from pipeline.lake.mapping import ColumnMapping
-from pipeline.lake.readers import DEFAULT_CHUNK_ROWS, file_format, list_landing_files
+from pipeline.lake.readers import (
+    DEFAULT_CHUNK_ROWS,
+    check_landing_file,
+    file_format,
+    list_landing_files,
+)
 from pipeline.lake.staging import (
     Committed,
     Policy,
@@ -175,10 +180,12 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
                 _ingest_one(path, lake_dir, known, index, mapping.for_file(path.name), policy,
                             report, validator)
             except DataError as exc:
-                report.files_failed += 1
-                report.failed.append(path.name)
-                logger.error("ingest of %s failed: %s", path.name, exc)
-                errors.append(exc)
+                _file_failed(report, errors, path, exc)
+            except Exception as exc:  # unreadable (permissions, I/O, a reader's error): the
+                # file is named and fails alone, the others are still ingested
+                logger.exception("ingest of %s failed unexpectedly", path.name)
+                _file_failed(report, errors, path, DataError(
+                    f"cannot be read: {type(exc).__name__}: {exc}", file=str(path)))
     report.seconds = round(time.perf_counter() - started, 3)
     logger.info("ingest: %d files (%d skipped, %d deferred, %d failed), %d rows read, %d new, "
                 "%d duplicate, %d late, %d quarantined, %d partitions in %.1fs",
@@ -194,10 +201,19 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
     return report
 
 
+def _file_failed(report: IngestReport, errors: list[DataError], path: Path,
+                 exc: DataError) -> None:
+    report.files_failed += 1
+    report.failed.append(path.name)
+    logger.error("ingest of %s failed: %s", path.name, exc)
+    errors.append(exc)
+
+
 def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex,
                 mapping: dict[str, str], policy: Policy, report: IngestReport,
                 validator: Callable[[], LandingValidator] | None = None) -> None:
     """Stage, check, commit and record one landing file (or skip/defer it)."""
+    check_landing_file(path)
     stat = path.stat()
     if _should_defer(path, stat, policy):
         report.files_deferred += 1

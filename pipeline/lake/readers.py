@@ -23,6 +23,8 @@ import csv
 import gzip
 import io
 import json
+import re
+import stat
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,11 +48,30 @@ REPLACEMENT_CHAR = "\ufffd"
 
 
 def list_landing_files(landing_events_dir: Path) -> list[Path]:
-    """Landing files we know how to read, in a stable order (dotfiles are in-flight writes)."""
+    """Landing entries named like files we read, in a stable order (dotfiles are in-flight
+    writes). Entries that are not regular files (directories, FIFOs, dangling links) are
+    listed too, so that :func:`check_landing_file` reports them instead of skipping them."""
     if not landing_events_dir.exists():
         return []
     return sorted(p for p in landing_events_dir.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and file_format(p) is not None)
+                  if not p.name.startswith(".") and file_format(p) is not None)
+
+
+def check_landing_file(path: Path) -> None:
+    """DataError unless ``path`` is a regular file, or a symbolic link to one inside its own
+    folder (a link elsewhere is never followed: nothing outside the landing folder is read)."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            raise DataError("a dangling symbolic link", file=str(path))
+        if not target.is_relative_to(path.parent.resolve()):
+            raise DataError("a symbolic link to a file outside the landing folder (not "
+                            "followed)", file=str(path))
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "not a regular file")
+        raise DataError(f"{kind}, named like a landing file", file=str(path))
 
 
 def file_format(path: Path) -> str | None:
@@ -135,11 +156,19 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
+#: A CSV header must end within this many bytes.
+HEADER_BYTES = 1 << 20
+
+
 def _csv_chunks(path: Path, sep: str, mapping: Mapping[str, str], chunk_rows: int
                 ) -> Iterator[_RawChunk]:
     with _open_binary(path) as fh:
-        header = fh.readline()
-    text = header.decode("utf-8", errors="replace").rstrip("\r\n")
+        head = fh.read(HEADER_BYTES)
+    # the header ends at the first line break of any style (CR-only files are CSV too)
+    text = re.split(r"\r\n|\r|\n", head.decode("utf-8", errors="replace"), maxsplit=1)[0]
+    if len(text) >= HEADER_BYTES:
+        raise DataError(f"no line break in the first {HEADER_BYTES} bytes: not a CSV header",
+                        file=str(path), row=0)
     if not text.strip():
         raise DataError("no header line", file=str(path), row=0)
     names = next(csv.reader([text], delimiter=sep))

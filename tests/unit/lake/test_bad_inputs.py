@@ -346,3 +346,63 @@ def test_unreadable_column_mapping_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataError, match="column_mapping.json"):
         load_column_mapping(path)
+
+
+# ---- line endings and entries that are not plain files ---------------------------------------
+@pytest.mark.parametrize("newline", ["\r", "\r\n"])
+def test_cr_only_and_crlf_files_are_ingested_like_lf_ones(world, newline):
+    write(world["landing"], "old_mac.csv", newline.join([HEADER, *good_rows(20)]) + newline)
+    report, validation = run_stages(world)
+    assert report.rows_new == 20 and report.files_failed == 0
+    assert sorted(lake_frame(world)["event_id"]) == [f"e{i:03d}" for i in range(20)]
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "dangling link", "link outside"])
+def test_entries_that_are_not_regular_files_fail_alone_and_are_never_read(world, tmp_path,
+                                                                          kind):
+    """Named in the failure, nothing read from them (a link to a file outside the landing
+    folder is not followed, so no line of it can be echoed), and the good file still lands."""
+    secret = tmp_path / "secret.csv"
+    secret.write_text(HEADER + "\nTOPSECRET,u,i,view,2024-03-01T00:00:00Z,1,mobile,s\n")
+    write(world["landing"], "good.csv", csv_text(good_rows(30)))
+    odd = world["landing"] / "odd.csv"
+    if kind == "directory":
+        odd.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(odd)
+    elif kind == "dangling link":
+        odd.symlink_to(tmp_path / "gone.csv")
+    else:
+        odd.symlink_to(secret)
+    reason = {"directory": "a directory", "fifo": "a FIFO", "dangling link": "dangling",
+              "link outside": "outside the landing folder"}[kind]
+    error = expect_failure(world, "odd.csv", reason)
+    assert "TOPSECRET" not in str(error)
+    assert error.report.rows_new == 30 and error.report.failed == ["odd.csv"]
+    assert_published_unchanged(world)
+
+
+def test_a_link_to_a_file_in_the_landing_folder_is_read(world):
+    write(world["landing"], "real.csv", csv_text(good_rows(10)))
+    (world["landing"] / "alias.csv").symlink_to(world["landing"] / "real.csv")
+    report, _ = run_stages(world)
+    assert report.rows_new == 10 and report.files_failed == 0  # the alias: same content
+
+
+def test_a_file_that_cannot_be_read_fails_alone_naming_it(world, monkeypatch):
+    """An error no reader anticipated (permissions, I/O) fails that file only, named, and the
+    files after it are still ingested."""
+    import pipeline.lake.ingest as ingest_module
+
+    real = ingest_module.file_sha256
+
+    def unreadable(path):
+        if path.name == "a_locked.csv":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ingest_module, "file_sha256", unreadable)
+    write(world["landing"], "a_locked.csv", csv_text(good_rows(5, prefix="x")))
+    write(world["landing"], "b_good.csv", csv_text(good_rows(40)))
+    error = expect_failure(world, "a_locked.csv", "cannot be read", "PermissionError")
+    assert error.report.rows_new == 40 and error.report.failed == ["a_locked.csv"]
