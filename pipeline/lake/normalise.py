@@ -24,6 +24,12 @@ from pipeline.core.schema import CONTRACT_INPUT_COLUMNS, EVENT_COLUMNS, EVENT_DT
 from pipeline.lake.readers import REPLACEMENT_CHAR
 
 _MISSING_TEXT = ["", "nan", "NaN", "None", "null", "NULL"]
+#: Id columns checked for what no serving database stores: a NUL or other control character
+#: (PostgreSQL text rejects NUL), or more characters than an index entry holds (a btree
+#: entry is at most ~2.7 kB; ids beyond MAX_ID_CHARS are never real ids).
+ID_COLUMNS = ("event_id", "user_id", "item_id", "session_id")
+MAX_ID_CHARS = 512
+_CONTROL_CHARS = r"[\x00-\x1f\x7f]"
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
@@ -71,6 +77,13 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
         for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id"):
             bad = out[column].str.contains(REPLACEMENT_CHAR, regex=False).fillna(False)
             reason = reason.mask(bad & (reason == ""), f"invalid UTF-8 in {column}")
+    for column in ID_COLUMNS:  # what PostgreSQL (text, btree index) could never store
+        text = out[column]
+        control = text.str.contains(_CONTROL_CHARS, regex=True).fillna(False)
+        reason = reason.mask(control & (reason == ""), f"{column} contains a control character")
+        long = (text.str.len() > MAX_ID_CHARS).fillna(False)
+        reason = reason.mask(long & (reason == ""),
+                             f"{column} longer than {MAX_ID_CHARS} characters")
     reason = reason.mask(out["timestamp"].isna() & (reason == ""), "timestamp unreadable")
     for column in ("user_id", "item_id", "event_type"):
         reason = reason.mask(out[column].isna() & (reason == ""), f"{column} missing")

@@ -166,6 +166,7 @@ def _csv_chunks(path: Path, sep: str, mapping: Mapping[str, str], chunk_rows: in
         head = fh.read(HEADER_BYTES)
     # the header ends at the first line break of any style (CR-only files are CSV too)
     text = re.split(r"\r\n|\r|\n", head.decode("utf-8", errors="replace"), maxsplit=1)[0]
+    text = text.removeprefix("\ufeff")  # a byte-order mark, also before a quoted name
     if len(text) >= HEADER_BYTES:
         raise DataError(f"no line break in the first {HEADER_BYTES} bytes: not a CSV header",
                         file=str(path), row=0)
@@ -244,6 +245,8 @@ def _jsonl_chunks(path: Path, mapping: Mapping[str, str], chunk_rows: int
     with _open_binary(path) as fh:
         for number, raw in enumerate(fh, 1):
             line = raw.decode("utf-8", errors="replace")
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark opens the file
             if not line.strip():
                 continue
             replaced |= REPLACEMENT_CHAR in line

@@ -406,3 +406,16 @@ def test_a_file_that_cannot_be_read_fails_alone_naming_it(world, monkeypatch):
     write(world["landing"], "b_good.csv", csv_text(good_rows(40)))
     error = expect_failure(world, "a_locked.csv", "cannot be read", "PermissionError")
     assert error.report.rows_new == 40 and error.report.failed == ["a_locked.csv"]
+
+
+def test_a_byte_order_mark_before_a_quoted_header_or_a_json_line_is_read_as_one(world):
+    quoted = ",".join(f'"{name}"' for name in HEADER.split(","))
+    write(world["landing"], "bom.csv", "\ufeff" + csv_text(good_rows(5), header=quoted))
+    lines = [json.dumps({"event_id": f"j{i}", "user_id": "u1", "item_id": "i1",
+                         "event_type": "view", "timestamp": "2024-03-01T00:00:00Z"})
+             for i in range(3)]
+    write(world["landing"], "bom.jsonl", "\ufeff" + "\n".join(lines) + "\n")
+    report, _ = run_stages(world)
+    assert report.files_failed == 0 and report.rows_rejected == 0
+    assert sorted(lake_frame(world)["event_id"]) == [*(f"e{i:03d}" for i in range(5)),
+                                                     "j0", "j1", "j2"]  # ids kept, not derived

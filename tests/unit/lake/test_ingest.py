@@ -390,3 +390,15 @@ def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_part
     assert len(calls) == len(lake_part_files(lake)) and len(index) == len(
         _lake_rows(lake))
     assert all(event_ids._hash_cache_path(lake, p).exists() for p in lake_part_files(lake))
+
+
+def test_ids_no_database_could_store_are_quarantined_with_a_reason():
+    raw = pd.DataFrame({
+        "user_id": ["u1", "u\x002", "u3", "u" * 600, "u5"],
+        "item_id": ["i1", "i1", "i\t3", "i1", "i" * 512],
+        "event_type": ["view"] * 5, "timestamp": ["2024-01-01T00:00:00Z"] * 5})
+    events, rejected, _, _ = normalise_events(raw, source="f.csv")
+    assert list(events["user_id"]) == ["u1", "u5"]  # 512 characters is still an id
+    assert list(rejected["reason"]) == ["user_id contains a control character",
+                                        "item_id contains a control character",
+                                        "user_id longer than 512 characters"]
