@@ -44,10 +44,10 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     frame = raw.reset_index(drop=True)
     dropped = [c for c in frame.columns if c not in CONTRACT_INPUT_COLUMNS]
     consent = parse_bool(frame["consent"]) if "consent" in frame else None
-    # a blank consent says nothing (as if the column were absent); any other value that is
-    # neither true nor false is unreadable and its row is quarantined, never stored
-    consent_unreadable = (consent.isna() & _clean_text(frame["consent"]).notna()).to_numpy(
-        bool) if consent is not None else np.zeros(len(frame), bool)
+    # where a file has a consent column, a row whose consent is neither a true nor a false
+    # word (blank included) is quarantined, never stored: consent is not assumed
+    consent_unreadable = (consent.isna().to_numpy(bool) if consent is not None
+                          else np.zeros(len(frame), bool))
     out = pd.DataFrame(index=frame.index)
     value_unreadable = pd.Series(False, index=frame.index)
     for column in EVENT_COLUMNS:
@@ -72,7 +72,7 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     out, value_unreadable = out[keep], value_unreadable[keep]
     reason = pd.Series("", index=out.index, dtype="string")
     reason = reason.mask(pd.Series(consent_unreadable[keep], index=out.index),
-                         "consent unreadable (neither true nor false)")
+                         "consent blank or unreadable (neither true nor false)")
     if check_replacement:
         for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id"):
             bad = out[column].str.contains(REPLACEMENT_CHAR, regex=False).fillna(False)

@@ -80,19 +80,26 @@ def test_normalise_drops_pii_and_no_consent_and_rejects_unreadable_rows():
 @pytest.mark.parametrize("consent", [
     ["true", "", "false", "maybe"],          # blank and unrecognised among good values
     [True, None, False, "maybe"],            # JSONL: some records carry no consent
-    ["", "", "", ""],                        # an all-blank column
+    [" YES ", "  ", "0", "maybe"],           # the documented words, any case and spacing
 ])
-def test_blank_consent_keeps_the_row_and_unreadable_consent_quarantines_it(consent):
+def test_consent_that_is_neither_true_nor_false_quarantines_the_row(consent):
+    """One rule, chosen for privacy: consent is never assumed. Blank and unrecognised values
+    are quarantined (kept out of the lake with a reason); false drops the event."""
     raw = pd.DataFrame({"user_id": ["u1", "u2", "u3", "u4"], "item_id": ["i1"] * 4,
                         "event_type": ["view"] * 4, "timestamp": ["2024-01-01T00:00:00Z"] * 4,
                         "consent": consent})
     events, rejected, no_consent, _ = normalise_events(raw, source="f.csv")
-    if consent[0] == "":
-        assert list(events["user_id"]) == ["u1", "u2", "u3", "u4"] and no_consent == 0
-        return
-    assert list(events["user_id"]) == ["u1", "u2"] and no_consent == 1
-    assert list(rejected["user_id"]) == ["u4"]
-    assert list(rejected["reason"]) == ["consent unreadable (neither true nor false)"]
+    assert list(events["user_id"]) == ["u1"] and no_consent == 1
+    assert list(rejected["user_id"]) == ["u2", "u4"]
+    assert set(rejected["reason"]) == {"consent blank or unreadable (neither true nor false)"}
+
+
+def test_an_all_blank_consent_column_quarantines_every_row():
+    raw = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1"] * 2,
+                        "event_type": ["view"] * 2, "timestamp": ["2024-01-01T00:00:00Z"] * 2,
+                        "consent": ["", None]})
+    events, rejected, no_consent, _ = normalise_events(raw, source="f.csv")
+    assert events.empty and len(rejected) == 2 and no_consent == 0
 
 
 def test_derived_event_ids_are_deterministic_and_distinct():
