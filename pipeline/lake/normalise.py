@@ -13,6 +13,7 @@ column (a U+FFFD from a replaced byte), unreadable timestamp, missing ``user_id`
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import numpy as np
@@ -50,6 +51,7 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
                           else np.zeros(len(frame), bool))
     out = pd.DataFrame(index=frame.index)
     value_unreadable = pd.Series(False, index=frame.index)
+    not_scalar: dict[str, np.ndarray] = {}  # id cells holding a JSON object or array
     for column in EVENT_COLUMNS:
         if column == "timestamp":
             out[column] = parse_timestamps(frame[column])
@@ -60,8 +62,12 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
                 out[column] = np.nan
         else:
             values = frame[column] if column in frame else pd.Series(pd.NA, index=frame.index)
+            if column in ID_COLUMNS:
+                values, structured = _canonical_ids(values)
+                not_scalar[column] = structured
             out[column] = _clean_text(values)
     out["event_type"] = out["event_type"].str.lower()
+    out["device"] = out["device"].str.lower()
     out["source_file"] = pd.Series(source, index=frame.index, dtype="string")
     out["source_row"] = (np.asarray(rows, dtype=np.int64) if rows is not None
                          else np.arange(1, len(frame) + 1, dtype="int64"))
@@ -78,6 +84,10 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
             bad = out[column].str.contains(REPLACEMENT_CHAR, regex=False).fillna(False)
             reason = reason.mask(bad & (reason == ""), f"invalid UTF-8 in {column}")
     for column in ID_COLUMNS:  # what PostgreSQL (text, btree index) could never store
+        if column in not_scalar:
+            structured = pd.Series(not_scalar[column][keep], index=out.index)
+            reason = reason.mask(structured & (reason == ""),
+                                 f"{column} is a JSON object or array, not an id")
         text = out[column]
         control = text.str.contains(_CONTROL_CHARS, regex=True).fillna(False)
         reason = reason.mask(control & (reason == ""), f"{column} contains a control character")
@@ -154,6 +164,38 @@ def derive_event_ids(events: pd.DataFrame) -> pd.Series:
     parts.insert(3, events["timestamp"].astype("int64").astype("string"))
     key = parts[0].str.cat(parts[1:], sep="\x1f")
     return key.map(lambda k: "h" + hashlib.sha1(k.encode()).hexdigest()[:20]).astype("string")
+
+
+def _canonical_ids(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Ids in one text form whatever their type in the file: integers, and floats with no
+    fractional part, print as integers (JSON 196 and 196.0, a Parquet float 0.0 -> "196",
+    "196", "0"); text stays as written. Also which cells hold a JSON object or array."""
+    structured = np.zeros(len(values), bool)
+    if pd.api.types.is_bool_dtype(values) or not (
+            pd.api.types.is_numeric_dtype(values) or values.dtype == object):
+        text = values.astype("string")  # JSON-lines objects arrive as their JSON text
+        maybe = text.str.match(r"\s*[\[{]").fillna(False).to_numpy(bool)
+        for position in np.flatnonzero(maybe):
+            try:
+                structured[position] = isinstance(json.loads(text.iloc[position]), dict | list)
+            except ValueError:
+                pass
+        return values, structured
+    if pd.api.types.is_numeric_dtype(values):
+        cells = values.astype(object).where(values.notna(), None)
+    else:
+        cells = values
+    out = np.empty(len(values), dtype=object)
+    for position, cell in enumerate(cells.to_numpy(dtype=object)):
+        if isinstance(cell, dict | list | tuple):
+            structured[position], out[position] = True, None
+        elif cell is None or (pd.api.types.is_scalar(cell) and pd.isna(cell)):
+            out[position] = None
+        elif isinstance(cell, float) and np.isfinite(cell) and cell == int(cell):
+            out[position] = str(int(cell))
+        else:
+            out[position] = str(cell)
+    return pd.Series(out, index=values.index, dtype="string"), structured
 
 
 def _clean_text(values: pd.Series) -> pd.Series:

@@ -288,6 +288,8 @@ def _json_text(value: Any) -> str | None:
         return "true" if value else "false"
     if isinstance(value, (dict, list)):
         return json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # 196.0 is the number 196: one text form (ids, epochs)
     return str(value)
 
 

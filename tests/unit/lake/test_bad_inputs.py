@@ -419,3 +419,30 @@ def test_a_byte_order_mark_before_a_quoted_header_or_a_json_line_is_read_as_one(
     assert report.files_failed == 0 and report.rows_rejected == 0
     assert sorted(lake_frame(world)["event_id"]) == [*(f"e{i:03d}" for i in range(5)),
                                                      "j0", "j1", "j2"]  # ids kept, not derived
+
+
+def test_ids_have_one_text_form_whatever_their_type_in_the_file(world):
+    """JSON 196 and 196.0 are one user, a Parquet float id 7.0 is "7", an object or array
+    where an id belongs is quarantined; device and event type ignore case and spaces."""
+    records = [{"event_id": "a1", "user_id": 196, "item_id": "i1", "event_type": "view",
+                "timestamp": "2024-03-01T00:00:00Z", "device": " Mobile"},
+               {"event_id": "a2", "user_id": 196.0, "item_id": "i2", "event_type": " VIEW ",
+                "timestamp": "2024-03-01T00:00:00Z"},
+               {"event_id": "a3", "user_id": {"id": 9, "email": "x@example.com"},
+                "item_id": "i1", "event_type": "view", "timestamp": "2024-03-01T00:00:00Z"}]
+    records += [{"event_id": f"b{i}", "user_id": f"u{i}", "item_id": "i1",
+                 "event_type": "view", "timestamp": "2024-03-01T00:00:00Z"} for i in range(40)]
+    write(world["landing"], "mixed.jsonl", "\n".join(json.dumps(r) for r in records) + "\n")
+    floats = pd.DataFrame({"event_id": ["p1", "p2"], "user_id": [7.0, 0.0],
+                           "item_id": [3.0, 2.5], "event_type": ["click", "click"],
+                           "timestamp": ["2024-03-01T00:00:00Z"] * 2})
+    floats.to_parquet(world["landing"] / "floats.parquet")
+    os.utime(world["landing"] / "floats.parquet", (OLD, OLD))
+    report, _ = run_stages(world)
+    lake = lake_frame(world).set_index("event_id")
+    assert lake.loc["a1", "user_id"] == lake.loc["a2", "user_id"] == "196"
+    assert lake.loc["a1", "device"] == "mobile" and lake.loc["a2", "event_type"] == "view"
+    assert list(lake.loc[["p1", "p2"], "user_id"]) == ["7", "0"]
+    assert list(lake.loc[["p1", "p2"], "item_id"]) == ["3", "2.5"]
+    assert "a3" not in lake.index
+    assert list(quarantined(report)["reason"]) == ["user_id is a JSON object or array, not an id"]
