@@ -1,8 +1,9 @@
 """Normalising: raw landing columns -> contract-typed event rows, and the rows rejected.
 
-Timestamps in epoch seconds, epoch milliseconds or ISO-8601 with any offset become UTC;
-``event_type`` is lower-cased; a missing ``event_id`` is derived deterministically from the
-other fields. ``consent=false`` events are dropped before anything is stored. Every column
+Timestamps in epoch seconds, milliseconds or microseconds or ISO-8601 with any offset become
+UTC; ``event_type`` and ``device`` are lower-cased; a missing ``event_id`` is derived
+deterministically from the other fields. ``consent=false`` events are dropped before anything
+is stored (a blank or unreadable consent quarantines the row). Every column
 outside the contract is dropped (its name is reported).
 
 Rows that cannot be stored are rejected with a ``reason`` each: invalid UTF-8 in a contract
@@ -111,7 +112,8 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
 
 
 def parse_timestamps(values: pd.Series) -> pd.Series:
-    """ISO-8601 (any offset) or epoch seconds/milliseconds -> UTC; unreadable -> NaT."""
+    """ISO-8601 (any offset) or epoch seconds/milliseconds/microseconds -> UTC, to the
+    microsecond; unreadable -> NaT."""
     if pd.api.types.is_datetime64_any_dtype(values):
         parsed = values if values.dt.tz is not None else values.dt.tz_localize("UTC")
         return parsed.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
@@ -123,10 +125,12 @@ def parse_timestamps(values: pd.Series) -> pd.Series:
     result = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us, UTC]")
     if is_num.any():
         epoch = numeric[is_num].to_numpy(dtype="float64", na_value=np.nan)
-        millis = np.abs(epoch) > 1e11  # epoch seconds reach 1e11 only in the year 5138
+        # seconds reach 1e11, and milliseconds 1e14, only in the year 5138: beyond are ms, us
+        magnitude = np.abs(epoch)
+        scale = np.where(magnitude >= 1e14, 1.0, np.where(magnitude > 1e11, 1e3, 1e6))
         # to whole microseconds (a millisecond or fractional-second part is kept, finer
         # parts are rounded away); beyond datetime64's range -> NaT
-        micros = np.round(np.where(millis, epoch * 1e3, epoch * 1e6))
+        micros = np.round(epoch * scale)
         ok = np.isfinite(micros) & (np.abs(micros) < 9.2e18)
         stamps = np.full(len(epoch), np.datetime64("NaT"), "datetime64[us]")
         stamps[ok] = micros[ok].astype(np.int64).astype("datetime64[us]")

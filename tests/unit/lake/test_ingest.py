@@ -47,6 +47,8 @@ def test_parse_timestamps_mixed_formats_to_utc():
     (["1706745600123", "1706745600000"], 123_000),           # epoch ms with a ms part
     ([1706745600123, 1706745600000], 123_000),               # the same as numbers (JSONL)
     (["1706745600.123", "1706745600"], 123_000),             # fractional epoch seconds
+    (["1706745600123456", "1706745600000000"], 123_456),     # epoch microseconds
+    (["1706745600123.5", "1706745600000"], 123_500),         # fractional milliseconds
     (["2024-02-01T00:00:00.123456789Z", "2024-02-01T00:00:00Z"], 123_456),  # ISO, ns
 ])
 def test_parse_timestamps_keeps_sub_second_parts_to_the_microsecond(values, micros):
