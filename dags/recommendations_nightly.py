@@ -121,17 +121,17 @@ def _run_args() -> tuple:
 
 def _run_stage(name: str, **kwargs) -> dict:
     """Call ``pipeline.nightly.<name>`` for this run. Bad input (a file that cannot be read,
-    validation beyond the quarantine threshold, an empty or stale window) fails the task at
-    once: no retry can fix it, while other errors (a database briefly down) keep the task's
-    retries."""
+    validation beyond the quarantine threshold, an empty or stale window) or configuration
+    (the serving schema or connection) fails the task at once: no retry can fix it, while
+    other errors (a database briefly down) keep the task's retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from pipeline import nightly
-    from pipeline.core.errors import DataError, ValidationFailed, WindowError
+    from pipeline.core.errors import ConfigError, DataError, ValidationFailed, WindowError
 
     try:
         return getattr(nightly, name)(*_run_args(), **kwargs)
-    except (DataError, ValidationFailed, WindowError) as exc:
+    except (ConfigError, DataError, ValidationFailed, WindowError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -153,7 +153,7 @@ def _run_stage(name: str, **kwargs) -> dict:
 def recommendations_nightly():
     @task(execution_timeout=TIMEOUTS["ingest"])
     def ingest() -> dict:
-        return _run_stage("ingest")
+        return _run_stage("ingest", dsn=serving_dsn())
 
     @task(execution_timeout=TIMEOUTS["validate"])
     def validate(_: dict) -> dict:

@@ -101,12 +101,12 @@ def default_date(settings: Settings) -> int:
     """Print the day after the newest event in the landing files."""
     from pipeline.lake.mapping import load_column_mapping
     from pipeline.lake.normalise import parse_timestamps
-    from pipeline.lake.readers import list_landing_files, read_event_file
+    from pipeline.lake.readers import landing_files, read_event_file
 
     mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
                                   settings.column_mapping)
     newest = max((parse_timestamps(read_event_file(p, mapping.for_file(p.name))["timestamp"])
-                  .max() for p in list_landing_files(settings.landing_events_dir)),
+                  .max() for p in landing_files(settings.landing_events_dir)),
                  default=None)
     if newest is None or newest != newest:
         print(dt.date.today().isoformat())

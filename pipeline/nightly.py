@@ -44,15 +44,20 @@ def _stage(settings: Settings, cutoff: dt.datetime, name: str) -> Iterator[dict]
     logger.info("stage %s: done in %.2fs", name, result["seconds"])
 
 
-def ingest(settings: Settings, cutoff: dt.datetime) -> dict:
-    """Landing files -> lake; then the run's point-in-time snapshot -> ``events_raw.parquet``."""
+def ingest(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> dict:
+    """Landing files -> lake; then the run's point-in-time snapshot -> ``events_raw.parquet``.
+
+    The run's first stage checks its configuration first (the serving ``dsn`` and schema,
+    the column mapping): a ConfigError here, not at ``register`` after hours of training."""
     from pipeline.lake.freshness import WindowCheck, check_window
     from pipeline.lake.ingest import ingest_landing
     from pipeline.lake.mapping import load_column_mapping
     from pipeline.lake.snapshot import write_snapshot
     from pipeline.lake.storage import lake_watermark
+    from pipeline.serving.store import check_config
 
     with _stage(settings, cutoff, "ingest") as result:
+        result["serving"] = check_config(dsn)
         mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
                                       settings.column_mapping)
         # Wall-clock on purpose: it bounds "future" events and is recorded per row and per file

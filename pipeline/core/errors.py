@@ -41,3 +41,8 @@ class WindowError(PipelineError):
 
     The message names the cutoff, the lake's newest event and a logical date that would work.
     """
+
+
+class ConfigError(PipelineError):
+    """The run's configuration (serving schema, connection, column mapping) is unusable:
+    found when a run starts, before anything is ingested or trained; no retry can fix it."""

@@ -57,6 +57,19 @@ def list_landing_files(landing_events_dir: Path) -> list[Path]:
                   if not p.name.startswith(".") and file_format(p) is not None)
 
 
+def landing_files(landing_events_dir: Path) -> list[Path]:
+    """The landing files that :func:`check_landing_file` accepts (the others are skipped
+    here; ``ingest`` reports them)."""
+    usable = []
+    for path in list_landing_files(landing_events_dir):
+        try:
+            check_landing_file(path)
+        except DataError:
+            continue
+        usable.append(path)
+    return usable
+
+
 def check_landing_file(path: Path) -> None:
     """DataError unless ``path`` is a regular file, or a symbolic link to one inside its own
     folder (a link elsewhere is never followed: nothing outside the landing folder is read)."""

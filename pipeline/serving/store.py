@@ -51,9 +51,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psycopg2
+from psycopg2.extensions import parse_dsn
 
 from pipeline.core.config import DEFAULT_USER, as_utc
-from pipeline.core.errors import ServingError
+from pipeline.core.errors import ConfigError, ServingError
 from pipeline.serving.contract import (
     DEFAULT_SCHEMA,
     LIST_COLUMNS,
@@ -79,7 +81,7 @@ from pipeline.serving.contract import (
     resolve_schema,
     versions_to_drop,
 )
-from pipeline.serving.postgres import PostgresBackend
+from pipeline.serving.postgres import PostgresBackend, describe_dsn, normalize_dsn, scrub
 from pipeline.serving.sqlite import SqliteBackend
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,24 @@ def backend_for(dsn: str | None, sqlite_path: Path, schema: str | None = None) -
     if dsn is None:
         return SqliteBackend(Path(sqlite_path))
     return PostgresBackend(dsn, resolve_schema(schema))
+
+
+def check_config(dsn: str | None, schema: str | None = None) -> str:
+    """ConfigError unless ``dsn`` (None: the SQLite file) and the serving schema are usable:
+    the DSN parses and names PostgreSQL, the schema name is a plain identifier. Nothing is
+    connected to. Returns a description of the target (never the password)."""
+    if dsn is None:
+        return "the embedded SQLite file"
+    try:
+        name = resolve_schema(schema)
+        fields = parse_dsn(normalize_dsn(dsn))
+    except (ServingError, psycopg2.Error) as exc:
+        raise ConfigError(f"serving configuration: {scrub(str(exc), dsn)}") from exc
+    ports = [p for p in str(fields.get("port") or "").split(",") if p]  # libpq: a list
+    if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+        raise ConfigError(f"serving configuration: invalid port {fields['port']!r} in "
+                          f"{describe_dsn(dsn)}")
+    return f"{describe_dsn(dsn)} schema {name}"
 
 
 # =================================================================================================

@@ -52,3 +52,28 @@ def test_train_and_evaluate_use_the_params_tune_chose(tmp_path, monkeypatch):
     # Without tune, the settings' own params.
     untuned = nightly.tune(dataclasses.replace(settings, tune=False), CUTOFF)
     assert untuned["tuned"] is False and untuned["params"]["factors"] == 8
+
+
+def test_a_bad_serving_configuration_stops_the_run_at_its_first_stage(tmp_path, monkeypatch):
+    """A hostile schema name or an unparseable DSN fails ``ingest`` before anything is read
+    (no retries: ConfigError), rather than ``register`` after the night's training."""
+    import pytest
+
+    from pipeline.core.errors import ConfigError
+    from pipeline.serving.store import check_config
+
+    data = generate_clickstream(n_users=30, n_items=20, n_days=10, start="2024-02-01", seed=2)
+    write_landing(data, tmp_path / "landing", name="clicks", fmt="csv")
+    settings = Settings(data_dir=tmp_path, landing_settle_seconds=0.0)
+    monkeypatch.setenv("RECS_SERVING_SCHEMA", 'recs"; drop table x; --')
+    with pytest.raises(ConfigError, match="invalid serving schema name"):
+        nightly.ingest(settings, CUTOFF, dsn="postgresql://u:secret@127.0.0.1/test")
+    assert not (tmp_path / "lake").exists()  # nothing ingested
+    monkeypatch.delenv("RECS_SERVING_SCHEMA")
+    with pytest.raises(ConfigError) as caught:
+        check_config("postgresql://u:secret@127.0.0.1:notaport/test")
+    assert "secret" not in str(caught.value)
+    with pytest.raises(ConfigError, match="unsupported serving DSN scheme"):
+        check_config("mysql://u:secret@127.0.0.1/test")
+    assert check_config(None) == "the embedded SQLite file"
+    assert check_config("postgresql://u:secret@127.0.0.1/test").endswith("schema recs")
