@@ -455,6 +455,7 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
             artifacts={"report": report}, recommender=bundle,
             alias=CHALLENGER if decides else None)
         if champion == registration.version:  # a re-run of the model that already serves
+            _heal_promotion_record(settings, dsn, champion, details, cutoff, triggered_by)
             result.update(registration.to_dict(), promoted=False, decision="unchanged",
                           reason=f"v{champion} is already champion", champion_version=champion,
                           serve_version=champion)
@@ -476,16 +477,18 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                 min_relative_gain=settings.gate_min_relative_gain,
                 tolerance=settings.gate_tolerance,
                 require_significance=settings.gate_require_significance)
-        if gate.promote:
-            set_champion(registration.version, decision=gate.decision, reason=gate.reason)
-        else:
-            tag_decision(registration.version, decision=gate.decision, reason=gate.reason)
+        # recorded before it takes effect: if the alias cannot move, the retry decides again;
+        # if it moved and the run died, the audit already holds the decision
         record_promotion(dsn=dsn, sqlite_path=settings.serving_sqlite_path,
                          model_name="recommender", model_version=registration.version,
                          decision=gate.decision, reason=gate.reason,
                          metrics={**gate.to_dict(), "champion_version": champion,
                                   "logical_date": cutoff.isoformat()},
                          triggered_by=triggered_by)
+        if gate.promote:
+            set_champion(registration.version, decision=gate.decision, reason=gate.reason)
+        else:
+            tag_decision(registration.version, decision=gate.decision, reason=gate.reason)
         logger.info("register: v%s %s: %s", registration.version, gate.decision, gate.reason)
         serve = registration.version if gate.promote else champion
         result.update(registration.to_dict(), promoted=gate.promote, decision=gate.decision,
@@ -493,6 +496,29 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                       champion_version=registration.version if gate.promote else champion,
                       serve_version=serve if decides else None)
     return result
+
+
+def _heal_promotion_record(settings: Settings, dsn: str | None, champion: str,
+                           details: dict | None, cutoff: dt.datetime,
+                           triggered_by: str) -> None:
+    """The champion has no row in ``model_promotions`` (its alias moved, then the run failed
+    before the decision was recorded: code before decisions were recorded first): record it
+    now from the version's own decision tags, marked as recorded late."""
+    from pipeline.serving.store import record_promotion, recorded_decision
+
+    if recorded_decision(dsn=dsn, sqlite_path=settings.serving_sqlite_path,
+                         model_name="recommender", model_version=champion) is not None:
+        return
+    tags = (details or {}).get("tags", {})
+    decision = tags.get("promotion_decision") or "promote"
+    reason = (f"recorded late, by the run for {cutoff:%Y-%m-%d}: v{champion} is champion but "
+              f"its decision was never recorded; tagged: {tags.get('promotion_reason', '')}")
+    record_promotion(dsn=dsn, sqlite_path=settings.serving_sqlite_path,
+                     model_name="recommender", model_version=champion, decision=decision,
+                     reason=reason, metrics={"logical_date": cutoff.isoformat(),
+                                             "recorded_late": True},
+                     triggered_by=triggered_by)
+    logger.warning("register: %s", reason)
 
 
 def _production_cutoff(settings: Settings, dsn: str | None, champion: dict | None

@@ -62,14 +62,16 @@ class CandidateGenerator:
         shape); ``popular_cols`` are item columns, most recently popular first.
 
         ``warm_from``: a generator fitted on the same id space at an earlier cutoff. With
-        ``warm_iterations`` > 0, ALS starts from its factors and runs that many sweeps
-        instead of ``iterations`` from a random start (a week more data moves the factors
-        little, so a few sweeps from the last fit replace a full fit)."""
+        ``warm_iterations`` > 0, ALS starts from its factors and runs that many sweeps (never
+        more than ``iterations``) instead of ``iterations`` from a random start (a week more
+        data moves the factors little, so a few sweeps from the last fit replace a full
+        fit)."""
         warm = (warm_from is not None and self.warm_iterations > 0
                 and warm_from.matrix_.shape == matrix.shape)
         self.als_ = fit_als(matrix.confidence, factors=self.factors,
                             regularization=self.regularization, alpha=self.alpha,
-                            iterations=self.warm_iterations if warm else self.iterations,
+                            iterations=min(self.warm_iterations, self.iterations) if warm
+                            else self.iterations,
                             random_state=self.random_state, num_threads=self.num_threads,
                             warm_start=(warm_from.als_.user_factors,
                                         warm_from.als_.item_factors) if warm else None)

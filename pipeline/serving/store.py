@@ -246,6 +246,18 @@ def live_version(
     return record
 
 
+def recorded_decision(*, dsn: str | None, sqlite_path: Path, model_name: str,
+                      model_version: str, schema: str | None = None) -> str | None:
+    """The newest decision ``model_promotions`` holds on ``model_version``, or None."""
+    try:
+        rows = backend_for(dsn, sqlite_path, schema).read_rows(
+            "promotion_recorded.sql", {"model_name": model_name,
+                                       "model_version": str(model_version)})
+    except NothingPublishedError:
+        return None
+    return str(rows[0][1]) if rows else None
+
+
 def record_promotion(
     *,
     dsn: str | None,
