@@ -69,7 +69,8 @@ def split_holdout(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime, hol
     truth = _sample_rows(truth, max_users, seed)
     if encoded is not None:
         train = train.relabel(encoded.users.ids, encoded.items.ids)
-        encoded = encoded.where(train_mask)
+        # the same rows as train_events, not a second copy of them (GBs at a million users)
+        encoded = EncodedEvents(train_events, encoded.users, encoded.items)
     return HoldoutSplit(train, truth, train_events, start, encoded)
 
 
