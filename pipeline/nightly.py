@@ -355,6 +355,7 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
     old = coded["user_id"].isin(seen_before).to_numpy()
     cold_codes = coded.loc[~old, "user_id"].unique()
     warm_codes = coded.loc[old, "user_id"].unique()
+    warm_codes = warm_codes[np.isin(warm_codes, split.eval_rows)]  # the sample, when sampled
     baseline = popularity_lists(split.train_events, start,
                                 np.concatenate([warm_codes, cold_codes]), k, 30)
     truth_ids, baseline = (frame.assign(user_id=events.users.decode(frame["user_id"]),

@@ -186,9 +186,15 @@ def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.nda
     counts = window.groupby("item_id", observed=True)["user_id"].nunique()
     ranked = counts.rename("n").reset_index().sort_values(["n", "item_id"],
                                                           ascending=[False, True])
-    user_ids = np.asarray(user_ids, dtype=object)
+    user_ids = pd.unique(np.asarray(user_ids, dtype=object))
     ranking = ranked["item_id"].astype(object).to_numpy()
-    parts = [_unseen_top(events, user_ids[s:s + chunk_users], ranking, k)
+    # every asked user's distinct items, found in one pass over the events (not one per chunk)
+    seen = events[events["user_id"].isin(user_ids)][["user_id", "item_id"]].drop_duplicates()
+    chunk_of = pd.Series(np.arange(len(user_ids)) // chunk_users, index=user_ids)
+    by_chunk = dict(tuple(seen.groupby(seen["user_id"].map(chunk_of).to_numpy())))
+    empty = seen.head(0)
+    parts = [_unseen_top(by_chunk.get(s // chunk_users, empty), user_ids[s:s + chunk_users],
+                         ranking, k)
              for s in range(0, len(user_ids), chunk_users)]  # users x depth rows per chunk
     if not parts:
         return pd.DataFrame(columns=["user_id", "rank", "item_id"])
@@ -196,10 +202,10 @@ def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.nda
             .sort_values(["user_id", "rank"], kind="stable").reset_index(drop=True))
 
 
-def _unseen_top(events: pd.DataFrame, user_ids: np.ndarray, ranking: np.ndarray, k: int
+def _unseen_top(seen: pd.DataFrame, user_ids: np.ndarray, ranking: np.ndarray, k: int
                 ) -> pd.DataFrame:
-    """The first ``k`` items of ``ranking`` each user has no event with."""
-    seen = events[events["user_id"].isin(user_ids)][["user_id", "item_id"]].drop_duplicates()
+    """The first ``k`` items of ``ranking`` each user has no event with (``seen``: the
+    users' distinct (user_id, item_id) pairs)."""
     depth = k + int(seen.groupby("user_id", observed=True).size().max()) if len(seen) else k
     top = ranking[:depth]
     cand = pd.DataFrame({"user_id": np.repeat(user_ids, len(top)),
