@@ -13,6 +13,7 @@ column (a U+FFFD from a replaced byte), unreadable timestamp, missing ``user_id`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -180,10 +181,8 @@ def _canonical_ids(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
         text = values.astype("string")  # JSON-lines objects arrive as their JSON text
         maybe = text.str.match(r"\s*[\[{]").fillna(False).to_numpy(bool)
         for position in np.flatnonzero(maybe):
-            try:
+            with contextlib.suppress(ValueError):  # "[abc]", not JSON: an ordinary id
                 structured[position] = isinstance(json.loads(text.iloc[position]), dict | list)
-            except ValueError:
-                pass
         return values, structured
     if pd.api.types.is_numeric_dtype(values):
         cells = values.astype(object).where(values.notna(), None)
