@@ -184,12 +184,16 @@ def _canonical_ids(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
             with contextlib.suppress(ValueError):  # "[abc]", not JSON: an ordinary id
                 structured[position] = isinstance(json.loads(text.iloc[position]), dict | list)
         return values, structured
-    if pd.api.types.is_numeric_dtype(values):
-        cells = values.astype(object).where(values.notna(), None)
-    else:
-        cells = values
-    out = np.empty(len(values), dtype=object)
-    for position, cell in enumerate(cells.to_numpy(dtype=object)):
+    if pd.api.types.is_integer_dtype(values):  # Parquet integer ids: exact, vectorised
+        return values.astype("string"), structured
+    if pd.api.types.is_float_dtype(values):  # Parquet float ids: vectorised
+        number = values.to_numpy(dtype="float64", na_value=np.nan)
+        whole = np.isfinite(number) & (number == np.trunc(number)) & (np.abs(number) < 2**63)
+        text = values.astype("string")
+        text[whole] = number[whole].astype(np.int64).astype(str)
+        return text, structured
+    out = np.empty(len(values), dtype=object)  # mixed Python objects (JSON-like): per cell
+    for position, cell in enumerate(values.to_numpy(dtype=object)):
         if isinstance(cell, dict | list | tuple):
             structured[position], out[position] = True, None
         elif cell is None or (pd.api.types.is_scalar(cell) and pd.isna(cell)):

@@ -411,3 +411,15 @@ def test_ids_no_database_could_store_are_quarantined_with_a_reason():
     assert list(rejected["reason"]) == ["user_id contains a control character",
                                         "item_id contains a control character",
                                         "user_id longer than 512 characters"]
+
+
+def test_numeric_id_columns_print_whole_numbers_as_integers():
+    from pipeline.lake.normalise import _canonical_ids
+
+    floats, _ = _canonical_ids(pd.Series([7.0, 0.0, 2.5, float("nan"), -3.0]))
+    assert floats.tolist()[:3] == ["7", "0", "2.5"] and pd.isna(floats[3])
+    assert floats[4] == "-3"
+    ints, _ = _canonical_ids(pd.Series([196, 2**62], dtype="int64"))
+    assert ints.tolist() == ["196", str(2**62)]  # exact, no float round trip
+    mixed, structured = _canonical_ids(pd.Series([196, 196.0, {"id": 9}, None], dtype=object))
+    assert mixed.tolist()[:2] == ["196", "196"] and structured.tolist() == [0, 0, 1, 0]
