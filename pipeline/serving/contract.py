@@ -197,6 +197,10 @@ class ServingBackend(Protocol):
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
         """Append one promotion decision (creating the schema if needed); its id."""
 
+    def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+        """In one transaction, delete the monitoring rows of ``key`` (run_date, source) and
+        insert ``rows`` (creating the schema if needed)."""
+
     def publishing(self, *, lock_timeout_ms: int) -> contextlib.AbstractContextManager[Any]:
         """A connection holding the publish lock (one publisher at a time), closed on exit."""
 

@@ -207,6 +207,25 @@ class PostgresBackend:
             except psycopg2.Error as exc:
                 raise self._failure(f"reading {self.view_label}", exc) from None
 
+    def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+        delete = _query("delete_monitoring.sql", self.schema)
+        insert = _query("insert_monitoring.sql", self.schema)
+        with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
+            try:
+                for attempt in range(2):
+                    try:
+                        with _transaction(conn) as cur:
+                            cur.execute(delete, dict(key))
+                            cur.executemany(insert, rows)
+                        return
+                    except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
+                        if attempt:
+                            raise
+                        self._acquire_publish_lock(conn)
+                        self.migrate(conn)
+            except psycopg2.Error as exc:
+                raise self._failure("writing the monitoring table", exc) from None
+
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
         query = _query("insert_promotion.sql", self.schema)
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:

@@ -150,6 +150,17 @@ class SqliteBackend:
                     raise NothingPublishedError(f"nothing published yet in {self.path}") from None
                 raise ServingError(f"reading {VIEW_NAME} in {self.path} failed: {exc}") from None
 
+    def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+        def iso(value: Any) -> Any:
+            return value.strftime(ISO_UTC) if isinstance(value, datetime) else value
+
+        self.ensure_schema()
+        with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
+            with _transaction(conn) as cur:
+                cur.execute(_query("delete_monitoring.sql"), {k: iso(v) for k, v in key.items()})
+                cur.executemany(_query("insert_monitoring.sql"),
+                                [{k: iso(v) for k, v in row.items()} for row in rows])
+
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
         params = dict(params)
         if params["decided_at"] is not None:

@@ -58,6 +58,7 @@ from pipeline.core.config import DEFAULT_USER, as_utc
 from pipeline.core.errors import ConfigError, ServingError
 from pipeline.serving.contract import (
     DEFAULT_SCHEMA,
+    ISO_UTC,
     LIST_COLUMNS,
     PROMOTION_LOCK_WAIT_S,
     READER_ROLE,
@@ -106,6 +107,8 @@ __all__ = [
     "publish_lists",
     "read_all",
     "read_user_list",
+    "read_monitoring",
+    "record_monitoring",
     "record_promotion",
 ]
 
@@ -291,6 +294,61 @@ def record_promotion(
     logger.info("recorded promotion decision %s for %s %s (id %s)", decision, model_name,
                 model_version, promotion_id)
     return promotion_id
+
+
+MONITORING_COLUMNS = ("run_date", "source", "metric", "subject", "value", "status",
+                      "window_start", "window_end", "reference", "model_version")
+
+
+def record_monitoring(rows: pd.DataFrame, *, run_date: datetime, source: str,
+                      dsn: str | None, sqlite_path: Path, schema: str | None = None) -> int:
+    """Replace the ``monitoring`` rows of one run (``run_date``, ``source``) with ``rows``
+    (columns: metric, subject, value, status, and optionally window_start, window_end,
+    reference, model_version) in one transaction: a re-run of a date leaves one set of rows.
+    Non-finite values are stored as NULL. Returns the number of rows written."""
+    run_date = as_utc(run_date)
+    records = []
+    for row in rows.to_dict("records"):
+        value = row.get("value")
+        value = None if value is None or pd.isna(value) else float(value)
+        records.append({
+            "run_date": run_date, "source": source, "metric": str(row["metric"]),
+            "subject": str(row.get("subject") or ""), "value": value,
+            "status": str(row.get("status") or "unknown"),
+            "window_start": _optional_utc(row.get("window_start")),
+            "window_end": _optional_utc(row.get("window_end")),
+            "reference": row.get("reference"), "model_version": row.get("model_version")})
+    backend_for(dsn, sqlite_path, schema).replace_monitoring(
+        {"run_date": run_date, "source": source}, records)
+    logger.info("monitoring: %d rows for %s (%s)", len(records), run_date.isoformat(), source)
+    return len(records)
+
+
+def read_monitoring(*, dsn: str | None, sqlite_path: Path, schema: str | None = None,
+                    since: datetime | None = None, source: str | None = None) -> pd.DataFrame:
+    """The monitoring rows (oldest run first), optionally from ``since`` on and of one
+    ``source``; an empty frame when nothing was recorded yet."""
+    backend = backend_for(dsn, sqlite_path, schema)
+    since_param: Any = None if since is None else as_utc(since)
+    if isinstance(backend, SqliteBackend) and since_param is not None:
+        since_param = since_param.strftime(ISO_UTC)
+    try:
+        rows = backend.read_rows("read_monitoring.sql", {"since": since_param, "source": source})
+    except (NothingPublishedError, ServingError) as exc:
+        if isinstance(exc, NothingPublishedError) or "no such table" in str(exc):
+            return pd.DataFrame(columns=list(MONITORING_COLUMNS))
+        raise
+    frame = pd.DataFrame(rows, columns=list(MONITORING_COLUMNS))
+    for column in ("run_date", "window_start", "window_end"):
+        frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
+    return frame
+
+
+def _optional_utc(value: Any) -> datetime | None:
+    if value is None or (not isinstance(value, datetime) and pd.isna(value)):
+        return None
+    return as_utc(value)
 
 
 # =================================================================================================
