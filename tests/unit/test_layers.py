@@ -1,10 +1,11 @@
 """The package's layers: imports point downward only, no cycles, no private names across
 modules, and function-level imports of pipeline modules only where a layer is spanned.
 
-    core < lake < features < models < evaluation < serving, registry < nightly, cli
+    core < lake < features < models < evaluation < serving, registry, monitoring
+         < nightly, monitor, cli
 
-A module may import its own sub-package and any lower layer; ``serving`` and ``registry``
-share a level and do not import each other.
+A module may import its own sub-package and any lower layer; ``serving``, ``registry`` and
+``monitoring`` share a level and none of them imports another.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 LAYERS = {"core": 0, "lake": 1, "features": 2, "models": 3, "evaluation": 4, "serving": 5,
-          "registry": 5}
-TOP = 6  # pipeline/__init__.py, nightly.py, cli.py and the pyfunc_model shim
+          "registry": 5, "monitoring": 5}
+TOP = 6  # pipeline/__init__.py, nightly.py, monitor.py, cli.py and the pyfunc_model shim
 
 
 def _modules() -> dict[str, Path]:
@@ -83,6 +84,18 @@ def test_imports_point_downward(module):
             f"is not below {package}, level {level})")
 
 
+def test_packages_sharing_a_level_do_not_import_each_other():
+    """serving, registry and monitoring sit side by side: none imports another, at the top of
+    a module or inside a function (``test_imports_point_downward`` implies it; this says it)."""
+    offenders = [f"{module}:{line} imports {target}" for module, edges in EDGES.items()
+                 for target, _, _, line in edges
+                 if target != "pipeline" and _layer(module)[1] != _layer(target)[1]
+                 and _layer(module)[0] == _layer(target)[0] < TOP]
+    assert not offenders, offenders
+    assert {p for p, level in LAYERS.items() if level == LAYERS["serving"]} == {
+        "serving", "registry", "monitoring"}
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_private_names_from_other_modules(module):
     for target, names, _, line in EDGES[module]:
@@ -111,9 +124,9 @@ def test_no_import_cycles():
 
 def test_function_level_imports_of_pipeline_only_where_layers_meet():
     """Inside functions, pipeline modules are imported only by the modules that span layers
-    (nightly, cli), or to load a heavy library late, said by a ``# lazy`` comment; elsewhere
-    imports sit at the top, where they show the dependencies."""
-    spanning = {"pipeline.nightly", "pipeline.cli"}
+    (nightly, monitor, cli), or to load a heavy library late, said by a ``# lazy`` comment;
+    elsewhere imports sit at the top, where they show the dependencies."""
+    spanning = {"pipeline.nightly", "pipeline.monitor", "pipeline.cli"}
     offenders = [f"{module}:{line} imports {target}" for module, edges in EDGES.items()
                  if module not in spanning for target, _, nested, line in edges
                  if nested and "# lazy" not in

@@ -1,0 +1,104 @@
+"""The daily monitoring report: one PNG a person can read in ten seconds.
+
+Top: PSI of every feature (rows) by monitor date (columns), coloured against the warn and
+alert thresholds, so a shift shows as a band that starts on a day. Bottom: the input volume
+against its trailing median and the published lists' coverage (catalogue coverage,
+cold-start share, new-item share) over the same days.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+#: Trend lines of the lower panel: metric -> label.
+TRENDS = {"volume_ratio": "volume / trailing median", "catalogue_coverage": "catalogue coverage",
+          "cold_start_share": "cold-start share", "new_item_share": "new-item share"}
+
+
+def write_report(history: pd.DataFrame, path: Path, *, warn: float, alert: float,
+                 title: str, max_features: int = 40) -> Path:
+    """Draw ``history`` (monitoring rows: run_date, metric, subject, value, status) to
+    ``path`` (PNG, written atomically). The features shown are the ``max_features`` with the
+    highest PSI on any day."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    history = history.assign(day=pd.to_datetime(history["run_date"], utc=True).dt.strftime(
+        "%Y-%m-%d"))
+    psi = history[history["metric"] == "psi"].pivot_table(
+        index="subject", columns="day", values="value", aggfunc="last")
+    if len(psi):
+        psi = psi.loc[psi.max(axis=1).sort_values(ascending=False).index[:max_features]]
+    trends = history[history["metric"].isin(list(TRENDS))].pivot_table(
+        index="day", columns="metric", values="value", aggfunc="last")
+
+    rows = max(len(psi), 1)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(max(8.0, 0.45 * psi.shape[1] + 5), 0.22 * rows + 5.5),
+        gridspec_kw={"height_ratios": [max(rows * 0.22, 1.5), 2.5]})
+    if len(psi):
+        cmap = ListedColormap(["#d9f0d3", "#fee08b", "#d73027"])
+        norm = BoundaryNorm([0.0, warn, alert, max(alert * 4, float(np.nanmax(psi.values)) + 1)],
+                            cmap.N)
+        image = top.imshow(psi.to_numpy(dtype=float), aspect="auto", cmap=cmap, norm=norm,
+                           interpolation="nearest")
+        top.set_yticks(range(len(psi)), psi.index, fontsize=7)
+        top.set_xticks(range(psi.shape[1]), psi.columns, rotation=60, fontsize=7, ha="right")
+        for (i, j), value in np.ndenumerate(psi.to_numpy(dtype=float)):
+            if np.isfinite(value) and psi.shape[1] <= 31:
+                top.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5)
+        fig.colorbar(image, ax=top, label=f"PSI (warn {warn}, alert {alert})", fraction=0.03)
+    else:
+        top.text(0.5, 0.5, "no PSI yet", ha="center", va="center")
+        top.set_axis_off()
+    top.set_title(title, fontsize=10)
+    for metric, label in TRENDS.items():
+        if metric in trends:
+            bottom.plot(trends.index, trends[metric], marker="o", label=label)
+    bottom.axhline(1.0, color="grey", linewidth=0.5, linestyle="--")
+    bottom.set_ylim(bottom=0)
+    bottom.tick_params(axis="x", rotation=60, labelsize=7)
+    bottom.legend(fontsize=7, loc="upper left")
+    bottom.set_title("input volume and list coverage", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png", dpi=110)
+    plt.close(fig)
+    partial.replace(path)
+    logger.info("monitoring report: %s (%d features x %d days)", path, len(psi), psi.shape[1])
+    return path
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for a terminal (``make run``) or a task log."""
+    lines = [f"Monitor for {summary['as_of'][:10]}: {summary['current_events']:,} events in "
+             f"the current window against {summary['reference']} "
+             f"({summary['reference_events']:,} events)"]
+    top = ", ".join(f"{name} {value:.3f}" for name, value in summary["top_psi"])
+    lines.append(f"  drift      largest PSI: {top or 'none'}")
+    health = ", ".join(f"{k} {_fmt(v)}" for k, v in summary["health"].items())
+    lines.append(f"  health     {health}")
+    if summary["lists"]:
+        lines.append("  lists      " + ", ".join(f"{k} {_fmt(v)}"
+                                                 for k, v in summary["lists"].items()))
+    status = ("ALERT: " + "; ".join(summary["alerts"])) if summary["alerts"] else "no alert"
+    lines.append(f"  status     {status}"
+                 + (f" ({len(summary['warnings'])} warning(s))" if summary["warnings"] else ""))
+    lines.append(f"  report     {summary['report']}")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
