@@ -36,7 +36,7 @@ $(STAMP): requirements.txt
 	@$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/recs-pipeline.pth', 'w').write('$(CURDIR)\n')"
 	@touch $(STAMP)
 
-run: install $(AIRFLOW_SECRETS)  ## run the nightly DAG once on the demo data (DATE=YYYY-MM-DD to choose the day)
+run: install $(AIRFLOW_SECRETS)  ## run the nightly DAG, then the monitor, once on the demo data (DATE=YYYY-MM-DD to choose the day)
 	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
 	@$(BIN)/python -m pipeline.cli demo-data
 	@$(AIRFLOW_ENV) date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
@@ -47,7 +47,12 @@ run: install $(AIRFLOW_SECRETS)  ## run the nightly DAG once on the demo data (D
 	     | sort -u | tail -n 5; \
 	   echo "the run failed; full log: logs/make-run.log"; exit 1; \
 	 fi; \
-	 $(BIN)/python -m pipeline.cli summary $$date
+	 $(BIN)/python -m pipeline.cli summary $$date; \
+	 echo "running recommendations_monitor for $$date (log: logs/make-run-monitor.log)"; \
+	 if ! $(BIN)/airflow dags test recommendations_monitor $$date > logs/make-run-monitor.log 2>&1; then \
+	   echo "the monitor failed; full log: logs/make-run-monitor.log"; exit 1; \
+	 fi; \
+	 $(BIN)/python -m pipeline.cli monitor-summary $$date
 
 test: install  ## run the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
 	$(BIN)/python -m pytest -q

@@ -19,6 +19,11 @@ holdout, and the baselines) are independent and run side by side.
 * **Forward only:** a run for a date older than production's (a backfill) records its results
   (run folder, metrics, MLflow run and model version) but promotes and publishes nothing,
   unless `serve_backfill` or `force_promote` is set.
+* **Retrain on drift:** besides its cron, the DAG runs when `recommendations_monitor` raises
+  a drift or data alert (the `recs://monitor/drift-alert` Asset), for the monitor's as-of
+  date, unless a run for that date already reached the gate, or a model was registered less
+  than `retrain_cooldown_hours` before (then the run is skipped, and says so). Why it ran
+  is recorded in MLflow and `model_promotions`.
 * **No data, no run:** a window with fewer than `min_window_events` events, or whose newest
   event is older than `max_staleness_days`, fails `ingest` at once (no retries) and names a
   logical date that would work.
@@ -28,9 +33,26 @@ The logic lives in the `pipeline` package; this file only wires it.
 
 from __future__ import annotations
 
+import os
+
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
-from recs_support import TIMEOUTS, notify_failure, serving_dsn, triggered_by
+from airflow.sdk import (
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
+from recs_support import (
+    DRIFT_ALERT,
+    LAKE_EVENTS,
+    TIMEOUTS,
+    asset_moment,
+    notify_failure,
+    serving_dsn,
+    triggered_by,
+)
 
 PARAMS = {
     "top_n": Param(10, type="integer", minimum=1, maximum=100,
@@ -102,6 +124,17 @@ PARAMS = {
                                                    "users) lies above zero."),
 }
 
+#: Params of the DAG's wiring, not of the pipeline.
+DAG_PARAMS = {
+    "retrain_cooldown_hours": Param(
+        float(os.environ.get("RECS_RETRAIN_COOLDOWN_HOURS", "12")), type="number", minimum=0,
+        title="Retrain cool-down (hours)",
+        description="A run started by a drift alert is skipped when the newest model version "
+                    "was registered less than this many hours before it, so that a lasting "
+                    "shift does not retrain every hour (default: RECS_RETRAIN_COOLDOWN_HOURS "
+                    "or 12)."),
+}
+
 #: Params that map one to one onto ``pipeline.core.config.Settings`` fields.
 SETTINGS_PARAMS = tuple(PARAMS)
 
@@ -113,7 +146,9 @@ def _run_args() -> tuple:
 
     context = get_current_context()
     run = context["dag_run"]
-    moment = run.logical_date or run.run_after  # manual runs may have no logical date
+    # A drift-triggered run retrains for the monitor's as-of date; manual runs may have no
+    # logical date.
+    moment = asset_moment(context, "as_of") or run.logical_date or run.run_after
     params = context["params"]
     settings = Settings(**{name: params[name] for name in SETTINGS_PARAMS})
     return settings, as_utc(moment.date())
@@ -137,7 +172,8 @@ def _run_stage(name: str, **kwargs) -> dict:
 
 @dag(
     dag_id="recommendations_nightly",
-    schedule="0 2 * * *",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+                                 assets=DRIFT_ALERT),
     # Static and early: catchup is off, so it schedules nothing by itself, but tasks only run
     # for logical dates on or after it, and backfills or `dags test` may go far back
     # (the MovieLens demo runs for 1998-04-23).
@@ -146,14 +182,49 @@ def _run_stage(name: str, **kwargs) -> dict:
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": pendulum.duration(minutes=2),
                   "retry_exponential_backoff": True, "on_failure_callback": notify_failure},
-    params=PARAMS,
+    params={**PARAMS, **DAG_PARAMS},
     tags=["recommendations", "ml"],
     doc_md=__doc__,
 )
 def recommendations_nightly():
-    @task(execution_timeout=TIMEOUTS["ingest"])
+    @task.short_circuit(execution_timeout=pendulum.duration(minutes=5))
+    def check_trigger() -> bool:
+        """Every run goes on, except a drift-triggered one that would change nothing: a run
+        for its cutoff already reached the promotion gate (the same data trains the same
+        model), or a model was registered within the cool-down."""
+        import logging
+
+        log = logging.getLogger("recommendations_nightly")
+        context = get_current_context()
+        run = context["dag_run"]
+        why = triggered_by(context)
+        if str(getattr(run.run_type, "value", run.run_type)) != "asset_triggered":
+            log.info("run: %s", why)
+            return True
+        settings, cutoff = _run_args()
+        if (settings.run_dir(cutoff) / "register.json").exists():
+            log.warning("skipping the retrain (%s): a run for %s already trained on this data",
+                        why, f"{cutoff:%Y-%m-%d}")
+            return False
+        from pipeline.registry.versions import last_registered_at
+
+        previous = last_registered_at()
+        hours = float(context["params"]["retrain_cooldown_hours"])
+        if previous is not None and run.run_after - previous < pendulum.duration(hours=hours):
+            log.warning("skipping the retrain (%s): the last model was registered at %s, "
+                        "within the %.1f h cool-down", why, previous, hours)
+            return False
+        log.info("retraining for %s: %s", f"{cutoff:%Y-%m-%d}", why)
+        return True
+
+    @task(execution_timeout=TIMEOUTS["ingest"], outlets=[LAKE_EVENTS])
     def ingest() -> dict:
-        return _run_stage("ingest", dsn=serving_dsn())
+        result = _run_stage("ingest", dsn=serving_dsn())
+        # The monitor runs on this Asset, for this run's point in time.
+        _, cutoff = _run_args()
+        get_current_context()["outlet_events"][LAKE_EVENTS].extra = {
+            "cutoff": cutoff.isoformat(), "rows_snapshot": result.get("snapshot_rows")}
+        return result
 
     @task(execution_timeout=TIMEOUTS["validate"])
     def validate(_: dict) -> dict:
@@ -184,7 +255,9 @@ def recommendations_nightly():
     def publish(decision: dict) -> dict:
         return _run_stage("publish", dsn=serving_dsn(), decision=decision)
 
-    params = tune(build_features(validate(ingest())))
+    ingested = ingest()
+    check_trigger() >> ingested
+    params = tune(build_features(validate(ingested)))
     publish(register(train(params), evaluate(params)))
 
 

@@ -1,5 +1,14 @@
-"""Wiring shared by the recommendations DAGs: the serving connection, who triggered a run,
-the failure notifier and per-task timeouts. No DAG here and no heavy imports.
+"""Wiring shared by the recommendations DAGs: the Assets that chain them, the serving
+connection, who triggered a run and why, the failure notifier and per-task timeouts. No DAG
+here and no heavy imports.
+
+**Assets.** ``recommendations_nightly``'s ``ingest`` updates :data:`LAKE_EVENTS` (extra:
+the run's ``cutoff``); ``recommendations_monitor`` is scheduled on it. When the monitor finds
+drift or broken input at ``alert`` level for a date at least as new as the champion's, it
+updates :data:`DRIFT_ALERT` (extra: ``as_of``, ``reason``), and the nightly, scheduled on its
+cron OR that Asset, retrains at once for ``as_of`` (after a cool-down). A loader outside
+Airflow that writes to the lake can post a :data:`LAKE_EVENTS` event through the REST API
+(``POST /api/v2/assets/events``, extra ``{"cutoff": "<ISO time>"}``) to run the monitor.
 
 **Failure notifier.** Set ``RECS_ALERT_EMAIL`` (comma-separated addresses) and an SMTP
 connection (``smtp_default``, e.g. ``AIRFLOW_CONN_SMTP_DEFAULT='smtp://mail.example.com:587'``;
@@ -14,6 +23,13 @@ from __future__ import annotations
 import os
 
 import pendulum
+from airflow.sdk import Asset
+
+#: Updated by every successful ``ingest`` (extra ``cutoff``: the run's point in time).
+LAKE_EVENTS = Asset(name="recs_lake_events", uri="recs://lake/events")
+#: Updated by ``recommendations_monitor`` when a metric is at alert level (extra ``as_of``,
+#: ``reason``); ``recommendations_nightly`` retrains on it.
+DRIFT_ALERT = Asset(name="recs_drift_alert", uri="recs://monitor/drift-alert")
 
 # MLflow gives its loggers their own stderr handler unless told not to; in a task, Airflow logs
 # raw stderr at error level. Without it, MLflow's records reach Airflow's task log at their
@@ -53,7 +69,15 @@ TIMEOUTS = {
 
 def notify_failure(context) -> None:
     """``on_failure_callback``: mail the failure through the SMTP provider's notifier when
-    ``RECS_ALERT_EMAIL`` is set; otherwise do nothing."""
+    ``RECS_ALERT_EMAIL`` is set, and push its time to the Pushgateway when
+    ``RECS_PUSHGATEWAY_URL`` is (``recs_last_failure_timestamp_seconds``); otherwise nothing."""
+    dag = context.get("dag")
+    if os.environ.get("RECS_PUSHGATEWAY_URL") and dag is not None:
+        import time
+
+        from pipeline.monitoring.prometheus import push_failure
+
+        push_failure(dag.dag_id, time.time())
     recipients = [a.strip() for a in os.environ.get(ALERT_EMAIL_ENV, "").split(",") if a.strip()]
     if not recipients:
         return
@@ -65,6 +89,29 @@ def notify_failure(context) -> None:
         smtp_conn_id=os.environ.get(ALERT_CONN_ENV) or "smtp_default")
     context["error_line"] = first_error_line(context.get("exception"))
     notifier(context)
+
+
+def send_alert(context, *, subject: str, lines: list[str]) -> bool:
+    """Mail an alert that is not a task failure (the monitor's) through the same notifier and
+    settings as :func:`notify_failure`; False (and nothing sent) without ``RECS_ALERT_EMAIL``."""
+    import html
+    import logging
+
+    recipients = [a.strip() for a in os.environ.get(ALERT_EMAIL_ENV, "").split(",") if a.strip()]
+    logging.getLogger("recs_support").warning("%s\n%s", subject, "\n".join(lines))
+    if not recipients:
+        return False
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+    body = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+    # Rendered as Jinja templates by the notifier: keep the text literal.
+    notifier = SmtpNotifier(
+        to=recipients, from_email=os.environ.get(ALERT_FROM_ENV) or "recs-pipeline@localhost",
+        subject="{% raw %}" + subject + "{% endraw %}",
+        html_content="{% raw %}" + body + "{% endraw %}",
+        smtp_conn_id=os.environ.get(ALERT_CONN_ENV) or "smtp_default")
+    notifier(context)
+    return True
 
 
 def first_error_line(error: BaseException | str | None) -> str:
@@ -90,8 +137,25 @@ def serving_dsn() -> str | None:
 
 
 def triggered_by(context, prefix: str | None = None) -> str:
-    """Who or what started the run: "scheduled", or "manual by <user>" from the UI/API."""
+    """Who or what started the run: "scheduled", "manual by <user>" from the UI/API, or
+    "asset_triggered: <reason>" for a run an Asset event started (the events' ``reason``)."""
     run = context["dag_run"]
     user = getattr(run, "triggering_user_name", None)
     kind = prefix or str(getattr(run.run_type, "value", run.run_type))
-    return f"{kind} by {user}" if user else kind
+    text = f"{kind} by {user}" if user else kind
+    reasons = [str(event.extra["reason"]) for event in _asset_events(context)
+               if (event.extra or {}).get("reason")]
+    return f"{text}: {'; '.join(dict.fromkeys(reasons))}" if reasons else text
+
+
+def asset_moment(context, key: str) -> pendulum.DateTime | None:
+    """The newest ``extra[key]`` (an ISO time) among the Asset events that triggered the run,
+    or None (a scheduled or manual run, or events without it)."""
+    moments = [pendulum.parse(str(event.extra[key])) for event in _asset_events(context)
+               if (event.extra or {}).get(key)]
+    return max(moments) if moments else None
+
+
+def _asset_events(context) -> list:
+    events = context.get("triggering_asset_events") or {}
+    return [event for asset in events for event in events[asset]]

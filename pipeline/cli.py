@@ -3,6 +3,8 @@
     python -m pipeline.cli demo-data        # fetch MovieLens-100k into an empty landing folder
     python -m pipeline.cli default-date     # the day after the last landing event
     python -m pipeline.cli summary DATE     # what the run for DATE did, and a sample list
+    python -m pipeline.cli ingest           # landing files -> lake now (between nightly runs)
+    python -m pipeline.cli monitor-summary DATE  # what the monitor found for DATE
     python -m pipeline.cli airflow-secrets FILE  # one JWT secret and Fernet key for local Airflow
 """
 
@@ -214,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("default-date", help="the day after the newest landing event")
     run = sub.add_parser("summary", help="summarise the run for DATE")
     run.add_argument("date", help="the run's logical date, YYYY-MM-DD")
+    sub.add_parser("ingest", help="ingest the landing files into the lake now (then post a "
+                                  "recs://lake/events Asset event to run the monitor)")
+    mon = sub.add_parser("monitor-summary", help="what the monitor found for DATE")
+    mon.add_argument("date", help="the monitor's as-of date, YYYY-MM-DD")
     keys = sub.add_parser("airflow-secrets",
                           help="write FILE with shared Airflow secrets unless it exists")
     keys.add_argument("file", type=Path)
@@ -226,7 +232,37 @@ def main(argv: list[str] | None = None) -> int:
         return demo_data(settings)
     if args.command == "default-date":
         return default_date(settings)
+    if args.command == "ingest":
+        return ingest(settings)
+    if args.command == "monitor-summary":
+        return monitor_summary(settings, args.date)
     return summary(settings, args.date)
+
+
+def ingest(settings: Settings) -> int:
+    """Landing files -> lake; prints the report. 1 when a file failed (named)."""
+    from pipeline.core.errors import DataError
+    from pipeline.lake.ingest import ingest_lake
+
+    try:
+        report = ingest_lake(settings)
+    except DataError as exc:
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=2, default=str))
+    return 0
+
+
+def monitor_summary(settings: Settings, date: str) -> int:
+    """Print what ``recommendations_monitor`` found for ``date``."""
+    from pipeline.monitoring.report import format_summary
+
+    path = settings.data_dir / "monitoring" / f"{as_utc(date):%Y-%m-%d}" / "summary.json"
+    if not path.exists():
+        print(f"no monitor run for {date} ({path} is missing)")
+        return 1
+    print(format_summary(json.loads(path.read_text())))
+    return 0
 
 
 if __name__ == "__main__":

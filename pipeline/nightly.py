@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.core.config import DEFAULT_USER, REPO_ROOT, Settings
+from pipeline.core.config import DEFAULT_USER, EVENTS_SUITE, Settings
 
 logger = logging.getLogger(__name__)
 
-SUITE_PATH = REPO_ROOT / "expectations" / "events.json"
+SUITE_PATH = EVENTS_SUITE
 STAGES = ("ingest", "validate", "build_features", "tune", "train", "evaluate", "register",
           "publish")
 
@@ -50,26 +50,14 @@ def ingest(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> d
     The run's first stage checks its configuration first (the serving ``dsn`` and schema,
     the column mapping): a ConfigError here, not at ``register`` after hours of training."""
     from pipeline.lake.freshness import WindowCheck, check_window
-    from pipeline.lake.ingest import ingest_landing
-    from pipeline.lake.mapping import load_column_mapping
+    from pipeline.lake.ingest import ingest_lake
     from pipeline.lake.snapshot import write_snapshot
     from pipeline.lake.storage import lake_watermark
     from pipeline.serving.store import check_config
 
     with _stage(settings, cutoff, "ingest") as result:
         result["serving"] = check_config(dsn)
-        mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
-                                      settings.column_mapping)
-        # Wall-clock on purpose: it bounds "future" events and is recorded per row and per file
-        # in the lake; the run's snapshot depends only on the cutoff.
-        report = ingest_landing(
-            settings.landing_events_dir, settings.lake_events_dir,
-            ingested_at=dt.datetime.now(dt.timezone.utc), column_mapping=mapping,
-            allowed_lateness=dt.timedelta(days=settings.allowed_lateness_days),
-            clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
-            settle_seconds=settings.landing_settle_seconds,
-            max_bad_row_share=settings.max_bad_row_share, chunk_rows=settings.chunk_rows,
-            suite_path=SUITE_PATH, allowed_event_types=sorted(settings.event_weights))
+        report = ingest_lake(settings, SUITE_PATH)
         path = settings.run_dir(cutoff) / "events_raw.parquet"
         snapshot = write_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days, path)
         window = WindowCheck(cutoff, snapshot.start, snapshot.rows, snapshot.newest,
@@ -656,6 +644,8 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
     ``max_per_category`` per category, exactly N from the fallback list) pick the N published.
     """
     from pipeline.lake.readers import read_side_file
+    from pipeline.monitoring.health import list_stats
+    from pipeline.monitoring.prometheus import push_publish
     from pipeline.registry.versions import load_version
     from pipeline.serving.rules import build_consumed, recommend_with_rules
     from pipeline.serving.store import OlderThanLive, publish_lists
@@ -679,8 +669,10 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
             fallback=recommender.popular_, n=settings.top_n,
             max_per_category=settings.max_per_category, item_ttl_days=settings.item_ttl_days,
             cutoff=cutoff, default_user=DEFAULT_USER)
+        catalogue = len(events.items)
         del events
         lists["generated_at"] = pd.Timestamp(cutoff)
+        result["lists"] = list_stats(lists, catalogue)
         try:
             published = publish_lists(lists, dsn=dsn, sqlite_path=settings.serving_sqlite_path,
                                       model_version=str(version), logical_date=cutoff,
@@ -693,6 +685,7 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
             return result
         logger.info("publish: model v%s serves %d users (serving version %d)", version,
                     published.users, published.version)
+        push_publish(published.rows, published.users, str(version), time.time())
         result.update(published=True, model_version=str(version), rows=published.rows,
                       users=published.users, serving_version=published.version,
                       table=published.table, rules=rule_stats.to_dict(),

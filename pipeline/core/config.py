@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The Great Expectations suite of the event contract, reviewed like code.
+EVENTS_SUITE = REPO_ROOT / "expectations" / "events.json"
 
 #: Confidence weight of one event of each type (the implicit-feedback "r_ui").
 #: A `rating` event's weight is multiplied by its value (1-5 stars).
@@ -144,6 +146,8 @@ def as_utc(value: dt.datetime | dt.date | str) -> dt.datetime:
         value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     if not isinstance(value, dt.datetime):
         value = dt.datetime(value.year, value.month, value.day)
+    elif type(value) is not dt.datetime:  # a subclass (pendulum's, pandas'): plain datetime
+        value = dt.datetime.fromisoformat(value.isoformat())
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.timezone.utc)
     return value.astimezone(dt.timezone.utc)

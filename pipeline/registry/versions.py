@@ -9,6 +9,7 @@ known.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import subprocess
@@ -177,6 +178,22 @@ def version_details(version: str) -> dict:
     return {"version": str(version), "run_id": model_version.run_id,
             "params": dict(run.data.params), "metrics": dict(run.data.metrics),
             "tags": {**run.data.tags, **model_version.tags}}
+
+
+def last_registered_at() -> dt.datetime | None:
+    """When the newest version of the registered model was created (UTC), or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure_mlflow()
+    try:
+        found = MlflowClient().search_model_versions(
+            f"name = '{MODEL_NAME}'", max_results=1, order_by=["creation_timestamp DESC"])
+    except MlflowException:
+        return None
+    if not found:
+        return None
+    return dt.datetime.fromtimestamp(found[0].creation_timestamp / 1000, dt.timezone.utc)
 
 
 def champion_version() -> str | None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DOWNSTREAM = {"ingest": {"validate"}, "validate": {"build_features"},
+DOWNSTREAM = {"check_trigger": {"ingest"}, "ingest": {"validate"},
+              "validate": {"build_features"},
               "build_features": {"tune"}, "tune": {"train", "evaluate"},
               "train": {"register"}, "evaluate": {"register"}, "register": {"publish"},
               "publish": set()}
@@ -29,17 +30,20 @@ def test_nightly_runs_the_stages_in_order_with_train_and_evaluate_side_by_side(d
     from pipeline.nightly import STAGES
 
     dag = dagbag.dags["recommendations_nightly"]
-    assert {t.task_id for t in dag.tasks} == set(STAGES) == set(DOWNSTREAM)
+    assert {t.task_id for t in dag.tasks} == {"check_trigger", *STAGES} == set(DOWNSTREAM)
     for task_id, downstream in DOWNSTREAM.items():
         assert dag.get_task(task_id).downstream_task_ids == downstream, task_id
     order = [t.task_id for t in dag.topological_sort()]
-    assert order[:4] == ["ingest", "validate", "build_features", "tune"]
+    assert order[:5] == ["check_trigger", "ingest", "validate", "build_features", "tune"]
     assert order[-2:] == ["register", "publish"]
 
 
 def test_nightly_schedule_and_defaults(dagbag):
     dag = dagbag.dags["recommendations_nightly"]
-    assert dag.schedule == "0 2 * * *" and str(dag.timetable.timezone) == "UTC"
+    # Its cron, or a drift alert from the monitor.
+    assert dag.timetable.timetable.expression == "0 2 * * *"
+    assert str(dag.timetable.timetable.timezone) == "UTC"
+    assert dag.timetable.asset_condition.uri == "recs://monitor/drift-alert"
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.start_date.year == 1990 and str(dag.start_date.tzinfo) == "UTC"
     assert dag.doc_md and "recommendations" in dag.tags
@@ -79,10 +83,11 @@ def test_airflow_cfg_points_at_the_repo():
 def test_every_task_has_a_timeout_and_the_failure_notifier(dagbag):
     from recs_support import notify_failure
 
-    for dag_id in ("recommendations_nightly", "recommendations_rollback"):
+    for dag_id in ("recommendations_nightly", "recommendations_rollback",
+                   "recommendations_monitor"):
         for task in dagbag.dags[dag_id].tasks:
             assert task.execution_timeout is not None, f"{dag_id}.{task.task_id}"
-            assert task.execution_timeout.total_seconds() >= 600
+            assert task.execution_timeout.total_seconds() >= 300
             assert notify_failure in list(task.on_failure_callback or []) \
                 or task.on_failure_callback is notify_failure, f"{dag_id}.{task.task_id}"
 
@@ -94,9 +99,10 @@ def test_every_param_is_a_pipeline_setting(dagbag):
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     params = dagbag.dags["recommendations_nightly"].params
-    assert set(params) <= fields, set(params) - fields
+    names = set(params) - {"retrain_cooldown_hours"}  # the DAG's own wiring
+    assert names <= fields, names - fields
     defaults = Settings()
-    for name in params:  # the form's defaults are the pipeline's
+    for name in names:  # the form's defaults are the pipeline's
         assert params[name] == getattr(defaults, name), name
 
 
@@ -113,3 +119,20 @@ def test_the_failure_mail_names_the_first_line_of_the_error():
     assert first_error_line(ValueError("bad value\nTraceback ...")) == "ValueError: bad value"
     assert first_error_line(RuntimeError("RuntimeError: said twice")) == "RuntimeError: said twice"
     assert first_error_line(None).startswith("unknown error")
+
+
+def test_ingest_updates_the_lake_asset_that_schedules_the_monitor(dagbag):
+    nightly = dagbag.dags["recommendations_nightly"]
+    monitor = dagbag.dags["recommendations_monitor"]
+    assert [a.uri for a in nightly.get_task("ingest").outlets] == ["recs://lake/events"]
+    assert monitor.timetable.asset_condition.uri == "recs://lake/events"
+    assert [a.uri for a in monitor.get_task("trigger_retrain").outlets] == \
+        ["recs://monitor/drift-alert"]
+    assert {t.task_id for t in monitor.tasks} == {"monitor", "notify", "trigger_retrain"}
+    assert monitor.max_active_runs == 1 and monitor.catchup is False
+    for name, param in monitor.params.items():
+        assert param.description, f"monitor param {name} has no description"
+
+
+def test_the_retrain_cool_down_is_a_param_with_an_environment_default(dagbag):
+    assert dagbag.dags["recommendations_nightly"].params["retrain_cooldown_hours"] == 12.0

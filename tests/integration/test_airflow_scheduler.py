@@ -9,11 +9,15 @@ SMTP server for the failure notifier. The tests then do what users do, in order:
    long before, so ``ingest`` fails on its first try, says which date would work, and mails;
 2. trigger a run through the REST API with a logical date in the data and ``top_n`` = 7:
    it succeeds and the view serves 7 items per user;
-3. backfill two older dates: both runs succeed and are recorded, production is untouched.
+3. backfill two older dates: both runs succeed and are recorded, production is untouched;
+4. a loader lands a week whose sessions all moved to the TV app, ingests it and posts the
+   lake Asset event: the monitor runs on it, alerts (mail and drift Asset), and the nightly
+   retrains on that Asset, recording why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -131,19 +135,19 @@ class _Airflow:
             assert time.monotonic() < deadline, f"timed out: {what}\n{self.log_tail()}"
             time.sleep(2)
 
-    def runs(self) -> list[dict]:
-        response = self.client.get(f"/dags/{DAG}/dagRuns", params={"limit": 100})
+    def runs(self, dag: str = DAG) -> list[dict]:
+        response = self.client.get(f"/dags/{dag}/dagRuns", params={"limit": 100})
         response.raise_for_status()
         return response.json()["dag_runs"]
 
-    def finished(self, run_ids: set[str]) -> list[dict] | None:
-        runs = [r for r in self.runs() if r["dag_run_id"] in run_ids]
+    def finished(self, run_ids: set[str], dag: str = DAG) -> list[dict] | None:
+        runs = [r for r in self.runs(dag) if r["dag_run_id"] in run_ids]
         done = len(runs) == len(run_ids) and all(r["state"] in ("success", "failed")
                                                  for r in runs)
         return runs if done else None
 
-    def task_instances(self, run_id: str) -> dict[str, dict]:
-        response = self.client.get(f"/dags/{DAG}/dagRuns/{run_id}/taskInstances")
+    def task_instances(self, run_id: str, dag: str = DAG) -> dict[str, dict]:
+        response = self.client.get(f"/dags/{dag}/dagRuns/{run_id}/taskInstances")
         response.raise_for_status()
         return {ti["task_id"]: ti for ti in response.json()["task_instances"]}
 
@@ -192,6 +196,7 @@ def airflow(tmp_path_factory, pg_dsn_module, mailbox) -> Iterator[_Airflow]:
                                      "?disable_tls=true&disable_ssl=true",
         "RECS_ALERT_EMAIL": "ops@example.com",
         "RECS_DATA_DIR": str(root / "data"),
+        "RECS_RETRAIN_COOLDOWN_HOURS": "0",  # the drift retrain follows earlier runs at once
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "MLFLOW_ARTIFACT_ROOT": str(root / "mlartifacts"),
     })
@@ -325,3 +330,76 @@ def test_a_backfill_of_two_older_dates_records_them_and_leaves_production_alone(
     assert "register   backfill: backfill: cutoff 2024-01-30" in summary.stdout
     assert "recorded, not a candidate (backfill)" in summary.stdout
     assert "publish    nothing published: backfill" in summary.stdout
+
+
+def test_planted_drift_runs_the_monitor_which_retrains_through_the_drift_asset(
+        airflow, mailbox, pg_dsn_module):
+    from pipeline.lake.demo import write_landing
+    from pipeline.lake.demo.drift import DriftPlan, plant_drift
+    from pipeline.lake.demo.synthetic import generate_clickstream
+    from pipeline.serving.store import read_monitoring
+
+    monitor = "recommendations_monitor"
+    airflow.client.patch(f"/dags/{monitor}", json={"is_paused": False}).raise_for_status()
+    # A new week (the world's last week again, a week later, new event ids), all on TV.
+    data = generate_clickstream(n_users=200, n_items=120, n_days=40, start="2024-01-01", seed=11)
+    events = data.events
+    stamps = pd.to_datetime(events["timestamp"], utc=True)
+    week = events[stamps >= pd.Timestamp("2024-02-03", tz="UTC")].copy()
+    week["timestamp"] = pd.to_datetime(week["timestamp"], utc=True) + pd.Timedelta(days=7)
+    week["event_id"] = week["event_id"].astype(str) + "-w2"
+    data = plant_drift(dataclasses.replace(data, events=week),
+                       DriftPlan(start="2024-02-10", device_mix={"tv": 1.0}, seed=3))
+    landing = Path(airflow.env["RECS_DATA_DIR"]) / "landing"
+    write_landing(data, landing, name="tv-week", fmt="csv", gzip=True)
+    # The loader ingests (as `python -m pipeline.cli ingest`) and tells Airflow.
+    loaded = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest"], cwd=REPO,
+                            env=airflow.env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout)["rows_new"] == len(week)
+    assets = airflow.client.get("/assets", params={"uri_pattern": "recs://lake/events"})
+    asset_id = assets.json()["assets"][0]["id"]
+    posted = airflow.client.post("/assets/events", json={
+        "asset_id": asset_id, "extra": {"cutoff": "2024-02-17T00:00:00+00:00"}})
+    assert posted.status_code == 200, posted.text
+
+    # The monitor runs on the Asset event, for the loader's cutoff, and alerts.
+    monitor_runs = airflow.wait(lambda: [r for r in airflow.runs(monitor)
+                                         if r["state"] in ("success", "failed")],
+                                RUN_TIMEOUT_S, "the monitor run on the lake Asset")
+    run = monitor_runs[0]
+    tis = airflow.task_instances(run["dag_run_id"], monitor)
+    assert run["run_type"] == "asset_triggered" and run["state"] == "success", tis
+    assert {t: ti["state"] for t, ti in tis.items()} == {
+        "monitor": "success", "notify": "success", "trigger_retrain": "success"}
+    rows = read_monitoring(dsn=pg_dsn_module, sqlite_path=Path("/nonexistent"))
+    device = rows[(rows.subject == "event.device")
+                  & (rows.run_date == pd.Timestamp("2024-02-17", tz="UTC"))]
+    assert device["status"].tolist() == ["alert"]
+    assert device["model_version"].tolist() == ["1"]
+    mail = airflow.wait(lambda: [m for m in mailbox.messages if "monitor 2024-02-17" in
+                                 m["Subject"]], 60, "the monitor's alert mail")[0]
+    assert "alert(s)" in mail["Subject"]
+
+    # The nightly retrains on the drift Asset, for the monitor's date, and says why.
+    retrain = airflow.wait(lambda: [r for r in airflow.runs() if r["run_type"] ==
+                                    "asset_triggered" and r["state"] in ("success", "failed")],
+                           RUN_TIMEOUT_S, "the nightly run on the drift Asset")[0]
+    tis = airflow.task_instances(retrain["dag_run_id"])
+    assert retrain["state"] == "success", {t: ti["state"] for t, ti in tis.items()}
+    assert tis["publish"]["state"] == "success"
+    registered = json.loads((Path(airflow.env["RECS_DATA_DIR"]) / "runs" / "2024-02-17T000000"
+                             / "register.json").read_text())
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=airflow.env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version("recommender", registered["version"])
+    why = client.get_run(version.run_id).data.tags["triggered_by"]
+    assert why.startswith("asset_triggered: monitor 2024-02-17: ") and "event.device" in why
+    import psycopg2
+
+    with psycopg2.connect(pg_dsn_module) as conn, conn.cursor() as cur:
+        cur.execute("SELECT triggered_by FROM recs.model_promotions WHERE model_version = %s",
+                    (registered["version"],))
+        recorded = [r[0] for r in cur.fetchall()]
+    assert recorded and all("event.device" in r for r in recorded), recorded
