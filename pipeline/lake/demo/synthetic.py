@@ -20,12 +20,18 @@ The generative story, fully vectorised with NumPy and produced in chunks of user
 
 Values: dwell seconds for views and clicks, the item's price for add_to_cart and purchase,
 missing for like and share. Same arguments -> identical frames.
+
+:func:`generate_world` returns the same frames plus the latent :class:`Truth` they were drawn
+from (users' tastes, items' categories, styles and popularity), with
+:meth:`Truth.affinity`, the true relevance of an item to a user; the simulated CMS in
+:mod:`pipeline.lake.demo.simulate` turns it into clicks on served recommendation lists.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -75,6 +81,15 @@ _RESAMPLE_ROUNDS = 4
 _CHUNK_USERS = 10_000
 _SECONDS_PER_DAY = 86_400
 
+#: Relative rate of session starts per hour of the day (UTC, midnight first); read-only.
+HOUR_CURVE: np.ndarray = _HOUR_CURVE.copy()
+HOUR_CURVE.flags.writeable = False
+
+# Affinity (see Truth.affinity).
+AFFINITY_BASE = 0.1  # relevance of an item outside the user's preferred categories (at most)
+AFFINITY_POPULARITY_SHARE = 0.5  # share of that base that grows with sqrt(popularity)
+AFFINITY_CATEGORY = 0.4  # share of the match reached by the category alone (rest: the style)
+
 
 @dataclass(frozen=True)
 class _GroupSampler:
@@ -95,6 +110,8 @@ class _Catalog:
     """Item arrays the chunk generator samples from (index = item number)."""
 
     category: np.ndarray  # int, per item
+    style: np.ndarray  # int, per item: its style within its category (0 .. n_styles - 1)
+    weight: np.ndarray  # float, per item: Zipf popularity weight (the most popular one is 1)
     published: np.ndarray  # int64 epoch seconds, per item
     price: np.ndarray  # float, per item
     available: np.ndarray  # bool, per item
@@ -117,6 +134,17 @@ def generate_clickstream(n_users: int = 1000, n_items: int = 500, n_days: int = 
     (~56 per user with the defaults). ``sessions_per_user`` and ``views_per_session`` are
     means; users' activity varies around them (every user has at least one session).
     """
+    return generate_world(n_users, n_items, n_days, start, seed, sessions_per_user,
+                          n_categories, views_per_session=views_per_session,
+                          popularity_exponent=popularity_exponent).data
+
+
+def generate_world(n_users: int = 1000, n_items: int = 500, n_days: int = 60,
+                   start: str | dt.date | dt.datetime = "2024-01-01", seed: int = 0,
+                   sessions_per_user: float = 8.0, n_categories: int = 12, *,
+                   views_per_session: float = 5.0, popularity_exponent: float = 0.9) -> World:
+    """:func:`generate_clickstream`'s frames (identical for the same arguments) together with
+    the latent :class:`Truth` they were drawn from."""
     if n_users < 1 or n_items < 1 or n_days < 1:
         raise ValueError("n_users, n_items and n_days must be positive")
     if sessions_per_user < 1 or views_per_session < 1:
@@ -139,10 +167,214 @@ def generate_clickstream(n_users: int = 1000, n_items: int = 500, n_days: int = 
         parts.append(_generate_chunk(np.random.default_rng(chunk_seq), first_user, count,
                                      catalog, window_start, window_end, day_p,
                                      sessions_per_user, views_per_session))
-    event_cols = {key: np.concatenate([ev[key] for ev, _ in parts]) for key in parts[0][0]}
-    user_cols = {key: np.concatenate([us[key] for _, us in parts]) for key in parts[0][1]}
-    return DemoData(events=_build_events(event_cols, seed), items=_build_items(catalog),
+    event_cols = {key: np.concatenate([ev[key] for ev, _, _ in parts]) for key in parts[0][0]}
+    user_cols = {key: np.concatenate([us[key] for _, us, _ in parts]) for key in parts[0][1]}
+    latent = {key: np.concatenate([la[key] for _, _, la in parts]) for key in parts[0][2]}
+    data = DemoData(events=_build_events(event_cols, seed), items=_build_items(catalog),
                     users=_build_users(user_cols))
+    truth = _build_truth(catalog, latent, window_start, n_days, sessions_per_user)
+    return World(data=data, truth=truth)
+
+
+# ---- ground truth --------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Truth:
+    """The latent world behind a synthetic clickstream (index = user / item number).
+
+    Users (arrays of length ``n_users``, aligned with ``user_ids``):
+
+    * ``prefs`` (n_users, 3) int: preferred category codes, -1 for an unused slot;
+    * ``styles`` (n_users, 3) int: the favourite style in each preferred category (compare
+      with an item's ``style``; -1 for an unused slot);
+    * ``strength``: share of the user's sessions spent in a preferred category (beta(8, 2));
+    * ``activity``: session-rate multiplier (lognormal, mean 1);
+    * ``sessions_per_day``: expected sessions per day, ``(1 + (sessions_per_user - 1) *
+      activity) / n_days``, as in the generator;
+    * ``primary_device``: device name of most of the user's sessions.
+
+    Items (arrays of length ``n_items``, aligned with ``item_ids``): ``category`` code (name in
+    ``category_names``), ``style`` within the category (its style group is the pair), Zipf
+    ``popularity`` weight scaled so the most popular item has 1, ``price``, ``published_at``
+    (``datetime64[s]``, UTC) and ``available``.
+    """
+
+    user_ids: np.ndarray
+    prefs: np.ndarray
+    styles: np.ndarray
+    strength: np.ndarray
+    activity: np.ndarray
+    sessions_per_day: np.ndarray
+    primary_device: np.ndarray
+    item_ids: np.ndarray
+    category: np.ndarray
+    style: np.ndarray
+    popularity: np.ndarray
+    price: np.ndarray
+    published_at: np.ndarray
+    available: np.ndarray
+    category_names: tuple[str, ...]
+    window_start: pd.Timestamp
+    window_end: pd.Timestamp
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.size)
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_ids.size)
+
+    @property
+    def visit_probability(self) -> np.ndarray:
+        """Per user: probability of at least one session on a given day, ``1 - exp(-rate)``
+        with ``rate = sessions_per_day`` (sessions are roughly Poisson)."""
+        return -np.expm1(-self.sessions_per_day)
+
+    @cached_property
+    def _user_lookup(self) -> pd.Index:
+        return pd.Index(self.user_ids)
+
+    @cached_property
+    def _item_lookup(self) -> pd.Index:
+        return pd.Index(self.item_ids)
+
+    def user_index(self, user_ids) -> np.ndarray:
+        """Positions of ``user_ids`` (a 1-d array-like of ids); KeyError for an unknown id."""
+        return _lookup(self._user_lookup, user_ids, "user")
+
+    def item_index(self, item_ids) -> np.ndarray:
+        """Positions of ``item_ids`` (a 1-d array-like of ids); KeyError for an unknown id."""
+        return _lookup(self._item_lookup, item_ids, "item")
+
+    def affinity(self, user_ids, item_ids) -> np.ndarray:
+        """True relevance in [0, 1] of each item to each user, by id (arrays broadcast, so
+        ``users[:, None]`` against ``items[None, :]`` gives a users x items matrix).
+
+        With ``pop`` the item's popularity (1 for the most popular item) and ``s`` the user's
+        strength::
+
+            base  = AFFINITY_BASE * (1 - AFFINITY_POPULARITY_SHARE
+                                     + AFFINITY_POPULARITY_SHARE * sqrt(pop))  # 0.05 .. 0.1
+            match = s * (AFFINITY_CATEGORY + (1 - AFFINITY_CATEGORY) * same_style)
+                    if the item's category is one of the user's preferred ones, else 0
+            affinity = base + (1 - base) * match
+
+        so an item in a preferred category and in the user's style of it scores
+        ``base + (1 - base) * s`` (~0.8 at the mean strength 0.8), one in a preferred category
+        but another style ~0.36, and any other item 0.05 .. 0.1, mildly increasing with
+        popularity. Availability and publication time are not part of it.
+        """
+        user_ids, item_ids = np.asarray(user_ids, dtype=object), np.asarray(item_ids,
+                                                                            dtype=object)
+        users = self.user_index(user_ids.ravel()).reshape(user_ids.shape)
+        items = self.item_index(item_ids.ravel()).reshape(item_ids.shape)
+        return self.affinity_by_index(users, items)
+
+    def affinity_by_index(self, users, items) -> np.ndarray:
+        """:meth:`affinity` for user and item positions (integer arrays; they broadcast)."""
+        users, items = np.broadcast_arrays(np.asarray(users, dtype=np.int64),
+                                           np.asarray(items, dtype=np.int64))
+        base = AFFINITY_BASE * (1.0 - AFFINITY_POPULARITY_SHARE
+                                + AFFINITY_POPULARITY_SHARE * np.sqrt(self.popularity[items]))
+        in_cat = self.prefs[users] == self.category[items][..., None]
+        same_style = (in_cat & (self.styles[users] == self.style[items][..., None])).any(axis=-1)
+        match = np.where(in_cat.any(axis=-1),
+                         self.strength[users] * (AFFINITY_CATEGORY
+                                                 + (1.0 - AFFINITY_CATEGORY) * same_style),
+                         0.0)
+        return base + (1.0 - base) * match
+
+    def affinity_matrix(self, users, items) -> np.ndarray:
+        """``affinity_by_index(users[:, None], items[None, :])``, computed through a users x
+        style-groups table (much faster when many items are scored per user)."""
+        users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+        n_categories = len(self.category_names)
+        table = np.zeros((users.size, n_categories, _STYLES))
+        rows = np.arange(users.size)
+        strength = self.strength[users]
+        for slot in range(self.prefs.shape[1]):  # preferred categories of a user are distinct
+            cat, style = self.prefs[users, slot], self.styles[users, slot]
+            used = cat >= 0
+            r, c, st = rows[used], cat[used], style[used]
+            table[r, c, :] = (strength[used] * AFFINITY_CATEGORY)[:, None]
+            table[r, c, st] = strength[used]
+        match = table.reshape(users.size, -1)[:, self.category[items] * _STYLES
+                                              + self.style[items]]
+        base = AFFINITY_BASE * (1.0 - AFFINITY_POPULARITY_SHARE
+                                + AFFINITY_POPULARITY_SHARE * np.sqrt(self.popularity[items]))
+        return base + (1.0 - base) * match
+
+    def users_frame(self) -> pd.DataFrame:
+        """One row per user: id, preferred category names and styles per slot (empty / -1 when
+        unused), strength, activity, sessions_per_day, primary_device."""
+        names = np.asarray(self.category_names + ("",), dtype=object)  # -1 -> ""
+        slots = range(self.prefs.shape[1])
+        return pd.DataFrame({
+            "user_id": self.user_ids,
+            **{f"pref_{k}": names[self.prefs[:, k]] for k in slots},
+            **{f"style_{k}": self.styles[:, k] for k in slots},
+            "strength": self.strength, "activity": self.activity,
+            "sessions_per_day": self.sessions_per_day, "primary_device": self.primary_device,
+        })
+
+    def items_frame(self) -> pd.DataFrame:
+        """One row per item: id, category name, style, popularity, price, published_at,
+        available."""
+        return pd.DataFrame({
+            "item_id": self.item_ids,
+            "category": np.asarray(self.category_names, dtype=object)[self.category],
+            "style": self.style, "popularity": self.popularity, "price": self.price,
+            "published_at": pd.to_datetime(self.published_at).tz_localize("UTC"),
+            "available": self.available,
+        })
+
+
+@dataclass(frozen=True)
+class World:
+    """A synthetic data set and the latent truth it was drawn from."""
+
+    data: DemoData
+    truth: Truth
+
+
+def _lookup(index: pd.Index, ids, kind: str) -> np.ndarray:
+    """Positions of ``ids`` in ``index``; KeyError naming the first few unknown ones.
+
+    The distinct ids are looked up once (lists repeat each user and item many times)."""
+    if not isinstance(ids, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)):
+        ids = np.asarray(ids, dtype=object).ravel()
+    codes, uniques = pd.factorize(ids, use_na_sentinel=False)
+    found = index.get_indexer(pd.Index(uniques, dtype=object))
+    if (found < 0).any():
+        unknown = [str(u) for u in np.asarray(uniques, dtype=object)[found < 0]]
+        raise KeyError(f"{len(unknown)} unknown {kind} id(s), e.g. {unknown[:5]}")
+    return found.astype(np.int64)[codes]
+
+
+def _build_truth(catalog: _Catalog, latent: dict[str, np.ndarray], window_start: int,
+                 n_days: int, sessions_per_user: float) -> Truth:
+    """The :class:`Truth` of a generated world (a favourite style is reduced modulo the
+    category's style count, as the generator does when it picks a session's style group)."""
+    prefs = latent["prefs"].astype(np.int64)
+    used = prefs >= 0
+    styles = np.where(used, latent["styles"] % catalog.n_styles[np.where(used, prefs, 0)], -1)
+    n_users, n_items = prefs.shape[0], catalog.category.size
+    n_categories = catalog.category_weights.size
+    names = list(CATEGORY_NAMES) + [
+        f"category-{k}" for k in range(len(CATEGORY_NAMES), n_categories)]
+    start = pd.Timestamp(window_start, unit="s", tz="UTC")
+    return Truth(
+        user_ids=np.array([f"u{n}" for n in range(n_users)], dtype=object),
+        prefs=prefs, styles=styles.astype(np.int64),
+        strength=latent["strength"], activity=latent["activity"],
+        sessions_per_day=(1.0 + (sessions_per_user - 1.0) * latent["activity"]) / n_days,
+        primary_device=np.asarray(DEVICES, dtype=object)[latent["primary_device"]],
+        item_ids=np.array([f"i{n}" for n in range(n_items)], dtype=object),
+        category=catalog.category.astype(np.int64), style=catalog.style.astype(np.int64),
+        popularity=catalog.weight / catalog.weight.max(), price=catalog.price,
+        published_at=catalog.published.astype("datetime64[s]"), available=catalog.available,
+        category_names=tuple(names[:n_categories]),
+        window_start=start, window_end=start + pd.Timedelta(days=n_days))
 
 
 # ---- catalog -------------------------------------------------------------------------------
@@ -177,7 +409,8 @@ def _make_catalog(rng: np.random.Generator, n_items: int, n_categories: int, win
     level = np.exp(rng.normal(3.0, 0.7, n_categories))
     price = np.maximum(0.99, np.round(level[category] * rng.lognormal(0.0, 0.5, n_items), 2))
     available = rng.random(n_items) >= _UNAVAILABLE_SHARE
-    return _Catalog(category=category, published=published.astype(np.int64), price=price,
+    return _Catalog(category=category, style=style, weight=weight,
+                    published=published.astype(np.int64), price=price,
                     available=available, global_cdf=np.cumsum(weight) / weight.sum(),
                     category_weights=np.bincount(category, weights=weight) / weight.sum(),
                     n_styles=n_styles, by_category=by_category, by_style=by_style,
@@ -210,8 +443,9 @@ def _day_weights(window_start: int, n_days: int) -> np.ndarray:
 def _generate_chunk(rng: np.random.Generator, first_user: int, n_users: int, catalog: _Catalog,
                     window_start: int, window_end: int, day_p: np.ndarray,
                     sessions_per_user: float, views_per_session: float,
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Events and attribute codes of users ``first_user .. first_user + n_users - 1``."""
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                               dict[str, np.ndarray]]:
+    """Events, attribute codes and latent tastes of users ``first_user ..`` (``n_users``)."""
     n_cat = catalog.category_weights.size
     # -- users: preferred categories (Gumbel top-k by category popularity), habits, attributes
     n_pref = np.minimum(rng.choice(3, n_users, p=[0.4, 0.4, 0.2]) + 1, n_cat)
@@ -312,7 +546,9 @@ def _generate_chunk(rng: np.random.Generator, first_user: int, n_users: int, cat
         "value": value,
         "device": sess_device[sess].astype(np.int8),
     }
-    return events, {key: col.astype(np.int16) for key, col in attributes.items()}
+    latent = {"prefs": prefs, "styles": styles, "strength": strength, "activity": activity,
+              "primary_device": primary_device}  # read only: no draws, nothing changes
+    return events, {key: col.astype(np.int16) for key, col in attributes.items()}, latent
 
 
 def _in_prefs(prefs: np.ndarray, users: np.ndarray, categories: np.ndarray) -> np.ndarray:

@@ -1,0 +1,388 @@
+"""A simulated CMS: users of a synthetic world visit, see served recommendation lists and click.
+
+Online A/B measurement needs an outcome the recommender does not grade itself on. Here it is
+the latent :class:`~pipeline.lake.demo.synthetic.Truth` of a world made by
+:func:`~pipeline.lake.demo.synthetic.generate_world`: :func:`simulate_day` plays one day of
+visits to the "home_recs" placement against served lists (the serving view's shape: columns
+``user_id``, ``rank``, ``item_id``, optionally ``variant``), and :func:`expected_ctr` gives the
+analytical click-through rate the simulation converges to, so a test can say which variant is
+truly better and by how much.
+
+Click model (:class:`ClickModel`), position-based, per shown item at position ``k`` (its rank)
+with ``a`` the true affinity of the item to the user (:meth:`Truth.affinity`)::
+
+    P(examine | k)          = 1 / k ** position_decay                    (decay 1.0)
+    P(click | examined)     = base_ctr_scale * a                         (scale 0.2)
+    P(add_to_cart | click)  = cart_base + cart_slope * a                 (0.05 + 0.25 a)
+    P(purchase | cart)      = purchase_base + purchase_slope * a         (0.30 + 0.30 a)
+
+A list of perfectly matched items (affinity ~0.8 at the mean strength) is clicked ~16% of the
+time at position 1, a global popularity list (mean affinity ~0.2) ~4%; over a 10-item list the
+click-through rates (clicks / impressions) are ~4.6% and ~1.2%.
+
+Visits: a user visits on a given day with probability ``Truth.visit_probability`` (``1 -
+exp(-sessions_per_day)``, from the user's activity), or ``visit_rate`` when given, at most once;
+a visiting user sees their list, or the ``__default__`` list when they have none (nothing when
+there is no default either). Every shown item becomes an ``impression`` event, clicked items a
+``click`` and possibly ``add_to_cart`` and ``purchase`` events; see :func:`simulate_day`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.core.config import DEFAULT_USER
+from pipeline.core.schema import EVENT_COLUMNS, EVENT_DTYPES
+from pipeline.lake.demo.synthetic import HOUR_CURVE, Truth
+
+#: Event types a simulated visit produces, in funnel order.
+SIM_EVENT_TYPES: tuple[str, ...] = ("impression", "click", "add_to_cart", "purchase")
+#: Columns of :func:`simulate_day`'s frame (``variant`` is appended when the lists have one).
+SIM_COLUMNS: tuple[str, ...] = (*EVENT_COLUMNS, "position", "placement")
+PLACEMENT = "home_recs"
+
+_SECONDS_PER_DAY = 86_400
+_MAX_SCAN_POSITION = 60  # a click on position k comes ~3 s * min(k, 60) after the impression
+_SCAN_SECONDS = 3
+_CLICK_DELAY, _CLICK_CAP = 10.0, 600  # median / cap (seconds) of the reading before a click
+_CART_DELAY, _CART_CAP = 60.0, 1_800  # ... between click and add_to_cart
+_BUY_DELAY, _BUY_CAP = 120.0, 1_800  # ... between add_to_cart and purchase
+#: Longest visit (impression to purchase); visits start early enough to end within the day.
+_MAX_SPAN = 3 + _SCAN_SECONDS * _MAX_SCAN_POSITION + _CLICK_CAP + _CART_CAP + _BUY_CAP
+_CHUNK_ROWS = 2_000_000  # (user, shown item) pairs per chunk in expected_ctr / oracle_lists
+
+
+@dataclass(frozen=True)
+class ClickModel:
+    """Position-based click model with an affinity-driven funnel (see the module docstring).
+
+    ``position_decay`` >= 0 sets how fast attention falls with the rank (0: every position is
+    examined); ``base_ctr_scale`` in [0, 1] is the click probability of an examined item of
+    affinity 1. The cart and purchase probabilities are ``base + slope * affinity`` and must
+    stay within [0, 1] for every affinity in [0, 1].
+    """
+
+    position_decay: float = 1.0
+    base_ctr_scale: float = 0.2
+    cart_base: float = 0.05
+    cart_slope: float = 0.25
+    purchase_base: float = 0.3
+    purchase_slope: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not self.position_decay >= 0:
+            raise ValueError(f"position_decay must be >= 0, got {self.position_decay}")
+        if not 0 <= self.base_ctr_scale <= 1:
+            raise ValueError(f"base_ctr_scale must be within 0..1, got {self.base_ctr_scale}")
+        for stage in ("cart", "purchase"):
+            base, slope = getattr(self, f"{stage}_base"), getattr(self, f"{stage}_slope")
+            if not (0 <= base <= 1 and 0 <= base + slope <= 1):
+                raise ValueError(f"{stage}_base and {stage}_base + {stage}_slope must be within "
+                                 f"0..1, got {base} and {base + slope}")
+
+    def p_examine(self, position) -> np.ndarray:
+        """Probability that a user looks at position ``position`` (1-based)."""
+        return 1.0 / np.asarray(position, dtype=np.float64) ** self.position_decay
+
+    def p_click(self, affinity, position) -> np.ndarray:
+        """Unconditional click probability of an item shown at ``position``."""
+        return self.p_examine(position) * self.base_ctr_scale * np.asarray(affinity)
+
+    def p_cart(self, affinity) -> np.ndarray:
+        """Probability of an add_to_cart given a click."""
+        return self.cart_base + self.cart_slope * np.asarray(affinity)
+
+    def p_purchase(self, affinity) -> np.ndarray:
+        """Probability of a purchase given an add_to_cart."""
+        return self.purchase_base + self.purchase_slope * np.asarray(affinity)
+
+
+def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime | str, *,
+                 click_model: ClickModel = ClickModel(), visit_rate: float | None = None,
+                 seed: int = 0, placement: str = PLACEMENT) -> pd.DataFrame:
+    """One day of visits to ``placement`` by ``truth``'s users, served ``lists``.
+
+    ``lists`` has columns ``user_id``, ``rank`` (1-based) and ``item_id``, optionally
+    ``variant`` (each user, ``__default__`` included, in one variant); every listed user and
+    item must exist in ``truth``. Each user visits with probability
+    ``truth.visit_probability`` (or ``visit_rate``), at most once, and sees their list or the
+    ``__default__`` one. Returns the events ordered by time: :data:`SIM_COLUMNS` (the event
+    contract plus ``position`` = rank and ``placement``) and ``variant`` when ``lists`` has
+    one:
+
+    * one ``impression`` per shown item at the visit's start, then ``click`` /
+      ``add_to_cart`` / ``purchase`` per :class:`ClickModel`, each strictly later than the
+      stage before and all within the UTC day (visits start following the generator's daily
+      curve, compressed so the longest visit ends before midnight);
+    * ``value`` is the item's price for ``add_to_cart`` and ``purchase`` (missing otherwise),
+      ``device`` the user's primary device, ``session_id`` ``sim-<day>-<user_id>``, and
+      ``event_id`` ``sim-<day>-<user_id>-r<rank>-<event_type>`` (unique, deterministic).
+
+    The same arguments give the same frame; the random stream depends on ``seed`` and the day.
+    """
+    day = _as_date(day)
+    served = _Served.build(truth, lists)
+    seq = np.random.SeedSequence([int(seed), day.toordinal()])
+    rng = np.random.default_rng(seq)
+    p_visit = _visit_probability(truth, visit_rate)
+    visits = np.flatnonzero((rng.random(truth.n_users) < p_visit) & (served.length > 0))
+    users, rows, visit_of = served.expand(visits)
+    n_imp = rows.size
+
+    affinity = truth.affinity_by_index(users, served.item[rows])
+    position = served.rank[rows]
+    clicked = rng.random(n_imp) < click_model.p_click(affinity, position)
+    carted = clicked & (rng.random(n_imp) < click_model.p_cart(affinity))
+    bought = carted & (rng.random(n_imp) < click_model.p_purchase(affinity))
+
+    hour = rng.choice(24, visits.size, p=HOUR_CURVE / HOUR_CURVE.sum())
+    offset = (hour + rng.random(visits.size)) * (3600.0 * (_SECONDS_PER_DAY - _MAX_SPAN - 1)
+                                                 / _SECONDS_PER_DAY)
+    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
+                    .timestamp())
+    imp_ts = day_start + offset.astype(np.int64)[visit_of]
+    click_ts = (imp_ts + 1 + _SCAN_SECONDS * np.minimum(position, _MAX_SCAN_POSITION)
+                + _delay(rng, _CLICK_DELAY, _CLICK_CAP, n_imp))
+    cart_ts = click_ts + 1 + _delay(rng, _CART_DELAY, _CART_CAP, n_imp)
+    buy_ts = cart_ts + 1 + _delay(rng, _BUY_DELAY, _BUY_CAP, n_imp)
+
+    price = truth.price[served.item[rows]]
+    nan = np.full(n_imp, np.nan)
+    stages = [(None, imp_ts, nan), (clicked, click_ts, nan), (carted, cart_ts, price),
+              (bought, buy_ts, price)]
+    pick = [np.arange(n_imp) if mask is None else np.flatnonzero(mask) for mask, _, _ in stages]
+    idx = np.concatenate(pick)
+    stage = np.concatenate([np.full(p.size, code, np.int8) for code, p in enumerate(pick)])
+    ts = np.concatenate([t[p] for (_, t, _), p in zip(stages, pick)])
+    value = np.concatenate([v[p] for (_, _, v), p in zip(stages, pick)])
+    order = np.lexsort((position[idx], stage, visit_of[idx], ts))
+    idx, stage, ts, value = idx[order], stage[order], ts[order], value[order]
+    return _build_frame(truth, served, day, placement, users[idx], position[idx],
+                        served.item[rows[idx]], stage, ts, value)
+
+
+def expected_ctr(truth: Truth, lists: pd.DataFrame, click_model: ClickModel = ClickModel(), *,
+                 visit_rate: float | None = None) -> float | pd.Series:
+    """The click-through rate (clicks / impressions) :func:`simulate_day` converges to.
+
+    ``sum_u w_u * sum_k P(click_uk) / sum_u w_u * len_u`` over the users served a list (their
+    own or ``__default__``), ``w_u`` their visit probability: the ratio of expected clicks to
+    expected impressions of a day. A float, or a Series indexed by variant (name
+    ``expected_ctr``) when ``lists`` has a ``variant`` column.
+    """
+    served = _Served.build(truth, lists)
+    weight = _visit_probability(truth, visit_rate)
+    users = np.flatnonzero(served.length > 0)
+    n_variants = 1 if served.variants is None else max(1, len(served.variants))
+    clicks, shown = np.zeros(n_variants), np.zeros(n_variants)
+    for chunk in _chunks(users, served.length):
+        u, rows, _ = served.expand(chunk)
+        p = click_model.p_click(truth.affinity_by_index(u, served.item[rows]),
+                                served.rank[rows])
+        code = served.user_variant[u] if served.variants is not None else np.zeros_like(u)
+        clicks += np.bincount(code, weights=weight[u] * p, minlength=n_variants)
+        shown += np.bincount(code, weights=weight[u], minlength=n_variants)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ctr = clicks / shown
+    if served.variants is None:
+        return float(ctr[0])
+    return pd.Series(ctr, index=served.variants, name="expected_ctr")
+
+
+def observed_ctr(events: pd.DataFrame) -> float | pd.Series:
+    """Clicks / impressions of simulated ``events``; per variant (a Series named
+    ``ctr``) when they have a ``variant`` column."""
+    is_imp = (events["event_type"] == "impression").to_numpy(bool)
+    is_click = (events["event_type"] == "click").to_numpy(bool)
+    if "variant" not in events.columns:
+        return float(is_click.sum() / is_imp.sum()) if is_imp.any() else float("nan")
+    frame = pd.DataFrame({"variant": events["variant"].to_numpy(), "imp": is_imp,
+                          "click": is_click})
+    counts = frame.groupby("variant", sort=True)[["imp", "click"]].sum()
+    return (counts["click"] / counts["imp"]).rename("ctr")
+
+
+def oracle_lists(truth: Truth, k: int = 10, *, users=None, available_only: bool = True,
+                 as_of: dt.date | dt.datetime | str | None = None) -> pd.DataFrame:
+    """Each user's ``k`` items of highest true affinity (``user_id``, ``rank``, ``item_id``),
+    best first; ``users`` (ids) defaults to all. Unavailable items, and with ``as_of`` items
+    published after it, are left out. The best any recommender could serve."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    candidates = _candidates(truth, available_only, as_of)
+    k = min(k, candidates.size)
+    user_idx = (np.arange(truth.n_users) if users is None
+                else truth.user_index(np.asarray(users, dtype=object)))
+    step = max(1, _CHUNK_ROWS // max(1, candidates.size))
+    tops = []
+    for first in range(0, user_idx.size, step):
+        chunk = user_idx[first:first + step]
+        aff = truth.affinity_matrix(chunk, candidates)
+        part = np.argpartition(-aff, k - 1, axis=1)[:, :k] if k < candidates.size else \
+            np.broadcast_to(np.arange(candidates.size), aff.shape)
+        part_aff = np.take_along_axis(aff, part, axis=1)
+        best = np.take_along_axis(part, np.lexsort((part, -part_aff), axis=1), axis=1)
+        tops.append(candidates[best])
+    items = np.concatenate(tops) if tops else np.empty((0, k), np.int64)
+    return pd.DataFrame({
+        "user_id": pd.array(np.repeat(truth.user_ids[user_idx], k), dtype="string"),
+        "rank": np.tile(np.arange(1, k + 1), user_idx.size),
+        "item_id": pd.array(truth.item_ids[items.ravel()], dtype="string"),
+    })
+
+
+def popularity_list(truth: Truth, k: int = 10, *, user_id: str = DEFAULT_USER,
+                    available_only: bool = True,
+                    as_of: dt.date | dt.datetime | str | None = None) -> pd.DataFrame:
+    """The ``k`` truly most popular items as one list for ``user_id`` (``__default__``)."""
+    candidates = _candidates(truth, available_only, as_of)
+    best = candidates[np.lexsort((candidates, -truth.popularity[candidates]))][:k]
+    return pd.DataFrame({"user_id": pd.array([user_id] * best.size, dtype="string"),
+                         "rank": np.arange(1, best.size + 1),
+                         "item_id": pd.array(truth.item_ids[best], dtype="string")})
+
+
+# ---- served lists --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Served:
+    """Served lists sorted by (user, rank), with each truth user's block of rows."""
+
+    item: np.ndarray  # per row: item position
+    rank: np.ndarray  # per row
+    start: np.ndarray  # per truth user: first row of the list they see
+    length: np.ndarray  # per truth user: its length (0: nothing to see)
+    user_variant: np.ndarray  # per truth user: variant code (-1: none)
+    variants: pd.Index | None  # variant values, by code; None without a variant column
+
+    @classmethod
+    def build(cls, truth: Truth, lists: pd.DataFrame) -> _Served:
+        missing = [c for c in ("user_id", "rank", "item_id") if c not in lists.columns]
+        if missing:
+            raise ValueError(f"lists lack the columns {missing}")
+        if lists["user_id"].isna().any() or lists["item_id"].isna().any():
+            raise ValueError("lists have missing user_id or item_id values")
+        rank = pd.to_numeric(lists["rank"], errors="coerce").to_numpy(np.float64)
+        if not (np.isfinite(rank).all() and (rank >= 1).all() and (rank % 1 == 0).all()):
+            raise ValueError("column 'rank' must hold integers >= 1")
+        rank = rank.astype(np.int64)
+        is_default = (lists["user_id"] == DEFAULT_USER).to_numpy(bool)
+        user = np.full(len(lists), truth.n_users, np.int64)  # n_users: the default list
+        user[~is_default] = truth.user_index(lists["user_id"][~is_default])
+        item = truth.item_index(lists["item_id"])
+        if pd.Series(user * (int(rank.max(initial=0)) + 1) + rank).duplicated().any():
+            raise ValueError("lists have a duplicated (user_id, rank)")
+
+        order = np.lexsort((rank, user))
+        user, rank, item = user[order], rank[order], item[order]
+        counts = np.bincount(user, minlength=truth.n_users + 1)
+        starts = np.cumsum(counts) - counts
+        start, length = starts[:-1].copy(), counts[:-1].copy()
+        absent = length == 0
+        start[absent], length[absent] = starts[-1], counts[-1]
+
+        user_variant = np.full(truth.n_users, -1, np.int64)
+        variants = None
+        if "variant" in lists.columns:
+            if lists["variant"].isna().any():
+                raise ValueError("lists have missing variant values")
+            codes, variants = pd.factorize(lists["variant"], sort=True)
+            codes = codes[order]
+            first = np.repeat(codes[starts[counts > 0]], counts[counts > 0])
+            if (codes != first).any():
+                raise ValueError("a user's list spans several variants")
+            block_variant = np.full(truth.n_users + 1, -1, np.int64)
+            block_variant[counts > 0] = codes[starts[counts > 0]]
+            user_variant = np.where(absent, block_variant[-1], block_variant[:-1])
+            variants = pd.Index(variants)
+        return cls(item=item, rank=rank, start=start, length=length,
+                   user_variant=user_variant, variants=variants)
+
+    def expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user, list row, index into ``users``) of every item shown to ``users``, grouped by
+        user in the order given, rows in rank order."""
+        n_shown = self.length[users]
+        owner = np.repeat(np.arange(users.size), n_shown)
+        first = np.cumsum(n_shown) - n_shown
+        rows = self.start[users][owner] + np.arange(owner.size) - first[owner]
+        return users[owner], rows, owner
+
+
+def _chunks(users: np.ndarray, length: np.ndarray):
+    """``users`` in consecutive pieces of about ``_CHUNK_ROWS`` shown items."""
+    if users.size == 0:
+        return
+    per_user = max(1, int(length[users].max()))
+    step = max(1, _CHUNK_ROWS // per_user)
+    for first in range(0, users.size, step):
+        yield users[first:first + step]
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def _as_date(day: dt.date | dt.datetime | str) -> dt.date:
+    """The UTC calendar day of ``day`` (a date, a datetime or an ISO string)."""
+    stamp = pd.Timestamp(day)
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC")
+    return stamp.date()
+
+
+def _visit_probability(truth: Truth, visit_rate: float | None) -> np.ndarray:
+    if visit_rate is None:
+        return truth.visit_probability
+    if not 0 <= visit_rate <= 1:
+        raise ValueError(f"visit_rate must be within 0..1, got {visit_rate}")
+    return np.full(truth.n_users, float(visit_rate))
+
+
+def _delay(rng: np.random.Generator, median: float, cap: int, n: int) -> np.ndarray:
+    """Whole seconds >= 1, lognormal around ``median``, at most ``cap``."""
+    return np.minimum(np.ceil(rng.lognormal(np.log(median), 0.8, n)), cap).astype(np.int64)
+
+
+def _candidates(truth: Truth, available_only: bool,
+                as_of: dt.date | dt.datetime | str | None) -> np.ndarray:
+    """Positions of the items a list may hold."""
+    keep = truth.available.copy() if available_only else np.ones(truth.n_items, bool)
+    if as_of is not None:
+        stamp = pd.Timestamp(as_of)
+        stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+        keep &= truth.published_at <= np.datetime64(stamp.tz_convert(None), "s")
+    return np.flatnonzero(keep)
+
+
+def _build_frame(truth: Truth, served: _Served, day: dt.date, placement: str,
+                 users: np.ndarray, position: np.ndarray, items: np.ndarray,
+                 stage: np.ndarray, ts: np.ndarray, value: np.ndarray) -> pd.DataFrame:
+    """The contract-typed event frame (plus position, placement and maybe variant)."""
+    prefix = f"sim-{day.isoformat()}-"
+    user_id = pa.array(truth.user_ids, pa.string()).take(pa.array(users))
+    event_type = pa.array(SIM_EVENT_TYPES).take(pa.array(stage))
+    session_id = pc.binary_join_element_wise(prefix, user_id, "")
+    event_id = pc.binary_join_element_wise(
+        session_id, "-r", pa.array(position).cast(pa.string()), "-", event_type, "")
+    frame = pd.DataFrame({
+        "event_id": _strings(event_id),
+        "user_id": _strings(user_id),
+        "item_id": _strings(pa.array(truth.item_ids, pa.string()).take(pa.array(items))),
+        "event_type": _strings(event_type),
+        "timestamp": pd.Series((ts * 1_000_000).astype("datetime64[us]")).dt.tz_localize("UTC"),
+        "value": value,
+        "device": _strings(pa.array(truth.primary_device, pa.string()).take(pa.array(users))),
+        "session_id": _strings(session_id),
+        "position": position.astype(np.int64),
+        "placement": _strings(pa.array([placement]).take(np.zeros(users.size, np.int64))),
+    }, columns=list(SIM_COLUMNS)).astype(EVENT_DTYPES)
+    if served.variants is not None:
+        frame["variant"] = served.variants.take(served.user_variant[users]).to_numpy()
+    return frame
+
+
+def _strings(values: pa.Array | pa.ChunkedArray) -> pd.arrays.ArrowStringArray:
+    """Arrow strings as a pandas ``string`` extension array."""
+    return pd.arrays.ArrowStringArray(values)
