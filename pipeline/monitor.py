@@ -6,7 +6,7 @@ current window) with the same number of days before the serving champion's train
 before the current one):
 
 * **drift** (:mod:`pipeline.monitoring.drift`): PSI of every user RFM/context feature, item
-  popularity feature and of the event mix, binned on the reference;
+  popularity feature, the event mix and the champion's scores, binned on the reference;
 * **data health** (:mod:`pipeline.monitoring.health`): volume against the trailing median,
   newest event's age, quarantine and late shares of the newest ingest;
 * **lists** (from the live publish): cold-start share, catalogue coverage, and the share of
@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 SOURCE = "monitor"
 #: Levels of the ``event.item`` mix: the reference's most viewed items, the rest as other.
 TOP_ITEMS = 20
+#: Users per window whose champion scores ``model.score`` compares (a seeded sample).
+SCORE_USERS = 2000
 #: Features left out of drift: inside a window of a few days they describe the window, not
 #: the world. "First seen" (and age, which falls back to it without ``published_at``) piles
 #: up at the window's first day; a 1-day popularity compares the last day of each window,
@@ -96,8 +99,9 @@ def run_monitor(settings: Settings, as_of: dt.datetime, dsn: str | None = None,
                 f"{as_of:%Y-%m-%d}", len(current), reference.describe(options.window_days),
                 len(past))
 
-    drift = drift_table(past, reference.cutoff, current, as_of, options) if len(past) \
-        else _no_reference(as_of)
+    scorer = champion_scorer(reference.champion) if reference.champion else None
+    drift = drift_table(past, reference.cutoff, current, as_of, options, scorer) \
+        if len(past) else _no_reference(as_of)
     health = health_table(recent["timestamp"], read_manifest(lake.parent), as_of)
     lists = _list_rows(settings, dsn, past, current)
     rows = pd.concat([drift, health, lists], ignore_index=True)
@@ -151,15 +155,18 @@ def _reference(as_of: dt.datetime, window_days: int) -> Reference:
 
 
 def drift_table(reference: pd.DataFrame, reference_cutoff: dt.datetime, current: pd.DataFrame,
-                as_of: dt.datetime, options: MonitorOptions | None = None) -> pd.DataFrame:
+                as_of: dt.datetime, options: MonitorOptions | None = None,
+                scorer: Callable[[np.ndarray], np.ndarray] | None = None) -> pd.DataFrame:
     """PSI rows (metric ``psi``, subject = feature, value, status) of the ``window_days``
     before ``as_of`` against the same days before ``reference_cutoff``.
 
     Besides the features of :meth:`DriftProfile.from_events`, ``event.item`` is the share of
     events on each of the reference's :data:`TOP_ITEMS` most viewed items (the rest: other):
     a popularity shift or a flood of new items moves mass between the head and the rest,
-    which per-item feature distributions do not see. A feature with fewer than
-    ``min_sample`` values in either window gets status "unknown"."""
+    which per-item feature distributions do not see. With ``scorer`` (user ids -> the
+    champion's top score per user), ``model.score`` compares the champion's scores of a
+    seeded sample of :data:`SCORE_USERS` users active in each window. A feature with fewer
+    than ``min_sample`` values in either window gets status "unknown"."""
     from pipeline.monitoring.drift import DriftProfile, status
 
     options = options or MonitorOptions()
@@ -170,14 +177,39 @@ def drift_table(reference: pd.DataFrame, reference_cutoff: dt.datetime, current:
     profile.add_categorical("event.item", in_window["item_id"].astype(str).to_numpy(),
                             group="event", max_levels=TOP_ITEMS)
     now = current[(current["timestamp"] < as_of) & (current["timestamp"] >= as_of - days)]
-    table = profile.compare(current, as_of,
-                            extra={"event.item": now["item_id"].astype(str).to_numpy()})
+    extra = {"event.item": now["item_id"].astype(str).to_numpy()}
+    if scorer is not None and len(in_window) and len(now):
+        profile.add_numeric("model.score", scorer(_sample_users(in_window)), group="model")
+        extra["model.score"] = scorer(_sample_users(now))
+    table = profile.compare(current, as_of, extra=extra)
     table = table[~table["feature"].isin(EXCLUDED_FEATURES)]
     small = (table["reference_n"] < options.min_sample) | (table["current_n"] < options.min_sample)
     statuses = [("unknown" if tiny else status(value, options.psi_warn, options.psi_alert))
                 for value, tiny in zip(table["psi"], small, strict=True)]
     return pd.DataFrame({"metric": "psi", "subject": table["feature"],
                          "value": table["psi"].astype(float), "status": statuses})
+
+
+def _sample_users(events: pd.DataFrame, seed: int = 0) -> np.ndarray:
+    users = np.sort(events["user_id"].astype(str).unique())
+    if len(users) <= SCORE_USERS:
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, SCORE_USERS, replace=False))
+
+
+def champion_scorer(version: str) -> Callable[[np.ndarray], np.ndarray]:
+    """User ids -> the top score of the champion's list for each (a fallback list's score
+    for users it does not know)."""
+    from pipeline.registry.versions import load_version
+
+    model, _ = load_version(version)
+    recommender = model.unwrap_python_model().recommender
+
+    def score(users: np.ndarray) -> np.ndarray:
+        lists = recommender.recommend(users, 1)
+        return lists.loc[lists["rank"] == 1, "score"].to_numpy(dtype=float)
+
+    return score
 
 
 def _no_reference(as_of: dt.datetime) -> pd.DataFrame:

@@ -87,6 +87,10 @@ def test_a_planted_device_shift_alerts_everywhere_people_look(world):
     assert device.set_index("run_date")["status"].to_dict() == {
         pd.Timestamp(CUTOFF): "ok", pd.Timestamp(DRIFTED): "alert"}
     assert (rows[rows.run_date == pd.Timestamp(DRIFTED)]["model_version"] == "1").all()
+    # The champion's own scores of the users of each window are compared too.
+    scores = rows[(rows.subject == "model.score")].set_index("run_date")
+    assert scores.loc[pd.Timestamp(CUTOFF), "value"] == 0.0
+    assert scores["value"].notna().all() and set(scores["status"]) <= {"ok", "warn", "alert"}
 
     report = Path(summary["report"])
     assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
