@@ -106,6 +106,11 @@ def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
     and the RFM/context features per user and popularity/age features per item as of the
     cutoff (``train`` reads them) and as of the holdout start (``evaluate`` reads them), under
     ``<run>/features/as_of=<time>/``.
+
+    Events of a type weighted 0 (``impression`` unless configured) are left out here, at the
+    encoding, and only here: no later stage (features, training, holdout, publish's consumed
+    filter) sees them; they stay in the lake and ``events.parquet``. ``left_out`` in the
+    result counts them per type.
     """
     from pipeline.core.ids import encode_events_file
     from pipeline.features.tables import FeatureFrames
@@ -120,7 +125,8 @@ def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
         for as_of in (cutoff, _holdout_start(settings, cutoff)):
             frames = FeatureFrames.build(encoded.before(as_of).frame, as_of, items)
             frames.write(run / "features")
-        result.update(events=len(encoded), users=len(encoded.users), items=len(encoded.items),
+        result.update(events=len(encoded), left_out=dict(encoded.left_out),
+                      users=len(encoded.users), items=len(encoded.items),
                       user_feature_columns=len(frames.user.columns) - 1,
                       item_feature_columns=len(frames.item.columns) - 1)
     return result
@@ -644,6 +650,7 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
     ``max_per_category`` per category, exactly N from the fallback list) pick the N published.
     """
     from pipeline.lake.readers import read_side_file
+    from pipeline.lake.served import write_served
     from pipeline.monitoring.health import list_stats
     from pipeline.monitoring.prometheus import push_publish
     from pipeline.registry.versions import load_version
@@ -686,6 +693,9 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
         logger.info("publish: model v%s serves %d users (serving version %d)", version,
                     published.users, published.version)
         push_publish(published.rows, published.users, str(version), time.time())
+        result["served_history"] = str(write_served(
+            settings.lake_events_dir.parent, lists, cutoff=cutoff,
+            published_at=dt.datetime.now(dt.timezone.utc), model_version=str(version)))
         result.update(published=True, model_version=str(version), rows=published.rows,
                       users=published.users, serving_version=published.version,
                       table=published.table, rules=rule_stats.to_dict(),

@@ -39,6 +39,12 @@ def test_first_run_publishes_a_list_for_every_user_seen_before_the_cutoff(world,
     assert rows["reason"].str.len().gt(0).all()
     assert set(rows["source"]) <= {"als", "ranker", "popular"}
     assert rows["model_version"].nunique() == 1
+    # What was served is kept in the lake for attribution, keyed by user.
+    from pipeline.lake.served import read_served
+
+    served = read_served(world["root"] / "data" / "lake")
+    assert len(served) == len(rows) and set(served["cutoff"]) == {pd.Timestamp(CUTOFF)}
+    assert set(served["model_version"]) == set(rows["model_version"])
 
 
 def test_rerun_of_the_same_date_publishes_identical_rows(world, published):
