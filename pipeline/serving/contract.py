@@ -35,6 +35,7 @@ from pipeline.core.timing import StageClock
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "EXPERIMENT_LOCK_TIMEOUT_MS",
     "ISO_UTC",
     "LIST_COLUMNS",
     "LOAD_CHUNK_ROWS",
@@ -100,6 +101,8 @@ SWAP_BACKOFF_S = 0.2
 PUBLISH_LOCK_WAIT_S = 300
 #: How long a run waits for another run's promotion decision (which may refit a champion).
 PROMOTION_LOCK_WAIT_S = 3 * 3600
+#: How long recording an experiment change waits for another one (a short transaction).
+EXPERIMENT_LOCK_TIMEOUT_MS = 10_000
 
 #: ISO-8601 UTC text with microseconds: ``generated_at`` in a prepared frame, SQLite timestamps.
 ISO_UTC = "%Y-%m-%dT%H:%M:%S.%f+00:00"
@@ -200,6 +203,15 @@ class ServingBackend(Protocol):
     def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
         """In one transaction, delete the monitoring rows of ``key`` (run_date, source) and
         insert ``rows`` (creating the schema if needed)."""
+
+    def record_experiment(self, params: Mapping[str, Any],
+                          decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
+                          ) -> tuple[int, bool]:
+        """In one transaction that excludes other writers of ``experiments``: read the record
+        of ``params``' (name, version) (or None) and the newest record of every experiment
+        (``latest_experiments.sql``), call ``decide(existing, latest)``, which raises to refuse
+        and returns False when the existing record already is this one, and insert ``params``
+        when it returns True (creating the schema if needed). Returns (id, inserted)."""
 
     def publishing(self, *, lock_timeout_ms: int) -> contextlib.AbstractContextManager[Any]:
         """A connection holding the publish lock (one publisher at a time), closed on exit."""

@@ -61,7 +61,7 @@ import hashlib
 import io
 import logging
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -79,6 +79,7 @@ from psycopg2.extensions import parse_dsn
 from pipeline.core.config import DEFAULT_USER
 from pipeline.core.errors import ServingError
 from pipeline.serving.contract import (
+    EXPERIMENT_LOCK_TIMEOUT_MS,
     LOAD_CHUNK_ROWS,
     PUBLISH_LOCK_WAIT_S,
     READ_LOCK_TIMEOUT_MS,
@@ -225,6 +226,46 @@ class PostgresBackend:
                         self.migrate(conn)
             except psycopg2.Error as exc:
                 raise self._failure("writing the monitoring table", exc) from None
+
+    def record_experiment(self, params: Mapping[str, Any],
+                          decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
+                          ) -> tuple[int, bool]:
+        """``LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE`` excludes other writers (not readers)
+        for the read-decide-insert transaction."""
+        schema = self.schema
+        key = {"name": params["name"], "version": params["version"]}
+        with contextlib.closing(self.connect(lock_timeout_ms=EXPERIMENT_LOCK_TIMEOUT_MS)) as conn:
+            try:
+                for attempt in range(2):
+                    try:
+                        with _transaction(conn) as cur:
+                            cur.execute(_query("lock_experiments.sql", schema))
+                            cur.execute(_query("experiment_version.sql", schema), key)
+                            existing = cur.fetchone()
+                            cur.execute(_query("latest_experiments.sql", schema))
+                            latest = cur.fetchall()
+                            if not decide(existing, latest):
+                                return int(existing[0]), False
+                            cur.execute(_query("insert_experiment.sql", schema), dict(params))
+                            row = cur.fetchone()
+                            if row is None:  # cannot happen under the table lock
+                                raise ServingError(
+                                    f"experiment {params['name']!r} version {params['version']} "
+                                    "appeared while recording it")
+                            return int(row[0]), True
+                    except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
+                        if attempt:
+                            raise
+                        self._acquire_publish_lock(conn)
+                        self.migrate(conn)
+            except pg_errors.LockNotAvailable:
+                raise ServingError(
+                    f"another writer held {schema}.experiments for over "
+                    f"{EXPERIMENT_LOCK_TIMEOUT_MS} ms on {describe_dsn(self.dsn)}") from None
+            except psycopg2.Error as exc:
+                raise self._failure(f"recording experiment {params['name']!r} version "
+                                    f"{params['version']}", exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
         query = _query("insert_promotion.sql", self.schema)

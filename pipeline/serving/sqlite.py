@@ -22,7 +22,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import pandas as pd
 from pipeline.core.config import DEFAULT_USER
 from pipeline.core.errors import ServingError
 from pipeline.serving.contract import (
+    EXPERIMENT_LOCK_TIMEOUT_MS,
     ISO_UTC,
     LOAD_CHUNK_ROWS,
     PUBLISH_LOCK_WAIT_S,
@@ -160,6 +161,28 @@ class SqliteBackend:
                 cur.execute(_query("delete_monitoring.sql"), {k: iso(v) for k, v in key.items()})
                 cur.executemany(_query("insert_monitoring.sql"),
                                 [{k: iso(v) for k, v in row.items()} for row in rows])
+
+    def record_experiment(self, params: Mapping[str, Any],
+                          decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
+                          ) -> tuple[int, bool]:
+        """``BEGIN IMMEDIATE`` excludes other writers for the read-decide-insert."""
+        params = dict(params)
+        if params["changed_at"] is not None:
+            params["changed_at"] = params["changed_at"].strftime(ISO_UTC)
+        self.ensure_schema()
+        with contextlib.closing(self.connect(timeout_s=EXPERIMENT_LOCK_TIMEOUT_MS / 1000,
+                                             must_exist=True)) as conn:
+            with _transaction(conn) as cur:
+                key = {"name": params["name"], "version": params["version"]}
+                existing = cur.execute(_query("experiment_version.sql"), key).fetchone()
+                latest = cur.execute(_query("latest_experiments.sql")).fetchall()
+                if not decide(existing, latest):
+                    return int(existing[0]), False
+                row = cur.execute(_query("insert_experiment.sql"), params).fetchone()
+                if row is None:  # cannot happen under the write lock; say so if it does
+                    raise ServingError(f"experiment {params['name']!r} version "
+                                       f"{params['version']} appeared while recording it")
+        return int(row[0]), True
 
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
         params = dict(params)

@@ -17,7 +17,11 @@ URI or a libpq ``key=value`` string (:mod:`pipeline.serving.postgres`, schema ``
 
 Both hold per publish a table ``recommendations_v<N>`` (N only grows, never reused), the catalog
 ``recommendation_versions`` (status ``loading|live|retired|failed``, one live row), the audit
-table ``model_promotions`` (:func:`record_promotion`) and the view.
+table ``model_promotions`` (:func:`record_promotion`) and the view; beside them the
+``monitoring`` table (:func:`record_monitoring`) and the ``experiments`` audit trail of A/B
+experiments (:func:`record_experiment`, :func:`read_experiments`, :func:`active_experiment`;
+one row per start, change or stop, unique per (name, version); the configs and their rules are
+in :mod:`pipeline.serving.experiments`).
 
 Publish
 -------
@@ -82,6 +86,14 @@ from pipeline.serving.contract import (
     resolve_schema,
     versions_to_drop,
 )
+from pipeline.serving.experiments import ACTIONS as EXPERIMENT_ACTIONS
+from pipeline.serving.experiments import (
+    AnotherExperimentRunning,
+    ChangeRefused,
+    Experiment,
+    ExperimentError,
+    check_change,
+)
 from pipeline.serving.postgres import PostgresBackend, describe_dsn, normalize_dsn, scrub
 from pipeline.serving.sqlite import SqliteBackend
 
@@ -100,14 +112,17 @@ __all__ = [
     "SwapLockTimeout",
     "VIEW_COLUMNS",
     "VIEW_NAME",
+    "active_experiment",
     "backend_for",
     "ensure_schema",
     "live_version",
     "promotion_lock",
     "publish_lists",
     "read_all",
+    "read_experiments",
     "read_user_list",
     "read_monitoring",
+    "record_experiment",
     "record_monitoring",
     "record_promotion",
 ]
@@ -343,6 +358,177 @@ def read_monitoring(*, dsn: str | None, sqlite_path: Path, schema: str | None = 
         frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
     frame["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
     return frame
+
+
+EXPERIMENT_COLUMNS = ("id", "name", "version", "action", "status", "forced", "config",
+                      "changed_by", "reason", "changed_at")
+
+
+def record_experiment(experiment: Experiment | Mapping[str, Any], action: str, changed_by: str,
+                      reason: str | None, dsn: str | None, sqlite_path: Path,
+                      schema: str | None = None, *,
+                      changed_at: datetime | None = None) -> int:
+    """Append one row to ``experiments``: ``action`` (``start`` | ``change`` | ``stop``) of
+    ``experiment`` (an :class:`~pipeline.serving.experiments.Experiment` or its config dict)
+    by ``changed_by`` (who: "manual by alice", "cli", ...) for ``reason``. Returns its id.
+
+    Idempotent per (name, version): recording a version that is already recorded with the same
+    action and config (a retried task) returns the existing id and adds nothing; the same
+    version with another action or config is refused. Checked in the same transaction, which
+    excludes other writers:
+
+    * ``start``: the config is running and started (has buckets); its name and salt were never
+      recorded; no other experiment is running (:class:`AnotherExperimentRunning`, at most one
+      runs at a time);
+    * ``change``: running, and a legal next version of the newest recorded one
+      (:func:`~pipeline.serving.experiments.check_change`: nobody changes group, except users
+      of buckets a forced shrink released, who go to the default);
+    * ``stop``: status ``stopped``, the newest recorded version running, nothing else changed.
+
+    ``changed_at`` None uses the database clock (an audit timestamp). Creates the schema if
+    needed. Raises :class:`~pipeline.serving.experiments.ExperimentError` (or a subclass) when
+    refused, :class:`ServingError` when the database fails.
+    """
+    new = experiment if isinstance(experiment, Experiment) else Experiment.from_dict(experiment)
+    if action not in EXPERIMENT_ACTIONS:
+        raise ExperimentError(f"action must be one of {', '.join(EXPERIMENT_ACTIONS)}, got "
+                              f"{action!r}")
+    if not isinstance(changed_by, str) or not changed_by.strip():
+        raise ExperimentError("changed_by must say who made the change (e.g. 'manual by "
+                              "alice', 'cli')")
+    if not new.allocated:
+        raise ExperimentError(f"experiment {new.name!r} has no buckets: record it after "
+                              "Experiment.start() so that the record says who is where")
+    expected_status = "stopped" if action == "stop" else "running"
+    if new.status != expected_status:
+        raise ExperimentError(f"a {action!r} record needs status {expected_status!r}; "
+                              f"version {new.version} of {new.name!r} is {new.status!r}")
+    config = new.to_dict()
+    params = {"name": new.name, "version": new.version, "action": action,
+              "config": json.dumps(config, sort_keys=True, allow_nan=False),
+              "changed_by": changed_by, "reason": reason,
+              "changed_at": as_utc(changed_at) if changed_at is not None else None}
+
+    def decide(existing: tuple[Any, ...] | None, latest: list[tuple[Any, ...]]) -> bool:
+        if existing is not None:
+            if existing[3] == action and _json_value(existing[4]) == config:
+                return False
+            raise ExperimentError(
+                f"version {new.version} of experiment {new.name!r} is already recorded "
+                f"({existing[3]} by {existing[5]} at {_when(existing[7])}) with another "
+                f"{'config' if existing[3] == action else 'action'}: a change needs a new "
+                "version")
+        _check_experiment_record(new, action, latest)
+        return True
+
+    backend = backend_for(dsn, sqlite_path, schema)
+    record_id, inserted = backend.record_experiment(params, decide)
+    if inserted:
+        logger.info("experiment %s version %d: %s by %s (id %d)%s", new.name, new.version,
+                    action, changed_by, record_id,
+                    f": {new.last_change['summary']}" if new.last_change else "")
+    else:
+        logger.info("experiment %s version %d: %s was already recorded (id %d)", new.name,
+                    new.version, action, record_id)
+    return record_id
+
+
+def _check_experiment_record(new: Experiment, action: str,
+                             latest: list[tuple[Any, ...]]) -> None:
+    """The rules of :func:`record_experiment` against the newest record of every experiment."""
+    newest = {row[1]: row for row in latest}
+    running = [row for row in latest if row[3] != "stop"]
+    if action == "start":
+        if new.name in newest:
+            row = newest[new.name]
+            raise ExperimentError(
+                f"experiment {new.name!r} was already recorded (version {row[2]}, {row[3]} by "
+                f"{row[5]}): record a 'change' or 'stop' of it with a new version, or start a "
+                "new experiment under a new name and salt")
+        others = [row for row in running if row[1] != new.name]
+        if others:
+            row = others[-1]
+            raise AnotherExperimentRunning(
+                f"experiment {row[1]!r} (version {row[2]}, recorded by {row[5]} at "
+                f"{_when(row[7])}) is running: stop it before starting {new.name!r} (at most "
+                "one experiment runs at a time)")
+        for row in latest:
+            if _json_value(row[4]).get("salt") == new.salt:
+                raise ExperimentError(
+                    f"salt {new.salt!r} was used by experiment {row[1]!r}: a new experiment "
+                    "takes a new salt, or its users land where they were before")
+        return
+    row = newest.get(new.name)
+    if row is None:
+        raise ExperimentError(f"experiment {new.name!r} was never started: record its "
+                              "'start' first")
+    if row[3] == "stop":
+        raise ChangeRefused(f"experiment {new.name!r} was stopped at version {row[2]} (by "
+                            f"{row[5]}): stopped experiments do not change; start a new one "
+                            "with a new name and salt")
+    check_change(Experiment.from_dict(_json_value(row[4])), new)
+
+
+def read_experiments(dsn: str | None, sqlite_path: Path, name: str | None = None, *,
+                     schema: str | None = None) -> pd.DataFrame:
+    """The ``experiments`` records (oldest first), of every experiment or of ``name``:
+    :data:`EXPERIMENT_COLUMNS`, ``config`` as a dict (``status`` and ``forced`` taken from
+    it), ``changed_at`` UTC. An empty frame when nothing was recorded yet."""
+    rows = _experiment_rows("read_experiments.sql", {"name": name}, dsn=dsn,
+                            sqlite_path=sqlite_path, schema=schema)
+    frame = pd.DataFrame([_experiment_record(row) for row in rows],
+                         columns=list(EXPERIMENT_COLUMNS))
+    frame["changed_at"] = pd.to_datetime(frame["changed_at"], utc=True, format="ISO8601")
+    for column in ("id", "version"):
+        frame[column] = frame[column].astype("int64")
+    frame["forced"] = frame["forced"].astype(bool)
+    return frame
+
+
+def active_experiment(dsn: str | None, sqlite_path: Path, *,
+                      schema: str | None = None) -> dict[str, Any] | None:
+    """The newest record of the running experiment (a dict of :data:`EXPERIMENT_COLUMNS`;
+    ``Experiment.from_dict(record["config"])`` is the experiment), or None when none runs."""
+    rows = _experiment_rows("latest_experiments.sql", {}, dsn=dsn, sqlite_path=sqlite_path,
+                            schema=schema)
+    running = [row for row in rows if row[3] != "stop"]
+    if len(running) > 1:  # record_experiment prevents it; say so rather than pick silently
+        logger.warning("%d experiments are running (%s); using the newest", len(running),
+                       ", ".join(str(row[1]) for row in running))
+    return _experiment_record(max(running, key=lambda row: row[0])) if running else None
+
+
+def _experiment_rows(query: str, params: Mapping[str, Any], *, dsn: str | None,
+                     sqlite_path: Path, schema: str | None) -> list[tuple[Any, ...]]:
+    try:
+        return backend_for(dsn, sqlite_path, schema).read_rows(query, params)
+    except (NothingPublishedError, ServingError) as exc:
+        if isinstance(exc, NothingPublishedError) or "no such table" in str(exc):
+            return []
+        raise
+
+
+def _experiment_record(row: tuple[Any, ...]) -> dict[str, Any]:
+    config = _json_value(row[4])
+    return {"id": int(row[0]), "name": row[1], "version": int(row[2]), "action": row[3],
+            "status": config.get("status"),
+            "forced": bool((config.get("last_change") or {}).get("forced", False)),
+            "config": config, "changed_by": row[5], "reason": row[6],
+            "changed_at": _utc_time(row[7])}
+
+
+def _utc_time(value: Any) -> datetime:
+    """A timestamp of either backend (datetime, or ISO text from SQLite) as UTC."""
+    return as_utc(value if isinstance(value, datetime) else pd.Timestamp(value).to_pydatetime())
+
+
+def _when(value: Any) -> str:
+    return f"{_utc_time(value):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _json_value(value: Any) -> dict[str, Any]:
+    """A config as a dict: psycopg2 parses jsonb already, SQLite returns text."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else dict(value)
 
 
 def _optional_utc(value: Any) -> datetime | None:
