@@ -29,7 +29,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from recs_support import (
     DRIFT_ALERT,
     LAKE_EVENTS,
-    asset_moment,
+    as_of_date,
     notify_failure,
     send_alert,
     serving_dsn,
@@ -55,17 +55,6 @@ PARAMS = {
 }
 
 
-def _as_of(context) -> pendulum.DateTime:
-    params, run = context["params"], context["dag_run"]
-    if params.get("as_of"):
-        return pendulum.parse(params["as_of"])
-    moment = asset_moment(context, "cutoff")
-    if moment is not None:
-        return moment
-    moment = run.logical_date or run.run_after
-    return pendulum.datetime(moment.year, moment.month, moment.day, tz="UTC")
-
-
 @dag(
     dag_id="recommendations_monitor",
     schedule=LAKE_EVENTS,
@@ -89,7 +78,8 @@ def recommendations_monitor():
         params = context["params"]
         options = MonitorOptions(window_days=params["window_days"], psi_warn=params["psi_warn"],
                                  psi_alert=params["psi_alert"], min_sample=params["min_sample"])
-        summary = run_monitor(Settings(), as_utc(_as_of(context)), serving_dsn(), options)
+        summary = run_monitor(Settings(), as_utc(as_of_date(context).isoformat()), serving_dsn(),
+                              options)
         for line in format_summary(summary).splitlines():
             print(line)
         return {key: summary[key] for key in ("as_of", "alerts", "warnings", "retrain",

@@ -156,6 +156,19 @@ def asset_moment(context, key: str) -> pendulum.DateTime | None:
     return max(moments) if moments else None
 
 
+def as_of_date(context) -> pendulum.DateTime:
+    """The moment a monitoring-style run looks back from: the ``as_of`` Param, else the
+    triggering ingest's ``cutoff``, else midnight UTC of the logical date (or trigger time)."""
+    params, run = context["params"], context["dag_run"]
+    if params.get("as_of"):
+        return pendulum.parse(params["as_of"])
+    moment = asset_moment(context, "cutoff")
+    if moment is not None:
+        return moment
+    moment = run.logical_date or run.run_after
+    return pendulum.datetime(moment.year, moment.month, moment.day, tz="UTC")
+
+
 def _asset_events(context) -> list:
     events = context.get("triggering_asset_events") or {}
     return [event for asset in events for event in events[asset]]

@@ -84,7 +84,7 @@ def test_every_task_has_a_timeout_and_the_failure_notifier(dagbag):
     from recs_support import notify_failure
 
     for dag_id in ("recommendations_nightly", "recommendations_rollback",
-                   "recommendations_monitor"):
+                   "recommendations_monitor", "recommendations_impact"):
         for task in dagbag.dags[dag_id].tasks:
             assert task.execution_timeout is not None, f"{dag_id}.{task.task_id}"
             assert task.execution_timeout.total_seconds() >= 300
@@ -136,3 +136,12 @@ def test_ingest_updates_the_lake_asset_that_schedules_the_monitor(dagbag):
 
 def test_the_retrain_cool_down_is_a_param_with_an_environment_default(dagbag):
     assert dagbag.dags["recommendations_nightly"].params["retrain_cooldown_hours"] == 12.0
+
+
+def test_the_impact_dag_runs_after_every_ingest(dagbag):
+    impact = dagbag.dags["recommendations_impact"]
+    assert impact.timetable.asset_condition.uri == "recs://lake/events"
+    assert [t.task_id for t in impact.tasks] == ["impact"]
+    assert impact.max_active_runs == 1 and impact.catchup is False
+    for name, param in impact.params.items():
+        assert param.description, f"impact param {name} has no description"

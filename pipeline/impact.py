@@ -1,0 +1,233 @@
+"""The impact run: what the published lists did, per model version and variant.
+
+``run_impact(settings, as_of, dsn)`` reads the served-list history and the lake's events of
+the ``days`` before ``as_of`` (point in time: nothing at or after it), attributes them
+(:mod:`pipeline.monitoring.impact`), compares every variant with the control
+(:mod:`pipeline.monitoring.abstats`: two-proportion tests on users, Bonferroni across
+variants, the minimum detectable effect at the sample reached, and a sample-ratio check
+against the served split), and writes:
+
+* ``$RECS_DATA_DIR/impact/<date>/``: ``daily.csv`` (per day, version and variant),
+  ``variants.csv`` (per variant over the window, users as the unit), ``comparison.csv``,
+  ``report.png`` (daily CTR and conversion per variant with 95% Wilson intervals) and
+  ``summary.json``;
+* MLflow, experiment ``impact``: one run per date (a re-run logs into it), metrics per variant
+  (``<variant>.ctr``, ``<variant>.conversion``, ...) stamped with each day, so the UI's charts
+  draw the daily trend.
+
+The unit of the tests is the user (active in the window, engaged or converted at least once),
+the unit the assignment randomises: impressions of one user are not independent trials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.config import Settings, as_utc
+
+logger = logging.getLogger(__name__)
+
+MLFLOW_EXPERIMENT = "impact"
+CONTROL = "control"
+
+
+def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *,
+               days: int = 14, engage_days: int = 1, control: str = CONTROL,
+               expected_shares: dict[str, float] | None = None) -> dict:
+    """Attribute, compare and record the window ``[as_of - days, as_of)``; a JSON summary."""
+    from pipeline.lake.served import read_served
+    from pipeline.lake.snapshot import load_snapshot
+    from pipeline.monitoring.impact import attribute, user_outcomes
+
+    as_of = as_utc(as_of)
+    start = as_of - dt.timedelta(days=days)
+    lake_root = settings.lake_events_dir.parent
+    served = read_served(lake_root, start, as_of)
+    events = load_snapshot(settings.lake_events_dir, as_of, days)
+    daily = attribute(served, events, start=start, end=as_of, engage_days=engage_days)
+    users = user_outcomes(served, events, start=start, end=as_of, engage_days=engage_days)
+    variants = variant_table(users)
+    comparison, srm = _compare(variants, control, expected_shares)
+    folder = settings.data_dir / "impact" / f"{as_of:%Y-%m-%d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    daily.to_csv(folder / "daily.csv", index=False)
+    variants.to_csv(folder / "variants.csv", index=False)
+    comparison.to_csv(folder / "comparison.csv", index=False)
+    report = write_impact_report(daily, folder / "report.png",
+                                 title=f"recommendations impact, {start:%Y-%m-%d} .. "
+                                       f"{as_of - dt.timedelta(days=1):%Y-%m-%d}")
+    summary = {
+        "as_of": as_of.isoformat(), "start": start.isoformat(), "days": days,
+        "engage_days": engage_days, "served_sets": int(served["cutoff"].nunique()),
+        "events": int(len(events)), "impressions": bool((daily.get("impressions", 0) > 0).any())
+        if len(daily) else False,
+        "variants": json.loads(variants.to_json(orient="records")),
+        "comparison": json.loads(comparison.to_json(orient="records")),
+        "srm": srm, "report": str(report)}
+    summary["mlflow_run_id"] = _log_mlflow(daily, variants, summary, report, as_of)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    logger.info("impact %s: %d served set(s), %d variant(s)", f"{as_of:%Y-%m-%d}",
+                summary["served_sets"], len(variants))
+    return summary
+
+
+def variant_table(users: pd.DataFrame) -> pd.DataFrame:
+    """Per variant (users as the unit): served, active, engaged and converted users, their
+    shares of the active users, and impressions, clicks and CTR."""
+    if users.empty:
+        return pd.DataFrame(columns=["variant", "users_served", "users_active", "engaged",
+                                     "converted", "engaged_share", "conversion",
+                                     "impressions", "clicks", "ctr"])
+    grouped = users.groupby("variant")
+    out = pd.DataFrame({
+        "users_served": grouped["user_id"].nunique(),
+        "users_active": grouped["active"].sum(),
+        "engaged": grouped["engaged"].sum(), "converted": grouped["converted"].sum(),
+        "impressions": grouped["impressions"].sum(), "clicks": grouped["clicks"].sum()})
+    active = out["users_active"].where(out["users_active"] > 0)
+    out["engaged_share"] = out["engaged"] / active
+    out["conversion"] = out["converted"] / active
+    out["ctr"] = out["clicks"] / out["impressions"].where(out["impressions"] > 0)
+    return out.reset_index()
+
+
+def _compare(variants: pd.DataFrame, control: str,
+             expected: dict[str, float] | None) -> tuple[pd.DataFrame, dict | None]:
+    from pipeline.monitoring.abstats import compare_variants, srm_check
+
+    if control not in set(variants["variant"]) or len(variants) < 2:
+        return pd.DataFrame(), None
+    parts = []
+    for metric in ("engaged", "converted"):
+        frame = variants.rename(columns={"users_active": "n", metric: "x"})[
+            ["variant", "n", "x"]]
+        parts.append(compare_variants(frame, control=control).assign(metric=metric))
+    comparison = pd.concat(parts, ignore_index=True)
+    counts = dict(zip(variants["variant"], variants["users_served"].astype(int), strict=True))
+    shares = expected or {name: 1.0 / len(counts) for name in counts}
+    result = srm_check(counts, shares)
+    srm = {"chi2": result.chi2, "p_value": result.p_value, "mismatch": result.mismatch,
+           "message": result.message, "expected_shares": shares}
+    return comparison, srm
+
+
+def wilson_interval(x: np.ndarray, n: np.ndarray, z: float = 1.959964) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+    """95% Wilson score interval of proportions ``x / n`` (NaN where ``n`` is 0)."""
+    x, n = np.asarray(x, float), np.asarray(n, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = x / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def write_impact_report(daily: pd.DataFrame, path: Path, *, title: str) -> Path:
+    """Daily CTR (when impressions exist) and conversion per variant, 95% Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = [("ctr", "clicks", "impressions", "CTR of recommended items"),
+              ("conversion", "converted_users", "users_active",
+               "conversion (cart or purchase of a recommended item) per active user")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 7), sharex=True)
+    for ax, (name, x_col, n_col, label) in zip(axes, panels, strict=True):
+        if daily.empty or not (daily[n_col] > 0).any() or not daily[x_col].notna().any():
+            ax.text(0.5, 0.5, f"no {name} yet", ha="center", va="center")
+        else:
+            per = daily.groupby(["day", "variant"])[[x_col, n_col]].sum().reset_index()
+            for variant, rows in per.groupby("variant"):
+                low, high = wilson_interval(rows[x_col], rows[n_col])
+                rate = rows[x_col] / rows[n_col].where(rows[n_col] > 0)
+                ax.plot(rows["day"], rate, marker="o", label=str(variant))
+                ax.fill_between(rows["day"], low, high, alpha=0.2)
+            ax.legend(fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(bottom=0)
+    axes[-1].tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png", dpi=110)
+    plt.close(fig)
+    partial.replace(path)
+    return path
+
+
+def format_impact(summary: dict) -> str:
+    """A per-variant summary for a terminal or a task log."""
+    lines = [f"Impact of the lists served {summary['start'][:10]} .. before "
+             f"{summary['as_of'][:10]} ({summary['served_sets']} list set(s), "
+             f"{summary['events']:,} events)"]
+    lines.append(f"  {'variant':<14}{'served':>8}{'active':>8}{'engaged':>10}{'convert':>10}"
+                 f"{'CTR':>9}")
+    for row in summary["variants"]:
+        ctr = row.get("ctr")
+        lines.append(f"  {row['variant']:<14}{row['users_served']:>8,}{row['users_active']:>8,}"
+                     f"{_pct(row['engaged_share']):>10}{_pct(row['conversion']):>10}"
+                     f"{_pct(ctr) if ctr is not None else 'n/a':>9}")
+    for row in summary["comparison"]:
+        verdict = "significant" if row["significant"] else "not significant"
+        lines.append(f"  {row['metric']}: {row['variant']} vs {row['control']}: "
+                     f"{row['diff']:+.4f} (95% CI {row['diff_low']:+.4f} .. "
+                     f"{row['diff_high']:+.4f}), p = {row['p_value_adjusted']:.4g}, "
+                     f"{verdict}; MDE at this sample {row['mde']:.4f}")
+    if summary.get("srm"):
+        srm = summary["srm"]
+        lines.append(f"  sample ratio: {'MISMATCH' if srm['mismatch'] else 'ok'} "
+                     f"(p = {srm['p_value']:.3g}) {srm['message']}")
+    lines.append(f"  report {summary['report']}")
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{100 * value:.1f}%"
+
+
+def _log_mlflow(daily: pd.DataFrame, variants: pd.DataFrame, summary: dict, report: Path,
+                as_of: dt.datetime) -> str:
+    import mlflow
+
+    from pipeline.registry.versions import configure_mlflow
+
+    configure_mlflow()
+    experiment = mlflow.set_experiment(MLFLOW_EXPERIMENT)
+    day = f"{as_of:%Y-%m-%d}"
+    found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.as_of = '{day}'",
+                               output_format="list", max_results=1)
+    metrics = []
+    for row in daily.itertuples():
+        stamp = int(pd.Timestamp(row.day).timestamp() * 1000)
+        step = int(pd.Timestamp(row.day).timestamp() // 86_400)
+        for name in ("ctr", "engaged_share", "conversion", "revenue_per_active", "ctr_top3",
+                     "users_active"):
+            value = getattr(row, name)
+            if value is not None and np.isfinite(value):
+                key = f"{row.variant}.v{row.model_version}.{name}".replace("(", "").replace(
+                    ")", "")
+                metrics.append(mlflow.entities.Metric(key, float(value), stamp, step))
+    with mlflow.start_run(run_id=found[0].info.run_id if found else None,
+                          run_name=None if found else f"impact-{day}") as run:
+        mlflow.set_tags({"as_of": day, "days": str(summary["days"])})
+        client = mlflow.MlflowClient()
+        for first in range(0, len(metrics), 1000):
+            client.log_batch(run.info.run_id, metrics=metrics[first:first + 1000])
+        for row in variants.itertuples():
+            for name in ("engaged_share", "conversion", "ctr"):
+                value = getattr(row, name)
+                if value is not None and np.isfinite(value):
+                    mlflow.log_metric(f"window.{row.variant}.{name}".replace("(", "").replace(
+                        ")", ""), float(value))
+        mlflow.log_artifact(str(report))
+        return run.info.run_id
