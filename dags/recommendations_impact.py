@@ -51,7 +51,8 @@ def recommendations_impact():
     @task(execution_timeout=pendulum.duration(hours=1))
     def impact() -> dict:
         from pipeline.core.config import Settings, as_utc
-        from pipeline.impact import format_impact, run_impact
+        from pipeline.impact import run_impact
+        from pipeline.monitoring.report import format_impact
 
         context = get_current_context()
         params = context["params"]

@@ -1,4 +1,6 @@
-"""The daily monitoring report: one PNG a person can read in ten seconds.
+"""Reports people read: the monitor's PNG and summary, the impact's PNG and summary.
+
+**Monitoring report**: one PNG a person can read in ten seconds.
 
 Top: PSI of every feature (rows) by monitor date (columns), coloured against the warn and
 alert thresholds, so a shift shows as a band that starts on a day. Bottom: the input volume
@@ -9,6 +11,7 @@ cold-start share, new-item share) over the same days.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +72,21 @@ def write_report(history: pd.DataFrame, path: Path, *, warn: float, alert: float
     bottom.tick_params(axis="x", rotation=60, labelsize=7)
     bottom.legend(fontsize=7, loc="upper left")
     bottom.set_title("input volume and list coverage", fontsize=9)
+    save_figure(fig, path)
+    logger.info("monitoring report: %s (%d features x %d days)", path, len(psi), psi.shape[1])
+    return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically (temp file, rename), close it."""
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     fig.savefig(partial, format="png", dpi=110)
     plt.close(fig)
     partial.replace(path)
-    logger.info("monitoring report: %s (%d features x %d days)", path, len(psi), psi.shape[1])
     return path
 
 
@@ -102,3 +113,74 @@ def _fmt(value) -> str:
     if value is None or not np.isfinite(value):
         return "n/a"
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def wilson_interval(x: np.ndarray, n: np.ndarray, z: float = 1.959964) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+    """95% Wilson score interval of proportions ``x / n`` (NaN where ``n`` is 0)."""
+    x, n = np.asarray(x, float), np.asarray(n, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = x / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def write_impact_report(daily: pd.DataFrame, path: Path, *, title: str) -> Path:
+    """Daily CTR (when impressions exist) and conversion per variant, 95% Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = [("ctr", "clicks", "impressions", "CTR of recommended items"),
+              ("conversion", "converted_users", "users_active",
+               "conversion (cart or purchase of a recommended item) per active user")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 7), sharex=True)
+    for ax, (name, x_col, n_col, label) in zip(axes, panels, strict=True):
+        if daily.empty or not (daily[n_col] > 0).any() or not daily[x_col].notna().any():
+            ax.text(0.5, 0.5, f"no {name} yet", ha="center", va="center")
+        else:
+            per = daily.groupby(["day", "variant"])[[x_col, n_col]].sum().reset_index()
+            for variant, rows in per.groupby("variant"):
+                low, high = wilson_interval(rows[x_col], rows[n_col])
+                rate = rows[x_col] / rows[n_col].where(rows[n_col] > 0)
+                ax.plot(rows["day"], rate, marker="o", label=str(variant))
+                ax.fill_between(rows["day"], low, high, alpha=0.2)
+            ax.legend(fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(bottom=0)
+    axes[-1].tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def format_impact(summary: dict) -> str:
+    """A per-variant summary for a terminal or a task log."""
+    lines = [f"Impact of the lists served {summary['start'][:10]} .. before "
+             f"{summary['as_of'][:10]} ({summary['served_sets']} list set(s), "
+             f"{summary['events']:,} events)"]
+    lines.append(f"  {'variant':<14}{'served':>8}{'active':>8}{'engaged':>10}{'convert':>10}"
+                 f"{'CTR':>9}")
+    for row in summary["variants"]:
+        ctr = row.get("ctr")
+        lines.append(f"  {row['variant']:<14}{row['users_served']:>8,}{row['users_active']:>8,}"
+                     f"{_pct(row['engaged_share']):>10}{_pct(row['conversion']):>10}"
+                     f"{_pct(ctr) if ctr is not None else 'n/a':>9}")
+    for row in summary["comparison"]:
+        verdict = "significant" if row["significant"] else "not significant"
+        lines.append(f"  {row['metric']}: {row['variant']} vs {row['control']}: "
+                     f"{row['diff']:+.4f} (95% CI {row['diff_low']:+.4f} .. "
+                     f"{row['diff_high']:+.4f}), p = {row['p_value_adjusted']:.4g}, "
+                     f"{verdict}; MDE at this sample {row['mde']:.4f}")
+    if summary.get("srm"):
+        srm = summary["srm"]
+        lines.append(f"  sample ratio: {'MISMATCH' if srm['mismatch'] else 'ok'} "
+                     f"(p = {srm['p_value']:.3g}) {srm['message']}")
+    lines.append(f"  report {summary['report']}")
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{100 * value:.1f}%"
