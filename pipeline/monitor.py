@@ -10,7 +10,9 @@ before the current one):
 * **data health** (:mod:`pipeline.monitoring.health`): volume against the trailing median,
   newest event's age, quarantine and late shares of the newest ingest;
 * **lists** (from the live publish): cold-start share, catalogue coverage, and the share of
-  the current window's events on items the champion never saw (new-item share).
+  the current window's events on items the champion never saw (new-item share);
+* **online** (from the newest ``recommendations_impact`` run, when there is one): the last
+  day's CTR and conversion against the median day before it.
 
 A feature whose reference or current window holds fewer than ``min_sample`` values gets its
 PSI but status "unknown": PSI over a handful of users is noise (its expectation is about
@@ -104,7 +106,8 @@ def run_monitor(settings: Settings, as_of: dt.datetime, dsn: str | None = None,
         if len(past) else _no_reference(as_of)
     health = health_table(recent["timestamp"], read_manifest(lake.parent), as_of)
     lists = _list_rows(settings, dsn, past, current)
-    rows = pd.concat([drift, health, lists], ignore_index=True)
+    online = _online_rows(settings, as_of)
+    rows = pd.concat([drift, health, lists, online], ignore_index=True)
     rows["window_start"], rows["window_end"] = as_of - days, as_of
     rows["reference"] = reference.describe(options.window_days)
     rows["model_version"] = reference.champion
@@ -188,6 +191,19 @@ def drift_table(reference: pd.DataFrame, reference_cutoff: dt.datetime, current:
                 for value, tiny in zip(table["psi"], small, strict=True)]
     return pd.DataFrame({"metric": "psi", "subject": table["feature"],
                          "value": table["psi"].astype(float), "status": statuses})
+
+
+def _online_rows(settings: Settings, as_of: dt.datetime) -> pd.DataFrame:
+    """CTR and conversion drops from the newest impact run at or before ``as_of``."""
+    from pipeline.monitoring.health import online_ratios
+
+    runs = sorted(p for p in (settings.data_dir / "impact").glob("*/daily.csv")
+                  if p.parent.name <= f"{as_of:%Y-%m-%d}")
+    if not runs:
+        return pd.DataFrame(columns=["metric", "subject", "value", "status"])
+    daily = pd.read_csv(runs[-1], parse_dates=["day"])
+    logger.info("monitor: online metrics from %s", runs[-1])
+    return online_ratios(daily)
 
 
 def _sample_users(events: pd.DataFrame, seed: int = 0) -> np.ndarray:

@@ -16,6 +16,9 @@ late_share         rows the newest ingest rejected as too late (older than the  
                    lake's watermark minus the allowed lateness) over rows read
 new_item_share     events of the current window on items the reference window     >10%  >25%
                    never saw (a flood of new items the champion cannot know)
+ctr_ratio          the last day's CTR of recommended items over the median day    <0.8  <0.5
+                   of the window before it (from the impact DAG, when present)
+conversion_ratio   the same for conversion per active user                       <0.8  <0.5
 =================  ============================================================  ====  =====
 
 A catalogue that renews itself (news) has a high new-item share every day: raise its
@@ -67,6 +70,8 @@ HEALTH_THRESHOLDS: Mapping[str, Threshold] = {
     "quarantine_share": Threshold(high_warn=0.01, high_alert=0.05),
     "late_share": Threshold(high_warn=0.01, high_alert=0.05),
     "new_item_share": Threshold(high_warn=0.1, high_alert=0.25),
+    "ctr_ratio": Threshold(low_warn=0.8, low_alert=0.5),
+    "conversion_ratio": Threshold(low_warn=0.8, low_alert=0.5),
 }
 
 
@@ -130,6 +135,28 @@ def health_table(timestamps: pd.Series, manifest: Iterable[Mapping], as_of: dt.d
     return pd.DataFrame({"metric": list(values), "subject": "",
                          "value": [float(v) for v in values.values()],
                          "status": [thresholds[m].status(v) for m, v in values.items()]})
+
+
+def online_ratios(daily: pd.DataFrame, *,
+                  thresholds: Mapping[str, Threshold] = HEALTH_THRESHOLDS) -> pd.DataFrame:
+    """Online drops from the impact DAG's daily rows (day, clicks, impressions,
+    converted_users, users_active; any versions and variants, summed per day): the last day's
+    CTR and conversion over the median of the days before it. Empty without two days."""
+    if daily.empty or daily["day"].nunique() < 2:
+        return pd.DataFrame(columns=["metric", "subject", "value", "status"])
+    per_day = daily.groupby("day")[["clicks", "impressions", "converted_users",
+                                    "users_active"]].sum().sort_index()
+    rates = {"ctr_ratio": per_day["clicks"] / per_day["impressions"].where(
+                 per_day["impressions"] > 0),
+             "conversion_ratio": per_day["converted_users"] / per_day["users_active"].where(
+                 per_day["users_active"] > 0)}
+    rows = []
+    for metric, rate in rates.items():
+        earlier = rate.iloc[:-1].dropna()
+        median = float(np.median(earlier)) if len(earlier) else float("nan")
+        value = float(rate.iloc[-1]) / median if median > 0 else float("nan")
+        rows.append((metric, value, thresholds[metric].status(value)))
+    return pd.DataFrame(rows, columns=["metric", "value", "status"]).assign(subject="")
 
 
 def new_item_share(reference_items: pd.Series, current_items: pd.Series) -> float:

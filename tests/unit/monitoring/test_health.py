@@ -64,3 +64,18 @@ def test_health_table_flags_a_volume_drop_and_stale_input():
     stale = health.health_table(_events({5: 10, **{k: 10 for k in range(6, 30)}}), [], AS_OF)
     stale = stale.set_index("metric")
     assert stale.loc["newest_event_age", "status"] == "alert"  # 4.5 days
+
+
+def test_online_ratios_flag_a_ctr_drop_on_the_last_day():
+    days = pd.to_datetime(["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"], utc=True)
+    daily = pd.DataFrame({"day": np.repeat(days, 2), "variant": ["a", "b"] * 4,
+                          "clicks": [5, 5, 6, 4, 5, 5, 1, 1],
+                          "impressions": [50, 50] * 4,
+                          "converted_users": [2, 2, 2, 2, 2, 2, 2, 2],
+                          "users_active": [20, 20] * 4})
+    rows = health.online_ratios(daily).set_index("metric")
+    assert rows.loc["ctr_ratio", "value"] == pytest.approx(0.02 / 0.10)
+    assert rows.loc["ctr_ratio", "status"] == "alert"
+    assert rows.loc["conversion_ratio", "value"] == pytest.approx(1.0)
+    assert rows.loc["conversion_ratio", "status"] == "ok"
+    assert health.online_ratios(daily[daily.day == days[0]]).empty
