@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EVENTS_SUITE = REPO_ROOT / "expectations" / "events.json"
 
 #: Confidence weight of one event of each type (the implicit-feedback "r_ui").
-#: A `rating` event's weight is multiplied by its value (1-5 stars).
+#: A `rating` event's weight is multiplied by its value (1-5 stars). A type weighted 0 is a
+#: known type (validation accepts it, the lake keeps it) that never trains anything: its events
+#: are left out when a run's events are encoded (:func:`untrained_event_types`). An
+#: `impression` (an item the CMS showed) is such a type unless configured otherwise: being
+#: shown is not being liked; impressions are what attribution (CTR) counts.
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "impression": 0.0,
     "view": 1.0,
     "click": 2.0,
     "like": 4.0,
@@ -29,6 +35,13 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
 VALUE_SCALED_EVENT_TYPES: frozenset[str] = frozenset({"rating"})
 
 DEFAULT_USER = "__default__"
+
+
+def untrained_event_types(weights: Mapping[str, float]) -> frozenset[str]:
+    """The event types of ``weights`` whose weight is not positive (0 by default: impressions):
+    their events never reach the models, the feature tables, the holdout or the consumed
+    filter. Types absent from ``weights`` are not listed (validation quarantines them)."""
+    return frozenset(str(t) for t, w in weights.items() if not float(w) > 0)
 
 
 def _env_path(name: str, default: Path) -> Path:

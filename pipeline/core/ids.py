@@ -22,6 +22,14 @@ value         float64                           dwell, rating or order value; Na
 device        category (int8 codes)             :data:`pipeline.core.schema.DEVICES`
 session_id    Int32 (nullable)                  per-run code of the session id; NA if absent
 ============  ================================  =========================================
+
+**Only what trains.** Events of a type whose weight is not positive
+(:func:`pipeline.core.config.untrained_event_types`: ``impression`` by default) are left out
+here, once, before the id maps are built: nothing downstream of the encoding (matrices,
+feature tables, label windows, holdout truth, the consumed filter in publish) ever sees them,
+and a user or item known only from them gets no code. They stay in the lake and the run's
+snapshot (attribution reads them there). Configure a positive weight and they are encoded
+like any other type.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import datetime as dt
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -40,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import VALUE_SCALED_EVENT_TYPES
+from pipeline.core.config import VALUE_SCALED_EVENT_TYPES, untrained_event_types
 from pipeline.core.schema import DEVICES
 
 logger = logging.getLogger(__name__)
@@ -153,6 +161,9 @@ class EncodedEvents:
     frame: pd.DataFrame
     users: IdMap
     items: IdMap
+    #: Events left out at encoding, per event type (weight not positive: impressions); not
+    #: saved by :meth:`write`, not carried by :meth:`where` / :meth:`before`.
+    left_out: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     COLUMNS = ("user_id", "item_id", "event_type", "weight", "timestamp", "value", "device",
                "session_id")
@@ -197,7 +208,16 @@ class EncodedEvents:
                    users: IdMap | None = None, items: IdMap | None = None) -> EncodedEvents:
         """Encode a frame of clean string-id events (the validated lake columns). The id
         maps are the frame's sorted distinct ids unless given (then they are extended with
-        the ids they lack, keeping their codes)."""
+        the ids they lack, keeping their codes). Events of a type weighted 0 (impressions)
+        are left out first (see the module docstring)."""
+        untrained = untrained_event_types(weights)
+        types = events["event_type"]
+        dropped = (types.isin(sorted(untrained)).fillna(False).to_numpy(bool) if untrained
+                   else np.zeros(len(events), bool))
+        left_out = _log_left_out({str(t): int(c) for t, c in
+                                  types[dropped].astype(str).value_counts().items()})
+        if dropped.any():
+            events = events[~dropped]
         users = (IdMap.from_values(events["user_id"]) if users is None
                  else users.extend(events["user_id"]))
         items = (IdMap.from_values(events["item_id"]) if items is None
@@ -205,7 +225,7 @@ class EncodedEvents:
         frame = _encode_columns(events, weights)
         frame.insert(0, "user_id", users.encode(events["user_id"]))
         frame.insert(1, "item_id", items.encode(events["item_id"]))
-        return cls(frame, users, items)
+        return cls(frame, users, items, left_out)
 
     def write(self, folder: Path) -> Path:
         """``events_encoded.parquet`` plus the two id maps into ``folder``; returns the events
@@ -233,16 +253,20 @@ def encode_events_file(clean_path: Path, folder: Path, weights: Mapping[str, flo
     One column at a time, in Arrow: a string column's distinct values are hashed and sorted
     (distinct values only) and each event gets its value's position. No Python string object
     is made per event, and memory is the encoded columns (~34 bytes per event) plus one
-    source column, not the whole file's strings at once."""
+    source column, not the whole file's strings at once. Events of a type weighted 0
+    (impressions) are left out first (see the module docstring)."""
     source = pq.ParquetFile(clean_path)
     present = set(source.schema_arrow.names)
     missing = [c for c in ("user_id", "item_id", "event_type", "timestamp") if c not in present]
     if missing:
         raise ValueError(f"{clean_path}: no column(s) {missing}")
-    n = source.metadata.num_rows
+    keep, left_out = _trained_rows(
+        pq.read_table(clean_path, columns=["event_type"]).column("event_type"), weights)
+    n = source.metadata.num_rows if keep is None else int(pc.sum(keep).as_py() or 0)
 
     def read(name: str) -> pa.ChunkedArray:
-        return pq.read_table(clean_path, columns=[name]).column(name)
+        column = pq.read_table(clean_path, columns=[name]).column(name)
+        return column if keep is None else column.filter(keep)
 
     maps = {}
     for name in ("user_id", "item_id"):
@@ -279,11 +303,36 @@ def encode_events_file(clean_path: Path, folder: Path, weights: Mapping[str, flo
         "session_id": pd.arrays.IntegerArray(np.maximum(session_codes, 0), session_codes < 0)})
     frame["weight"] = event_weights(frame, weights).astype(np.float32)
     out = EncodedEvents(frame, *(IdMap(maps[name].to_numpy(zero_copy_only=False).astype(object))
-                                 for name in ("user_id", "item_id")))
+                                 for name in ("user_id", "item_id")), left_out)
     out.write(folder)
     logger.info("encoded %d events: %d users, %d items, %d event types", len(frame),
                 len(out.users), len(out.items), len(types))
     return out
+
+
+def _trained_rows(types: pa.ChunkedArray, weights: Mapping[str, float]
+                  ) -> tuple[pa.Array | None, dict[str, int]]:
+    """Which events to encode (None: all) and the count left out per type (weight <= 0)."""
+    untrained = untrained_event_types(weights)
+    if not untrained:
+        return None, {}
+    dropped = pc.fill_null(pc.is_in(_as_string(types), value_set=pa.array(
+        sorted(untrained), pa.large_string())), False).combine_chunks()
+    if not pc.any(dropped).as_py():
+        return None, {}
+    counts = pc.value_counts(_as_string(types).filter(dropped))
+    left_out = _log_left_out({str(row["values"]): int(row["counts"])
+                              for row in counts.to_pylist()})
+    return pc.invert(dropped), left_out
+
+
+def _log_left_out(left_out: dict[str, int]) -> dict[str, int]:
+    """Log the events left out at encoding (types weighted 0); returns ``left_out``."""
+    if left_out:
+        logger.info("encode: %d events of types weighted 0 left out (never a training signal; "
+                    "they stay in the lake): %s", sum(left_out.values()),
+                    ", ".join(f"{t} {c}" for t, c in sorted(left_out.items())))
+    return left_out
 
 
 def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:

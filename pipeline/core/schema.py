@@ -5,13 +5,21 @@ from __future__ import annotations
 import re
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "event_type", "timestamp")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("event_id", "value", "device", "session_id", "consent")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("event_id", "value", "device", "session_id", "consent",
+                                     "position", "placement")
+#: The interaction columns of every event (what models, features and the demos build on).
 EVENT_COLUMNS: tuple[str, ...] = (
     "event_id", "user_id", "item_id", "event_type", "timestamp", "value", "device", "session_id",
 )
+#: The CMS feedback columns (README, "Event contract"): where an item was shown. Optional in
+#: every file; stored in the lake beside :data:`EVENT_COLUMNS` (null when a file lacks them,
+#: and in lake part files written before they existed). ``position``: the 1-based rank the
+#: item was shown at; ``placement``: the slot's name (``home_recs``).
+FEEDBACK_COLUMNS: tuple[str, ...] = ("position", "placement")
 DEVICES: tuple[str, ...] = ("desktop", "mobile", "tablet", "tv", "other")
 
-#: pandas dtypes of a normalised event frame (what the lake stores).
+#: pandas dtypes of the event columns of a normalised event frame (the lake stores these plus
+#: :data:`FEEDBACK_DTYPES`: see :data:`LAKE_EVENT_DTYPES`).
 EVENT_DTYPES: dict[str, str] = {
     "event_id": "string",
     "user_id": "string",
@@ -22,12 +30,21 @@ EVENT_DTYPES: dict[str, str] = {
     "device": "string",
     "session_id": "string",
 }
+#: ``position`` is a nullable integer (>= 1), ``placement`` text; both null when absent.
+FEEDBACK_DTYPES: dict[str, str] = {
+    "position": "Int64",
+    "placement": "string",
+}
+#: What the lake stores per event (snapshots and quarantine files too): the event columns
+#: plus the feedback columns.
+LAKE_EVENT_COLUMNS: tuple[str, ...] = (*EVENT_COLUMNS, *FEEDBACK_COLUMNS)
+LAKE_EVENT_DTYPES: dict[str, str] = {**EVENT_DTYPES, **FEEDBACK_DTYPES}
 
 ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "category", "published_at", "available",
                                   "price")
 
-#: What a landing file may contribute: the event columns plus ``consent`` (never stored).
-CONTRACT_INPUT_COLUMNS: tuple[str, ...] = (*EVENT_COLUMNS, "consent")
+#: What a landing file may contribute: the lake's columns plus ``consent`` (never stored).
+CONTRACT_INPUT_COLUMNS: tuple[str, ...] = (*LAKE_EVENT_COLUMNS, "consent")
 
 #: Column names that look like personal data; such columns are dropped at ingest (as is every
 #: column outside the contract) and logged as PII. Matched against the lower-cased name.

@@ -6,9 +6,16 @@ deterministically from the other fields. ``consent=false`` events are dropped be
 is stored (a blank or unreadable consent quarantines the row). Every column
 outside the contract is dropped (its name is reported).
 
+The CMS feedback columns are optional: ``position`` becomes a nullable integer (a whole
+number >= 1 in any form: ``3``, ``"3"``, ``3.0``), ``placement`` text (stripped; empty ->
+null). Both take part in a derived ``event_id`` only where present, so rows without them keep
+the ids they always had.
+
 Rows that cannot be stored are rejected with a ``reason`` each: invalid UTF-8 in a contract
 column (a U+FFFD from a replaced byte), unreadable timestamp, missing ``user_id`` / ``item_id``
-/ ``event_type``, unreadable value, timestamp after the ingestion time (plus the clock skew).
+/ ``event_type``, unreadable value, a ``position`` that is not an integer >= 1, a control
+character or more than 512 characters in an id or ``placement``, timestamp after the
+ingestion time (plus the clock skew).
 """
 
 from __future__ import annotations
@@ -23,7 +30,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.schema import CONTRACT_INPUT_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES, parse_bool
+from pipeline.core.schema import (
+    CONTRACT_INPUT_COLUMNS,
+    LAKE_EVENT_COLUMNS,
+    LAKE_EVENT_DTYPES,
+    parse_bool,
+)
 from pipeline.lake.readers import REPLACEMENT_CHAR
 
 _MISSING_TEXT = ["", "nan", "NaN", "None", "null", "NULL"]
@@ -32,6 +44,11 @@ _MISSING_TEXT = ["", "nan", "NaN", "None", "null", "NULL"]
 #: entry is at most ~2.7 kB; ids beyond MAX_ID_CHARS are never real ids).
 ID_COLUMNS = ("event_id", "user_id", "item_id", "session_id")
 MAX_ID_CHARS = 512
+#: Text columns held to the ids' limits (no control character, at most MAX_ID_CHARS).
+_LIMITED_TEXT_COLUMNS = (*ID_COLUMNS, "placement")
+#: ``position`` is a rank: a whole number from 1 to this (a 32-bit integer's maximum).
+MAX_POSITION = 2**31 - 1
+POSITION_REASON = "position is not an integer >= 1"
 _CONTROL_CHARS = r"[\x00-\x1f\x7f]"
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
@@ -53,8 +70,9 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
                           else np.zeros(len(frame), bool))
     out = pd.DataFrame(index=frame.index)
     value_unreadable = pd.Series(False, index=frame.index)
+    position_bad = pd.Series(False, index=frame.index)
     not_scalar: dict[str, np.ndarray] = {}  # id cells holding a JSON object or array
-    for column in EVENT_COLUMNS:
+    for column in LAKE_EVENT_COLUMNS:
         if column == "timestamp":
             out[column] = parse_timestamps(frame[column])
         elif column == "value":
@@ -62,9 +80,14 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
                 out[column], value_unreadable = _parse_values(frame[column])
             else:
                 out[column] = np.nan
+        elif column == "position":
+            if column in frame:
+                out[column], position_bad = parse_positions(frame[column])
+            else:
+                out[column] = pd.array([pd.NA] * len(frame), dtype="Int64")
         else:
             values = frame[column] if column in frame else pd.Series(pd.NA, index=frame.index)
-            if column in ID_COLUMNS:
+            if column in _LIMITED_TEXT_COLUMNS:
                 values, structured = _canonical_ids(values)
                 not_scalar[column] = structured
             out[column] = _clean_text(values)
@@ -77,19 +100,21 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     no_consent = (consent.eq(False).fillna(False).to_numpy(bool) if consent is not None
                   else np.zeros(len(out), bool))
     keep = ~no_consent
-    out, value_unreadable = out[keep], value_unreadable[keep]
+    out, value_unreadable, position_bad = out[keep], value_unreadable[keep], position_bad[keep]
     reason = pd.Series("", index=out.index, dtype="string")
     reason = reason.mask(pd.Series(consent_unreadable[keep], index=out.index),
                          "consent blank or unreadable (neither true nor false)")
     if check_replacement:
-        for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id"):
+        for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id",
+                       "placement"):
             bad = out[column].str.contains(REPLACEMENT_CHAR, regex=False).fillna(False)
             reason = reason.mask(bad & (reason == ""), f"invalid UTF-8 in {column}")
-    for column in ID_COLUMNS:  # what PostgreSQL (text, btree index) could never store
+    for column in _LIMITED_TEXT_COLUMNS:  # what PostgreSQL (text, btree index) never stores
         if column in not_scalar:
             structured = pd.Series(not_scalar[column][keep], index=out.index)
+            kind = "text" if column == "placement" else "an id"
             reason = reason.mask(structured & (reason == ""),
-                                 f"{column} is a JSON object or array, not an id")
+                                 f"{column} is a JSON object or array, not {kind}")
         text = out[column]
         control = text.str.contains(_CONTROL_CHARS, regex=True).fillna(False)
         reason = reason.mask(control & (reason == ""), f"{column} contains a control character")
@@ -100,16 +125,17 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     for column in ("user_id", "item_id", "event_type"):
         reason = reason.mask(out[column].isna() & (reason == ""), f"{column} missing")
     reason = reason.mask(value_unreadable & (reason == ""), "value unreadable")
+    reason = reason.mask(position_bad & (reason == ""), POSITION_REASON)
     if latest_valid is not None:
         future = (out["timestamp"] > latest_valid).fillna(False)
         reason = reason.mask(future & (reason == ""), "timestamp after ingestion time")
     bad = (reason != "").to_numpy()
-    rejected = out[bad].assign(reason=reason[bad]).astype(EVENT_DTYPES)
+    rejected = out[bad].assign(reason=reason[bad]).astype(LAKE_EVENT_DTYPES)
     events = out[~bad].copy()
     missing_id = events["event_id"].isna()
     if missing_id.any():
         events.loc[missing_id, "event_id"] = derive_event_ids(events[missing_id])
-    return events.astype(EVENT_DTYPES), rejected, int(no_consent.sum()), dropped
+    return events.astype(LAKE_EVENT_DTYPES), rejected, int(no_consent.sum()), dropped
 
 
 def parse_timestamps(values: pd.Series) -> pd.Series:
@@ -153,6 +179,31 @@ def _parse_values(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     return numbers, (text.notna() & ~is_number).fillna(False).astype(bool)
 
 
+def parse_positions(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """``position`` as nullable Int64, and where a non-empty value is not a whole number
+    from 1 to MAX_POSITION (text that is no number, a fraction, 0, a negative, a boolean)."""
+    if pd.api.types.is_bool_dtype(values):
+        present = values.notna()
+        return (pd.Series(pd.NA, index=values.index, dtype="Int64"),
+                present.fillna(False).astype(bool))
+    if pd.api.types.is_numeric_dtype(values):
+        numbers = values.astype("float64")
+        present = numbers.notna()
+    else:
+        text = _clean_text(values)
+        numbers, _ = _parse_numbers(text, _NUMBER.pattern)
+        present = text.notna()
+    number = numbers.to_numpy(dtype="float64", na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(number) & (number == np.trunc(number)) & (number >= 1) & (
+            number <= MAX_POSITION)
+    positions = pd.array(np.where(ok, number, 0).astype(np.int64), dtype="Int64")
+    positions[~ok] = pd.NA
+    bad = present.to_numpy(bool) & ~ok
+    return (pd.Series(positions, index=values.index),
+            pd.Series(bad, index=values.index))
+
+
 def _parse_numbers(text: pd.Series, pattern: str) -> tuple[pd.Series, pd.Series]:
     """Vectorised (Arrow) float parsing of the strings matching ``pattern``; others -> NaN."""
     arrow = pa.array(text.array, type=pa.large_string())
@@ -163,11 +214,22 @@ def _parse_numbers(text: pd.Series, pattern: str) -> tuple[pd.Series, pd.Series]
 
 
 def derive_event_ids(events: pd.DataFrame) -> pd.Series:
-    """Deterministic id from the other fields, for files that carry no ``event_id``."""
+    """Deterministic id from the other fields, for files that carry no ``event_id``.
+
+    ``position`` and ``placement`` take part only in rows that have one of them (two
+    impressions of one item in the same second at two positions are two events); a row
+    with neither gets the id it got before these columns existed."""
     parts = [events[c].astype("string").fillna("") for c in
              ("user_id", "item_id", "event_type", "value", "session_id")]
     parts.insert(3, events["timestamp"].astype("int64").astype("string"))
     key = parts[0].str.cat(parts[1:], sep="\x1f")
+    feedback = [events[c].astype("string") if c in events else
+                pd.Series(pd.NA, index=events.index, dtype="string")
+                for c in ("position", "placement")]
+    shown = feedback[0].notna() | feedback[1].notna()
+    if shown.any():
+        extra = feedback[0].fillna("").str.cat(feedback[1].fillna(""), sep="\x1f")
+        key = key.where(~shown, key + "\x1f" + extra)
     return key.map(lambda k: "h" + hashlib.sha1(k.encode()).hexdigest()[:20]).astype("string")
 
 

@@ -1,7 +1,9 @@
 """Reading the lake back: the run's point-in-time snapshot.
 
-A run sees the events with ``cutoff - lookback_days <= timestamp < cutoff`` (event fields plus
-lineage), sorted by time then event id, read one date partition at a time:
+A run sees the events with ``cutoff - lookback_days <= timestamp < cutoff`` (event fields,
+the feedback fields ``position`` / ``placement`` and lineage; a part file written before the
+feedback fields existed reads them as nulls), sorted by time then event id, read one date
+partition at a time:
 :func:`load_snapshot` returns them as a DataFrame, :func:`write_snapshot` streams them to a
 Parquet file (written to a temp file and renamed) and returns a :class:`Snapshot`.
 """
@@ -19,12 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.schema import EVENT_COLUMNS, EVENT_DTYPES
+from pipeline.core.schema import LAKE_EVENT_COLUMNS, LAKE_EVENT_DTYPES
 from pipeline.lake.storage import LAKE_SCHEMA, LINEAGE_COLUMNS, lake_part_files
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_COLUMNS = list(EVENT_COLUMNS) + list(LINEAGE_COLUMNS)
+SNAPSHOT_COLUMNS = list(LAKE_EVENT_COLUMNS) + list(LINEAGE_COLUMNS)
 
 
 def _snapshot_parts(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime
@@ -39,13 +41,14 @@ def _snapshot_parts(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime
 
 def _snapshot_day(parts: list[Path], start: dt.datetime, cutoff: dt.datetime) -> pd.DataFrame:
     frame = _snapshot_day_table(parts, start, cutoff).to_pandas()
-    return frame.astype({**EVENT_DTYPES, "source_file": "string", "source_row": "int64"})
+    return frame.astype({**LAKE_EVENT_DTYPES, "source_file": "string", "source_row": "int64"})
 
 
 def _snapshot_day_table(parts: list[Path], start: dt.datetime, cutoff: dt.datetime
                         ) -> pa.Table:
     """One day's events in the window, sorted by time then event id (a stable sort), in
-    Arrow: no Python object per event."""
+    Arrow: no Python object per event. Read with :data:`LAKE_SCHEMA`, so a column a part
+    file lacks (``position`` / ``placement`` in older parts) reads as nulls."""
     table = pa.concat_tables([pq.read_table(p, columns=SNAPSHOT_COLUMNS, schema=LAKE_SCHEMA)
                               for p in parts])
     stamps = table.column("timestamp")
@@ -108,5 +111,5 @@ def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path
 
 
 def _empty_snapshot() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=EVENT_DTYPES.get(c, "string"))
+    return pd.DataFrame({c: pd.Series(dtype=LAKE_EVENT_DTYPES.get(c, "string"))
                          for c in SNAPSHOT_COLUMNS}).astype({"source_row": "int64"})

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import DataError
-from pipeline.core.schema import EVENT_DTYPES
+from pipeline.core.schema import LAKE_EVENT_DTYPES
 from pipeline.lake.event_ids import EventIdIndex, cache_part_hashes, hash_event_ids
 from pipeline.lake.mapping import is_pii_column
 from pipeline.lake.normalise import normalise_events
@@ -160,7 +160,7 @@ def _stage_by_day(table: pa.Table, path: Path, days: dict[str, list[tuple[Path, 
 def _malformed_rows(malformed: list[tuple[int, str]], source: str) -> pd.DataFrame:
     """Quarantine rows for lines that could not be parsed: lineage and reason only."""
     frame = pd.DataFrame({c: pd.Series(index=range(len(malformed)), dtype=d)
-                          for c, d in EVENT_DTYPES.items()})
+                          for c, d in LAKE_EVENT_DTYPES.items()})
     frame["source_file"] = pd.Series(source, index=frame.index, dtype="string")
     frame["source_row"] = np.array([row for row, _ in malformed], dtype=np.int64)
     frame[REASON] = pd.Series([reason for _, reason in malformed], dtype="string")

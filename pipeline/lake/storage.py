@@ -2,8 +2,11 @@
 
 Events live in ``<lake>/event_date=D/part-<sha16>[-<batch>].parquet`` (``<sha16>``: the
 landing file's sha256 prefix); a part file is never overwritten and in-flight files are
-dotfiles. Each lake row is an event plus its lineage (``source_file``, ``source_row``) and
-``ingested_at``; quarantine rows add a ``reason``. Durable writes go to a temp file that is
+dotfiles. Each lake row is an event (:data:`~pipeline.core.schema.LAKE_EVENT_COLUMNS`: the
+event columns and the feedback columns ``position``, ``placement``) plus its lineage
+(``source_file``, ``source_row``) and ``ingested_at``; quarantine rows add a ``reason``. Part
+files written before the feedback columns existed lack them: readers pass
+:data:`LAKE_SCHEMA`, which reads them as nulls. Durable writes go to a temp file that is
 fsynced and renamed into place, then the folder is fsynced. The watermark is the newest event
 time in the lake (None for an empty lake).
 """
@@ -18,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.schema import EVENT_DTYPES
+from pipeline.core.schema import LAKE_EVENT_DTYPES
 
 LINEAGE_COLUMNS = ("source_file", "source_row")
 INGESTED_AT = "ingested_at"
@@ -26,7 +29,7 @@ REASON = "reason"
 
 
 def _schema(with_reason: bool = False) -> pa.Schema:
-    columns = {**EVENT_DTYPES, "source_file": "string", "source_row": "int64",
+    columns = {**LAKE_EVENT_DTYPES, "source_file": "string", "source_row": "int64",
                INGESTED_AT: "datetime64[us, UTC]"}
     if with_reason:
         columns[REASON] = "string"

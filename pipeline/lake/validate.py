@@ -204,8 +204,9 @@ def validate_events(
     """Validate a normalised event frame; quarantine bad rows; return the clean rows.
 
     Args:
-        events: Normalised events (``schema.EVENT_DTYPES`` columns plus the lineage columns
-            ``source_file`` and ``source_row``). Not modified.
+        events: Normalised events (``schema.LAKE_EVENT_DTYPES`` columns, the feedback ones
+            optional, plus the lineage columns ``source_file`` and ``source_row``). Not
+            modified.
         suite_path: The ``events`` suite JSON (``expectations/events.json``).
         cutoff: The run cutoff; naive datetimes are taken as UTC. Events later than
             ``cutoff + clock_skew`` are quarantined.

@@ -277,7 +277,8 @@ def test_extra_and_pii_columns_never_reach_the_lake(world):
     files = [p for p in lake_root.rglob("*") if p.is_file()]
     assert any(p.suffix == ".parquet" and "quarantine" in p.parts for p in files)
     allowed = {"event_id", "user_id", "item_id", "event_type", "timestamp", "value", "device",
-               "session_id", "source_file", "source_row", "ingested_at", "reason"}
+               "session_id", "position", "placement", "source_file", "source_row",
+               "ingested_at", "reason"}
     for path in files:
         if path.suffix == ".parquet":
             assert set(pq.read_schema(path).names) <= allowed, path

@@ -320,7 +320,7 @@ def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path)
     pd.testing.assert_frame_equal(written, load_snapshot(lake, cutoff, 30))
     assert list(written.columns) == ["event_id", "user_id", "item_id", "event_type",
                                      "timestamp", "value", "device", "session_id",
-                                     "source_file", "source_row"]
+                                     "position", "placement", "source_file", "source_row"]
     assert str(written["timestamp"].dtype) == "datetime64[us, UTC]"
     assert str(written["user_id"].dtype) == "string" and str(written["source_row"].dtype) == "int64"
 
