@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import Settings, as_utc
+from pipeline.core.config import Settings, as_utc, untrained_event_types
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,13 @@ def run_monitor(settings: Settings, as_of: dt.datetime, dsn: str | None = None,
     days = dt.timedelta(days=options.window_days)
     reference = _reference(as_of, options.window_days)
     lake = settings.lake_events_dir
-    recent = load_snapshot(lake, as_of, max(options.window_days, TRAILING_DAYS + 1))
+    # Feedback the models never train on (impressions, weight 0) is left out: it is what the
+    # impact DAG reads, and its arrival would read as drift of the input.
+    untrained = untrained_event_types(settings.event_weights)
+    recent = _trained(load_snapshot(lake, as_of, max(options.window_days, TRAILING_DAYS + 1)),
+                      untrained)
     current = recent[recent["timestamp"] >= as_of - days]
-    past = load_snapshot(lake, reference.cutoff, options.window_days)
+    past = _trained(load_snapshot(lake, reference.cutoff, options.window_days), untrained)
     logger.info("monitor %s: current window %d events, reference %s: %d events",
                 f"{as_of:%Y-%m-%d}", len(current), reference.describe(options.window_days),
                 len(past))
@@ -191,6 +195,11 @@ def drift_table(reference: pd.DataFrame, reference_cutoff: dt.datetime, current:
                 for value, tiny in zip(table["psi"], small, strict=True)]
     return pd.DataFrame({"metric": "psi", "subject": table["feature"],
                          "value": table["psi"].astype(float), "status": statuses})
+
+
+def _trained(events: pd.DataFrame, untrained) -> pd.DataFrame:
+    return events[~events["event_type"].astype(str).isin(list(untrained))] if untrained \
+        else events
 
 
 def _online_rows(settings: Settings, as_of: dt.datetime) -> pd.DataFrame:
