@@ -104,7 +104,8 @@ def read_served(lake_root: Path, start: dt.datetime | None = None,
         frame = pq.read_table(path).to_pandas()
         for column in ("user_id", "item_id", "variant", "experiment", "model_version"):
             frame[column] = frame[column].astype(object)
-        keep.append(frame.assign(live_until=next_cutoff))
+        keep.append(frame.assign(live_until=pd.Series(next_cutoff, index=frame.index,
+                                                      dtype="datetime64[us, UTC]")))
     return pd.concat(keep, ignore_index=True) if keep else _empty()
 
 

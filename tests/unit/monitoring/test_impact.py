@@ -54,6 +54,8 @@ def test_served_history_round_trip(tmp_path, served):
     assert first["user_id"].is_monotonic_increasing  # keyed by user, for erasure
     assert read_served(tmp_path, DAY2 + dt.timedelta(days=5))["cutoff"].unique().tolist() \
         == [pd.Timestamp(DAY2)]  # the newest set is still live
+    newest = read_served(tmp_path, DAY2 + dt.timedelta(days=5))
+    assert newest["live_until"].isna().all() and str(newest["live_until"].dtype).endswith("UTC]")
     # A re-publish of a cutoff replaces its file.
     write_served(tmp_path, _lists().head(2), cutoff=DAY1, published_at=DAY2, model_version="1")
     assert len(read_served(tmp_path, DAY1, DAY2)) == 2
