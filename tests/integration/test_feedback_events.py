@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 UTC = dt.timezone.utc
 CUTOFF = dt.datetime(2024, 2, 1, tzinfo=UTC)
-CONF = {"top_n": 5, "als_iterations": 5, "als_factors": 16, "holdout_days": 7, "ranker_bags": 2}
+CONF = {"top_n": 5, "als_iterations": 3, "als_factors": 8, "holdout_days": 7, "ranker_bags": 1}
 PLACEMENTS = ("home_recs", "article_end")
 
 
