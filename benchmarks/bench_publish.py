@@ -119,6 +119,11 @@ def _make_lists(n_users: int) -> pd.DataFrame:
     })
 
 
+#: The columns of the raw table (the view's first eight; variant and experiment are NULL here).
+RAW_COLUMNS = ("user_id", "rank", "item_id", "score", "reason", "source", "model_version",
+               "generated_at")
+
+
 def _time_raw_copy(dsn: str, lists: pd.DataFrame) -> float:
     """Seconds to COPY the same rows (same CSV renderer) into a plain table."""
     frame = prepare_lists(lists, "raw")  # not timed: the data a loader starts from
@@ -129,7 +134,8 @@ def _time_raw_copy(dsn: str, lists: pd.DataFrame) -> float:
                         "score real, reason text, source text, model_version text, "
                         "generated_at timestamptz)")
             cur.copy_expert("COPY raw_copy FROM STDIN WITH (FORMAT csv)",
-                            serving_pg.CsvChunkStream(frame), size=serving_pg.COPY_READ_BYTES)
+                            serving_pg.CsvChunkStream(frame, columns=RAW_COLUMNS),
+                            size=serving_pg.COPY_READ_BYTES)
             conn.commit()
             elapsed = time.perf_counter() - started
             cur.execute("DROP TABLE raw_copy")

@@ -16,6 +16,11 @@ holdout, and the baselines) are independent and run side by side.
   SQLite file `$RECS_DATA_DIR/serving.sqlite`.
 * **Model:** MLflow registered model `recommender`; `publish` serves the version this run's
   promotion gate decided on (the new `champion`, or the one it kept).
+* **A/B experiments:** while one runs (started, changed and stopped with
+  `python -m pipeline.cli experiment start|change|stop`, recorded in the serving DB),
+  `publish` serves each user from their variant (`variant` and `experiment` columns of the
+  view, `recommendation_assignments` for the CMS; holdout users get no rows). No Param: the
+  experiment lives in the serving DB.
 * **Forward only:** a run for a date older than production's (a backfill) records its results
   (run folder, metrics, MLflow run and model version) but promotes and publishes nothing,
   unless `serve_backfill` or `force_promote` is set.

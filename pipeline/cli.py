@@ -5,7 +5,12 @@
     python -m pipeline.cli summary DATE     # what the run for DATE did, and a sample list
     python -m pipeline.cli ingest           # landing files -> lake now (between nightly runs)
     python -m pipeline.cli monitor-summary DATE  # what the monitor found for DATE
+    python -m pipeline.cli impact-summary DATE   # what the impact run found for DATE
     python -m pipeline.cli airflow-secrets FILE  # one JWT secret and Fernet key for local Airflow
+    python -m pipeline.cli simulate-day DATE [--days N] [--seed S]  # simulated CMS day(s) of
+                                            # the served lists -> landing/events (demo data)
+    python -m pipeline.cli experiment start|change|stop --config FILE --by NAME [--reason TEXT]
+                                      [--force]  # record an A/B experiment, save its config
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import secrets
 import sys
 from pathlib import Path
 
-from pipeline.core.config import Settings, as_utc
+from pipeline.core.config import Settings, as_utc, untrained_event_types
 
 logger = logging.getLogger(__name__)
+
+#: Landing files of the demo's simulated CMS feedback (``simulate-day``).
+SIMULATED_PREFIX = "simulated-"
 
 
 def serving_dsn() -> str | None:
@@ -100,7 +108,8 @@ def demo_data(settings: Settings) -> int:
 
 
 def default_date(settings: Settings) -> int:
-    """Print the day after the newest event in the landing files."""
+    """Print the day after the newest event in the landing files; the demo's simulated CMS
+    feedback (``simulated-*``) does not count, so that ``make run`` keeps its date."""
     from pipeline.lake.mapping import load_column_mapping
     from pipeline.lake.normalise import parse_timestamps
     from pipeline.lake.readers import landing_files, read_event_file
@@ -108,7 +117,8 @@ def default_date(settings: Settings) -> int:
     mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
                                   settings.column_mapping)
     newest = max((parse_timestamps(read_event_file(p, mapping.for_file(p.name))["timestamp"])
-                  .max() for p in landing_files(settings.landing_events_dir)),
+                  .max() for p in landing_files(settings.landing_events_dir)
+                  if not p.name.startswith(SIMULATED_PREFIX)),
                  default=None)
     if newest is None or newest != newest:
         print(dt.date.today().isoformat())
@@ -218,11 +228,35 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("date", help="the run's logical date, YYYY-MM-DD")
     sub.add_parser("ingest", help="ingest the landing files into the lake now (then post a "
                                   "recs://lake/events Asset event to run the monitor)")
+    imp = sub.add_parser("impact-summary", help="what the impact run found for DATE")
+    imp.add_argument("date", help="the impact run's as-of date, YYYY-MM-DD")
     mon = sub.add_parser("monitor-summary", help="what the monitor found for DATE")
     mon.add_argument("date", help="the monitor's as-of date, YYYY-MM-DD")
     keys = sub.add_parser("airflow-secrets",
                           help="write FILE with shared Airflow secrets unless it exists")
     keys.add_argument("file", type=Path)
+    sim = sub.add_parser("simulate-day", help="simulate the CMS on DATE (and the next N-1 "
+                                              "days) for the served lists; write the events "
+                                              "to landing/events/simulated-DATE.csv.gz")
+    sim.add_argument("date", type=_iso_date, help="the first simulated day, YYYY-MM-DD")
+    sim.add_argument("--days", type=_positive_int, default=1, help="days to simulate (1)")
+    sim.add_argument("--seed", type=int, default=0, help="the simulation's seed (0)")
+    exp = sub.add_parser(
+        "experiment", help="start, change or stop the A/B experiment publish serves",
+        description="Record an A/B experiment's start, change or stop in the serving DB's "
+                    "experiments table (the recs_serving connection, else the SQLite file) and "
+                    "save its config as $RECS_DATA_DIR/experiments/<name>.json. The next "
+                    "publish serves each user from their variant.")
+    exp.add_argument("action", choices=("start", "change", "stop"))
+    exp.add_argument("--config", type=Path, required=True,
+                     help="the experiment's JSON config: for start, the new experiment; for "
+                          "change, the edited config (new shares, added variants, or status "
+                          "stopped); for stop, any config naming the experiment")
+    exp.add_argument("--by", required=True, help="who makes the change (recorded)")
+    exp.add_argument("--reason", default=None, help="why (recorded)")
+    exp.add_argument("--force", action="store_true",
+                     help="change only: allow shrinking a variant (its released users move to "
+                          "the default; recorded as forced)")
     args = parser.parse_args(argv)
     if args.command == "airflow-secrets":
         return airflow_secrets(args.file)
@@ -234,9 +268,72 @@ def main(argv: list[str] | None = None) -> int:
         return default_date(settings)
     if args.command == "ingest":
         return ingest(settings)
+    if args.command == "impact-summary":
+        return impact_summary(settings, args.date)
     if args.command == "monitor-summary":
         return monitor_summary(settings, args.date)
+    if args.command == "simulate-day":
+        return simulate_days(settings, args.date, days=args.days, seed=args.seed)
+    if args.command == "experiment":
+        return experiment(settings, args.action, args.config, changed_by=args.by,
+                          reason=args.reason, force=args.force)
     return summary(settings, args.date)
+
+
+def experiment(settings: Settings, action: str, config: Path, *, changed_by: str,
+               reason: str | None = None, force: bool = False, dsn: str | None = None) -> int:
+    """Start, change or stop an A/B experiment: record it in the serving DB's ``experiments``
+    table (which refuses what the rules forbid: a second running experiment, a change that
+    moves users between groups unless forced, ...) and save the recorded config to
+    ``$RECS_DATA_DIR/experiments/<name>.json``. ``dsn`` None: the ``recs_serving`` connection
+    from the environment, else the SQLite file. 0 when recorded (or already recorded), 1 when
+    refused or the config is bad (the reason on stderr)."""
+    from pipeline.core.errors import ServingError
+    from pipeline.serving.experiments import Experiment, ExperimentError, experiment_path
+    from pipeline.serving.store import read_experiments, record_experiment
+
+    if force and action != "change":
+        print(f"experiment {action}: --force applies to a change only", file=sys.stderr)
+        return 1
+    dsn = dsn if dsn is not None else serving_dsn()
+    target = {"dsn": dsn, "sqlite_path": settings.serving_sqlite_path}
+    try:
+        try:
+            proposed = json.loads(config.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ExperimentError(f"cannot read experiment config {config}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ExperimentError(f"experiment config {config}: invalid JSON at line "
+                                  f"{exc.lineno} column {exc.colno}: {exc.msg}") from None
+        if action == "start":
+            new = Experiment.load(config).start()
+            current = None
+        else:
+            name = proposed.get("name") if isinstance(proposed, dict) else None
+            records = read_experiments(name=name, **target) if isinstance(name, str) else None
+            if records is None or records.empty:
+                raise ExperimentError(f"experiment {name!r} ({config}) was never started: "
+                                      "start it first")
+            current = Experiment.from_dict(records["config"].iloc[-1])
+            new = (current.apply_config(proposed, force=force) if action == "change"
+                   else current.stop())
+        if new is current:
+            print(f"experiment {new.name}: nothing to {action} (version {new.version} is "
+                  f"{new.status}); nothing recorded")
+            return 0
+        if action == "change" and not new.running:
+            action = "stop"  # the edited config said status: stopped
+        record_id = record_experiment(new, action, changed_by, reason, **target)
+        path = new.save(experiment_path(settings.data_dir, new.name))
+    except (ExperimentError, ServingError) as exc:
+        print(f"experiment {action} refused: {exc}", file=sys.stderr)
+        return 1
+    change = (new.last_change or {}).get("summary", new.status)
+    print(f"experiment {new.name} version {new.version}: {action} recorded (id {record_id}) by "
+          f"{changed_by}: {change}; config saved to {path}")
+    for warning in new.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
 
 
 def ingest(settings: Settings) -> int:
@@ -253,6 +350,18 @@ def ingest(settings: Settings) -> int:
     return 0
 
 
+def impact_summary(settings: Settings, date: str) -> int:
+    """Print what ``recommendations_impact`` found for ``date``, per variant."""
+    from pipeline.monitoring.report import format_impact
+
+    path = settings.data_dir / "impact" / f"{as_utc(date):%Y-%m-%d}" / "summary.json"
+    if not path.exists():
+        print(f"no impact run for {date} ({path} is missing)")
+        return 1
+    print(format_impact(json.loads(path.read_text())))
+    return 0
+
+
 def monitor_summary(settings: Settings, date: str) -> int:
     """Print what ``recommendations_monitor`` found for ``date``."""
     from pipeline.monitoring.report import format_summary
@@ -263,6 +372,79 @@ def monitor_summary(settings: Settings, date: str) -> int:
         return 1
     print(format_summary(json.loads(path.read_text())))
     return 0
+
+
+def simulate_days(settings: Settings, day: dt.date, *, days: int = 1, seed: int = 0) -> int:
+    """Simulate the CMS on ``day`` and the ``days - 1`` following days for the served lists
+    and write the events as ``landing/events/simulated-<day>.csv.gz`` (next ingest takes it).
+
+    The users' tastes are an empirical stand-in (:func:`pipeline.lake.demo.simulate.
+    empirical_truth`) built from the lake's events in the ``lookback_days`` before ``day``
+    (event types that train nothing, impressions, left out) and ``landing/items.csv``; each
+    day plays the served-list set live at its start (:func:`pipeline.lake.served.
+    read_served`). Listed users without events are skipped and counted. 1 when there is
+    nothing to simulate (no served lists, no events)."""
+    from pipeline.lake.demo.simulate import (
+        empirical_truth,
+        observed_ctr,
+        simulate_served,
+        write_simulated_events,
+    )
+    from pipeline.lake.readers import read_side_file
+    from pipeline.lake.served import read_served
+    from pipeline.lake.snapshot import load_snapshot
+
+    start = as_utc(day)
+    lake_root = settings.lake_events_dir.parent
+    served = read_served(lake_root, start, start + dt.timedelta(days=days))
+    if served.empty:
+        print(f"no served lists live at {day.isoformat()} in {lake_root / 'served'}: run the "
+              "nightly (publish) first", file=sys.stderr)
+        return 1
+    events = load_snapshot(settings.lake_events_dir, start, settings.lookback_days)
+    if events.empty:
+        print(f"no events in the lake in the {settings.lookback_days} days before "
+              f"{day.isoformat()}: no tastes to simulate", file=sys.stderr)
+        return 1
+    truth = empirical_truth(events, read_side_file(settings.landing_dir / "items.csv"),
+                            exclude_event_types=untrained_event_types(settings.event_weights))
+    del events
+    result = simulate_served(truth, served, day, days, seed=seed)
+    path = write_simulated_events(
+        result.events, settings.landing_events_dir / f"{SIMULATED_PREFIX}{day.isoformat()}.csv.gz")
+    simulated = result.events
+    counts = simulated["event_type"].value_counts()
+    line = (f"simulated {days} day(s) from {day.isoformat()} (seed {seed}): "
+            f"{result.users:,} users, {simulated['session_id'].nunique():,} visits, "
+            f"{counts.get('impression', 0):,} impressions, {counts.get('click', 0):,} clicks, "
+            f"{counts.get('add_to_cart', 0):,} carts, {counts.get('purchase', 0):,} purchases")
+    if "variant" in simulated and len(simulated):
+        ctr = observed_ctr(simulated)
+        line += " (CTR " + ", ".join(f"{name} {value:.2%}" for name, value in ctr.items()) + ")"
+    if result.skipped_rows:
+        line += (f"; skipped {result.skipped_users:,} listed user(s) without events "
+                 f"({result.skipped_rows:,} list rows of users or items unknown to the truth)")
+    if any(cutoff is None for cutoff in result.cutoffs):
+        line += f"; {sum(c is None for c in result.cutoffs)} day(s) without a live list set"
+    print(f"{line} -> {path}")
+    return 0
+
+
+def _iso_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":

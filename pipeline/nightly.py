@@ -637,7 +637,8 @@ def _prefixed(prefix: str, params: dict) -> dict:
 
 def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
             decision: dict | None = None, version: str | None = None) -> dict:
-    """Top-N for every user seen before the cutoff, plus ``__default__``, from one model.
+    """Top-N for every user seen before the cutoff, plus ``__default__``, from one model, or,
+    while an A/B experiment runs, from each user's variant.
 
     Which model: ``version`` when given (a rollback republishing what it served; may be an
     older date), else the version this run's ``register`` decided on (``decision``, its result:
@@ -648,14 +649,23 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
     The model proposes ``candidate_multiplier`` x N candidates per user; the business rules
     (:mod:`pipeline.serving.rules`: nothing consumed, unavailable or expired, at most
     ``max_per_category`` per category, exactly N from the fallback list) pick the N published.
+
+    Experiment (the running one in the serving DB's ``experiments`` table, see
+    :func:`_served_lists`): users outside its buckets get the model's lists (variant null);
+    a ``model`` variant gets the lists of its registered version or alias, a ``popularity``
+    variant the model's fallback list, both under the same rules and each with its
+    ``__default__:<variant>`` fallback; a ``holdout`` variant gets no rows. Every published
+    user's assignment goes live with the lists (``recommendation_assignments``) and to
+    ``<run>/assignments.parquet``; the served-list history carries variant and experiment.
     """
     from pipeline.lake.readers import read_side_file
     from pipeline.lake.served import write_served
     from pipeline.monitoring.health import list_stats
     from pipeline.monitoring.prometheus import push_publish
     from pipeline.registry.versions import load_version
-    from pipeline.serving.rules import build_consumed, recommend_with_rules
-    from pipeline.serving.store import OlderThanLive, publish_lists
+    from pipeline.serving.experiments import Experiment
+    from pipeline.serving.rules import build_consumed
+    from pipeline.serving.store import OlderThanLive, active_experiment, publish_lists
 
     allow_older = version is not None or settings.serve_backfill or settings.force_promote
     with _stage(settings, cutoff, "publish") as result:
@@ -667,40 +677,153 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
                 return result
         model, version = load_version(version)
         recommender = model.unwrap_python_model().recommender
+        running = active_experiment(dsn, settings.serving_sqlite_path)
+        experiment = Experiment.from_dict(running["config"]) if running else None
         events = _encoded(settings, cutoff, ("user_id", "item_id", "event_type"))
-        lists, rule_stats = recommend_with_rules(
-            recommender.recommend, events.users.ids,
-            candidate_multiplier=settings.candidate_multiplier,
-            consumed=build_consumed(events, settings.consumed_event_types),
-            items=read_side_file(settings.landing_dir / "items.csv"),
-            fallback=recommender.popular_, n=settings.top_n,
-            max_per_category=settings.max_per_category, item_ttl_days=settings.item_ttl_days,
-            cutoff=cutoff, default_user=DEFAULT_USER)
+        rules = {"candidate_multiplier": settings.candidate_multiplier,
+                 "consumed": build_consumed(events, settings.consumed_event_types),
+                 "items": read_side_file(settings.landing_dir / "items.csv"),
+                 "n": settings.top_n, "max_per_category": settings.max_per_category,
+                 "item_ttl_days": settings.item_ttl_days, "cutoff": cutoff}
+        served = _served_lists(recommender, str(version), events.users.ids, rules, experiment,
+                               load_recommender=lambda v: load_version(v)[0]
+                               .unwrap_python_model().recommender)
+        lists = served.lists
         catalogue = len(events.items)
         del events
         lists["generated_at"] = pd.Timestamp(cutoff)
-        result["lists"] = list_stats(lists, catalogue)
+        result["lists"] = list_stats(lists[served.personal], catalogue)
+        if served.assignments is not None:
+            served.assignments.to_parquet(settings.run_dir(cutoff) / "assignments.parquet",
+                                          index=False)
+            result["experiment"] = served.summary
         try:
             published = publish_lists(lists, dsn=dsn, sqlite_path=settings.serving_sqlite_path,
                                       model_version=str(version), logical_date=cutoff,
                                       keep_versions=settings.keep_versions,
-                                      allow_older=allow_older)
+                                      allow_older=allow_older, assignments=served.assignments)
         except OlderThanLive as exc:  # another run published newer lists meanwhile
             logger.info("publish: not serving model v%s for %s: %s", version,
                         f"{cutoff:%Y-%m-%d}", exc)
             result.update(published=False, model_version=str(version), reason=str(exc))
             return result
-        logger.info("publish: model v%s serves %d users (serving version %d)", version,
-                    published.users, published.version)
+        logger.info("publish: model v%s serves %d users (serving version %d)%s", version,
+                    published.users, published.version,
+                    f"; experiment {experiment.name} v{experiment.version} assigns "
+                    f"{published.assigned} of them" if experiment else "")
         push_publish(published.rows, published.users, str(version), time.time())
         result["served_history"] = str(write_served(
             settings.lake_events_dir.parent, lists, cutoff=cutoff,
             published_at=dt.datetime.now(dt.timezone.utc), model_version=str(version)))
         result.update(published=True, model_version=str(version), rows=published.rows,
                       users=published.users, serving_version=published.version,
-                      table=published.table, rules=rule_stats.to_dict(),
+                      table=published.table, rules=served.stats.to_dict(),
                       target="postgres" if dsn else str(settings.serving_sqlite_path))
     return result
+
+
+@dataclass
+class _Served:
+    lists: pd.DataFrame  # LIST_COLUMNS but generated_at (+ model_version, variant, experiment)
+    stats: object  # RuleStats, summed over the calls
+    assignments: pd.DataFrame | None  # user_id, experiment, variant; None without experiment
+    personal: object  # bool array: rows of a model's own lists (for list_stats)
+    summary: dict | None  # the experiment, its variants, their users and model versions
+
+
+def _served_lists(recommender, version: str, user_ids, rules: dict, experiment,
+                  load_recommender) -> _Served:
+    """The lists ``publish`` serves: ``recommender`` (model ``version``) for every user, or,
+    with ``experiment`` (a running :class:`~pipeline.serving.experiments.Experiment`), per
+    assigned variant. One :func:`~pipeline.serving.rules.recommend_with_rules` call per model
+    version (a ``model`` variant of the served version shares the default users' call, so no
+    list is computed twice; another version is loaded with ``load_recommender``) and one for
+    the ``popularity`` variants (no candidates: the served model's fallback list, the same
+    rules); each call's default list becomes ``__default__`` (users outside) or
+    ``__default__:<variant>``. Holdout users get no rows but an assignment."""
+    import numpy as np
+
+    from pipeline.serving.contract import variant_default_user
+    from pipeline.serving.rules import CANDIDATE_COLUMNS, RuleStats, recommend_with_rules
+
+    def lists_of(model, users, recommend=None):
+        return recommend_with_rules(recommend or model.recommend, users, fallback=model.popular_,
+                                    default_user=DEFAULT_USER, **rules)
+
+    if experiment is None:
+        lists, stats = lists_of(recommender, user_ids)
+        return _Served(lists, stats, None, np.ones(len(lists), dtype=bool), None)
+
+    assigned = experiment.assignments(
+        [u for u in pd.unique(np.asarray(user_ids, dtype=object).astype(str))
+         if u != DEFAULT_USER])
+    variant_of = assigned.set_index("user_id")["variant"]
+    groups: dict[tuple[str, str], list[str | None]] = {("model", version): [None]}
+    versions = {}
+    for v in experiment.variants:
+        if v.kind == "model":
+            versions[v.name] = _model_version_of(v.model, experiment.name, v.name)
+            groups.setdefault(("model", versions[v.name]), []).append(v.name)
+        elif v.kind == "popularity":
+            groups.setdefault(("popularity", version), []).append(v.name)
+
+    def no_candidates(users, k):
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in CANDIDATE_COLUMNS})
+
+    stats, parts, personal = RuleStats(), [], []
+    for (kind, model_version), names in groups.items():
+        model = recommender if model_version == version else load_recommender(model_version)
+        mine = assigned["variant"].isin([name for name in names if name is not None])
+        if None in names:
+            mine |= assigned["variant"].isna()
+        lists, part_stats = lists_of(model, assigned.loc[mine, "user_id"].to_numpy(object),
+                                     no_candidates if kind == "popularity" else None)
+        stats.add(part_stats)
+        default = (lists["user_id"] == DEFAULT_USER).to_numpy()
+        own = lists[~default].assign(variant=lambda f: f["user_id"].map(variant_of))
+        fallbacks = [lists[default].assign(variant=None) if name is None else
+                     lists[default].assign(user_id=variant_default_user(name), variant=name)
+                     for name in names]
+        labelled = pd.concat([own, *fallbacks], ignore_index=True)
+        labelled["model_version"] = model_version
+        parts.append(labelled)
+        personal.append(np.r_[np.full(len(own), kind == "model"),
+                              np.zeros(len(labelled) - len(own), dtype=bool)])
+    lists = pd.concat(parts, ignore_index=True)
+    lists["variant"] = lists["variant"].astype(object).where(lists["variant"].notna(), None)
+    lists["experiment"] = lists["variant"].where(lists["variant"].isna(), experiment.name)
+    in_experiment = assigned["variant"].notna()
+    counts = assigned.loc[in_experiment, "variant"].value_counts()
+    summary = {"name": experiment.name, "version": experiment.version,
+               "users_outside": int((~in_experiment).sum()),
+               "variants": {v.name: {"kind": v.kind, "users": int(counts.get(v.name, 0)),
+                                     **({"model": v.model, "model_version": versions[v.name]}
+                                        if v.kind == "model" else {})}
+                            for v in experiment.variants}}
+    logger.info("publish: experiment %s v%d: %s; %d users outside", experiment.name,
+                experiment.version, ", ".join(f"{name} {info['users']}" for name, info
+                                              in summary["variants"].items()),
+                summary["users_outside"])
+    return _Served(lists, stats, assigned.loc[in_experiment, ["user_id", "experiment", "variant"]]
+                   .reset_index(drop=True), np.concatenate(personal), summary)
+
+
+def _model_version_of(reference: str, experiment: str, variant: str) -> str:
+    """The registered version a ``model`` variant names: a version number as is, an alias
+    (``champion``, ``challenger``) resolved now. A missing alias fails the publish."""
+    if reference.isdigit():
+        return reference
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry.versions import MODEL_NAME, configure_mlflow
+
+    configure_mlflow()
+    try:
+        return str(MlflowClient().get_model_version_by_alias(MODEL_NAME, reference).version)
+    except MlflowException as exc:
+        raise LookupError(f"experiment {experiment!r}, variant {variant!r}: registered model "
+                          f"{MODEL_NAME!r} has no alias {reference!r} ({exc.message})") from None
 
 
 def _twostage(settings: Settings, params: dict | None = None):

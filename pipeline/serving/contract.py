@@ -1,11 +1,15 @@
 """What both serving backends share: the list contract, its checks, and the backend interface.
 
-A published list set is a frame of :data:`LIST_COLUMNS`; :func:`prepare_lists` checks its shape
-and types and returns it in view order (:data:`VIEW_COLUMNS`), and :func:`frame_stats` /
-:func:`check_loaded` apply the semantic rules (a ``__default__`` list, ranks 1..N per user
-without gaps, no item twice in a list) to what a backend loaded. The error classes, the version
-table naming, the swap backoff, the forward-only rule (:func:`refuse_older`), which old versions
-to drop, and the SQL file loading are the same for PostgreSQL and SQLite.
+A published list set is a frame of :data:`LIST_COLUMNS` (optionally with a per-row
+``model_version``, ``variant`` and ``experiment``); :func:`prepare_lists` checks its shape and
+types and returns it in view order (:data:`VIEW_COLUMNS`), and :func:`frame_stats` /
+:func:`check_loaded` apply the semantic rules (a ``__default__`` list, ranks 1..N per user id
+without gaps, no item twice in a list) to what a backend loaded. Beside it, a publish may carry
+the experiment's assignments (:data:`ASSIGNMENT_COLUMNS`, :func:`prepare_assignments`), loaded
+into a sibling table of the version (:func:`assignments_table_name`) and swapped with it. The
+error classes, the version table naming, the swap backoff, the forward-only rule
+(:func:`refuse_older`), which old versions to drop, and the SQL file loading are the same for
+PostgreSQL and SQLite.
 
 :class:`ServingBackend` is the interface :mod:`pipeline.serving.store` drives: it writes the
 publish algorithm once against it, and :mod:`pipeline.serving.postgres` and
@@ -34,6 +38,10 @@ from pipeline.core.errors import ServingError
 from pipeline.core.timing import StageClock
 
 __all__ = [
+    "ASSIGNMENTS_PREFIX",
+    "ASSIGNMENTS_TABLE_RE",
+    "ASSIGNMENTS_VIEW",
+    "ASSIGNMENT_COLUMNS",
     "DEFAULT_SCHEMA",
     "EXPERIMENT_LOCK_TIMEOUT_MS",
     "ISO_UTC",
@@ -43,6 +51,7 @@ __all__ = [
     "LoadStats",
     "MAX_RANK",
     "NothingPublishedError",
+    "OPTIONAL_LIST_COLUMNS",
     "OlderThanLive",
     "PROMOTION_LOCK_WAIT_S",
     "PUBLISH_LOCK_WAIT_S",
@@ -53,6 +62,7 @@ __all__ = [
     "SQL_DIR",
     "SWAP_ATTEMPTS",
     "SWAP_BACKOFF_S",
+    "SchemaOutdated",
     "ServingBackend",
     "ServingConnectionError",
     "SwapLockTimeout",
@@ -60,6 +70,7 @@ __all__ = [
     "TABLE_RE",
     "VIEW_COLUMNS",
     "VIEW_NAME",
+    "assignments_table_name",
     "backoff_delay",
     "check_loaded",
     "frame_from_rows",
@@ -67,12 +78,15 @@ __all__ = [
     "frame_stats",
     "json_safe",
     "migration_names",
+    "needs_per_row",
     "phases",
+    "prepare_assignments",
     "prepare_lists",
     "refuse_older",
     "resolve_schema",
     "sql_text",
     "table_name",
+    "variant_default_user",
     "versions_to_drop",
 ]
 
@@ -80,17 +94,28 @@ SQL_DIR = REPO_ROOT / "sql"
 DEFAULT_SCHEMA = "recs"
 SCHEMA_ENV_VAR = "RECS_SERVING_SCHEMA"
 VIEW_NAME = "recommendations"
+#: The view of the live version's experiment assignments (user_id, experiment, variant).
+ASSIGNMENTS_VIEW = "recommendation_assignments"
 READER_ROLE = "cms_reader"
 TABLE_PREFIX = "recommendations_v"
+#: The sibling table of version N holding its assignments: ``recommendation_assignments_v<N>``.
+ASSIGNMENTS_PREFIX = "recommendation_assignments_v"
 
 #: Columns of a published list frame, as handed to :func:`~pipeline.serving.store.publish_lists`.
 LIST_COLUMNS: tuple[str, ...] = (
     "user_id", "rank", "item_id", "score", "reason", "source", "generated_at",
 )
-#: Columns of the view (the CMS contract), in order.
+#: Optional per-row columns of a published list frame: the model version that produced the row
+#: (default: the publish's ``model_version``), the experiment and its variant (default null).
+OPTIONAL_LIST_COLUMNS: tuple[str, ...] = ("model_version", "variant", "experiment")
+#: Columns of the view (the CMS contract), in order: ``variant`` and ``experiment`` come last,
+#: so queries written for the first eight keep working.
 VIEW_COLUMNS: tuple[str, ...] = (
     "user_id", "rank", "item_id", "score", "reason", "source", "model_version", "generated_at",
+    "variant", "experiment",
 )
+#: Columns of the assignments view (and of a publish's ``assignments`` frame).
+ASSIGNMENT_COLUMNS: tuple[str, ...] = ("user_id", "experiment", "variant")
 MAX_RANK = 32767  # smallint
 
 #: Rows per load chunk (SQLite ``executemany``, PostgreSQL CSV rendering for COPY).
@@ -107,6 +132,7 @@ EXPERIMENT_LOCK_TIMEOUT_MS = 10_000
 #: ISO-8601 UTC text with microseconds: ``generated_at`` in a prepared frame, SQLite timestamps.
 ISO_UTC = "%Y-%m-%dT%H:%M:%S.%f+00:00"
 TABLE_RE = re.compile(rf"^{TABLE_PREFIX}[1-9][0-9]*$")
+ASSIGNMENTS_TABLE_RE = re.compile(rf"^{ASSIGNMENTS_PREFIX}[1-9][0-9]*$")
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _ARROW_TEXT = pd.ArrowDtype(pa.string())
 
@@ -136,6 +162,11 @@ class OlderThanLive(ServingError):
     """The live lists are for a newer logical date than this publish: they stay live."""
 
 
+class SchemaOutdated(ServingError):
+    """The serving objects predate this code (a view without a column it reads): the next
+    migration (``ensure_schema``, every publish) upgrades them."""
+
+
 @dataclass(frozen=True)
 class PublishResult:
     """What one publish made live."""
@@ -145,6 +176,8 @@ class PublishResult:
     rows: int
     users: int
     model_version: str
+    #: Users with an assignment row (in a running experiment's variants); 0 without one.
+    assigned: int = 0
 
 
 @dataclass(frozen=True)
@@ -229,25 +262,32 @@ class ServingBackend(Protocol):
                         logical_date: datetime) -> tuple[int, str]:
         """Insert and commit the catalog row (``loading``): the new version and its table."""
 
-    def load_table(self, conn: Any, table: str, frame: pd.DataFrame) -> None:
-        """Create, load, check (:func:`check_loaded`) and index ``table`` in one transaction."""
+    def load_table(self, conn: Any, table: str, frame: pd.DataFrame, *,
+                   assignments: pd.DataFrame, model_version: str) -> None:
+        """Create, load, check (:func:`check_loaded`) and index ``table`` and its assignments
+        table (:func:`assignments_table_name`, loaded with ``assignments``, possibly empty) in
+        one transaction. ``model_version`` is the version's constant (the view's default for
+        rows without their own)."""
 
     def try_swap(self, conn: Any, version: int, table: str, *, lock_timeout_ms: int,
                  model_version: str, generated_at: datetime) -> bool:
-        """One swap attempt: point the view at ``table`` and mark ``version`` live in one
-        transaction. False when readers kept the lock past ``lock_timeout_ms`` (rolled back)."""
+        """One swap attempt: point the views at ``table`` and its assignments table and mark
+        ``version`` live in one transaction. False when readers kept the lock past
+        ``lock_timeout_ms`` (rolled back)."""
 
     def swap_blocked(self, lock_timeout_ms: int) -> str:
         """What kept a swap attempt from its lock, for messages."""
 
     def abandon_version(self, conn: Any, version: int, table: str, *, error: str) -> None:
-        """Best effort after a failed publish: drop ``table``, mark ``version`` failed."""
+        """Best effort after a failed publish: drop ``table`` (and its assignments table),
+        mark ``version`` failed."""
 
     def droppable_versions(self, conn: Any) -> list[tuple[Any, ...]]:
         """(version, table, status) of the versions whose tables still exist, newest first."""
 
     def drop_version(self, conn: Any, version: int, table: str, *, lock_timeout_ms: int) -> None:
-        """Drop ``table`` and record it in the catalog (raises :attr:`driver_error`)."""
+        """Drop ``table`` and its assignments table and record it in the catalog (raises
+        :attr:`driver_error`)."""
 
 
 # =================================================================================================
@@ -258,6 +298,10 @@ class ServingBackend(Protocol):
 def prepare_lists(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
     """Check the frame's shape and types and return it in view-column order, ready to load.
 
+    The optional columns (:data:`OPTIONAL_LIST_COLUMNS`): ``model_version`` per row (nulls and
+    a missing column become ``model_version``), ``variant`` and ``experiment`` (null outside an
+    experiment; both null or both set in every row, one experiment per publish, one variant per
+    user id, and none for ``__default__``, the list of users outside any experiment).
     Semantic checks (fallback list, contiguous ranks, unique items) run on the loaded table
     (:func:`check_loaded`), so that what goes live is what was checked.
     """
@@ -285,13 +329,86 @@ def prepare_lists(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
     frame["score"] = score
     for column in ("reason", "source"):
         frame[column] = _text_column(lists[column], column, nullable=True)
-    frame["model_version"] = model_version
+    if "model_version" in lists.columns:
+        frame["model_version"] = _text_column(lists["model_version"], "model_version",
+                                              nullable=True).fillna(model_version)
+    else:
+        frame["model_version"] = model_version
     frame["generated_at"] = _timestamp_column(lists["generated_at"])
     if frame["generated_at"].nunique() != 1:
         raise ListValidationError(
             f"column 'generated_at' must hold one value per publish (the run's cutoff); got "
             f"{frame['generated_at'].nunique()} distinct values")
+    for column in ("variant", "experiment"):
+        frame[column] = (_text_column(lists[column], column, nullable=True)
+                         if column in lists.columns
+                         else pd.Series(pd.NA, index=frame.index, dtype=_ARROW_TEXT))
+    _check_variants(frame)
     return frame[list(VIEW_COLUMNS)]
+
+
+def _check_variants(frame: pd.DataFrame) -> None:
+    """The experiment columns of a prepared frame are coherent (see :func:`prepare_lists`)."""
+    variant, experiment = frame["variant"], frame["experiment"]
+    if not variant.notna().any() and not experiment.notna().any():
+        return
+    half = variant.isna() != experiment.isna()
+    if half.any():
+        row = int(half.to_numpy(dtype=bool).argmax())
+        raise ListValidationError(
+            f"row {row} (user {frame['user_id'].iloc[row]!r}) has only one of 'variant' and "
+            "'experiment': both are set (in an experiment) or both null")
+    experiments = experiment.dropna().unique()
+    if len(experiments) > 1:
+        raise ListValidationError(f"one experiment per publish, got {sorted(experiments)}")
+    mixed = frame[["user_id", "variant"]].drop_duplicates()["user_id"]
+    if mixed.duplicated().any():
+        raise ListValidationError(
+            f"user {mixed[mixed.duplicated()].iloc[0]!r} has rows of two variants")
+    default = (frame["user_id"] == DEFAULT_USER).to_numpy(dtype=bool)
+    if variant[default].notna().any():
+        raise ListValidationError(
+            f"the {DEFAULT_USER!r} list is for users outside any experiment: its variant must "
+            f"be null (a variant's fallback is {variant_default_user('<variant>')!r})")
+
+
+def prepare_assignments(assignments: pd.DataFrame | None) -> pd.DataFrame:
+    """The experiment assignments of a publish (:data:`ASSIGNMENT_COLUMNS`) as Arrow text,
+    checked: no nulls, one row per user, one experiment. None gives an empty frame."""
+    if assignments is None:
+        return pd.DataFrame({column: pd.Series(dtype=_ARROW_TEXT)
+                             for column in ASSIGNMENT_COLUMNS})
+    if not isinstance(assignments, pd.DataFrame):
+        raise ListValidationError(
+            f"assignments must be a pandas DataFrame, got {type(assignments).__name__}")
+    missing = [column for column in ASSIGNMENT_COLUMNS if column not in assignments.columns]
+    if missing:
+        raise ListValidationError(f"assignments lack the columns {missing} (need "
+                                  f"{list(ASSIGNMENT_COLUMNS)})")
+    frame = pd.DataFrame({column: _text_column(assignments[column], f"assignments.{column}",
+                                               nullable=False)
+                          for column in ASSIGNMENT_COLUMNS})
+    twice = frame["user_id"].duplicated()
+    if twice.any():
+        raise ListValidationError(
+            f"assignments hold user {frame['user_id'][twice].iloc[0]!r} more than once")
+    if frame["experiment"].nunique() > 1:
+        raise ListValidationError(
+            f"one experiment per publish, got {sorted(frame['experiment'].unique())}")
+    return frame
+
+
+def needs_per_row(frame: pd.DataFrame, model_version: str) -> bool:
+    """Whether a prepared frame needs ``model_version``, ``variant`` and ``experiment`` stored
+    per row: an experiment runs, or some row comes from another model version. Otherwise the
+    view supplies the version's constant and NULLs, and PostgreSQL loads a third less text."""
+    return bool(frame["variant"].notna().any() or frame["experiment"].notna().any()
+                or (frame["model_version"] != model_version).any())
+
+
+def variant_default_user(variant: str) -> str:
+    """The fallback list of a variant's users: ``__default__:<variant>``."""
+    return f"{DEFAULT_USER}:{variant}"
 
 
 def _text_column(values: pd.Series, column: str, *, nullable: bool) -> pd.Series:
@@ -432,6 +549,14 @@ def table_name(version: int) -> str:
     if not TABLE_RE.match(name):
         raise ServingError(f"invalid version number {version!r}")
     return name
+
+
+def assignments_table_name(table: str) -> str:
+    """The assignments table beside the version table ``table``:
+    ``recommendation_assignments_v<N>`` for ``recommendations_v<N>``."""
+    if not TABLE_RE.match(table):
+        raise ServingError(f"invalid version table name {table!r}")
+    return ASSIGNMENTS_PREFIX + table[len(TABLE_PREFIX):]
 
 
 def backoff_delay(attempt: int) -> float:

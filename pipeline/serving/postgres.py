@@ -9,20 +9,28 @@ Everything lives in one schema, ``recs`` by default (the ``schema`` argument, th
 ``RECS_SERVING_SCHEMA`` environment variable, override it):
 
 * ``recs.recommendations_v<N>``: one table per publish; N comes from the catalog's identity
-  sequence, so it only grows and is never reused. It stores :data:`PG_TABLE_COLUMNS`:
-  ``model_version`` and ``generated_at`` are one value per publish, so the view supplies them as
-  constants (a third less to parse in the COPY). ``user_id`` has the "C" collation, which makes
-  the index build several times cheaper than a locale-aware sort;
+  sequence, so it only grows and is never reused. It loads :data:`PG_TABLE_COLUMNS`:
+  ``generated_at`` is one value per publish, and so is ``model_version`` unless an experiment
+  runs, so the view supplies them as constants (a third less to parse in the COPY); while an
+  experiment runs, ``model_version``, ``variant`` and ``experiment`` are loaded per row too
+  (:data:`PG_PER_ROW_COLUMNS`; the view's ``model_version`` falls back to the constant).
+  ``user_id`` has the "C" collation, which makes the index build several times cheaper than a
+  locale-aware sort;
+* ``recs.recommendation_assignments_v<N>``: beside each version table, the experiment's
+  assignments of its users (user_id, experiment, variant; empty without an experiment), loaded
+  in the same transaction, swapped and dropped with it;
 * ``recs.recommendation_versions``: the catalog (version, table_name, rows, users,
   model_version, logical_date, created_at, status ``loading|live|retired|failed``,
   published_at, retired_at, dropped_at, error); a unique partial index allows one live row;
 * ``recs.model_promotions``: audit of promotion-gate decisions (``record_promotion``);
-* ``recs.recommendations``: the view, ``SELECT <stored columns>, '<model_version>'::text,
-  '<generated_at>'::timestamptz FROM recs.recommendations_v<live>``.
+* ``recs.recommendations``: the view, ``SELECT <list columns>,
+  coalesce(model_version, '<model_version>'), '<generated_at>'::timestamptz, variant,
+  experiment FROM recs.recommendations_v<live>``;
+* ``recs.recommendation_assignments``: the view of the live version's assignments.
 
 The role ``cms_reader`` (cluster-wide, NOLOGIN, created idempotently) gets ``USAGE`` on the schema
-and ``SELECT`` on the view, nothing else: a view runs with its owner's privileges, so the version
-tables, catalog and audit table stay unreadable to it. So that the CMS can name the view
+and ``SELECT`` on the two views, nothing else: a view runs with its owner's privileges, so the
+version tables, catalog and audit table stay unreadable to it. So that the CMS can name the view
 unqualified, ``ensure_schema`` runs ``ALTER ROLE cms_reader IN DATABASE <db> SET search_path =
 recs``; this applies to sessions that *log in* as ``cms_reader`` (an administrator gives it
 ``LOGIN PASSWORD ...``). A CMS login that is merely a *member* of ``cms_reader`` must set
@@ -39,9 +47,11 @@ Publish steps
    no hint-bit writes by the first readers nor a later freeze by VACUUM); the contract checks
    run vectorised on the frame in a thread while the server parses the COPY, and the database
    confirms them: the COPY's row count, the ``__default__`` row count, and the unique index on
-   (user_id, rank); ``ANALYZE``; commit. A failure rolls the table back.
-4. Swap, in a short transaction: ``SET LOCAL lock_timeout``; ``CREATE OR REPLACE VIEW``; grant
-   ``SELECT`` on the view to ``cms_reader``; catalog: new ``live``, old ``retired``. The view's
+   (user_id, rank); ``ANALYZE``; then the assignments table the same way (COPY, unique index on
+   user_id, ``ANALYZE``); commit. A failure rolls both tables back.
+4. Swap, in a short transaction: ``SET LOCAL lock_timeout``; ``CREATE OR REPLACE VIEW`` for
+   both views; grant ``SELECT`` on them to ``cms_reader``; catalog: new ``live``, old
+   ``retired``. The view's
    ACCESS EXCLUSIVE lock waits behind readers that hold the view, and CMS readers queue behind
    that request, so ``lock_timeout`` bounds their wait; ``LockNotAvailable`` makes the attempt
    fail and the caller retry with backoff. When the view cannot be replaced in place (a column
@@ -79,6 +89,8 @@ from psycopg2.extensions import parse_dsn
 from pipeline.core.config import DEFAULT_USER
 from pipeline.core.errors import ServingError
 from pipeline.serving.contract import (
+    ASSIGNMENTS_TABLE_RE,
+    ASSIGNMENTS_VIEW,
     EXPERIMENT_LOCK_TIMEOUT_MS,
     LOAD_CHUNK_ROWS,
     PUBLISH_LOCK_WAIT_S,
@@ -88,10 +100,13 @@ from pipeline.serving.contract import (
     VIEW_NAME,
     ListValidationError,
     NothingPublishedError,
+    SchemaOutdated,
     ServingConnectionError,
+    assignments_table_name,
     check_loaded,
     frame_stats,
     migration_names,
+    needs_per_row,
     phases,
     sql_text,
     table_name,
@@ -103,6 +118,7 @@ __all__ = [
     "COPY_READ_BYTES",
     "CONNECT_TIMEOUT_S",
     "CsvChunkStream",
+    "PG_PER_ROW_COLUMNS",
     "PG_TABLE_COLUMNS",
     "PostgresBackend",
     "connect",
@@ -118,15 +134,21 @@ CONNECT_TIMEOUT_S = 5
 #: million rows instead of a spill to disk (session-local, one index build at a time).
 INDEX_BUILD_MEMORY = "256MB"
 
-#: Columns stored in a Postgres version table; ``model_version`` and ``generated_at`` are one
-#: value per version, so the view supplies them as constants instead of storing them per row.
+#: Columns loaded into a Postgres version table when no experiment runs; ``model_version`` and
+#: ``generated_at`` are one value per version, so the view supplies them as constants instead of
+#: storing them per row (``model_version``, ``variant`` and ``experiment`` stay NULL).
 PG_TABLE_COLUMNS: tuple[str, ...] = ("user_id", "rank", "item_id", "score", "reason", "source")
+#: Columns loaded while an experiment runs (or some row comes from another model version).
+PG_PER_ROW_COLUMNS: tuple[str, ...] = PG_TABLE_COLUMNS + ("model_version", "variant",
+                                                          "experiment")
+#: Columns of an assignments table, in COPY order.
+PG_ASSIGNMENT_COLUMNS: tuple[str, ...] = ("user_id", "experiment", "variant")
 
 #: Arrow types of a prepared list chunk as rendered for COPY (generated_at is ISO text already).
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "user_id": pa.string(), "rank": pa.int64(), "item_id": pa.string(), "score": pa.float64(),
     "reason": pa.string(), "source": pa.string(), "model_version": pa.string(),
-    "generated_at": pa.string(),
+    "generated_at": pa.string(), "variant": pa.string(), "experiment": pa.string(),
 }
 
 
@@ -205,6 +227,10 @@ class PostgresBackend:
                 raise NothingPublishedError(
                     f"nothing published yet in schema {self.schema} on "
                     f"{describe_dsn(self.dsn)}") from None
+            except pg_errors.UndefinedColumn as exc:
+                raise SchemaOutdated(
+                    f"schema {self.schema} on {describe_dsn(self.dsn)} predates this code "
+                    f"({str(exc).strip().splitlines()[0]}); a migration upgrades it") from None
             except psycopg2.Error as exc:
                 raise self._failure(f"reading {self.view_label}", exc) from None
 
@@ -324,9 +350,13 @@ class PostgresBackend:
             raise ServingError(f"catalog returned table {table!r} for version {version}")
         return int(version), str(table)
 
-    def load_table(self, conn: PgConnection, table: str, frame: pd.DataFrame) -> None:
-        """Create, COPY, validate, index and analyze the version table in one transaction."""
+    def load_table(self, conn: PgConnection, table: str, frame: pd.DataFrame, *,
+                   assignments: pd.DataFrame, model_version: str) -> None:
+        """Create, COPY, validate, index and analyze the version table and its assignments
+        table in one transaction."""
         schema = self.schema
+        columns = (PG_PER_ROW_COLUMNS if needs_per_row(frame, model_version)
+                   else PG_TABLE_COLUMNS)
         with (_transaction(conn) as cur, phases(logger) as phase,
               ThreadPoolExecutor(1, thread_name_prefix="recs-validate") as background):
             # The contract checks run on the frame in a thread while the server parses the COPY
@@ -334,8 +364,8 @@ class PostgresBackend:
             # the row count, the fallback list and, through the unique index, one row per rank.
             checked = background.submit(frame_stats, frame)
             cur.execute(_query("create_list_table.sql", schema, table=table))
-            cur.copy_expert(_query("copy_list_table.sql", schema, table=table),
-                            CsvChunkStream(frame, columns=PG_TABLE_COLUMNS),
+            cur.copy_expert(_query("copy_list_table.sql", schema, table=table, columns=columns),
+                            CsvChunkStream(frame, columns=columns),
                             size=COPY_READ_BYTES)
             copied = cur.rowcount
             phase("copy")
@@ -361,6 +391,30 @@ class PostgresBackend:
                     "version is unchanged")
             cur.execute(_query("analyze_list_table.sql", schema, table=table))
             phase("analyze")
+            self._load_assignments(cur, assignments_table_name(table), assignments)
+            phase("assignments")
+
+    def _load_assignments(self, cur: PgCursor, assignments: str, frame: pd.DataFrame) -> None:
+        """Create, COPY, index and analyze a version's assignments table (inside the list
+        table's transaction)."""
+        schema = self.schema
+        cur.execute(_query("create_assignments_table.sql", schema, assignments=assignments))
+        if len(frame):
+            cur.copy_expert(_query("copy_assignments_table.sql", schema, assignments=assignments),
+                            CsvChunkStream(frame, columns=PG_ASSIGNMENT_COLUMNS),
+                            size=COPY_READ_BYTES)
+            if cur.rowcount != len(frame):
+                raise ListValidationError(
+                    f"assignments for {assignments}: loaded {cur.rowcount} rows, expected "
+                    f"{len(frame)}; the live version is unchanged")
+        try:
+            cur.execute(_query("index_assignments_table.sql", schema, assignments=assignments,
+                               index=f"{assignments}_user"))
+        except pg_errors.UniqueViolation as exc:
+            raise ListValidationError(
+                f"assignments for {assignments}: a user is assigned twice "
+                f"({str(exc).strip().splitlines()[-1]}); the live version is unchanged"
+            ) from None
 
     def try_swap(self, conn: PgConnection, version: int, table: str, *, lock_timeout_ms: int,
                  model_version: str, generated_at: datetime) -> bool:
@@ -373,8 +427,9 @@ class PostgresBackend:
         mark = _query("mark_live.sql", self.schema)
         while True:
             statement = _query("recreate_view.sql" if self._recreate_view else "swap_view.sql",
-                               self.schema, table=table, lock_timeout_ms=lock_timeout_ms,
-                               literals=constants)
+                               self.schema, table=table,
+                               assignments=assignments_table_name(table),
+                               lock_timeout_ms=lock_timeout_ms, literals=constants)
             try:
                 with _transaction(conn) as cur:
                     cur.execute(statement)
@@ -399,8 +454,7 @@ class PostgresBackend:
             if not conn.closed:
                 conn.rollback()
             with _transaction(conn) as cur:
-                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}.{}").format(
-                    sql.Identifier(schema), sql.Identifier(table)))
+                cur.execute(_drop_tables(schema, table))
                 cur.execute(
                     sql.SQL("UPDATE {}.recommendation_versions SET status = 'failed', "
                             "error = %s, dropped_at = now() WHERE version = %s AND "
@@ -422,11 +476,17 @@ class PostgresBackend:
         with _transaction(conn) as cur:
             cur.execute("SELECT set_config('lock_timeout', %s, true)",
                         (f"{int(lock_timeout_ms)}ms",))
-            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}.{}").format(
-                sql.Identifier(self.schema), sql.Identifier(table)))
+            cur.execute(_drop_tables(self.schema, table))
             cur.execute(sql.SQL("UPDATE {}.recommendation_versions SET dropped_at = now() "
                                 "WHERE version = %s").format(sql.Identifier(self.schema)),
                         (version,))
+
+
+def _drop_tables(schema: str, table: str) -> sql.Composed:
+    """``DROP TABLE IF EXISTS`` of a version's list table and its assignments table."""
+    return sql.SQL("DROP TABLE IF EXISTS {}.{}, {}.{}").format(
+        sql.Identifier(schema), sql.Identifier(table), sql.Identifier(schema),
+        sql.Identifier(assignments_table_name(table)))
 
 
 # =================================================================================================
@@ -562,13 +622,17 @@ def scrub(message: str, dsn: str) -> str:
 
 def _query(name: str, schema: str, *, table: str | None = None, index: str | None = None,
            lock_timeout_ms: int | None = None, memory: str | None = None,
-           literals: Mapping[str, Any] | None = None) -> sql.Composed:
+           literals: Mapping[str, Any] | None = None, assignments: str | None = None,
+           columns: tuple[str, ...] | None = None) -> sql.Composed:
     """A Postgres SQL file with its placeholders filled as identifiers or literals (values in
     ``literals`` become :class:`psycopg2.sql.Literal`; DDL cannot take bind parameters)."""
     parts: dict[str, sql.Composable] = {
         "schema": sql.Identifier(schema),
         "schema_lit": sql.Literal(schema),
         "view": sql.Identifier(VIEW_NAME),
+        "view_lit": sql.Literal(VIEW_NAME),
+        "assignments_view": sql.Identifier(ASSIGNMENTS_VIEW),
+        "assignments_view_lit": sql.Literal(ASSIGNMENTS_VIEW),
         "reader_role": sql.Identifier(READER_ROLE),
         "reader_role_lit": sql.Literal(READER_ROLE),
     }
@@ -576,6 +640,12 @@ def _query(name: str, schema: str, *, table: str | None = None, index: str | Non
         if not TABLE_RE.match(table):
             raise ServingError(f"invalid version table name {table!r}")
         parts["table"] = sql.Identifier(table)
+    if assignments is not None:
+        if not ASSIGNMENTS_TABLE_RE.match(assignments):
+            raise ServingError(f"invalid assignments table name {assignments!r}")
+        parts["assignments"] = sql.Identifier(assignments)
+    if columns is not None:
+        parts["columns"] = sql.SQL(", ").join(sql.Identifier(column) for column in columns)
     if index is not None:
         parts["index"] = sql.Identifier(index)
     if lock_timeout_ms is not None:

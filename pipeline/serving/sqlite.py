@@ -1,17 +1,19 @@
 """The embedded SQLite serving backend (:class:`SqliteBackend`), selected by ``dsn=None``.
 
-The file (``Settings.serving_sqlite_path``) holds the same version tables, catalog
-(``recommendation_versions``), audit table (``model_promotions``) and view (``recommendations``)
-as the PostgreSQL schema, without schema and roles. It uses WAL journal mode, so readers never
-wait for the publisher and an open read transaction keeps its snapshot across a swap.
+The file (``Settings.serving_sqlite_path``) holds the same version tables (with their
+assignments tables), catalog (``recommendation_versions``), audit table (``model_promotions``)
+and views (``recommendations``, ``recommendation_assignments``) as the PostgreSQL schema,
+without schema and roles; version tables store ``model_version`` and ``generated_at`` per row.
+It uses WAL journal mode, so readers never wait for the publisher and an open read transaction
+keeps its snapshot across a swap.
 
 Publish steps: a ``flock`` on ``<file>.publish-lock`` serialises publishers (the promotion
 decision takes ``<file>.promotion-lock``, which never blocks a publish); rows load with
 ``executemany`` in chunks inside one ``BEGIN IMMEDIATE`` transaction, which then runs the contract
-checks (``validate_list_table.sql``) and builds the index; the swap is ``DROP VIEW`` +
-``CREATE VIEW`` plus the catalog update inside one ``BEGIN IMMEDIATE`` transaction (SQLite DDL is
-transactional). A swap attempt that finds the database locked past the timeout fails and the
-caller retries it with backoff.
+checks (``validate_list_table.sql``) and builds the index, then loads and indexes the
+assignments table; the swap is ``DROP VIEW`` + ``CREATE VIEW`` of both views plus the catalog
+update inside one ``BEGIN IMMEDIATE`` transaction (SQLite DDL is transactional). A swap attempt
+that finds the database locked past the timeout fails and the caller retries it with backoff.
 """
 
 from __future__ import annotations
@@ -32,15 +34,20 @@ import pandas as pd
 from pipeline.core.config import DEFAULT_USER
 from pipeline.core.errors import ServingError
 from pipeline.serving.contract import (
+    ASSIGNMENT_COLUMNS,
+    ASSIGNMENTS_VIEW,
     EXPERIMENT_LOCK_TIMEOUT_MS,
     ISO_UTC,
     LOAD_CHUNK_ROWS,
     PUBLISH_LOCK_WAIT_S,
     READ_LOCK_TIMEOUT_MS,
     VIEW_NAME,
+    ListValidationError,
     LoadStats,
     NothingPublishedError,
+    SchemaOutdated,
     ServingConnectionError,
+    assignments_table_name,
     check_loaded,
     migration_names,
     sql_text,
@@ -123,13 +130,14 @@ class SqliteBackend:
     # --------------------------------------------------------------------------- schema, locks
 
     def migrate(self, conn: sqlite3.Connection) -> None:
-        (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        mode = _journal_mode_wal(conn)
         if str(mode).lower() != "wal":
             logger.warning("serving SQLite file is in %s journal mode, not WAL", mode)
         with _transaction(conn) as cur:
             for name in migration_names("sqlite"):
                 for statement in _statements(_query(name)):
                     cur.execute(statement)
+            _upgrade_view(cur)
 
     def ensure_schema(self) -> None:
         with contextlib.closing(self.connect(timeout_s=30, must_exist=False)) as conn:
@@ -145,10 +153,15 @@ class SqliteBackend:
         with contextlib.closing(self.connect(timeout_s=READ_LOCK_TIMEOUT_MS / 1000,
                                              must_exist=True)) as conn:
             try:
-                return conn.execute(_query(name, view=VIEW_NAME), dict(params)).fetchall()
+                return conn.execute(_query(name, view=VIEW_NAME,
+                                           assignments_view=ASSIGNMENTS_VIEW),
+                                    dict(params)).fetchall()
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):
                     raise NothingPublishedError(f"nothing published yet in {self.path}") from None
+                if "no such column" in str(exc):
+                    raise SchemaOutdated(f"{self.path} predates this code ({exc}); a migration "
+                                         "upgrades it") from None
                 raise ServingError(f"reading {VIEW_NAME} in {self.path} failed: {exc}") from None
 
     def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -226,9 +239,12 @@ class SqliteBackend:
                         (table, version))
         return int(version), table
 
-    def load_table(self, conn: sqlite3.Connection, table: str, frame: pd.DataFrame) -> None:
-        """Create, load (``executemany`` in chunks), validate and index in one transaction."""
+    def load_table(self, conn: sqlite3.Connection, table: str, frame: pd.DataFrame, *,
+                   assignments: pd.DataFrame, model_version: str) -> None:
+        """Create, load (``executemany`` in chunks), validate and index the list table and its
+        assignments table in one transaction (model_version is stored per row here)."""
         insert = _query("insert_list_rows.sql", table=table)
+        other = assignments_table_name(table)
         with _transaction(conn) as cur:
             cur.execute(_query("create_list_table.sql", table=table))
             for start in range(0, len(frame), LOAD_CHUNK_ROWS):
@@ -240,12 +256,27 @@ class SqliteBackend:
             for statement in _statements(
                     _query("finalize_list_table.sql", table=table, index=f"{table}_user_rank")):
                 cur.execute(statement)
+            cur.execute(_query("create_assignments_table.sql", assignments=other))
+            add = _query("insert_assignment_rows.sql", assignments=other)
+            for start in range(0, len(assignments), LOAD_CHUNK_ROWS):
+                chunk = assignments[list(ASSIGNMENT_COLUMNS)].iloc[start:start + LOAD_CHUNK_ROWS]
+                cur.executemany(add, zip(*_chunk_columns(chunk, None)))
+            try:
+                for statement in _statements(_query("finalize_assignments_table.sql",
+                                                    assignments=other, index=f"{other}_user")):
+                    cur.execute(statement)
+            except sqlite3.IntegrityError as exc:
+                raise ListValidationError(
+                    f"assignments for {other}: a user is assigned twice ({exc}); the live "
+                    "version is unchanged") from None
 
     def try_swap(self, conn: sqlite3.Connection, version: int, table: str, *,
                  lock_timeout_ms: int, model_version: str, generated_at: datetime) -> bool:
         """One ``BEGIN IMMEDIATE`` transaction (the view stores model_version and generated_at
         per row, so they are not needed here)."""
-        swap = _statements(_query("swap_view.sql", view=VIEW_NAME, table=table))
+        swap = _statements(_query("swap_view.sql", view=VIEW_NAME, table=table,
+                                  assignments_view=ASSIGNMENTS_VIEW,
+                                  assignments=assignments_table_name(table)))
         mark = _statements(_query("mark_live.sql"))
         try:
             with _transaction(conn) as cur:
@@ -266,7 +297,7 @@ class SqliteBackend:
                         error: str) -> None:
         try:
             with _transaction(conn) as cur:
-                cur.execute(_query("drop_list_table.sql", table=table))
+                _drop_tables(cur, table)
                 cur.execute("UPDATE recommendation_versions SET status = 'failed', error = ?, "
                             "dropped_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') "
                             "WHERE version = ? AND status <> 'live'", (error[:2000], version))
@@ -281,10 +312,53 @@ class SqliteBackend:
     def drop_version(self, conn: sqlite3.Connection, version: int, table: str, *,
                      lock_timeout_ms: int) -> None:
         with _transaction(conn) as cur:
-            cur.execute(_query("drop_list_table.sql", table=table))
+            _drop_tables(cur, table)
             cur.execute("UPDATE recommendation_versions SET dropped_at = "
                         "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') WHERE version = ?",
                         (version,))
+
+
+def _journal_mode_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> str:
+    """``PRAGMA journal_mode=WAL``; the switch of a new file needs an exclusive lock and
+    reports "database is locked" at once (without the busy timeout) when another connection
+    switches it at the same moment: retried for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            return str(mode)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _drop_tables(cur: sqlite3.Cursor, table: str) -> None:
+    """Drop a version's list table and its assignments table."""
+    for statement in _statements(_query("drop_list_table.sql", table=table,
+                                        assignments=assignments_table_name(table))):
+        cur.execute(statement)
+
+
+def _upgrade_view(cur: sqlite3.Cursor) -> None:
+    """A view ``recommendations`` from before experiments (no ``variant``) gets ``variant`` and
+    ``experiment`` as NULL columns after the others, over the same live table
+    (``upgrade_view.sql``): the live version keeps being served, and the next swap points the
+    view at a table that stores them."""
+    columns = {name for (name,) in cur.execute("SELECT name FROM pragma_table_info(?)",
+                                               (VIEW_NAME,))}
+    if not columns or "variant" in columns:
+        return
+    live = cur.execute("SELECT table_name FROM recommendation_versions WHERE status = 'live'"
+                       ).fetchone()
+    if live is None:
+        logger.warning("view %s predates experiments but no version is live: the next publish "
+                       "replaces it", VIEW_NAME)
+        return
+    for statement in _statements(_query("upgrade_view.sql", view=VIEW_NAME, table=live[0])):
+        cur.execute(statement)
+    logger.warning("view %s upgraded: variant and experiment (NULL) added to the live version "
+                   "%s", VIEW_NAME, live[0])
 
 
 # =================================================================================================

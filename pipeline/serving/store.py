@@ -5,6 +5,18 @@ The CMS reads the view ``recommendations`` (see ARCHITECTURE.md, "Serving DB"):
 the rows of ``user_id = '__default__'``. Every publish loads a new table, checks it, and only then
 points the view at it, so a reader sees the whole old list set or the whole new one.
 
+Experiments
+-----------
+While an A/B experiment runs (:func:`active_experiment`), a publish's rows carry ``variant`` and
+``experiment`` (the view's last two columns; NULL outside an experiment) and their own
+``model_version``; each recommending variant has its fallback list ``__default__:<variant>``
+beside ``__default__`` (users outside the experiment). The assignments of the published users
+(``user_id, experiment, variant``, holdout users included: they have no rows) go into a
+sibling table of the version, loaded in the same transaction and exposed by the view
+``recommendation_assignments``, swapped with ``recommendations`` in the same transaction.
+:func:`read_user_list` is the CMS rule: the user's own list, else the fallback of the user's
+variant (none for a holdout: no rows), else ``__default__``.
+
 Backends
 --------
 ``dsn=None`` selects the embedded SQLite file (``Settings.serving_sqlite_path``,
@@ -30,15 +42,15 @@ Publish
    older than the live ones (:class:`OlderThanLive`) under that lock.
 2. Insert the catalog row (status ``loading``) and commit: this reserves N.
 3. In one transaction, create and load the table, run the contract checks (``__default__``
-   present, ranks 1..N contiguous and items unique per user) and index it; a failure rolls the
-   table back.
-4. Swap, in a short transaction: point the view at the new table; catalog: new ``live``, old
+   present, ranks 1..N contiguous and items unique per user id) and index it, then create, load
+   and index its assignments table (one row per user); a failure rolls both back.
+4. Swap, in a short transaction: point both views at the new tables; catalog: new ``live``, old
    ``retired``. An attempt blocked by readers past ``lock_timeout_ms`` rolls back and is retried
    with exponential backoff, ``swap_attempts`` times in all (then :class:`SwapLockTimeout`).
 5. Drop the tables of all but the newest ``keep_versions`` live/retired versions (and of failed
    ones); a failed drop is logged and retried by the next publish.
 
-A failure before the swap commits leaves the old version live, drops the new table, marks the
+A failure before the swap commits leaves the old version live, drops the new tables, marks the
 catalog row ``failed`` (best effort) and raises a
 :class:`~pipeline.core.errors.ServingError`; a retry publishes normally.
 """
@@ -61,6 +73,8 @@ from psycopg2.extensions import parse_dsn
 from pipeline.core.config import DEFAULT_USER, as_utc
 from pipeline.core.errors import ConfigError, ServingError
 from pipeline.serving.contract import (
+    ASSIGNMENT_COLUMNS,
+    ASSIGNMENTS_VIEW,
     DEFAULT_SCHEMA,
     ISO_UTC,
     LIST_COLUMNS,
@@ -73,6 +87,7 @@ from pipeline.serving.contract import (
     NothingPublishedError,
     OlderThanLive,
     PublishResult,
+    SchemaOutdated,
     ServingBackend,
     ServingConnectionError,
     SwapLockTimeout,
@@ -81,6 +96,7 @@ from pipeline.serving.contract import (
     frame_generated_at,
     json_safe,
     phases,
+    prepare_assignments,
     prepare_lists,
     refuse_older,
     resolve_schema,
@@ -100,6 +116,8 @@ from pipeline.serving.sqlite import SqliteBackend
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ASSIGNMENT_COLUMNS",
+    "ASSIGNMENTS_VIEW",
     "DEFAULT_SCHEMA",
     "LIST_COLUMNS",
     "ListValidationError",
@@ -119,6 +137,7 @@ __all__ = [
     "promotion_lock",
     "publish_lists",
     "read_all",
+    "read_assignments",
     "read_experiments",
     "read_user_list",
     "read_monitoring",
@@ -171,21 +190,25 @@ def publish_lists(
     swap_attempts: int = SWAP_ATTEMPTS,
     schema: str | None = None,
     allow_older: bool = True,
+    assignments: pd.DataFrame | None = None,
 ) -> PublishResult:
     """Publish ``lists`` as a new version and make it live atomically.
 
-    ``lists`` has the columns :data:`LIST_COLUMNS` (``generated_at`` timezone-aware); the
-    ``model_version`` column is added here. ``dsn`` None publishes to the SQLite file at
-    ``sqlite_path``. Keeps the newest ``keep_versions`` version tables, the live one included
-    (older ones are dropped after the swap). ``lock_timeout_ms`` bounds each swap attempt and so
-    how long CMS readers can queue behind it; ``schema`` (Postgres only) defaults to
-    ``RECS_SERVING_SCHEMA`` or ``recs``. Raises
-    :class:`ListValidationError` for lists that break the contract, :class:`SwapLockTimeout`
-    when readers block the swap ``swap_attempts`` times, :class:`ServingConnectionError` when the
-    database is unreachable; in every case the previously live version stays live. With
-    ``allow_older`` False, raises :class:`OlderThanLive` (before loading anything) when the live
-    version's ``logical_date`` is newer than ``logical_date``: checked under the publish lock,
-    so two runs that race cannot put older lists over newer ones.
+    ``lists`` has the columns :data:`LIST_COLUMNS` (``generated_at`` timezone-aware) and optionally
+    ``model_version`` per row (missing or null: ``model_version``), ``variant`` and ``experiment``
+    (null outside an experiment; see :func:`~pipeline.serving.contract.prepare_lists`).
+    ``assignments`` (optional, :data:`ASSIGNMENT_COLUMNS`: one row per user a running experiment put
+    in a variant) goes live with the lists, in the view ``recommendation_assignments``. ``dsn`` None
+    publishes to the SQLite file at ``sqlite_path``. Keeps the newest ``keep_versions`` version
+    tables, the live one included (older ones are dropped after the swap). ``lock_timeout_ms``
+    bounds each swap attempt and so how long CMS readers can queue behind it; ``schema`` (Postgres
+    only) defaults to ``RECS_SERVING_SCHEMA`` or ``recs``. Raises :class:`ListValidationError` for
+    lists that break the contract, :class:`SwapLockTimeout` when readers block the swap
+    ``swap_attempts`` times, :class:`ServingConnectionError` when the database is unreachable; in
+    every case the previously live version stays live. With ``allow_older`` False, raises
+    :class:`OlderThanLive` (before loading anything) when the live version's ``logical_date`` is
+    newer than ``logical_date``: checked under the publish lock, so two runs that race cannot put
+    older lists over newer ones.
     """
     if keep_versions < 1:
         raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
@@ -195,10 +218,11 @@ def publish_lists(
         raise ValueError(f"swap_attempts must be >= 1, got {swap_attempts}")
     started = time.perf_counter()
     frame = prepare_lists(lists, model_version)
+    assigned = prepare_assignments(assignments)
     logger.debug("phase prepare %.1fs", time.perf_counter() - started)
     backend = backend_for(dsn, sqlite_path, schema)
     try:
-        return _publish(backend, frame, model_version=model_version,
+        return _publish(backend, frame, assigned, model_version=model_version,
                         logical_date=as_utc(logical_date), keep_versions=keep_versions,
                         lock_timeout_ms=lock_timeout_ms, swap_attempts=swap_attempts,
                         allow_older=allow_older)
@@ -228,19 +252,50 @@ def promotion_lock(*, dsn: str | None, sqlite_path: Path, schema: str | None = N
 def read_user_list(
     user_id: str, *, dsn: str | None, sqlite_path: Path, schema: str | None = None,
 ) -> pd.DataFrame:
-    """The CMS lookup: the live list of ``user_id`` ordered by rank, or the fallback list.
+    """The CMS lookup: the live list of ``user_id`` ordered by rank, or its fallback list.
 
-    Returns all view columns (:data:`VIEW_COLUMNS`); ``user_id`` is ``__default__`` when the
-    user has no personal list. Raises :class:`NothingPublishedError` before the first publish.
+    Returns all view columns (:data:`VIEW_COLUMNS`). A user without a personal list gets the
+    fallback of the variant a running experiment assigned them (``user_id`` then is
+    ``__default__:<variant>``; a holdout variant has none, so no rows), else ``__default__``.
+    Raises :class:`NothingPublishedError` before the first publish.
     """
     params = {"user_id": str(user_id), "default_user": DEFAULT_USER}
-    return frame_from_rows(backend_for(dsn, sqlite_path, schema).read_rows("read_user_list.sql",
-                                                                           params))
+    return frame_from_rows(_read_view(backend_for(dsn, sqlite_path, schema),
+                                      "read_user_list.sql", params))
 
 
 def read_all(*, dsn: str | None, sqlite_path: Path, schema: str | None = None) -> pd.DataFrame:
     """The whole live view ordered by ``user_id``, ``rank`` (one consistent snapshot)."""
-    return frame_from_rows(backend_for(dsn, sqlite_path, schema).read_rows("read_all.sql", {}))
+    return frame_from_rows(_read_view(backend_for(dsn, sqlite_path, schema), "read_all.sql", {}))
+
+
+def read_assignments(*, dsn: str | None, sqlite_path: Path, user_id: str | None = None,
+                     schema: str | None = None) -> pd.DataFrame:
+    """The live version's experiment assignments (:data:`ASSIGNMENT_COLUMNS`, by user), of
+    every user or of ``user_id``; empty when no experiment ran at the live publish. Raises
+    :class:`NothingPublishedError` before the first publish."""
+    rows = _read_view(backend_for(dsn, sqlite_path, schema), "read_assignments.sql",
+                      {"user_id": None if user_id is None else str(user_id)})
+    return pd.DataFrame.from_records(rows, columns=list(ASSIGNMENT_COLUMNS)).astype(object)
+
+
+def _read_view(backend: ServingBackend, query: str,
+               params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """``backend.read_rows``; when the views predate this code (a live version published
+    before experiments, not migrated yet), migrate (:func:`ensure_schema`, which waits for a
+    running publish) and read again."""
+    try:
+        return backend.read_rows(query, params)
+    except (NothingPublishedError, SchemaOutdated):
+        try:
+            published = bool(backend.read_rows("live_version.sql", {}))
+        except NothingPublishedError:
+            published = False
+        if not published:
+            raise
+    logger.info("the serving views predate %s: migrating them", ASSIGNMENTS_VIEW)
+    backend.ensure_schema()
+    return backend.read_rows(query, params)
 
 
 def live_version(
@@ -542,9 +597,9 @@ def _optional_utc(value: Any) -> datetime | None:
 # =================================================================================================
 
 
-def _publish(backend: ServingBackend, frame: pd.DataFrame, *, model_version: str,
-             logical_date: datetime, keep_versions: int, lock_timeout_ms: int,
-             swap_attempts: int, allow_older: bool) -> PublishResult:
+def _publish(backend: ServingBackend, frame: pd.DataFrame, assignments: pd.DataFrame, *,
+             model_version: str, logical_date: datetime, keep_versions: int,
+             lock_timeout_ms: int, swap_attempts: int, allow_older: bool) -> PublishResult:
     """Steps 1-5 of the module docstring on a prepared frame; driver errors propagate."""
     started = time.monotonic()
     with backend.publishing(lock_timeout_ms=lock_timeout_ms) as conn:
@@ -558,9 +613,11 @@ def _publish(backend: ServingBackend, frame: pd.DataFrame, *, model_version: str
                                                  logical_date=logical_date)
         try:
             loading = time.monotonic()
-            backend.load_table(conn, table, frame)
-            logger.info("loaded and checked %s (%d rows) in %.2f s", backend.qualified(table),
-                        len(frame), time.monotonic() - loading)
+            backend.load_table(conn, table, frame, assignments=assignments,
+                               model_version=model_version)
+            logger.info("loaded and checked %s (%d rows, %d assignments) in %.2f s",
+                        backend.qualified(table), len(frame), len(assignments),
+                        time.monotonic() - loading)
             with phases(logger) as phase:
                 _swap(backend, conn, version, table, lock_timeout_ms=lock_timeout_ms,
                       attempts=swap_attempts, model_version=model_version,
@@ -577,7 +634,7 @@ def _publish(backend: ServingBackend, frame: pd.DataFrame, *, model_version: str
                 backend.qualified(table), len(frame), users, model_version,
                 time.monotonic() - started)
     return PublishResult(version=version, table=table, rows=len(frame), users=users,
-                         model_version=model_version)
+                         model_version=model_version, assigned=len(assignments))
 
 
 def _swap(backend: ServingBackend, conn: Any, version: int, table: str, *, lock_timeout_ms: int,

@@ -1,2 +1,4 @@
--- Drops one version table. Placeholder: table (a quoted identifier built from the catalog).
-DROP TABLE IF EXISTS {table}
+-- Drops one version's tables (the lists and their assignments). Placeholders: table,
+-- assignments (quoted identifiers built from the catalog).
+DROP TABLE IF EXISTS {table};
+DROP TABLE IF EXISTS {assignments};

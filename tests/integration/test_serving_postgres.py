@@ -37,7 +37,8 @@ def _publish(lists: pd.DataFrame, dsn: str, model_version: str, **kwargs) -> ser
 
 
 def _expected_view(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
-    expected = lists.assign(model_version=model_version)[list(serving.VIEW_COLUMNS)]
+    expected = lists.assign(model_version=model_version, variant=None,
+                            experiment=None)[list(serving.VIEW_COLUMNS)]
     expected = expected.sort_values(["user_id", "rank"]).reset_index(drop=True)
     expected["score"] = expected["score"].astype("float32").astype("float64")  # real
     expected["generated_at"] = expected["generated_at"].astype("datetime64[us, UTC]")
@@ -110,7 +111,7 @@ def test_publish_then_read_back_exactly(pg_dsn: str, make_lists: Callable) -> No
     assert column_types == [
         ("user_id", "text"), ("rank", "smallint"), ("item_id", "text"), ("score", "real"),
         ("reason", "text"), ("source", "text"), ("model_version", "text"),
-        ("generated_at", "timestamp with time zone"),
+        ("generated_at", "timestamp with time zone"), ("variant", "text"), ("experiment", "text"),
     ]
 
 

@@ -412,7 +412,8 @@ def test_cms_reader_can_read_only_the_view_also_after_two_swaps(
         WHERE n.nspname IN ('recs', 'public') AND c.relkind IN ('r', 'v', 'm', 'S', 'p', 'f')
           AND has_table_privilege('cms_reader', c.oid, p.privilege)
         ORDER BY 1, 2""", (list(_PRIVILEGES),))
-    assert granted == [("recs.recommendations", "SELECT")]
+    assert granted == [("recs.recommendation_assignments", "SELECT"),
+                       ("recs.recommendations", "SELECT")]
     assert _query(pg_dsn, "SELECT has_schema_privilege('cms_reader', 'recs', 'USAGE'), "
                           "has_schema_privilege('cms_reader', 'recs', 'CREATE'), "
                           "has_schema_privilege('cms_reader', 'public', 'CREATE')") \
@@ -424,7 +425,10 @@ def test_cms_reader_can_read_only_the_view_also_after_two_swaps(
             cur.execute("SELECT item_id, reason FROM recommendations WHERE user_id = %s "
                         "ORDER BY rank", ("u001",))
             assert len(cur.fetchall()) == 4  # the live list (m-3), through the unqualified view
+            cur.execute("SELECT count(*) FROM recommendation_assignments")
+            assert cur.fetchone() == (0,)  # no experiment ran: nobody is assigned
             for statement in ("SELECT count(*) FROM recs.recommendations_v3",
+                              "SELECT count(*) FROM recs.recommendation_assignments_v3",
                               "SELECT count(*) FROM recs.recommendations_v1",
                               "SELECT count(*) FROM recs.recommendation_versions",
                               "SELECT count(*) FROM recs.model_promotions",

@@ -114,3 +114,82 @@ def test_airflow_secrets_are_written_once_private_and_yield_to_the_environment(t
     Fernet(values["fernet"].encode())  # a valid Fernet key
     assert sourced(AIRFLOW__CORE__FERNET_KEY="from-the-deployment")["fernet"] == \
         "from-the-deployment"
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+def _experiment_cli(tmp_path, monkeypatch, *args: str) -> int:
+    """``python -m pipeline.cli experiment ...`` on the embedded SQLite file of ``tmp_path``."""
+    from pipeline.cli import main
+
+    monkeypatch.setenv("RECS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("AIRFLOW_CONN_RECS_SERVING", raising=False)
+    return main(["experiment", *args])
+
+
+def test_experiment_start_change_and_stop_are_recorded_and_saved(tmp_path, monkeypatch,
+                                                                 capsys):
+    from pipeline.serving.store import active_experiment, read_experiments
+
+    config = {"name": "ab-1", "salt": "salt-1",
+              "variants": [{"name": "control", "kind": "popularity", "share": 0.3},
+                           {"name": "model", "kind": "model", "model": "champion",
+                            "share": 0.3},
+                           {"name": "holdout", "kind": "holdout", "share": 0.1}]}
+    path = tmp_path / "ab-1.json"
+    path.write_text(json.dumps(config))
+    saved = tmp_path / "data" / "experiments" / "ab-1.json"
+    sqlite = tmp_path / "data" / "serving.sqlite"
+    run = lambda *args: _experiment_cli(tmp_path, monkeypatch, *args)  # noqa: E731
+
+    assert run("start", "--config", str(path), "--by", "alice", "--reason", "why not") == 0
+    assert "start recorded" in capsys.readouterr().out
+    started = json.loads(saved.read_text())
+    assert started["variants"][0]["buckets"] == [[0, 3000]]
+    assert active_experiment(None, sqlite)["config"] == started
+    assert run("start", "--config", str(path), "--by", "alice") == 0  # a retry: no new row
+
+    grown = {**started, "variants": [{**started["variants"][0], "share": 0.4},
+                                     *started["variants"][1:]]}
+    path.write_text(json.dumps(grown))
+    assert run("change", "--config", str(path), "--by", "bob") == 0
+    assert json.loads(saved.read_text())["version"] == 2
+
+    current = json.loads(saved.read_text())  # the saved config is the one to edit
+    shrunk = {**current, "variants": [{**current["variants"][0], "share": 0.2},
+                                      *current["variants"][1:]]}
+    path.write_text(json.dumps(shrunk))
+    capsys.readouterr()
+    assert run("change", "--config", str(path), "--by", "bob") == 1
+    assert "shrinking variant 'control'" in capsys.readouterr().err
+    assert json.loads(saved.read_text())["version"] == 2
+    assert run("change", "--config", str(path), "--by", "bob", "--force") == 0
+    assert json.loads(saved.read_text())["last_change"]["forced"] is True
+
+    assert run("stop", "--config", str(path), "--by", "carol", "--reason", "done") == 0
+    assert active_experiment(None, sqlite) is None
+    assert run("stop", "--config", str(path), "--by", "carol") == 0  # nothing left to stop
+    assert "nothing to stop" in capsys.readouterr().out
+    records = read_experiments(None, sqlite)
+    assert list(records["action"]) == ["start", "change", "change", "stop"]
+    assert list(records["changed_by"]) == ["alice", "bob", "bob", "carol"]
+    assert run("start", "--config", str(path), "--by", "dave") == 1  # the name was used
+
+
+def test_experiment_cli_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    run = lambda *args: _experiment_cli(tmp_path, monkeypatch, *args)  # noqa: E731
+    missing = tmp_path / "missing.json"
+    assert run("start", "--config", str(missing), "--by", "alice") == 1
+    assert "cannot read" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    assert run("start", "--config", str(broken), "--by", "alice") == 1
+    assert "invalid JSON" in capsys.readouterr().err
+    never = tmp_path / "never.json"
+    never.write_text(json.dumps({"name": "never", "salt": "s", "variants": []}))
+    assert run("stop", "--config", str(never), "--by", "alice") == 1
+    assert "never started" in capsys.readouterr().err
+    assert run("stop", "--config", str(never), "--by", "alice", "--force") == 1
+    with pytest.raises(SystemExit):
+        run("start", "--config", str(never))  # --by is required

@@ -29,7 +29,8 @@ def _publish(lists: pd.DataFrame, path: Path, model_version: str,
 
 
 def _expected_view(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
-    expected = lists.assign(model_version=model_version)[list(serving.VIEW_COLUMNS)]
+    expected = lists.assign(model_version=model_version, variant=None,
+                            experiment=None)[list(serving.VIEW_COLUMNS)]
     expected = expected.sort_values(["user_id", "rank"]).reset_index(drop=True)
     expected["generated_at"] = expected["generated_at"].astype("datetime64[us, UTC]")
     return expected

@@ -1,0 +1,1 @@
+INSERT INTO {assignments} (user_id, experiment, variant) VALUES (?, ?, ?)
