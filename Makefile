@@ -36,7 +36,7 @@ $(STAMP): requirements.txt
 	@$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/recs-pipeline.pth', 'w').write('$(CURDIR)\n')"
 	@touch $(STAMP)
 
-run: install $(AIRFLOW_SECRETS)  ## run the nightly DAG, then the monitor, once on the demo data (DATE=YYYY-MM-DD to choose the day)
+run: install $(AIRFLOW_SECRETS)  ## the demo: the nightly DAG, the monitor, a simulated CMS day and its impact (DATE=YYYY-MM-DD to choose the day)
 	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
 	@$(BIN)/python -m pipeline.cli demo-data
 	@$(AIRFLOW_ENV) date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
@@ -52,7 +52,16 @@ run: install $(AIRFLOW_SECRETS)  ## run the nightly DAG, then the monitor, once 
 	 if ! $(BIN)/airflow dags test recommendations_monitor $$date > logs/make-run-monitor.log 2>&1; then \
 	   echo "the monitor failed; full log: logs/make-run-monitor.log"; exit 1; \
 	 fi; \
-	 $(BIN)/python -m pipeline.cli monitor-summary $$date
+	 $(BIN)/python -m pipeline.cli monitor-summary $$date; \
+	 next=$$($(BIN)/python -c "import datetime as d, sys; print(d.date.fromisoformat(sys.argv[1]) + d.timedelta(days=1))" $$date); \
+	 echo "simulating the CMS on $$date (feedback on the lists served) and ingesting it"; \
+	 $(BIN)/python -m pipeline.cli simulate-day $$date || exit 1; \
+	 $(BIN)/python -m pipeline.cli ingest > logs/make-run-ingest.json || exit 1; \
+	 echo "running recommendations_impact for $$next (log: logs/make-run-impact.log)"; \
+	 if ! $(BIN)/airflow dags test recommendations_impact $$next -c '{"days": 1}' > logs/make-run-impact.log 2>&1; then \
+	   echo "the impact run failed; full log: logs/make-run-impact.log"; exit 1; \
+	 fi; \
+	 $(BIN)/python -m pipeline.cli impact-summary $$next
 
 test: install  ## run the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
 	$(BIN)/python -m pytest -q

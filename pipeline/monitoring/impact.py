@@ -59,7 +59,7 @@ def user_days(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
     converted on a recommended item within ``engage_days``, and the revenue of those
     purchases."""
     start_ts, end_ts = pd.Timestamp(as_utc(start)), pd.Timestamp(as_utc(end))
-    lists = served[served["user_id"] != DEFAULT_USER].copy()
+    lists = served[_personal(served)].copy()
     lists["variant"] = lists["variant"].fillna(NO_VARIANT).astype(str)
     lists["model_version"] = lists["model_version"].fillna("").astype(str)
     lists["cutoff"] = pd.to_datetime(lists["cutoff"], utc=True)
@@ -116,7 +116,7 @@ def attribute(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
     out = days.groupby(GROUP).agg(users_active=("user_id", "size"), **sums).reset_index()
     out = out.rename(columns={f"{k}{s}": f"{k}_users{s}" for k in ("engaged", "converted")
                               for s in ("", "_top3")})
-    lists = served[served["user_id"] != DEFAULT_USER]
+    lists = served[_personal(served)]
     served_per = lists.drop_duplicates(["cutoff", "user_id"]).assign(
         cutoff=lambda f: pd.to_datetime(f["cutoff"], utc=True),
         variant=lambda f: f["variant"].fillna(NO_VARIANT).astype(str),
@@ -142,7 +142,7 @@ def user_outcomes(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datet
     grouped = days.groupby(key)
     out = grouped[["engaged", "converted"]].max().join(
         grouped[["impressions", "clicks"]].sum()).assign(active=True)
-    live = served[served["user_id"] != DEFAULT_USER].assign(
+    live = served[_personal(served)].assign(
         variant=lambda f: f["variant"].fillna(NO_VARIANT).astype(str),
         model_version=lambda f: f["model_version"].fillna("").astype(str),
         user_id=lambda f: f["user_id"].astype(str))
@@ -157,6 +157,11 @@ def user_outcomes(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datet
     for column in ("impressions", "clicks"):
         out[column] = out[column].fillna(0).astype("int64")
     return out.reset_index()
+
+
+def _personal(served: pd.DataFrame) -> pd.Series:
+    """Rows of real users: not ``__default__`` nor a variant's ``__default__:<variant>``."""
+    return ~served["user_id"].astype(str).str.startswith(DEFAULT_USER)
 
 
 USER_DAY_COLUMNS = ["day", "user_id", "cutoff", "model_version", "variant",

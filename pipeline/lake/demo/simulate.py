@@ -25,21 +25,35 @@ exp(-sessions_per_day)``, from the user's activity), or ``visit_rate`` when give
 a visiting user sees their list, or the ``__default__`` list when they have none (nothing when
 there is no default either). Every shown item becomes an ``impression`` event, clicked items a
 ``click`` and possibly ``add_to_cart`` and ``purchase`` events; see :func:`simulate_day`.
+
+Data without a latent truth (the MovieLens-100k demo data): :func:`empirical_truth` builds a
+stand-in :class:`Truth` from an event log and the items table (each user's genre tastes as
+their events show them: not what real users would do, used only by the demo and the tests;
+no model sees it), and :func:`simulate_served` plays days against the served-list history
+(``python -m pipeline.cli simulate-day DATE`` writes them to the landing zone with
+:func:`write_simulated_events`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gzip
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from pipeline.core.config import DEFAULT_USER
-from pipeline.core.schema import EVENT_COLUMNS, EVENT_DTYPES
+from pipeline.core.schema import DEVICES, EVENT_COLUMNS, EVENT_DTYPES, parse_bool
+from pipeline.lake.demo import format_iso_utc
 from pipeline.lake.demo.synthetic import HOUR_CURVE, Truth
+from pipeline.lake.normalise import parse_timestamps
+from pipeline.lake.storage import durable_write
 
 #: Event types a simulated visit produces, in funnel order.
 SIM_EVENT_TYPES: tuple[str, ...] = ("impression", "click", "add_to_cart", "purchase")
@@ -246,6 +260,313 @@ def popularity_list(truth: Truth, k: int = 10, *, user_id: str = DEFAULT_USER,
     return pd.DataFrame({"user_id": pd.array([user_id] * best.size, dtype="string"),
                          "rank": np.arange(1, best.size + 1),
                          "item_id": pd.array(truth.item_ids[best], dtype="string")})
+
+
+# ---- empirical truth -----------------------------------------------------------------------
+#: Category of items without one (blank, missing, or named ``unknown`` in the items table, as
+#: MovieLens' genre-less films are): a catch-all that is never a preferred category.
+UNKNOWN_CATEGORY = "unknown"
+#: A second or third preferred category needs at least this share of the user's events.
+EMPIRICAL_MIN_SHARE = 0.15
+#: ``popularity = rank ** -EMPIRICAL_ZIPF`` (rank 1: the item with the most distinct users), the
+#: Zipf law of :func:`~pipeline.lake.demo.synthetic.generate_world`'s default exponent.
+EMPIRICAL_ZIPF = 0.9
+#: What an empirical truth's user whose log names no device uses.
+FALLBACK_DEVICE = "desktop"
+#: Event types an empirical truth leaves out by default: being shown an item is not a taste.
+NOT_A_TASTE: tuple[str, ...] = ("impression",)
+#: The ``variant`` of served rows without one when others have one (``__default__``'s).
+NO_VARIANT = "none"
+
+
+def empirical_truth(events: pd.DataFrame, items: pd.DataFrame | None = None, *, seed: int = 0,
+                    exclude_event_types: Iterable[str] = NOT_A_TASTE) -> Truth:
+    """A :class:`Truth` estimated from an event log, for data without a latent truth
+    (the MovieLens-100k demo data): a *stand-in*, a genre-taste truth of what each user did,
+    not what real users would do. Only the demo's simulated CMS and the tests use it; no
+    model ever sees it.
+
+    ``events`` follow the event contract (``user_id``, ``item_id``, ``event_type``,
+    ``timestamp``, optionally ``device`` and ``session_id``; events of
+    ``exclude_event_types`` and rows without a user, item or timestamp are left out); ``items``
+    is the items side table (``item_id``, optionally ``category``, ``price``, ``published_at``,
+    ``available``; text as :func:`~pipeline.lake.readers.read_side_file` returns it, or typed).
+    Every event counts the same (a view, a purchase, a 1-star rating alike). With ``n_u`` a
+    user's events and ``n_uc`` those in category ``c``:
+
+    * ``prefs``: the categories of largest share ``n_uc / n_u``, ties broken by the category's
+      share of all events, then by a draw seeded with ``seed``: the first always, the second
+      and third when their share is at least :data:`EMPIRICAL_MIN_SHARE`; never the catch-all
+      :data:`UNKNOWN_CATEGORY` (a user with only uncategorised events has no preference);
+    * ``strength``: the share of the user's events in those categories, ``sum_c n_uc / n_u``;
+    * ``styles``: 0 for every preferred category, and every item has style 0: the log has no
+      styles, so a category match is the whole match (``affinity`` of a preferred-category item
+      is ``base + (1 - base) * strength``);
+    * ``activity``: ``n_u / mean(n)`` (mean 1, as in the generator); ``sessions_per_day``:
+      ``n_u / events_per_session / span_days``, with ``events_per_session`` the log's events
+      per distinct (user, session_id) (1 when the log has no sessions: each event a visit) and
+      ``span_days`` the whole UTC days from the log's first event to its last;
+    * ``primary_device``: the user's most frequent device (ties in :data:`DEVICES` order),
+      :data:`FALLBACK_DEVICE` when their events name none;
+
+    and per item (the items table's ids and the log's):
+
+    * ``category``: the table's, the catch-all when blank, missing or the item is not listed;
+    * ``popularity``: ``rank ** -EMPIRICAL_ZIPF`` with ``rank`` by distinct users (ties share
+      the best rank; items without events come last), so the most popular item has 1;
+    * ``price``: the table's, 0 when missing or unreadable (no price: the simulated
+      ``add_to_cart`` / ``purchase`` of such an item carry no value in
+      :func:`simulate_served`); ``published_at``: the table's, else the item's first event,
+      else the log's start; ``available``: the table's, True when missing.
+
+    :meth:`Truth.affinity` then applies its usual formula. ``window_start`` / ``window_end``
+    are the log's first day and the day after its last. Same arguments -> the same truth.
+    """
+    log = _taste_log(events, exclude_event_types)
+    if log.empty:
+        raise ValueError("no events to build an empirical truth from")
+    user_code, user_ids = pd.factorize(log["user_id"], sort=True)
+    user_ids = np.asarray(user_ids, dtype=object)
+    n_users = user_ids.size
+    catalog = _empirical_items(items, log["item_id"])
+    item_ids, category, names = catalog["item_id"], catalog["category"], catalog["names"]
+    item_code = pd.Index(item_ids).get_indexer(log["item_id"])
+
+    start = log["timestamp"].min().floor("D")
+    end = log["timestamp"].max().floor("D") + pd.Timedelta(days=1)
+    span_days = (end - start) / pd.Timedelta(days=1)
+    n_events = np.bincount(user_code, minlength=n_users).astype(np.float64)
+    prefs, strength = _empirical_prefs(user_code, category[item_code], n_events, len(names) - 1,
+                                       seed)
+
+    sessions = log["session_id"].notna().to_numpy(bool)
+    per_session = 1.0
+    if sessions.any():
+        keyed = pd.DataFrame({"u": user_code[sessions],
+                              "s": log["session_id"].to_numpy(object)[sessions]})
+        per_session = sessions.sum() / len(keyed.drop_duplicates())
+
+    distinct = pd.DataFrame({"u": user_code, "i": item_code}).drop_duplicates()
+    item_users = np.bincount(distinct["i"].to_numpy(), minlength=item_ids.size)
+    rank = pd.Series(-item_users).rank(method="min").to_numpy()
+    first_seen = log["timestamp"].groupby(item_code).min().reindex(np.arange(item_ids.size))
+    published = catalog["published_at"].fillna(first_seen).fillna(start)
+    return Truth(
+        user_ids=user_ids, prefs=prefs,
+        styles=np.where(prefs >= 0, 0, -1).astype(np.int64), strength=strength,
+        activity=n_events / n_events.mean(),
+        sessions_per_day=n_events / per_session / span_days,
+        primary_device=_primary_devices(user_code, log["device"], n_users),
+        item_ids=item_ids, category=category, style=np.zeros(item_ids.size, np.int64),
+        popularity=rank ** -EMPIRICAL_ZIPF, price=catalog["price"],
+        published_at=published.dt.tz_convert(None).to_numpy().astype("datetime64[s]"),
+        available=catalog["available"], category_names=names,
+        window_start=start, window_end=end)
+
+
+def _taste_log(events: pd.DataFrame, exclude: Iterable[str]) -> pd.DataFrame:
+    """user_id, item_id, timestamp (UTC), device, session_id of the events that show taste."""
+    missing = [c for c in ("user_id", "item_id", "event_type", "timestamp")
+               if c not in events.columns]
+    if missing:
+        raise ValueError(f"events lack the columns {missing}")
+    blank = pd.Series(pd.NA, index=events.index, dtype="string")
+    log = pd.DataFrame({
+        "user_id": events["user_id"].astype("string"),
+        "item_id": events["item_id"].astype("string"),
+        "event_type": events["event_type"].astype("string").str.lower(),
+        "timestamp": parse_timestamps(events["timestamp"]),
+        "device": events["device"].astype("string") if "device" in events else blank,
+        "session_id": (events["session_id"].astype("string") if "session_id" in events
+                       else blank),
+    })
+    keep = (log[["user_id", "item_id", "event_type", "timestamp"]].notna().all(axis=1)
+            & ~log["event_type"].isin([str(t).lower() for t in exclude]))
+    return log[keep.to_numpy(bool)].reset_index(drop=True)
+
+
+def _empirical_items(items: pd.DataFrame | None, logged: pd.Series) -> dict:
+    """Item ids (sorted: the table's and the log's), category codes and names, price,
+    published_at (UTC, NaT when unknown) and availability."""
+    table = (pd.DataFrame({"item_id": pd.Series(dtype="string")}) if items is None
+             else items.assign(item_id=items["item_id"].astype("string")))
+    table = table[table["item_id"].notna()].drop_duplicates("item_id")
+    item_ids = np.asarray(sorted(set(table["item_id"]) | set(logged.unique())), dtype=object)
+    table = table.set_index("item_id").reindex(pd.Index(item_ids))
+
+    def column(name: str) -> pd.Series:
+        return table[name] if name in table else pd.Series(pd.NA, index=table.index,
+                                                           dtype="object")
+
+    text = column("category").astype("string").str.strip()
+    text = text.mask(text.isna() | (text == "") | (text == UNKNOWN_CATEGORY), UNKNOWN_CATEGORY)
+    names = (*sorted(set(text) - {UNKNOWN_CATEGORY}), UNKNOWN_CATEGORY)
+    price = pd.to_numeric(column("price"), errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    available = parse_bool(column("available")).fillna(True).to_numpy(bool)
+    return {"item_id": item_ids, "names": names,
+            "category": pd.Index(names).get_indexer(text).astype(np.int64),
+            "price": np.where(np.isfinite(price) & (price >= 0), price, 0.0),
+            "published_at": parse_timestamps(column("published_at")).reset_index(drop=True),
+            "available": available}
+
+
+def _empirical_prefs(user: np.ndarray, category: np.ndarray, n_events: np.ndarray,
+                     unknown: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prefs, strength) from each event's user and category (see :func:`empirical_truth`)."""
+    known = category != unknown
+    counts = pd.DataFrame({"u": user[known], "c": category[known]}).value_counts().sort_index()
+    u = counts.index.get_level_values("u").to_numpy(np.int64)
+    c = counts.index.get_level_values("c").to_numpy(np.int64)
+    n = counts.to_numpy(np.float64)
+    overall = np.bincount(c, weights=n, minlength=unknown)
+    tie = np.random.default_rng(seed).random(n.size)  # pairs in (user, category) order
+    order = np.lexsort((tie, -overall[c], -n, u))
+    u, c, share = u[order], c[order], n[order] / n_events[u[order]]
+    slot = np.arange(u.size) - np.searchsorted(u, u)  # 0 = the user's largest share
+    keep = (slot == 0) | ((slot < 3) & (share >= EMPIRICAL_MIN_SHARE))
+    prefs = np.full((n_events.size, 3), -1, np.int64)
+    prefs[u[keep], slot[keep]] = c[keep]
+    strength = np.bincount(u[keep], weights=share[keep], minlength=n_events.size)
+    return prefs, strength
+
+
+def _primary_devices(user: np.ndarray, device: pd.Series, n_users: int) -> np.ndarray:
+    """Each user's most frequent device (ties in DEVICES order, then by name)."""
+    out = np.full(n_users, FALLBACK_DEVICE, dtype=object)
+    named = device.notna().to_numpy(bool)
+    if not named.any():
+        return out
+    frame = pd.DataFrame({"u": user[named],
+                          "d": device[named].str.strip().str.lower().to_numpy(object)})
+    counts = frame.value_counts().rename("n").reset_index()
+    known = {name: k for k, name in enumerate(DEVICES)}
+    counts["order"] = counts["d"].map(known).fillna(len(DEVICES))
+    counts = counts.sort_values(["u", "n", "order", "d"], ascending=[True, False, True, True])
+    first = counts.drop_duplicates("u")
+    out[first["u"].to_numpy(np.int64)] = first["d"].to_numpy(object)
+    return out
+
+
+# ---- served history ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServedSimulation:
+    """What :func:`simulate_served` played: the events and what it had to leave out."""
+
+    events: pd.DataFrame  # simulate_day's frames of every day, in time order
+    users: int  # truth users served a list (their own or ``__default__``) on some day
+    skipped_users: int  # listed users unknown to the truth (no events), never simulated
+    skipped_rows: int  # list rows left out: their user or item unknown to the truth
+    cutoffs: tuple[pd.Timestamp | None, ...]  # per day: the live set's cutoff (None: no set)
+
+
+def simulate_served(truth: Truth, served: pd.DataFrame, start: dt.date | dt.datetime | str,
+                    days: int = 1, *, seed: int = 0, click_model: ClickModel = ClickModel(),
+                    visit_rate: float | None = None,
+                    placement: str = PLACEMENT) -> ServedSimulation:
+    """:func:`simulate_day` for ``days`` days from ``start`` against a served history.
+
+    ``served`` is what :func:`~pipeline.lake.served.read_served` returns (``user_id``,
+    ``rank``, ``item_id``, optionally ``variant`` and ``cutoff``), or plain lists. Each day
+    plays the set live at the day's start: the newest ``cutoff`` at or before it (the day's
+    first set when none is; no ``cutoff`` column: one set for every day). Rows of users or
+    items unknown to ``truth`` (a user without events before the day, a variant's
+    ``__default__:<variant>`` fallback, an item outside the catalogue) are left out and
+    counted once per set; a ``variant`` column with no value is dropped, else its blanks
+    become :data:`NO_VARIANT` (as do the events of days whose set has none).
+    ``add_to_cart`` and ``purchase`` of an item without a price (0 in the truth) get no value
+    (missing, not a sale of 0). Day ``d`` draws from ``simulate_day(truth, lists, d,
+    seed=seed)``, so one day of a longer simulation equals that day simulated alone.
+    """
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
+    first = _as_date(start)
+    served = served.reset_index(drop=True)
+    shown = np.zeros(truth.n_users, bool)
+    skipped_users: set[str] = set()
+    frames, cutoffs, skipped_rows = [], [], 0
+    usable: dict[pd.Timestamp | None, pd.DataFrame] = {}  # per served set, checked once
+    for offset in range(days):
+        day = first + dt.timedelta(days=offset)
+        lists, cutoff = _live_lists(served, day)
+        cutoffs.append(cutoff)
+        if cutoff not in usable:
+            usable[cutoff], unknown_users, dropped = _known_lists(truth, lists)
+            skipped_users |= unknown_users
+            skipped_rows += dropped
+        lists = usable[cutoff]
+        if (lists["user_id"] == DEFAULT_USER).any():
+            shown[:] = True
+        else:
+            shown[truth.user_index(lists["user_id"].unique())] = True
+        frames.append(simulate_day(truth, lists, day, click_model=click_model,
+                                   visit_rate=visit_rate, seed=seed, placement=placement))
+    events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if "variant" in events.columns:  # days of a set without variants
+        events["variant"] = events["variant"].fillna(NO_VARIANT)
+    if len(events):
+        priced = truth.price[truth.item_index(events["item_id"])] > 0
+        sale = events["event_type"].isin(["add_to_cart", "purchase"]).to_numpy(bool)
+        events.loc[sale & ~priced, "value"] = np.nan
+    return ServedSimulation(events=events, users=int(shown.sum()),
+                            skipped_users=len(skipped_users), skipped_rows=skipped_rows,
+                            cutoffs=tuple(cutoffs))
+
+
+def write_simulated_events(events: pd.DataFrame, path: Path) -> Path:
+    """Write simulated events as a landing file: CSV (gzipped when ``path`` ends in ``.gz``)
+    with :data:`SIM_COLUMNS` (``variant`` is not written: the served history has it),
+    timestamps as ISO-8601 UTC (``Z``), a missing value as an empty field. Written to a
+    dotfile that is fsynced and renamed into place, so ingest never reads half a file."""
+    path = Path(path)
+    frame = events[list(SIM_COLUMNS)].copy()
+    frame["timestamp"] = format_iso_utc(frame["timestamp"])
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    header = (",".join(SIM_COLUMNS) + "\n").encode()
+    options = pa_csv.WriteOptions(include_header=False, quoting_style="needed")
+
+    def write(fh) -> None:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, compresslevel=6) as packed:
+                packed.write(header)
+                pa_csv.write_csv(table, packed, options)
+        else:
+            fh.write(header)
+            pa_csv.write_csv(table, fh, options)
+
+    durable_write(path, write)
+    return path
+
+
+def _live_lists(served: pd.DataFrame, day: dt.date) -> tuple[pd.DataFrame, pd.Timestamp | None]:
+    """The rows of the set live at ``day``'s start (see :func:`simulate_served`)."""
+    if "cutoff" not in served.columns:
+        return served, None
+    cutoff = pd.to_datetime(served["cutoff"], utc=True)
+    day_start = pd.Timestamp(day, tz="UTC")
+    before = cutoff[cutoff <= day_start]
+    within = cutoff[(cutoff > day_start) & (cutoff < day_start + pd.Timedelta(days=1))]
+    chosen = before.max() if len(before) else (within.min() if len(within) else None)
+    if chosen is None:
+        return served.iloc[:0], None
+    return served[(cutoff == chosen).to_numpy(bool)], chosen
+
+
+def _known_lists(truth: Truth, lists: pd.DataFrame) -> tuple[pd.DataFrame, set[str], int]:
+    """``lists`` (user_id, rank, item_id, variant) without the rows whose user or item
+    ``truth`` does not know, the unknown users' ids and the number of rows left out."""
+    columns = ["user_id", "rank", "item_id"]
+    variant = None
+    if "variant" in lists.columns and lists["variant"].notna().any():
+        variant = lists["variant"].astype("string").fillna(NO_VARIANT).astype(object)
+    frame = lists[columns].astype({"user_id": object, "item_id": object})
+    if variant is not None:
+        frame = frame.assign(variant=variant.to_numpy())
+    user = frame["user_id"].astype(str)
+    known_user = (user == DEFAULT_USER) | user.isin(truth.user_ids)
+    known_item = frame["item_id"].astype(str).isin(truth.item_ids)
+    keep = (known_user & known_item).to_numpy(bool)
+    unknown = set(user[~known_user.to_numpy(bool)])
+    return frame[keep].reset_index(drop=True), unknown, int((~keep).sum())
 
 
 # ---- served lists --------------------------------------------------------------------------

@@ -196,6 +196,9 @@ class Truth:
     ``category_names``), ``style`` within the category (its style group is the pair), Zipf
     ``popularity`` weight scaled so the most popular item has 1, ``price``, ``published_at``
     (``datetime64[s]``, UTC) and ``available``.
+
+    A log without a latent truth (MovieLens-100k) gets an estimated stand-in from
+    :func:`pipeline.lake.demo.simulate.empirical_truth` (genre tastes, one style per category).
     """
 
     user_ids: np.ndarray

@@ -19,7 +19,8 @@ DAY2 = DAY1 + dt.timedelta(days=1)
 def _lists() -> pd.DataFrame:
     rows = [("u1", r, f"i{r}", "A") for r in (1, 2, 3, 4)]
     rows += [("u2", 1, "i5", "B"), ("u2", 2, "i6", "B"), ("u3", 1, "i1", "A"),
-             ("u3", 2, "i2", "A"), ("__default__", 1, "i1", None)]
+             ("u3", 2, "i2", "A"), ("__default__", 1, "i1", None),
+             ("__default__:A", 1, "i1", "A")]
     return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "variant"])
 
 
