@@ -56,7 +56,8 @@ run: install $(AIRFLOW_SECRETS)  ## the demo: the nightly DAG, the monitor, a si
 	 next=$$($(BIN)/python -c "import datetime as d, sys; print(d.date.fromisoformat(sys.argv[1]) + d.timedelta(days=1))" $$date); \
 	 echo "simulating the CMS on $$date (feedback on the lists served) and ingesting it"; \
 	 $(BIN)/python -m pipeline.cli simulate-day $$date || exit 1; \
-	 $(BIN)/python -m pipeline.cli ingest > logs/make-run-ingest.json || exit 1; \
+	 $(BIN)/python -m pipeline.cli ingest > logs/make-run-ingest.json 2> logs/make-run-ingest.log \
+	   || { tail -n 5 logs/make-run-ingest.log; exit 1; }; \
 	 echo "running recommendations_impact for $$next (log: logs/make-run-impact.log)"; \
 	 if ! $(BIN)/airflow dags test recommendations_impact $$next -c '{"days": 1}' > logs/make-run-impact.log 2>&1; then \
 	   echo "the impact run failed; full log: logs/make-run-impact.log"; exit 1; \
