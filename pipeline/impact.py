@@ -7,6 +7,8 @@ the ``days`` before ``as_of`` (point in time: nothing at or after it), attribute
 variants, the minimum detectable effect at the sample reached, and a sample-ratio check
 against the served split), and writes:
 
+* the serving DB's ``impact`` table: one row per day, model version and variant (a re-run
+  replaces the days it attributed, so late feedback updates them);
 * ``$RECS_DATA_DIR/impact/<date>/``: ``daily.csv`` (per day, version and variant),
   ``variants.csv`` (per variant over the window, users as the unit), ``comparison.csv``,
   ``report.png`` (daily CTR and conversion per variant with 95% Wilson intervals) and
@@ -71,6 +73,10 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
         "variants": json.loads(variants.to_json(orient="records")),
         "comparison": json.loads(comparison.to_json(orient="records")),
         "srm": srm, "report": str(report)}
+    from pipeline.serving.store import record_impact
+
+    summary["impact_rows"] = record_impact(daily, start=start, end=as_of, as_of=as_of, dsn=dsn,
+                                           sqlite_path=settings.serving_sqlite_path)
     summary["mlflow_run_id"] = _log_mlflow(daily, variants, summary, report, as_of)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     logger.info("impact %s: %d served set(s), %d variant(s)", f"{as_of:%Y-%m-%d}",

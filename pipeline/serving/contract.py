@@ -233,9 +233,11 @@ class ServingBackend(Protocol):
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
         """Append one promotion decision (creating the schema if needed); its id."""
 
-    def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
-        """In one transaction, delete the monitoring rows of ``key`` (run_date, source) and
-        insert ``rows`` (creating the schema if needed)."""
+    def replace_rows(self, table: str, key: Mapping[str, Any],
+                     rows: list[dict[str, Any]]) -> None:
+        """In one transaction, delete the rows of ``table`` (``monitoring`` or ``impact``)
+        that ``delete_<table>.sql`` selects with ``key`` and insert ``rows`` with
+        ``insert_<table>.sql`` (creating the schema if needed)."""
 
     def record_experiment(self, params: Mapping[str, Any],
                           decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],

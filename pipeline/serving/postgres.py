@@ -234,9 +234,10 @@ class PostgresBackend:
             except psycopg2.Error as exc:
                 raise self._failure(f"reading {self.view_label}", exc) from None
 
-    def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
-        delete = _query("delete_monitoring.sql", self.schema)
-        insert = _query("insert_monitoring.sql", self.schema)
+    def replace_rows(self, table: str, key: Mapping[str, Any],
+                     rows: list[dict[str, Any]]) -> None:
+        delete = _query(f"delete_{table}.sql", self.schema)
+        insert = _query(f"insert_{table}.sql", self.schema)
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
                 for attempt in range(2):
@@ -251,7 +252,7 @@ class PostgresBackend:
                         self._acquire_publish_lock(conn)
                         self.migrate(conn)
             except psycopg2.Error as exc:
-                raise self._failure("writing the monitoring table", exc) from None
+                raise self._failure(f"writing the {table} table", exc) from None
 
     def record_experiment(self, params: Mapping[str, Any],
                           decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],

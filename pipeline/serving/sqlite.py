@@ -164,15 +164,16 @@ class SqliteBackend:
                                          "upgrades it") from None
                 raise ServingError(f"reading {VIEW_NAME} in {self.path} failed: {exc}") from None
 
-    def replace_monitoring(self, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+    def replace_rows(self, table: str, key: Mapping[str, Any],
+                     rows: list[dict[str, Any]]) -> None:
         def iso(value: Any) -> Any:
             return value.strftime(ISO_UTC) if isinstance(value, datetime) else value
 
         self.ensure_schema()
         with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
             with _transaction(conn) as cur:
-                cur.execute(_query("delete_monitoring.sql"), {k: iso(v) for k, v in key.items()})
-                cur.executemany(_query("insert_monitoring.sql"),
+                cur.execute(_query(f"delete_{table}.sql"), {k: iso(v) for k, v in key.items()})
+                cur.executemany(_query(f"insert_{table}.sql"),
                                 [{k: iso(v) for k, v in row.items()} for row in rows])
 
     def record_experiment(self, params: Mapping[str, Any],

@@ -388,8 +388,8 @@ def record_monitoring(rows: pd.DataFrame, *, run_date: datetime, source: str,
             "window_start": _optional_utc(row.get("window_start")),
             "window_end": _optional_utc(row.get("window_end")),
             "reference": row.get("reference"), "model_version": row.get("model_version")})
-    backend_for(dsn, sqlite_path, schema).replace_monitoring(
-        {"run_date": run_date, "source": source}, records)
+    backend_for(dsn, sqlite_path, schema).replace_rows(
+        "monitoring", {"run_date": run_date, "source": source}, records)
     logger.info("monitoring: %d rows for %s (%s)", len(records), run_date.isoformat(), source)
     return len(records)
 
@@ -584,6 +584,59 @@ def _when(value: Any) -> str:
 def _json_value(value: Any) -> dict[str, Any]:
     """A config as a dict: psycopg2 parses jsonb already, SQLite returns text."""
     return json.loads(value) if isinstance(value, (str, bytes)) else dict(value)
+
+
+def record_impact(daily: pd.DataFrame, *, start: datetime, end: datetime, as_of: datetime,
+                  dsn: str | None, sqlite_path: Path, schema: str | None = None) -> int:
+    """Replace the ``impact`` rows of the days ``[start, end)`` with ``daily`` (the impact
+    DAG's rows: day, cutoff, model_version, variant and the metrics of
+    :data:`pipeline.monitoring.impact.METRIC_COLUMNS`) in one transaction. Non-finite values
+    are stored as NULL. Returns the number of rows written."""
+    records = []
+    for row in daily.to_dict("records"):
+        record = {key: (None if value is None or (isinstance(value, float) and value != value)
+                        else value) for key, value in row.items()}
+        for key in ("day", "cutoff"):
+            record[key] = as_utc(pd.Timestamp(record[key]).to_pydatetime())
+        for key, value in record.items():
+            if hasattr(value, "item"):  # numpy scalars -> Python
+                record[key] = value.item()
+        record["computed_as_of"] = as_utc(as_of)
+        records.append(record)
+    backend_for(dsn, sqlite_path, schema).replace_rows(
+        "impact", {"start": as_utc(start), "end": as_utc(end)}, records)
+    logger.info("impact: %d rows for [%s, %s)", len(records), as_utc(start).date(),
+                as_utc(end).date())
+    return len(records)
+
+
+def read_impact(*, dsn: str | None, sqlite_path: Path, schema: str | None = None,
+                since: datetime | None = None) -> pd.DataFrame:
+    """The impact rows (oldest day first), optionally from ``since`` on; empty before any."""
+    backend = backend_for(dsn, sqlite_path, schema)
+    since_param: Any = None if since is None else as_utc(since)
+    if isinstance(backend, SqliteBackend) and since_param is not None:
+        since_param = since_param.strftime(ISO_UTC)
+    try:
+        rows = backend.read_rows("read_impact.sql", {"since": since_param})
+    except (NothingPublishedError, ServingError) as exc:
+        if isinstance(exc, NothingPublishedError) or "no such table" in str(exc):
+            return pd.DataFrame()
+        raise
+    columns = _impact_columns()
+    frame = pd.DataFrame(rows, columns=columns)
+    for column in ("day", "cutoff", "computed_as_of"):
+        frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
+    return frame
+
+
+def _impact_columns() -> list[str]:
+    metrics = ["users_served", "users_active"]
+    for suffix in ("", "_top3"):
+        metrics += [f"{k}{suffix}" for k in (
+            "impressions", "clicks", "ctr", "engaged_users", "engaged_share",
+            "converted_users", "conversion", "revenue", "revenue_per_active")]
+    return ["day", "cutoff", "model_version", "variant", *metrics, "computed_as_of"]
 
 
 def _optional_utc(value: Any) -> datetime | None:

@@ -47,7 +47,7 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
             task.retries = 0
     run = dags["recommendations_nightly"].test(logical_date=CUTOFF, run_conf=CONF)
     assert run.state == "success"
-    yield {"root": root, "dags": dags, "truth": generated.truth}
+    yield {"root": root, "dags": dags, "truth": generated.truth, "dsn": pg_dsn_module}
     env.undo()
 
 
@@ -84,6 +84,12 @@ def test_simulated_feedback_is_ingested_and_attributed(world):
     assert len(daily) == 7 and daily["impressions"].sum() == impressions
     assert (daily["ctr_top3"] >= daily["ctr"]).mean() > 0.5  # position bias shows
     assert Path(summary["report"]).read_bytes()[:4] == b"\x89PNG"
+    # The same daily rows are in the serving DB's impact table.
+    from pipeline.serving.store import read_impact
+
+    table = read_impact(dsn=world["dsn"], sqlite_path=Path("/nonexistent"))
+    assert len(table) == 7 and int(table["impressions"].sum()) == impressions
+    assert int(table["clicks"].sum()) == clicks
 
     import mlflow
 

@@ -1,0 +1,14 @@
+-- Parameters: one impact row (see 005_impact.sql), timestamps as ISO text.
+INSERT INTO impact
+       (day, cutoff, model_version, variant,
+       users_served, users_active, impressions, clicks,
+       ctr, engaged_users, engaged_share, converted_users,
+       conversion, revenue, revenue_per_active, impressions_top3,
+       clicks_top3, ctr_top3, engaged_users_top3, engaged_share_top3,
+       converted_users_top3, conversion_top3, revenue_top3, revenue_per_active_top3,
+       computed_as_of)
+VALUES (:day, :cutoff, :model_version, :variant, :users_served, :users_active, :impressions,
+        :clicks, :ctr, :engaged_users, :engaged_share, :converted_users, :conversion, :revenue,
+        :revenue_per_active, :impressions_top3, :clicks_top3, :ctr_top3, :engaged_users_top3,
+        :engaged_share_top3, :converted_users_top3, :conversion_top3, :revenue_top3,
+        :revenue_per_active_top3, :computed_as_of)
