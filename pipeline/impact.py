@@ -56,7 +56,17 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
     daily = attribute(served, events, start=start, end=as_of, engage_days=engage_days)
     users = user_outcomes(served, events, start=start, end=as_of, engage_days=engage_days)
     variants = variant_table(users)
+    experiment = _running_experiment(settings, dsn)
+    if experiment is not None:
+        control = experiment.control_variant or control
+        if expected_shares is None:  # the designed split of the variants that serve lists
+            kinds = {v.name: v.kind for v in experiment.variants}
+            expected_shares = {name: share for name, share in experiment.shares.items()
+                               if kinds.get(name) != "holdout"}
     comparison, srm = _compare(variants, control, expected_shares)
+    if experiment is not None and experiment.planned_users_per_variant and len(comparison):
+        comparison["decision"] = [_decision(row, experiment.planned_users_per_variant)
+                                  for row in comparison.itertuples()]
     folder = settings.data_dir / "impact" / f"{as_of:%Y-%m-%d}"
     folder.mkdir(parents=True, exist_ok=True)
     daily.to_csv(folder / "daily.csv", index=False)
@@ -82,6 +92,22 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
     logger.info("impact %s: %d served set(s), %d variant(s)", f"{as_of:%Y-%m-%d}",
                 summary["served_sets"], len(variants))
     return summary
+
+
+def _running_experiment(settings: Settings, dsn: str | None):
+    from pipeline.serving.experiments import Experiment
+    from pipeline.serving.store import active_experiment
+
+    record = active_experiment(dsn, settings.serving_sqlite_path)
+    return Experiment.from_dict(record["config"]) if record else None
+
+
+def _decision(row, planned: int) -> str:
+    """The fixed horizon: "keep running" until both groups reached the planned users, then
+    the (Bonferroni-adjusted) verdict, read once."""
+    if min(row.n_variant, row.n_control) < planned:
+        return f"keep running ({min(row.n_variant, row.n_control):,} of {planned:,} users)"
+    return "significant" if row.significant else "no significant difference"
 
 
 def variant_table(users: pd.DataFrame) -> pd.DataFrame:
@@ -117,7 +143,9 @@ def _compare(variants: pd.DataFrame, control: str,
         parts.append(compare_variants(frame, control=control).assign(metric=metric))
     comparison = pd.concat(parts, ignore_index=True)
     counts = dict(zip(variants["variant"], variants["users_served"].astype(int), strict=True))
-    shares = expected or {name: 1.0 / len(counts) for name in counts}
+    shares = {name: share for name, share in (expected or {}).items() if name in counts} \
+        or {name: 1.0 / len(counts) for name in counts}
+    counts = {name: count for name, count in counts.items() if name in shares}
     result = srm_check(counts, shares)
     srm = {"chi2": result.chi2, "p_value": result.p_value, "mismatch": result.mismatch,
            "message": result.message, "expected_shares": shares}

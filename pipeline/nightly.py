@@ -239,6 +239,12 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
         metrics = {f"{m}_{c}_at_{k}": round(float(table.loc[m, c]), 6)
                    for m in table.index for c in table.columns if c != "users"}
         metrics.update({key: round(float(value), 6) for key, value in extra.items()})
+        # An undefined metric (no new user in the holdout: no cold-start nDCG) is left out:
+        # NaN is no JSON (XCom) and no MLflow metric.
+        undefined = sorted(key for key, value in metrics.items() if value != value)
+        if undefined:
+            logger.info("evaluate: undefined on this holdout: %s", ", ".join(undefined))
+        metrics = {key: value for key, value in metrics.items() if value == value}
         result.update(
             k=k, holdout_days=settings.holdout_days, users=int(table["users"].iloc[0]),
             metrics=metrics, gate_passed=gate,

@@ -168,7 +168,8 @@ def format_impact(summary: dict) -> str:
                      f"{_pct(row['engaged_share']):>10}{_pct(row['conversion']):>10}"
                      f"{_pct(ctr) if ctr is not None else 'n/a':>9}")
     for row in summary["comparison"]:
-        verdict = "significant" if row["significant"] else "not significant"
+        verdict = row.get("decision") or ("significant" if row["significant"]
+                                           else "not significant")
         lines.append(f"  {row['metric']}: {row['variant']} vs {row['control']}: "
                      f"{row['diff']:+.4f} (95% CI {row['diff_low']:+.4f} .. "
                      f"{row['diff_high']:+.4f}), p = {row['p_value_adjusted']:.4g}, "
