@@ -354,23 +354,23 @@ def impact_summary(settings: Settings, date: str) -> int:
     """Print what ``recommendations_impact`` found for ``date``, per variant."""
     from pipeline.monitoring.report import format_impact
 
-    path = settings.data_dir / "impact" / f"{as_utc(date):%Y-%m-%d}" / "summary.json"
-    if not path.exists():
-        print(f"no impact run for {date} ({path} is missing)")
-        return 1
-    print(format_impact(json.loads(path.read_text())))
-    return 0
+    return _print_summary(settings, "impact", date, format_impact)
 
 
 def monitor_summary(settings: Settings, date: str) -> int:
     """Print what ``recommendations_monitor`` found for ``date``."""
     from pipeline.monitoring.report import format_summary
 
-    path = settings.data_dir / "monitoring" / f"{as_utc(date):%Y-%m-%d}" / "summary.json"
+    return _print_summary(settings, "monitoring", date, format_summary)
+
+
+def _print_summary(settings: Settings, folder: str, date: str, formatter) -> int:
+    """Print ``$RECS_DATA_DIR/<folder>/<date>/summary.json`` through ``formatter``."""
+    path = settings.data_dir / folder / f"{as_utc(date):%Y-%m-%d}" / "summary.json"
     if not path.exists():
-        print(f"no monitor run for {date} ({path} is missing)")
+        print(f"no {folder} run for {date} ({path} is missing)")
         return 1
-    print(format_summary(json.loads(path.read_text())))
+    print(formatter(json.loads(path.read_text())))
     return 0
 
 

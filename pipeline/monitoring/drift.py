@@ -111,8 +111,25 @@ def _shares(counts: np.ndarray) -> np.ndarray:
     return counts / total
 
 
+class _Binned:
+    """Counting and shares over a subclass's ``index`` (the bin of each value) and ``size``."""
+
+    size: int
+
+    def index(self, values: npt.ArrayLike) -> np.ndarray:
+        raise NotImplementedError
+
+    def counts(self, values: npt.ArrayLike) -> np.ndarray:
+        """How many values fall in each bin (int64, length :attr:`size`)."""
+        return np.bincount(self.index(values), minlength=self.size).astype(np.int64)
+
+    def shares(self, values: npt.ArrayLike) -> np.ndarray:
+        """The share of the values in each bin (sums to 1; all NaN for no values)."""
+        return _shares(self.counts(values))
+
+
 @dataclass(frozen=True)
-class QuantileBins:
+class QuantileBins(_Binned):
     """Numeric bins fixed on a reference sample.
 
     With interior edges ``e_1 < ... < e_k`` the value bins are ``(-inf, e_1]``,
@@ -160,14 +177,6 @@ class QuantileBins:
         out[np.isnan(x)] = len(self.edges) + 1
         return out
 
-    def counts(self, values: npt.ArrayLike) -> np.ndarray:
-        """How many values fall in each bin (int64, length :attr:`size`)."""
-        return np.bincount(self.index(values), minlength=self.size).astype(np.int64)
-
-    def shares(self, values: npt.ArrayLike) -> np.ndarray:
-        """The share of the values in each bin (sums to 1; all NaN for no values)."""
-        return _shares(self.counts(values))
-
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.KIND, "edges": list(self.edges)}
 
@@ -211,7 +220,7 @@ def _factorize(values: npt.ArrayLike) -> tuple[np.ndarray, list[str]]:
 
 
 @dataclass(frozen=True)
-class CategoryBins:
+class CategoryBins(_Binned):
     """Categorical bins fixed on a reference sample: one bin per reference level (compared as
     text, see :func:`_level`), then one for levels the reference never saw (``<other>``), then
     one for missing values: ``len(levels) + 2`` bins in all."""
@@ -250,14 +259,6 @@ class CategoryBins:
         ok = codes >= 0
         out[ok] = where[codes[ok]]
         return out
-
-    def counts(self, values: npt.ArrayLike) -> np.ndarray:
-        """How many values fall in each bin (int64, length :attr:`size`)."""
-        return np.bincount(self.index(values), minlength=self.size).astype(np.int64)
-
-    def shares(self, values: npt.ArrayLike) -> np.ndarray:
-        """The share of the values in each bin (sums to 1; all NaN for no values)."""
-        return _shares(self.counts(values))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.KIND, "levels": list(self.levels)}
