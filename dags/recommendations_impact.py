@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
-from recs_support import LAKE_EVENTS, as_of_date, notify_failure, serving_dsn
+from recs_support import LAKE_EVENTS, as_of_date, notify_failure, serving_dsn, triggered_by
 
 PARAMS = {
     "as_of": Param(None, type=["null", "string"], format="date-time",
@@ -32,6 +32,12 @@ PARAMS = {
                                      "for a visit up to this many days before it."),
     "control": Param("control", type="string", title="Control variant",
                      description="The variant every other one is compared with."),
+    "online_metric": Param("engaged", type="string", enum=["engaged", "converted"],
+                           title="Online gate metric",
+                           description="What an online-test version must improve, "
+                                       "significantly, over the champion's variant to become "
+                                       "champion (engaged share or conversion of active "
+                                       "users), read at the experiment's planned horizon."),
 }
 
 
@@ -58,10 +64,12 @@ def recommendations_impact():
         params = context["params"]
         summary = run_impact(Settings(), as_utc(as_of_date(context).isoformat()), serving_dsn(),
                              days=params["days"], engage_days=params["engage_days"],
-                             control=params["control"])
+                             control=params["control"], online_metric=params["online_metric"],
+                             triggered_by=triggered_by(context, "impact"))
         for line in format_impact(summary).splitlines():
             print(line)
-        return {key: summary[key] for key in ("as_of", "variants", "srm", "report")}
+        return {key: summary[key] for key in ("as_of", "variants", "srm", "report",
+                                              "online_gate")}
 
     impact()
 

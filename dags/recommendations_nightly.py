@@ -127,6 +127,12 @@ PARAMS = {
                                                    "95% paired bootstrap interval of "
                                                    "challenger minus champion (over holdout "
                                                    "users) lies above zero."),
+    "gate_online": Param(False, type="boolean", title="Gate: decide online",
+                         description="A different recipe that passes the offline gate waits "
+                                     "as online-test; it becomes champion only when an "
+                                     "experiment serving it beside the champion shows it "
+                                     "significantly better (decided by the impact DAG at the "
+                                     "experiment's planned horizon)."),
 }
 
 #: Params of the DAG's wiring, not of the pipeline.

@@ -19,6 +19,12 @@ against the served split), and writes:
 
 The unit of the tests is the user (active in the window, engaged or converted at least once),
 the unit the assignment randomises: impressions of one user are not independent trials.
+
+The online gate (:func:`online_gate`): when the running experiment serves the champion to one
+variant and a version that waits as ``online-test`` (the nightly's ``gate_online``) to
+another, the run reads the experiment at its fixed horizon and moves ``champion`` to that
+version only when it is significantly better online; the decision goes to
+``model_promotions`` before the alias moves, like every other decision.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ CONTROL = "control"
 
 def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *,
                days: int = 14, engage_days: int = 1, control: str = CONTROL,
-               expected_shares: dict[str, float] | None = None) -> dict:
+               expected_shares: dict[str, float] | None = None,
+               online_metric: str = "engaged", triggered_by: str = "impact") -> dict:
     """Attribute, compare and record the window ``[as_of - days, as_of)``; a JSON summary."""
     from pipeline.lake.served import read_served
     from pipeline.lake.snapshot import load_snapshot
@@ -83,6 +90,8 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
         "variants": json.loads(variants.to_json(orient="records")),
         "comparison": json.loads(comparison.to_json(orient="records")),
         "srm": srm, "report": str(report)}
+    summary["online_gate"] = online_gate(settings, experiment, variants, dsn,
+                                         metric=online_metric, triggered_by=triggered_by)
     from pipeline.serving.store import record_impact
 
     summary["impact_rows"] = record_impact(daily, start=start, end=as_of, as_of=as_of, dsn=dsn,
@@ -100,6 +109,100 @@ def _running_experiment(settings: Settings, dsn: str | None):
 
     record = active_experiment(dsn, settings.serving_sqlite_path)
     return Experiment.from_dict(record["config"]) if record else None
+
+
+ONLINE_METRICS = ("engaged", "converted")
+
+
+def online_gate(settings: Settings, experiment, variants: pd.DataFrame, dsn: str | None, *,
+                metric: str = "engaged", alpha: float = 0.05,
+                triggered_by: str = "impact") -> list[dict]:
+    """The online gate's verdicts (dicts of :class:`~pipeline.evaluation.gate.OnlineDecision`)
+    for every ``online-test`` version that the running ``experiment`` serves beside the
+    champion; empty when there is none.
+
+    A variant serves the champion when its model is ``champion`` or the champion's version
+    number; a challenger variant names a registered version whose newest decision in
+    ``model_promotions`` is ``online-test``. Each challenger is compared with the champion's
+    variant on ``metric`` (users as the unit; Bonferroni across challengers). At the fixed
+    horizon (``planned_users_per_variant`` active users in both) the verdict is recorded, then
+    acted on (``champion`` moves on ``promoted-online``), under the promotion lock; a version
+    decided once is not decided again, so a daily re-run changes nothing.
+    """
+    from pipeline.evaluation.gate import ONLINE_TEST, PROMOTED_ONLINE, decide_online
+    from pipeline.monitoring.abstats import compare_variants
+    from pipeline.registry.versions import (
+        champion_history,
+        champion_version,
+        configure_mlflow,
+        set_champion,
+        tag_decision,
+    )
+    from pipeline.serving.store import promotion_lock, record_promotion, recorded_decision
+
+    if metric not in ONLINE_METRICS:
+        raise ValueError(f"online_metric must be one of {ONLINE_METRICS}, got {metric!r}")
+    if experiment is None or variants.empty:
+        return []
+    store = {"dsn": dsn, "sqlite_path": settings.serving_sqlite_path}
+    configure_mlflow()
+    champion = champion_version()
+    models = {v.name: v.model for v in experiment.variants if v.kind == "model"}
+    serving_champion = [name for name, model in models.items()
+                        if model in ("champion", champion)]
+    tested = {name: model for name, model in models.items()
+              if model and model.isdigit() and model != champion
+              and recorded_decision(**store, model_name="recommender",
+                                    model_version=model) == ONLINE_TEST}
+    if not tested:
+        return []
+    if not serving_champion:
+        logger.warning("online gate: experiment %s serves v%s (online-test) but no variant "
+                       "serves the champion; nothing to compare with", experiment.name,
+                       ", v".join(tested.values()))
+        return []
+    if not experiment.planned_users_per_variant:
+        logger.warning("online gate: experiment %s has no planned_users_per_variant (fixed "
+                       "horizon); the online gate decides only at a planned horizon",
+                       experiment.name)
+        return []
+    control = serving_champion[0]
+    frame = variants[variants["variant"].isin([control, *tested])].rename(
+        columns={"users_active": "n", metric: "x"})[["variant", "n", "x"]]
+    if control not in set(frame["variant"]):
+        return []
+    verdicts = []
+    for row in compare_variants(frame, control=control, alpha=alpha).itertuples():
+        version = tested[row.variant]
+        verdict = decide_online(
+            version=version, champion_version=champion, metric=metric,
+            n_challenger=int(row.n_variant), x_challenger=int(row.x_variant),
+            n_champion=int(row.n_control), x_champion=int(row.x_control),
+            diff_ci=(row.diff_low, row.diff_high), p_value=row.p_value_adjusted, alpha=alpha,
+            planned_users=int(experiment.planned_users_per_variant))
+        if verdict.decision is not None:
+            with promotion_lock(**store):
+                # re-read under the lock: another run may have decided meanwhile
+                recorded = recorded_decision(**store, model_name="recommender",
+                                             model_version=version)
+                if recorded == PROMOTED_ONLINE and version not in champion_history():
+                    # recorded, but the run died before the alias moved: finish it
+                    set_champion(version, decision=recorded, reason=verdict.reason)
+                    continue
+                if recorded != ONLINE_TEST:
+                    continue
+                record_promotion(**store, model_name="recommender", model_version=version,
+                                 decision=verdict.decision, reason=verdict.reason,
+                                 metrics={**verdict.to_dict(), "experiment": experiment.name,
+                                          "variant": row.variant, "control_variant": control},
+                                 triggered_by=triggered_by)
+                if verdict.promote:
+                    set_champion(version, decision=verdict.decision, reason=verdict.reason)
+                else:
+                    tag_decision(version, decision=verdict.decision, reason=verdict.reason)
+            logger.info("online gate: v%s %s: %s", version, verdict.decision, verdict.reason)
+        verdicts.append({**verdict.to_dict(), "variant": row.variant})
+    return verdicts
 
 
 def _decision(row, planned: int) -> str:

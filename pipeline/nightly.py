@@ -467,7 +467,8 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                 min_relative_gain=settings.gate_min_relative_gain,
                 tolerance=settings.gate_tolerance, force=settings.force_promote,
                 metric=f"ndcg@{k}", same_recipe=same_recipe, interval=interval,
-                require_significance=settings.gate_require_significance)
+                require_significance=settings.gate_require_significance,
+                online=settings.gate_online)
         else:
             gate = GateDecision(
                 False, "backfill",
@@ -580,7 +581,8 @@ def _write_report(run: Path, model, champion_score: float | None, k: int) -> Pat
 #: Settings that do not change how a model is trained (paths, serving, gate, split).
 _NOT_RECIPE = frozenset({"data_dir", "event_weights", "top_n", "holdout_days", "eval_max_users",
                          "max_bad_row_share", "force_promote", "gate_min_relative_gain",
-                         "gate_tolerance", "gate_require_significance", "consumed_event_types",
+                         "gate_tolerance", "gate_require_significance", "gate_online",
+                         "consumed_event_types",
                          "max_per_category", "item_ttl_days", "candidate_multiplier",
                          "keep_versions", "tune", "tune_budget_minutes", "min_window_events",
                          "max_staleness_days", "serve_backfill"})

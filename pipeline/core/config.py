@@ -104,6 +104,10 @@ class Settings:
     #: Promote a different recipe only when the paired bootstrap interval of challenger minus
     #: champion (over holdout users) lies above zero.
     gate_require_significance: bool = False
+    #: Online gate: a different recipe that passes the offline gate waits as ``online-test``
+    #: and becomes champion only when an experiment shows it significantly better than the
+    #: champion online (decided by the impact run, :func:`pipeline.impact.online_gate`).
+    gate_online: bool = False
     force_promote: bool = False
     # Publish: business rules (pipeline.serving.rules) and serving versions (pipeline.serving).
     #: Event types that count as "consumed" (never recommended again); None: every type.

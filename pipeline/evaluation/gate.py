@@ -11,9 +11,19 @@ Pure decision logic, so every rule has a test. The challenger becomes champion w
     and the audit says it was a retrain on newer data, not a win;
   - ``promoted`` for a different recipe; with ``require_significance``, only when the paired
     bootstrap interval of challenger minus champion (over the holdout's users) lies above zero,
-    i.e. the holdout can tell the two recipes apart.
+    i.e. the holdout can tell the two recipes apart;
+    with the online gate on (``gate_online``), a different recipe that passes all of this is
+    not promoted yet: it waits as ``online-test`` for an experiment against the champion.
 Otherwise ``rejected``. Runs for dates older than production never reach the gate
 (``backfill``, decided in :mod:`pipeline.nightly`).
+
+The online gate (:func:`decide_online`) reads an experiment that serves the champion to some
+users and an ``online-test`` version to others. At the experiment's fixed horizon (both
+variants reached ``planned_users_per_variant`` active users; the verdict is read once, never
+by peeking) the version becomes champion (``promoted-online``) only when its engaged share
+(or conversion) is significantly higher than the champion's: the two-proportion interval of
+the difference lies above zero. Otherwise ``rejected-online``. Before the horizon: no
+decision.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ class GateDecision:
     min_relative_gain: float = 0.0
     tolerance: float = 0.001
     require_significance: bool = False
+    online: bool = False
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -49,14 +60,15 @@ def decide_promotion(challenger: float, champion: float | None, baseline: float,
                      min_relative_gain: float = 0.0, tolerance: float = 0.001,
                      force: bool = False, metric: str = "ndcg@10", same_recipe: bool = False,
                      interval: tuple[float, float] | None = None,
-                     require_significance: bool = False) -> GateDecision:
+                     require_significance: bool = False,
+                     online: bool = False) -> GateDecision:
     """Apply the gate rules to holdout scores (higher is better); see the module doc."""
 
     def decide(promote: bool, decision: str, reason: str) -> GateDecision:
         return GateDecision(promote, decision, reason, challenger, champion, baseline,
                             interval=interval, same_recipe=same_recipe,
                             min_relative_gain=min_relative_gain, tolerance=tolerance,
-                            require_significance=require_significance)
+                            require_significance=require_significance, online=online)
 
     if champion is None:
         return decide(True, "first", "first version of the model: no champion yet")
@@ -84,4 +96,75 @@ def decide_promotion(challenger: float, champion: float | None, baseline: float,
         return decide(False, "rejected",
                       "the holdout cannot tell the two recipes apart (the interval does not "
                       f"lie above zero; gate_require_significance is on); {summary}")
+    if online:
+        return decide(False, "online-test",
+                      "passes the offline gate; gate_online is on, so it becomes champion only "
+                      "when an experiment shows it significantly better than the champion "
+                      "online: run one with a variant serving this version beside one serving "
+                      f"the champion; {summary}")
     return decide(True, "promoted", f"passes the gate; {summary}")
+
+
+#: Decisions of the online gate (recorded in ``model_promotions``).
+ONLINE_TEST, PROMOTED_ONLINE, REJECTED_ONLINE = "online-test", "promoted-online", "rejected-online"
+
+
+@dataclass(frozen=True)
+class OnlineDecision:
+    """The online gate's verdict on one ``online-test`` version (see the module doc)."""
+
+    decision: str | None  # promoted-online | rejected-online | None (horizon not reached)
+    reason: str
+    version: str
+    champion_version: str | None
+    metric: str
+    n_challenger: int
+    x_challenger: int
+    n_champion: int
+    x_champion: int
+    diff: float
+    diff_ci: tuple[float, float]
+    p_value: float
+    alpha: float
+    planned_users: int
+
+    @property
+    def promote(self) -> bool:
+        return self.decision == PROMOTED_ONLINE
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["diff_ci"] = list(self.diff_ci)
+        return out
+
+
+def decide_online(*, version: str, champion_version: str | None, metric: str,
+                  n_challenger: int, x_challenger: int, n_champion: int, x_champion: int,
+                  diff_ci: tuple[float, float], p_value: float, alpha: float,
+                  planned_users: int) -> OnlineDecision:
+    """Read the experiment once, at its fixed horizon: promote ``version`` only when the
+    ``1 - alpha`` interval of (challenger share - champion share) of ``metric`` lies above
+    zero; before both variants reached ``planned_users`` active users, no decision."""
+    diff = (x_challenger / n_challenger if n_challenger else float("nan")) - (
+        x_champion / n_champion if n_champion else float("nan"))
+    summary = (f"{metric} share v{version} {x_challenger:,}/{n_challenger:,} vs champion"
+               f"{f' v{champion_version}' if champion_version else ''} "
+               f"{x_champion:,}/{n_champion:,}: difference {diff:+.4f}, "
+               f"{1 - alpha:.0%} interval [{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}], "
+               f"p = {p_value:.3g}; horizon {planned_users:,} active users per variant")
+
+    def decide(decision: str | None, reason: str) -> OnlineDecision:
+        return OnlineDecision(decision, reason, str(version), champion_version, metric,
+                              n_challenger, x_challenger, n_champion, x_champion, diff,
+                              (float(diff_ci[0]), float(diff_ci[1])), float(p_value), alpha,
+                              planned_users)
+
+    reached = min(n_challenger, n_champion)
+    if reached < planned_users:
+        return decide(None, f"keep running: {reached:,} of {planned_users:,} active users in "
+                            f"the smaller variant; {summary}")
+    if diff_ci[0] > 0:
+        return decide(PROMOTED_ONLINE,
+                      f"online: significantly better than the champion; {summary}")
+    return decide(REJECTED_ONLINE, "online: not significantly better than the champion (the "
+                                   f"interval does not lie above zero); {summary}")

@@ -178,6 +178,9 @@ def format_impact(summary: dict) -> str:
         srm = summary["srm"]
         lines.append(f"  sample ratio: {'MISMATCH' if srm['mismatch'] else 'ok'} "
                      f"(p = {srm['p_value']:.3g}) {srm['message']}")
+    for gate in summary.get("online_gate") or []:
+        lines.append(f"  online gate, v{gate['version']} ({gate['variant']}): "
+                     f"{gate['decision'] or 'no decision yet'}: {gate['reason']}")
     lines.append(f"  report {summary['report']}")
     return "\n".join(lines)
 

@@ -146,3 +146,94 @@ def test_an_experiment_is_served_simulated_and_compared_with_its_control(world):
     assert (engaged["variant"], engaged["control"]) == ("model", "control")
     assert engaged["n_variant"] == by_variant["model"]["users_active"]
     assert engaged["decision"] in ("significant", "no significant difference")  # horizon met
+
+
+def test_the_online_gate_promotes_a_version_only_on_its_online_result(world):
+    """``gate_online``: a new recipe that passes the offline gate waits as ``online-test``;
+    an experiment serves it beside the champion; at the planned horizon the impact run
+    records ``promoted-online`` in ``model_promotions`` and moves ``champion`` to it.
+
+    The week's lists are written to the served history by the test, not by ``publish``
+    (whose per-variant serving the previous test covers): the challenger's users get the
+    world's best lists and the champion's users its popularity list, so the truth says which
+    variant is better and the gate must see it."""
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main
+    from pipeline.core.config import Settings
+    from pipeline.evaluation.gate import ONLINE_TEST, PROMOTED_ONLINE
+    from pipeline.lake.demo.simulate import oracle_lists, popularity_list, simulate_day
+    from pipeline.lake.ingest import ingest_lake
+    from pipeline.lake.served import write_served
+    from pipeline.registry.versions import MODEL_NAME, champion_version, configure_mlflow
+    from pipeline.serving.experiments import Experiment
+    from pipeline.serving.store import recorded_decision
+
+    data, truth = world["root"] / "data", world["truth"]
+    store = {"dsn": world["dsn"], "sqlite_path": Settings().serving_sqlite_path}
+    week = AS_OF + dt.timedelta(days=7)
+    previous = world["root"] / "experiment.json"
+    if previous.exists():  # the previous test's experiment: one runs at a time
+        assert main(["experiment", "stop", "--config", str(previous), "--by", "test"]) == 0
+    configure_mlflow()
+    champion = champion_version()
+    # a different recipe; the tolerance lets it pass the offline gate on this small holdout
+    run = world["dags"]["recommendations_nightly"].test(
+        logical_date=week, run_conf={**CONF, "als_factors": 12, "gate_online": True,
+                                     "gate_tolerance": 1.0})
+    assert run.state == "success"
+    challenger = MlflowClient().get_model_version_by_alias(MODEL_NAME, "challenger").version
+    assert challenger != champion
+    assert recorded_decision(**store, model_name="recommender",
+                             model_version=challenger) == ONLINE_TEST
+    assert champion_version() == champion  # waits for the online result
+
+    config = world["root"] / "online-gate.json"
+    config.write_text(json.dumps({
+        "name": "online-gate", "salt": "online-gate-test", "planned_users_per_variant": 100,
+        "variants": [{"name": "champion", "kind": "model", "model": "champion", "share": 0.5},
+                     {"name": "challenger", "kind": "model", "model": str(challenger),
+                      "share": 0.5}]}))
+    assert main(["experiment", "start", "--config", str(config), "--by", "test"]) == 0
+    experiment = Experiment.load(data / "experiments" / "online-gate.json")
+    users = pd.Series(truth.user_ids, dtype=object)
+    variant = pd.Series(experiment.assign(users), index=users)
+    best = oracle_lists(truth, 5, users=users[variant.to_numpy() == "challenger"].to_numpy())
+    popular = popularity_list(truth, 5)
+    control_users = users[variant.to_numpy() == "champion"].to_numpy()
+    plain = pd.DataFrame({"user_id": control_users.repeat(len(popular)),
+                          "rank": list(popular["rank"]) * len(control_users),
+                          "item_id": list(popular["item_id"]) * len(control_users)})
+    lists = pd.concat([best.assign(variant="challenger", model_version=str(challenger)),
+                       plain.assign(variant="champion", model_version=str(champion))],
+                      ignore_index=True).astype({"user_id": str, "item_id": str})
+    write_served(data / "lake", lists.assign(experiment="online-gate"), cutoff=week,
+                 published_at=week)
+    feedback = pd.concat([simulate_day(truth, lists[["user_id", "rank", "item_id", "variant"]],
+                                       week + dt.timedelta(days=d), seed=200 + d)
+                          for d in range(7)], ignore_index=True)
+    feedback["timestamp"] = pd.to_datetime(feedback["timestamp"], utc=True).dt.strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+    (data / "landing" / "events" / "feedback-3.jsonl").write_text(
+        feedback.drop(columns="variant").to_json(orient="records", lines=True))
+    assert ingest_lake(Settings()).rows_new == len(feedback)
+
+    end = week + dt.timedelta(days=7)
+    run = world["dags"]["recommendations_impact"].test(
+        logical_date=end, run_conf={"as_of": end.isoformat(), "days": 7})
+    assert run.state == "success"
+    summary = json.loads((data / "impact" / f"{end:%Y-%m-%d}" / "summary.json").read_text())
+    (verdict,) = summary["online_gate"]
+    assert (verdict["version"], verdict["variant"]) == (str(challenger), "challenger")
+    assert min(verdict["n_challenger"], verdict["n_champion"]) >= 100
+    assert verdict["decision"] == PROMOTED_ONLINE and verdict["diff_ci"][0] > 0, verdict
+    assert champion_version() == str(challenger)
+    assert recorded_decision(**store, model_name="recommender",
+                             model_version=challenger) == PROMOTED_ONLINE
+
+    # decided once: the next day's run leaves the decision and the champion alone
+    again = dt.datetime(end.year, end.month, end.day, 12, tzinfo=UTC)
+    run = world["dags"]["recommendations_impact"].test(
+        logical_date=again, run_conf={"as_of": again.isoformat(), "days": 7})
+    assert run.state == "success"
+    assert champion_version() == str(challenger)

@@ -63,3 +63,49 @@ def test_the_decision_carries_the_gate_settings_for_the_audit_row():
     assert row["min_relative_gain"] == 0.02 and row["tolerance"] == 0.005
     assert row["require_significance"] is True and row["interval"] == [-0.01, 0.03]
     assert "champion x (1 + 0.02) - 0.005" in got.reason
+
+
+# --- online gate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,promote,decision", [
+    ({}, False, "online-test"),                         # a different recipe waits for the test
+    ({"same_recipe": True}, True, "retrained"),         # a retrain on newer data is not a test
+    ({"force": True}, True, "forced"),
+])
+def test_the_online_gate_holds_back_only_a_new_recipe(kwargs, promote, decision):
+    got = decide_promotion(0.20, 0.18, 0.10, online=True, **kwargs)
+    assert (got.promote, got.decision, got.online) == (promote, decision, True)
+    if decision == "online-test":
+        assert "experiment" in got.reason and "gate_online" in got.reason
+
+
+def test_the_online_gate_does_not_save_a_version_that_fails_offline():
+    got = decide_promotion(0.17, 0.18, 0.10, online=True)
+    assert (got.promote, got.decision) == (False, "rejected")
+    assert decide_promotion(0.20, None, 0.10, online=True).decision == "first"
+
+
+def _online(**kwargs):
+    from pipeline.evaluation.gate import decide_online
+
+    args = {"version": "7", "champion_version": "6", "metric": "engaged", "n_challenger": 1000,
+            "x_challenger": 330, "n_champion": 1000, "x_champion": 300,
+            "diff_ci": (0.0, 0.05), "p_value": 0.04, "alpha": 0.05, "planned_users": 1000}
+    return decide_online(**{**args, **kwargs})
+
+
+def test_online_verdict_waits_for_the_fixed_horizon():
+    got = _online(n_champion=999, diff_ci=(0.2, 0.3))
+    assert got.decision is None and not got.promote
+    assert got.reason.startswith("keep running: 999 of 1,000")
+
+
+@pytest.mark.parametrize("low,decision", [
+    (0.0005, "promoted-online"), (0.0, "rejected-online"), (-0.01, "rejected-online")])
+def test_online_verdict_promotes_only_when_the_interval_lies_above_zero(low, decision):
+    got = _online(diff_ci=(low, 0.05))
+    assert got.decision == decision and got.promote == (decision == "promoted-online")
+    assert abs(got.diff - 0.03) < 1e-12  # 330/1000 - 300/1000
+    assert "v7 330/1,000 vs champion v6 300/1,000" in got.reason
+    assert got.to_dict()["diff_ci"] == [low, 0.05]
