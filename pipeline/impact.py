@@ -71,6 +71,7 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
             expected_shares = {name: share for name, share in experiment.shares.items()
                                if kinds.get(name) != "holdout"}
     comparison, srm = _compare(variants, control, expected_shares)
+    sitewide, holdout_comparison = _holdout(settings, experiment, events, start, as_of)
     if experiment is not None and experiment.planned_users_per_variant and len(comparison):
         comparison["decision"] = [_decision(row, experiment.planned_users_per_variant)
                                   for row in comparison.itertuples()]
@@ -79,6 +80,9 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
     daily.to_csv(folder / "daily.csv", index=False)
     variants.to_csv(folder / "variants.csv", index=False)
     comparison.to_csv(folder / "comparison.csv", index=False)
+    if len(sitewide):
+        sitewide.to_csv(folder / "sitewide.csv", index=False)
+        holdout_comparison.to_csv(folder / "holdout_comparison.csv", index=False)
     report = write_impact_report(daily, folder / "report.png",
                                  title=f"recommendations impact, {start:%Y-%m-%d} .. "
                                        f"{as_of - dt.timedelta(days=1):%Y-%m-%d}")
@@ -89,14 +93,17 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
         if len(daily) else False,
         "variants": json.loads(variants.to_json(orient="records")),
         "comparison": json.loads(comparison.to_json(orient="records")),
-        "srm": srm, "report": str(report)}
+        "srm": srm, "report": str(report),
+        "sitewide": json.loads(sitewide.to_json(orient="records")),
+        "holdout_comparison": json.loads(holdout_comparison.to_json(orient="records"))}
     summary["online_gate"] = online_gate(settings, experiment, variants, dsn,
                                          metric=online_metric, triggered_by=triggered_by)
     from pipeline.serving.store import record_impact
 
     summary["impact_rows"] = record_impact(daily, start=start, end=as_of, as_of=as_of, dsn=dsn,
                                            sqlite_path=settings.serving_sqlite_path)
-    summary["mlflow_run_id"] = _log_mlflow(daily, variants, summary, report, as_of)
+    summary["mlflow_run_id"] = _log_mlflow(daily, variants, summary, report, as_of,
+                                           sitewide=sitewide)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     logger.info("impact %s: %d served set(s), %d variant(s)", f"{as_of:%Y-%m-%d}",
                 summary["served_sets"], len(variants))
@@ -205,6 +212,35 @@ def online_gate(settings: Settings, experiment, variants: pd.DataFrame, dsn: str
     return verdicts
 
 
+#: The holdout comparison's population: users active in this many days before the window.
+POPULATION_DAYS = 28
+
+
+def _holdout(settings: Settings, experiment, events: pd.DataFrame, start: dt.datetime,
+             end: dt.datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """With a running experiment that has a holdout variant: the site-wide table
+    (:func:`~pipeline.monitoring.impact.sitewide_outcomes` over the users active in the
+    :data:`POPULATION_DAYS` before the window, by their assignment) and each variant of the
+    experiment compared with the holdout on site-wide conversion per assigned user (a cart or
+    purchase of any item): the incremental effect of its lists. Empty frames otherwise."""
+    from pipeline.lake.snapshot import load_snapshot
+    from pipeline.monitoring.abstats import compare_variants
+    from pipeline.monitoring.impact import sitewide_outcomes
+
+    holdouts = [v.name for v in experiment.variants if v.kind == "holdout"] \
+        if experiment is not None else []
+    if not holdouts:
+        return pd.DataFrame(), pd.DataFrame()
+    before = load_snapshot(settings.lake_events_dir, start, POPULATION_DAYS)
+    sitewide = sitewide_outcomes(events, before["user_id"].astype(str).unique(),
+                                 experiment.assign, start=start, end=end)
+    inside = sitewide[sitewide["variant"].isin({v.name for v in experiment.variants})]
+    if holdouts[0] not in set(inside["variant"]) or len(inside) < 2:
+        return sitewide, pd.DataFrame()
+    frame = inside.rename(columns={"users": "n", "converted_any": "x"})[["variant", "n", "x"]]
+    return sitewide, compare_variants(frame, control=holdouts[0]).assign(metric="converted_any")
+
+
 def _decision(row, planned: int) -> str:
     """The fixed horizon: "keep running" until both groups reached the planned users, then
     the (Bonferroni-adjusted) verdict, read once."""
@@ -256,7 +292,7 @@ def _compare(variants: pd.DataFrame, control: str,
 
 
 def _log_mlflow(daily: pd.DataFrame, variants: pd.DataFrame, summary: dict, report: Path,
-                as_of: dt.datetime) -> str:
+                as_of: dt.datetime, *, sitewide: pd.DataFrame | None = None) -> str:
     import mlflow
 
     from pipeline.registry.versions import configure_mlflow
@@ -288,6 +324,12 @@ def _log_mlflow(daily: pd.DataFrame, variants: pd.DataFrame, summary: dict, repo
                 value = getattr(row, name)
                 if value is not None and np.isfinite(value):
                     mlflow.log_metric(f"window.{row.variant}.{name}".replace("(", "").replace(
+                        ")", ""), float(value))
+        for row in (sitewide if sitewide is not None else pd.DataFrame()).itertuples():
+            for name in ("conversion_any", "revenue_per_user_any"):
+                value = getattr(row, name)
+                if value is not None and np.isfinite(value):
+                    mlflow.log_metric(f"sitewide.{row.variant}.{name}".replace("(", "").replace(
                         ")", ""), float(value))
         mlflow.log_artifact(str(report))
         return run.info.run_id

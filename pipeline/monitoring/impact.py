@@ -26,7 +26,10 @@ set. Per day, model version and variant:
 ``revenue_per_active``   revenue / users_active
 =======================  ======================================================================
 
-and the same restricted to the first :data:`TOP_POSITIONS` ranks (suffix ``_top3``). The
+and the same restricted to the first :data:`TOP_POSITIONS` ranks (suffix ``_top3``).
+:func:`sitewide_outcomes` counts every user of a pre-window population by variant instead,
+listed or not, active or not (intent to treat): the view a holdout group (no
+recommendations) is compared in. The
 user-level view (:func:`user_outcomes`) counts each served user once over a period (active,
 engaged, converted at least once), the unit that the experiment's two-proportion tests need:
 user-days of one user are not independent.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -49,6 +53,10 @@ ENGAGE_TYPES = ("click", "add_to_cart", "purchase")
 CONVERT_TYPES = ("add_to_cart", "purchase")
 GROUP = ["day", "cutoff", "model_version", "variant"]
 NO_VARIANT = "(none)"
+#: The variant of users outside the running experiment in the site-wide table.
+OUTSIDE = "(outside)"
+SITEWIDE_COLUMNS = ["variant", "users", "active_any", "converted_any", "revenue_any",
+                    "conversion_any", "revenue_per_user_any"]
 
 
 def user_days(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
@@ -157,6 +165,48 @@ def user_outcomes(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datet
     for column in ("impressions", "clicks"):
         out[column] = out[column].fillna(0).astype("int64")
     return out.reset_index()
+
+
+def sitewide_outcomes(events: pd.DataFrame, population: Iterable[str],
+                      variant_of: Callable[[np.ndarray], np.ndarray], *, start: dt.datetime,
+                      end: dt.datetime, outside: str = OUTSIDE) -> pd.DataFrame:
+    """Per variant, what the site got from every user of ``population`` in ``[start, end)``,
+    whatever they were shown: the view a holdout group needs. A holdout user has no list, so
+    nothing can be attributed to one; the question is whether the site as a whole does better
+    with recommendations than without.
+
+    Intent to treat: ``population`` is fixed before the window (the users active in a
+    pre-period) and every one of them counts, active or not. Counting only *active* users
+    would condition on the treatment: a visit with a list leaves impressions (and clicks a
+    holdout user cannot make), so listed users look "active" more often than holdout users
+    with the same behaviour. Users first seen in the window are left out for the same reason.
+
+    ``variant_of`` maps user ids to their variant (None: outside the experiment, reported as
+    ``outside``). Columns :data:`SITEWIDE_COLUMNS`: ``users`` (assigned), ``active_any``
+    (users with an event other than an impression), ``converted_any`` (a cart or purchase of
+    any item), ``revenue_any`` (the value of all purchases), and ``conversion_any`` and
+    ``revenue_per_user_any`` per assigned user."""
+    start_ts, end_ts = pd.Timestamp(as_utc(start)), pd.Timestamp(as_utc(end))
+    users = pd.Index(pd.unique(pd.Series(list(population), dtype=object).astype(str)))
+    if users.empty:
+        return pd.DataFrame(columns=SITEWIDE_COLUMNS)
+    ev = events[(events["timestamp"] >= start_ts) & (events["timestamp"] < end_ts)]
+    user = ev["user_id"].astype(str)
+    kind = ev["event_type"].astype(str)
+    active = users.isin(user[kind != "impression"].unique())
+    converted = users.isin(user[kind.isin(CONVERT_TYPES)].unique())
+    bought = (kind == "purchase").to_numpy()
+    revenue = ev.loc[bought, "value"].astype("float64").fillna(0.0).groupby(
+        user[bought].to_numpy()).sum().reindex(users, fill_value=0.0).to_numpy()
+    variant = pd.Series(variant_of(users.to_numpy()), dtype=object).fillna(outside)
+    per_user = pd.DataFrame({"variant": variant.astype(str).to_numpy(), "active_any": active,
+                             "converted_any": converted, "revenue_any": revenue})
+    out = per_user.groupby("variant").agg(
+        users=("active_any", "size"), active_any=("active_any", "sum"),
+        converted_any=("converted_any", "sum"), revenue_any=("revenue_any", "sum"))
+    out["conversion_any"] = out["converted_any"] / out["users"]
+    out["revenue_per_user_any"] = out["revenue_any"] / out["users"]
+    return out.reset_index()[SITEWIDE_COLUMNS]
 
 
 def _personal(served: pd.DataFrame) -> pd.Series:

@@ -178,6 +178,18 @@ def format_impact(summary: dict) -> str:
         srm = summary["srm"]
         lines.append(f"  sample ratio: {'MISMATCH' if srm['mismatch'] else 'ok'} "
                      f"(p = {srm['p_value']:.3g}) {srm['message']}")
+    if summary.get("sitewide"):
+        lines.append(f"  site-wide, every user active before the window {'users':>8}"
+                     f"{'active':>8}{'convert':>10}{'rev/user':>10}")
+        for row in summary["sitewide"]:
+            lines.append(f"  {row['variant']:<48}{row['users']:>8,}{row['active_any']:>8,}"
+                         f"{_pct(row['conversion_any']):>10}"
+                         f"{row['revenue_per_user_any']:>10.2f}")
+    for row in summary.get("holdout_comparison") or []:
+        lines.append(f"  {row['metric']}: {row['variant']} vs holdout {row['control']}: "
+                     f"{row['diff']:+.4f} (95% CI {row['diff_low']:+.4f} .. "
+                     f"{row['diff_high']:+.4f}), p = {row['p_value_adjusted']:.4g}, "
+                     f"{'significant' if row['significant'] else 'not significant'}")
     for gate in summary.get("online_gate") or []:
         lines.append(f"  online gate, v{gate['version']} ({gate['variant']}): "
                      f"{gate['decision'] or 'no decision yet'}: {gate['reason']}")

@@ -103,7 +103,7 @@ def test_an_experiment_is_served_simulated_and_compared_with_its_control(world):
     run compares the variants on users, checks the split and reads the fixed horizon."""
     from pipeline.cli import main
     from pipeline.core.config import Settings
-    from pipeline.lake.demo.simulate import simulate_day
+    from pipeline.lake.demo.simulate import OrganicModel, simulate_day
     from pipeline.lake.ingest import ingest_lake
     from pipeline.lake.served import read_served
 
@@ -111,8 +111,9 @@ def test_an_experiment_is_served_simulated_and_compared_with_its_control(world):
     config = world["root"] / "experiment.json"
     config.write_text(json.dumps({
         "name": "model-vs-popular", "salt": "impact-test", "planned_users_per_variant": 100,
-        "variants": [{"name": "control", "kind": "popularity", "share": 0.5},
-                     {"name": "model", "kind": "model", "model": "champion", "share": 0.5}]}))
+        "variants": [{"name": "control", "kind": "popularity", "share": 0.4},
+                     {"name": "model", "kind": "model", "model": "champion", "share": 0.4},
+                     {"name": "holdout", "kind": "holdout", "share": 0.2}]}))
     assert main(["experiment", "start", "--config", str(config), "--by", "integration test",
                  "--reason", "does personalisation beat popularity?"]) == 0
     week = AS_OF + dt.timedelta(days=7)
@@ -124,8 +125,11 @@ def test_an_experiment_is_served_simulated_and_compared_with_its_control(world):
     personal = ~served["user_id"].str.startswith("__default__:")  # every user has a list
     lists = served.loc[personal, ["user_id", "rank", "item_id", "variant"]].fillna(
         {"variant": "(none)"})
+    assert not served["variant"].eq("holdout").any()  # the holdout gets no lists
+    # everyone browses too (organic views, carts, purchases): the holdout's baseline
     feedback = pd.concat([simulate_day(world["truth"], lists, AS_OF + dt.timedelta(days=d),
-                                       seed=100 + d) for d in range(7)], ignore_index=True)
+                                       seed=100 + d, organic=OrganicModel(1.0))
+                          for d in range(7)], ignore_index=True)
     feedback["timestamp"] = pd.to_datetime(feedback["timestamp"], utc=True).dt.strftime(
         "%Y-%m-%dT%H:%M:%SZ")
     (data / "landing" / "events" / "feedback-2.jsonl").write_text(
@@ -139,13 +143,22 @@ def test_an_experiment_is_served_simulated_and_compared_with_its_control(world):
     by_variant = {row["variant"]: row for row in summary["variants"]}
     assert set(by_variant) == {"control", "model"}
     assert summary["srm"] is not None and summary["srm"]["expected_shares"] == {
-        "control": 0.5, "model": 0.5}
+        "control": 0.4, "model": 0.4}
     comparison = {row["metric"]: row for row in summary["comparison"]}
     assert set(comparison) == {"engaged", "converted"}
     engaged = comparison["engaged"]
     assert (engaged["variant"], engaged["control"]) == ("model", "control")
     assert engaged["n_variant"] == by_variant["model"]["users_active"]
     assert engaged["decision"] in ("significant", "no significant difference")  # horizon met
+    # the holdout: site-wide conversion per assigned user (users active before the week)
+    sitewide = {row["variant"]: row for row in summary["sitewide"]}
+    assert {"control", "model", "holdout"} <= set(sitewide)
+    assert sitewide["holdout"]["users"] > 0 and sitewide["holdout"]["active_any"] > 0
+    versus = {row["variant"]: row for row in summary["holdout_comparison"]}
+    assert set(versus) == {"control", "model"}
+    assert all(row["control"] == "holdout" and row["metric"] == "converted_any"
+               and row["n_control"] == sitewide["holdout"]["users"] for row in versus.values())
+    assert (data / "impact" / f"{week:%Y-%m-%d}" / "holdout_comparison.csv").exists()
 
 
 def test_the_online_gate_promotes_a_version_only_on_its_online_result(world):

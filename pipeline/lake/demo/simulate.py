@@ -117,9 +117,28 @@ class ClickModel:
         return self.purchase_base + self.purchase_slope * np.asarray(affinity)
 
 
+@dataclass(frozen=True)
+class OrganicModel:
+    """What a visiting user does outside the recommendation placement (browsing, search):
+    opens a Poisson(``views_per_visit``) number of items, drawn with probability proportional
+    to the user's true affinity times the square root of the item's popularity (people browse
+    what they like, and what is prominent), each a ``view`` event, and may add it to the
+    cart and buy it with :class:`ClickModel`'s affinity-driven funnel. Every visiting user browses, with or without a list: a holdout
+    group (no recommendations) then has the site's baseline conversion, and what the lists
+    add on top of it is the recommendations' incremental effect."""
+
+    views_per_visit: float = 2.0
+    placement: str = "browse"
+
+    def __post_init__(self) -> None:
+        if not self.views_per_visit >= 0:
+            raise ValueError(f"views_per_visit must be >= 0, got {self.views_per_visit}")
+
+
 def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime | str, *,
                  click_model: ClickModel = ClickModel(), visit_rate: float | None = None,
-                 seed: int = 0, placement: str = PLACEMENT) -> pd.DataFrame:
+                 seed: int = 0, placement: str = PLACEMENT,
+                 organic: OrganicModel | None = None) -> pd.DataFrame:
     """One day of visits to ``placement`` by ``truth``'s users, served ``lists``.
 
     ``lists`` has columns ``user_id``, ``rank`` (1-based) and ``item_id``, optionally
@@ -138,6 +157,11 @@ def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime |
       ``device`` the user's primary device, ``session_id`` ``sim-<day>-<user_id>``, and
       ``event_id`` ``sim-<day>-<user_id>-r<rank>-<event_type>`` (unique, deterministic).
 
+    With ``organic`` (:class:`OrganicModel`), every visiting user, listed or not, also browses:
+    ``view`` events (``placement`` the organic one, no ``position``) and their carts and
+    purchases, from a separate random stream, so the list events are the same with or without
+    it; ``position`` is then a nullable integer.
+
     The same arguments give the same frame; the random stream depends on ``seed`` and the day.
     """
     day = _as_date(day)
@@ -145,7 +169,8 @@ def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime |
     seq = np.random.SeedSequence([int(seed), day.toordinal()])
     rng = np.random.default_rng(seq)
     p_visit = _visit_probability(truth, visit_rate)
-    visits = np.flatnonzero((rng.random(truth.n_users) < p_visit) & (served.length > 0))
+    visiting = rng.random(truth.n_users) < p_visit
+    visits = np.flatnonzero(visiting & (served.length > 0))
     users, rows, visit_of = served.expand(visits)
     n_imp = rows.size
 
@@ -177,8 +202,68 @@ def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime |
     value = np.concatenate([v[p] for (_, _, v), p in zip(stages, pick)])
     order = np.lexsort((position[idx], stage, visit_of[idx], ts))
     idx, stage, ts, value = idx[order], stage[order], ts[order], value[order]
-    return _build_frame(truth, served, day, placement, users[idx], position[idx],
-                        served.item[rows[idx]], stage, ts, value)
+    frame = _build_frame(truth, served, day, placement, users[idx], position[idx],
+                         served.item[rows[idx]], stage, ts, value)
+    if organic is None:
+        return frame
+    browsing = _organic_frame(truth, served, day, np.flatnonzero(visiting), click_model,
+                              organic, np.random.default_rng([int(seed), day.toordinal(), 1]))
+    frame = frame.astype({"position": "Int64"})
+    both = pd.concat([frame, browsing], ignore_index=True) if len(browsing) else frame
+    return both.sort_values("timestamp", kind="stable", ignore_index=True)
+
+
+def _organic_frame(truth: Truth, served: _Served, day: dt.date, visitors: np.ndarray,
+                   click_model: ClickModel, organic: OrganicModel,
+                   rng: np.random.Generator) -> pd.DataFrame:
+    """The browsing of ``visitors`` (user positions) on ``day``: see :class:`OrganicModel`."""
+    n_views = rng.poisson(organic.views_per_visit, visitors.size)
+    users = np.repeat(visitors, n_views)
+    candidates = _candidates(truth, True, day)
+    popularity = np.sqrt(truth.popularity[candidates].astype(np.float64))
+    items = np.empty(users.size, np.int64)
+    draws = rng.random(users.size)
+    step = max(1, _CHUNK_ROWS // max(1, candidates.size))
+    for first in range(0, users.size, step):  # inverse-CDF draws, one row per view
+        chunk = slice(first, first + step)
+        weight = np.cumsum(truth.affinity_matrix(users[chunk], candidates) * popularity, axis=1)
+        pick = (weight < (draws[chunk] * weight[:, -1])[:, None]).sum(axis=1)
+        items[chunk] = candidates[np.minimum(pick, candidates.size - 1)]
+    affinity = truth.affinity_by_index(users, items)
+    carted = rng.random(users.size) < click_model.p_cart(affinity)
+    bought = carted & (rng.random(users.size) < click_model.p_purchase(affinity))
+    nth = np.arange(users.size) - np.repeat(np.cumsum(n_views) - n_views, n_views)
+    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
+                    .timestamp())
+    span = _CART_CAP + _BUY_CAP + 2
+    view_ts = day_start + (rng.random(users.size) * (_SECONDS_PER_DAY - span - 1)).astype(
+        np.int64)
+    cart_ts = view_ts + 1 + _delay(rng, _CART_DELAY, _CART_CAP, users.size)
+    buy_ts = cart_ts + 1 + _delay(rng, _BUY_DELAY, _BUY_CAP, users.size)
+    price = truth.price[items]
+    parts = [(np.ones(users.size, bool), "view", view_ts, np.full(users.size, np.nan)),
+             (carted, "add_to_cart", cart_ts, price), (bought, "purchase", buy_ts, price)]
+    user_text = truth.user_ids[users].astype(str)
+    frames = []
+    for mask, kind, ts, value in parts:
+        session = np.char.add(f"sim-{day.isoformat()}-", user_text[mask])
+        frames.append(pd.DataFrame({
+            "event_id": np.char.add(np.char.add(session, "-o"),
+                                    np.char.add(nth[mask].astype(str), f"-{kind}")),
+            "user_id": user_text[mask], "item_id": truth.item_ids[items[mask]].astype(str),
+            "event_type": kind,
+            "timestamp": pd.Series((ts[mask] * 1_000_000).astype("datetime64[us]"))
+            .dt.tz_localize("UTC"),
+            "value": value[mask], "device": truth.primary_device[users[mask]].astype(str),
+            "session_id": session, "position": pd.array([pd.NA] * int(mask.sum()), "Int64"),
+            "placement": organic.placement}, columns=list(SIM_COLUMNS)))
+    out = pd.concat(frames, ignore_index=True).astype(EVENT_DTYPES).astype({"position": "Int64"})
+    out["placement"] = out["placement"].astype("string")
+    if served.variants is not None:
+        variant = served.user_variant[np.concatenate([users[m] for m, *_ in parts])]
+        names = np.array([*served.variants, None], dtype=object)  # -1: no list, no variant
+        out["variant"] = names[variant]
+    return out
 
 
 def expected_ctr(truth: Truth, lists: pd.DataFrame, click_model: ClickModel = ClickModel(), *,

@@ -334,3 +334,33 @@ def test_expected_ctr_by_hand(truth: syn.Truth) -> None:
     assert sim.expected_ctr(truth, lists, model, visit_rate=0.5) == pytest.approx(p.mean())
     assert isinstance(sim.observed_ctr(sim.simulate_day(truth, lists, DAY, visit_rate=1.0)),
                       float)
+
+
+def test_organic_browsing_adds_to_the_list_events_without_changing_them(
+        truth: syn.Truth, random_lists: pd.DataFrame, day_events: pd.DataFrame) -> None:
+    listed = random_lists[random_lists["user_id"].isin(truth.user_ids[: truth.n_users // 2])]
+    plain = sim.simulate_day(truth, listed, DAY, seed=7)
+    both = sim.simulate_day(truth, listed, DAY, seed=7, organic=sim.OrganicModel(2.0))
+    recs = both[both["placement"] == "home_recs"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(recs.astype({"position": "int64"}), plain)
+    browse = both[both["placement"] == "browse"]
+    assert set(browse["event_type"]) == {"view", "add_to_cart", "purchase"}
+    assert browse["position"].isna().all() and both["event_id"].is_unique
+    assert both["timestamp"].is_monotonic_increasing
+    # users without a list browse too (a holdout has a baseline), and only browse
+    unlisted = ~both["user_id"].isin(listed["user_id"])
+    assert unlisted.any() and (both.loc[unlisted, "placement"] == "browse").all()
+    # a cart or purchase follows its view (same id stem: user and view number) of the item
+    stem = browse["event_id"].str.rsplit("-", n=1).str[0]
+    views = browse[browse["event_type"] == "view"].assign(stem=stem)
+    later = browse[browse["event_type"] != "view"].assign(stem=stem).merge(
+        views, on=["stem", "user_id", "item_id"], suffixes=("", "_view"), validate="many_to_one")
+    assert len(later) == (browse["event_type"] != "view").sum()
+    assert (later["timestamp"] > later["timestamp_view"]).all()
+    # browsing follows taste and popularity: views per item correlate with popularity
+    per_item = views["item_id"].value_counts().reindex(truth.item_ids, fill_value=0)
+    assert np.corrcoef(per_item.to_numpy(), truth.popularity)[0, 1] > 0.5
+    # visitors are the same people with or without browsing
+    assert set(plain["user_id"]) <= set(both["user_id"])
+    with pytest.raises(ValueError):
+        sim.OrganicModel(-1.0)

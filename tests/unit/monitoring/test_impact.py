@@ -95,3 +95,30 @@ def test_user_outcomes_count_each_user_once(served):
     assert (got.loc["u1", "impressions"], got.loc["u1", "clicks"]) == (3, 1)
     assert not got.loc["u3", "active"] and not got.loc["u3", "engaged"]
     assert got.loc["u2", "impressions"] == 2 and got.loc["u2", "clicks"] == 0
+
+
+def test_sitewide_outcomes_count_every_assigned_user_active_or_not():
+    from pipeline.monitoring.impact import sitewide_outcomes
+
+    at = lambda hour: pd.Timestamp(DAY1) + pd.Timedelta(hours=hour)  # noqa: E731
+    events = pd.DataFrame([
+        ("u1", "i1", "impression", at(9), np.nan),   # shown a list, did nothing: not active
+        ("u2", "i1", "view", at(9), np.nan),
+        ("u2", "i1", "purchase", at(10), 12.0),
+        ("u3", "i2", "add_to_cart", at(9), 4.0),
+        ("u3", "i2", "purchase", at(10), 4.0),
+        ("u4", "i3", "purchase", at(10), 99.0),      # outside the experiment
+        ("u9", "i3", "purchase", at(10), 50.0),      # new in the window: not in the population
+        ("u2", "i1", "purchase", at(30), 70.0),      # after the window
+    ], columns=["user_id", "item_id", "event_type", "timestamp", "value"])
+    assignment = {"u1": "model", "u2": "model", "u3": "holdout", "u5": "holdout"}
+    out = sitewide_outcomes(
+        events, ["u1", "u2", "u3", "u4", "u5"],
+        lambda ids: np.array([assignment.get(u) for u in ids], dtype=object),
+        start=DAY1, end=DAY2).set_index("variant")
+    assert out.loc["model", ["users", "active_any", "converted_any"]].tolist() == [2, 1, 1]
+    assert out.loc["holdout", ["users", "active_any", "converted_any"]].tolist() == [2, 1, 1]
+    assert out.loc["model", "revenue_any"] == 12.0 and out.loc["holdout", "revenue_any"] == 4.0
+    assert out.loc["model", "conversion_any"] == 0.5
+    assert out.loc["holdout", "revenue_per_user_any"] == 2.0
+    assert out.loc["(outside)", "users"] == 1 and out.loc["(outside)", "revenue_any"] == 99.0
