@@ -123,9 +123,10 @@ class OrganicModel:
     opens a Poisson(``views_per_visit``) number of items, drawn with probability proportional
     to the user's true affinity times the square root of the item's popularity (people browse
     what they like, and what is prominent), each a ``view`` event, and may add it to the
-    cart and buy it with :class:`ClickModel`'s affinity-driven funnel. Every visiting user browses, with or without a list: a holdout
-    group (no recommendations) then has the site's baseline conversion, and what the lists
-    add on top of it is the recommendations' incremental effect."""
+    cart and buy it with :class:`ClickModel`'s affinity-driven funnel. Every visiting user
+    browses, with or without a list: a holdout group (no recommendations) then has the site's
+    baseline conversion, and what the lists add on top of it is the recommendations'
+    incremental effect."""
 
     views_per_visit: float = 2.0
     placement: str = "browse"
