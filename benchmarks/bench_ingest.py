@@ -79,7 +79,7 @@ def _baseline(root: Path) -> dict:
 def _pipeline(root: Path) -> dict:
     from pipeline.core.config import REPO_ROOT
     from pipeline.core.timing import StageClock
-    from pipeline.lake.event_ids import _HASH_CACHE, load_lake_index
+    from pipeline.lake.event_ids import CACHE_FOLDERS, load_lake_index
     from pipeline.lake.ingest import ingest_landing
     from pipeline.lake.snapshot import write_snapshot
     from pipeline.lake.validate import _import_gx, validate_events_file
@@ -105,7 +105,8 @@ def _pipeline(root: Path) -> dict:
     clock = StageClock()
     load_lake_index(lake)  # what the next run pays before its files
     index_s = clock.lap("index")
-    shutil.rmtree(lake / _HASH_CACHE)
+    for folder in CACHE_FOLDERS:  # event ids and content keys
+        shutil.rmtree(lake / folder, ignore_errors=True)
     clock.lap("remove caches")
     load_lake_index(lake)  # a lake without the hash caches
     rebuild_s = clock.lap("rebuild")

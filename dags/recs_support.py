@@ -64,6 +64,7 @@ TIMEOUTS = {
     "publish": pendulum.duration(hours=1),
     "move_champion": pendulum.duration(minutes=10),
     "republish": pendulum.duration(hours=1),
+    "forget": pendulum.duration(hours=2),  # rewrites every lake part and run file of the users
 }
 
 

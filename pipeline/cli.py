@@ -4,6 +4,8 @@
     python -m pipeline.cli default-date     # the day after the last landing event
     python -m pipeline.cli summary DATE     # what the run for DATE did, and a sample list
     python -m pipeline.cli ingest           # landing files -> lake now (between nightly runs)
+    python -m pipeline.cli repair FILE|SHA256 [--dry-run] [--allow-resend]  # take back all one
+                                            # landing file brought into the lake, to re-send it
     python -m pipeline.cli monitor-summary DATE  # what the monitor found for DATE
     python -m pipeline.cli impact-summary DATE   # what the impact run found for DATE
     python -m pipeline.cli airflow-secrets FILE  # one JWT secret and Fernet key for local Airflow
@@ -11,6 +13,8 @@
                                             # the served lists -> landing/events (demo data)
     python -m pipeline.cli experiment start|change|stop --config FILE --by NAME [--reason TEXT]
                                       [--force]  # record an A/B experiment, save its config
+    python -m pipeline.cli forget-user --user-id U [--user-id U2 ...] | --from-file F
+                           --by NAME [--reason TEXT] [--dry-run]  # right to erasure
 """
 
 from __future__ import annotations
@@ -228,6 +232,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("date", help="the run's logical date, YYYY-MM-DD")
     sub.add_parser("ingest", help="ingest the landing files into the lake now (then post a "
                                   "recs://lake/events Asset event to run the monitor)")
+    fix = sub.add_parser(
+        "repair", help="remove everything one landing file brought into the lake",
+        description="Take back one ingested landing file, by its manifest entry: its lake rows "
+                    "(other files' rows stay), their event-id and content hash caches, its "
+                    "quarantine file and its manifest entry (moved, with what was removed, to "
+                    "lake/_repairs.jsonl). A corrected re-send is then ingested normally; the "
+                    "file's exact bytes are skipped by ingest unless --allow-resend. See the "
+                    "README, 'Repairing the lake'.")
+    fix.add_argument("file", metavar="FILE|SHA256",
+                     help="the landing file's name as the manifest records it, or its sha256 "
+                          "(or a prefix of at least 12 hex digits)")
+    fix.add_argument("--dry-run", action="store_true",
+                     help="print what would be removed; change nothing")
+    fix.add_argument("--allow-resend", action="store_true",
+                     help="let these exact bytes be ingested again (e.g. after fixing the "
+                          "column mapping)")
     imp = sub.add_parser("impact-summary", help="what the impact run found for DATE")
     imp.add_argument("date", help="the impact run's as-of date, YYYY-MM-DD")
     mon = sub.add_parser("monitor-summary", help="what the monitor found for DATE")
@@ -257,6 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--force", action="store_true",
                      help="change only: allow shrinking a variant (its released users move to "
                           "the default; recorded as forced)")
+    forget = sub.add_parser(
+        "forget-user", help="forget users: lake, quarantine, runs, served history, serving DB",
+        description="Right to erasure: remove the users' events and lists everywhere the "
+                    "pipeline keeps them, add them to the ingest tombstone (an old landing "
+                    "file cannot bring them back) and record the erasure (counts only) in the "
+                    "serving DB's erasures table. See the README, 'Privacy'.")
+    who = forget.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", action="append", dest="user_ids", metavar="U",
+                     help="a user id as the CMS knows it (repeat for more)")
+    who.add_argument("--from-file", type=Path, metavar="F",
+                     help="a file with one user id per line")
+    forget.add_argument("--by", required=True, help="who asked for it (recorded)")
+    forget.add_argument("--reason", default=None, help="why: the ticket or request (recorded)")
+    forget.add_argument("--dry-run", action="store_true",
+                        help="count what would be removed; change and record nothing")
     args = parser.parse_args(argv)
     if args.command == "airflow-secrets":
         return airflow_secrets(args.file)
@@ -268,12 +303,17 @@ def main(argv: list[str] | None = None) -> int:
         return default_date(settings)
     if args.command == "ingest":
         return ingest(settings)
+    if args.command == "repair":
+        return repair(settings, args.file, dry_run=args.dry_run, allow_resend=args.allow_resend)
     if args.command == "impact-summary":
         return impact_summary(settings, args.date)
     if args.command == "monitor-summary":
         return monitor_summary(settings, args.date)
     if args.command == "simulate-day":
         return simulate_days(settings, args.date, days=args.days, seed=args.seed)
+    if args.command == "forget-user":
+        return forget_user(settings, args.user_ids, args.from_file, requested_by=args.by,
+                           reason=args.reason, dry_run=args.dry_run)
     if args.command == "experiment":
         return experiment(settings, args.action, args.config, changed_by=args.by,
                           reason=args.reason, force=args.force)
@@ -333,6 +373,59 @@ def experiment(settings: Settings, action: str, config: Path, *, changed_by: str
           f"{changed_by}: {change}; config saved to {path}")
     for warning in new.warnings():
         print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def forget_user(settings: Settings, user_ids: list[str] | None, from_file: Path | None, *,
+                requested_by: str, reason: str | None = None, dry_run: bool = False,
+                dsn: str | None = None) -> int:
+    """Forget users (:func:`pipeline.serving.erasure.forget_users`) and print the counts per store
+    (never the ids). ``dsn`` None: the ``recs_serving`` connection from the environment, else
+    the SQLite file. 0 when done (or nothing was left), 1 when the ids or the database fail
+    (a retry completes an interrupted erasure)."""
+    from pipeline.core.errors import ServingError
+    from pipeline.serving.erasure import forget_users
+
+    try:
+        if from_file is not None:
+            try:
+                lines = from_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"cannot read {from_file}: {exc}") from None
+            user_ids = [line.strip() for line in lines if line.strip()]
+        result = forget_users(settings, user_ids or [], requested_by=requested_by,
+                              reason=reason, dsn=dsn if dsn is not None else serving_dsn(),
+                              dry_run=dry_run)
+    except (ValueError, ServingError) as exc:
+        print(f"forget-user failed: {exc}", file=sys.stderr)
+        return 1
+    head = ("dry run, nothing changed: would remove" if dry_run else
+            f"erasure {result['request_id']} recorded (id {result['erasure_id']})"
+            if result["recorded"] else
+            f"erasure {result['request_id']} was already recorded (id {result['erasure_id']})")
+    print(f"forget-user: {result['users']} user id(s); {head}:")
+    for store, count in sorted(result["removed"].items()):
+        print(f"  {store:<24}{count:>10,}")
+    versions = ", ".join(result["model_versions"]) or "none found"
+    print(f"  model versions trained on their data (replaced by the next nightly): {versions}")
+    return 0
+
+
+def repair(settings: Settings, target: str, *, dry_run: bool = False,
+           allow_resend: bool = False) -> int:
+    """Take back one landing file from the lake (:mod:`pipeline.lake.repair`) and print what
+    was (or, ``dry_run``, would be) removed. 1 when refused (no such manifest entry, an
+    ambiguous name; the reason, naming the file, on stderr)."""
+    from pipeline.core.errors import DataError
+    from pipeline.lake.repair import repair_landing_file
+
+    try:
+        result = repair_landing_file(settings.lake_events_dir, target, dry_run=dry_run,
+                                     allow_resend=allow_resend)
+    except DataError as exc:
+        print(f"repair refused: {exc}", file=sys.stderr)
+        return 1
+    print(result.describe())
     return 0
 
 

@@ -170,7 +170,7 @@ def tune(settings: Settings, cutoff: dt.datetime) -> dict:
             tuned = tune_twostage(_encoded(settings, cutoff), cutoff, params,
                                   settings.tune_budget_minutes,
                                   read_side_file(settings.landing_dir / "items.csv"),
-                                  read_side_file(settings.landing_dir / "users.csv"),
+                                  _side_users(settings),
                                   settings.event_weights, n_folds=3,
                                   horizon_days=settings.holdout_days,
                                   random_state=settings.seed)
@@ -195,7 +195,7 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "train") as result:
         items = read_side_file(settings.landing_dir / "items.csv")
-        users = read_side_file(settings.landing_dir / "users.csv")
+        users = _side_users(settings)
         model = _twostage(settings, _tuned_params(settings, cutoff)).fit(
             _encoded(settings, cutoff), cutoff, settings.event_weights, items, users,
             features=_features(settings, cutoff, cutoff))
@@ -292,7 +292,7 @@ def _holdout(settings: Settings, events, cutoff: dt.datetime, k: int = 10,
     from pipeline.lake.readers import read_side_file
 
     items = read_side_file(settings.landing_dir / "items.csv")
-    users = read_side_file(settings.landing_dir / "users.csv")
+    users = _side_users(settings)
     if not isinstance(events, EncodedEvents):
         events = EncodedEvents.from_frame(events[events["timestamp"] < cutoff],
                                           settings.event_weights)
@@ -693,7 +693,11 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
                  "items": read_side_file(settings.landing_dir / "items.csv"),
                  "n": settings.top_n, "max_per_category": settings.max_per_category,
                  "item_ttl_days": settings.item_ttl_days, "cutoff": cutoff}
-        served = _served_lists(recommender, str(version), events.users.ids, rules, experiment,
+        from pipeline.lake.tombstone import served_user_ids  # users forgotten since: out
+
+        served = _served_lists(recommender, str(version),
+                               served_user_ids(events.users.ids, settings.lake_events_dir.parent),
+                               rules, experiment,
                                load_recommender=lambda v: load_version(v)[0]
                                .unwrap_python_model().recommender)
         lists = served.lists
@@ -861,6 +865,16 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def _side_users(settings: Settings) -> pd.DataFrame | None:
+    """``landing/users.csv`` without the users forgotten on request (the CMS's file stays as
+    it is; the erasure tombstone keeps their attributes out of models, bundles and reports)."""
+    from pipeline.lake.readers import read_side_file
+    from pipeline.lake.tombstone import without_erased_users
+
+    return without_erased_users(read_side_file(settings.landing_dir / "users.csv"),
+                                settings.lake_events_dir.parent)
 
 
 def _read_json(path: Path) -> dict:

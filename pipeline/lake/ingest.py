@@ -9,9 +9,11 @@ index), :mod:`.storage` (part files, schemas, durable writes, watermark) and :mo
 
 **Exactly once.** Each landing file is identified by the sha256 of its bytes and recorded in the
 manifest ``lake/_manifest.jsonl`` (one JSON object per ingested file, rewritten atomically):
-an unchanged file, or the same bytes under another name, is skipped. Event ids are
-deduplicated against the whole lake (every date), so a replayed event -- even with another
-timestamp -- is never stored twice. A file is processed in two phases: its chunks are
+an unchanged file, or the same bytes under another name, is skipped (so are the bytes of a
+file taken back by ``repair``: :mod:`.repair`). Event ids are deduplicated against the whole
+lake (every date), so a replayed event -- even with another timestamp -- is never stored
+twice; so is an event sent once with an ``event_id`` and once without (by content:
+:mod:`.event_ids`). A file is processed in two phases: its chunks are
 normalised into ``lake/_staging/<sha>/`` first; only when the whole file has been read and its
 bad-row share is acceptable are the rows merged into the lake, as new part files
 ``event_date=D/part-<sha16>-<chunk>.parquet`` (written, fsynced and renamed atomically), and
@@ -72,6 +74,7 @@ from pipeline.lake.readers import (
     file_format,
     list_landing_files,
 )
+from pipeline.lake.repair_log import withheld_digests
 from pipeline.lake.staging import (
     Committed,
     Policy,
@@ -82,6 +85,7 @@ from pipeline.lake.staging import (
     write_quarantine,
 )
 from pipeline.lake.storage import durable_write
+from pipeline.lake.tombstone import Tombstone
 from pipeline.lake.validate import LandingValidator
 
 logger = logging.getLogger(__name__)
@@ -105,6 +109,7 @@ class IngestReport:
     rows_new: int = 0
     rows_duplicate: int = 0
     rows_no_consent: int = 0
+    rows_erased: int = 0  # rows of users forgotten on request (the tombstone), dropped unseen
     rows_rejected: int = 0
     rows_late: int = 0
     rows_future: int = 0
@@ -164,12 +169,13 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
         if not files and not manifest:
             raise DataError(f"no event files in {landing_events_dir} "
                             "(expected *.csv, *.tsv, *.jsonl, *.parquet, optionally .gz)")
-        known = {record["sha256"] for record in manifest}
+        # in the lake, or taken back by `repair` (those bytes stay out: :mod:`.repair_log`)
+        known = {record["sha256"] for record in manifest} | withheld_digests(lake_root)
         index, watermark = load_lake_index(lake_dir)
         report.watermark = watermark.isoformat() if watermark is not None else None
         late_before = watermark - allowed_lateness if watermark is not None else None
         policy = Policy(now, now + clock_skew, late_before, settle_seconds, max_bad_row_share,
-                        chunk_rows)
+                        chunk_rows, Tombstone.load(lake_root))
         errors: list[DataError] = []
         validator = None
         if suite_path is not None:  # loaded once, and only if a file needs it (GX is slow)
@@ -244,8 +250,8 @@ def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex
     if digest in known:
         report.files_skipped += 1
         report.skipped.append(path.name)
-        logger.info("skipped %s: its content (sha256 %s) is already in the lake",
-                    path.name, digest[:12])
+        logger.info("skipped %s: its content (sha256 %s) is already in the lake (or was "
+                    "taken back by repair: send a corrected file)", path.name, digest[:12])
         return
     lake_root = lake_dir.parent
     folder = staging_dir(lake_root, digest)
@@ -269,7 +275,8 @@ def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex
         "mtime": dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc).isoformat(),
         "ingested_at": policy.ingested_at.isoformat(), "rows_read": staged.rows_read,
         "rows_new": committed.new, "rows_duplicate": committed.duplicate,
-        "rows_no_consent": staged.no_consent, "rows_rejected": staged.bad_rows,
+        "rows_no_consent": staged.no_consent, "rows_erased": staged.erased,
+        "rows_rejected": staged.bad_rows,
         "rows_late": committed.late, "rows_future": staged.future,
         "dropped_columns": staged.dropped, "pii_columns": staged.pii,
         "partitions": sorted(committed.partitions),
@@ -293,6 +300,7 @@ def _add_to_report(report: IngestReport, staged: Staged, committed: Committed,
     report.rows_new += committed.new
     report.rows_duplicate += committed.duplicate
     report.rows_no_consent += staged.no_consent
+    report.rows_erased += staged.erased
     report.rows_rejected += staged.bad_rows
     report.rows_late += committed.late
     report.rows_future += staged.future
@@ -366,3 +374,8 @@ def _ingest_lock(lake_root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+#: The lock for the lake's other writers (erasure: :mod:`pipeline.lake.erasure`; repair:
+#: :mod:`pipeline.lake.repair`), so that they never race an ingest.
+ingest_lock = _ingest_lock

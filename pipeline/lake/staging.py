@@ -7,7 +7,8 @@ before anything reaches the lake, whether the file's bad-row share is acceptable
 
 **Commit.** The staged rows are merged into the lake per event date, as new part files
 ``event_date=D/part-<sha16>-<chunk>.parquet`` (written, fsynced and renamed atomically):
-event ids already in the lake or earlier in the file are duplicates; events older than the
+events already in the lake or earlier in the file are duplicates (the same event id, or the
+same content where one of the two rows came without an id: :mod:`.event_ids`); events older than the
 watermark minus the allowed lateness are kept out ("late"). Rejected and late rows go to one
 ``lake/quarantine/<file>.<sha12>.parquet`` with a ``reason`` per row (contract columns only:
 a malformed line's raw text is not kept, it may hold personal data).
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import DataError
 from pipeline.core.schema import LAKE_EVENT_DTYPES
-from pipeline.lake.event_ids import EventIdIndex, cache_part_hashes, hash_event_ids
+from pipeline.lake.event_ids import EventIdIndex, cache_part_keys, event_keys
 from pipeline.lake.mapping import is_pii_column
 from pipeline.lake.normalise import normalise_events
 from pipeline.lake.readers import iter_raw_chunks
@@ -41,6 +42,7 @@ from pipeline.lake.storage import (
     to_lake_table,
     write_table,
 )
+from pipeline.lake.tombstone import Tombstone
 from pipeline.lake.validate import REASON_COLUMN, LandingValidator
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Policy:
     settle_seconds: float
     max_bad_row_share: float
     chunk_rows: int
+    tombstone: Tombstone | None = None  # users erased on request: their rows never enter
 
 
 # ---- staging ---------------------------------------------------------------------------------
@@ -69,6 +72,7 @@ class Staged:
     quarantine_chunks: list[Path] = field(default_factory=list)
     rows_read: int = 0
     no_consent: int = 0
+    erased: int = 0  # rows of users erased on request (the tombstone), dropped unseen
     bad_rows: int = 0
     future: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -78,7 +82,7 @@ class Staged:
 
     def check_bad_share(self, path: Path, max_share: float) -> None:
         """Fail the file when too many of its rows are quarantined (naming reasons and rows)."""
-        considered = self.rows_read - self.no_consent
+        considered = self.rows_read - self.no_consent - self.erased
         share = self.bad_rows / considered if considered else 0.0
         if share > max_share:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in
@@ -107,6 +111,9 @@ def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
         events, rejected, no_consent, _ = normalise_events(
             raw.frame, source=path.name, rows=raw.rows, check_replacement=raw.replaced,
             latest_valid=policy.latest_valid)
+        if policy.tombstone:  # before validation and quarantine: an erased id is kept nowhere
+            (events, rejected), erased = policy.tombstone.drop_rows(events, rejected)
+            staged.erased += erased
         if raw.malformed:
             rejected = pd.concat([rejected, _malformed_rows(raw.malformed, path.name)],
                                  ignore_index=True)
@@ -136,6 +143,9 @@ def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
             staged.quarantine_chunks.append(q_path)
         logger.info("%s: %d rows read so far (%.1fs)", path.name, staged.rows_read,
                     time.perf_counter() - started)
+    if staged.erased:
+        logger.info("%s: %d rows of users erased on request dropped (tombstone)", path.name,
+                    staged.erased)
     if staged.pii:
         logger.warning("%s: dropped columns that look like personal data: %s", path.name,
                        ", ".join(staged.pii))
@@ -182,14 +192,15 @@ class Committed:
 
 def commit_staged(staged: Staged, lake_dir: Path, index: EventIdIndex, policy: Policy
                   ) -> Committed:
-    """Merge the staged rows into the lake, one part file per date: dedupe by event_id across
-    the whole lake, keep late events out."""
+    """Merge the staged rows into the lake, one part file per date: dedupe across the whole
+    lake by event id, and by content where one of two rows came without an id
+    (:mod:`.event_ids`); keep late events out."""
     committed = Committed()
     for day, batch, groups in _day_batches(staged.days, policy.chunk_rows * 2):
         table = pa.concat_tables([pq.ParquetFile(path).read_row_group(group)
                                   for path, group, _ in groups])
-        h1, h2 = hash_event_ids(table.column("event_id"))
-        duplicate = index.contains(h1, h2) | _duplicated_pairs(h1, h2)
+        keys = event_keys(table)
+        duplicate = index.duplicates(keys)
         committed.duplicate += int(duplicate.sum())
         keep = ~duplicate
         if policy.late_before is not None:
@@ -208,10 +219,10 @@ def commit_staged(staged: Staged, lake_dir: Path, index: EventIdIndex, policy: P
         if new.num_rows:
             part = part_path(lake_dir, day, staged.folder.name, batch)
             write_table(new, part, durable=True)
-            cache_part_hashes(lake_dir, part, h1[keep], h2[keep])  # the next run reads these
+            cache_part_keys(lake_dir, part, keys.where(keep))  # the next run reads these
             committed.partitions.add(day)
         committed.new += new.num_rows
-        index.add(h1[keep], h2[keep])
+        index.add_keys(keys.where(keep))
     return committed
 
 
@@ -227,11 +238,6 @@ def _day_batches(days: dict[str, list[tuple[Path, int, int]]], max_rows: int
             batch.append(group)
             rows += group[2]
         yield day, number, batch
-
-
-def _duplicated_pairs(h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
-    """Later copies of a (h1, h2) pair within one chunk."""
-    return pd.DataFrame({"a": h1, "b": h2}).duplicated(keep="first").to_numpy()
 
 
 def write_quarantine(staged: Staged, committed: Committed, lake_root: Path, name: str,

@@ -248,6 +248,15 @@ class ServingBackend(Protocol):
         and returns False when the existing record already is this one, and insert ``params``
         when it returns True (creating the schema if needed). Returns (id, inserted)."""
 
+    def forget_users(self, user_ids: list[str], *, dry_run: bool = False) -> dict[str, int]:
+        """Delete the rows of ``user_ids`` from every table with a ``user_id`` column, in one
+        transaction under the publish lock, without moving a view; rows removed (or found,
+        with ``dry_run``) per table."""
+
+    def insert_erasure(self, params: Mapping[str, Any]) -> tuple[int, bool]:
+        """Append one ``erasures`` record unless its ``request_id`` is recorded already
+        (creating the schema if needed); (id, inserted)."""
+
     def publishing(self, *, lock_timeout_ms: int) -> contextlib.AbstractContextManager[Any]:
         """A connection holding the publish lock (one publisher at a time), closed on exit."""
 

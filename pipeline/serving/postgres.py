@@ -314,6 +314,75 @@ class PostgresBackend:
                     f"{params['model_version']}", exc) from None
         return int(promotion_id)
 
+    # --------------------------------------------------------------------------- erasure
+
+    def forget_users(self, user_ids: list[str], *, dry_run: bool = False) -> dict[str, int]:
+        """Delete the rows of ``user_ids`` from every table of the schema with a ``user_id``
+        column (every kept version's lists and assignments, live included) with a plain
+        ``DELETE`` in one transaction, under the publish lock (a publish in flight finishes
+        first, so its table is included). CMS readers are never blocked: a ``DELETE`` takes
+        ROW EXCLUSIVE, which does not conflict with their ACCESS SHARE, and no view moves.
+        The tables are then vacuumed (the deleted tuples leave the data files at once rather
+        than at autovacuum's leisure). Returns rows removed (or, with ``dry_run``, found) per
+        table."""
+        schema = self.schema
+        found: dict[str, int] = {}
+        with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
+            try:
+                self._acquire_publish_lock(conn)
+                self.migrate(conn)
+                with _transaction(conn) as cur:
+                    cur.execute(_query("user_tables.sql", schema))
+                    for (table,) in cur.fetchall():
+                        target = sql.SQL("{}.{}").format(sql.Identifier(schema),
+                                                         sql.Identifier(table))
+                        if dry_run:
+                            cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE user_id = "
+                                                "ANY(%s)").format(target), (list(user_ids),))
+                            (found[table],) = cur.fetchone()
+                        else:
+                            cur.execute(sql.SQL("DELETE FROM {} WHERE user_id = ANY(%s)")
+                                        .format(target), (list(user_ids),))
+                            found[table] = cur.rowcount
+            except psycopg2.Error as exc:
+                raise self._failure("erasing users from the serving tables", exc) from None
+            conn.autocommit = True
+            for table in (t for t, rows in found.items() if rows and not dry_run):
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(sql.SQL("VACUUM {}.{}").format(sql.Identifier(schema),
+                                                                   sql.Identifier(table)))
+                except psycopg2.Error as exc:  # autovacuum will do it
+                    logger.warning("could not vacuum %s.%s after the erasure: %s", schema, table,
+                                   self.redact(str(exc).strip()))
+        return found
+
+    def insert_erasure(self, params: Mapping[str, Any]) -> tuple[int, bool]:
+        """Record one erasure (creating the schema if needed); (id, inserted): a request
+        already recorded is not recorded twice."""
+        schema = self.schema
+        with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
+            try:
+                for attempt in range(2):
+                    try:
+                        with _transaction(conn) as cur:
+                            cur.execute(_query("insert_erasure.sql", schema), dict(params))
+                            row = cur.fetchone()
+                            if row is not None:
+                                return int(row[0]), True
+                            cur.execute(sql.SQL("SELECT id FROM {}.erasures WHERE request_id "
+                                                "= %s").format(sql.Identifier(schema)),
+                                        (params["request_id"],))
+                            return int(cur.fetchone()[0]), False
+                    except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
+                        if attempt:
+                            raise
+                        self._acquire_publish_lock(conn)
+                        self.migrate(conn)
+            except psycopg2.Error as exc:
+                raise self._failure("recording the erasure", exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # --------------------------------------------------------------------------- publish steps
 
     @contextlib.contextmanager

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import re
 import sqlite3
@@ -208,6 +209,53 @@ class SqliteBackend:
                 cur.execute(_query("insert_promotion.sql"), params)
                 (promotion_id,) = cur.fetchone()
         return int(promotion_id)
+
+    # --------------------------------------------------------------------------- erasure
+
+    def forget_users(self, user_ids: list[str], *, dry_run: bool = False) -> dict[str, int]:
+        """Delete the rows of ``user_ids`` from every table with a ``user_id`` column (every
+        kept version's lists and assignments, live included) in one ``BEGIN IMMEDIATE``
+        transaction under the publish lock; WAL readers keep reading meanwhile. With
+        ``secure_delete`` the freed pages are zeroed, and a checkpoint moves them out of the
+        WAL. Returns rows removed (or, with ``dry_run``, found) per table."""
+        found: dict[str, int] = {}
+        ids = list(user_ids)
+        if not self.path.exists():
+            return found
+        with self.publish_lock(), contextlib.closing(
+                self.connect(timeout_s=30, must_exist=True)) as conn:
+            self.migrate(conn)
+            conn.execute("PRAGMA secure_delete = ON")
+            with _transaction(conn) as cur:
+                tables = [row[0] for row in cur.execute(_query("user_tables.sql")).fetchall()]
+                params = {"ids": json.dumps(ids)}  # one parameter, however many ids
+                for table in tables:
+                    if dry_run:
+                        (count,) = cur.execute(_query("count_user_rows.sql", table=table),
+                                               params).fetchone()
+                        found[table] = int(count)
+                    else:
+                        cur.execute(_query("delete_user_rows.sql", table=table), params)
+                        found[table] = cur.rowcount
+            if not dry_run and any(found.values()):
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return found
+
+    def insert_erasure(self, params: Mapping[str, Any]) -> tuple[int, bool]:
+        """Record one erasure (creating the schema if needed); (id, inserted)."""
+        params = dict(params)
+        if isinstance(params["requested_at"], datetime):
+            params["requested_at"] = params["requested_at"].strftime(ISO_UTC)
+        self.ensure_schema()
+        with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
+            with _transaction(conn) as cur:
+                row = cur.execute(_query("insert_erasure.sql"), params).fetchone()
+                if row is not None:
+                    return int(row[0]), True
+                (existing,) = cur.execute("SELECT id FROM erasures WHERE request_id = ?",
+                                          (params["request_id"],)).fetchone()
+        return int(existing), False
 
     # --------------------------------------------------------------------------- publish steps
 

@@ -84,7 +84,8 @@ def test_every_task_has_a_timeout_and_the_failure_notifier(dagbag):
     from recs_support import notify_failure
 
     for dag_id in ("recommendations_nightly", "recommendations_rollback",
-                   "recommendations_monitor", "recommendations_impact"):
+                   "recommendations_monitor", "recommendations_impact",
+                   "recommendations_forget_user"):
         for task in dagbag.dags[dag_id].tasks:
             assert task.execution_timeout is not None, f"{dag_id}.{task.task_id}"
             assert task.execution_timeout.total_seconds() >= 300
@@ -145,3 +146,22 @@ def test_the_impact_dag_runs_after_every_ingest(dagbag):
     assert impact.max_active_runs == 1 and impact.catchup is False
     for name, param in impact.params.items():
         assert param.description, f"impact param {name} has no description"
+
+
+def test_the_forget_user_dag_is_manual_and_validates_its_ids(dagbag):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag.dags["recommendations_forget_user"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # schedule=None: manual only
+    assert dag.catchup is False and dag.max_active_runs == 1 and dag.doc_md
+    assert [t.task_id for t in dag.tasks] == ["forget"]
+    assert all(task.retries >= 2 for task in dag.tasks)
+    assert set(dag.params) == {"user_ids", "requested_by", "reason"}
+    for name, param in dag.params.items():
+        assert param.description, f"forget-user param {name} has no description"
+    params = ParamsDict(dag.params)
+    params["user_ids"] = ["u1", "someone@example.com"]
+    for bad in ([], [""], [" u1"], ["x" * 513], "u1", [7]):
+        with pytest.raises(ParamValidationError, match="user_ids"):
+            params["user_ids"] = bad

@@ -1,0 +1,5 @@
+-- The erasure records, oldest first (removed and model_versions as jsonb).
+SELECT id, request_id, requested_at, completed_at, requested_by, reason, users, removed,
+       model_versions
+FROM {schema}.erasures
+ORDER BY id
