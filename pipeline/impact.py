@@ -70,7 +70,11 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
             kinds = {v.name: v.kind for v in experiment.variants}
             expected_shares = {name: share for name, share in experiment.shares.items()
                                if kinds.get(name) != "holdout"}
-    comparison, srm = _compare(variants, control, expected_shares)
+    # Only the experiment's own groups are randomised against each other: lists served
+    # before it started (variant "(none)") are another period, not a comparison group.
+    compared = variants if experiment is None else variants[
+        variants["variant"].isin({v.name for v in experiment.variants})]
+    comparison, srm = _compare(compared, control, expected_shares)
     sitewide, holdout_comparison = _holdout(settings, experiment, events, start, as_of)
     if experiment is not None and experiment.planned_users_per_variant and len(comparison):
         comparison["decision"] = [_decision(row, experiment.planned_users_per_variant)

@@ -160,8 +160,12 @@ def tune(settings: Settings, cutoff: dt.datetime) -> dict:
     the best of an expanding-window CV search within ``tune_budget_minutes``, whose trials go
     to ``tuning.csv``. ``train`` and ``evaluate`` both read ``params`` from here, so they can
     run side by side."""
+    from pipeline.registry.tracking import stage_run
+
     run = settings.run_dir(cutoff)
-    with _stage(settings, cutoff, "tune") as result:
+    with (_stage(settings, cutoff, "tune") as result,
+          stage_run(run, cutoff, "tune", new_night=True) as night):
+        result["mlflow_run_id"] = night
         params = _twostage(settings).get_params()
         if settings.tune:
             from pipeline.evaluation.tuning import tune_twostage
@@ -177,6 +181,8 @@ def tune(settings: Settings, cutoff: dt.datetime) -> dict:
             tuned.trials.to_csv(run / "tuning.csv", index=False)
             params = tuned.best_params
             result["tuning"] = tuned.to_dict()
+            _write_json(run / "tuning.json", result["tuning"])
+            _log_artifacts(night, [run / "tuning.csv", run / "tuning.json"], "tuning")
         result.update(tuned=settings.tune, params=params)
     return result
 
@@ -191,9 +197,13 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
     """Fit the two-stage recommender with this run's params (``tune``) on every event before
     the cutoff; save the bundle to ``<run>/model``."""
     from pipeline.lake.readers import read_side_file
+    from pipeline.registry.tracking import stage_run
 
     run = settings.run_dir(cutoff)
-    with _stage(settings, cutoff, "train") as result:
+    with _stage(settings, cutoff, "train") as result, stage_run(run, cutoff, "train") as night:
+        result["mlflow_run_id"] = night
+        _log_events_dataset(settings, cutoff, night, "training",
+                            {"window_end": cutoff.isoformat()})
         items = read_side_file(settings.landing_dir / "items.csv")
         users = _side_users(settings)
         model = _twostage(settings, _tuned_params(settings, cutoff)).fit(
@@ -221,9 +231,16 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
     segment (``bias_audit.csv``).
     """
     from pipeline.evaluation.holdout import segment_audit
+    from pipeline.registry.tracking import stage_run
 
     run = settings.run_dir(cutoff)
-    with _stage(settings, cutoff, "evaluate") as result:
+    with (_stage(settings, cutoff, "evaluate") as result,
+          stage_run(run, cutoff, "evaluate") as night):
+        result["mlflow_run_id"] = night
+        _log_events_dataset(settings, cutoff, night, "evaluation", {
+            "train_end": _holdout_start(settings, cutoff).isoformat(),
+            "holdout": f"[{_holdout_start(settings, cutoff).isoformat()}, "
+                       f"{cutoff.isoformat()})"})
         holdout = _holdout(settings, _encoded(settings, cutoff), cutoff, k,
                            _tuned_params(settings, cutoff),
                            features=_features(settings, cutoff,
@@ -251,6 +268,33 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
             gate_reason=(f"ndcg@{k} {model_ndcg:.4f} {'>=' if gate else '<'} best baseline "
                          f"{best_baseline:.4f}"))
     return result
+
+
+def _log_events_dataset(settings: Settings, cutoff: dt.datetime, night: str, context: str,
+                        tags: dict) -> None:
+    """The run's encoded events as an input dataset of the night's MLflow run."""
+    import pyarrow.parquet as pq
+
+    from pipeline.core.ids import EVENTS_FILE
+    from pipeline.registry.tracking import log_dataset
+
+    path = settings.run_dir(cutoff) / EVENTS_FILE
+    parquet = pq.ParquetFile(path)
+    sample = parquet.read_row_group(0).slice(0, 100).to_pandas() if parquet.num_row_groups \
+        else parquet.schema_arrow.empty_table().to_pandas()
+    # one input per (name, digest) in MLflow: the holdout view of the file gets its own name
+    name = f"{'events' if context == 'training' else 'holdout'}-{cutoff:%Y-%m-%d}"
+    log_dataset(night, path, name=name, context=context, sample=sample,
+                tags={"rows": parquet.metadata.num_rows, **tags})
+
+
+def _log_artifacts(night: str, paths: list[Path], folder: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for path in paths:
+        if path.exists():
+            client.log_artifact(night, str(path), folder)
 
 
 def holdout_table(settings: Settings, events, cutoff: dt.datetime, k: int = 10
@@ -401,6 +445,7 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     (None: publish nothing).
     """
     from pipeline.evaluation.gate import GateDecision, decide_promotion
+    from pipeline.registry.tracking import finish_night, stage_run
     from pipeline.registry.versions import (
         CHALLENGER,
         champion_version,
@@ -415,6 +460,7 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
 
     run = settings.run_dir(cutoff)
     with (_stage(settings, cutoff, "register") as result,
+          stage_run(run, cutoff, "register") as night,
           promotion_lock(dsn=dsn, sqlite_path=settings.serving_sqlite_path)):
         trained, evaluated = _read_json(run / "train.json"), _read_json(run / "evaluate.json")
         validated, ingested = _read_json(run / "validate.json"), _read_json(run / "ingest.json")
@@ -454,12 +500,14 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                   "validation_passed": str(validated.get("passed")),
                   "lake_path": str(settings.lake_events_dir)},
             artifacts={"report": report}, recommender=bundle,
-            alias=CHALLENGER if decides else None)
+            alias=CHALLENGER if decides else None, run_id=night)
+        _log_trend(run, night, metrics, k, cutoff)
         if champion == registration.version:  # a re-run of the model that already serves
             _heal_promotion_record(settings, dsn, champion, details, cutoff, triggered_by)
             result.update(registration.to_dict(), promoted=False, decision="unchanged",
                           reason=f"v{champion} is already champion", champion_version=champion,
                           serve_version=champion)
+            finish_night(night)
             return result
         if decides:
             gate = decide_promotion(
@@ -497,7 +545,25 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
                       reason=gate.reason, backfill=backfill,
                       champion_version=registration.version if gate.promote else champion,
                       serve_version=serve if decides else None)
+        finish_night(night)
     return result
+
+
+#: Series of the trend plot: name -> the night's metric key (at k).
+_TREND_SERIES = ("model", "popularity_30d", "popularity", "als")
+
+
+def _log_trend(run: Path, night: str, metrics: dict, k: int, cutoff: dt.datetime) -> None:
+    """``trend.png``: this run's holdout nDCG@k (model and baselines) against the last
+    champions', logged to the night's MLflow run."""
+    from pipeline.evaluation.report import plot_trend
+    from pipeline.registry.tracking import champion_metrics
+
+    keys = {name: f"{name}_ndcg_at_{k}" for name in _TREND_SERIES}
+    current = {name: metrics[key] for name, key in keys.items() if key in metrics}
+    path = plot_trend(champion_metrics(keys), current, run / "trend.png",
+                      logical_date=pd.Timestamp(cutoff), metric=f"ndcg@{k}")
+    _log_artifacts(night, [path], "report")
 
 
 def _heal_promotion_record(settings: Settings, dsn: str | None, champion: str,

@@ -70,6 +70,37 @@ def plot_feature_importance(importance: pd.Series, path: Path, top: int = 25) ->
     return _save(fig, plt, path)
 
 
+def plot_trend(history: pd.DataFrame, current: dict[str, float], path: Path, *,
+               logical_date: pd.Timestamp, metric: str = "ndcg@10") -> Path:
+    """The holdout metric by logical date: the last champions (``history``: columns
+    ``logical_date``, ``version`` and one per series, e.g. ``model``, ``popularity_30d``) as
+    lines, and this run (``current``: the same series) as highlighted points, so a drop or a
+    narrowing lead over the baselines shows at a glance."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    frame = history.sort_values("logical_date")
+    series = [c for c in frame.columns if c not in ("logical_date", "version")]
+    frame[series] = frame[series].astype("float64")  # a metric a run lacks: a gap
+    for name in dict.fromkeys([*series, *current]):
+        style = "-o" if name == "model" else "--"
+        if name in frame:
+            ax.plot(frame["logical_date"], frame[name], style, label=f"{name} (champions)",
+                    alpha=0.8)
+        if name in current:
+            ax.scatter([logical_date], [current[name]], s=80, zorder=3, edgecolor="black",
+                       label=f"{name} (this run)")
+    for row in frame.itertuples():
+        if "model" in frame:
+            ax.annotate(f"v{row.version}", (row.logical_date, row.model),
+                        fontsize=7, textcoords="offset points", xytext=(0, 6), ha="center")
+    ax.set_xlabel("logical date")
+    ax.set_ylabel(f"holdout {metric}")
+    ax.set_title(f"Holdout {metric}: this run against the last champions")
+    ax.legend(fontsize=7)
+    fig.autofmt_xdate()
+    return _save(fig, plt, path)
+
+
 def _save(fig, plt, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -54,13 +54,15 @@ def configure_mlflow() -> None:
 def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, object],
                    metrics: Mapping[str, float], tags: Mapping[str, str],
                    artifacts: Mapping[str, Path] | None = None,
-                   recommender=None, alias: str | None = CHALLENGER) -> Registration:
+                   recommender=None, alias: str | None = CHALLENGER,
+                   run_id: str | None = None) -> Registration:
     """Log params, metrics, lineage tags, readable artifacts and the pyfunc bundle; register
     it as a new version of ``recommender`` with ``alias`` (``challenger``; None for a backfill,
     which is recorded but is no candidate for production).
 
     Idempotent: a bundle already registered (same fingerprint) is reused, not duplicated.
-    ``recommender`` is the bundle already loaded, when the caller has it.
+    ``recommender`` is the bundle already loaded, when the caller has it. ``run_id``: log
+    into that run (the night's run, :mod:`pipeline.registry.tracking`), else a new one.
     """
     import mlflow
     import pandas as pd
@@ -76,11 +78,15 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
     if existing is not None:
         logger.info("model %s v%s already holds this bundle (%s): reusing it", MODEL_NAME,
                     existing.version, fingerprint[:12])
+        if run_id is not None and run_id != existing.run_id:
+            MlflowClient().set_tag(run_id, "reused_version", str(existing.version))
         return Registration(existing.run_id, str(existing.version), True)
     example = pd.DataFrame({"user_id": recommender.matrix_.user_ids[:2].astype(str)})
     output = recommender.recommend(example["user_id"], 3)
     signature = infer_signature(example, output, params={"n": 10})
-    with mlflow.start_run(run_name=run_name) as run, stderr_to_log(logger):
+    opened = (mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+              if run_id is not None else mlflow.start_run(run_name=run_name))
+    with opened as run, stderr_to_log(logger):
         mlflow.log_params(dict(params))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v})
         mlflow.set_tags({**tags, "git_commit": git_commit(), FINGERPRINT_TAG: fingerprint})

@@ -30,6 +30,7 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
     env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     env.setenv("MLFLOW_ARTIFACT_ROOT", str(root / "mlartifacts"))
     env.setenv("AIRFLOW_CONN_RECS_SERVING", pg_dsn_module)
+    env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # short stages get samples
     dags = BundleDagBag(dag_folder=str(REPO / "dags"), bundle_path=REPO / "dags").dags
     for dag in dags.values():
         for task in dag.tasks:

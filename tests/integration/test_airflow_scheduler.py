@@ -12,7 +12,11 @@ SMTP server for the failure notifier. The tests then do what users do, in order:
 3. backfill two older dates: both runs succeed and are recorded, production is untouched;
 4. a loader lands a week whose sessions all moved to the TV app, ingests it and posts the
    lake Asset event: the monitor runs on it, alerts (mail and drift Asset), and the nightly
-   retrains on that Asset, recording why.
+   retrains on that Asset, recording why; the same day a product team starts an A/B
+   experiment from the command line, so that retrain publishes both variants;
+5. the CMS's feedback on those lists (the simulated CMS of `make run`) lands and is ingested,
+   the lake Asset event runs the impact DAG, which compares the variants and writes the
+   serving DB's ``impact`` table.
 """
 
 from __future__ import annotations
@@ -352,6 +356,17 @@ def test_planted_drift_runs_the_monitor_which_retrains_through_the_drift_asset(
                        DriftPlan(start="2024-02-10", device_mix={"tv": 1.0}, seed=3))
     landing = Path(airflow.env["RECS_DATA_DIR"]) / "landing"
     write_landing(data, landing, name="tv-week", fmt="csv", gzip=True)
+    # The product team starts an A/B experiment (step 5 reads it): the next publish, the
+    # retrain below, serves each user from their variant.
+    config = airflow.root / "experiment.json"
+    config.write_text(json.dumps({
+        "name": "model-vs-popular", "salt": "scheduler-ab", "planned_users_per_variant": 50,
+        "variants": [{"name": "control", "kind": "popularity", "share": 0.5},
+                     {"name": "model", "kind": "model", "model": "champion", "share": 0.5}]}))
+    started = subprocess.run([sys.executable, "-m", "pipeline.cli", "experiment", "start",
+                              "--config", str(config), "--by", "product team"], cwd=REPO,
+                             env=airflow.env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
     # The loader ingests (as `python -m pipeline.cli ingest`) and tells Airflow.
     loaded = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest"], cwd=REPO,
                             env=airflow.env, capture_output=True, text=True, timeout=300)
@@ -403,3 +418,43 @@ def test_planted_drift_runs_the_monitor_which_retrains_through_the_drift_asset(
                     (registered["version"],))
         recorded = [r[0] for r in cur.fetchall()]
     assert recorded and all("event.device" in r for r in recorded), recorded
+
+
+def test_feedback_on_an_ab_experiment_runs_the_impact_dag_on_the_lake_asset(airflow,
+                                                                           pg_dsn_module):
+    """Step 5: the lists the drift retrain published for 2024-02-17 (two variants) are shown
+    by the simulated CMS for three days; the loader ingests the feedback and posts the lake
+    Asset event; the impact DAG runs on it and compares the variants."""
+    from pipeline.serving.store import read_impact
+
+    impact, monitor = "recommendations_impact", "recommendations_monitor"
+    # only the impact DAG should react to this ingest
+    airflow.client.patch(f"/dags/{monitor}", json={"is_paused": True}).raise_for_status()
+    airflow.client.patch(f"/dags/{impact}", json={"is_paused": False}).raise_for_status()
+    for command in (["simulate-day", "2024-02-17", "--days", "3", "--seed", "5"], ["ingest"]):
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], cwd=REPO,
+                              env=airflow.env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr)
+    assets = airflow.client.get("/assets", params={"uri_pattern": "recs://lake/events"})
+    posted = airflow.client.post("/assets/events", json={
+        "asset_id": assets.json()["assets"][0]["id"],
+        "extra": {"cutoff": "2024-02-20T00:00:00+00:00"}})
+    assert posted.status_code == 200, posted.text
+
+    (run,) = airflow.wait(lambda: [r for r in airflow.runs(impact)
+                                   if r["state"] in ("success", "failed")],
+                          RUN_TIMEOUT_S, "the impact run on the lake Asset")
+    tis = airflow.task_instances(run["dag_run_id"], impact)
+    assert run["run_type"] == "asset_triggered" and run["state"] == "success", tis
+    summary = json.loads((Path(airflow.env["RECS_DATA_DIR"]) / "impact" / "2024-02-20"
+                          / "summary.json").read_text())
+    variants = {row["variant"]: row for row in summary["variants"]}
+    assert {"control", "model"} <= set(variants), variants
+    assert all(variants[v]["users_active"] > 0 and variants[v]["impressions"] > 0
+               for v in ("control", "model"))
+    assert summary["srm"]["expected_shares"] == {"control": 0.5, "model": 0.5}
+    assert {row["variant"] for row in summary["comparison"]} == {"model"}
+    table = read_impact(dsn=pg_dsn_module, sqlite_path=Path("/nonexistent"))
+    simulated = table[table["day"] >= pd.Timestamp("2024-02-17", tz="UTC")]
+    assert set(simulated["variant"]) >= {"control", "model"}
+    assert (simulated["impressions"] > 0).all()

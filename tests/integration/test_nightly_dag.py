@@ -54,6 +54,46 @@ def test_rerun_of_the_same_date_publishes_identical_rows(world, published):
     pd.testing.assert_frame_equal(first, published())
 
 
+def test_one_mlflow_run_per_night_holds_datasets_stages_and_trend(world, published):
+    """The champion's run is the night's run: input datasets with digests, a nested run per
+    model stage with system metrics, the registered model and the trend plot."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipeline.core.config import Settings
+    from pipeline.registry.tracking import RUN_FILE, file_digest
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("recommender", "champion")
+    night = client.get_run(version.run_id)
+    assert night.info.run_name == "nightly-2024-02-01" and night.info.status == "FINISHED"
+    run_dir = Settings().run_dir(CUTOFF)
+    # the re-run of the date (previous test) was a night of its own, which found its model
+    # already registered
+    rerun = client.get_run(json.loads((run_dir / RUN_FILE).read_text())["run_id"])
+    assert rerun.info.run_id != night.info.run_id
+    assert rerun.data.tags["reused_version"] == str(version.version)
+    assert rerun.info.status == "FINISHED"
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in night.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "evaluation"}
+    digest = file_digest(run_dir / "events_encoded.parquet")
+    assert inputs["training"].name == "events-2024-02-01"
+    assert inputs["evaluation"].name == "holdout-2024-02-01"
+    assert all(d.digest == digest for d in inputs.values())
+    children = client.search_runs([night.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{night.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == {"tune", "train", "evaluate",
+                                                        "register"}
+    assert all(c.info.status == "FINISHED" for c in children)
+    sampled = [c for c in children if any(k.startswith("system/") for k in c.data.metrics)]
+    assert sampled, "no stage logged system metrics"
+    assert "model_ndcg_at_10" in night.data.metrics and night.data.params
+    artifacts = {a.path for a in client.list_artifacts(night.info.run_id, "report")}
+    assert "report/trend.png" in artifacts
+
+
 def test_a_malformed_landing_file_fails_the_run_and_keeps_what_is_published(world, published):
     before = published()
     landing = world["root"] / "data" / "landing" / "events"
