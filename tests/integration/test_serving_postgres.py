@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import psycopg2
+import psycopg2.sql
 import pytest
 from psycopg2 import errors as pg_errors
 
@@ -227,6 +228,53 @@ def test_cms_reader_reads_the_view_and_nothing_else(pg_dsn: str, make_lists: Cal
             with pytest.raises(pg_errors.InsufficientPrivilege):
                 cur.execute(statement)
         cur.execute("RESET ROLE")
+
+
+def test_a_repeatable_read_reader_sees_the_complete_new_list_after_a_swap(
+        pg_dsn: str, make_lists: Callable) -> None:
+    """The README's claim: a REPEATABLE READ transaction whose snapshot predates a swap
+    reads, after it, the new table through the view (the view's definition is catalog
+    state, read fresh) and all of its rows (COPY FREEZE writes them frozen: visible to every
+    snapshot), so each lookup is one complete list set, never an empty one. (A transaction
+    that has already read the view holds it: the swap waits for it, see SwapLockTimeout.)"""
+    _publish(make_lists(), pg_dsn, "m-1")
+    before = _query(pg_dsn, "SELECT count(*) FROM recs.recommendations WHERE user_id = 'u000'")
+    with _connect(pg_dsn, autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur.execute("SET LOCAL search_path = recs")
+        cur.execute("SELECT 1")  # the snapshot is taken here, before the swap
+        _publish(make_lists(n_ranks=2), pg_dsn, "m-2")  # another connection swaps
+        cur.execute("SELECT count(*), min(model_version), max(model_version) "
+                    "FROM recs.recommendations")
+        count, low, high = cur.fetchone()
+        cur.execute(CMS_QUERY, ("u000",))
+        after = cur.fetchall()
+        conn.rollback()
+    assert before != [(2,)] and len(after) == 2 and (low, high) == ("m-2", "m-2")
+    assert count == len(make_lists(n_ranks=2))
+
+
+def test_cms_reader_can_make_temp_tables_until_public_loses_temp(pg_dsn: str,
+                                                                 make_lists: Callable) -> None:
+    """PUBLIC has TEMP on a new database, so cms_reader can create temporary tables; the
+    README's one line for a strictly read-only reader takes it away."""
+    _publish(make_lists(), pg_dsn, "m-1")
+    with _connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SET ROLE cms_reader")
+        cur.execute("CREATE TEMP TABLE scratch (x int)")
+        cur.execute("DROP TABLE scratch")
+        cur.execute("RESET ROLE")
+        cur.execute("SELECT current_database()")
+        (database,) = cur.fetchone()
+        cur.execute(psycopg2.sql.SQL("REVOKE TEMP ON DATABASE {} FROM PUBLIC").format(
+            psycopg2.sql.Identifier(database)))
+    with _connect(pg_dsn) as conn, conn.cursor() as cur:  # a new session: privileges re-read
+        cur.execute("SET ROLE cms_reader")
+        cur.execute("SET search_path = recs")
+        with pytest.raises(pg_errors.InsufficientPrivilege):
+            cur.execute("CREATE TEMP TABLE scratch (x int)")
+        cur.execute(CMS_QUERY, ("u000",))  # reading still works
+        assert cur.fetchall()
 
 
 def test_record_promotion_stores_metrics_as_jsonb(pg_dsn: str) -> None:
