@@ -108,6 +108,11 @@ def demo_data(settings: Settings) -> int:
     data = write_demo_landing(settings.cache_dir, settings.landing_dir)
     print(f"demo data: MovieLens-100k, {len(data.events):,} events, {len(data.items):,} items, "
           f"{len(data.users):,} users -> {settings.landing_dir}")
+    from pipeline.lake.demo.hostile import write_hostile_landing
+
+    bad = write_hostile_landing(data.events, settings.landing_events_dir)
+    print(f"  plus {len(bad)} hostile files (odd formats of the same events, and "
+          f"{sum(bad.values())} bad rows for quarantine): {', '.join(sorted(bad))}")
     return 0
 
 
