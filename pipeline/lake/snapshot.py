@@ -3,9 +3,18 @@
 A run sees the events with ``cutoff - lookback_days <= timestamp < cutoff`` (event fields,
 the feedback fields ``position`` / ``placement`` and lineage; a part file written before the
 feedback fields existed reads them as nulls), sorted by time then event id, read one date
-partition at a time:
-:func:`load_snapshot` returns them as a DataFrame, :func:`write_snapshot` streams them to a
-Parquet file (written to a temp file and renamed) and returns a :class:`Snapshot`.
+partition at a time: :func:`load_snapshot` returns them as a DataFrame,
+:func:`write_snapshot` streams them to a Parquet file (written to a temp file and renamed)
+and returns a :class:`Snapshot`.
+
+The lake is scanned as one ``pyarrow.dataset`` (:func:`~pipeline.lake.storage.lake_dataset`)
+with the window as its filter, which the scan pushes down: partitions whose ``event_date`` is
+outside the window's dates are never opened, row groups whose timestamp statistics fall
+outside it are skipped, and the remaining rows are filtered as they are decoded, with a
+day's part files read in parallel. A partition holds the events of its UTC date (ingest
+derives it from the timestamp), so sorting each day by time and putting the days in date
+order sorts the window; sorting day by day is also faster than sorting the window at once
+(5M events: README, "Benchmarks").
 """
 
 from __future__ import annotations
@@ -13,48 +22,63 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.core.schema import LAKE_EVENT_COLUMNS, LAKE_EVENT_DTYPES
-from pipeline.lake.storage import LAKE_SCHEMA, LINEAGE_COLUMNS, lake_part_files
+from pipeline.lake.storage import LAKE_SCHEMA, LINEAGE_COLUMNS, PARTITION, lake_dataset
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_COLUMNS = list(LAKE_EVENT_COLUMNS) + list(LINEAGE_COLUMNS)
+SNAPSHOT_DTYPES = {**LAKE_EVENT_DTYPES, "source_file": "string", "source_row": "int64"}
 
 
-def _snapshot_parts(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime
-                    ) -> dict[str, list[Path]]:
-    days: dict[str, list[Path]] = {}
-    for part in lake_part_files(lake_dir):
-        day = dt.date.fromisoformat(part.parent.name.split("=", 1)[1])
-        if start.date() <= day <= cutoff.date():
-            days.setdefault(day.isoformat(), []).append(part)
-    return days
+def _window(start: dt.datetime, cutoff: dt.datetime) -> ds.Expression:
+    """``start <= timestamp < cutoff``, plus the partitions that can hold such events (the
+    dates from ``start``'s to ``cutoff``'s): the part a scan prunes folders by."""
+    stamp_type = LAKE_SCHEMA.field("timestamp").type
+    day, stamp = ds.field(PARTITION), ds.field("timestamp")
+    return ((day >= start.date()) & (day <= cutoff.date())
+            & (stamp >= pa.scalar(start, type=stamp_type))
+            & (stamp < pa.scalar(cutoff, type=stamp_type)))
 
 
-def _snapshot_day(parts: list[Path], start: dt.datetime, cutoff: dt.datetime) -> pd.DataFrame:
-    frame = _snapshot_day_table(parts, start, cutoff).to_pandas()
-    return frame.astype({**LAKE_EVENT_DTYPES, "source_file": "string", "source_row": "int64"})
+def _window_days(dataset: ds.Dataset, start: dt.datetime, cutoff: dt.datetime
+                 ) -> dict[dt.date, list[ds.Fragment]]:
+    """The window's date partitions (oldest first) and their part files, from the folder
+    names alone (no file is opened)."""
+    days: dict[dt.date, list[ds.Fragment]] = {}
+    day = ds.field(PARTITION)
+    for fragment in dataset.get_fragments(filter=(day >= start.date()) & (day <= cutoff.date())):
+        key = ds.get_partition_keys(fragment.partition_expression)[PARTITION]
+        days.setdefault(key, []).append(fragment)
+    return dict(sorted(days.items()))
 
 
-def _snapshot_day_table(parts: list[Path], start: dt.datetime, cutoff: dt.datetime
-                        ) -> pa.Table:
-    """One day's events in the window, sorted by time then event id (a stable sort), in
-    Arrow: no Python object per event. Read with :data:`LAKE_SCHEMA`, so a column a part
-    file lacks (``position`` / ``placement`` in older parts) reads as nulls."""
-    table = pa.concat_tables([pq.read_table(p, columns=SNAPSHOT_COLUMNS, schema=LAKE_SCHEMA)
-                              for p in parts])
-    stamps = table.column("timestamp")
-    inside = pc.and_(pc.greater_equal(stamps, pa.scalar(start, type=stamps.type)),
-                     pc.less(stamps, pa.scalar(cutoff, type=stamps.type)))
-    table = table.filter(inside)
+def _day_tables(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime
+                ) -> Iterator[pa.Table]:
+    """The window's events one date partition at a time, oldest first, each sorted."""
+    dataset = lake_dataset(lake_dir)
+    if dataset is None:
+        return
+    rows = _window(start, cutoff)
+    for fragments in _window_days(dataset, start, cutoff).values():
+        day = ds.FileSystemDataset(fragments, dataset.schema, dataset.format,
+                                   dataset.filesystem)
+        yield _sorted(day.to_table(columns=SNAPSHOT_COLUMNS, filter=rows))
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    """Rows by time then event id (a stable sort: ties keep the part files' order), in Arrow:
+    no Python object per event."""
     order = pc.sort_indices(table, sort_keys=[("timestamp", "ascending"),
                                               ("event_id", "ascending")])
     return table.take(order)
@@ -63,11 +87,10 @@ def _snapshot_day_table(parts: list[Path], start: dt.datetime, cutoff: dt.dateti
 def load_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int) -> pd.DataFrame:
     """Events with ``cutoff - lookback_days <= timestamp < cutoff``: the run's point in time."""
     start = cutoff - dt.timedelta(days=lookback_days)
-    days = _snapshot_parts(lake_dir, start, cutoff)
-    frames = [_snapshot_day(parts, start, cutoff) for _, parts in sorted(days.items())]
-    if not frames:
+    days = list(_day_tables(lake_dir, start, cutoff))
+    if not days:
         return _empty_snapshot()
-    frame = pd.concat(frames, ignore_index=True)
+    frame = pa.concat_tables(days).to_pandas().astype(SNAPSHOT_DTYPES)
     logger.info("snapshot: %d events from %d days, window [%s, %s)", len(frame), len(days),
                 start.isoformat(), cutoff.isoformat())
     return frame
@@ -86,18 +109,19 @@ class Snapshot:
 
 def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path: Path
                    ) -> Snapshot:
-    """Stream the run's snapshot (see :func:`load_snapshot`) to Parquet, one day at a time."""
+    """Stream the run's snapshot (see :func:`load_snapshot`) to Parquet, one date partition
+    at a time (memory bounded by a day's events, whatever the window)."""
     start = cutoff - dt.timedelta(days=lookback_days)
-    days = _snapshot_parts(lake_dir, start, cutoff)
     schema = pa.Schema.from_pandas(_empty_snapshot(), preserve_index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    rows, newest = 0, None
+    rows, newest, days = 0, None, 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
-            for _, parts in sorted(days.items()):
-                table = _snapshot_day_table(parts, start, cutoff).select(schema.names)
+            for table in _day_tables(lake_dir, start, cutoff):
+                table = table.select(schema.names)
                 writer.write_table(table.cast(schema))
+                days += 1
                 rows += table.num_rows
                 if table.num_rows:  # days ascend, rows sorted by time: the last is the newest
                     newest = pd.Timestamp(table.column("timestamp")[-1].as_py())
@@ -105,7 +129,7 @@ def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    logger.info("snapshot: %d events from %d days, window [%s, %s) -> %s", rows, len(days),
+    logger.info("snapshot: %d events from %d days, window [%s, %s) -> %s", rows, days,
                 start.isoformat(), cutoff.isoformat(), path)
     return Snapshot(path, start, cutoff, rows, newest)
 

@@ -8,7 +8,9 @@ event columns and the feedback columns ``position``, ``placement``) plus its lin
 files written before the feedback columns existed lack them: readers pass
 :data:`LAKE_SCHEMA`, which reads them as nulls. Durable writes go to a temp file that is
 fsynced and renamed into place, then the folder is fsynced. The watermark is the newest event
-time in the lake (None for an empty lake).
+time in the lake (None for an empty lake). Scans that filter (snapshots) read the lake as one
+``pyarrow.dataset`` (:func:`lake_dataset`); code that works file by file lists the part files
+(:func:`lake_part_files`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.core.schema import LAKE_EVENT_DTYPES
@@ -81,6 +84,26 @@ def durable_write(path: Path, write: Any) -> None:
 def lake_part_files(lake_dir: Path) -> list[Path]:
     """Every part file of the lake, by date then name (in-flight dotfiles excluded)."""
     return sorted(p for p in lake_dir.glob("event_date=*/*.parquet") if not p.name.startswith("."))
+
+
+#: The partition column of the lake's folders (``event_date=YYYY-MM-DD``), read as a date.
+PARTITION = "event_date"
+_PARTITIONING = ds.partitioning(pa.schema([(PARTITION, pa.date32())]), flavor="hive")
+
+
+def lake_dataset(lake_dir: Path) -> ds.Dataset | None:
+    """The lake's part files as one dataset (None when there is no lake yet).
+
+    Hive partitioning makes ``event_date`` a column that a scan filter prunes whole folders
+    by (their files are never opened); :data:`LAKE_SCHEMA` is the dataset's schema, so a part
+    written before the feedback columns existed reads them as nulls. Its files are exactly
+    :func:`lake_part_files` (``event_date=*/*.parquet``, in path order, in-flight dotfiles
+    left out), so nothing else that lands under the folder is ever read."""
+    if not lake_dir.is_dir():
+        return None
+    return ds.dataset([str(p) for p in lake_part_files(lake_dir)], format="parquet",
+                      partitioning=_PARTITIONING, partition_base_dir=str(lake_dir),
+                      schema=LAKE_SCHEMA.append(pa.field(PARTITION, pa.date32())))
 
 
 def part_path(lake_dir: Path, day: str, tag: str, batch: int) -> Path:
