@@ -15,37 +15,21 @@ ingested again, say after fixing the column mapping).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pipeline.core.errors import DataError
-from pipeline.lake.storage import durable_write
+from pipeline.lake.jsonl import append_record, read_records
 
 REPAIRS_NAME = "_repairs.jsonl"
 
 
 def read_repair_log(lake_root: Path) -> list[dict]:
     """The repair log's records, oldest first (empty when nothing was ever repaired)."""
-    path = lake_root / REPAIRS_NAME
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"repair log line is not JSON: {exc}", file=str(path),
-                                row=number) from exc
-    return records
+    return read_records(lake_root / REPAIRS_NAME, "repair log")
 
 
 def append_repair_log(lake_root: Path, record: dict) -> None:
     """Add one record durably (the whole log rewritten to a temp file, fsynced, renamed)."""
-    path = lake_root / REPAIRS_NAME
-    existing = path.read_bytes() if path.exists() else b""
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    durable_write(path, lambda fh: fh.write(existing + line))
+    append_record(lake_root / REPAIRS_NAME, record)
 
 
 def withheld_digests(lake_root: Path) -> set[str]:
