@@ -10,6 +10,11 @@ STAMP  := $(VENV)/.install-stamp
 # variables already in the environment win). AIRFLOW_ENV loads them into a recipe's shell.
 AIRFLOW_SECRETS ?= $(CURDIR)/airflow-secrets.env
 AIRFLOW_ENV := set -a; . "$(AIRFLOW_SECRETS)"; set +a;
+# The demo's user-id pseudonymisation key (README, "Pseudonymised ids"): generated once,
+# git-ignored, outside the data dir; RECS_PSEUDONYM_KEY or RECS_PSEUDONYM_KEY_FILE already set
+# win. PSEUDONYM_ENV exports it into the demo's and `make airflow`'s shells (not `make test`).
+PSEUDONYM_KEY ?= $(CURDIR)/.recs-pseudonym.key
+PSEUDONYM_ENV := export RECS_PSEUDONYM_KEY_FILE="$${RECS_PSEUDONYM_KEY_FILE:-$(PSEUDONYM_KEY)}";
 
 export AIRFLOW_HOME := $(CURDIR)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -28,6 +33,9 @@ install: $(STAMP)  ## create .venv and install the pinned requirements (no-op wh
 $(AIRFLOW_SECRETS):
 	@$(PYTHON) -m pipeline.cli airflow-secrets "$@"
 
+$(PSEUDONYM_KEY):
+	@$(PYTHON) -m pipeline.cli pseudonym-key "$@"
+
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing pinned requirements into $(VENV) (about a minute with a warm pip cache)"
@@ -36,10 +44,10 @@ $(STAMP): requirements.txt
 	@$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/recs-pipeline.pth', 'w').write('$(CURDIR)\n')"
 	@touch $(STAMP)
 
-run: install $(AIRFLOW_SECRETS)  ## the demo: the nightly DAG, the monitor, a simulated CMS day and its impact (DATE=YYYY-MM-DD to choose the day)
+run: install $(AIRFLOW_SECRETS) $(PSEUDONYM_KEY)  ## the demo: the nightly DAG, the monitor, a simulated CMS day and its impact (DATE=YYYY-MM-DD to choose the day)
 	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
 	@$(BIN)/python -m pipeline.cli demo-data
-	@$(AIRFLOW_ENV) date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
+	@$(AIRFLOW_ENV) $(PSEUDONYM_ENV) date=$${DATE:-$$($(BIN)/python -m pipeline.cli default-date)}; \
 	 echo "running recommendations_nightly for $$date (log: logs/make-run.log)"; \
 	 mkdir -p logs; \
 	 if ! $(BIN)/airflow dags test recommendations_nightly $$date > logs/make-run.log 2>&1; then \
@@ -70,9 +78,9 @@ test: install  ## run the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
 test-unit: install  ## the fast unit tests only
 	$(BIN)/python -m pytest -q tests/unit tests/dags
 
-airflow: install $(AIRFLOW_SECRETS)  ## start Airflow: scheduler, DAG processor, triggerer, UI on http://127.0.0.1:8080 (login: README)
+airflow: install $(AIRFLOW_SECRETS) $(PSEUDONYM_KEY)  ## start Airflow: scheduler, DAG processor, triggerer, UI on http://127.0.0.1:8080 (login: README)
 	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
-	@$(AIRFLOW_ENV) exec $(BIN)/airflow standalone
+	@$(AIRFLOW_ENV) $(PSEUDONYM_ENV) exec $(BIN)/airflow standalone
 
 mlflow: install  ## open the MLflow UI on the project's tracking store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \

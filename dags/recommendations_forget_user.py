@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
-from recs_support import TIMEOUTS, notify_failure, serving_dsn, triggered_by
+from recs_support import TIMEOUTS, notify_failure, pseudonym_key, serving_dsn, triggered_by
 
 
 @dag(
@@ -58,8 +58,10 @@ def recommendations_forget_user():
         params = context["params"]
         requested_by = params.get("requested_by") or triggered_by(context,
                                                                    prefix="forget_user")
-        return forget_users(Settings(), params["user_ids"], requested_by=requested_by,
-                            reason=params.get("reason"), dsn=serving_dsn(),
+        # the lake holds the users' pseudonyms: the key (Airflow's, else the environment's)
+        return forget_users(Settings(pseudonym_key=pseudonym_key()), params["user_ids"],
+                            requested_by=requested_by, reason=params.get("reason"),
+                            dsn=serving_dsn(),
                             request_id=f"airflow:{context['dag_run'].run_id}")
 
     forget()

@@ -14,6 +14,10 @@ holdout, and the baselines) are independent and run side by side.
   carries only paths and small metrics.
 * **Serving DB:** the Airflow connection `recs_serving` (Postgres); without it, the embedded
   SQLite file `$RECS_DATA_DIR/serving.sqlite`.
+* **Pseudonymised ids:** with a key (the Variable `recs_pseudonym_key`, the connection
+  `recs_pseudonym`'s password, or `RECS_PSEUDONYM_KEY[_FILE]`), `ingest` stores keyed
+  pseudonyms instead of user ids and records the mapping in the serving DB's
+  `user_pseudonyms`; `publish` serves the CMS's ids (README, "Pseudonymised ids").
 * **Model:** MLflow registered model `recommender`; `publish` serves the version this run's
   promotion gate decided on (the new `champion`, or the one it kept).
 * **A/B experiments:** while one runs (started, changed and stopped with
@@ -55,6 +59,7 @@ from recs_support import (
     TIMEOUTS,
     asset_moment,
     notify_failure,
+    pseudonym_key,
     serving_dsn,
     triggered_by,
 )
@@ -161,7 +166,8 @@ def _run_args() -> tuple:
     # logical date.
     moment = asset_moment(context, "as_of") or run.logical_date or run.run_after
     params = context["params"]
-    settings = Settings(**{name: params[name] for name in SETTINGS_PARAMS})
+    settings = Settings(**{name: params[name] for name in SETTINGS_PARAMS},
+                        pseudonym_key=pseudonym_key())
     return settings, as_utc(moment.date())
 
 

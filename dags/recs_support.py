@@ -137,6 +137,38 @@ def serving_dsn() -> str | None:
         return None
 
 
+#: Where the DAGs look for the user-id pseudonymisation key, before the environment.
+PSEUDONYM_VARIABLE = "recs_pseudonym_key"
+PSEUDONYM_CONN_ID = "recs_pseudonym"
+
+
+def pseudonym_key() -> bytes | None:
+    """The key of the user-id pseudonyms (README, "Pseudonymised ids"): the Airflow Variable
+    ``recs_pseudonym_key``, else the password of the connection ``recs_pseudonym``, else the
+    environment (``RECS_PSEUDONYM_KEY`` or the file ``RECS_PSEUDONYM_KEY_FILE``), else None.
+    A key found in Airflow is registered with the log masker, so that it never shows in a
+    task log. Called inside tasks only (a Variable read at parse time would hit the
+    metadata DB on every parse)."""
+    from airflow.sdk import Connection, Variable
+    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow.sdk.log import mask_secret
+
+    from pipeline.core.config import check_key, load_pseudonym_key
+
+    text = str(Variable.get(PSEUDONYM_VARIABLE, default=None) or "").strip()
+    source = f"the Airflow Variable {PSEUDONYM_VARIABLE}"
+    if not text:
+        try:
+            text = str(Connection.get(PSEUDONYM_CONN_ID).password or "").strip()
+            source = f"the password of the Airflow connection {PSEUDONYM_CONN_ID}"
+        except AirflowNotFoundException:
+            text = ""
+    if text:
+        mask_secret(text)
+        return check_key(text.encode("utf-8"), source)
+    return load_pseudonym_key()
+
+
 def triggered_by(context, prefix: str | None = None) -> str:
     """Who or what started the run: "scheduled", "manual by <user>" from the UI/API, or
     "asset_triggered: <reason>" for a run an Asset event started (the events' ``reason``)."""

@@ -9,6 +9,9 @@
     python -m pipeline.cli monitor-summary DATE  # what the monitor found for DATE
     python -m pipeline.cli impact-summary DATE   # what the impact run found for DATE
     python -m pipeline.cli airflow-secrets FILE  # one JWT secret and Fernet key for local Airflow
+    python -m pipeline.cli pseudonym-key FILE    # a user-id pseudonymisation key (demo), once
+    python -m pipeline.cli rekey --new-key-file F [--dry-run]  # rotate the pseudonym key: lake,
+                                            # quarantine, served history, mapping
     python -m pipeline.cli simulate-day DATE [--days N] [--seed S]  # simulated CMS day(s) of
                                             # the served lists -> landing/events (demo data)
     python -m pipeline.cli experiment start|change|stop --config FILE --by NAME [--reason TEXT]
@@ -54,12 +57,26 @@ def serving_dsn() -> str | None:
     # this is a command-line entry point, run where Airflow is installed.
     from airflow.sdk import Connection
 
+    _logs_to_stderr()  # importing Airflow routed logging to stdout, which is for results
     if raw.startswith("{"):
         conn = Connection.from_json(raw, conn_id="recs_serving")
         conn.conn_type = conn.conn_type or "postgres"
     else:
         conn = Connection.from_uri(raw, conn_id="recs_serving")
     return conn.get_uri()
+
+
+def _logs_to_stderr() -> None:
+    """Send log records to stderr again. Importing Airflow installs its own handler, which
+    prints to stdout; this command line prints its results there (``ingest``'s JSON report is
+    read by loaders), so its logs must stay on stderr."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 #: Secrets every Airflow component must share (a component that finds one empty generates its
@@ -93,6 +110,50 @@ def airflow_secrets(path: Path) -> int:
     finally:
         tmp.unlink()
     print(f"generated Airflow secrets (JWT secret, Fernet key) in {path}")
+    return 0
+
+
+def pseudonym_key_file(path: Path) -> int:
+    """Write ``path`` once (mode 0600) with a fresh pseudonymisation key (64 hex digits: 256
+    bits) for ``RECS_PSEUDONYM_KEY_FILE``; an existing file is kept (a new key would change
+    every stored id: README, "Pseudonymised ids"). For the demo; production keeps its key in
+    an Airflow Variable or connection or a secrets manager."""
+    if path.exists():
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    try:
+        with contextlib.suppress(FileExistsError):  # another process wrote it first: keep that
+            os.link(tmp, path)
+    finally:
+        tmp.unlink()
+    print(f"generated a user-id pseudonymisation key in {path} (never commit it)")
+    return 0
+
+
+def rekey(settings: Settings, new_key_file: Path, *, dry_run: bool = False) -> int:
+    """Rotate the pseudonymisation key (:func:`pipeline.serving.pseudonyms.rekey`); prints
+    the counts. 1 when the new key file is unusable."""
+    from pipeline.core.config import load_pseudonym_key
+    from pipeline.core.errors import ConfigError
+    from pipeline.serving.pseudonyms import rekey as rekey_ids
+
+    try:
+        new_key = load_pseudonym_key({"RECS_PSEUDONYM_KEY_FILE": str(new_key_file)})
+        if new_key is None:
+            raise ConfigError(f"{new_key_file} holds no key")
+        result = rekey_ids(settings, new_key, dsn=serving_dsn(), dry_run=dry_run)
+    except (ConfigError, ValueError) as exc:
+        print(f"rekey failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    if not dry_run:
+        print(f"now configure the key of {new_key_file} everywhere (RECS_PSEUDONYM_KEY_FILE, "
+              "or the Airflow Variable recs_pseudonym_key) before the next ingest, and run "
+              "the nightly", file=sys.stderr)
     return 0
 
 
@@ -186,7 +247,13 @@ def summary(settings: Settings, date: str) -> int:
     ]
     sample = _sample_user(run)
     if sample is not None:
-        rows = read_user_list(sample, dsn=serving_dsn(), sqlite_path=settings.serving_sqlite_path)
+        from pipeline.serving.pseudonyms import to_cms_ids
+
+        # the run holds stored ids (pseudonyms with a key), the view the CMS's: looked up by
+        # the CMS id, printed by the stored one (no CMS id on the terminal or in a log)
+        cms_id = to_cms_ids([sample], dsn=serving_dsn(),
+                            sqlite_path=settings.serving_sqlite_path)[0] or sample
+        rows = read_user_list(cms_id, dsn=serving_dsn(), sqlite_path=settings.serving_sqlite_path)
         items = read_side_file(settings.landing_dir / "items.csv")
         titles = (items.set_index("item_id")["title"].to_dict()
                   if items is not None and "title" in items else {})
@@ -260,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = sub.add_parser("airflow-secrets",
                           help="write FILE with shared Airflow secrets unless it exists")
     keys.add_argument("file", type=Path)
+    pkey = sub.add_parser("pseudonym-key",
+                          help="write FILE with a new user-id pseudonymisation key unless it "
+                               "exists (for RECS_PSEUDONYM_KEY_FILE)")
+    pkey.add_argument("file", type=Path)
     sim = sub.add_parser("simulate-day", help="simulate the CMS on DATE (and the next N-1 "
                                               "days) for the served lists; write the events "
                                               "to landing/events/simulated-DATE.csv.gz")
@@ -297,9 +368,24 @@ def main(argv: list[str] | None = None) -> int:
     forget.add_argument("--reason", default=None, help="why: the ticket or request (recorded)")
     forget.add_argument("--dry-run", action="store_true",
                         help="count what would be removed; change and record nothing")
+    rot = sub.add_parser(
+        "rekey", help="rotate the user-id pseudonymisation key (lake, quarantine, served "
+                      "history, mapping)",
+        description="Rewrite every stored user id (lake parts, quarantine, served-list "
+                    "history) from its current pseudonym to the new key's, through the serving "
+                    "DB's user_pseudonyms table (the recs_serving connection, else SQLite), "
+                    "which gets the new pairs. Stop the DAGs first; afterwards configure the "
+                    "new key everywhere and run the nightly. See the README, 'Rotating the "
+                    "key'.")
+    rot.add_argument("--new-key-file", type=Path, required=True, metavar="F",
+                     help="a file holding the new key (e.g. from `pseudonym-key F`)")
+    rot.add_argument("--dry-run", action="store_true",
+                     help="count what would be rewritten; change nothing")
     args = parser.parse_args(argv)
     if args.command == "airflow-secrets":
         return airflow_secrets(args.file)
+    if args.command == "pseudonym-key":
+        return pseudonym_key_file(args.file)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
     if args.command == "demo-data":
@@ -316,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         return monitor_summary(settings, args.date)
     if args.command == "simulate-day":
         return simulate_days(settings, args.date, days=args.days, seed=args.seed)
+    if args.command == "rekey":
+        return rekey(settings, args.new_key_file, dry_run=args.dry_run)
     if args.command == "forget-user":
         return forget_user(settings, args.user_ids, args.from_file, requested_by=args.by,
                            reason=args.reason, dry_run=args.dry_run)
@@ -435,12 +523,16 @@ def repair(settings: Settings, target: str, *, dry_run: bool = False,
 
 
 def ingest(settings: Settings) -> int:
-    """Landing files -> lake; prints the report. 1 when a file failed (named)."""
+    """Landing files -> lake; prints the report. 1 when a file failed (named). With a
+    pseudonym key, the mapping goes to the ``recs_serving`` connection's DB (else SQLite), as
+    the nightly's ``ingest`` does."""
     from pipeline.core.errors import DataError
     from pipeline.lake.ingest import ingest_lake
+    from pipeline.serving.pseudonyms import pseudonym_recorder
 
     try:
-        report = ingest_lake(settings)
+        report = ingest_lake(settings, record_pseudonyms=pseudonym_recorder(
+            serving_dsn(), settings.serving_sqlite_path))
     except DataError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
@@ -481,7 +573,13 @@ def simulate_days(settings: Settings, day: dt.date, *, days: int = 1, seed: int 
     (event types that train nothing, impressions, left out) and ``landing/items.csv``; each
     day plays the served-list set live at its start (:func:`pipeline.lake.served.
     read_served`). Listed users without events are skipped and counted. 1 when there is
-    nothing to simulate (no served lists, no events)."""
+    nothing to simulate (no served lists, no events).
+
+    The lake and the served history hold stored ids (pseudonyms with a key); a CMS knows only
+    its own ids, so the events' ``user_id`` is mapped back through the serving DB's
+    ``user_pseudonyms`` (the ``recs_serving`` connection, else SQLite) before the file is
+    written: the next ingest pseudonymises them again, as it does the CMS's real feedback.
+    Events of a pseudonym without a row are left out and counted."""
     from pipeline.lake.demo.simulate import (
         empirical_truth,
         observed_ctr,
@@ -508,9 +606,9 @@ def simulate_days(settings: Settings, day: dt.date, *, days: int = 1, seed: int 
                             exclude_event_types=untrained_event_types(settings.event_weights))
     del events
     result = simulate_served(truth, served, day, days, seed=seed)
+    simulated, unmapped = _as_cms_events(settings, result.events)
     path = write_simulated_events(
-        result.events, settings.landing_events_dir / f"{SIMULATED_PREFIX}{day.isoformat()}.csv.gz")
-    simulated = result.events
+        simulated, settings.landing_events_dir / f"{SIMULATED_PREFIX}{day.isoformat()}.csv.gz")
     counts = simulated["event_type"].value_counts()
     line = (f"simulated {days} day(s) from {day.isoformat()} (seed {seed}): "
             f"{result.users:,} users, {simulated['session_id'].nunique():,} visits, "
@@ -522,10 +620,32 @@ def simulate_days(settings: Settings, day: dt.date, *, days: int = 1, seed: int 
     if result.skipped_rows:
         line += (f"; skipped {result.skipped_users:,} listed user(s) without events "
                  f"({result.skipped_rows:,} list rows of users or items unknown to the truth)")
+    if unmapped:
+        line += f"; {unmapped:,} event(s) of pseudonyms without a mapping left out"
     if any(cutoff is None for cutoff in result.cutoffs):
         line += f"; {sum(c is None for c in result.cutoffs)} day(s) without a live list set"
     print(f"{line} -> {path}")
     return 0
+
+
+def _as_cms_events(settings: Settings, events):
+    """``events`` with ``user_id`` as the CMS knows it (pseudonyms mapped back through the
+    serving DB's ``user_pseudonyms``), and how many events were left out for lack of a row."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.serving.pseudonyms import to_cms_ids
+
+    if not len(events):
+        return events, 0
+    codes, uniques = events["user_id"].factorize()
+    cms = to_cms_ids(np.asarray(uniques, dtype=object), dsn=serving_dsn(),
+                     sqlite_path=settings.serving_sqlite_path)
+    keep = np.array([c is not None for c in cms], dtype=bool)[codes]
+    out = events[keep].copy()
+    out["user_id"] = pd.Series(cms[codes[keep]], index=out.index, dtype=object).astype(
+        events["user_id"].dtype)
+    return out, int((~keep).sum())
 
 
 def _iso_date(text: str) -> dt.date:

@@ -75,7 +75,7 @@ def run_impact(settings: Settings, as_of: dt.datetime, dsn: str | None = None, *
     compared = variants if experiment is None else variants[
         variants["variant"].isin({v.name for v in experiment.variants})]
     comparison, srm = _compare(compared, control, expected_shares)
-    sitewide, holdout_comparison = _holdout(settings, experiment, events, start, as_of)
+    sitewide, holdout_comparison = _holdout(settings, experiment, events, start, as_of, dsn)
     if experiment is not None and experiment.planned_users_per_variant and len(comparison):
         comparison["decision"] = [_decision(row, experiment.planned_users_per_variant)
                                   for row in comparison.itertuples()]
@@ -221,7 +221,7 @@ POPULATION_DAYS = 28
 
 
 def _holdout(settings: Settings, experiment, events: pd.DataFrame, start: dt.datetime,
-             end: dt.datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
+             end: dt.datetime, dsn: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """With a running experiment that has a holdout variant: the site-wide table
     (:func:`~pipeline.monitoring.impact.sitewide_outcomes` over the users active in the
     :data:`POPULATION_DAYS` before the window, by their assignment) and each variant of the
@@ -235,9 +235,21 @@ def _holdout(settings: Settings, experiment, events: pd.DataFrame, start: dt.dat
         if experiment is not None else []
     if not holdouts:
         return pd.DataFrame(), pd.DataFrame()
+    from pipeline.serving.pseudonyms import to_cms_ids
+
+    def variant_of(user_ids: np.ndarray) -> np.ndarray:
+        # publish assigned each user by their CMS id: the lake's pseudonyms are mapped back
+        # (a pseudonym without a row is outside: its user was never served)
+        cms = to_cms_ids(user_ids, dsn=dsn, sqlite_path=settings.serving_sqlite_path)
+        known = np.array([c is not None for c in cms], dtype=bool)
+        out = np.full(len(cms), None, dtype=object)
+        if known.any():
+            out[known] = experiment.assign(cms[known])
+        return out
+
     before = load_snapshot(settings.lake_events_dir, start, POPULATION_DAYS)
     sitewide = sitewide_outcomes(events, before["user_id"].astype(str).unique(),
-                                 experiment.assign, start=start, end=end)
+                                 variant_of, start=start, end=end)
     inside = sitewide[sitewide["variant"].isin({v.name for v in experiment.variants})]
     if holdouts[0] not in set(inside["variant"]) or len(inside) < 2:
         return sitewide, pd.DataFrame()

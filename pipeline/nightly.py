@@ -53,11 +53,15 @@ def ingest(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> d
     from pipeline.lake.ingest import ingest_lake
     from pipeline.lake.snapshot import write_snapshot
     from pipeline.lake.storage import lake_watermark
+    from pipeline.serving.pseudonyms import pseudonym_recorder
     from pipeline.serving.store import check_config
 
     with _stage(settings, cutoff, "ingest") as result:
         result["serving"] = check_config(dsn)
-        report = ingest_lake(settings, SUITE_PATH)
+        # with a key, the pseudonym mapping goes to the serving DB (``dsn``, else SQLite)
+        report = ingest_lake(settings, SUITE_PATH,
+                             pseudonym_recorder(dsn, settings.serving_sqlite_path))
+        result["pseudonymised"] = settings.pseudonym_key is not None
         path = settings.run_dir(cutoff) / "events_raw.parquet"
         snapshot = write_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days, path)
         window = WindowCheck(cutoff, snapshot.start, snapshot.rows, snapshot.newest,
@@ -761,11 +765,14 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
                  "item_ttl_days": settings.item_ttl_days, "cutoff": cutoff}
         from pipeline.lake.tombstone import served_user_ids  # users forgotten since: out
 
-        served = _served_lists(recommender, str(version),
-                               served_user_ids(events.users.ids, settings.lake_events_dir.parent),
-                               rules, experiment,
+        user_ids, cms_of, unmapped = _cms_ids(
+            settings, dsn, served_user_ids(events.users.ids, settings.lake_events_dir.parent))
+        if cms_of is not None:
+            result["pseudonymised_users"] = len(cms_of)
+            result["unmapped_pseudonyms"] = unmapped
+        served = _served_lists(recommender, str(version), user_ids, rules, experiment,
                                load_recommender=lambda v: load_version(v)[0]
-                               .unwrap_python_model().recommender)
+                               .unwrap_python_model().recommender, cms_of=cms_of)
         lists = served.lists
         catalogue = len(events.items)
         del events
@@ -775,11 +782,20 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
             served.assignments.to_parquet(settings.run_dir(cutoff) / "assignments.parquet",
                                           index=False)
             result["experiment"] = served.summary
+        # the serving DB gets the CMS's ids (the view's contract); the run folder and the
+        # served-list history keep the stored ids (pseudonyms with a key)
+        served_lists, served_assignments = lists, served.assignments
+        if cms_of is not None:
+            served_lists = lists.assign(user_id=_as_cms(lists["user_id"], cms_of))
+            if served_assignments is not None:
+                served_assignments = served_assignments.assign(
+                    user_id=_as_cms(served_assignments["user_id"], cms_of))
         try:
-            published = publish_lists(lists, dsn=dsn, sqlite_path=settings.serving_sqlite_path,
+            published = publish_lists(served_lists, dsn=dsn,
+                                      sqlite_path=settings.serving_sqlite_path,
                                       model_version=str(version), logical_date=cutoff,
                                       keep_versions=settings.keep_versions,
-                                      allow_older=allow_older, assignments=served.assignments)
+                                      allow_older=allow_older, assignments=served_assignments)
         except OlderThanLive as exc:  # another run published newer lists meanwhile
             logger.info("publish: not serving model v%s for %s: %s", version,
                         f"{cutoff:%Y-%m-%d}", exc)
@@ -800,6 +816,49 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
     return result
 
 
+def _cms_ids(settings: Settings, dsn: str | None, user_ids
+             ) -> tuple[object, pd.Series | None, int]:
+    """The users to publish, their CMS ids (a Series indexed by stored id; None when no id is
+    a pseudonym: nothing to map) and how many pseudonyms have no row in ``user_pseudonyms``.
+
+    Such a pseudonym should not exist (ingest records a pair before its events enter the
+    lake); one that does is skipped (no list: the CMS id is unknown) and counted, with a
+    warning. When more than ``max_bad_row_share`` of the users have no pair, the lake and
+    the serving DB do not belong together (another database, a mapping table restored from
+    an older backup): ConfigError, and the live lists stay."""
+    import numpy as np
+
+    from pipeline.core.errors import ConfigError
+    from pipeline.core.privacy import pseudonym_mask
+    from pipeline.serving.pseudonyms import to_cms_ids
+
+    ids = np.asarray(user_ids, dtype=object)
+    if not pseudonym_mask(ids).any():
+        return ids, None, 0
+    cms = to_cms_ids(ids, dsn=dsn, sqlite_path=settings.serving_sqlite_path)
+    missing = np.array([c is None for c in cms], dtype=bool)
+    unmapped = int(missing.sum())
+    if unmapped:
+        share = unmapped / len(ids)
+        if share > settings.max_bad_row_share:
+            raise ConfigError(
+                f"publish: {unmapped} of {len(ids)} users ({share:.1%}) have a pseudonym "
+                "without a row in the serving DB's user_pseudonyms table: this serving DB "
+                "does not hold this lake's mapping (another database or schema, or an old "
+                "backup); nothing was published")
+        logger.warning("publish: %d user(s) skipped: their pseudonym has no row in "
+                       "user_pseudonyms (their CMS id is unknown)", unmapped)
+    kept = ids[~missing]
+    return kept, pd.Series(cms[~missing], index=pd.Index(kept), dtype=object), unmapped
+
+
+def _as_cms(column: pd.Series, cms_of: pd.Series) -> pd.Series:
+    """``column`` of stored ids with every mapped id replaced by its CMS id (the fallback
+    lists' ``__default__...`` ids are kept)."""
+    mapped = column.map(cms_of)
+    return mapped.where(mapped.notna(), column).astype(object)
+
+
 @dataclass
 class _Served:
     lists: pd.DataFrame  # LIST_COLUMNS but generated_at (+ model_version, variant, experiment)
@@ -810,7 +869,7 @@ class _Served:
 
 
 def _served_lists(recommender, version: str, user_ids, rules: dict, experiment,
-                  load_recommender) -> _Served:
+                  load_recommender, cms_of: pd.Series | None = None) -> _Served:
     """The lists ``publish`` serves: ``recommender`` (model ``version``) for every user, or,
     with ``experiment`` (a running :class:`~pipeline.serving.experiments.Experiment`), per
     assigned variant. One :func:`~pipeline.serving.rules.recommend_with_rules` call per model
@@ -818,7 +877,10 @@ def _served_lists(recommender, version: str, user_ids, rules: dict, experiment,
     list is computed twice; another version is loaded with ``load_recommender``) and one for
     the ``popularity`` variants (no candidates: the served model's fallback list, the same
     rules); each call's default list becomes ``__default__`` (users outside) or
-    ``__default__:<variant>``. Holdout users get no rows but an assignment."""
+    ``__default__:<variant>``. Holdout users get no rows but an assignment.
+
+    With ``cms_of`` (stored id -> CMS id, for pseudonymised ids), a user's variant is drawn
+    from their CMS id, as without a key (a CMS can compute it); the rows keep stored ids."""
     import numpy as np
 
     from pipeline.serving.contract import variant_default_user
@@ -832,9 +894,13 @@ def _served_lists(recommender, version: str, user_ids, rules: dict, experiment,
         lists, stats = lists_of(recommender, user_ids)
         return _Served(lists, stats, None, np.ones(len(lists), dtype=bool), None)
 
-    assigned = experiment.assignments(
-        [u for u in pd.unique(np.asarray(user_ids, dtype=object).astype(str))
-         if u != DEFAULT_USER])
+    users = [u for u in pd.unique(np.asarray(user_ids, dtype=object).astype(str))
+             if u != DEFAULT_USER]
+    if cms_of is None:
+        assigned = experiment.assignments(users)
+    else:  # hash the CMS id, keep the stored id
+        assigned = experiment.assignments(cms_of.reindex(users).to_numpy(object))
+        assigned["user_id"] = np.asarray(users, dtype=object)
     variant_of = assigned.set_index("user_id")["variant"]
     groups: dict[tuple[str, str], list[str | None]] = {("model", version): [None]}
     versions = {}
@@ -934,13 +1000,20 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _side_users(settings: Settings) -> pd.DataFrame | None:
-    """``landing/users.csv`` without the users forgotten on request (the CMS's file stays as
-    it is; the erasure tombstone keeps their attributes out of models, bundles and reports)."""
+    """``landing/users.csv`` keyed by the stored ids (pseudonyms with a key, as the lake's
+    events are: the CMS's ids never reach a model, a bundle or a report), without the users
+    forgotten on request (the CMS's file stays as it is; the erasure tombstone keeps their
+    attributes out)."""
+    from pipeline.core.privacy import pseudonymiser_for
     from pipeline.lake.readers import read_side_file
     from pipeline.lake.tombstone import without_erased_users
 
-    return without_erased_users(read_side_file(settings.landing_dir / "users.csv"),
-                                settings.lake_events_dir.parent)
+    users = without_erased_users(read_side_file(settings.landing_dir / "users.csv"),
+                                 settings.lake_events_dir.parent)  # the tombstone: CMS ids
+    pseudonymiser = pseudonymiser_for(settings.pseudonym_key)
+    if users is not None and pseudonymiser is not None:
+        users, _ = pseudonymiser.frame(users)
+    return users
 
 
 def _read_json(path: Path) -> dict:

@@ -28,6 +28,9 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ["AIRFLOW_HOME"] = str(_REPO)
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_TMP / 'airflow.db'}"
 os.environ["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] = str(_AIRFLOW_TMP / "logs")
+# Tests choose their own pseudonymisation key (make run's demo key must not leak in).
+os.environ.pop("RECS_PSEUDONYM_KEY", None)
+os.environ.pop("RECS_PSEUDONYM_KEY_FILE", None)
 
 import pandas as pd
 import psycopg2

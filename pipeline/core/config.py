@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The Great Expectations suite of the event contract, reviewed like code.
 EVENTS_SUITE = REPO_ROOT / "expectations" / "events.json"
@@ -47,6 +49,42 @@ def untrained_event_types(weights: Mapping[str, float]) -> frozenset[str]:
 def _env_path(name: str, default: Path) -> Path:
     value = os.environ.get(name)
     return Path(value).expanduser().resolve() if value else default
+
+
+KEY_ENV = "RECS_PSEUDONYM_KEY"
+KEY_FILE_ENV = "RECS_PSEUDONYM_KEY_FILE"
+#: A key shorter than this (in bytes) is refused: an HMAC key should be as strong as its hash.
+MIN_KEY_BYTES = 16
+
+
+def load_pseudonym_key(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The pseudonymisation key from the environment: ``RECS_PSEUDONYM_KEY`` (its text), else
+    the file named by ``RECS_PSEUDONYM_KEY_FILE`` (its text, surrounding whitespace
+    stripped), else None. Raises ConfigError for a key file that cannot be read or a key
+    shorter than :data:`MIN_KEY_BYTES` bytes (a weak key would make the ids guessable)."""
+    env = os.environ if environ is None else environ
+    text = (env.get(KEY_ENV) or "").strip()
+    source = KEY_ENV
+    if not text and (env.get(KEY_FILE_ENV) or "").strip():
+        path = Path(env[KEY_FILE_ENV].strip()).expanduser()
+        source = f"{KEY_FILE_ENV} ({path})"
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"pseudonymisation key file {path} cannot be read: "
+                              f"{type(exc).__name__}") from None
+    if not text:
+        return None
+    return check_key(text.encode("utf-8"), source)
+
+
+def check_key(key: bytes, source: str = "the key") -> bytes:
+    """``key`` when it is long enough; ConfigError (never echoing it) otherwise."""
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"pseudonymisation key from {source} is {len(key)} bytes; at least "
+                          f"{MIN_KEY_BYTES} are needed (e.g. `python -c 'import secrets; "
+                          "print(secrets.token_hex(32))'`)")
+    return key
 
 
 @dataclass(frozen=True)
@@ -120,6 +158,11 @@ class Settings:
     candidate_multiplier: int = 3
     #: Version tables kept in the serving DB (the live one included).
     keep_versions: int = 3
+    #: The key of the user-id pseudonyms (:mod:`pipeline.core.privacy`): ``RECS_PSEUDONYM_KEY``
+    #: or the file ``RECS_PSEUDONYM_KEY_FILE`` (the DAGs pass an Airflow Variable's or
+    #: connection's first); None: ids are stored as the CMS sends them. Never printed.
+    pseudonym_key: bytes | None = field(default_factory=lambda: load_pseudonym_key(),
+                                        repr=False, compare=False)
 
     # ---- folders -------------------------------------------------------------------------
     @property

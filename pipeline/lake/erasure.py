@@ -90,20 +90,26 @@ class LakeErasure:
 
 
 def erase_users(lake_root: Path, runs_root: Path, stored_ids: Iterable[str], *,
-                dry_run: bool = False) -> LakeErasure:
+                dry_run: bool = False, tombstone_ids: Iterable[str] | None = None
+                ) -> LakeErasure:
     """Forget ``stored_ids`` (ids as stored) everywhere under ``lake_root`` and ``runs_root``,
     under the ingest lock: first the tombstone (from then on, ingest drops their rows), then
     the lake parts, quarantine, staging leftovers, served-list history and run folders (see
     the module docstring). With ``dry_run``, count what would be removed and change nothing.
-    Idempotent: a retry removes what an interrupted erasure left."""
+    Idempotent: a retry removes what an interrupted erasure left.
+
+    The tombstone gets ``tombstone_ids``, the ids as the CMS sends them (default:
+    ``stored_ids``, the same without a pseudonym key): ingest tests them before it
+    pseudonymises, so the tombstone does not depend on the key and survives a rotation."""
     ids = sorted(set(stored_ids))
+    erased = sorted(set(tombstone_ids)) if tombstone_ids is not None else ids
     result = LakeErasure()
     if not ids:
         return result
     lake_dir = lake_root / "events"
     with ingest_lock(lake_root):
         if not dry_run:
-            _, result.tombstone_added = add_to_tombstone(lake_root, ids)
+            _, result.tombstone_added = add_to_tombstone(lake_root, erased)
         _erase_lake_parts(lake_dir, ids, result, dry_run)
         for path in sorted((lake_root / "quarantine").glob("*.parquet")):
             result.quarantine_rows += _drop_rows(path, ids, dry_run)

@@ -39,6 +39,15 @@ too. Failed files are not merged and not recorded, so they are retried on the ne
 other files of the run are still ingested and then :class:`IngestFailed` names every failed
 file (nothing is published from a failed ingest).
 
+**Pseudonymised ids.** With a ``pseudonym_key``, every ``user_id`` is replaced by its keyed
+pseudonym (:mod:`pipeline.core.privacy`) right after a chunk is normalised and the tombstone
+(which holds CMS ids) applied, before validation, staging and quarantine: no raw id is written
+anywhere under ``lake/``; ids derived from an event's content are derived from the pseudonym.
+Each file's pairs (pseudonym, CMS id) go to ``record_pseudonyms`` (the serving DB's
+``user_pseudonyms`` table) *before* its rows are committed, so that every pseudonym in the
+lake can be mapped back at publish; a failure there stops the ingest (nothing of that file
+is committed, a retry redoes it).
+
 **Files still being written.** Producers should write to a dotfile and rename (dotfiles are
 ignored). Otherwise: a text file modified in the last ``settle_seconds`` that does not end with
 a newline, or a 0-byte file that young, is deferred to the next run (``files_deferred``); a file
@@ -52,7 +61,6 @@ import datetime as dt
 import fcntl
 import functools
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -65,8 +73,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.core.config import DEFAULT_EVENT_WEIGHTS, EVENTS_SUITE, Settings
-from pipeline.core.errors import DataError, IngestFailed
+from pipeline.core.errors import ConfigError, DataError, IngestFailed, ServingError
+from pipeline.core.privacy import pseudonymiser_for
 from pipeline.lake.event_ids import EventIdIndex, load_lake_index
+from pipeline.lake.jsonl import append_record, read_records
+from pipeline.lake.keymark import check_key
 from pipeline.lake.mapping import ColumnMapping, load_column_mapping
 from pipeline.lake.readers import (
     DEFAULT_CHUNK_ROWS,
@@ -84,7 +95,6 @@ from pipeline.lake.staging import (
     staging_dir,
     write_quarantine,
 )
-from pipeline.lake.storage import durable_write
 from pipeline.lake.tombstone import Tombstone
 from pipeline.lake.validate import LandingValidator
 
@@ -144,8 +154,15 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
                    max_bad_row_share: float = 0.05,
                    chunk_rows: int = DEFAULT_CHUNK_ROWS,
                    suite_path: Path | None = None,
-                   allowed_event_types: Collection[str] | None = None) -> IngestReport:
+                   allowed_event_types: Collection[str] | None = None,
+                   pseudonym_key: bytes | None = None,
+                   record_pseudonyms: Callable[[pd.DataFrame], None] | None = None
+                   ) -> IngestReport:
     """Ingest every new landing file into the lake (see the module docstring); idempotent.
+
+    With ``pseudonym_key``, user ids are stored as keyed pseudonyms and ``record_pseudonyms``
+    (required then) receives each file's ``pseudonym, user_id`` pairs before its rows are
+    committed.
 
     With ``suite_path`` (the events expectation suite) and ``allowed_event_types``, each
     file's rows are validated before they enter the lake: failing rows go to the file's
@@ -156,6 +173,10 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
     Raises :class:`IngestFailed` (a DataError) after the other files are ingested when some file
     failed, and DataError when there is nothing to ingest and nothing in the lake.
     """
+    if pseudonym_key and record_pseudonyms is None:
+        raise ConfigError("a pseudonymisation key needs a place for the pseudonym mapping "
+                          "(record_pseudonyms): without it, no list could be served")
+    pseudonymiser = pseudonymiser_for(pseudonym_key)
     started = time.perf_counter()
     now = pd.Timestamp(ingested_at or dt.datetime.now(dt.timezone.utc)).tz_convert("UTC")
     mapping = column_mapping or ColumnMapping()
@@ -169,13 +190,14 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
         if not files and not manifest:
             raise DataError(f"no event files in {landing_events_dir} "
                             "(expected *.csv, *.tsv, *.jsonl, *.parquet, optionally .gz)")
+        check_key(lake_root, pseudonym_key)  # one identity per user in the lake
         # in the lake, or taken back by `repair` (those bytes stay out: :mod:`.repair_log`)
         known = {record["sha256"] for record in manifest} | withheld_digests(lake_root)
         index, watermark = load_lake_index(lake_dir)
         report.watermark = watermark.isoformat() if watermark is not None else None
         late_before = watermark - allowed_lateness if watermark is not None else None
         policy = Policy(now, now + clock_skew, late_before, settle_seconds, max_bad_row_share,
-                        chunk_rows, Tombstone.load(lake_root))
+                        chunk_rows, Tombstone.load(lake_root), pseudonymiser)
         errors: list[DataError] = []
         validator = None
         if suite_path is not None:  # loaded once, and only if a file needs it (GX is slow)
@@ -184,7 +206,9 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
         for path in files:
             try:
                 _ingest_one(path, lake_dir, known, index, mapping.for_file(path.name), policy,
-                            report, validator)
+                            report, validator, record_pseudonyms)
+            except ServingError:  # the mapping could not be recorded: not the file's fault
+                raise
             except DataError as exc:
                 _file_failed(report, errors, path, exc)
             except Exception as exc:  # unreadable (permissions, I/O, a reader's error): the
@@ -207,10 +231,13 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
     return report
 
 
-def ingest_lake(settings: Settings, suite_path: Path = EVENTS_SUITE) -> IngestReport:
+def ingest_lake(settings: Settings, suite_path: Path = EVENTS_SUITE,
+                record_pseudonyms: Callable[[pd.DataFrame], None] | None = None
+                ) -> IngestReport:
     """Landing files -> lake with the run settings (the column mapping, lateness, clock skew,
-    settling, bad-row share, chunking, event types): the first half of the nightly's
-    ``ingest``, and ``python -m pipeline.cli ingest`` for loaders between nightly runs."""
+    settling, bad-row share, chunking, event types, pseudonym key): the first half of the
+    nightly's ``ingest``, and ``python -m pipeline.cli ingest`` for loaders between nightly
+    runs. ``record_pseudonyms`` writes the pseudonym mapping (needed with a key)."""
     mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
                                   settings.column_mapping)
     # Wall-clock on purpose: it bounds "future" events and is recorded per row and per file
@@ -222,7 +249,8 @@ def ingest_lake(settings: Settings, suite_path: Path = EVENTS_SUITE) -> IngestRe
         clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
         settle_seconds=settings.landing_settle_seconds,
         max_bad_row_share=settings.max_bad_row_share, chunk_rows=settings.chunk_rows,
-        suite_path=suite_path, allowed_event_types=sorted(settings.event_weights))
+        suite_path=suite_path, allowed_event_types=sorted(settings.event_weights),
+        pseudonym_key=settings.pseudonym_key, record_pseudonyms=record_pseudonyms)
 
 
 def _file_failed(report: IngestReport, errors: list[DataError], path: Path,
@@ -235,7 +263,8 @@ def _file_failed(report: IngestReport, errors: list[DataError], path: Path,
 
 def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex,
                 mapping: dict[str, str], policy: Policy, report: IngestReport,
-                validator: Callable[[], LandingValidator] | None = None) -> None:
+                validator: Callable[[], LandingValidator] | None = None,
+                record_pseudonyms: Callable[[pd.DataFrame], None] | None = None) -> None:
     """Stage, check, commit and record one landing file (or skip/defer it)."""
     check_landing_file(path)
     stat = path.stat()
@@ -268,6 +297,15 @@ def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+    if staged.pseudonyms and record_pseudonyms is not None:  # mapped before committed
+        try:
+            record_pseudonyms(pd.DataFrame({"pseudonym": list(staged.pseudonyms),
+                                            "user_id": list(staged.pseudonyms.values())}))
+        except ServingError:
+            raise
+        except Exception as exc:  # not the file's fault: stops the ingest, never fails it
+            raise ServingError(f"recording the pseudonym mapping of {path.name} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
     committed = commit_staged(staged, lake_dir, index, policy)
     quarantine = write_quarantine(staged, committed, lake_root, path.name, digest)
     record = {
@@ -342,26 +380,12 @@ def file_sha256(path: Path) -> str:
 
 def read_manifest(lake_root: Path) -> list[dict]:
     """The manifest records (one per ingested file), oldest first."""
-    path = lake_root / MANIFEST_NAME
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"manifest line is not JSON: {exc}", file=str(path),
-                                row=number) from exc
-    return records
+    return read_records(lake_root / MANIFEST_NAME, "manifest")
 
 
 def append_manifest(lake_root: Path, record: dict) -> None:
     """Add one record: the whole manifest is rewritten to a temp file, fsynced and renamed."""
-    path = lake_root / MANIFEST_NAME
-    existing = path.read_bytes() if path.exists() else b""
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    durable_write(path, lambda fh: fh.write(existing + line))
+    append_record(lake_root / MANIFEST_NAME, record)
 
 
 @contextmanager

@@ -30,10 +30,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import DataError
+from pipeline.core.privacy import Pseudonymiser
 from pipeline.core.schema import LAKE_EVENT_DTYPES
-from pipeline.lake.event_ids import EventIdIndex, cache_part_keys, event_keys
+from pipeline.lake.event_ids import EventIdIndex, cache_part_keys, event_keys, own_ids
 from pipeline.lake.mapping import is_pii_column
-from pipeline.lake.normalise import normalise_events
+from pipeline.lake.normalise import derive_event_ids, normalise_events
 from pipeline.lake.readers import iter_raw_chunks
 from pipeline.lake.storage import (
     QUARANTINE_SCHEMA,
@@ -59,6 +60,8 @@ class Policy:
     max_bad_row_share: float
     chunk_rows: int
     tombstone: Tombstone | None = None  # users erased on request: their rows never enter
+    #: With a key: user ids become keyed pseudonyms before anything is staged
+    pseudonymiser: Pseudonymiser | None = None
 
 
 # ---- staging ---------------------------------------------------------------------------------
@@ -79,6 +82,9 @@ class Staged:
     examples: list[tuple[int, str]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     pii: list[str] = field(default_factory=list)
+    #: pseudonym -> CMS id of the users of the rows bound for the lake (with a key only):
+    #: recorded in the serving DB's mapping before the rows are committed
+    pseudonyms: dict[str, str] = field(default_factory=dict)
 
     def check_bad_share(self, path: Path, max_share: float) -> None:
         """Fail the file when too many of its rows are quarantined (naming reasons and rows)."""
@@ -112,8 +118,15 @@ def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
             raw.frame, source=path.name, rows=raw.rows, check_replacement=raw.replaced,
             latest_valid=policy.latest_valid)
         if policy.tombstone:  # before validation and quarantine: an erased id is kept nowhere
+            # (the tombstone holds the CMS's ids, so it is tested before pseudonymising)
             (events, rejected), erased = policy.tombstone.drop_rows(events, rejected)
             staged.erased += erased
+        if policy.pseudonymiser is not None:  # before anything is written: no raw id is
+            # staged, quarantined or committed
+            events, pairs = policy.pseudonymiser.frame(events)
+            rejected, _ = policy.pseudonymiser.frame(rejected)
+            staged.pseudonyms.update(zip(pairs["pseudonym"], pairs["user_id"], strict=True))
+            events = rederive_event_ids(events)
         if raw.malformed:
             rejected = pd.concat([rejected, _malformed_rows(raw.malformed, path.name)],
                                  ignore_index=True)
@@ -150,6 +163,21 @@ def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
         logger.warning("%s: dropped columns that look like personal data: %s", path.name,
                        ", ".join(staged.pii))
     return staged
+
+
+def rederive_event_ids(events: pd.DataFrame) -> pd.DataFrame:
+    """``events`` with every derived ``event_id`` (one the sender did not give) derived again
+    from the current fields: after pseudonymisation, so that a derived id hashes the stored
+    id, as the lake's content keys do (:mod:`.event_ids`; an event sent with and without an
+    id is still stored once), and no derived id depends on a CMS id."""
+    if not len(events):
+        return events
+    derived = ~own_ids(pa.array(events["event_id"].astype(object), type=pa.string()))
+    if not derived.any():
+        return events
+    out = events.copy()
+    out.loc[derived, "event_id"] = derive_event_ids(out[derived]).to_numpy()
+    return out
 
 
 def _stage_by_day(table: pa.Table, path: Path, days: dict[str, list[tuple[Path, int, int]]]

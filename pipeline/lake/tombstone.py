@@ -6,12 +6,15 @@ without a record, the next ingest would bring the user back (their event ids are
 the lake's index). The tombstone is that record, without keeping the ids themselves:
 
     lake/_erased/salt            32 random bytes (hex), made once per lake, mode 0600
-    lake/_erased/tombstone.txt   one HMAC-SHA256(salt, stored user id) per line, sorted
+    lake/_erased/tombstone.txt   one HMAC-SHA256(salt, user id as the CMS sends it) per line
 
 so the file says nothing about who was forgotten to someone without the salt (and even with
 it, an id must be guessed to be tested). Ingest drops a row whose ``user_id`` matches, before
-validation and quarantine (the id is never written anywhere), and counts it
-(``rows_erased``). Losing the salt makes the tombstone useless: back up ``_erased/`` with the
+pseudonymisation, validation and quarantine (the id is never written anywhere), and counts it
+(``rows_erased``). The tombstone holds the CMS's ids (not the pseudonyms the lake stores), so
+it does not depend on the pseudonymisation key and survives a key rotation; a publish finds
+no pseudonym mapping for an erased user (their row is deleted) and serves them nothing.
+Losing the salt makes the tombstone useless: back up ``_erased/`` with the
 lake. Files are written with :func:`~pipeline.lake.storage.durable_write` under the ingest lock.
 """
 

@@ -171,30 +171,40 @@ def format_impact(summary: dict) -> str:
         verdict = row.get("decision") or ("significant" if row["significant"]
                                            else "not significant")
         lines.append(f"  {row['metric']}: {row['variant']} vs {row['control']}: "
-                     f"{row['diff']:+.4f} (95% CI {row['diff_low']:+.4f} .. "
-                     f"{row['diff_high']:+.4f}), p = {row['p_value_adjusted']:.4g}, "
-                     f"{verdict}; MDE at this sample {row['mde']:.4f}")
+                     f"{_num(row['diff'], '+.4f')} (95% CI {_num(row['diff_low'], '+.4f')} .. "
+                     f"{_num(row['diff_high'], '+.4f')}), "
+                     f"p = {_num(row['p_value_adjusted'], '.4g')}, "
+                     f"{verdict}; MDE at this sample {_num(row['mde'], '.4f')}")
     if summary.get("srm"):
         srm = summary["srm"]
         lines.append(f"  sample ratio: {'MISMATCH' if srm['mismatch'] else 'ok'} "
-                     f"(p = {srm['p_value']:.3g}) {srm['message']}")
+                     f"(p = {_num(srm['p_value'], '.3g')}) {srm['message']}")
     if summary.get("sitewide"):
         lines.append(f"  site-wide, every user active before the window {'users':>8}"
                      f"{'active':>8}{'convert':>10}{'rev/user':>10}")
         for row in summary["sitewide"]:
             lines.append(f"  {row['variant']:<48}{row['users']:>8,}{row['active_any']:>8,}"
                          f"{_pct(row['conversion_any']):>10}"
-                         f"{row['revenue_per_user_any']:>10.2f}")
+                         f"{_num(row['revenue_per_user_any'], '.2f'):>10}")
     for row in summary.get("holdout_comparison") or []:
         lines.append(f"  {row['metric']}: {row['variant']} vs holdout {row['control']}: "
-                     f"{row['diff']:+.4f} (95% CI {row['diff_low']:+.4f} .. "
-                     f"{row['diff_high']:+.4f}), p = {row['p_value_adjusted']:.4g}, "
+                     f"{_num(row['diff'], '+.4f')} (95% CI {_num(row['diff_low'], '+.4f')} .. "
+                     f"{_num(row['diff_high'], '+.4f')}), "
+                     f"p = {_num(row['p_value_adjusted'], '.4g')}, "
                      f"{'significant' if row['significant'] else 'not significant'}")
     for gate in summary.get("online_gate") or []:
         lines.append(f"  online gate, v{gate['version']} ({gate['variant']}): "
                      f"{gate['decision'] or 'no decision yet'}: {gate['reason']}")
     lines.append(f"  report {summary['report']}")
     return "\n".join(lines)
+
+
+def _num(value, spec: str) -> str:
+    """``value`` formatted with ``spec``; "n/a" for a statistic that is undefined (None or
+    NaN: no conversion in the control, say, leaves the lift and the MDE undefined)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
 
 
 def _pct(value) -> str:

@@ -257,6 +257,13 @@ class ServingBackend(Protocol):
         """Append one ``erasures`` record unless its ``request_id`` is recorded already
         (creating the schema if needed); (id, inserted)."""
 
+    def write_pseudonyms(self, pairs: pd.DataFrame) -> int:
+        """Record ``pseudonym, user_id`` pairs in ``user_pseudonyms`` (kept when already
+        there; creating the schema if needed); how many were new."""
+
+    def read_pseudonyms(self) -> pd.DataFrame:
+        """Every ``pseudonym, user_id`` pair (empty before the first)."""
+
     def publishing(self, *, lock_timeout_ms: int) -> contextlib.AbstractContextManager[Any]:
         """A connection holding the publish lock (one publisher at a time), closed on exit."""
 

@@ -12,7 +12,8 @@ so a top-level home would be out of the CLI's reach):
    whose id map held them);
 2. the serving DB (:func:`forget_serving_users`): a plain ``DELETE`` from every table with a
    ``user_id`` column -- the list table of every kept version (live and retired: a rollback
-   must not bring them back) and its assignments table -- in one transaction (see the
+   must not bring them back), its assignments table and the pseudonym mapping
+   ``user_pseudonyms`` (their pseudonym can no longer be traced back) -- in one transaction (see the
    backends' ``forget_users``): no view swap, so the CMS reads on without a pause, and from
    the commit on the view has no rows for them (a forgotten user gets the fallback list like
    any unknown user);
@@ -20,8 +21,9 @@ so a top-level home would be out of the CLI's reach):
    when, why, the counts per store and the model versions (no id, in clear or hashed).
 
 The CMS's ids are converted to the ids as stored in the lake by
-:func:`pipeline.core.privacy.stored_user_id` (once, here); the serving DB holds the CMS's
-own ids (the view's contract) and is asked with them.
+:func:`pipeline.core.privacy.stored_user_id` (once, here, with the settings' pseudonym key:
+the lake holds their pseudonyms); the serving DB holds the CMS's own ids (the view's contract
+and the mapping's ``user_id``) and is asked with them.
 
 **Retries.** Every step is idempotent. A small journal (``lake/_erased/pending/<key>.json``,
 ``<key>`` a keyed hash of the id set, the journal holding counts and versions only) carries
@@ -148,7 +150,7 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, requested_by: s
     cms_ids = check_user_ids(user_ids)
     if not isinstance(requested_by, str) or not requested_by.strip():
         raise ValueError("requested_by must say who asked for the erasure")
-    stored_ids = [stored_user_id(user) for user in cms_ids]
+    stored_ids = [stored_user_id(user, settings.pseudonym_key) for user in cms_ids]
     lake_root = settings.lake_events_dir.parent
     runs_root = settings.data_dir / "runs"
     serving = {"dsn": dsn, "sqlite_path": settings.serving_sqlite_path, "schema": schema}
@@ -172,7 +174,7 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, requested_by: s
                        journal["request_id"], journal["requested_at"])
     _write_journal(journal_path, journal)
 
-    lake = erase_users(lake_root, runs_root, stored_ids)
+    lake = erase_users(lake_root, runs_root, stored_ids, tombstone_ids=cms_ids)
     _add(journal, _lake_counts(lake.to_dict()), lake.model_versions, "lake")
     _write_journal(journal_path, journal)
 

@@ -234,23 +234,31 @@ class PostgresBackend:
             except psycopg2.Error as exc:
                 raise self._failure(f"reading {self.view_label}", exc) from None
 
+    def _migrating(self, conn: PgConnection, body: Callable[[Any], Any]) -> Any:
+        """``body(cursor)`` in one transaction; when the schema or a table is missing (a
+        database this code never wrote to, or an older schema), create it under the publish
+        lock and run ``body`` once more."""
+        for attempt in range(2):
+            try:
+                with _transaction(conn) as cur:
+                    return body(cur)
+            except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
+                if attempt:
+                    raise
+                self._acquire_publish_lock(conn)
+                self.migrate(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def replace_rows(self, table: str, key: Mapping[str, Any],
                      rows: list[dict[str, Any]]) -> None:
         delete = _query(f"delete_{table}.sql", self.schema)
         insert = _query(f"insert_{table}.sql", self.schema)
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
-                for attempt in range(2):
-                    try:
-                        with _transaction(conn) as cur:
-                            cur.execute(delete, dict(key))
-                            cur.executemany(insert, rows)
-                        return
-                    except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
-                        if attempt:
-                            raise
-                        self._acquire_publish_lock(conn)
-                        self.migrate(conn)
+                def body(cur) -> Any:
+                    cur.execute(delete, dict(key))
+                    cur.executemany(insert, rows)
+                return self._migrating(conn, body)
             except psycopg2.Error as exc:
                 raise self._failure(f"writing the {table} table", exc) from None
 
@@ -263,28 +271,22 @@ class PostgresBackend:
         key = {"name": params["name"], "version": params["version"]}
         with contextlib.closing(self.connect(lock_timeout_ms=EXPERIMENT_LOCK_TIMEOUT_MS)) as conn:
             try:
-                for attempt in range(2):
-                    try:
-                        with _transaction(conn) as cur:
-                            cur.execute(_query("lock_experiments.sql", schema))
-                            cur.execute(_query("experiment_version.sql", schema), key)
-                            existing = cur.fetchone()
-                            cur.execute(_query("latest_experiments.sql", schema))
-                            latest = cur.fetchall()
-                            if not decide(existing, latest):
-                                return int(existing[0]), False
-                            cur.execute(_query("insert_experiment.sql", schema), dict(params))
-                            row = cur.fetchone()
-                            if row is None:  # cannot happen under the table lock
-                                raise ServingError(
-                                    f"experiment {params['name']!r} version {params['version']} "
-                                    "appeared while recording it")
-                            return int(row[0]), True
-                    except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
-                        if attempt:
-                            raise
-                        self._acquire_publish_lock(conn)
-                        self.migrate(conn)
+                def body(cur) -> Any:
+                    cur.execute(_query("lock_experiments.sql", schema))
+                    cur.execute(_query("experiment_version.sql", schema), key)
+                    existing = cur.fetchone()
+                    cur.execute(_query("latest_experiments.sql", schema))
+                    latest = cur.fetchall()
+                    if not decide(existing, latest):
+                        return int(existing[0]), False
+                    cur.execute(_query("insert_experiment.sql", schema), dict(params))
+                    row = cur.fetchone()
+                    if row is None:  # cannot happen under the table lock
+                        raise ServingError(
+                            f"experiment {params['name']!r} version {params['version']} "
+                            "appeared while recording it")
+                    return int(row[0]), True
+                return self._migrating(conn, body)
             except pg_errors.LockNotAvailable:
                 raise ServingError(
                     f"another writer held {schema}.experiments for over "
@@ -363,25 +365,62 @@ class PostgresBackend:
         schema = self.schema
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
-                for attempt in range(2):
-                    try:
-                        with _transaction(conn) as cur:
-                            cur.execute(_query("insert_erasure.sql", schema), dict(params))
-                            row = cur.fetchone()
-                            if row is not None:
-                                return int(row[0]), True
-                            cur.execute(sql.SQL("SELECT id FROM {}.erasures WHERE request_id "
-                                                "= %s").format(sql.Identifier(schema)),
-                                        (params["request_id"],))
-                            return int(cur.fetchone()[0]), False
-                    except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
-                        if attempt:
-                            raise
-                        self._acquire_publish_lock(conn)
-                        self.migrate(conn)
+                def body(cur) -> Any:
+                    cur.execute(_query("insert_erasure.sql", schema), dict(params))
+                    row = cur.fetchone()
+                    if row is not None:
+                        return int(row[0]), True
+                    cur.execute(sql.SQL("SELECT id FROM {}.erasures WHERE request_id "
+                                        "= %s").format(sql.Identifier(schema)),
+                                (params["request_id"],))
+                    return int(cur.fetchone()[0]), False
+                return self._migrating(conn, body)
             except psycopg2.Error as exc:
                 raise self._failure("recording the erasure", exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # --------------------------------------------------------------------------- pseudonyms
+
+    def write_pseudonyms(self, pairs: pd.DataFrame, *, page_rows: int = 5_000) -> int:
+        """Record ``pseudonym, user_id`` pairs (creating the schema if needed) in one
+        transaction; pairs already recorded are kept. Returns how many were new."""
+        from psycopg2.extras import execute_values
+
+        rows = list(zip(pairs["pseudonym"].astype(str), pairs["user_id"].astype(str),
+                        strict=True))
+        query = _query("insert_pseudonyms.sql", self.schema)
+        with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
+            try:
+                def body(cur) -> Any:
+                    added = 0
+                    for first in range(0, len(rows), page_rows):
+                        execute_values(cur, query, rows[first:first + page_rows],
+                                       page_size=page_rows)
+                        added += max(cur.rowcount, 0)
+                    return added
+                return self._migrating(conn, body)
+            except psycopg2.Error as exc:
+                raise self._failure("recording user pseudonyms", exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def read_pseudonyms(self) -> pd.DataFrame:
+        """Every ``pseudonym, user_id`` pair (streamed with COPY); empty before the first."""
+        buffer = io.BytesIO()
+        with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
+            try:
+                with conn.cursor() as cur:
+                    cur.copy_expert(_query("read_pseudonyms.sql", self.schema).as_string(conn),
+                                    buffer)
+            except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
+                buffer = io.BytesIO()
+            except psycopg2.Error as exc:
+                raise self._failure("reading user pseudonyms", exc) from None
+        buffer.seek(0)
+        if not buffer.getbuffer().nbytes:
+            return pd.DataFrame({"pseudonym": pd.Series(dtype=object),
+                                 "user_id": pd.Series(dtype=object)})
+        return pd.read_csv(buffer, header=None, names=["pseudonym", "user_id"], dtype=str,
+                           keep_default_na=False, na_filter=False)
 
     # --------------------------------------------------------------------------- publish steps
 

@@ -257,6 +257,36 @@ class SqliteBackend:
                                           (params["request_id"],)).fetchone()
         return int(existing), False
 
+    # --------------------------------------------------------------------------- pseudonyms
+
+    def write_pseudonyms(self, pairs: pd.DataFrame) -> int:
+        """Record ``pseudonym, user_id`` pairs (creating the schema if needed) in one
+        transaction; pairs already recorded are kept. Returns how many were new."""
+        rows = [{"pseudonym": p, "user_id": u} for p, u in
+                zip(pairs["pseudonym"].astype(str), pairs["user_id"].astype(str), strict=True)]
+        self.ensure_schema()
+        with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
+            with _transaction(conn) as cur:
+                before = conn.total_changes
+                cur.executemany(_query("insert_pseudonyms.sql"), rows)
+                return conn.total_changes - before
+
+    def read_pseudonyms(self) -> pd.DataFrame:
+        """Every ``pseudonym, user_id`` pair; empty before the first."""
+        empty = pd.DataFrame({"pseudonym": pd.Series(dtype=object),
+                              "user_id": pd.Series(dtype=object)})
+        if not self.path.exists():
+            return empty
+        with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
+            try:
+                rows = conn.execute(_query("read_pseudonyms.sql")).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return empty
+                raise
+        return pd.DataFrame(rows, columns=["pseudonym", "user_id"], dtype=object) if rows \
+            else empty
+
     # --------------------------------------------------------------------------- publish steps
 
     @contextlib.contextmanager

@@ -200,10 +200,15 @@ def airflow(tmp_path_factory, pg_dsn_module, mailbox) -> Iterator[_Airflow]:
                                      "?disable_tls=true&disable_ssl=true",
         "RECS_ALERT_EMAIL": "ops@example.com",
         "RECS_DATA_DIR": str(root / "data"),
+        # pseudonymised, as `make airflow` runs by default; the loader's CLI shares the key
+        "RECS_PSEUDONYM_KEY_FILE": str(root / "pseudonym.key"),
         "RECS_RETRAIN_COOLDOWN_HOURS": "0",  # the drift retrain follows earlier runs at once
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "MLFLOW_ARTIFACT_ROOT": str(root / "mlartifacts"),
     })
+    made = subprocess.run([sys.executable, "-m", "pipeline.cli", "pseudonym-key",
+                           env["RECS_PSEUDONYM_KEY_FILE"]], cwd=REPO, env=env, timeout=120)
+    assert made.returncode == 0
     server = _Airflow(root, env)
     try:
         server.start()

@@ -64,3 +64,28 @@ def test_serving_dsn_connects_as_the_connection_says(pg_dsn, odd_role, form, mon
             assert cur.fetchone() == (odd_role, dbname, port)
     finally:
         conn.close()
+
+
+def test_cli_ingest_with_a_key_prints_only_its_json_report_on_stdout(pg_dsn, tmp_path):
+    """A loader reads `cli ingest`'s stdout as JSON; with a key the command reaches the
+    serving DB (the pseudonym mapping) through Airflow's connection parser, whose import
+    routes logging to stdout: the logs must stay on stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    landing = tmp_path / "data" / "landing" / "events"
+    landing.mkdir(parents=True)
+    (landing / "a.csv").write_text("user_id,item_id,event_type,timestamp\n"
+                                   "u1,i1,view,2024-01-02T10:00:00Z\n")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("AIRFLOW_CONN_", "RECS_"))}
+    env.update({"RECS_DATA_DIR": str(tmp_path / "data"), "RECS_LANDING_SETTLE_SECONDS": "0",
+                "RECS_PSEUDONYM_KEY": "integration-test-key-0123456789",
+                "AIRFLOW_CONN_RECS_SERVING": pg_dsn})
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest"],
+                          cwd=Path(__file__).parents[2], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows_new"] == 1
+    assert "lake index" in done.stderr or "ingest" in done.stderr

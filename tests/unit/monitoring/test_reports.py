@@ -57,3 +57,24 @@ def test_summaries_name_alerts_and_comparisons():
     text = format_impact(impact)
     assert "control" in text and "20.0%" in text and "n/a" in text
     assert "engaged: model vs control: +0.1000" in text and "significant" in text
+
+
+def test_the_impact_summary_prints_undefined_statistics_as_na():
+    """No conversion in the control leaves the lift and the MDE undefined (null in the
+    summary's JSON); the printed summary says n/a instead of failing the task."""
+    impact = {"start": "2024-03-01", "as_of": "2024-03-15", "served_sets": 1, "events": 90,
+              "variants": [], "report": "i.png",
+              "comparison": [{"metric": "converted", "variant": "model", "control": "control",
+                              "diff": 0.02, "diff_low": -0.02, "diff_high": 0.07,
+                              "p_value_adjusted": 0.39, "significant": False, "mde": None,
+                              "decision": "keep running (31 of 50 users)"}],
+              "srm": {"mismatch": False, "p_value": None, "message": "too few users"},
+              "sitewide": [{"variant": "holdout", "users": 10, "active_any": 0,
+                            "conversion_any": None, "revenue_per_user_any": None}],
+              "holdout_comparison": [{"metric": "converted_any", "variant": "model",
+                                      "control": "holdout", "diff": None, "diff_low": None,
+                                      "diff_high": None, "p_value_adjusted": None,
+                                      "significant": False}]}
+    text = format_impact(impact)
+    assert "MDE at this sample n/a" in text and "(p = n/a)" in text
+    assert "converted_any: model vs holdout holdout: n/a" in text

@@ -1,0 +1,2 @@
+-- Every pseudonym pair.
+SELECT pseudonym, user_id FROM user_pseudonyms
