@@ -28,6 +28,7 @@ landing folder cannot bring the rows back. Runs already made keep their own copi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -265,10 +266,8 @@ def _apply(lake_dir: Path, action: _PartAction) -> None:
             cache.unlink(missing_ok=True)
         part.unlink(missing_ok=True)
         _fsync_folder(part.parent)
-        try:
+        with contextlib.suppress(OSError):  # still holds other parts: keep it
             part.parent.rmdir()  # a date left without parts
-        except OSError:
-            pass
         return
     table = pq.read_table(part)
     kept = table.filter(pa.array(~action.remove))

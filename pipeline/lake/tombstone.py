@@ -20,6 +20,7 @@ lake. Files are written with :func:`~pipeline.lake.storage.durable_write` under 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -152,9 +153,8 @@ def _create_salt(folder: Path) -> bytes:
         handle.flush()
         os.fsync(handle.fileno())
     try:
-        os.link(tmp, path)  # fails if another process made one first: keep theirs
-    except FileExistsError:
-        pass
+        with contextlib.suppress(FileExistsError):  # another process made one first: theirs
+            os.link(tmp, path)
     finally:
         tmp.unlink()
     salt = _read_salt(folder)
