@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -34,6 +33,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core.config import Settings, as_utc, untrained_event_types
+from pipeline.core.files import write_once
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +100,8 @@ def airflow_secrets(path: Path) -> int:
              "# Never commit this file. Load it with: set -a; . ./airflow-secrets.env; set +a",
              "# A variable already set in the environment wins over the value here."]
     lines += [f"{name}=${{{name}:-{make()}}}" for name, make in AIRFLOW_SECRETS.items()]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    try:
-        with contextlib.suppress(FileExistsError):  # another process wrote it first: keep that
-            os.link(tmp, path)
-    finally:
-        tmp.unlink()
-    print(f"generated Airflow secrets (JWT secret, Fernet key) in {path}")
+    if write_once(path, "\n".join(lines) + "\n"):  # a concurrent writer's file stays
+        print(f"generated Airflow secrets (JWT secret, Fernet key) in {path}")
     return 0
 
 
@@ -118,19 +110,8 @@ def pseudonym_key_file(path: Path) -> int:
     bits) for ``RECS_PSEUDONYM_KEY_FILE``; an existing file is kept (a new key would change
     every stored id: README, "Pseudonymised ids"). For the demo; production keeps its key in
     an Airflow Variable or connection or a secrets manager."""
-    if path.exists():
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32) + "\n")
-    try:
-        with contextlib.suppress(FileExistsError):  # another process wrote it first: keep that
-            os.link(tmp, path)
-    finally:
-        tmp.unlink()
-    print(f"generated a user-id pseudonymisation key in {path} (never commit it)")
+    if write_once(path, secrets.token_hex(32) + "\n"):
+        print(f"generated a user-id pseudonymisation key in {path} (never commit it)")
     return 0
 
 

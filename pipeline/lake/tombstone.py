@@ -20,11 +20,9 @@ lake. Files are written with :func:`~pipeline.lake.storage.durable_write` under 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core.files import write_once
 from pipeline.lake.storage import durable_write
 
 logger = logging.getLogger(__name__)
@@ -144,19 +143,7 @@ def _read_salt(folder: Path) -> bytes | None:
 
 def _create_salt(folder: Path) -> bytes:
     """32 random bytes, written once (0600); a concurrent creator's salt wins."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / SALT_FILE
-    tmp = folder / f".{SALT_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(secrets.token_hex(32) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        with contextlib.suppress(FileExistsError):  # another process made one first: theirs
-            os.link(tmp, path)
-    finally:
-        tmp.unlink()
+    write_once(folder / SALT_FILE, secrets.token_hex(32) + "\n")
     salt = _read_salt(folder)
     assert salt is not None
     return salt
