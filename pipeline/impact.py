@@ -227,7 +227,7 @@ def _holdout(settings: Settings, experiment, events: pd.DataFrame, start: dt.dat
     :data:`POPULATION_DAYS` before the window, by their assignment) and each variant of the
     experiment compared with the holdout on site-wide conversion per assigned user (a cart or
     purchase of any item): the incremental effect of its lists. Empty frames otherwise."""
-    from pipeline.lake.snapshot import load_snapshot
+    from pipeline.lake.snapshot import window_users
     from pipeline.monitoring.abstats import compare_variants
     from pipeline.monitoring.impact import sitewide_outcomes
 
@@ -247,9 +247,8 @@ def _holdout(settings: Settings, experiment, events: pd.DataFrame, start: dt.dat
             out[known] = experiment.assign(cms[known])
         return out
 
-    before = load_snapshot(settings.lake_events_dir, start, POPULATION_DAYS)
-    sitewide = sitewide_outcomes(events, before["user_id"].astype(str).unique(),
-                                 variant_of, start=start, end=end)
+    population = window_users(settings.lake_events_dir, start, POPULATION_DAYS)
+    sitewide = sitewide_outcomes(events, population, variant_of, start=start, end=end)
     inside = sitewide[sitewide["variant"].isin({v.name for v in experiment.variants})]
     if holdouts[0] not in set(inside["variant"]) or len(inside) < 2:
         return sitewide, pd.DataFrame()

@@ -107,6 +107,17 @@ class Snapshot:
     newest: pd.Timestamp | None  # the newest event in the window (None: empty window)
 
 
+def window_users(lake_dir: Path, cutoff: dt.datetime, lookback_days: int) -> list[str]:
+    """The distinct user ids with an event in the snapshot's window (sorted): the same
+    pushed-down window as :func:`load_snapshot`, reading the ``user_id`` column only."""
+    dataset = lake_dataset(lake_dir)
+    if dataset is None:
+        return []
+    start = cutoff - dt.timedelta(days=lookback_days)
+    users = dataset.to_table(columns=["user_id"], filter=_window(start, cutoff))["user_id"]
+    return sorted(str(u) for u in pc.unique(users).to_pylist() if u is not None)
+
+
 def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path: Path
                    ) -> Snapshot:
     """Stream the run's snapshot (see :func:`load_snapshot`) to Parquet, one date partition

@@ -153,3 +153,12 @@ def test_files_that_are_not_lake_parts_are_never_read(lake, tmp_path):
     (day / "notes.csv").write_text("a,b\n1,2\n")
     pd.testing.assert_frame_equal(load_snapshot(copy, _at(9, 0), 30),
                                   load_snapshot(lake, _at(9, 0), 30))
+
+
+def test_window_users_are_the_snapshots_distinct_users(lake):
+    from pipeline.lake.snapshot import window_users
+
+    for days in (1, 3, 30):
+        snapshot = load_snapshot(lake, _at(9, 0), days)
+        assert window_users(lake, _at(9, 0), days) == sorted(set(snapshot["user_id"]))
+    assert window_users(lake.parent / "no-lake", _at(9, 0), 30) == []
