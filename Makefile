@@ -89,8 +89,9 @@ mlflow: install  ## open the MLflow UI on the project's tracking store (http://1
 bench: install  ## benchmarks: speed and quality numbers (not part of make test)
 	$(BIN)/python -m benchmarks
 
-lint: install  ## static checks: ruff, and mypy on pipeline/ (pyproject.toml)
+lint: install  ## static checks: ruff (lint and format), and mypy on pipeline/ (pyproject.toml)
 	$(BIN)/ruff check pipeline dags tests benchmarks
+	$(BIN)/ruff format --check pipeline dags tests benchmarks
 	$(BIN)/mypy
 
 freeze:  ## re-pin requirements.txt from requirements.in in a scratch virtualenv

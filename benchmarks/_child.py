@@ -12,14 +12,23 @@ from pathlib import Path
 def run_child(module: str, args: list[str]) -> tuple[dict, int]:
     """``python -m module *args``; the JSON object on its last stdout line and its peak RSS
     in bytes (``os.wait4`` rusage)."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "GX_ANALYTICS_ENABLED": "false",
-           "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
-                            env=env, cwd=Path(__file__).resolve().parent.parent)
+    env = {
+        **os.environ,
+        "OPENBLAS_NUM_THREADS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     out = proc.stdout.read() if proc.stdout else b""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step {module} {args[0]} failed with exit code "
-                           f"{proc.returncode}")
+        raise RuntimeError(
+            f"benchmark step {module} {args[0]} failed with exit code {proc.returncode}"
+        )
     return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_maxrss * 1024

@@ -39,8 +39,16 @@ from pathlib import Path
 
 from benchmarks._child import run_child
 
-STAGES = ("ingest", "validate", "build_features", "tune", "train", "evaluate", "register",
-          "publish")
+STAGES = (
+    "ingest",
+    "validate",
+    "build_features",
+    "tune",
+    "train",
+    "evaluate",
+    "register",
+    "publish",
+)
 START = "2024-01-01"
 DEFAULT_SIZES = ((50_000, 10_000, 90),)
 QUICK_SIZES = ((5_000, 2_000, 90),)
@@ -63,9 +71,12 @@ def run(quick: bool) -> None:
         _print_night(rows[-1])
     for small, large in zip(rows, rows[1:], strict=False):
         events = large["events"] / small["events"]
-        print(f"{small['users']:,} -> {large['users']:,} users: events x{events:.1f}, night "
-              f"x{large['total'] / small['total']:.1f}, peak RSS "
-              f"x{large['peak'] / small['peak']:.1f}", flush=True)
+        print(
+            f"{small['users']:,} -> {large['users']:,} users: events x{events:.1f}, night "
+            f"x{large['total'] / small['total']:.1f}, peak RSS "
+            f"x{large['peak'] / small['peak']:.1f}",
+            flush=True,
+        )
 
 
 def run_prepared(root: Path) -> None:
@@ -73,63 +84,96 @@ def run_prepared(root: Path) -> None:
     record = root / PREPARED
     prepared = json.loads(record.read_text())
     if prepared.get("night_started"):
-        raise SystemExit(f"{root}: its night already ran (the landing day is in the lake); "
-                         "prepare the folder again")
+        raise SystemExit(
+            f"{root}: its night already ran (the landing day is in the lake); "
+            "prepare the folder again"
+        )
     record.write_text(json.dumps({**prepared, "night_started": time.time()}))
-    _print_night(_night(prepared["users"], prepared["items"], prepared["days"], root,
-                        prepared))
+    _print_night(_night(prepared["users"], prepared["items"], prepared["days"], root, prepared))
 
 
-def _night(n_users: int, n_items: int, days: int, root: Path,
-           prepared: dict | None = None) -> dict:
+def _night(n_users: int, n_items: int, days: int, root: Path, prepared: dict | None = None) -> dict:
     if prepared is None:
-        prepared, _ = run_child("benchmarks.bench_nightly",
-                                ["prepare", str(n_users), str(n_items), str(days), str(root)])
+        prepared, _ = run_child(
+            "benchmarks.bench_nightly",
+            ["prepare", str(n_users), str(n_items), str(days), str(root)],
+        )
     prepared = {k: v for k, v in prepared.items() if k in ("events", "new_events", "history_s")}
     stages, peaks = {}, {}
     for name in STAGES:
         started = time.perf_counter()
         result, rss = run_child("benchmarks.bench_nightly", ["stage", name, str(root)])
         stages[name], peaks[name] = time.perf_counter() - started, rss
-        print(f"  ({n_users:,} users) {name}: {stages[name]:.1f} s, peak RSS "
-              f"{rss / 2**30:.2f} GB", file=sys.stderr, flush=True)  # progress on long sizes
+        print(
+            f"  ({n_users:,} users) {name}: {stages[name]:.1f} s, peak RSS {rss / 2**30:.2f} GB",
+            file=sys.stderr,
+            flush=True,
+        )  # progress on long sizes
         if name == "publish":
-            prepared["rows"], prepared["published_users"] = result.get("rows", 0), result.get(
-                "users", 0)
+            prepared["rows"], prepared["published_users"] = (
+                result.get("rows", 0),
+                result.get("users", 0),
+            )
             prepared["list_seconds"] = result.get("seconds", 0.0)
-    fit, fit_rss = ({"seconds": float("nan")}, 0) if os.environ.get(
-        "RECS_BENCH_NIGHTLY_FIT") == "0" else run_child("benchmarks.bench_nightly",
-                                                        ["fit", str(root)])
-    return {**prepared, "users": n_users, "items": n_items, "days": days, "stages": stages,
-            "peaks": peaks, "total": sum(stages.values()), "peak": max(peaks.values()),
-            "fit_s": fit["seconds"], "fit_rss": fit_rss}
+    fit, fit_rss = (
+        ({"seconds": float("nan")}, 0)
+        if os.environ.get("RECS_BENCH_NIGHTLY_FIT") == "0"
+        else run_child("benchmarks.bench_nightly", ["fit", str(root)])
+    )
+    return {
+        **prepared,
+        "users": n_users,
+        "items": n_items,
+        "days": days,
+        "stages": stages,
+        "peaks": peaks,
+        "total": sum(stages.values()),
+        "peak": max(peaks.values()),
+        "fit_s": fit["seconds"],
+        "fit_rss": fit_rss,
+    }
 
 
 def _print_night(row: dict) -> None:
     gb = 2**30
-    print(f"{row['users']:,} users x {row['items']:,} items, {row['days']} days: "
-          f"{row['events']:,} events in the lake, {row['new_events']:,} landing tonight; "
-          f"{row['rows']:,} rows published (history ingest {row['history_s']:.0f} s)",
-          flush=True)
+    print(
+        f"{row['users']:,} users x {row['items']:,} items, {row['days']} days: "
+        f"{row['events']:,} events in the lake, {row['new_events']:,} landing tonight; "
+        f"{row['rows']:,} rows published (history ingest {row['history_s']:.0f} s)",
+        flush=True,
+    )
     print(f"  {'stage':<16} {'seconds':>8} {'share':>7} {'peak RSS':>10}", flush=True)
     for name, seconds in row["stages"].items():
-        print(f"  {name:<16} {seconds:>8.1f} {seconds / row['total']:>6.0%} "
-              f"{row['peaks'][name] / gb:>8.2f} GB", flush=True)
+        print(
+            f"  {name:<16} {seconds:>8.1f} {seconds / row['total']:>6.0%} "
+            f"{row['peaks'][name] / gb:>8.2f} GB",
+            flush=True,
+        )
     users_per_s = row["published_users"] / max(row["list_seconds"], 1e-9)
-    print(f"  {'whole night':<16} {row['total']:>8.1f}        {row['peak'] / gb:>8.2f} GB"
-          + (f"  = {row['total'] / row['fit_s']:.1f}x one two-stage fit ({row['fit_s']:.1f} s, "
-             f"{row['fit_rss'] / gb:.2f} GB)" if row["fit_s"] == row["fit_s"] else
-             "  (no comparison fit)")
-          + f"; publish {users_per_s:,.0f} users/s", flush=True)
+    print(
+        f"  {'whole night':<16} {row['total']:>8.1f}        {row['peak'] / gb:>8.2f} GB"
+        + (
+            f"  = {row['total'] / row['fit_s']:.1f}x one two-stage fit ({row['fit_s']:.1f} s, "
+            f"{row['fit_rss'] / gb:.2f} GB)"
+            if row["fit_s"] == row["fit_s"]
+            else "  (no comparison fit)"
+        )
+        + f"; publish {users_per_s:,.0f} users/s",
+        flush=True,
+    )
 
 
 # ---- the child processes ---------------------------------------------------------------
 def _environment(root: Path) -> None:
-    os.environ.update(RECS_DATA_DIR=str(root / "data"), RECS_LANDING_SETTLE_SECONDS="0",
-                      MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-                      MLFLOW_ARTIFACT_ROOT=str(root / "mlartifacts"),
-                      MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
-                      MLFLOW_LOGGING_LEVEL="WARNING", MLFLOW_CONFIGURE_LOGGING="false")
+    os.environ.update(
+        RECS_DATA_DIR=str(root / "data"),
+        RECS_LANDING_SETTLE_SECONDS="0",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        MLFLOW_ARTIFACT_ROOT=str(root / "mlartifacts"),
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+        MLFLOW_LOGGING_LEVEL="WARNING",
+        MLFLOW_CONFIGURE_LOGGING="false",
+    )
     os.environ.pop("AIRFLOW_CONN_RECS_SERVING", None)
     import logging
 
@@ -151,21 +195,28 @@ def _prepare(n_users: int, n_items: int, days: int, root: Path) -> dict:
     from pipeline.lake.demo import write_landing
     from pipeline.lake.demo.synthetic import generate_clickstream
 
-    data = generate_clickstream(n_users=n_users, n_items=n_items, n_days=days, start=START,
-                                seed=1)
+    data = generate_clickstream(n_users=n_users, n_items=n_items, n_days=days, start=START, seed=1)
     cutoff = as_utc(START) + dt.timedelta(days=days)
     last_day = data.events["timestamp"] >= cutoff - dt.timedelta(days=1)
     landing = root / "data" / "landing"
-    write_landing(dataclasses.replace(data, events=data.events[~last_day]), landing,
-                  name="history", fmt="csv")
+    write_landing(
+        dataclasses.replace(data, events=data.events[~last_day]), landing, name="history", fmt="csv"
+    )
     started = time.perf_counter()
     nightly.ingest(Settings(), cutoff - dt.timedelta(days=1))
     history_s = time.perf_counter() - started
-    write_landing(dataclasses.replace(data, events=data.events[last_day]), landing,
-                  name="tonight", fmt="csv")
+    write_landing(
+        dataclasses.replace(data, events=data.events[last_day]), landing, name="tonight", fmt="csv"
+    )
     (root / "night.json").write_text(json.dumps({"cutoff": cutoff.isoformat()}))
-    prepared = {"events": int(len(data.events)), "new_events": int(last_day.sum()),
-                "history_s": history_s, "users": n_users, "items": n_items, "days": days}
+    prepared = {
+        "events": int(len(data.events)),
+        "new_events": int(last_day.sum()),
+        "history_s": history_s,
+        "users": n_users,
+        "items": n_items,
+        "days": days,
+    }
     (root / PREPARED).write_text(json.dumps(prepared))
     return prepared
 
@@ -200,9 +251,12 @@ def _fit(root: Path) -> dict:
         events = pd.read_parquet(settings.run_dir(cutoff) / "events.parquet")
     started = time.perf_counter()
     TwoStageRecommender(random_state=settings.seed).fit(
-        events, cutoff, settings.event_weights,
+        events,
+        cutoff,
+        settings.event_weights,
         read_side_file(settings.landing_dir / "items.csv"),
-        read_side_file(settings.landing_dir / "users.csv"))
+        read_side_file(settings.landing_dir / "users.csv"),
+    )
     return {"seconds": time.perf_counter() - started}
 
 

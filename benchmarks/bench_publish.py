@@ -45,9 +45,9 @@ from pipeline.serving.contract import prepare_lists
 ITEMS_PER_USER = 10
 CATALOGUE = 20_000
 READER_CLIENTS = 2
-READER_RATE_TPS = 200          # per pgbench run, all clients together
-READER_RUN_S = 4               # pgbench runs back to back, each this long
-IDLE_WINDOW_S = 4              # lookups measured before publish #2 starts
+READER_RATE_TPS = 200  # per pgbench run, all clients together
+READER_RUN_S = 4  # pgbench runs back to back, each this long
+IDLE_WINDOW_S = 4  # lookups measured before publish #2 starts
 COPY_RATIO_GOAL = 0.8
 P99_GOAL_MS = 5.0
 UNUSED = Path("/nonexistent/serving.sqlite")
@@ -78,50 +78,70 @@ def run(quick: bool) -> None:
         _report("publish_lists #2 (CMS readers on)", rows, second_s)
         print(f"  phases: {timings.summary()}")
     ratio = (rows / first_s) / (rows / raw_s)
-    print(f"publish/raw COPY throughput: {ratio:.2f}x  (goal >= {COPY_RATIO_GOAL}x: "
-          f"{'met' if ratio >= COPY_RATIO_GOAL else 'NOT met'})")
+    print(
+        f"publish/raw COPY throughput: {ratio:.2f}x  (goal >= {COPY_RATIO_GOAL}x: "
+        f"{'met' if ratio >= COPY_RATIO_GOAL else 'NOT met'})"
+    )
     idle = readers.latencies_ms(idle_start, window_start)
     during = readers.latencies_ms(window_start, window_end)
     if len(during) == 0 or len(idle) == 0:
         print("CMS lookups: none recorded (pgbench failed?)")
         return
     p50, p99 = np.percentile(idle, [50, 99])
-    print(f"CMS lookups, no publish running:  {len(idle):>6,} queries, p50 {p50:.2f} ms, "
-          f"p99 {p99:.2f} ms, max {idle.max():.1f} ms (this machine's floor)")
+    print(
+        f"CMS lookups, no publish running:  {len(idle):>6,} queries, p50 {p50:.2f} ms, "
+        f"p99 {p99:.2f} ms, max {idle.max():.1f} ms (this machine's floor)"
+    )
     p50, p99 = np.percentile(during, [50, 99])
-    print(f"CMS lookups during publish #2:    {len(during):>6,} queries, p50 {p50:.2f} ms, "
-          f"p99 {p99:.2f} ms, max {during.max():.1f} ms, errors {readers.errors}  "
-          f"(goal p99 < {P99_GOAL_MS:.0f} ms, 0 errors: "
-          f"{'met' if p99 < P99_GOAL_MS and readers.errors == 0 else 'NOT met'})")
-    print(f"  machine load average during the run: {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores")
+    print(
+        f"CMS lookups during publish #2:    {len(during):>6,} queries, p50 {p50:.2f} ms, "
+        f"p99 {p99:.2f} ms, max {during.max():.1f} ms, errors {readers.errors}  "
+        f"(goal p99 < {P99_GOAL_MS:.0f} ms, 0 errors: "
+        f"{'met' if p99 < P99_GOAL_MS and readers.errors == 0 else 'NOT met'})"
+    )
+    print(
+        f"  machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
 
 def _make_lists(n_users: int) -> pd.DataFrame:
     """Lists shaped like the real ones: ids, titles in reasons, als/popular sources."""
     rng = np.random.default_rng(7)
     users = np.array([f"u{k}" for k in range(n_users)] + [DEFAULT_USER], dtype=object)
-    titles = np.array([f"because you rated Item Title Number {k} (199{k % 10})"
-                       for k in range(CATALOGUE)], dtype=object)
+    titles = np.array(
+        [f"because you rated Item Title Number {k} (199{k % 10})" for k in range(CATALOGUE)],
+        dtype=object,
+    )
     item_ids = np.array([f"item-{k:06d}" for k in range(CATALOGUE)], dtype=object)
     total = len(users) * ITEMS_PER_USER
     offsets = rng.integers(0, CATALOGUE, len(users))
-    picks = (np.repeat(offsets, ITEMS_PER_USER)
-             + np.tile(np.arange(ITEMS_PER_USER) * 37, len(users))) % CATALOGUE
-    return pd.DataFrame({
-        "user_id": np.repeat(users, ITEMS_PER_USER),
-        "rank": np.tile(np.arange(1, ITEMS_PER_USER + 1, dtype=np.int16), len(users)),
-        "item_id": item_ids[picks],
-        "score": rng.random(total).astype(np.float32),
-        "reason": titles[rng.integers(0, CATALOGUE, total)],
-        "source": np.where(rng.random(total) < 0.8, "als", "popular").astype(object),
-        "generated_at": pd.Timestamp(LOGICAL_DATE),
-    })
+    picks = (
+        np.repeat(offsets, ITEMS_PER_USER) + np.tile(np.arange(ITEMS_PER_USER) * 37, len(users))
+    ) % CATALOGUE
+    return pd.DataFrame(
+        {
+            "user_id": np.repeat(users, ITEMS_PER_USER),
+            "rank": np.tile(np.arange(1, ITEMS_PER_USER + 1, dtype=np.int16), len(users)),
+            "item_id": item_ids[picks],
+            "score": rng.random(total).astype(np.float32),
+            "reason": titles[rng.integers(0, CATALOGUE, total)],
+            "source": np.where(rng.random(total) < 0.8, "als", "popular").astype(object),
+            "generated_at": pd.Timestamp(LOGICAL_DATE),
+        }
+    )
 
 
 #: The columns of the raw table (the view's first eight; variant and experiment are NULL here).
-RAW_COLUMNS = ("user_id", "rank", "item_id", "score", "reason", "source", "model_version",
-               "generated_at")
+RAW_COLUMNS = (
+    "user_id",
+    "rank",
+    "item_id",
+    "score",
+    "reason",
+    "source",
+    "model_version",
+    "generated_at",
+)
 
 
 def _time_raw_copy(dsn: str, lists: pd.DataFrame) -> float:
@@ -130,12 +150,16 @@ def _time_raw_copy(dsn: str, lists: pd.DataFrame) -> float:
     with contextlib.closing(psycopg2.connect(dsn)) as conn:
         with conn.cursor() as cur:
             started = time.perf_counter()
-            cur.execute("CREATE TABLE raw_copy (user_id text, rank smallint, item_id text, "
-                        "score real, reason text, source text, model_version text, "
-                        "generated_at timestamptz)")
-            cur.copy_expert("COPY raw_copy FROM STDIN WITH (FORMAT csv)",
-                            serving_pg.CsvChunkStream(frame, columns=RAW_COLUMNS),
-                            size=serving_pg.COPY_READ_BYTES)
+            cur.execute(
+                "CREATE TABLE raw_copy (user_id text, rank smallint, item_id text, "
+                "score real, reason text, source text, model_version text, "
+                "generated_at timestamptz)"
+            )
+            cur.copy_expert(
+                "COPY raw_copy FROM STDIN WITH (FORMAT csv)",
+                serving_pg.CsvChunkStream(frame, columns=RAW_COLUMNS),
+                size=serving_pg.COPY_READ_BYTES,
+            )
             conn.commit()
             elapsed = time.perf_counter() - started
             cur.execute("DROP TABLE raw_copy")
@@ -145,8 +169,14 @@ def _time_raw_copy(dsn: str, lists: pd.DataFrame) -> float:
 
 def _time_publish(dsn: str, lists: pd.DataFrame, model_version: str) -> float:
     started = time.perf_counter()
-    serving.publish_lists(lists, dsn=dsn, sqlite_path=UNUSED, model_version=model_version,
-                          logical_date=LOGICAL_DATE, keep_versions=1)
+    serving.publish_lists(
+        lists,
+        dsn=dsn,
+        sqlite_path=UNUSED,
+        model_version=model_version,
+        logical_date=LOGICAL_DATE,
+        keep_versions=1,
+    )
     return time.perf_counter() - started
 
 
@@ -187,9 +217,11 @@ class _PhaseLog(logging.Handler):
 class _PgbenchReaders:
     """pgbench runs back to back (until stopped) replaying the CMS lookup at a fixed rate."""
 
-    SCRIPT = ("\\set uid random(0, {last})\n"
-              "SELECT item_id, reason FROM recs.recommendations "
-              "WHERE user_id = 'u' || :uid::text ORDER BY rank;\n")
+    SCRIPT = (
+        "\\set uid random(0, {last})\n"
+        "SELECT item_id, reason FROM recs.recommendations "
+        "WHERE user_id = 'u' || :uid::text ORDER BY rank;\n"
+    )
 
     def __init__(self, dsn: str, n_users: int) -> None:
         self.dsn = dsn
@@ -201,21 +233,45 @@ class _PgbenchReaders:
 
     def _command(self, index: int) -> list[str]:
         parts = urllib.parse.urlsplit(self.dsn)
-        return [_pgbench(), "-n", "-M", "prepared", "-f", str(self.folder / "cms.sql"),
-                "-c", str(READER_CLIENTS),
-                "-j", "1", "-T", str(READER_RUN_S), "-R", str(READER_RATE_TPS), "-l",
-                "--log-prefix", str(self.folder / f"run{index}"), "-h", parts.hostname or "",
-                "-p", str(parts.port or 5432), "-U", parts.username or "postgres",
-                parts.path.lstrip("/")]
+        return [
+            _pgbench(),
+            "-n",
+            "-M",
+            "prepared",
+            "-f",
+            str(self.folder / "cms.sql"),
+            "-c",
+            str(READER_CLIENTS),
+            "-j",
+            "1",
+            "-T",
+            str(READER_RUN_S),
+            "-R",
+            str(READER_RATE_TPS),
+            "-l",
+            "--log-prefix",
+            str(self.folder / f"run{index}"),
+            "-h",
+            parts.hostname or "",
+            "-p",
+            str(parts.port or 5432),
+            "-U",
+            parts.username or "postgres",
+            parts.path.lstrip("/"),
+        ]
 
     def _loop(self) -> None:
         index = 0
         while not self.stop.is_set():
-            done = subprocess.run(self._command(index), capture_output=True, text=True,
-                                  check=False, cwd=self.folder)
+            done = subprocess.run(
+                self._command(index), capture_output=True, text=True, check=False, cwd=self.folder
+            )
             index += 1
-            failed = [line for line in done.stdout.splitlines()
-                      if line.startswith("number of failed transactions")]
+            failed = [
+                line
+                for line in done.stdout.splitlines()
+                if line.startswith("number of failed transactions")
+            ]
             self.errors += int(failed[0].split(":")[1].split()[0]) if failed else 0
             if done.returncode != 0:
                 self.errors += 1
@@ -252,7 +308,8 @@ class _PgbenchReaders:
 
 def _pgbench() -> str:
     found = shutil.which("pgbench") or next(
-        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"))), None)
+        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"))), None
+    )
     if not found:
         raise RuntimeError("pgbench not found (install the PostgreSQL client tools)")
     return found
@@ -260,9 +317,11 @@ def _pgbench() -> str:
 
 @contextlib.contextmanager
 def _throwaway_database() -> Iterator[str]:
-    admin_dsn = (os.environ.get("RECS_BENCH_PG_ADMIN_DSN")
-                 or os.environ.get("RECS_TEST_PG_ADMIN_DSN")
-                 or "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin_dsn = (
+        os.environ.get("RECS_BENCH_PG_ADMIN_DSN")
+        or os.environ.get("RECS_TEST_PG_ADMIN_DSN")
+        or "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
     name = f"recs_bench_{uuid.uuid4().hex[:8]}"
     admin = psycopg2.connect(admin_dsn, connect_timeout=5)
     admin.autocommit = True
@@ -273,6 +332,7 @@ def _throwaway_database() -> Iterator[str]:
         yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
     finally:
         with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+            cur.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
         admin.close()

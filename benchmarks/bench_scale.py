@@ -38,28 +38,39 @@ METHODS = ("als", "two-stage")
 
 def run(quick: bool) -> None:
     """Print fit/list time, peak RSS and nDCG@10 of ALS and the two-stage model per size."""
-    print(f"{'users':>7} {'events':>10} {'method':<10} {'fit s':>7} {'lists s':>8} "
-          f"{'users/s':>8} {'peak RSS':>9} {'x ALS fit':>10} {'x ALS lists':>12} "
-          f"{'x ALS RSS':>10} {'nDCG@10':>8}", flush=True)
+    print(
+        f"{'users':>7} {'events':>10} {'method':<10} {'fit s':>7} {'lists s':>8} "
+        f"{'users/s':>8} {'peak RSS':>9} {'x ALS fit':>10} {'x ALS lists':>12} "
+        f"{'x ALS RSS':>10} {'nDCG@10':>8}",
+        flush=True,
+    )
     for n_users, n_items in QUICK_SIZES if quick else SIZES:
-        results = {m: run_child("benchmarks.bench_scale", [m, str(n_users), str(n_items)])
-                   for m in METHODS}
-        popularity = run_child("benchmarks.bench_scale",
-                               ["popularity", str(n_users), str(n_items)])[0]
+        results = {
+            m: run_child("benchmarks.bench_scale", [m, str(n_users), str(n_items)]) for m in METHODS
+        }
+        popularity = run_child(
+            "benchmarks.bench_scale", ["popularity", str(n_users), str(n_items)]
+        )[0]
         (base, base_rss) = results["als"]
         for method, (result, rss) in results.items():
-            print(f"{n_users:>7,} {result['events']:>10,} {method:<10} {result['fit_s']:>7.1f} "
-                  f"{result['lists_s']:>8.1f} {result['users'] / result['lists_s']:>8,.0f} "
-                  f"{rss / 2**20:>7,.0f}MB {result['fit_s'] / base['fit_s']:>9.1f}x "
-                  f"{result['lists_s'] / base['lists_s']:>11.1f}x {rss / base_rss:>9.1f}x "
-                  f"{result['ndcg']:>8.4f}", flush=True)
+            print(
+                f"{n_users:>7,} {result['events']:>10,} {method:<10} {result['fit_s']:>7.1f} "
+                f"{result['lists_s']:>8.1f} {result['users'] / result['lists_s']:>8,.0f} "
+                f"{rss / 2**20:>7,.0f}MB {result['fit_s'] / base['fit_s']:>9.1f}x "
+                f"{result['lists_s'] / base['lists_s']:>11.1f}x {rss / base_rss:>9.1f}x "
+                f"{result['ndcg']:>8.4f}",
+                flush=True,
+            )
         two = results["two-stage"][0]
-        print(f"{'':>7} two-stage fit: "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in two["stages"].items())
-              + f"; {two['training']['pairs']:,} training pairs of "
-              f"{two['training']['users']:,} (user, window) queries, {two['bags']} bag(s); "
-              f"30-day popularity nDCG@10 {popularity['ndcg']:.4f} on the same "
-              f"{popularity['eval_users']:,} returning users", flush=True)
+        print(
+            f"{'':>7} two-stage fit: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in two["stages"].items())
+            + f"; {two['training']['pairs']:,} training pairs of "
+            f"{two['training']['users']:,} (user, window) queries, {two['bags']} bag(s); "
+            f"30-day popularity nDCG@10 {popularity['ndcg']:.4f} on the same "
+            f"{popularity['eval_users']:,} returning users",
+            flush=True,
+        )
 
 
 def _measure(method: str, n_users: int, n_items: int) -> dict:
@@ -90,15 +101,20 @@ def _measure(method: str, n_users: int, n_items: int) -> dict:
         from pipeline.features.popularity import popular_items
         from pipeline.models.als import AlsRecommender
 
-        model = AlsRecommender().fit(build_matrix(train, DEFAULT_EVENT_WEIGHTS),
-                                     popular_items(train, cutoff, K))
+        model = AlsRecommender().fit(
+            build_matrix(train, DEFAULT_EVENT_WEIGHTS), popular_items(train, cutoff, K)
+        )
     else:
         from pipeline.models.twostage import TwoStageRecommender
 
-        model = TwoStageRecommender().fit(train, cutoff, DEFAULT_EVENT_WEIGHTS, data.items,
-                                          data.users)
-        result.update(stages=model.timings_, training=model.training_,
-                      bags=len(model.ranker_.models_) if model.ranker_ is not None else 0)
+        model = TwoStageRecommender().fit(
+            train, cutoff, DEFAULT_EVENT_WEIGHTS, data.items, data.users
+        )
+        result.update(
+            stages=model.timings_,
+            training=model.training_,
+            bags=len(model.ranker_.models_) if model.ranker_ is not None else 0,
+        )
     fitted = time.perf_counter()
     lists = model.recommend(users, K)
     result.update(fit_s=fitted - started, lists_s=time.perf_counter() - fitted)

@@ -35,8 +35,11 @@ _DAYS = 90
 _BATCHES = 3
 _LATE_SHARE = 0.02
 _ROUNDS = 3
-WINDOWS = {"load, whole lake": ("load", 365), "load, last 28 days": ("load", 28),
-           "write, whole lake": ("write", 365)}
+WINDOWS = {
+    "load, whole lake": ("load", 365),
+    "load, last 28 days": ("load", 28),
+    "write, whole lake": ("write", 365),
+}
 
 
 def run(quick: bool = False) -> None:
@@ -44,28 +47,42 @@ def run(quick: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
         root = Path(tmp)
         made, made_rss = _child(["generate", str(size), str(root)])
-        print(f"lake: {made['events']:,} events, {made['parts']} part files in {made['days']} "
-              f"days ({made['mb']:.0f} MB), written in {made['seconds']:.0f}s "
-              f"(peak RSS {made_rss / 2**20:,.0f} MB)", flush=True)
-        print(f"{'scan':<20} {'reader':<6} {'seconds':>8} {'peak RSS':>10} {'rows':>11}"
-              f" {'x old time':>11} {'x old RSS':>10}", flush=True)
+        print(
+            f"lake: {made['events']:,} events, {made['parts']} part files in {made['days']} "
+            f"days ({made['mb']:.0f} MB), written in {made['seconds']:.0f}s "
+            f"(peak RSS {made_rss / 2**20:,.0f} MB)",
+            flush=True,
+        )
+        print(
+            f"{'scan':<20} {'reader':<6} {'seconds':>8} {'peak RSS':>10} {'rows':>11}"
+            f" {'x old time':>11} {'x old RSS':>10}",
+            flush=True,
+        )
         for label, (kind, days) in WINDOWS.items():
             best: dict[str, tuple[float, int, dict]] = {}
             for _ in range(_ROUNDS):
                 for reader in ("old", "new"):
                     result, _ = _child([kind, reader, str(root), str(days)])
                     seconds, peak, _ = best.get(reader, (float("inf"), 0, {}))
-                    best[reader] = (min(seconds, result["seconds"]),
-                                    max(peak, result["peak_rss"]), result)
+                    best[reader] = (
+                        min(seconds, result["seconds"]),
+                        max(peak, result["peak_rss"]),
+                        result,
+                    )
             old, new = best["old"], best["new"]
             if old[2]["digest"] != new[2]["digest"]:
                 raise AssertionError(f"{label}: the old and new readers disagree")
             for reader, (seconds, rss, result) in best.items():
-                print(f"{label:<20} {reader:<6} {seconds:>8.2f} {rss / 2**20:>8,.0f}MB "
-                      f"{result['rows']:>11,} {seconds / old[0]:>10.2f}x "
-                      f"{rss / old[1]:>9.2f}x", flush=True)
-    print(f"(fastest of {_ROUNDS} runs and the largest peak RSS, taken as the scan returns; "
-          "same rows, columns, dtypes and order from both readers)")
+                print(
+                    f"{label:<20} {reader:<6} {seconds:>8.2f} {rss / 2**20:>8,.0f}MB "
+                    f"{result['rows']:>11,} {seconds / old[0]:>10.2f}x "
+                    f"{rss / old[1]:>9.2f}x",
+                    flush=True,
+                )
+    print(
+        f"(fastest of {_ROUNDS} runs and the largest peak RSS, taken as the scan returns; "
+        "same rows, columns, dtypes and order from both readers)"
+    )
 
 
 def _child(args: list[str]) -> tuple[dict, int]:
@@ -80,31 +97,48 @@ def _generate(size: int, root: Path) -> dict:
     from pipeline.lake.storage import part_path, to_lake_table, write_table
 
     started = time.perf_counter()
-    events = generate_clickstream(n_users=max(1, size // 56), n_items=max(100, size // 200),
-                                  n_days=_DAYS, start=_START, seed=1).events
+    events = generate_clickstream(
+        n_users=max(1, size // 56),
+        n_items=max(100, size // 200),
+        n_days=_DAYS,
+        start=_START,
+        seed=1,
+    ).events
     rng = np.random.default_rng(1)
     batch = rng.integers(0, _BATCHES, len(events))
     batch[rng.random(len(events)) < _LATE_SHARE] = _BATCHES  # late: lands with a later batch
-    frame = events.assign(source_file=[f"batch{b}.csv" for b in batch], source_row=0,
-                          position=pd.array([pd.NA] * len(events), dtype="Int64"),
-                          placement=pd.array([pd.NA] * len(events), dtype="string"))
+    frame = events.assign(
+        source_file=[f"batch{b}.csv" for b in batch],
+        source_row=0,
+        position=pd.array([pd.NA] * len(events), dtype="Int64"),
+        placement=pd.array([pd.NA] * len(events), dtype="string"),
+    )
     frame["source_row"] = frame.groupby("source_file").cumcount() + 1
     frame["event_date"] = frame["timestamp"].dt.date.astype(str)
     lake, parts = root / "lake" / "events", 0
     for number in range(_BATCHES + 1):
         ingested = pd.Timestamp(_START, tz="UTC") + pd.Timedelta(days=_DAYS + number)
         for day, rows in frame[batch == number].groupby("event_date", sort=True):
-            write_table(to_lake_table(rows.drop(columns="event_date"), ingested),
-                        part_path(lake, day, f"{number:016x}", 0), durable=False)
+            write_table(
+                to_lake_table(rows.drop(columns="event_date"), ingested),
+                part_path(lake, day, f"{number:016x}", 0),
+                durable=False,
+            )
             parts += 1
     mb = sum(p.stat().st_size for p in lake.rglob("*.parquet")) / 2**20
-    return {"events": len(frame), "parts": parts, "days": frame["event_date"].nunique(),
-            "mb": mb, "seconds": time.perf_counter() - started}
+    return {
+        "events": len(frame),
+        "parts": parts,
+        "days": frame["event_date"].nunique(),
+        "mb": mb,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _cutoff() -> dt.datetime:
     return dt.datetime.fromisoformat(_START).replace(tzinfo=dt.timezone.utc) + dt.timedelta(
-        days=_DAYS)
+        days=_DAYS
+    )
 
 
 def _scan(kind: str, reader: str, root: Path, days: int) -> dict:
@@ -126,8 +160,11 @@ def _scan(kind: str, reader: str, root: Path, days: int) -> dict:
         seconds = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         frame = pd.read_parquet(root / f"snapshot-{reader}.parquet")
-    digest = (str(frame.dtypes.to_dict()) + str(list(frame.columns))
-              + str(int(pd.util.hash_pandas_object(frame, index=True).sum())))
+    digest = (
+        str(frame.dtypes.to_dict())
+        + str(list(frame.columns))
+        + str(int(pd.util.hash_pandas_object(frame, index=True).sum()))
+    )
     return {"seconds": seconds, "rows": len(frame), "digest": digest, "peak_rss": peak}
 
 
@@ -138,14 +175,16 @@ def glob_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int) -> pd
 
     start = cutoff - dt.timedelta(days=lookback_days)
     days = _glob_parts(lake_dir, start, cutoff)
-    frames = [_glob_day_table(parts, start, cutoff).to_pandas().astype(
-        {**_lake_dtypes(), "source_file": "string", "source_row": "int64"})
-        for _, parts in sorted(days.items())]
+    frames = [
+        _glob_day_table(parts, start, cutoff)
+        .to_pandas()
+        .astype({**_lake_dtypes(), "source_file": "string", "source_row": "int64"})
+        for _, parts in sorted(days.items())
+    ]
     return pd.concat(frames, ignore_index=True) if frames else _empty_snapshot()
 
 
-def glob_write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int,
-                        path: Path) -> int:
+def glob_write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path: Path) -> int:
     """``write_snapshot`` as it was (rows written)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -169,8 +208,7 @@ def _lake_dtypes() -> dict:
     return LAKE_EVENT_DTYPES
 
 
-def _glob_parts(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime
-                ) -> dict[str, list[Path]]:
+def _glob_parts(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime) -> dict[str, list[Path]]:
     from pipeline.lake.storage import lake_part_files
 
     days: dict[str, list[Path]] = {}
@@ -189,14 +227,18 @@ def _glob_day_table(parts: list[Path], start: dt.datetime, cutoff: dt.datetime):
     from pipeline.lake.snapshot import SNAPSHOT_COLUMNS
     from pipeline.lake.storage import LAKE_SCHEMA
 
-    table = pa.concat_tables([pq.read_table(p, columns=SNAPSHOT_COLUMNS, schema=LAKE_SCHEMA)
-                              for p in parts])
+    table = pa.concat_tables(
+        [pq.read_table(p, columns=SNAPSHOT_COLUMNS, schema=LAKE_SCHEMA) for p in parts]
+    )
     stamps = table.column("timestamp")
-    inside = pc.and_(pc.greater_equal(stamps, pa.scalar(start, type=stamps.type)),
-                     pc.less(stamps, pa.scalar(cutoff, type=stamps.type)))
+    inside = pc.and_(
+        pc.greater_equal(stamps, pa.scalar(start, type=stamps.type)),
+        pc.less(stamps, pa.scalar(cutoff, type=stamps.type)),
+    )
     table = table.filter(inside)
-    order = pc.sort_indices(table, sort_keys=[("timestamp", "ascending"),
-                                              ("event_id", "ascending")])
+    order = pc.sort_indices(
+        table, sort_keys=[("timestamp", "ascending"), ("event_id", "ascending")]
+    )
     return table.take(order)
 
 

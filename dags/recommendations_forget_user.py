@@ -28,22 +28,36 @@ from recs_support import TIMEOUTS, notify_failure, pseudonym_key, serving_dsn, t
     start_date=pendulum.datetime(1990, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=30),
-                  "on_failure_callback": notify_failure},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(seconds=30),
+        "on_failure_callback": notify_failure,
+    },
     params={
         "user_ids": Param(
-            [], type="array", minItems=1, maxItems=10_000,
-            items={"type": "string", "minLength": 1, "maxLength": 512,
-                   "pattern": r"^\S(.*\S)?$"},
+            [],
+            type="array",
+            minItems=1,
+            maxItems=10_000,
+            items={"type": "string", "minLength": 1, "maxLength": 512, "pattern": r"^\S(.*\S)?$"},
             title="User ids",
-            description="The users to forget, as the CMS knows them, one per line."),
+            description="The users to forget, as the CMS knows them, one per line.",
+        ),
         "requested_by": Param(
-            None, type=["null", "string"], maxLength=200, title="Requested by",
+            None,
+            type=["null", "string"],
+            maxLength=200,
+            title="Requested by",
             description="Who asked for the erasure (recorded); empty = the user who triggers "
-                        "the run."),
+            "the run.",
+        ),
         "reason": Param(
-            None, type=["null", "string"], maxLength=2000, title="Reason",
-            description="Why: the ticket or request reference (recorded)."),
+            None,
+            type=["null", "string"],
+            maxLength=2000,
+            title="Reason",
+            description="Why: the ticket or request reference (recorded).",
+        ),
     },
     tags=["recommendations", "privacy", "operations"],
     doc_md=__doc__,
@@ -56,13 +70,16 @@ def recommendations_forget_user():
 
         context = get_current_context()
         params = context["params"]
-        requested_by = params.get("requested_by") or triggered_by(context,
-                                                                   prefix="forget_user")
+        requested_by = params.get("requested_by") or triggered_by(context, prefix="forget_user")
         # the lake holds the users' pseudonyms: the key (Airflow's, else the environment's)
-        return forget_users(Settings(pseudonym_key=pseudonym_key()), params["user_ids"],
-                            requested_by=requested_by, reason=params.get("reason"),
-                            dsn=serving_dsn(),
-                            request_id=f"airflow:{context['dag_run'].run_id}")
+        return forget_users(
+            Settings(pseudonym_key=pseudonym_key()),
+            params["user_ids"],
+            requested_by=requested_by,
+            reason=params.get("reason"),
+            dsn=serving_dsn(),
+            request_id=f"airflow:{context['dag_run'].run_id}",
+        )
 
     forget()
 

@@ -21,23 +21,47 @@ from airflow.sdk import Param, dag, get_current_context, task
 from recs_support import LAKE_EVENTS, as_of_date, notify_failure, serving_dsn, triggered_by
 
 PARAMS = {
-    "as_of": Param(None, type=["null", "string"], format="date-time",
-                   title="As of (manual runs)",
-                   description="Attribute the window that ends here (empty: the triggering "
-                               "ingest's cutoff, else the logical date)."),
-    "days": Param(14, type="integer", minimum=1, maximum=365, title="Window (days)",
-                  description="Days of served lists and feedback attributed."),
-    "engage_days": Param(1, type="integer", minimum=1, maximum=30, title="Engagement days",
-                         description="A click, cart or purchase of a recommended item counts "
-                                     "for a visit up to this many days before it."),
-    "control": Param("control", type="string", title="Control variant",
-                     description="The variant every other one is compared with."),
-    "online_metric": Param("engaged", type="string", enum=["engaged", "converted"],
-                           title="Online gate metric",
-                           description="What an online-test version must improve, "
-                                       "significantly, over the champion's variant to become "
-                                       "champion (engaged share or conversion of active "
-                                       "users), read at the experiment's planned horizon."),
+    "as_of": Param(
+        None,
+        type=["null", "string"],
+        format="date-time",
+        title="As of (manual runs)",
+        description="Attribute the window that ends here (empty: the triggering "
+        "ingest's cutoff, else the logical date).",
+    ),
+    "days": Param(
+        14,
+        type="integer",
+        minimum=1,
+        maximum=365,
+        title="Window (days)",
+        description="Days of served lists and feedback attributed.",
+    ),
+    "engage_days": Param(
+        1,
+        type="integer",
+        minimum=1,
+        maximum=30,
+        title="Engagement days",
+        description="A click, cart or purchase of a recommended item counts "
+        "for a visit up to this many days before it.",
+    ),
+    "control": Param(
+        "control",
+        type="string",
+        title="Control variant",
+        description="The variant every other one is compared with.",
+    ),
+    "online_metric": Param(
+        "engaged",
+        type="string",
+        enum=["engaged", "converted"],
+        title="Online gate metric",
+        description="What an online-test version must improve, "
+        "significantly, over the champion's variant to become "
+        "champion (engaged share or conversion of active "
+        "users), read at the experiment's planned horizon.",
+    ),
 }
 
 
@@ -47,8 +71,11 @@ PARAMS = {
     start_date=pendulum.datetime(1990, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": pendulum.duration(minutes=1),
-                  "on_failure_callback": notify_failure},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(minutes=1),
+        "on_failure_callback": notify_failure,
+    },
     params=PARAMS,
     tags=["recommendations", "monitoring", "experiments"],
     doc_md=__doc__,
@@ -62,14 +89,19 @@ def recommendations_impact():
 
         context = get_current_context()
         params = context["params"]
-        summary = run_impact(Settings(), as_utc(as_of_date(context).isoformat()), serving_dsn(),
-                             days=params["days"], engage_days=params["engage_days"],
-                             control=params["control"], online_metric=params["online_metric"],
-                             triggered_by=triggered_by(context, "impact"))
+        summary = run_impact(
+            Settings(),
+            as_utc(as_of_date(context).isoformat()),
+            serving_dsn(),
+            days=params["days"],
+            engage_days=params["engage_days"],
+            control=params["control"],
+            online_metric=params["online_metric"],
+            triggered_by=triggered_by(context, "impact"),
+        )
         for line in format_impact(summary).splitlines():
             print(line)
-        return {key: summary[key] for key in ("as_of", "variants", "srm", "report",
-                                              "online_gate")}
+        return {key: summary[key] for key in ("as_of", "variants", "srm", "report", "online_gate")}
 
     impact()
 

@@ -36,22 +36,47 @@ from recs_support import (
 )
 
 PARAMS = {
-    "as_of": Param(None, type=["null", "string"], format="date-time",
-                   title="As of (manual runs)",
-                   description="Monitor the window that ends here (empty: the triggering "
-                               "ingest's cutoff, else the logical date)."),
-    "window_days": Param(7, type="integer", minimum=1, maximum=90, title="Window (days)",
-                         description="Days compared: the current window before the as-of "
-                                     "date against the same days before the champion's "
-                                     "training cutoff."),
-    "psi_warn": Param(0.1, type="number", minimum=0, title="PSI warn",
-                      description="PSI at or above this is a warning."),
-    "psi_alert": Param(0.25, type="number", minimum=0, title="PSI alert",
-                       description="PSI at or above this is an alert (mail, and a retrain "
-                                   "through the drift-alert Asset)."),
-    "min_sample": Param(200, type="integer", minimum=1, title="Min sample",
-                        description="A feature with fewer values than this in either window "
-                                    "gets status unknown: PSI of a few users is noise."),
+    "as_of": Param(
+        None,
+        type=["null", "string"],
+        format="date-time",
+        title="As of (manual runs)",
+        description="Monitor the window that ends here (empty: the triggering "
+        "ingest's cutoff, else the logical date).",
+    ),
+    "window_days": Param(
+        7,
+        type="integer",
+        minimum=1,
+        maximum=90,
+        title="Window (days)",
+        description="Days compared: the current window before the as-of "
+        "date against the same days before the champion's "
+        "training cutoff.",
+    ),
+    "psi_warn": Param(
+        0.1,
+        type="number",
+        minimum=0,
+        title="PSI warn",
+        description="PSI at or above this is a warning.",
+    ),
+    "psi_alert": Param(
+        0.25,
+        type="number",
+        minimum=0,
+        title="PSI alert",
+        description="PSI at or above this is an alert (mail, and a retrain "
+        "through the drift-alert Asset).",
+    ),
+    "min_sample": Param(
+        200,
+        type="integer",
+        minimum=1,
+        title="Min sample",
+        description="A feature with fewer values than this in either window "
+        "gets status unknown: PSI of a few users is noise.",
+    ),
 }
 
 
@@ -61,8 +86,11 @@ PARAMS = {
     start_date=pendulum.datetime(1990, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": pendulum.duration(minutes=1),
-                  "on_failure_callback": notify_failure},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(minutes=1),
+        "on_failure_callback": notify_failure,
+    },
     params=PARAMS,
     tags=["recommendations", "monitoring"],
     doc_md=__doc__,
@@ -76,14 +104,21 @@ def recommendations_monitor():
 
         context = get_current_context()
         params = context["params"]
-        options = MonitorOptions(window_days=params["window_days"], psi_warn=params["psi_warn"],
-                                 psi_alert=params["psi_alert"], min_sample=params["min_sample"])
-        summary = run_monitor(Settings(), as_utc(as_of_date(context).isoformat()), serving_dsn(),
-                              options)
+        options = MonitorOptions(
+            window_days=params["window_days"],
+            psi_warn=params["psi_warn"],
+            psi_alert=params["psi_alert"],
+            min_sample=params["min_sample"],
+        )
+        summary = run_monitor(
+            Settings(), as_utc(as_of_date(context).isoformat()), serving_dsn(), options
+        )
         for line in format_summary(summary).splitlines():
             print(line)
-        return {key: summary[key] for key in ("as_of", "alerts", "warnings", "retrain",
-                                              "reference", "report", "champion")}
+        return {
+            key: summary[key]
+            for key in ("as_of", "alerts", "warnings", "retrain", "reference", "report", "champion")
+        }
 
     @task(execution_timeout=pendulum.duration(minutes=10))
     def notify(summary: dict) -> None:
@@ -91,13 +126,18 @@ def recommendations_monitor():
 
         if not summary["alerts"]:
             raise AirflowSkipException("no alert")
-        send_alert(get_current_context(),
-                   subject=f"[recs] monitor {summary['as_of'][:10]}: "
-                           f"{len(summary['alerts'])} alert(s)",
-                   lines=[f"Reference: {summary['reference']}", *summary["alerts"],
-                          f"Report: {summary['report']}",
-                          "A retrain was requested." if summary["retrain"] else
-                          "No retrain: the data is older than the champion's."])
+        send_alert(
+            get_current_context(),
+            subject=f"[recs] monitor {summary['as_of'][:10]}: {len(summary['alerts'])} alert(s)",
+            lines=[
+                f"Reference: {summary['reference']}",
+                *summary["alerts"],
+                f"Report: {summary['report']}",
+                "A retrain was requested."
+                if summary["retrain"]
+                else "No retrain: the data is older than the champion's.",
+            ],
+        )
 
     @task(execution_timeout=pendulum.duration(minutes=10), outlets=[DRIFT_ALERT])
     def trigger_retrain(summary: dict) -> None:
@@ -105,12 +145,15 @@ def recommendations_monitor():
 
         if not summary["retrain"]:
             raise AirflowSkipException("nothing to retrain for")
-        reason = (f"monitor {summary['as_of'][:10]}: "
-                  + "; ".join(summary["alerts"][:3])
-                  + (f" (+{len(summary['alerts']) - 3} more)" if len(summary["alerts"]) > 3
-                     else ""))
+        reason = (
+            f"monitor {summary['as_of'][:10]}: "
+            + "; ".join(summary["alerts"][:3])
+            + (f" (+{len(summary['alerts']) - 3} more)" if len(summary["alerts"]) > 3 else "")
+        )
         get_current_context()["outlet_events"][DRIFT_ALERT].extra = {
-            "as_of": summary["as_of"], "reason": reason}
+            "as_of": summary["as_of"],
+            "reason": reason,
+        }
 
     summary = monitor()
     notify(summary)

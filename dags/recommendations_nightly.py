@@ -65,95 +65,195 @@ from recs_support import (
 )
 
 PARAMS = {
-    "top_n": Param(10, type="integer", minimum=1, maximum=100,
-                   title="List length", description="Items published per user (N)."),
-    "lookback_days": Param(365, type="integer", minimum=1, maximum=3650,
-                           title="Lookback days",
-                           description="Train on events from this many days before the cutoff."),
-    "holdout_days": Param(14, type="integer", minimum=1, maximum=90, title="Holdout days",
-                          description="The last days before the cutoff held out to evaluate "
-                                      "the model against the popularity baselines."),
-    "eval_max_users": Param(50_000, type=["integer", "null"], minimum=100,
-                            title="Holdout users scored",
-                            description="The holdout metrics use a seeded sample of at most "
-                                        "this many returning users (empty: all of them)."),
-    "als_factors": Param(64, type="integer", minimum=2, maximum=512, title="ALS factors",
-                         description="Latent factors of the ALS model."),
-    "als_iterations": Param(15, type="integer", minimum=1, maximum=100,
-                            title="ALS iterations", description="ALS training sweeps."),
-    "als_regularization": Param(0.05, type="number", minimum=0, maximum=10,
-                                title="ALS regularization", description="L2 penalty."),
-    "als_alpha": Param(2.0, type="number", exclusiveMinimum=0, maximum=1000, title="ALS alpha",
-                       description="Confidence scaling of the event weights."),
-    "ranker_bags": Param(5, type="integer", minimum=1, maximum=20, title="Ranker bags",
-                         description="XGBoost rankers trained with different seeds and "
-                                     "averaged; more bags give steadier lists and cost "
-                                     "proportionally more ranker training time. Large "
-                                     "logs get fewer: bags x training pairs stays within "
-                                     "2M (at least one bag)."),
-    "force_promote": Param(False, type="boolean", title="Force promote",
-                           description="Make this run's model the champion even if it loses "
-                                       "to the champion at the promotion gate (recorded in "
-                                       "model_promotions with who triggered the run)."),
-    "tune": Param(False, type="boolean", title="Tune hyperparameters",
-                  description="Before training, search ALS and ranker hyperparameters by "
-                              "expanding-window time-series CV (3 folds of holdout_days "
-                              "before the cutoff); the chosen params are logged."),
-    "tune_budget_minutes": Param(10.0, type="number", minimum=0.5, maximum=240,
-                                 title="Tuning budget (minutes)",
-                                 description="Wall-clock budget of the search when tune is on."),
-    "max_bad_row_share": Param(0.05, type="number", minimum=0, maximum=1,
-                               title="Max bad-row share",
-                               description="Quarantine up to this share of rows; above it, "
-                                           "the run fails before training."),
-    "min_window_events": Param(100, type="integer", minimum=1, title="Min events in window",
-                               description="Fail at ingest, without retries, when the run's "
-                                           "window (lookback days before the cutoff) holds "
-                                           "fewer events; the error names a date that works."),
-    "max_staleness_days": Param(3.0, type=["null", "number"], minimum=0,
-                                title="Max staleness (days)",
-                                description="Fail at ingest, without retries, when the newest "
-                                            "event before the cutoff is older than this (a "
-                                            "stopped export); empty = no limit."),
-    "serve_backfill": Param(False, type="boolean", title="Serve a backfill",
-                            description="A run for a date older than the live lists or the "
-                                        "champion records its results but serves nothing; "
-                                        "set this to let it through the gate and publish."),
-    "gate_min_relative_gain": Param(0.0, type="number", minimum=0, maximum=1,
-                                    title="Gate: min relative gain",
-                                    description="The challenger needs nDCG@10 >= champion x "
-                                                "(1 + this) - tolerance to become champion."),
-    "gate_tolerance": Param(0.001, type="number", minimum=0, maximum=1,
-                            title="Gate: tolerance",
-                            description="Absolute nDCG@10 slack of the promotion gate."),
-    "gate_require_significance": Param(False, type="boolean",
-                                       title="Gate: require a significant gain",
-                                       description="Promote a different recipe only when the "
-                                                   "95% paired bootstrap interval of "
-                                                   "challenger minus champion (over holdout "
-                                                   "users) lies above zero."),
-    "gate_online": Param(False, type="boolean", title="Gate: decide online",
-                         description="A different recipe that passes the offline gate waits "
-                                     "as online-test; it becomes champion only when an "
-                                     "experiment serving it beside the champion shows it "
-                                     "significantly better (decided by the impact DAG at the "
-                                     "experiment's planned horizon)."),
+    "top_n": Param(
+        10,
+        type="integer",
+        minimum=1,
+        maximum=100,
+        title="List length",
+        description="Items published per user (N).",
+    ),
+    "lookback_days": Param(
+        365,
+        type="integer",
+        minimum=1,
+        maximum=3650,
+        title="Lookback days",
+        description="Train on events from this many days before the cutoff.",
+    ),
+    "holdout_days": Param(
+        14,
+        type="integer",
+        minimum=1,
+        maximum=90,
+        title="Holdout days",
+        description="The last days before the cutoff held out to evaluate "
+        "the model against the popularity baselines.",
+    ),
+    "eval_max_users": Param(
+        50_000,
+        type=["integer", "null"],
+        minimum=100,
+        title="Holdout users scored",
+        description="The holdout metrics use a seeded sample of at most "
+        "this many returning users (empty: all of them).",
+    ),
+    "als_factors": Param(
+        64,
+        type="integer",
+        minimum=2,
+        maximum=512,
+        title="ALS factors",
+        description="Latent factors of the ALS model.",
+    ),
+    "als_iterations": Param(
+        15,
+        type="integer",
+        minimum=1,
+        maximum=100,
+        title="ALS iterations",
+        description="ALS training sweeps.",
+    ),
+    "als_regularization": Param(
+        0.05,
+        type="number",
+        minimum=0,
+        maximum=10,
+        title="ALS regularization",
+        description="L2 penalty.",
+    ),
+    "als_alpha": Param(
+        2.0,
+        type="number",
+        exclusiveMinimum=0,
+        maximum=1000,
+        title="ALS alpha",
+        description="Confidence scaling of the event weights.",
+    ),
+    "ranker_bags": Param(
+        5,
+        type="integer",
+        minimum=1,
+        maximum=20,
+        title="Ranker bags",
+        description="XGBoost rankers trained with different seeds and "
+        "averaged; more bags give steadier lists and cost "
+        "proportionally more ranker training time. Large "
+        "logs get fewer: bags x training pairs stays within "
+        "2M (at least one bag).",
+    ),
+    "force_promote": Param(
+        False,
+        type="boolean",
+        title="Force promote",
+        description="Make this run's model the champion even if it loses "
+        "to the champion at the promotion gate (recorded in "
+        "model_promotions with who triggered the run).",
+    ),
+    "tune": Param(
+        False,
+        type="boolean",
+        title="Tune hyperparameters",
+        description="Before training, search ALS and ranker hyperparameters by "
+        "expanding-window time-series CV (3 folds of holdout_days "
+        "before the cutoff); the chosen params are logged.",
+    ),
+    "tune_budget_minutes": Param(
+        10.0,
+        type="number",
+        minimum=0.5,
+        maximum=240,
+        title="Tuning budget (minutes)",
+        description="Wall-clock budget of the search when tune is on.",
+    ),
+    "max_bad_row_share": Param(
+        0.05,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Max bad-row share",
+        description="Quarantine up to this share of rows; above it, the run fails before training.",
+    ),
+    "min_window_events": Param(
+        100,
+        type="integer",
+        minimum=1,
+        title="Min events in window",
+        description="Fail at ingest, without retries, when the run's "
+        "window (lookback days before the cutoff) holds "
+        "fewer events; the error names a date that works.",
+    ),
+    "max_staleness_days": Param(
+        3.0,
+        type=["null", "number"],
+        minimum=0,
+        title="Max staleness (days)",
+        description="Fail at ingest, without retries, when the newest "
+        "event before the cutoff is older than this (a "
+        "stopped export); empty = no limit.",
+    ),
+    "serve_backfill": Param(
+        False,
+        type="boolean",
+        title="Serve a backfill",
+        description="A run for a date older than the live lists or the "
+        "champion records its results but serves nothing; "
+        "set this to let it through the gate and publish.",
+    ),
+    "gate_min_relative_gain": Param(
+        0.0,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Gate: min relative gain",
+        description="The challenger needs nDCG@10 >= champion x "
+        "(1 + this) - tolerance to become champion.",
+    ),
+    "gate_tolerance": Param(
+        0.001,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Gate: tolerance",
+        description="Absolute nDCG@10 slack of the promotion gate.",
+    ),
+    "gate_require_significance": Param(
+        False,
+        type="boolean",
+        title="Gate: require a significant gain",
+        description="Promote a different recipe only when the "
+        "95% paired bootstrap interval of "
+        "challenger minus champion (over holdout "
+        "users) lies above zero.",
+    ),
+    "gate_online": Param(
+        False,
+        type="boolean",
+        title="Gate: decide online",
+        description="A different recipe that passes the offline gate waits "
+        "as online-test; it becomes champion only when an "
+        "experiment serving it beside the champion shows it "
+        "significantly better (decided by the impact DAG at the "
+        "experiment's planned horizon).",
+    ),
 }
 
 #: Params of the DAG's wiring, not of the pipeline.
 DAG_PARAMS = {
     "retrain_cooldown_hours": Param(
-        float(os.environ.get("RECS_RETRAIN_COOLDOWN_HOURS", "12")), type="number", minimum=0,
+        float(os.environ.get("RECS_RETRAIN_COOLDOWN_HOURS", "12")),
+        type="number",
+        minimum=0,
         title="Retrain cool-down (hours)",
         description="A run started by a drift alert is skipped when the newest model version "
-                    "was registered less than this many hours before it, so that a lasting "
-                    "shift does not retrain every hour (default: RECS_RETRAIN_COOLDOWN_HOURS "
-                    "or 12)."),
+        "was registered less than this many hours before it, so that a lasting "
+        "shift does not retrain every hour (default: RECS_RETRAIN_COOLDOWN_HOURS "
+        "or 12).",
+    ),
 }
 
 #: Params that map one to one onto ``pipeline.core.config.Settings`` fields.
 SETTINGS_PARAMS = tuple(PARAMS)
-
 
 
 def _run_args() -> tuple:
@@ -166,8 +266,9 @@ def _run_args() -> tuple:
     # logical date.
     moment = asset_moment(context, "as_of") or run.logical_date or run.run_after
     params = context["params"]
-    settings = Settings(**{name: params[name] for name in SETTINGS_PARAMS},
-                        pseudonym_key=pseudonym_key())
+    settings = Settings(
+        **{name: params[name] for name in SETTINGS_PARAMS}, pseudonym_key=pseudonym_key()
+    )
     return settings, as_utc(moment.date())
 
 
@@ -189,16 +290,21 @@ def _run_stage(name: str, **kwargs) -> dict:
 
 @dag(
     dag_id="recommendations_nightly",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
-                                 assets=DRIFT_ALERT),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=DRIFT_ALERT
+    ),
     # Static and early: catchup is off, so it schedules nothing by itself, but tasks only run
     # for logical dates on or after it, and backfills or `dags test` may go far back
     # (the MovieLens demo runs for 1998-04-23).
     start_date=pendulum.datetime(1990, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": pendulum.duration(minutes=2),
-                  "retry_exponential_backoff": True, "on_failure_callback": notify_failure},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(minutes=2),
+        "retry_exponential_backoff": True,
+        "on_failure_callback": notify_failure,
+    },
     params={**PARAMS, **DAG_PARAMS},
     tags=["recommendations", "ml"],
     doc_md=__doc__,
@@ -220,16 +326,24 @@ def recommendations_nightly():
             return True
         settings, cutoff = _run_args()
         if (settings.run_dir(cutoff) / "register.json").exists():
-            log.warning("skipping the retrain (%s): a run for %s already trained on this data",
-                        why, f"{cutoff:%Y-%m-%d}")
+            log.warning(
+                "skipping the retrain (%s): a run for %s already trained on this data",
+                why,
+                f"{cutoff:%Y-%m-%d}",
+            )
             return False
         from pipeline.registry.versions import last_registered_at
 
         previous = last_registered_at()
         hours = float(context["params"]["retrain_cooldown_hours"])
         if previous is not None and run.run_after - previous < pendulum.duration(hours=hours):
-            log.warning("skipping the retrain (%s): the last model was registered at %s, "
-                        "within the %.1f h cool-down", why, previous, hours)
+            log.warning(
+                "skipping the retrain (%s): the last model was registered at %s, "
+                "within the %.1f h cool-down",
+                why,
+                previous,
+                hours,
+            )
             return False
         log.info("retraining for %s: %s", f"{cutoff:%Y-%m-%d}", why)
         return True
@@ -240,7 +354,9 @@ def recommendations_nightly():
         # The monitor runs on this Asset, for this run's point in time.
         _, cutoff = _run_args()
         get_current_context()["outlet_events"][LAKE_EVENTS].extra = {
-            "cutoff": cutoff.isoformat(), "rows_snapshot": result.get("snapshot_rows")}
+            "cutoff": cutoff.isoformat(),
+            "rows_snapshot": result.get("snapshot_rows"),
+        }
         return result
 
     @task(execution_timeout=TIMEOUTS["validate"])
@@ -265,8 +381,9 @@ def recommendations_nightly():
 
     @task(execution_timeout=TIMEOUTS["register"])
     def register(_trained: dict, _evaluated: dict) -> dict:
-        return _run_stage("register", dsn=serving_dsn(),
-                          triggered_by=triggered_by(get_current_context()))
+        return _run_stage(
+            "register", dsn=serving_dsn(), triggered_by=triggered_by(get_current_context())
+        )
 
     @task(execution_timeout=TIMEOUTS["publish"])
     def publish(decision: dict) -> dict:

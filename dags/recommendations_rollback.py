@@ -22,12 +22,21 @@ from recs_support import TIMEOUTS, notify_failure, serving_dsn, triggered_by
     start_date=pendulum.datetime(1990, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=30),
-                  "on_failure_callback": notify_failure},
-    params={"version": Param(None, type=["null", "string"], pattern=r"^[0-9]+$",
-                             title="Model version",
-                             description="Registered version of `recommender` to serve again; "
-                                         "empty = the previous champion.")},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(seconds=30),
+        "on_failure_callback": notify_failure,
+    },
+    params={
+        "version": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^[0-9]+$",
+            title="Model version",
+            description="Registered version of `recommender` to serve again; "
+            "empty = the previous champion.",
+        )
+    },
     tags=["recommendations", "ml", "operations"],
     doc_md=__doc__,
 )
@@ -38,8 +47,12 @@ def recommendations_rollback():
         from pipeline.core.config import Settings
 
         context = get_current_context()
-        return nightly.rollback(Settings(), context["params"]["version"], dsn=serving_dsn(),
-                                triggered_by=triggered_by(context, prefix="rollback"))
+        return nightly.rollback(
+            Settings(),
+            context["params"]["version"],
+            dsn=serving_dsn(),
+            triggered_by=triggered_by(context, prefix="rollback"),
+        )
 
     @task(execution_timeout=TIMEOUTS["republish"])
     def republish(target: dict) -> dict:
@@ -47,8 +60,9 @@ def recommendations_rollback():
         from pipeline.core.config import Settings, as_utc
 
         settings = Settings(top_n=target["top_n"])
-        return nightly.publish(settings, as_utc(target["cutoff"]), dsn=serving_dsn(),
-                               version=target["version"])
+        return nightly.publish(
+            settings, as_utc(target["cutoff"]), dsn=serving_dsn(), version=target["version"]
+        )
 
     republish(move_champion())
 

@@ -42,8 +42,10 @@ ALERT_CONN_ENV = "RECS_ALERT_SMTP_CONN_ID"
 ALERT_FROM_ENV = "RECS_ALERT_FROM"
 
 #: Jinja templates rendered by the notifier with the failed task's context.
-ALERT_SUBJECT = ("[recs] {{ dag.dag_id }} failed: task {{ ti.task_id }}, try {{ ti.try_number }}"
-                 ", run {{ run_id }}")
+ALERT_SUBJECT = (
+    "[recs] {{ dag.dag_id }} failed: task {{ ti.task_id }}, try {{ ti.try_number }}"
+    ", run {{ run_id }}"
+)
 ALERT_BODY = """<p>DAG <b>{{ dag.dag_id }}</b>, run <b>{{ run_id }}</b>
 (logical date {{ dag_run.logical_date or 'none' }}): task <b>{{ ti.task_id }}</b> failed on
 try {{ ti.try_number }} and will not be retried.</p>
@@ -85,9 +87,12 @@ def notify_failure(context) -> None:
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
     notifier = SmtpNotifier(
-        to=recipients, from_email=os.environ.get(ALERT_FROM_ENV) or "recs-pipeline@localhost",
-        subject=ALERT_SUBJECT, html_content=ALERT_BODY,
-        smtp_conn_id=os.environ.get(ALERT_CONN_ENV) or "smtp_default")
+        to=recipients,
+        from_email=os.environ.get(ALERT_FROM_ENV) or "recs-pipeline@localhost",
+        subject=ALERT_SUBJECT,
+        html_content=ALERT_BODY,
+        smtp_conn_id=os.environ.get(ALERT_CONN_ENV) or "smtp_default",
+    )
     context["error_line"] = first_error_line(context.get("exception"))
     notifier(context)
 
@@ -107,10 +112,12 @@ def send_alert(context, *, subject: str, lines: list[str]) -> bool:
     body = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
     # Rendered as Jinja templates by the notifier: keep the text literal.
     notifier = SmtpNotifier(
-        to=recipients, from_email=os.environ.get(ALERT_FROM_ENV) or "recs-pipeline@localhost",
+        to=recipients,
+        from_email=os.environ.get(ALERT_FROM_ENV) or "recs-pipeline@localhost",
         subject="{% raw %}" + subject + "{% endraw %}",
         html_content="{% raw %}" + body + "{% endraw %}",
-        smtp_conn_id=os.environ.get(ALERT_CONN_ENV) or "smtp_default")
+        smtp_conn_id=os.environ.get(ALERT_CONN_ENV) or "smtp_default",
+    )
     notifier(context)
     return True
 
@@ -176,16 +183,22 @@ def triggered_by(context, prefix: str | None = None) -> str:
     user = getattr(run, "triggering_user_name", None)
     kind = prefix or str(getattr(run.run_type, "value", run.run_type))
     text = f"{kind} by {user}" if user else kind
-    reasons = [str(event.extra["reason"]) for event in _asset_events(context)
-               if (event.extra or {}).get("reason")]
+    reasons = [
+        str(event.extra["reason"])
+        for event in _asset_events(context)
+        if (event.extra or {}).get("reason")
+    ]
     return f"{text}: {'; '.join(dict.fromkeys(reasons))}" if reasons else text
 
 
 def asset_moment(context, key: str) -> pendulum.DateTime | None:
     """The newest ``extra[key]`` (an ISO time) among the Asset events that triggered the run,
     or None (a scheduled or manual run, or events without it)."""
-    moments = [pendulum.parse(str(event.extra[key])) for event in _asset_events(context)
-               if (event.extra or {}).get(key)]
+    moments = [
+        pendulum.parse(str(event.extra[key]))
+        for event in _asset_events(context)
+        if (event.extra or {}).get(key)
+    ]
     return max(moments) if moments else None
 
 

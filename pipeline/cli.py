@@ -1,23 +1,23 @@
 """Small command line for the Makefile: demo data, the default run date, the run summary.
 
-    python -m pipeline.cli demo-data        # fetch MovieLens-100k into an empty landing folder
-    python -m pipeline.cli default-date     # the day after the last landing event
-    python -m pipeline.cli summary DATE     # what the run for DATE did, and a sample list
-    python -m pipeline.cli ingest           # landing files -> lake now (between nightly runs)
-    python -m pipeline.cli repair FILE|SHA256 [--dry-run] [--allow-resend]  # take back all one
-                                            # landing file brought into the lake, to re-send it
-    python -m pipeline.cli monitor-summary DATE  # what the monitor found for DATE
-    python -m pipeline.cli impact-summary DATE   # what the impact run found for DATE
-    python -m pipeline.cli airflow-secrets FILE  # one JWT secret and Fernet key for local Airflow
-    python -m pipeline.cli pseudonym-key FILE    # a user-id pseudonymisation key (demo), once
-    python -m pipeline.cli rekey --new-key-file F [--dry-run]  # rotate the pseudonym key: lake,
-                                            # quarantine, served history, mapping
-    python -m pipeline.cli simulate-day DATE [--days N] [--seed S]  # simulated CMS day(s) of
-                                            # the served lists -> landing/events (demo data)
-    python -m pipeline.cli experiment start|change|stop --config FILE --by NAME [--reason TEXT]
-                                      [--force]  # record an A/B experiment, save its config
-    python -m pipeline.cli forget-user --user-id U [--user-id U2 ...] | --from-file F
-                           --by NAME [--reason TEXT] [--dry-run]  # right to erasure
+python -m pipeline.cli demo-data        # fetch MovieLens-100k into an empty landing folder
+python -m pipeline.cli default-date     # the day after the last landing event
+python -m pipeline.cli summary DATE     # what the run for DATE did, and a sample list
+python -m pipeline.cli ingest           # landing files -> lake now (between nightly runs)
+python -m pipeline.cli repair FILE|SHA256 [--dry-run] [--allow-resend]  # take back all one
+                                        # landing file brought into the lake, to re-send it
+python -m pipeline.cli monitor-summary DATE  # what the monitor found for DATE
+python -m pipeline.cli impact-summary DATE   # what the impact run found for DATE
+python -m pipeline.cli airflow-secrets FILE  # one JWT secret and Fernet key for local Airflow
+python -m pipeline.cli pseudonym-key FILE    # a user-id pseudonymisation key (demo), once
+python -m pipeline.cli rekey --new-key-file F [--dry-run]  # rotate the pseudonym key: lake,
+                                        # quarantine, served history, mapping
+python -m pipeline.cli simulate-day DATE [--days N] [--seed S]  # simulated CMS day(s) of
+                                        # the served lists -> landing/events (demo data)
+python -m pipeline.cli experiment start|change|stop --config FILE --by NAME [--reason TEXT]
+                                  [--force]  # record an A/B experiment, save its config
+python -m pipeline.cli forget-user --user-id U [--user-id U2 ...] | --from-file F
+                       --by NAME [--reason TEXT] [--dry-run]  # right to erasure
 """
 
 from __future__ import annotations
@@ -96,9 +96,11 @@ def airflow_secrets(path: Path) -> int:
     if path.exists():
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["# Local Airflow secrets, generated once by `python -m pipeline.cli airflow-secrets`.",
-             "# Never commit this file. Load it with: set -a; . ./airflow-secrets.env; set +a",
-             "# A variable already set in the environment wins over the value here."]
+    lines = [
+        "# Local Airflow secrets, generated once by `python -m pipeline.cli airflow-secrets`.",
+        "# Never commit this file. Load it with: set -a; . ./airflow-secrets.env; set +a",
+        "# A variable already set in the environment wins over the value here.",
+    ]
     lines += [f"{name}=${{{name}:-{make()}}}" for name, make in AIRFLOW_SECRETS.items()]
     if write_once(path, "\n".join(lines) + "\n"):  # a concurrent writer's file stays
         print(f"generated Airflow secrets (JWT secret, Fernet key) in {path}")
@@ -132,9 +134,12 @@ def rekey(settings: Settings, new_key_file: Path, *, dry_run: bool = False) -> i
         return 1
     print(json.dumps(result, indent=2))
     if not dry_run:
-        print(f"now configure the key of {new_key_file} everywhere (RECS_PSEUDONYM_KEY_FILE, "
-              "or the Airflow Variable recs_pseudonym_key) before the next ingest, and run "
-              "the nightly", file=sys.stderr)
+        print(
+            f"now configure the key of {new_key_file} everywhere (RECS_PSEUDONYM_KEY_FILE, "
+            "or the Airflow Variable recs_pseudonym_key) before the next ingest, and run "
+            "the nightly",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -148,13 +153,17 @@ def demo_data(settings: Settings) -> int:
         print(f"landing folder has {len(existing)} event file(s); not fetching demo data")
         return 0
     data = write_demo_landing(settings.cache_dir, settings.landing_dir)
-    print(f"demo data: MovieLens-100k, {len(data.events):,} events, {len(data.items):,} items, "
-          f"{len(data.users):,} users -> {settings.landing_dir}")
+    print(
+        f"demo data: MovieLens-100k, {len(data.events):,} events, {len(data.items):,} items, "
+        f"{len(data.users):,} users -> {settings.landing_dir}"
+    )
     from pipeline.lake.demo.hostile import write_hostile_landing
 
     bad = write_hostile_landing(data.events, settings.landing_events_dir)
-    print(f"  plus {len(bad)} hostile files (odd formats of the same events, and "
-          f"{sum(bad.values())} bad rows for quarantine): {', '.join(sorted(bad))}")
+    print(
+        f"  plus {len(bad)} hostile files (odd formats of the same events, and "
+        f"{sum(bad.values())} bad rows for quarantine): {', '.join(sorted(bad))}"
+    )
     return 0
 
 
@@ -165,12 +174,17 @@ def default_date(settings: Settings) -> int:
     from pipeline.lake.normalise import parse_timestamps
     from pipeline.lake.readers import landing_files, read_event_file
 
-    mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
-                                  settings.column_mapping)
-    newest = max((parse_timestamps(read_event_file(p, mapping.for_file(p.name))["timestamp"])
-                  .max() for p in landing_files(settings.landing_events_dir)
-                  if not p.name.startswith(SIMULATED_PREFIX)),
-                 default=None)
+    mapping = load_column_mapping(
+        settings.landing_dir / "column_mapping.json", settings.column_mapping
+    )
+    newest = max(
+        (
+            parse_timestamps(read_event_file(p, mapping.for_file(p.name))["timestamp"]).max()
+            for p in landing_files(settings.landing_events_dir)
+            if not p.name.startswith(SIMULATED_PREFIX)
+        ),
+        default=None,
+    )
     if newest is None or newest != newest:
         print(dt.date.today().isoformat())
     else:
@@ -186,16 +200,24 @@ def summary(settings: Settings, date: str) -> int:
     cutoff = as_utc(date)
     run = settings.run_dir(cutoff)
     stages = {}
-    for name in ("ingest", "validate", "build_features", "train", "evaluate", "register",
-                 "publish"):
+    for name in (
+        "ingest",
+        "validate",
+        "build_features",
+        "train",
+        "evaluate",
+        "register",
+        "publish",
+    ):
         path = run / f"{name}.json"
         stages[name] = json.loads(path.read_text()) if path.exists() else None
     missing = [name for name, result in stages.items() if result is None]
     if missing:
         print(f"run for {date} is incomplete: no result for {', '.join(missing)} in {run}")
         return 1
-    ing, val, eva, reg, pub = (stages[s] for s in ("ingest", "validate", "evaluate", "register",
-                                                   "publish"))
+    ing, val, eva, reg, pub = (
+        stages[s] for s in ("ingest", "validate", "evaluate", "register", "publish")
+    )
     lines = [
         f"Run summary for {date} (events before {cutoff.isoformat()})",
         f"  ingest     {ing['files']} file(s), {ing['rows_read']:,} rows read, "
@@ -213,18 +235,23 @@ def summary(settings: Settings, date: str) -> int:
     lines += _metrics_table(eva["metrics"], eva["k"])
     m, k = eva["metrics"], eva["k"]
     if "model_auc" in m:
-        lines.append(f"    ranker AUC-ROC {m['model_auc']:.3f}, PR-AUC {m['model_pr_auc']:.3f}, "
-                     f"candidate recall {m['model_candidate_recall']:.3f}; "
-                     f"{int(m.get('model_cold_users', 0))} new users: nDCG@{k} "
-                     f"{m.get(f'model_cold_ndcg_at_{k}', float('nan')):.4f} vs 30-day popularity "
-                     f"{m.get(f'popularity_30d_cold_ndcg_at_{k}', float('nan')):.4f}")
+        lines.append(
+            f"    ranker AUC-ROC {m['model_auc']:.3f}, PR-AUC {m['model_pr_auc']:.3f}, "
+            f"candidate recall {m['model_candidate_recall']:.3f}; "
+            f"{int(m.get('model_cold_users', 0))} new users: nDCG@{k} "
+            f"{m.get(f'model_cold_ndcg_at_{k}', float('nan')):.4f} vs 30-day popularity "
+            f"{m.get(f'popularity_30d_cold_ndcg_at_{k}', float('nan')):.4f}"
+        )
     lines += [
         f"  register   {reg['decision']}: {reg['reason']}; version {reg['version']} "
         f"{_version_role(reg)}; "
         f"champion = v{reg['champion_version']}",
-        (f"  publish    {pub['rows']:,} rows for {pub['users']:,} users (incl. __default__) "
-         f"from model v{pub['model_version']} -> {pub['target']}"
-         if pub.get("published", True) else f"  publish    nothing published: {pub['reason']}"),
+        (
+            f"  publish    {pub['rows']:,} rows for {pub['users']:,} users (incl. __default__) "
+            f"from model v{pub['model_version']} -> {pub['target']}"
+            if pub.get("published", True)
+            else f"  publish    nothing published: {pub['reason']}"
+        ),
     ]
     sample = _sample_user(run)
     if sample is not None:
@@ -232,15 +259,22 @@ def summary(settings: Settings, date: str) -> int:
 
         # the run holds stored ids (pseudonyms with a key), the view the CMS's: looked up by
         # the CMS id, printed by the stored one (no CMS id on the terminal or in a log)
-        cms_id = to_cms_ids([sample], dsn=serving_dsn(),
-                            sqlite_path=settings.serving_sqlite_path)[0] or sample
+        cms_id = (
+            to_cms_ids([sample], dsn=serving_dsn(), sqlite_path=settings.serving_sqlite_path)[0]
+            or sample
+        )
         rows = read_user_list(cms_id, dsn=serving_dsn(), sqlite_path=settings.serving_sqlite_path)
         items = read_side_file(settings.landing_dir / "items.csv")
-        titles = (items.set_index("item_id")["title"].to_dict()
-                  if items is not None and "title" in items else {})
+        titles = (
+            items.set_index("item_id")["title"].to_dict()
+            if items is not None and "title" in items
+            else {}
+        )
         lines.append(f"  sample     user {sample}:")
-        lines += [f"    {r.rank:>2}. {str(titles.get(r.item_id, r.item_id))[:38]:<40}{r.reason}"
-                  for r in rows.itertuples()]
+        lines += [
+            f"    {r.rank:>2}. {str(titles.get(r.item_id, r.item_id))[:38]:<40}{r.reason}"
+            for r in rows.itertuples()
+        ]
     print("\n".join(lines))
     return 0
 
@@ -255,13 +289,19 @@ def _version_role(registered: dict) -> str:
 
 def _metrics_table(metrics: dict, k: int) -> list[str]:
     names = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
-    models = sorted({key.split("_")[0] if not key.startswith("popularity_30d")
-                     else "popularity_30d" for key in metrics},
-                    key=lambda m: (m != "model", m))
+    models = sorted(
+        {
+            key.split("_")[0] if not key.startswith("popularity_30d") else "popularity_30d"
+            for key in metrics
+        },
+        key=lambda m: (m != "model", m),
+    )
     rows = [f"    {'method':<16}" + "".join(f"{n:>11}" for n in names)]
     for model in models:
-        rows.append(f"    {model:<16}" + "".join(
-            f"{metrics.get(f'{model}_{n}_at_{k}', float('nan')):>11.4f}" for n in names))
+        rows.append(
+            f"    {model:<16}"
+            + "".join(f"{metrics.get(f'{model}_{n}_at_{k}', float('nan')):>11.4f}" for n in names)
+        )
     return rows
 
 
@@ -272,96 +312,141 @@ def _sample_user(run) -> str | None:
     if not len(events):
         return None
     counts = events.frame["user_id"].value_counts()
-    return str(events.users.decode(counts.index[len(counts) // 2:][:1])[0])  # typical user
+    return str(events.users.decode(counts.index[len(counts) // 2 :][:1])[0])  # typical user
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo-data", help="fetch MovieLens-100k into an empty landing folder")
     sub.add_parser("default-date", help="the day after the newest landing event")
     run = sub.add_parser("summary", help="summarise the run for DATE")
     run.add_argument("date", help="the run's logical date, YYYY-MM-DD")
-    sub.add_parser("ingest", help="ingest the landing files into the lake now (then post a "
-                                  "recs://lake/events Asset event to run the monitor)")
+    sub.add_parser(
+        "ingest",
+        help="ingest the landing files into the lake now (then post a "
+        "recs://lake/events Asset event to run the monitor)",
+    )
     fix = sub.add_parser(
-        "repair", help="remove everything one landing file brought into the lake",
+        "repair",
+        help="remove everything one landing file brought into the lake",
         description="Take back one ingested landing file, by its manifest entry: its lake rows "
-                    "(other files' rows stay), their event-id and content hash caches, its "
-                    "quarantine file and its manifest entry (moved, with what was removed, to "
-                    "lake/_repairs.jsonl). A corrected re-send is then ingested normally; the "
-                    "file's exact bytes are skipped by ingest unless --allow-resend. See the "
-                    "README, 'Repairing the lake'.")
-    fix.add_argument("file", metavar="FILE|SHA256",
-                     help="the landing file's name as the manifest records it, or its sha256 "
-                          "(or a prefix of at least 12 hex digits)")
-    fix.add_argument("--dry-run", action="store_true",
-                     help="print what would be removed; change nothing")
-    fix.add_argument("--allow-resend", action="store_true",
-                     help="let these exact bytes be ingested again (e.g. after fixing the "
-                          "column mapping)")
+        "(other files' rows stay), their event-id and content hash caches, its "
+        "quarantine file and its manifest entry (moved, with what was removed, to "
+        "lake/_repairs.jsonl). A corrected re-send is then ingested normally; the "
+        "file's exact bytes are skipped by ingest unless --allow-resend. See the "
+        "README, 'Repairing the lake'.",
+    )
+    fix.add_argument(
+        "file",
+        metavar="FILE|SHA256",
+        help="the landing file's name as the manifest records it, or its sha256 "
+        "(or a prefix of at least 12 hex digits)",
+    )
+    fix.add_argument(
+        "--dry-run", action="store_true", help="print what would be removed; change nothing"
+    )
+    fix.add_argument(
+        "--allow-resend",
+        action="store_true",
+        help="let these exact bytes be ingested again (e.g. after fixing the column mapping)",
+    )
     imp = sub.add_parser("impact-summary", help="what the impact run found for DATE")
     imp.add_argument("date", help="the impact run's as-of date, YYYY-MM-DD")
     mon = sub.add_parser("monitor-summary", help="what the monitor found for DATE")
     mon.add_argument("date", help="the monitor's as-of date, YYYY-MM-DD")
-    keys = sub.add_parser("airflow-secrets",
-                          help="write FILE with shared Airflow secrets unless it exists")
+    keys = sub.add_parser(
+        "airflow-secrets", help="write FILE with shared Airflow secrets unless it exists"
+    )
     keys.add_argument("file", type=Path)
-    pkey = sub.add_parser("pseudonym-key",
-                          help="write FILE with a new user-id pseudonymisation key unless it "
-                               "exists (for RECS_PSEUDONYM_KEY_FILE)")
+    pkey = sub.add_parser(
+        "pseudonym-key",
+        help="write FILE with a new user-id pseudonymisation key unless it "
+        "exists (for RECS_PSEUDONYM_KEY_FILE)",
+    )
     pkey.add_argument("file", type=Path)
-    sim = sub.add_parser("simulate-day", help="simulate the CMS on DATE (and the next N-1 "
-                                              "days) for the served lists; write the events "
-                                              "to landing/events/simulated-DATE.csv.gz")
+    sim = sub.add_parser(
+        "simulate-day",
+        help="simulate the CMS on DATE (and the next N-1 "
+        "days) for the served lists; write the events "
+        "to landing/events/simulated-DATE.csv.gz",
+    )
     sim.add_argument("date", type=_iso_date, help="the first simulated day, YYYY-MM-DD")
     sim.add_argument("--days", type=_positive_int, default=1, help="days to simulate (1)")
     sim.add_argument("--seed", type=int, default=0, help="the simulation's seed (0)")
     exp = sub.add_parser(
-        "experiment", help="start, change or stop the A/B experiment publish serves",
+        "experiment",
+        help="start, change or stop the A/B experiment publish serves",
         description="Record an A/B experiment's start, change or stop in the serving DB's "
-                    "experiments table (the recs_serving connection, else the SQLite file) and "
-                    "save its config as $RECS_DATA_DIR/experiments/<name>.json. The next "
-                    "publish serves each user from their variant.")
+        "experiments table (the recs_serving connection, else the SQLite file) and "
+        "save its config as $RECS_DATA_DIR/experiments/<name>.json. The next "
+        "publish serves each user from their variant.",
+    )
     exp.add_argument("action", choices=("start", "change", "stop"))
-    exp.add_argument("--config", type=Path, required=True,
-                     help="the experiment's JSON config: for start, the new experiment; for "
-                          "change, the edited config (new shares, added variants, or status "
-                          "stopped); for stop, any config naming the experiment")
+    exp.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="the experiment's JSON config: for start, the new experiment; for "
+        "change, the edited config (new shares, added variants, or status "
+        "stopped); for stop, any config naming the experiment",
+    )
     exp.add_argument("--by", required=True, help="who makes the change (recorded)")
     exp.add_argument("--reason", default=None, help="why (recorded)")
-    exp.add_argument("--force", action="store_true",
-                     help="change only: allow shrinking a variant (its released users move to "
-                          "the default; recorded as forced)")
+    exp.add_argument(
+        "--force",
+        action="store_true",
+        help="change only: allow shrinking a variant (its released users move to "
+        "the default; recorded as forced)",
+    )
     forget = sub.add_parser(
-        "forget-user", help="forget users: lake, quarantine, runs, served history, serving DB",
+        "forget-user",
+        help="forget users: lake, quarantine, runs, served history, serving DB",
         description="Right to erasure: remove the users' events and lists everywhere the "
-                    "pipeline keeps them, add them to the ingest tombstone (an old landing "
-                    "file cannot bring them back) and record the erasure (counts only) in the "
-                    "serving DB's erasures table. See the README, 'Privacy'.")
+        "pipeline keeps them, add them to the ingest tombstone (an old landing "
+        "file cannot bring them back) and record the erasure (counts only) in the "
+        "serving DB's erasures table. See the README, 'Privacy'.",
+    )
     who = forget.add_mutually_exclusive_group(required=True)
-    who.add_argument("--user-id", action="append", dest="user_ids", metavar="U",
-                     help="a user id as the CMS knows it (repeat for more)")
-    who.add_argument("--from-file", type=Path, metavar="F",
-                     help="a file with one user id per line")
+    who.add_argument(
+        "--user-id",
+        action="append",
+        dest="user_ids",
+        metavar="U",
+        help="a user id as the CMS knows it (repeat for more)",
+    )
+    who.add_argument("--from-file", type=Path, metavar="F", help="a file with one user id per line")
     forget.add_argument("--by", required=True, help="who asked for it (recorded)")
     forget.add_argument("--reason", default=None, help="why: the ticket or request (recorded)")
-    forget.add_argument("--dry-run", action="store_true",
-                        help="count what would be removed; change and record nothing")
+    forget.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count what would be removed; change and record nothing",
+    )
     rot = sub.add_parser(
-        "rekey", help="rotate the user-id pseudonymisation key (lake, quarantine, served "
-                      "history, mapping)",
+        "rekey",
+        help="rotate the user-id pseudonymisation key (lake, quarantine, served history, mapping)",
         description="Rewrite every stored user id (lake parts, quarantine, served-list "
-                    "history) from its current pseudonym to the new key's, through the serving "
-                    "DB's user_pseudonyms table (the recs_serving connection, else SQLite), "
-                    "which gets the new pairs. Stop the DAGs first; afterwards configure the "
-                    "new key everywhere and run the nightly. See the README, 'Rotating the "
-                    "key'.")
-    rot.add_argument("--new-key-file", type=Path, required=True, metavar="F",
-                     help="a file holding the new key (e.g. from `pseudonym-key F`)")
-    rot.add_argument("--dry-run", action="store_true",
-                     help="count what would be rewritten; change nothing")
+        "history) from its current pseudonym to the new key's, through the serving "
+        "DB's user_pseudonyms table (the recs_serving connection, else SQLite), "
+        "which gets the new pairs. Stop the DAGs first; afterwards configure the "
+        "new key everywhere and run the nightly. See the README, 'Rotating the "
+        "key'.",
+    )
+    rot.add_argument(
+        "--new-key-file",
+        type=Path,
+        required=True,
+        metavar="F",
+        help="a file holding the new key (e.g. from `pseudonym-key F`)",
+    )
+    rot.add_argument(
+        "--dry-run", action="store_true", help="count what would be rewritten; change nothing"
+    )
     args = parser.parse_args(argv)
     if args.command == "airflow-secrets":
         return airflow_secrets(args.file)
@@ -386,16 +471,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rekey":
         return rekey(settings, args.new_key_file, dry_run=args.dry_run)
     if args.command == "forget-user":
-        return forget_user(settings, args.user_ids, args.from_file, requested_by=args.by,
-                           reason=args.reason, dry_run=args.dry_run)
+        return forget_user(
+            settings,
+            args.user_ids,
+            args.from_file,
+            requested_by=args.by,
+            reason=args.reason,
+            dry_run=args.dry_run,
+        )
     if args.command == "experiment":
-        return experiment(settings, args.action, args.config, changed_by=args.by,
-                          reason=args.reason, force=args.force)
+        return experiment(
+            settings,
+            args.action,
+            args.config,
+            changed_by=args.by,
+            reason=args.reason,
+            force=args.force,
+        )
     return summary(settings, args.date)
 
 
-def experiment(settings: Settings, action: str, config: Path, *, changed_by: str,
-               reason: str | None = None, force: bool = False, dsn: str | None = None) -> int:
+def experiment(
+    settings: Settings,
+    action: str,
+    config: Path,
+    *,
+    changed_by: str,
+    reason: str | None = None,
+    force: bool = False,
+    dsn: str | None = None,
+) -> int:
     """Start, change or stop an A/B experiment: record it in the serving DB's ``experiments``
     table (which refuses what the rules forbid: a second running experiment, a change that
     moves users between groups unless forced, ...) and save the recorded config to
@@ -417,8 +522,10 @@ def experiment(settings: Settings, action: str, config: Path, *, changed_by: str
         except OSError as exc:
             raise ExperimentError(f"cannot read experiment config {config}: {exc}") from None
         except json.JSONDecodeError as exc:
-            raise ExperimentError(f"experiment config {config}: invalid JSON at line "
-                                  f"{exc.lineno} column {exc.colno}: {exc.msg}") from None
+            raise ExperimentError(
+                f"experiment config {config}: invalid JSON at line "
+                f"{exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
         if action == "start":
             new = Experiment.load(config).start()
             current = None
@@ -426,14 +533,20 @@ def experiment(settings: Settings, action: str, config: Path, *, changed_by: str
             name = proposed.get("name") if isinstance(proposed, dict) else None
             records = read_experiments(name=name, **target) if isinstance(name, str) else None
             if records is None or records.empty:
-                raise ExperimentError(f"experiment {name!r} ({config}) was never started: "
-                                      "start it first")
+                raise ExperimentError(
+                    f"experiment {name!r} ({config}) was never started: start it first"
+                )
             current = Experiment.from_dict(records["config"].iloc[-1])
-            new = (current.apply_config(proposed, force=force) if action == "change"
-                   else current.stop())
+            new = (
+                current.apply_config(proposed, force=force)
+                if action == "change"
+                else current.stop()
+            )
         if new is current:
-            print(f"experiment {new.name}: nothing to {action} (version {new.version} is "
-                  f"{new.status}); nothing recorded")
+            print(
+                f"experiment {new.name}: nothing to {action} (version {new.version} is "
+                f"{new.status}); nothing recorded"
+            )
             return 0
         if action == "change" and not new.running:
             action = "stop"  # the edited config said status: stopped
@@ -443,16 +556,25 @@ def experiment(settings: Settings, action: str, config: Path, *, changed_by: str
         print(f"experiment {action} refused: {exc}", file=sys.stderr)
         return 1
     change = (new.last_change or {}).get("summary", new.status)
-    print(f"experiment {new.name} version {new.version}: {action} recorded (id {record_id}) by "
-          f"{changed_by}: {change}; config saved to {path}")
+    print(
+        f"experiment {new.name} version {new.version}: {action} recorded (id {record_id}) by "
+        f"{changed_by}: {change}; config saved to {path}"
+    )
     for warning in new.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
-def forget_user(settings: Settings, user_ids: list[str] | None, from_file: Path | None, *,
-                requested_by: str, reason: str | None = None, dry_run: bool = False,
-                dsn: str | None = None) -> int:
+def forget_user(
+    settings: Settings,
+    user_ids: list[str] | None,
+    from_file: Path | None,
+    *,
+    requested_by: str,
+    reason: str | None = None,
+    dry_run: bool = False,
+    dsn: str | None = None,
+) -> int:
     """Forget users (:func:`pipeline.serving.erasure.forget_users`) and print the counts per store
     (never the ids). ``dsn`` None: the ``recs_serving`` connection from the environment, else
     the SQLite file. 0 when done (or nothing was left), 1 when the ids or the database fail
@@ -467,16 +589,24 @@ def forget_user(settings: Settings, user_ids: list[str] | None, from_file: Path 
             except OSError as exc:
                 raise ValueError(f"cannot read {from_file}: {exc}") from None
             user_ids = [line.strip() for line in lines if line.strip()]
-        result = forget_users(settings, user_ids or [], requested_by=requested_by,
-                              reason=reason, dsn=dsn if dsn is not None else serving_dsn(),
-                              dry_run=dry_run)
+        result = forget_users(
+            settings,
+            user_ids or [],
+            requested_by=requested_by,
+            reason=reason,
+            dsn=dsn if dsn is not None else serving_dsn(),
+            dry_run=dry_run,
+        )
     except (ValueError, ServingError) as exc:
         print(f"forget-user failed: {exc}", file=sys.stderr)
         return 1
-    head = ("dry run, nothing changed: would remove" if dry_run else
-            f"erasure {result['request_id']} recorded (id {result['erasure_id']})"
-            if result["recorded"] else
-            f"erasure {result['request_id']} was already recorded (id {result['erasure_id']})")
+    head = (
+        "dry run, nothing changed: would remove"
+        if dry_run
+        else f"erasure {result['request_id']} recorded (id {result['erasure_id']})"
+        if result["recorded"]
+        else f"erasure {result['request_id']} was already recorded (id {result['erasure_id']})"
+    )
     print(f"forget-user: {result['users']} user id(s); {head}:")
     for store, count in sorted(result["removed"].items()):
         print(f"  {store:<24}{count:>10,}")
@@ -485,8 +615,9 @@ def forget_user(settings: Settings, user_ids: list[str] | None, from_file: Path 
     return 0
 
 
-def repair(settings: Settings, target: str, *, dry_run: bool = False,
-           allow_resend: bool = False) -> int:
+def repair(
+    settings: Settings, target: str, *, dry_run: bool = False, allow_resend: bool = False
+) -> int:
     """Take back one landing file from the lake (:mod:`pipeline.lake.repair`) and print what
     was (or, ``dry_run``, would be) removed. 1 when refused (no such manifest entry, an
     ambiguous name; the reason, naming the file, on stderr)."""
@@ -494,8 +625,9 @@ def repair(settings: Settings, target: str, *, dry_run: bool = False,
     from pipeline.lake.repair import repair_landing_file
 
     try:
-        result = repair_landing_file(settings.lake_events_dir, target, dry_run=dry_run,
-                                     allow_resend=allow_resend)
+        result = repair_landing_file(
+            settings.lake_events_dir, target, dry_run=dry_run, allow_resend=allow_resend
+        )
     except DataError as exc:
         print(f"repair refused: {exc}", file=sys.stderr)
         return 1
@@ -512,8 +644,10 @@ def ingest(settings: Settings) -> int:
     from pipeline.serving.pseudonyms import pseudonym_recorder
 
     try:
-        report = ingest_lake(settings, record_pseudonyms=pseudonym_recorder(
-            serving_dsn(), settings.serving_sqlite_path))
+        report = ingest_lake(
+            settings,
+            record_pseudonyms=pseudonym_recorder(serving_dsn(), settings.serving_sqlite_path),
+        )
     except DataError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
@@ -575,32 +709,46 @@ def simulate_days(settings: Settings, day: dt.date, *, days: int = 1, seed: int 
     lake_root = settings.lake_events_dir.parent
     served = read_served(lake_root, start, start + dt.timedelta(days=days))
     if served.empty:
-        print(f"no served lists live at {day.isoformat()} in {lake_root / 'served'}: run the "
-              "nightly (publish) first", file=sys.stderr)
+        print(
+            f"no served lists live at {day.isoformat()} in {lake_root / 'served'}: run the "
+            "nightly (publish) first",
+            file=sys.stderr,
+        )
         return 1
     events = load_snapshot(settings.lake_events_dir, start, settings.lookback_days)
     if events.empty:
-        print(f"no events in the lake in the {settings.lookback_days} days before "
-              f"{day.isoformat()}: no tastes to simulate", file=sys.stderr)
+        print(
+            f"no events in the lake in the {settings.lookback_days} days before "
+            f"{day.isoformat()}: no tastes to simulate",
+            file=sys.stderr,
+        )
         return 1
-    truth = empirical_truth(events, read_side_file(settings.landing_dir / "items.csv"),
-                            exclude_event_types=untrained_event_types(settings.event_weights))
+    truth = empirical_truth(
+        events,
+        read_side_file(settings.landing_dir / "items.csv"),
+        exclude_event_types=untrained_event_types(settings.event_weights),
+    )
     del events
     result = simulate_served(truth, served, day, days, seed=seed)
     simulated, unmapped = _as_cms_events(settings, result.events)
     path = write_simulated_events(
-        simulated, settings.landing_events_dir / f"{SIMULATED_PREFIX}{day.isoformat()}.csv.gz")
+        simulated, settings.landing_events_dir / f"{SIMULATED_PREFIX}{day.isoformat()}.csv.gz"
+    )
     counts = simulated["event_type"].value_counts()
-    line = (f"simulated {days} day(s) from {day.isoformat()} (seed {seed}): "
-            f"{result.users:,} users, {simulated['session_id'].nunique():,} visits, "
-            f"{counts.get('impression', 0):,} impressions, {counts.get('click', 0):,} clicks, "
-            f"{counts.get('add_to_cart', 0):,} carts, {counts.get('purchase', 0):,} purchases")
+    line = (
+        f"simulated {days} day(s) from {day.isoformat()} (seed {seed}): "
+        f"{result.users:,} users, {simulated['session_id'].nunique():,} visits, "
+        f"{counts.get('impression', 0):,} impressions, {counts.get('click', 0):,} clicks, "
+        f"{counts.get('add_to_cart', 0):,} carts, {counts.get('purchase', 0):,} purchases"
+    )
     if "variant" in simulated and len(simulated):
         ctr = observed_ctr(simulated)
         line += " (CTR " + ", ".join(f"{name} {value:.2%}" for name, value in ctr.items()) + ")"
     if result.skipped_rows:
-        line += (f"; skipped {result.skipped_users:,} listed user(s) without events "
-                 f"({result.skipped_rows:,} list rows of users or items unknown to the truth)")
+        line += (
+            f"; skipped {result.skipped_users:,} listed user(s) without events "
+            f"({result.skipped_rows:,} list rows of users or items unknown to the truth)"
+        )
     if unmapped:
         line += f"; {unmapped:,} event(s) of pseudonyms without a mapping left out"
     if any(cutoff is None for cutoff in result.cutoffs):
@@ -620,12 +768,16 @@ def _as_cms_events(settings: Settings, events):
     if not len(events):
         return events, 0
     codes, uniques = events["user_id"].factorize()
-    cms = to_cms_ids(np.asarray(uniques, dtype=object), dsn=serving_dsn(),
-                     sqlite_path=settings.serving_sqlite_path)
+    cms = to_cms_ids(
+        np.asarray(uniques, dtype=object),
+        dsn=serving_dsn(),
+        sqlite_path=settings.serving_sqlite_path,
+    )
     keep = np.array([c is not None for c in cms], dtype=bool)[codes]
     out = events[keep].copy()
     out["user_id"] = pd.Series(cms[codes[keep]], index=out.index, dtype=object).astype(
-        events["user_id"].dtype)
+        events["user_id"].dtype
+    )
     return out, int((~keep).sum())
 
 

@@ -82,8 +82,12 @@ class Reference:
         return f"{who}: [{start:%Y-%m-%d}, {self.cutoff:%Y-%m-%d})"
 
 
-def run_monitor(settings: Settings, as_of: dt.datetime, dsn: str | None = None,
-                options: MonitorOptions | None = None) -> dict:
+def run_monitor(
+    settings: Settings,
+    as_of: dt.datetime,
+    dsn: str | None = None,
+    options: MonitorOptions | None = None,
+) -> dict:
     """Compute, record and export the monitoring metrics for ``as_of``; a JSON-able summary."""
     from pipeline.lake.ingest import read_manifest
     from pipeline.lake.snapshot import load_snapshot
@@ -97,17 +101,25 @@ def run_monitor(settings: Settings, as_of: dt.datetime, dsn: str | None = None,
     # Feedback the models never train on (impressions, weight 0) is left out: it is what the
     # impact DAG reads, and its arrival would read as drift of the input.
     untrained = untrained_event_types(settings.event_weights)
-    recent = _trained(load_snapshot(lake, as_of, max(options.window_days, TRAILING_DAYS + 1)),
-                      untrained)
+    recent = _trained(
+        load_snapshot(lake, as_of, max(options.window_days, TRAILING_DAYS + 1)), untrained
+    )
     current = recent[recent["timestamp"] >= as_of - days]
     past = _trained(load_snapshot(lake, reference.cutoff, options.window_days), untrained)
-    logger.info("monitor %s: current window %d events, reference %s: %d events",
-                f"{as_of:%Y-%m-%d}", len(current), reference.describe(options.window_days),
-                len(past))
+    logger.info(
+        "monitor %s: current window %d events, reference %s: %d events",
+        f"{as_of:%Y-%m-%d}",
+        len(current),
+        reference.describe(options.window_days),
+        len(past),
+    )
 
     scorer = champion_scorer(reference.champion) if reference.champion else None
-    drift = drift_table(past, reference.cutoff, current, as_of, options, scorer) \
-        if len(past) else _no_reference(as_of)
+    drift = (
+        drift_table(past, reference.cutoff, current, as_of, options, scorer)
+        if len(past)
+        else _no_reference(as_of)
+    )
     health = health_table(recent["timestamp"], read_manifest(lake.parent), as_of)
     lists = _list_rows(settings, dsn, past, current)
     online = _online_rows(settings, as_of)
@@ -118,32 +130,49 @@ def run_monitor(settings: Settings, as_of: dt.datetime, dsn: str | None = None,
 
     from pipeline.serving.store import read_monitoring, record_monitoring
 
-    record_monitoring(rows, run_date=as_of, source=SOURCE, dsn=dsn,
-                      sqlite_path=settings.serving_sqlite_path)
+    record_monitoring(
+        rows, run_date=as_of, source=SOURCE, dsn=dsn, sqlite_path=settings.serving_sqlite_path
+    )
     folder = settings.data_dir / "monitoring" / f"{as_of:%Y-%m-%d}"
-    history = read_monitoring(dsn=dsn, sqlite_path=settings.serving_sqlite_path, source=SOURCE,
-                              since=as_of - dt.timedelta(days=options.report_days))
+    history = read_monitoring(
+        dsn=dsn,
+        sqlite_path=settings.serving_sqlite_path,
+        source=SOURCE,
+        since=as_of - dt.timedelta(days=options.report_days),
+    )
     history = history[history["run_date"] <= as_of]
     report = _report(history, folder, options, as_of)
     alerts = _describe(rows[rows["status"] == "alert"])
     warnings = _describe(rows[rows["status"] == "warn"])
     retrain = bool(alerts) and (reference.champion is None or as_of >= reference.cutoff)
     summary = {
-        "as_of": as_of.isoformat(), "reference": reference.describe(options.window_days),
-        "champion": reference.champion, "current_events": int(len(current)),
-        "reference_events": int(len(past)), "rows": int(len(rows)), "alerts": alerts,
-        "warnings": warnings, "retrain": retrain, "report": str(report),
-        "top_psi": _top(drift, 5), "health": {r.metric: _finite(r.value)
-                                              for r in health.itertuples()},
+        "as_of": as_of.isoformat(),
+        "reference": reference.describe(options.window_days),
+        "champion": reference.champion,
+        "current_events": int(len(current)),
+        "reference_events": int(len(past)),
+        "rows": int(len(rows)),
+        "alerts": alerts,
+        "warnings": warnings,
+        "retrain": retrain,
+        "report": str(report),
+        "top_psi": _top(drift, 5),
+        "health": {r.metric: _finite(r.value) for r in health.itertuples()},
         "lists": {r.metric: _finite(r.value) for r in lists.itertuples()},
-        "options": dataclasses.asdict(options)}
+        "options": dataclasses.asdict(options),
+    }
     summary["mlflow_run_id"] = _log_mlflow(rows, summary, report, as_of)
     summary["pushed"] = _push(rows, as_of)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     rows.to_csv(folder / "metrics.csv", index=False)
-    logger.info("monitor %s: %d alert(s), %d warning(s)%s", f"{as_of:%Y-%m-%d}", len(alerts),
-                len(warnings), f": {'; '.join(alerts)}" if alerts else "")
+    logger.info(
+        "monitor %s: %d alert(s), %d warning(s)%s",
+        f"{as_of:%Y-%m-%d}",
+        len(alerts),
+        len(warnings),
+        f": {'; '.join(alerts)}" if alerts else "",
+    )
     return summary
 
 
@@ -161,9 +190,14 @@ def _reference(as_of: dt.datetime, window_days: int) -> Reference:
     return Reference(as_of - dt.timedelta(days=window_days), None)
 
 
-def drift_table(reference: pd.DataFrame, reference_cutoff: dt.datetime, current: pd.DataFrame,
-                as_of: dt.datetime, options: MonitorOptions | None = None,
-                scorer: Callable[[np.ndarray], np.ndarray] | None = None) -> pd.DataFrame:
+def drift_table(
+    reference: pd.DataFrame,
+    reference_cutoff: dt.datetime,
+    current: pd.DataFrame,
+    as_of: dt.datetime,
+    options: MonitorOptions | None = None,
+    scorer: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> pd.DataFrame:
     """PSI rows (metric ``psi``, subject = feature, value, status) of the ``window_days``
     before ``as_of`` against the same days before ``reference_cutoff``.
 
@@ -179,10 +213,16 @@ def drift_table(reference: pd.DataFrame, reference_cutoff: dt.datetime, current:
     options = options or MonitorOptions()
     days = dt.timedelta(days=options.window_days)
     profile = DriftProfile.from_events(reference, reference_cutoff, window=days)
-    in_window = reference[(reference["timestamp"] < reference_cutoff)
-                          & (reference["timestamp"] >= reference_cutoff - days)]
-    profile.add_categorical("event.item", in_window["item_id"].astype(str).to_numpy(),
-                            group="event", max_levels=TOP_ITEMS)
+    in_window = reference[
+        (reference["timestamp"] < reference_cutoff)
+        & (reference["timestamp"] >= reference_cutoff - days)
+    ]
+    profile.add_categorical(
+        "event.item",
+        in_window["item_id"].astype(str).to_numpy(),
+        group="event",
+        max_levels=TOP_ITEMS,
+    )
     now = current[(current["timestamp"] < as_of) & (current["timestamp"] >= as_of - days)]
     extra = {"event.item": now["item_id"].astype(str).to_numpy()}
     if scorer is not None and len(in_window) and len(now):
@@ -191,23 +231,33 @@ def drift_table(reference: pd.DataFrame, reference_cutoff: dt.datetime, current:
     table = profile.compare(current, as_of, extra=extra)
     table = table[~table["feature"].isin(EXCLUDED_FEATURES)]
     small = (table["reference_n"] < options.min_sample) | (table["current_n"] < options.min_sample)
-    statuses = [("unknown" if tiny else status(value, options.psi_warn, options.psi_alert))
-                for value, tiny in zip(table["psi"], small, strict=True)]
-    return pd.DataFrame({"metric": "psi", "subject": table["feature"],
-                         "value": table["psi"].astype(float), "status": statuses})
+    statuses = [
+        ("unknown" if tiny else status(value, options.psi_warn, options.psi_alert))
+        for value, tiny in zip(table["psi"], small, strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "metric": "psi",
+            "subject": table["feature"],
+            "value": table["psi"].astype(float),
+            "status": statuses,
+        }
+    )
 
 
 def _trained(events: pd.DataFrame, untrained) -> pd.DataFrame:
-    return events[~events["event_type"].astype(str).isin(list(untrained))] if untrained \
-        else events
+    return events[~events["event_type"].astype(str).isin(list(untrained))] if untrained else events
 
 
 def _online_rows(settings: Settings, as_of: dt.datetime) -> pd.DataFrame:
     """CTR and conversion drops from the newest impact run at or before ``as_of``."""
     from pipeline.monitoring.health import online_ratios
 
-    runs = sorted(p for p in (settings.data_dir / "impact").glob("*/daily.csv")
-                  if p.parent.name <= f"{as_of:%Y-%m-%d}")
+    runs = sorted(
+        p
+        for p in (settings.data_dir / "impact").glob("*/daily.csv")
+        if p.parent.name <= f"{as_of:%Y-%m-%d}"
+    )
     if not runs:
         return pd.DataFrame(columns=["metric", "subject", "value", "status"])
     daily = pd.read_csv(runs[-1], parse_dates=["day"])
@@ -238,14 +288,17 @@ def champion_scorer(version: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _no_reference(as_of: dt.datetime) -> pd.DataFrame:
-    logger.warning("monitor %s: the reference window holds no events: no drift metrics",
-                   f"{as_of:%Y-%m-%d}")
-    return pd.DataFrame({"metric": ["psi"], "subject": [""], "value": [math.nan],
-                         "status": ["unknown"]})
+    logger.warning(
+        "monitor %s: the reference window holds no events: no drift metrics", f"{as_of:%Y-%m-%d}"
+    )
+    return pd.DataFrame(
+        {"metric": ["psi"], "subject": [""], "value": [math.nan], "status": ["unknown"]}
+    )
 
 
-def _list_rows(settings: Settings, dsn: str | None, past: pd.DataFrame,
-               current: pd.DataFrame) -> pd.DataFrame:
+def _list_rows(
+    settings: Settings, dsn: str | None, past: pd.DataFrame, current: pd.DataFrame
+) -> pd.DataFrame:
     """The share of current events on items the reference window never saw, and cold-start
     share and catalogue coverage of the live lists (from their publish record)."""
     from pipeline.monitoring.health import HEALTH_THRESHOLDS, new_item_share
@@ -259,18 +312,26 @@ def _list_rows(settings: Settings, dsn: str | None, past: pd.DataFrame,
     if live is not None:
         record = settings.run_dir(live["logical_date"]) / "publish.json"
         stats = json.loads(record.read_text()).get("lists", {}) if record.exists() else {}
-        rows += [(k, float(v), "ok") for k, v in stats.items()
-                 if k in ("cold_start_share", "catalogue_coverage")]
+        rows += [
+            (k, float(v), "ok")
+            for k, v in stats.items()
+            if k in ("cold_start_share", "catalogue_coverage")
+        ]
     return pd.DataFrame(rows, columns=["metric", "value", "status"]).assign(subject="")
 
 
-def _report(history: pd.DataFrame, folder: Path, options: MonitorOptions,
-            as_of: dt.datetime) -> Path:
+def _report(
+    history: pd.DataFrame, folder: Path, options: MonitorOptions, as_of: dt.datetime
+) -> Path:
     from pipeline.monitoring.report import write_report
 
-    return write_report(history, folder / "report.png", warn=options.psi_warn,
-                        alert=options.psi_alert,
-                        title=f"recommendations monitor, {as_of:%Y-%m-%d}: PSI by feature")
+    return write_report(
+        history,
+        folder / "report.png",
+        warn=options.psi_warn,
+        alert=options.psi_alert,
+        title=f"recommendations monitor, {as_of:%Y-%m-%d}: PSI by feature",
+    )
 
 
 def _log_mlflow(rows: pd.DataFrame, summary: dict, report: Path, as_of: dt.datetime) -> str:
@@ -284,21 +345,33 @@ def _log_mlflow(rows: pd.DataFrame, summary: dict, report: Path, as_of: dt.datet
     configure_mlflow()
     experiment = mlflow.set_experiment(MLFLOW_EXPERIMENT)
     day = f"{as_of:%Y-%m-%d}"
-    found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.as_of = '{day}'",
-                               output_format="list", max_results=1)
+    found = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.as_of = '{day}'",
+        output_format="list",
+        max_results=1,
+    )
     step = int(as_of.timestamp() // 86_400)
     stamp = int(as_of.timestamp() * 1000)
-    metrics = [mlflow.entities.Metric(_metric_name(r.metric, r.subject), float(r.value),
-                                      stamp, step)
-               for r in rows.itertuples() if _finite(r.value) is not None]
-    with mlflow.start_run(run_id=found[0].info.run_id if found else None,
-                          run_name=None if found else f"monitor-{day}") as run:
-        mlflow.set_tags({"as_of": day, "reference": summary["reference"],
-                         "champion": str(summary["champion"]),
-                         "alerts": str(len(summary["alerts"]))})
+    metrics = [
+        mlflow.entities.Metric(_metric_name(r.metric, r.subject), float(r.value), stamp, step)
+        for r in rows.itertuples()
+        if _finite(r.value) is not None
+    ]
+    with mlflow.start_run(
+        run_id=found[0].info.run_id if found else None, run_name=None if found else f"monitor-{day}"
+    ) as run:
+        mlflow.set_tags(
+            {
+                "as_of": day,
+                "reference": summary["reference"],
+                "champion": str(summary["champion"]),
+                "alerts": str(len(summary["alerts"])),
+            }
+        )
         client = mlflow.MlflowClient()
         for start in range(0, len(metrics), 1000):
-            client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
+            client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
         mlflow.log_artifact(str(report))
         return run.info.run_id
 
@@ -307,9 +380,14 @@ def _push(rows: pd.DataFrame, as_of: dt.datetime) -> bool:
     from pipeline.monitoring import prometheus
 
     drift = rows[(rows["metric"] == "psi") & (rows["subject"] != "")]
-    psi = pd.DataFrame({"feature": drift["subject"],
-                        "group": drift["subject"].str.split(".").str[0],
-                        "psi": drift["value"], "status": drift["status"]})
+    psi = pd.DataFrame(
+        {
+            "feature": drift["subject"],
+            "group": drift["subject"].str.split(".").str[0],
+            "psi": drift["value"],
+            "status": drift["status"],
+        }
+    )
     health = {r.metric: r.value for r in rows[rows["metric"] != "psi"].itertuples()}
     return prometheus.push_monitor(psi, health, as_of=as_of)
 

@@ -28,8 +28,16 @@ from pipeline.core.config import DEFAULT_USER, EVENTS_SUITE, Settings
 logger = logging.getLogger(__name__)
 
 SUITE_PATH = EVENTS_SUITE
-STAGES = ("ingest", "validate", "build_features", "tune", "train", "evaluate", "register",
-          "publish")
+STAGES = (
+    "ingest",
+    "validate",
+    "build_features",
+    "tune",
+    "train",
+    "evaluate",
+    "register",
+    "publish",
+)
 
 
 @contextmanager
@@ -59,17 +67,30 @@ def ingest(settings: Settings, cutoff: dt.datetime, dsn: str | None = None) -> d
     with _stage(settings, cutoff, "ingest") as result:
         result["serving"] = check_config(dsn)
         # with a key, the pseudonym mapping goes to the serving DB (``dsn``, else SQLite)
-        report = ingest_lake(settings, SUITE_PATH,
-                             pseudonym_recorder(dsn, settings.serving_sqlite_path))
+        report = ingest_lake(
+            settings, SUITE_PATH, pseudonym_recorder(dsn, settings.serving_sqlite_path)
+        )
         result["pseudonymised"] = settings.pseudonym_key is not None
         path = settings.run_dir(cutoff) / "events_raw.parquet"
         snapshot = write_snapshot(settings.lake_events_dir, cutoff, settings.lookback_days, path)
-        window = WindowCheck(cutoff, snapshot.start, snapshot.rows, snapshot.newest,
-                             lake_watermark(settings.lake_events_dir))
-        result.update(report.to_dict(), snapshot_rows=snapshot.rows, snapshot_path=str(path),
-                      **window.to_dict())
-        check_window(window, min_events=settings.min_window_events,
-                     max_staleness_days=settings.max_staleness_days)
+        window = WindowCheck(
+            cutoff,
+            snapshot.start,
+            snapshot.rows,
+            snapshot.newest,
+            lake_watermark(settings.lake_events_dir),
+        )
+        result.update(
+            report.to_dict(),
+            snapshot_rows=snapshot.rows,
+            snapshot_path=str(path),
+            **window.to_dict(),
+        )
+        check_window(
+            window,
+            min_events=settings.min_window_events,
+            max_staleness_days=settings.max_staleness_days,
+        )
     return result
 
 
@@ -85,18 +106,23 @@ def validate(settings: Settings, cutoff: dt.datetime) -> dict:
     digest = suite_digest(SUITE_PATH, settings.event_weights)
     by_name: dict[str, bool] = {}
     for record in read_manifest(settings.lake_events_dir.parent):
-        by_name[record["file"]] = (by_name.get(record["file"], True)
-                                   and record.get("validated") == digest)
+        by_name[record["file"]] = (
+            by_name.get(record["file"], True) and record.get("validated") == digest
+        )
     with _stage(settings, cutoff, "validate") as result:
         report = validate_events_file(
-            run / "events_raw.parquet", clean_path=run / "events.parquet",
-            suite_path=SUITE_PATH, cutoff=cutoff,
+            run / "events_raw.parquet",
+            clean_path=run / "events.parquet",
+            suite_path=SUITE_PATH,
+            cutoff=cutoff,
             allowed_event_types=sorted(settings.event_weights),
             max_bad_row_share=settings.max_bad_row_share,
-            quarantine_path=run / "quarantine.parquet", data_docs_dir=run / "data_docs",
+            quarantine_path=run / "quarantine.parquet",
+            data_docs_dir=run / "data_docs",
             clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
             chunk_rows=settings.chunk_rows,
-            validated_sources=[name for name, ok in by_name.items() if ok])
+            validated_sources=[name for name, ok in by_name.items() if ok],
+        )
         result.update(report.to_dict())
         logger.info("validate: data docs at %s", report.data_docs_path)
     return result
@@ -123,16 +149,19 @@ def build_features(settings: Settings, cutoff: dt.datetime) -> dict:
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "build_features") as result:
         encoded = encode_events_file(run / "events.parquet", run, settings.event_weights)
-        items = encoded.items.rekey(read_side_file(settings.landing_dir / "items.csv"),
-                                    "item_id")
+        items = encoded.items.rekey(read_side_file(settings.landing_dir / "items.csv"), "item_id")
         shutil.rmtree(run / "features", ignore_errors=True)
         for as_of in (cutoff, _holdout_start(settings, cutoff)):
             frames = FeatureFrames.build(encoded.before(as_of).frame, as_of, items)
             frames.write(run / "features")
-        result.update(events=len(encoded), left_out=dict(encoded.left_out),
-                      users=len(encoded.users), items=len(encoded.items),
-                      user_feature_columns=len(frames.user.columns) - 1,
-                      item_feature_columns=len(frames.item.columns) - 1)
+        result.update(
+            events=len(encoded),
+            left_out=dict(encoded.left_out),
+            users=len(encoded.users),
+            items=len(encoded.items),
+            user_feature_columns=len(frames.user.columns) - 1,
+            item_feature_columns=len(frames.item.columns) - 1,
+        )
     return result
 
 
@@ -167,21 +196,28 @@ def tune(settings: Settings, cutoff: dt.datetime) -> dict:
     from pipeline.registry.tracking import stage_run
 
     run = settings.run_dir(cutoff)
-    with (_stage(settings, cutoff, "tune") as result,
-          stage_run(run, cutoff, "tune", new_night=True) as night):
+    with (
+        _stage(settings, cutoff, "tune") as result,
+        stage_run(run, cutoff, "tune", new_night=True) as night,
+    ):
         result["mlflow_run_id"] = night
         params = _twostage(settings).get_params()
         if settings.tune:
             from pipeline.evaluation.tuning import tune_twostage
             from pipeline.lake.readers import read_side_file
 
-            tuned = tune_twostage(_encoded(settings, cutoff), cutoff, params,
-                                  settings.tune_budget_minutes,
-                                  read_side_file(settings.landing_dir / "items.csv"),
-                                  _side_users(settings),
-                                  settings.event_weights, n_folds=3,
-                                  horizon_days=settings.holdout_days,
-                                  random_state=settings.seed)
+            tuned = tune_twostage(
+                _encoded(settings, cutoff),
+                cutoff,
+                params,
+                settings.tune_budget_minutes,
+                read_side_file(settings.landing_dir / "items.csv"),
+                _side_users(settings),
+                settings.event_weights,
+                n_folds=3,
+                horizon_days=settings.holdout_days,
+                random_state=settings.seed,
+            )
             tuned.trials.to_csv(run / "tuning.csv", index=False)
             params = tuned.best_params
             result["tuning"] = tuned.to_dict()
@@ -206,22 +242,30 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
     run = settings.run_dir(cutoff)
     with _stage(settings, cutoff, "train") as result, stage_run(run, cutoff, "train") as night:
         result["mlflow_run_id"] = night
-        _log_events_dataset(settings, cutoff, night, "training",
-                            {"window_end": cutoff.isoformat()})
+        _log_events_dataset(settings, cutoff, night, "training", {"window_end": cutoff.isoformat()})
         items = read_side_file(settings.landing_dir / "items.csv")
         users = _side_users(settings)
         model = _twostage(settings, _tuned_params(settings, cutoff)).fit(
-            _encoded(settings, cutoff), cutoff, settings.event_weights, items, users,
-            features=_features(settings, cutoff, cutoff))
+            _encoded(settings, cutoff),
+            cutoff,
+            settings.event_weights,
+            items,
+            users,
+            features=_features(settings, cutoff, cutoff),
+        )
         bundle = run / "model"
         shutil.rmtree(bundle, ignore_errors=True)
         model.save(bundle)
         matrix = model.matrix_
-        result.update(users=matrix.shape[0], items=matrix.shape[1],
-                      pairs=int(matrix.confidence.nnz), bundle_path=str(bundle),
-                      params=model.get_params(), training=model.training_,
-                      ranker_validation=(model.ranker_.validation_ if model.ranker_ is not None
-                                         else None))
+        result.update(
+            users=matrix.shape[0],
+            items=matrix.shape[1],
+            pairs=int(matrix.confidence.nnz),
+            bundle_path=str(bundle),
+            params=model.get_params(),
+            training=model.training_,
+            ranker_validation=(model.ranker_.validation_ if model.ranker_ is not None else None),
+        )
     return result
 
 
@@ -238,27 +282,45 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
     from pipeline.registry.tracking import stage_run
 
     run = settings.run_dir(cutoff)
-    with (_stage(settings, cutoff, "evaluate") as result,
-          stage_run(run, cutoff, "evaluate") as night):
+    with (
+        _stage(settings, cutoff, "evaluate") as result,
+        stage_run(run, cutoff, "evaluate") as night,
+    ):
         result["mlflow_run_id"] = night
-        _log_events_dataset(settings, cutoff, night, "evaluation", {
-            "train_end": _holdout_start(settings, cutoff).isoformat(),
-            "holdout": f"[{_holdout_start(settings, cutoff).isoformat()}, "
-                       f"{cutoff.isoformat()})"})
-        holdout = _holdout(settings, _encoded(settings, cutoff), cutoff, k,
-                           _tuned_params(settings, cutoff),
-                           features=_features(settings, cutoff,
-                                              _holdout_start(settings, cutoff)))
+        _log_events_dataset(
+            settings,
+            cutoff,
+            night,
+            "evaluation",
+            {
+                "train_end": _holdout_start(settings, cutoff).isoformat(),
+                "holdout": f"[{_holdout_start(settings, cutoff).isoformat()}, "
+                f"{cutoff.isoformat()})",
+            },
+        )
+        holdout = _holdout(
+            settings,
+            _encoded(settings, cutoff),
+            cutoff,
+            k,
+            _tuned_params(settings, cutoff),
+            features=_features(settings, cutoff, _holdout_start(settings, cutoff)),
+        )
         table, extra = holdout.table, holdout.extra
         table.to_csv(run / "metrics.csv")
         holdout.user_ndcg.to_frame().to_parquet(run / USER_NDCG_FILE)
         segment_audit(extra.pop("per_user"), extra.pop("segments")).to_csv(
-            run / "bias_audit.csv", index=False)
+            run / "bias_audit.csv", index=False
+        )
         best_baseline = table.drop(index=["model", "als"])["ndcg"].max()
         model_ndcg = table.loc["model", "ndcg"]
         gate = bool(model_ndcg >= best_baseline)
-        metrics = {f"{m}_{c}_at_{k}": round(float(table.loc[m, c]), 6)
-                   for m in table.index for c in table.columns if c != "users"}
+        metrics = {
+            f"{m}_{c}_at_{k}": round(float(table.loc[m, c]), 6)
+            for m in table.index
+            for c in table.columns
+            if c != "users"
+        }
         metrics.update({key: round(float(value), 6) for key, value in extra.items()})
         # An undefined metric (no new user in the holdout: no cold-start nDCG) is left out:
         # NaN is no JSON (XCom) and no MLflow metric.
@@ -267,15 +329,22 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
             logger.info("evaluate: undefined on this holdout: %s", ", ".join(undefined))
         metrics = {key: value for key, value in metrics.items() if value == value}
         result.update(
-            k=k, holdout_days=settings.holdout_days, users=int(table["users"].iloc[0]),
-            metrics=metrics, gate_passed=gate,
-            gate_reason=(f"ndcg@{k} {model_ndcg:.4f} {'>=' if gate else '<'} best baseline "
-                         f"{best_baseline:.4f}"))
+            k=k,
+            holdout_days=settings.holdout_days,
+            users=int(table["users"].iloc[0]),
+            metrics=metrics,
+            gate_passed=gate,
+            gate_reason=(
+                f"ndcg@{k} {model_ndcg:.4f} {'>=' if gate else '<'} best baseline "
+                f"{best_baseline:.4f}"
+            ),
+        )
     return result
 
 
-def _log_events_dataset(settings: Settings, cutoff: dt.datetime, night: str, context: str,
-                        tags: dict) -> None:
+def _log_events_dataset(
+    settings: Settings, cutoff: dt.datetime, night: str, context: str, tags: dict
+) -> None:
     """The run's encoded events as an input dataset of the night's MLflow run."""
     import pyarrow.parquet as pq
 
@@ -284,12 +353,21 @@ def _log_events_dataset(settings: Settings, cutoff: dt.datetime, night: str, con
 
     path = settings.run_dir(cutoff) / EVENTS_FILE
     parquet = pq.ParquetFile(path)
-    sample = parquet.read_row_group(0).slice(0, 100).to_pandas() if parquet.num_row_groups \
+    sample = (
+        parquet.read_row_group(0).slice(0, 100).to_pandas()
+        if parquet.num_row_groups
         else parquet.schema_arrow.empty_table().to_pandas()
+    )
     # one input per (name, digest) in MLflow: the holdout view of the file gets its own name
     name = f"{'events' if context == 'training' else 'holdout'}-{cutoff:%Y-%m-%d}"
-    log_dataset(night, path, name=name, context=context, sample=sample,
-                tags={"rows": parquet.metadata.num_rows, **tags})
+    log_dataset(
+        night,
+        path,
+        name=name,
+        context=context,
+        sample=sample,
+        tags={"rows": parquet.metadata.num_rows, **tags},
+    )
 
 
 def _log_artifacts(night: str, paths: list[Path], folder: str) -> None:
@@ -301,8 +379,7 @@ def _log_artifacts(night: str, paths: list[Path], folder: str) -> None:
             client.log_artifact(night, str(path), folder)
 
 
-def holdout_table(settings: Settings, events, cutoff: dt.datetime, k: int = 10
-                  ) -> pd.DataFrame:
+def holdout_table(settings: Settings, events, cutoff: dt.datetime, k: int = 10) -> pd.DataFrame:
     """Metrics at ``k`` per model on the holdout: the recipe in ``settings`` and the baselines.
 
     Pure in its inputs, so the promotion gate can re-score the champion's recipe on exactly
@@ -322,8 +399,16 @@ class _Holdout:
     extra: dict  # ranker AUC, candidate recall, cold-start metrics, bias-audit inputs
 
 
-def _holdout(settings: Settings, events, cutoff: dt.datetime, k: int = 10,
-             params: dict | None = None, *, extras: bool = True, features=None) -> _Holdout:
+def _holdout(
+    settings: Settings,
+    events,
+    cutoff: dt.datetime,
+    k: int = 10,
+    params: dict | None = None,
+    *,
+    extras: bool = True,
+    features=None,
+) -> _Holdout:
     """Metrics of the two-stage recipe (row ``model``) and the baselines on the holdout.
 
     ``events``: the run's :class:`~pipeline.core.ids.EncodedEvents` (a frame of string ids
@@ -342,28 +427,43 @@ def _holdout(settings: Settings, events, cutoff: dt.datetime, k: int = 10,
     items = read_side_file(settings.landing_dir / "items.csv")
     users = _side_users(settings)
     if not isinstance(events, EncodedEvents):
-        events = EncodedEvents.from_frame(events[events["timestamp"] < cutoff],
-                                          settings.event_weights)
+        events = EncodedEvents.from_frame(
+            events[events["timestamp"] < cutoff], settings.event_weights
+        )
     events = events.before(cutoff)
-    split = split_holdout(events, cutoff, settings.holdout_days, settings.event_weights,
-                          max_users=settings.eval_max_users, seed=settings.seed)
+    split = split_holdout(
+        events,
+        cutoff,
+        settings.holdout_days,
+        settings.event_weights,
+        max_users=settings.eval_max_users,
+        seed=settings.seed,
+    )
     start = split.holdout_start
-    model = _twostage(settings, params).fit(split.encoded, start, settings.event_weights,
-                                            items, users, features=features)
+    model = _twostage(settings, params).fit(
+        split.encoded, start, settings.event_weights, items, users, features=features
+    )
     plain = _als(settings).fit(split.train, popular_items(split.train_events, start, k))
     warm_ids = split.train.user_ids[split.eval_rows]
     warm_lists = model.recommend(warm_ids, k)
     model_top = lists_to_top(warm_lists, warm_ids, split.train, k)
-    table = evaluate_models(split, {
-        "model": lambda rows, n: model_top[:, :n],
-        "als": lambda rows, n: plain.score_top(rows, n)[0],
-        "popularity": lambda rows, n: popularity_top(split, rows, n, None),
-        "popularity_30d": lambda rows, n: popularity_top(split, rows, n, 30),
-    }, k=k, diversity=True)
-    user_ndcg = pd.Series(ranking_metrics_per_user(model_top, split.truth[split.eval_rows], k)
-                          ["ndcg"], index=pd.Index(warm_ids, name="user_id"), name="ndcg")
-    extra = (_holdout_extras(model, split, events, cutoff, k, users, warm_lists) if extras
-             else {})
+    table = evaluate_models(
+        split,
+        {
+            "model": lambda rows, n: model_top[:, :n],
+            "als": lambda rows, n: plain.score_top(rows, n)[0],
+            "popularity": lambda rows, n: popularity_top(split, rows, n, None),
+            "popularity_30d": lambda rows, n: popularity_top(split, rows, n, 30),
+        },
+        k=k,
+        diversity=True,
+    )
+    user_ndcg = pd.Series(
+        ranking_metrics_per_user(model_top, split.truth[split.eval_rows], k)["ndcg"],
+        index=pd.Index(warm_ids, name="user_id"),
+        name="ndcg",
+    )
+    extra = _holdout_extras(model, split, events, cutoff, k, users, warm_lists) if extras else {}
     return _Holdout(table, user_ndcg, extra)
 
 
@@ -385,7 +485,7 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
     # holdout user at once would be ~60 bytes x users x ~200 candidates
     labels, pair_scores, recall_sum = [], [], 0.0
     for first in range(0, len(rows), model.chunk_users):
-        chunk = rows[first:first + model.chunk_users]
+        chunk = rows[first : first + model.chunk_users]
         pairs = model.rank_candidates(chunk)
         labels.append(label_pairs(pairs, truth).astype(np.int8))
         pair_scores.append(pairs["score"].to_numpy(np.float32))
@@ -394,8 +494,11 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
         del pairs, local
     labels = np.concatenate(labels) if labels else np.zeros(0, np.int8)
     pair_scores = np.concatenate(pair_scores) if pair_scores else np.zeros(0, np.float32)
-    scores = held_out_scores(labels, pair_scores) if len(labels) else {
-        "auc": float("nan"), "pr_auc": float("nan")}
+    scores = (
+        held_out_scores(labels, pair_scores)
+        if len(labels)
+        else {"auc": float("nan"), "pr_auc": float("nan")}
+    )
     recall = recall_sum / len(rows) if len(labels) else float("nan")
     del labels, pair_scores
     coded = window_truth_frame(events.frame, start, cutoff)  # codes, then ids for the lists
@@ -404,15 +507,22 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
     cold_codes = coded.loc[~old, "user_id"].unique()
     warm_codes = coded.loc[old, "user_id"].unique()
     warm_codes = warm_codes[np.isin(warm_codes, split.eval_rows)]  # the sample, when sampled
-    baseline = popularity_lists(split.train_events, start,
-                                np.concatenate([warm_codes, cold_codes]), k, 30)
-    truth_ids, baseline = (frame.assign(user_id=events.users.decode(frame["user_id"]),
-                                        item_id=events.items.decode(frame["item_id"]))
-                           for frame in (coded, baseline))
+    baseline = popularity_lists(
+        split.train_events, start, np.concatenate([warm_codes, cold_codes]), k, 30
+    )
+    truth_ids, baseline = (
+        frame.assign(
+            user_id=events.users.decode(frame["user_id"]),
+            item_id=events.items.decode(frame["item_id"]),
+        )
+        for frame in (coded, baseline)
+    )
     cold_ids = events.users.decode(cold_codes)
     warm_truth = truth_ids[truth_ids["user_id"].isin(warm_lists["user_id"])]
-    lists = {"model": pd.concat([warm_lists, model.recommend(cold_ids, k)]),
-             "popularity_30d": baseline}
+    lists = {
+        "model": pd.concat([warm_lists, model.recommend(cold_ids, k)]),
+        "popularity_30d": baseline,
+    }
     scored = pd.concat([warm_truth, truth_ids[truth_ids["user_id"].isin(cold_ids)]])
     per_user = {name: user_metrics(frame, scored, k) for name, frame in lists.items()}
     segments = pd.DataFrame(index=pd.Index(scored["user_id"].unique(), name="user_id"))
@@ -422,17 +532,25 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
         for column in ("age_band", "gender", "occupation"):
             if column in side:
                 segments[column] = segments.index.map(side[column])
-    cold = {name: frame.loc[frame.index.isin(list(cold_ids)), "ndcg"].mean()
-            for name, frame in per_user.items()}
-    return {"model_auc": scores["auc"], "model_pr_auc": scores["pr_auc"],
-            "model_candidate_recall": recall, f"model_cold_ndcg_at_{k}": cold["model"],
-            f"popularity_30d_cold_ndcg_at_{k}": cold["popularity_30d"],
-            "model_cold_users": float(len(cold_ids)), "per_user": per_user,
-            "segments": segments}
+    cold = {
+        name: frame.loc[frame.index.isin(list(cold_ids)), "ndcg"].mean()
+        for name, frame in per_user.items()
+    }
+    return {
+        "model_auc": scores["auc"],
+        "model_pr_auc": scores["pr_auc"],
+        "model_candidate_recall": recall,
+        f"model_cold_ndcg_at_{k}": cold["model"],
+        f"popularity_30d_cold_ndcg_at_{k}": cold["popularity_30d"],
+        "model_cold_users": float(len(cold_ids)),
+        "per_user": per_user,
+        "segments": segments,
+    }
 
 
-def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
-             triggered_by: str = "pipeline") -> dict:
+def register(
+    settings: Settings, cutoff: dt.datetime, dsn: str | None = None, triggered_by: str = "pipeline"
+) -> dict:
     """Log and register the bundle, then decide whether it becomes champion.
 
     A run whose cutoff is older than production's (the live lists' or the champion's logical
@@ -463,15 +581,20 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
     from pipeline.serving.store import promotion_lock, record_promotion
 
     run = settings.run_dir(cutoff)
-    with (_stage(settings, cutoff, "register") as result,
-          stage_run(run, cutoff, "register") as night,
-          promotion_lock(dsn=dsn, sqlite_path=settings.serving_sqlite_path)):
+    with (
+        _stage(settings, cutoff, "register") as result,
+        stage_run(run, cutoff, "register") as night,
+        promotion_lock(dsn=dsn, sqlite_path=settings.serving_sqlite_path),
+    ):
         trained, evaluated = _read_json(run / "train.json"), _read_json(run / "evaluate.json")
         validated, ingested = _read_json(run / "validate.json"), _read_json(run / "ingest.json")
         k, metrics = evaluated["k"], dict(evaluated["metrics"])
         challenger_score = metrics[f"model_ndcg_at_{k}"]
-        baseline = max(v for key, v in metrics.items()  # warm-user popularity rows only
-                       if re.fullmatch(rf"popularity(_\d+d)?_ndcg_at_{k}", key))
+        baseline = max(
+            v
+            for key, v in metrics.items()  # warm-user popularity rows only
+            if re.fullmatch(rf"popularity(_\d+d)?_ndcg_at_{k}", key)
+        )
         configure_mlflow()
         champion = champion_version()
         details = version_details(champion) if champion is not None else None
@@ -485,70 +608,114 @@ def register(settings: Settings, cutoff: dt.datetime, dsn: str | None = None,
             rescored = _recipe_score(settings, cutoff, details, trained["params"], own, k)
             champion_score, same_recipe = rescored.mean, rescored.same_recipe
             interval = _paired_interval(own, rescored.user_ndcg, settings.seed)
-            metrics.update({f"champion_ndcg_at_{k}": champion_score,
-                            "gate_diff_low": interval[0], "gate_diff_high": interval[1]})
+            metrics.update(
+                {
+                    f"champion_ndcg_at_{k}": champion_score,
+                    "gate_diff_low": interval[0],
+                    "gate_diff_high": interval[1],
+                }
+            )
         bundle = load_bundle(Path(trained["bundle_path"]))
         report = _write_report(run, bundle, champion_score, k)
         registration = register_model(
-            Path(trained["bundle_path"]), run_name=f"nightly-{cutoff:%Y-%m-%d}",
-            params={**recipe_params(settings), "top_n": settings.top_n,
-                    "holdout_days": settings.holdout_days,
-                    **_prefixed("model", trained["params"])},
+            Path(trained["bundle_path"]),
+            run_name=f"nightly-{cutoff:%Y-%m-%d}",
+            params={
+                **recipe_params(settings),
+                "top_n": settings.top_n,
+                "holdout_days": settings.holdout_days,
+                **_prefixed("model", trained["params"]),
+            },
             metrics=metrics,
-            tags={"logical_date": cutoff.isoformat(), "triggered_by": triggered_by,
-                  "backfill": str(backfill),
-                  "model_params": json.dumps(trained["params"], sort_keys=True),
-                  "numerics": str((trained.get("training") or {}).get("numerics", "")),
-                  "rows_snapshot": str(ingested["snapshot_rows"]),
-                  "rows_clean": str(validated.get("rows", 0) - validated.get("bad_rows", 0)),
-                  "validation_passed": str(validated.get("passed")),
-                  "lake_path": str(settings.lake_events_dir)},
-            artifacts={"report": report}, recommender=bundle,
-            alias=CHALLENGER if decides else None, run_id=night)
+            tags={
+                "logical_date": cutoff.isoformat(),
+                "triggered_by": triggered_by,
+                "backfill": str(backfill),
+                "model_params": json.dumps(trained["params"], sort_keys=True),
+                "numerics": str((trained.get("training") or {}).get("numerics", "")),
+                "rows_snapshot": str(ingested["snapshot_rows"]),
+                "rows_clean": str(validated.get("rows", 0) - validated.get("bad_rows", 0)),
+                "validation_passed": str(validated.get("passed")),
+                "lake_path": str(settings.lake_events_dir),
+            },
+            artifacts={"report": report},
+            recommender=bundle,
+            alias=CHALLENGER if decides else None,
+            run_id=night,
+        )
         _log_trend(run, night, metrics, k, cutoff)
         if champion == registration.version:  # a re-run of the model that already serves
             _heal_promotion_record(settings, dsn, champion, details, cutoff, triggered_by)
-            result.update(registration.to_dict(), promoted=False, decision="unchanged",
-                          reason=f"v{champion} is already champion", champion_version=champion,
-                          serve_version=champion)
+            result.update(
+                registration.to_dict(),
+                promoted=False,
+                decision="unchanged",
+                reason=f"v{champion} is already champion",
+                champion_version=champion,
+                serve_version=champion,
+            )
             finish_night(night)
             return result
         if decides:
             gate = decide_promotion(
-                challenger_score, champion_score, baseline,
+                challenger_score,
+                champion_score,
+                baseline,
                 min_relative_gain=settings.gate_min_relative_gain,
-                tolerance=settings.gate_tolerance, force=settings.force_promote,
-                metric=f"ndcg@{k}", same_recipe=same_recipe, interval=interval,
+                tolerance=settings.gate_tolerance,
+                force=settings.force_promote,
+                metric=f"ndcg@{k}",
+                same_recipe=same_recipe,
+                interval=interval,
                 require_significance=settings.gate_require_significance,
-                online=settings.gate_online)
+                online=settings.gate_online,
+            )
         else:
             gate = GateDecision(
-                False, "backfill",
+                False,
+                "backfill",
                 f"backfill: cutoff {cutoff:%Y-%m-%d} is older than production's "
                 f"{production[0]:%Y-%m-%d} ({production[1]}); the run's results are recorded, "
                 f"the champion (v{champion}) and the live lists stay (set serve_backfill or "
-                "force_promote to serve it)", challenger_score, None, baseline,
+                "force_promote to serve it)",
+                challenger_score,
+                None,
+                baseline,
                 min_relative_gain=settings.gate_min_relative_gain,
                 tolerance=settings.gate_tolerance,
-                require_significance=settings.gate_require_significance)
+                require_significance=settings.gate_require_significance,
+            )
         # recorded before it takes effect: if the alias cannot move, the retry decides again;
         # if it moved and the run died, the audit already holds the decision
-        record_promotion(dsn=dsn, sqlite_path=settings.serving_sqlite_path,
-                         model_name="recommender", model_version=registration.version,
-                         decision=gate.decision, reason=gate.reason,
-                         metrics={**gate.to_dict(), "champion_version": champion,
-                                  "logical_date": cutoff.isoformat()},
-                         triggered_by=triggered_by)
+        record_promotion(
+            dsn=dsn,
+            sqlite_path=settings.serving_sqlite_path,
+            model_name="recommender",
+            model_version=registration.version,
+            decision=gate.decision,
+            reason=gate.reason,
+            metrics={
+                **gate.to_dict(),
+                "champion_version": champion,
+                "logical_date": cutoff.isoformat(),
+            },
+            triggered_by=triggered_by,
+        )
         if gate.promote:
             set_champion(registration.version, decision=gate.decision, reason=gate.reason)
         else:
             tag_decision(registration.version, decision=gate.decision, reason=gate.reason)
         logger.info("register: v%s %s: %s", registration.version, gate.decision, gate.reason)
         serve = registration.version if gate.promote else champion
-        result.update(registration.to_dict(), promoted=gate.promote, decision=gate.decision,
-                      reason=gate.reason, backfill=backfill,
-                      champion_version=registration.version if gate.promote else champion,
-                      serve_version=serve if decides else None)
+        result.update(
+            registration.to_dict(),
+            promoted=gate.promote,
+            decision=gate.decision,
+            reason=gate.reason,
+            backfill=backfill,
+            champion_version=registration.version if gate.promote else champion,
+            serve_version=serve if decides else None,
+        )
         finish_night(night)
     return result
 
@@ -565,36 +732,61 @@ def _log_trend(run: Path, night: str, metrics: dict, k: int, cutoff: dt.datetime
 
     keys = {name: f"{name}_ndcg_at_{k}" for name in _TREND_SERIES}
     current = {name: metrics[key] for name, key in keys.items() if key in metrics}
-    path = plot_trend(champion_metrics(keys), current, run / "trend.png",
-                      logical_date=pd.Timestamp(cutoff), metric=f"ndcg@{k}")
+    path = plot_trend(
+        champion_metrics(keys),
+        current,
+        run / "trend.png",
+        logical_date=pd.Timestamp(cutoff),
+        metric=f"ndcg@{k}",
+    )
     _log_artifacts(night, [path], "report")
 
 
-def _heal_promotion_record(settings: Settings, dsn: str | None, champion: str,
-                           details: dict | None, cutoff: dt.datetime,
-                           triggered_by: str) -> None:
+def _heal_promotion_record(
+    settings: Settings,
+    dsn: str | None,
+    champion: str,
+    details: dict | None,
+    cutoff: dt.datetime,
+    triggered_by: str,
+) -> None:
     """The champion has no row in ``model_promotions`` (its alias moved, then the run failed
     before the decision was recorded: code before decisions were recorded first): record it
     now from the version's own decision tags, marked as recorded late."""
     from pipeline.serving.store import record_promotion, recorded_decision
 
-    if recorded_decision(dsn=dsn, sqlite_path=settings.serving_sqlite_path,
-                         model_name="recommender", model_version=champion) is not None:
+    if (
+        recorded_decision(
+            dsn=dsn,
+            sqlite_path=settings.serving_sqlite_path,
+            model_name="recommender",
+            model_version=champion,
+        )
+        is not None
+    ):
         return
     tags = (details or {}).get("tags", {})
     decision = tags.get("promotion_decision") or "promote"
-    reason = (f"recorded late, by the run for {cutoff:%Y-%m-%d}: v{champion} is champion but "
-              f"its decision was never recorded; tagged: {tags.get('promotion_reason', '')}")
-    record_promotion(dsn=dsn, sqlite_path=settings.serving_sqlite_path,
-                     model_name="recommender", model_version=champion, decision=decision,
-                     reason=reason, metrics={"logical_date": cutoff.isoformat(),
-                                             "recorded_late": True},
-                     triggered_by=triggered_by)
+    reason = (
+        f"recorded late, by the run for {cutoff:%Y-%m-%d}: v{champion} is champion but "
+        f"its decision was never recorded; tagged: {tags.get('promotion_reason', '')}"
+    )
+    record_promotion(
+        dsn=dsn,
+        sqlite_path=settings.serving_sqlite_path,
+        model_name="recommender",
+        model_version=champion,
+        decision=decision,
+        reason=reason,
+        metrics={"logical_date": cutoff.isoformat(), "recorded_late": True},
+        triggered_by=triggered_by,
+    )
     logger.warning("register: %s", reason)
 
 
-def _production_cutoff(settings: Settings, dsn: str | None, champion: dict | None
-                       ) -> tuple[dt.datetime, str] | None:
+def _production_cutoff(
+    settings: Settings, dsn: str | None, champion: dict | None
+) -> tuple[dt.datetime, str] | None:
     """The newest logical date production serves, and what serves it: the live lists' or
     the champion's (``champion``: its :func:`version_details`), whichever is later (None
     before the first publish and promotion)."""
@@ -604,8 +796,13 @@ def _production_cutoff(settings: Settings, dsn: str | None, champion: dict | Non
     found = []
     live = live_version(dsn=dsn, sqlite_path=settings.serving_sqlite_path)
     if live is not None:
-        found.append((live["logical_date"], f"the live lists: serving version {live['version']}, "
-                                            f"model v{live['model_version']}"))
+        found.append(
+            (
+                live["logical_date"],
+                f"the live lists: serving version {live['version']}, "
+                f"model v{live['model_version']}",
+            )
+        )
     if champion is not None and champion["tags"].get("logical_date"):
         found.append((as_utc(champion["tags"]["logical_date"]), f"champion v{champion['version']}"))
     return max(found, key=lambda pair: pair[0]) if found else None
@@ -633,12 +830,14 @@ def _write_report(run: Path, model, champion_score: float | None, k: int) -> Pat
     folder.mkdir(parents=True)
     table = pd.read_csv(run / "metrics.csv", index_col=0)
     shutil.copy(run / "metrics.csv", folder / "metrics.csv")
-    plot_metrics_comparison(table, folder / "metrics_vs_baselines.png",
-                            champion={"ndcg": champion_score} if champion_score else None)
+    plot_metrics_comparison(
+        table,
+        folder / "metrics_vs_baselines.png",
+        champion={"ndcg": champion_score} if champion_score else None,
+    )
     users = model.matrix_.user_ids[:: max(1, len(model.matrix_.user_ids) // 2000)]
     lists = model.recommend(users, k)
-    plot_score_distribution(lists["score"], folder / "score_distribution.png",
-                            by=lists["source"])
+    plot_score_distribution(lists["score"], folder / "score_distribution.png", by=lists["source"])
     importance = getattr(model, "feature_importance", None)
     if callable(importance):
         plot_feature_importance(importance(), folder / "feature_importance.png")
@@ -649,21 +848,42 @@ def _write_report(run: Path, model, champion_score: float | None, k: int) -> Pat
 
 
 #: Settings that do not change how a model is trained (paths, serving, gate, split).
-_NOT_RECIPE = frozenset({"data_dir", "event_weights", "top_n", "holdout_days", "eval_max_users",
-                         "max_bad_row_share", "force_promote", "gate_min_relative_gain",
-                         "gate_tolerance", "gate_require_significance", "gate_online",
-                         "consumed_event_types",
-                         "max_per_category", "item_ttl_days", "candidate_multiplier",
-                         "keep_versions", "tune", "tune_budget_minutes", "min_window_events",
-                         "max_staleness_days", "serve_backfill"})
+_NOT_RECIPE = frozenset(
+    {
+        "data_dir",
+        "event_weights",
+        "top_n",
+        "holdout_days",
+        "eval_max_users",
+        "max_bad_row_share",
+        "force_promote",
+        "gate_min_relative_gain",
+        "gate_tolerance",
+        "gate_require_significance",
+        "gate_online",
+        "consumed_event_types",
+        "max_per_category",
+        "item_ttl_days",
+        "candidate_multiplier",
+        "keep_versions",
+        "tune",
+        "tune_budget_minutes",
+        "min_window_events",
+        "max_staleness_days",
+        "serve_backfill",
+    }
+)
 
 
 def recipe_params(settings: Settings) -> dict:
     """The scalar settings that define how a model is trained: logged with each version and
     re-fitted by the gate to re-score a champion on a new holdout."""
-    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
-            if f.name not in _NOT_RECIPE
-            and isinstance(getattr(settings, f.name), (int, float, str, bool))}
+    return {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if f.name not in _NOT_RECIPE
+        and isinstance(getattr(settings, f.name), (int, float, str, bool))
+    }
 
 
 @dataclass(frozen=True)
@@ -673,8 +893,14 @@ class _Rescored:
     same_recipe: bool  # the champion's recipe is this run's: the refit is this run's model
 
 
-def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_params: dict,
-                  own_users: pd.Series, k: int) -> _Rescored:
+def _recipe_score(
+    settings: Settings,
+    cutoff: dt.datetime,
+    champion: dict,
+    own_params: dict,
+    own_users: pd.Series,
+    k: int,
+) -> _Rescored:
     """nDCG@k of the champion's recipe refitted on this run's holdout split.
 
     The recipe is the champion's training settings (run params) plus its exact model params
@@ -692,29 +918,44 @@ def _recipe_score(settings: Settings, cutoff: dt.datetime, champion: dict, own_p
     if theirs == mine and their_params in (None, own_params):
         return _Rescored(float(own_users.mean()), own_users, True)
     fields = {f.name: f.type for f in dataclasses.fields(Settings)}
-    overrides = {key: _as_type(value, fields[key]) for key, value in theirs.items()
-                 if key in fields}
+    overrides = {
+        key: _as_type(value, fields[key]) for key, value in theirs.items() if key in fields
+    }
     champion_settings = dataclasses.replace(settings, **overrides)
-    holdout = _holdout(champion_settings, _encoded(settings, cutoff), cutoff, k, their_params,
-                       extras=False,
-                       features=_features(settings, cutoff, _holdout_start(settings, cutoff)))
+    holdout = _holdout(
+        champion_settings,
+        _encoded(settings, cutoff),
+        cutoff,
+        k,
+        their_params,
+        extras=False,
+        features=_features(settings, cutoff, _holdout_start(settings, cutoff)),
+    )
     score = float(holdout.table.loc["model", "ndcg"])
-    logger.info("champion v%s re-scored on this holdout: ndcg@%d %.4f", champion["version"], k,
-                score)
+    logger.info(
+        "champion v%s re-scored on this holdout: ndcg@%d %.4f", champion["version"], k, score
+    )
     return _Rescored(score, holdout.user_ndcg, False)
 
 
 def _as_type(value: str, annotation: str):
-    return {"int": int, "float": float, "bool": lambda v: v == "True"}.get(
-        str(annotation), str)(value)
+    return {"int": int, "float": float, "bool": lambda v: v == "True"}.get(str(annotation), str)(
+        value
+    )
 
 
 def _prefixed(prefix: str, params: dict) -> dict:
     return {f"{prefix}.{key}": value for key, value in params.items()}
 
 
-def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
-            decision: dict | None = None, version: str | None = None) -> dict:
+def publish(
+    settings: Settings,
+    cutoff: dt.datetime,
+    dsn: str | None = None,
+    *,
+    decision: dict | None = None,
+    version: str | None = None,
+) -> dict:
     """Top-N for every user seen before the cutoff, plus ``__default__``, from one model, or,
     while an A/B experiment runs, from each user's variant.
 
@@ -758,29 +999,41 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
         running = active_experiment(dsn, settings.serving_sqlite_path)
         experiment = Experiment.from_dict(running["config"]) if running else None
         events = _encoded(settings, cutoff, ("user_id", "item_id", "event_type"))
-        rules = {"candidate_multiplier": settings.candidate_multiplier,
-                 "consumed": build_consumed(events, settings.consumed_event_types),
-                 "items": read_side_file(settings.landing_dir / "items.csv"),
-                 "n": settings.top_n, "max_per_category": settings.max_per_category,
-                 "item_ttl_days": settings.item_ttl_days, "cutoff": cutoff}
+        rules = {
+            "candidate_multiplier": settings.candidate_multiplier,
+            "consumed": build_consumed(events, settings.consumed_event_types),
+            "items": read_side_file(settings.landing_dir / "items.csv"),
+            "n": settings.top_n,
+            "max_per_category": settings.max_per_category,
+            "item_ttl_days": settings.item_ttl_days,
+            "cutoff": cutoff,
+        }
         from pipeline.lake.tombstone import served_user_ids  # users forgotten since: out
 
         user_ids, cms_of, unmapped = _cms_ids(
-            settings, dsn, served_user_ids(events.users.ids, settings.lake_events_dir.parent))
+            settings, dsn, served_user_ids(events.users.ids, settings.lake_events_dir.parent)
+        )
         if cms_of is not None:
             result["pseudonymised_users"] = len(cms_of)
             result["unmapped_pseudonyms"] = unmapped
-        served = _served_lists(recommender, str(version), user_ids, rules, experiment,
-                               load_recommender=lambda v: load_version(v)[0]
-                               .unwrap_python_model().recommender, cms_of=cms_of)
+        served = _served_lists(
+            recommender,
+            str(version),
+            user_ids,
+            rules,
+            experiment,
+            load_recommender=lambda v: load_version(v)[0].unwrap_python_model().recommender,
+            cms_of=cms_of,
+        )
         lists = served.lists
         catalogue = len(events.items)
         del events
         lists["generated_at"] = pd.Timestamp(cutoff)
         result["lists"] = list_stats(lists[served.personal], catalogue)
         if served.assignments is not None:
-            served.assignments.to_parquet(settings.run_dir(cutoff) / "assignments.parquet",
-                                          index=False)
+            served.assignments.to_parquet(
+                settings.run_dir(cutoff) / "assignments.parquet", index=False
+            )
             result["experiment"] = served.summary
         # the serving DB gets the CMS's ids (the view's contract); the run folder and the
         # served-list history keep the stored ids (pseudonyms with a key)
@@ -789,35 +1042,59 @@ def publish(settings: Settings, cutoff: dt.datetime, dsn: str | None = None, *,
             served_lists = lists.assign(user_id=_as_cms(lists["user_id"], cms_of))
             if served_assignments is not None:
                 served_assignments = served_assignments.assign(
-                    user_id=_as_cms(served_assignments["user_id"], cms_of))
+                    user_id=_as_cms(served_assignments["user_id"], cms_of)
+                )
         try:
-            published = publish_lists(served_lists, dsn=dsn,
-                                      sqlite_path=settings.serving_sqlite_path,
-                                      model_version=str(version), logical_date=cutoff,
-                                      keep_versions=settings.keep_versions,
-                                      allow_older=allow_older, assignments=served_assignments)
+            published = publish_lists(
+                served_lists,
+                dsn=dsn,
+                sqlite_path=settings.serving_sqlite_path,
+                model_version=str(version),
+                logical_date=cutoff,
+                keep_versions=settings.keep_versions,
+                allow_older=allow_older,
+                assignments=served_assignments,
+            )
         except OlderThanLive as exc:  # another run published newer lists meanwhile
-            logger.info("publish: not serving model v%s for %s: %s", version,
-                        f"{cutoff:%Y-%m-%d}", exc)
+            logger.info(
+                "publish: not serving model v%s for %s: %s", version, f"{cutoff:%Y-%m-%d}", exc
+            )
             result.update(published=False, model_version=str(version), reason=str(exc))
             return result
-        logger.info("publish: model v%s serves %d users (serving version %d)%s", version,
-                    published.users, published.version,
-                    f"; experiment {experiment.name} v{experiment.version} assigns "
-                    f"{published.assigned} of them" if experiment else "")
+        logger.info(
+            "publish: model v%s serves %d users (serving version %d)%s",
+            version,
+            published.users,
+            published.version,
+            f"; experiment {experiment.name} v{experiment.version} assigns "
+            f"{published.assigned} of them"
+            if experiment
+            else "",
+        )
         push_publish(published.rows, published.users, str(version), time.time())
-        result["served_history"] = str(write_served(
-            settings.lake_events_dir.parent, lists, cutoff=cutoff,
-            published_at=dt.datetime.now(dt.timezone.utc), model_version=str(version)))
-        result.update(published=True, model_version=str(version), rows=published.rows,
-                      users=published.users, serving_version=published.version,
-                      table=published.table, rules=served.stats.to_dict(),
-                      target="postgres" if dsn else str(settings.serving_sqlite_path))
+        result["served_history"] = str(
+            write_served(
+                settings.lake_events_dir.parent,
+                lists,
+                cutoff=cutoff,
+                published_at=dt.datetime.now(dt.timezone.utc),
+                model_version=str(version),
+            )
+        )
+        result.update(
+            published=True,
+            model_version=str(version),
+            rows=published.rows,
+            users=published.users,
+            serving_version=published.version,
+            table=published.table,
+            rules=served.stats.to_dict(),
+            target="postgres" if dsn else str(settings.serving_sqlite_path),
+        )
     return result
 
 
-def _cms_ids(settings: Settings, dsn: str | None, user_ids
-             ) -> tuple[object, pd.Series | None, int]:
+def _cms_ids(settings: Settings, dsn: str | None, user_ids) -> tuple[object, pd.Series | None, int]:
     """The users to publish, their CMS ids (a Series indexed by stored id; None when no id is
     a pseudonym: nothing to map) and how many pseudonyms have no row in ``user_pseudonyms``.
 
@@ -845,9 +1122,13 @@ def _cms_ids(settings: Settings, dsn: str | None, user_ids
                 f"publish: {unmapped} of {len(ids)} users ({share:.1%}) have a pseudonym "
                 "without a row in the serving DB's user_pseudonyms table: this serving DB "
                 "does not hold this lake's mapping (another database or schema, or an old "
-                "backup); nothing was published")
-        logger.warning("publish: %d user(s) skipped: their pseudonym has no row in "
-                       "user_pseudonyms (their CMS id is unknown)", unmapped)
+                "backup); nothing was published"
+            )
+        logger.warning(
+            "publish: %d user(s) skipped: their pseudonym has no row in "
+            "user_pseudonyms (their CMS id is unknown)",
+            unmapped,
+        )
     kept = ids[~missing]
     return kept, pd.Series(cms[~missing], index=pd.Index(kept), dtype=object), unmapped
 
@@ -868,8 +1149,15 @@ class _Served:
     summary: dict | None  # the experiment, its variants, their users and model versions
 
 
-def _served_lists(recommender, version: str, user_ids, rules: dict, experiment,
-                  load_recommender, cms_of: pd.Series | None = None) -> _Served:
+def _served_lists(
+    recommender,
+    version: str,
+    user_ids,
+    rules: dict,
+    experiment,
+    load_recommender,
+    cms_of: pd.Series | None = None,
+) -> _Served:
     """The lists ``publish`` serves: ``recommender`` (model ``version``) for every user, or,
     with ``experiment`` (a running :class:`~pipeline.serving.experiments.Experiment`), per
     assigned variant. One :func:`~pipeline.serving.rules.recommend_with_rules` call per model
@@ -887,15 +1175,21 @@ def _served_lists(recommender, version: str, user_ids, rules: dict, experiment,
     from pipeline.serving.rules import CANDIDATE_COLUMNS, RuleStats, recommend_with_rules
 
     def lists_of(model, users, recommend=None):
-        return recommend_with_rules(recommend or model.recommend, users, fallback=model.popular_,
-                                    default_user=DEFAULT_USER, **rules)
+        return recommend_with_rules(
+            recommend or model.recommend,
+            users,
+            fallback=model.popular_,
+            default_user=DEFAULT_USER,
+            **rules,
+        )
 
     if experiment is None:
         lists, stats = lists_of(recommender, user_ids)
         return _Served(lists, stats, None, np.ones(len(lists), dtype=bool), None)
 
-    users = [u for u in pd.unique(np.asarray(user_ids, dtype=object).astype(str))
-             if u != DEFAULT_USER]
+    users = [
+        u for u in pd.unique(np.asarray(user_ids, dtype=object).astype(str)) if u != DEFAULT_USER
+    ]
     if cms_of is None:
         assigned = experiment.assignments(users)
     else:  # hash the CMS id, keep the stored id
@@ -920,36 +1214,64 @@ def _served_lists(recommender, version: str, user_ids, rules: dict, experiment,
         mine = assigned["variant"].isin([name for name in names if name is not None])
         if None in names:
             mine |= assigned["variant"].isna()
-        lists, part_stats = lists_of(model, assigned.loc[mine, "user_id"].to_numpy(object),
-                                     no_candidates if kind == "popularity" else None)
+        lists, part_stats = lists_of(
+            model,
+            assigned.loc[mine, "user_id"].to_numpy(object),
+            no_candidates if kind == "popularity" else None,
+        )
         stats.add(part_stats)
         default = (lists["user_id"] == DEFAULT_USER).to_numpy()
         own = lists[~default].assign(variant=lambda f: f["user_id"].map(variant_of))
-        fallbacks = [lists[default].assign(variant=None) if name is None else
-                     lists[default].assign(user_id=variant_default_user(name), variant=name)
-                     for name in names]
+        fallbacks = [
+            lists[default].assign(variant=None)
+            if name is None
+            else lists[default].assign(user_id=variant_default_user(name), variant=name)
+            for name in names
+        ]
         labelled = pd.concat([own, *fallbacks], ignore_index=True)
         labelled["model_version"] = model_version
         parts.append(labelled)
-        personal.append(np.r_[np.full(len(own), kind == "model"),
-                              np.zeros(len(labelled) - len(own), dtype=bool)])
+        personal.append(
+            np.r_[
+                np.full(len(own), kind == "model"), np.zeros(len(labelled) - len(own), dtype=bool)
+            ]
+        )
     lists = pd.concat(parts, ignore_index=True)
     lists["variant"] = lists["variant"].astype(object).where(lists["variant"].notna(), None)
     lists["experiment"] = lists["variant"].where(lists["variant"].isna(), experiment.name)
     in_experiment = assigned["variant"].notna()
     counts = assigned.loc[in_experiment, "variant"].value_counts()
-    summary = {"name": experiment.name, "version": experiment.version,
-               "users_outside": int((~in_experiment).sum()),
-               "variants": {v.name: {"kind": v.kind, "users": int(counts.get(v.name, 0)),
-                                     **({"model": v.model, "model_version": versions[v.name]}
-                                        if v.kind == "model" else {})}
-                            for v in experiment.variants}}
-    logger.info("publish: experiment %s v%d: %s; %d users outside", experiment.name,
-                experiment.version, ", ".join(f"{name} {info['users']}" for name, info
-                                              in summary["variants"].items()),
-                summary["users_outside"])
-    return _Served(lists, stats, assigned.loc[in_experiment, ["user_id", "experiment", "variant"]]
-                   .reset_index(drop=True), np.concatenate(personal), summary)
+    summary = {
+        "name": experiment.name,
+        "version": experiment.version,
+        "users_outside": int((~in_experiment).sum()),
+        "variants": {
+            v.name: {
+                "kind": v.kind,
+                "users": int(counts.get(v.name, 0)),
+                **(
+                    {"model": v.model, "model_version": versions[v.name]}
+                    if v.kind == "model"
+                    else {}
+                ),
+            }
+            for v in experiment.variants
+        },
+    }
+    logger.info(
+        "publish: experiment %s v%d: %s; %d users outside",
+        experiment.name,
+        experiment.version,
+        ", ".join(f"{name} {info['users']}" for name, info in summary["variants"].items()),
+        summary["users_outside"],
+    )
+    return _Served(
+        lists,
+        stats,
+        assigned.loc[in_experiment, ["user_id", "experiment", "variant"]].reset_index(drop=True),
+        np.concatenate(personal),
+        summary,
+    )
 
 
 def _model_version_of(reference: str, experiment: str, variant: str) -> str:
@@ -966,8 +1288,10 @@ def _model_version_of(reference: str, experiment: str, variant: str) -> str:
     try:
         return str(MlflowClient().get_model_version_by_alias(MODEL_NAME, reference).version)
     except MlflowException as exc:
-        raise LookupError(f"experiment {experiment!r}, variant {variant!r}: registered model "
-                          f"{MODEL_NAME!r} has no alias {reference!r} ({exc.message})") from None
+        raise LookupError(
+            f"experiment {experiment!r}, variant {variant!r}: registered model "
+            f"{MODEL_NAME!r} has no alias {reference!r} ({exc.message})"
+        ) from None
 
 
 def _twostage(settings: Settings, params: dict | None = None):
@@ -977,19 +1301,28 @@ def _twostage(settings: Settings, params: dict | None = None):
 
     # the Settings names of the recipe fields (the rest keep the recipe's defaults)
     recipe = TwoStageRecipe(
-        factors=settings.als_factors, regularization=settings.als_regularization,
-        alpha=settings.als_alpha, iterations=settings.als_iterations,
-        label_days=settings.label_days, label_windows=settings.label_windows,
-        n_bags=settings.ranker_bags, random_state=settings.seed)
+        factors=settings.als_factors,
+        regularization=settings.als_regularization,
+        alpha=settings.als_alpha,
+        iterations=settings.als_iterations,
+        label_days=settings.label_days,
+        label_windows=settings.label_windows,
+        n_bags=settings.ranker_bags,
+        random_state=settings.seed,
+    )
     return TwoStageRecommender(recipe.replace(**params) if params else recipe)
 
 
 def _als(settings: Settings):
     from pipeline.models.als import AlsRecommender
 
-    return AlsRecommender(factors=settings.als_factors, regularization=settings.als_regularization,
-                          alpha=settings.als_alpha, iterations=settings.als_iterations,
-                          random_state=settings.seed)
+    return AlsRecommender(
+        factors=settings.als_factors,
+        regularization=settings.als_regularization,
+        alpha=settings.als_alpha,
+        iterations=settings.als_iterations,
+        random_state=settings.seed,
+    )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -1008,8 +1341,9 @@ def _side_users(settings: Settings) -> pd.DataFrame | None:
     from pipeline.lake.readers import read_side_file
     from pipeline.lake.tombstone import without_erased_users
 
-    users = without_erased_users(read_side_file(settings.landing_dir / "users.csv"),
-                                 settings.lake_events_dir.parent)  # the tombstone: CMS ids
+    users = without_erased_users(
+        read_side_file(settings.landing_dir / "users.csv"), settings.lake_events_dir.parent
+    )  # the tombstone: CMS ids
     pseudonymiser = pseudonymiser_for(settings.pseudonym_key)
     if users is not None and pseudonymiser is not None:
         users, _ = pseudonymiser.frame(users)
@@ -1020,8 +1354,12 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def rollback(settings: Settings, version: str | None = None, dsn: str | None = None,
-             triggered_by: str = "manual") -> dict:
+def rollback(
+    settings: Settings,
+    version: str | None = None,
+    dsn: str | None = None,
+    triggered_by: str = "manual",
+) -> dict:
     """Move ``champion`` back to ``version`` (default: the previous champion).
 
     Returns the version, and the cutoff and list length it was published with, so the caller
@@ -1046,14 +1384,26 @@ def rollback(settings: Settings, version: str | None = None, dsn: str | None = N
     details = version_details(target)
     cutoff = as_utc(details["tags"]["logical_date"])
     if not (settings.run_dir(cutoff) / EVENTS_FILE).exists():
-        raise FileNotFoundError(f"run folder of v{target} ({settings.run_dir(cutoff)}) is gone: "
-                                "its lists cannot be rebuilt exactly")
+        raise FileNotFoundError(
+            f"run folder of v{target} ({settings.run_dir(cutoff)}) is gone: "
+            "its lists cannot be rebuilt exactly"
+        )
     reason = f"rollback from v{current} to v{target} ({triggered_by})"
     set_champion(target, decision="rollback", reason=reason)
-    record_promotion(dsn=dsn, sqlite_path=settings.serving_sqlite_path, model_name="recommender",
-                     model_version=target, decision="rollback", reason=reason,
-                     metrics={"from_version": current, "logical_date": cutoff.isoformat()},
-                     triggered_by=triggered_by)
+    record_promotion(
+        dsn=dsn,
+        sqlite_path=settings.serving_sqlite_path,
+        model_name="recommender",
+        model_version=target,
+        decision="rollback",
+        reason=reason,
+        metrics={"from_version": current, "logical_date": cutoff.isoformat()},
+        triggered_by=triggered_by,
+    )
     logger.info("%s", reason)
-    return {"version": target, "previous": current, "cutoff": cutoff.isoformat(),
-            "top_n": int(details["params"].get("top_n", settings.top_n))}
+    return {
+        "version": target,
+        "previous": current,
+        "cutoff": cutoff.isoformat(),
+        "top_n": int(details["params"].get("top_n", settings.top_n)),
+    }

@@ -104,8 +104,9 @@ def _throwaway_database() -> Iterator[str]:
                 "WHERE datname = %s AND pid <> pg_backend_pid()",
                 (name,),
             )
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+            cur.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
         admin.close()
 
 
@@ -129,15 +130,19 @@ def build_lists(
                 2: None,
                 3: "",
             }.get(rank % 4, f"popular in Sports\nthis week ({rank})")
-            rows.append({
-                "user_id": user,
-                "rank": rank,
-                "item_id": f"{item_prefix}{(user_index * 7 + rank) % 97:03d}-{rank}",
-                "score": 1.0 / (rank + 0.1 * user_index),
-                "reason": reason,
-                "source": "popular" if user == DEFAULT_USER else ("ranker" if rank % 2 else "als"),
-                "generated_at": generated_at,
-            })
+            rows.append(
+                {
+                    "user_id": user,
+                    "rank": rank,
+                    "item_id": f"{item_prefix}{(user_index * 7 + rank) % 97:03d}-{rank}",
+                    "score": 1.0 / (rank + 0.1 * user_index),
+                    "reason": reason,
+                    "source": "popular"
+                    if user == DEFAULT_USER
+                    else ("ranker" if rank % 2 else "als"),
+                    "generated_at": generated_at,
+                }
+            )
     return pd.DataFrame(rows)
 
 

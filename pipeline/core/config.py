@@ -71,8 +71,9 @@ def load_pseudonym_key(environ: Mapping[str, str] | None = None) -> bytes | None
         try:
             text = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"pseudonymisation key file {path} cannot be read: "
-                              f"{type(exc).__name__}") from None
+            raise ConfigError(
+                f"pseudonymisation key file {path} cannot be read: {type(exc).__name__}"
+            ) from None
     if not text:
         return None
     return check_key(text.encode("utf-8"), source)
@@ -81,9 +82,11 @@ def load_pseudonym_key(environ: Mapping[str, str] | None = None) -> bytes | None
 def check_key(key: bytes, source: str = "the key") -> bytes:
     """``key`` when it is long enough; ConfigError (never echoing it) otherwise."""
     if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"pseudonymisation key from {source} is {len(key)} bytes; at least "
-                          f"{MIN_KEY_BYTES} are needed (e.g. `python -c 'import secrets; "
-                          "print(secrets.token_hex(32))'`)")
+        raise ConfigError(
+            f"pseudonymisation key from {source} is {len(key)} bytes; at least "
+            f"{MIN_KEY_BYTES} are needed (e.g. `python -c 'import secrets; "
+            "print(secrets.token_hex(32))'`)"
+        )
     return key
 
 
@@ -117,15 +120,18 @@ class Settings:
     #: Landing-file column mapping: inline JSON ``{"uid": "user_id", ...}`` or the path of a JSON
     #: file (``RECS_COLUMN_MAPPING``); merged over ``landing/column_mapping.json``.
     column_mapping: str | None = field(
-        default_factory=lambda: os.environ.get("RECS_COLUMN_MAPPING") or None)
+        default_factory=lambda: os.environ.get("RECS_COLUMN_MAPPING") or None
+    )
     #: Events older than the lake's newest event minus this many days stay out of the lake.
     allowed_lateness_days: float = field(
-        default_factory=lambda: float(os.environ.get("RECS_ALLOWED_LATENESS_DAYS", "3")))
+        default_factory=lambda: float(os.environ.get("RECS_ALLOWED_LATENESS_DAYS", "3"))
+    )
     #: Events may be this much later than the time they are ingested (producer clocks drift).
     clock_skew_seconds: float = 300.0
     #: A young text file without a final newline (or 0 bytes) waits this long before ingest.
     landing_settle_seconds: float = field(
-        default_factory=lambda: float(os.environ.get("RECS_LANDING_SETTLE_SECONDS", "60")))
+        default_factory=lambda: float(os.environ.get("RECS_LANDING_SETTLE_SECONDS", "60"))
+    )
     #: Rows per chunk streamed through ingest and validation (bounds memory).
     chunk_rows: int = 250_000
     #: A run stops at ingest (no retry) when its window holds fewer events than this, or when
@@ -161,8 +167,9 @@ class Settings:
     #: The key of the user-id pseudonyms (:mod:`pipeline.core.privacy`): ``RECS_PSEUDONYM_KEY``
     #: or the file ``RECS_PSEUDONYM_KEY_FILE`` (the DAGs pass an Airflow Variable's or
     #: connection's first); None: ids are stored as the CMS sends them. Never printed.
-    pseudonym_key: bytes | None = field(default_factory=lambda: load_pseudonym_key(),
-                                        repr=False, compare=False)
+    pseudonym_key: bytes | None = field(
+        default_factory=lambda: load_pseudonym_key(), repr=False, compare=False
+    )
 
     # ---- folders -------------------------------------------------------------------------
     @property

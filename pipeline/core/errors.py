@@ -10,11 +10,20 @@ class PipelineError(Exception):
 class DataError(PipelineError):
     """Bad input data: names the file and, where known, the row and column."""
 
-    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
-                 column: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+    ) -> None:
         self.file, self.row, self.column = file, row, column
-        where = [f"file {file}" if file else "", f"row {row}" if row is not None else "",
-                 f"column {column!r}" if column else ""]
+        where = [
+            f"file {file}" if file else "",
+            f"row {row}" if row is not None else "",
+            f"column {column!r}" if column else "",
+        ]
         location = ", ".join(part for part in where if part)
         super().__init__(f"{location}: {message}" if location else message)
 
@@ -30,8 +39,15 @@ class ServingError(PipelineError):
 class IngestFailed(DataError):
     """Some landing files could not be ingested; carries the ingest report (other files went in)."""
 
-    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
-                 column: str | None = None, report: object = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+        report: object = None,
+    ) -> None:
         super().__init__(message, file=file, row=row, column=column)
         self.report = report
 

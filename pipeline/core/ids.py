@@ -133,8 +133,12 @@ class IdMap:
 
     @classmethod
     def load(cls, path: Path, column: str) -> IdMap:
-        return cls(pq.read_table(path, columns=[column]).column(column).to_numpy(
-            zero_copy_only=False).astype(object))
+        return cls(
+            pq.read_table(path, columns=[column])
+            .column(column)
+            .to_numpy(zero_copy_only=False)
+            .astype(object)
+        )
 
 
 def event_weights(events: pd.DataFrame, weights: Mapping[str, float]) -> np.ndarray:
@@ -165,8 +169,16 @@ class EncodedEvents:
     #: saved by :meth:`write`, not carried by :meth:`where` / :meth:`before`.
     left_out: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
-    COLUMNS = ("user_id", "item_id", "event_type", "weight", "timestamp", "value", "device",
-               "session_id")
+    COLUMNS = (
+        "user_id",
+        "item_id",
+        "event_type",
+        "weight",
+        "timestamp",
+        "value",
+        "device",
+        "session_id",
+    )
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -187,8 +199,9 @@ class EncodedEvents:
             return self
         return EncodedEvents(self.frame[mask], self.users, self.items)
 
-    def decoded(self, columns: tuple[str, ...] = ("user_id", "item_id", "event_type",
-                                                  "timestamp")) -> pd.DataFrame:
+    def decoded(
+        self, columns: tuple[str, ...] = ("user_id", "item_id", "event_type", "timestamp")
+    ) -> pd.DataFrame:
         """The events with string ids (and event types) again, for outputs people read."""
         out = {}
         for column in columns:
@@ -204,24 +217,39 @@ class EncodedEvents:
         return pd.DataFrame(out, index=self.frame.index)
 
     @classmethod
-    def from_frame(cls, events: pd.DataFrame, weights: Mapping[str, float],
-                   users: IdMap | None = None, items: IdMap | None = None) -> EncodedEvents:
+    def from_frame(
+        cls,
+        events: pd.DataFrame,
+        weights: Mapping[str, float],
+        users: IdMap | None = None,
+        items: IdMap | None = None,
+    ) -> EncodedEvents:
         """Encode a frame of clean string-id events (the validated lake columns). The id
         maps are the frame's sorted distinct ids unless given (then they are extended with
         the ids they lack, keeping their codes). Events of a type weighted 0 (impressions)
         are left out first (see the module docstring)."""
         untrained = untrained_event_types(weights)
         types = events["event_type"]
-        dropped = (types.isin(sorted(untrained)).fillna(False).to_numpy(bool) if untrained
-                   else np.zeros(len(events), bool))
-        left_out = _log_left_out({str(t): int(c) for t, c in
-                                  types[dropped].astype(str).value_counts().items()})
+        dropped = (
+            types.isin(sorted(untrained)).fillna(False).to_numpy(bool)
+            if untrained
+            else np.zeros(len(events), bool)
+        )
+        left_out = _log_left_out(
+            {str(t): int(c) for t, c in types[dropped].astype(str).value_counts().items()}
+        )
         if dropped.any():
             events = events[~dropped]
-        users = (IdMap.from_values(events["user_id"]) if users is None
-                 else users.extend(events["user_id"]))
-        items = (IdMap.from_values(events["item_id"]) if items is None
-                 else items.extend(events["item_id"]))
+        users = (
+            IdMap.from_values(events["user_id"])
+            if users is None
+            else users.extend(events["user_id"])
+        )
+        items = (
+            IdMap.from_values(events["item_id"])
+            if items is None
+            else items.extend(events["item_id"])
+        )
         frame = _encode_columns(events, weights)
         frame.insert(0, "user_id", users.encode(events["user_id"]))
         frame.insert(1, "item_id", items.encode(events["item_id"]))
@@ -240,14 +268,19 @@ class EncodedEvents:
     def read(cls, folder: Path, columns: tuple[str, ...] | None = None) -> EncodedEvents:
         """Inverse of :meth:`write` (``columns``: a subset of :attr:`COLUMNS`)."""
         folder = Path(folder)
-        frame = pd.read_parquet(folder / EVENTS_FILE,
-                                columns=list(columns) if columns is not None else None)
-        return cls(frame, IdMap.load(folder / USER_IDS_FILE, "user_id"),
-                   IdMap.load(folder / ITEM_IDS_FILE, "item_id"))
+        frame = pd.read_parquet(
+            folder / EVENTS_FILE, columns=list(columns) if columns is not None else None
+        )
+        return cls(
+            frame,
+            IdMap.load(folder / USER_IDS_FILE, "user_id"),
+            IdMap.load(folder / ITEM_IDS_FILE, "item_id"),
+        )
 
 
-def encode_events_file(clean_path: Path, folder: Path, weights: Mapping[str, float]
-                       ) -> EncodedEvents:
+def encode_events_file(
+    clean_path: Path, folder: Path, weights: Mapping[str, float]
+) -> EncodedEvents:
     """Encode the validated events at ``clean_path`` into ``folder`` (see :meth:`write`).
 
     One column at a time, in Arrow: a string column's distinct values are hashed and sorted
@@ -261,7 +294,8 @@ def encode_events_file(clean_path: Path, folder: Path, weights: Mapping[str, flo
     if missing:
         raise ValueError(f"{clean_path}: no column(s) {missing}")
     keep, left_out = _trained_rows(
-        pq.read_table(clean_path, columns=["event_type"]).column("event_type"), weights)
+        pq.read_table(clean_path, columns=["event_type"]).column("event_type"), weights
+    )
     n = source.metadata.num_rows if keep is None else int(pc.sum(keep).as_py() or 0)
 
     def read(name: str) -> pa.ChunkedArray:
@@ -272,8 +306,7 @@ def encode_events_file(clean_path: Path, folder: Path, weights: Mapping[str, flo
     for name in ("user_id", "item_id"):
         column = read(name)
         if column.null_count:
-            raise ValueError(f"{clean_path}: {column.null_count} validated events have no "
-                             f"{name}")
+            raise ValueError(f"{clean_path}: {column.null_count} validated events have no {name}")
         maps[name] = _sorted_distinct(column)
         maps[name + "_codes"] = _index_in(column, maps[name]).astype(np.int32)
         del column
@@ -284,60 +317,83 @@ def encode_events_file(clean_path: Path, folder: Path, weights: Mapping[str, flo
     if "device" in present:  # a device outside DEVICES is "other"
         column = read("device")
         device_codes = _index_in(column, pa.array(DEVICES, pa.large_string())).astype(np.int8)
-        device_codes[(device_codes < 0) & pc.is_valid(column).to_numpy(
-            zero_copy_only=False)] = DEVICES.index("other")
+        device_codes[(device_codes < 0) & pc.is_valid(column).to_numpy(zero_copy_only=False)] = (
+            DEVICES.index("other")
+        )
     session_codes = np.full(n, -1, np.int32)
     if "session_id" in present:
         column = read("session_id")
         session_codes = _index_in(column, _sorted_distinct(column)).astype(np.int32)
     del column
-    frame = pd.DataFrame({
-        "user_id": maps.pop("user_id_codes"), "item_id": maps.pop("item_id_codes"),
-        "event_type": pd.Categorical.from_codes(type_codes, types),
-        "weight": np.zeros(n, np.float32),
-        "timestamp": pd.DatetimeIndex(_micros(read("timestamp")).view("datetime64[us]"))
-        .tz_localize("UTC").array,
-        "value": (pc.cast(read("value"), pa.float64()).to_numpy(zero_copy_only=False)
-                  if "value" in present else np.full(n, np.nan)),
-        "device": pd.Categorical.from_codes(device_codes, list(DEVICES)),
-        "session_id": pd.arrays.IntegerArray(np.maximum(session_codes, 0), session_codes < 0)})
+    frame = pd.DataFrame(
+        {
+            "user_id": maps.pop("user_id_codes"),
+            "item_id": maps.pop("item_id_codes"),
+            "event_type": pd.Categorical.from_codes(type_codes, types),
+            "weight": np.zeros(n, np.float32),
+            "timestamp": pd.DatetimeIndex(_micros(read("timestamp")).view("datetime64[us]"))
+            .tz_localize("UTC")
+            .array,
+            "value": (
+                pc.cast(read("value"), pa.float64()).to_numpy(zero_copy_only=False)
+                if "value" in present
+                else np.full(n, np.nan)
+            ),
+            "device": pd.Categorical.from_codes(device_codes, list(DEVICES)),
+            "session_id": pd.arrays.IntegerArray(np.maximum(session_codes, 0), session_codes < 0),
+        }
+    )
     frame["weight"] = event_weights(frame, weights).astype(np.float32)
-    out = EncodedEvents(frame, *(IdMap(maps[name].to_numpy(zero_copy_only=False).astype(object))
-                                 for name in ("user_id", "item_id")), left_out)
+    out = EncodedEvents(
+        frame,
+        *(
+            IdMap(maps[name].to_numpy(zero_copy_only=False).astype(object))
+            for name in ("user_id", "item_id")
+        ),
+        left_out,
+    )
     out.write(folder)
-    logger.info("encoded %d events: %d users, %d items, %d event types", len(frame),
-                len(out.users), len(out.items), len(types))
+    logger.info(
+        "encoded %d events: %d users, %d items, %d event types",
+        len(frame),
+        len(out.users),
+        len(out.items),
+        len(types),
+    )
     return out
 
 
-def _trained_rows(types: pa.ChunkedArray, weights: Mapping[str, float]
-                  ) -> tuple[pa.Array | None, dict[str, int]]:
+def _trained_rows(
+    types: pa.ChunkedArray, weights: Mapping[str, float]
+) -> tuple[pa.Array | None, dict[str, int]]:
     """Which events to encode (None: all) and the count left out per type (weight <= 0)."""
     untrained = untrained_event_types(weights)
     if not untrained:
         return None, {}
-    dropped = pc.fill_null(pc.is_in(_as_string(types), value_set=pa.array(
-        sorted(untrained), pa.large_string())), False).combine_chunks()
+    dropped = pc.fill_null(
+        pc.is_in(_as_string(types), value_set=pa.array(sorted(untrained), pa.large_string())), False
+    ).combine_chunks()
     if not pc.any(dropped).as_py():
         return None, {}
     counts = pc.value_counts(_as_string(types).filter(dropped))
-    left_out = _log_left_out({str(row["values"]): int(row["counts"])
-                              for row in counts.to_pylist()})
+    left_out = _log_left_out({str(row["values"]): int(row["counts"]) for row in counts.to_pylist()})
     return pc.invert(dropped), left_out
 
 
 def _log_left_out(left_out: dict[str, int]) -> dict[str, int]:
     """Log the events left out at encoding (types weighted 0); returns ``left_out``."""
     if left_out:
-        logger.info("encode: %d events of types weighted 0 left out (never a training signal; "
-                    "they stay in the lake): %s", sum(left_out.values()),
-                    ", ".join(f"{t} {c}" for t, c in sorted(left_out.items())))
+        logger.info(
+            "encode: %d events of types weighted 0 left out (never a training signal; "
+            "they stay in the lake): %s",
+            sum(left_out.values()),
+            ", ".join(f"{t} {c}" for t, c in sorted(left_out.items())),
+        )
     return left_out
 
 
 def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    return column if pa.types.is_large_string(column.type) else pc.cast(column,
-                                                                        pa.large_string())
+    return column if pa.types.is_large_string(column.type) else pc.cast(column, pa.large_string())
 
 
 def _sorted_distinct(column: pa.ChunkedArray) -> pa.Array:
@@ -365,12 +421,16 @@ def _encode_columns(events: pd.DataFrame, weights: Mapping[str, float]) -> pd.Da
     """Every encoded column but the ids (see the module docstring)."""
     missing = pd.Series(pd.NA, index=events.index, dtype="string")
     types = sorted(set(weights) | set(events["event_type"].dropna().astype(str).unique()))
-    frame = pd.DataFrame({"event_type": _categorical(events["event_type"], types)},
-                         index=pd.RangeIndex(len(events)))
+    frame = pd.DataFrame(
+        {"event_type": _categorical(events["event_type"], types)}, index=pd.RangeIndex(len(events))
+    )
     frame["weight"] = np.zeros(len(events), np.float32)
     frame["timestamp"] = _timestamps(events["timestamp"]).array
-    frame["value"] = (events["value"].astype("float64").to_numpy() if "value" in events
-                      else np.full(len(events), np.nan))
+    frame["value"] = (
+        events["value"].astype("float64").to_numpy()
+        if "value" in events
+        else np.full(len(events), np.nan)
+    )
     frame["device"] = _categorical(events.get("device", missing), DEVICES, unknown="other")
     frame["session_id"] = _session_codes(events.get("session_id", missing))
     frame["weight"] = event_weights(frame, weights).astype(np.float32)
@@ -381,8 +441,9 @@ def _categorical(values: pd.Series, categories, unknown: str | None = None) -> p
     values = values.astype("string")
     if unknown is not None:
         values = values.where(values.isin(list(categories)) | values.isna(), unknown)
-    return pd.Categorical(values.astype(object).where(values.notna(), None),
-                          categories=list(categories))
+    return pd.Categorical(
+        values.astype(object).where(values.notna(), None), categories=list(categories)
+    )
 
 
 def _session_codes(values: pd.Series) -> pd.arrays.IntegerArray:

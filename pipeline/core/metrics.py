@@ -34,8 +34,9 @@ def ranking_metrics(top: np.ndarray, truth: sp.csr_matrix, k: int = 10) -> dict[
     return {m: float(values.mean()) for m, values in per_user.items()}
 
 
-def ranking_metrics_per_user(top: np.ndarray, truth: sp.csr_matrix, k: int = 10
-                             ) -> dict[str, np.ndarray]:
+def ranking_metrics_per_user(
+    top: np.ndarray, truth: sp.csr_matrix, k: int = 10
+) -> dict[str, np.ndarray]:
     """Precision, recall, nDCG, AP and hit (0/1) at ``k`` of each user with a non-empty truth
     row, in row order: what :func:`ranking_metrics` averages, and what a paired comparison of
     two models over the same users needs."""
@@ -57,15 +58,23 @@ def ranking_metrics_per_user(top: np.ndarray, truth: sp.csr_matrix, k: int = 10
     ideal = np.cumsum(discounts)[np.minimum(relevant, top.shape[1]) - 1]
     precision_at = np.cumsum(hits, axis=1) / np.arange(1, top.shape[1] + 1)
     ap = (precision_at * hits).sum(axis=1) / np.minimum(relevant, top.shape[1])
-    return {"precision": hits.sum(axis=1) / k,
-            "recall": hits.sum(axis=1) / relevant,
-            "ndcg": dcg / ideal,
-            "map": ap,
-            "hit_rate": (hits.sum(axis=1) > 0).astype(np.float64)}
+    return {
+        "precision": hits.sum(axis=1) / k,
+        "recall": hits.sum(axis=1) / relevant,
+        "ndcg": dcg / ideal,
+        "map": ap,
+        "hit_rate": (hits.sum(axis=1) > 0).astype(np.float64),
+    }
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2_000, seed: int = 0,
-                     level: float = 0.95, block: int = 100) -> tuple[float, float]:
+def paired_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray,
+    n: int = 2_000,
+    seed: int = 0,
+    level: float = 0.95,
+    block: int = 100,
+) -> tuple[float, float]:
     """Percentile interval (``level``) of mean(a - b) over users resampled with replacement,
     paired: ``a[i]`` and ``b[i]`` are the same user's scores under two models. Seeded, so the
     same inputs give the same interval; ``block`` resamples at a time bound the memory."""
@@ -73,16 +82,20 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2_000, seed: int = 0
     if len(diff) == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = np.concatenate([
-        diff[rng.integers(0, len(diff), size=(min(block, n - start), len(diff)))].mean(axis=1)
-        for start in range(0, n, block)])
+    means = np.concatenate(
+        [
+            diff[rng.integers(0, len(diff), size=(min(block, n - start), len(diff)))].mean(axis=1)
+            for start in range(0, n, block)
+        ]
+    )
     tail = (1.0 - level) / 2
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(low), float(high)
 
 
-def window_truth_frame(events: pd.DataFrame, start: dt.datetime, end: dt.datetime,
-                       exclude_seen: bool = True) -> pd.DataFrame:
+def window_truth_frame(
+    events: pd.DataFrame, start: dt.datetime, end: dt.datetime, exclude_seen: bool = True
+) -> pd.DataFrame:
     """(user_id, item_id) engaged with in ``[start, end)``; minus pairs seen before ``start``."""
     window = events[(events["timestamp"] >= start) & (events["timestamp"] < end)]
     truth = window[["user_id", "item_id"]].drop_duplicates()
@@ -103,8 +116,10 @@ def user_metrics(lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10) -> pd.Da
     truth = truth[["user_id", "item_id"]].drop_duplicates()
     user_codes, users = pd.factorize(truth["user_id"].astype(object), sort=True)
     item_codes, items = pd.factorize(truth["item_id"].astype(object), sort=True)
-    relevant = sp.csr_matrix((np.ones(len(truth), np.float32), (user_codes, item_codes)),
-                             shape=(len(users), max(len(items), 1)))
+    relevant = sp.csr_matrix(
+        (np.ones(len(truth), np.float32), (user_codes, item_codes)),
+        shape=(len(users), max(len(items), 1)),
+    )
     top = top_from_lists(lists, users, items, k)
     per_user = ranking_metrics_per_user(top, relevant, k)
     out = pd.DataFrame(per_user, index=pd.Index(users, name="user_id"))
@@ -124,8 +139,9 @@ def top_from_lists(lists: pd.DataFrame, user_ids, item_ids, k: int) -> np.ndarra
     return top
 
 
-def summarise_lists(lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10,
-                    catalog: pd.Series | None = None) -> dict[str, float]:
+def summarise_lists(
+    lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10, catalog: pd.Series | None = None
+) -> dict[str, float]:
     """Mean :func:`user_metrics` plus catalog coverage and popularity bias of the top ``k``.
 
     ``catalog`` is the training popularity per item id (events or users per item): coverage
@@ -133,8 +149,9 @@ def summarise_lists(lists: pd.DataFrame, truth: pd.DataFrame, k: int = 10,
     log(1 + popularity) of the recommended items minus that of the catalog.
     """
     per_user = user_metrics(lists, truth, k)
-    out = {m: float(per_user[m].mean()) if len(per_user) else float("nan")
-           for m in per_user.columns}
+    out = {
+        m: float(per_user[m].mean()) if len(per_user) else float("nan") for m in per_user.columns
+    }
     out["users"] = float(len(per_user))
     if catalog is not None:
         out.update(list_diversity(lists[lists["user_id"].isin(per_user.index)], catalog, k))
@@ -146,9 +163,10 @@ def list_diversity(lists: pd.DataFrame, catalog: pd.Series, k: int = 10) -> dict
     top = lists[lists["rank"] <= k]
     log_pop = np.log1p(catalog.astype(np.float64))
     recommended = top["item_id"].map(log_pop).fillna(0.0)
-    return {"coverage": float(top["item_id"].nunique() / max(len(catalog), 1)),
-            "popularity_bias": float(recommended.mean() - log_pop.mean()) if len(top)
-            else float("nan")}
+    return {
+        "coverage": float(top["item_id"].nunique() / max(len(catalog), 1)),
+        "popularity_bias": float(recommended.mean() - log_pop.mean()) if len(top) else float("nan"),
+    }
 
 
 def top_diversity(top: np.ndarray, catalog: np.ndarray, k: int = 10) -> dict[str, float]:
@@ -163,5 +181,7 @@ def top_diversity(top: np.ndarray, catalog: np.ndarray, k: int = 10) -> dict[str
     log_pop = np.log1p(np.asarray(catalog, np.float64))
     if len(cols) == 0 or len(log_pop) == 0:
         return {"coverage": float("nan"), "popularity_bias": float("nan")}
-    return {"coverage": float(len(np.unique(cols)) / len(log_pop)),
-            "popularity_bias": float(log_pop[cols].mean() - log_pop.mean())}
+    return {
+        "coverage": float(len(np.unique(cols)) / len(log_pop)),
+        "popularity_bias": float(log_pop[cols].mean() - log_pop.mean()),
+    }

@@ -74,8 +74,13 @@ def is_pseudonym(value: object) -> bool:
 
 def pseudonym_mask(values: pd.Series | np.ndarray | Iterable[object]) -> np.ndarray:
     """Per value, :func:`is_pseudonym`; each distinct value is tested once."""
-    array = values.to_numpy(dtype=object) if isinstance(values, pd.Series) else \
-        np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=object)
+    array = (
+        values.to_numpy(dtype=object)
+        if isinstance(values, pd.Series)
+        else np.asarray(
+            list(values) if not isinstance(values, np.ndarray) else values, dtype=object
+        )
+    )
     if not len(array):
         return np.zeros(0, dtype=bool)
     codes, uniques = pd.factorize(array, use_na_sentinel=True)
@@ -112,9 +117,12 @@ def warn_no_key() -> None:
     global _warned_no_key
     if not _warned_no_key:
         _warned_no_key = True
-        logger.warning("no pseudonymisation key (%s / %s): user ids are stored as the CMS "
-                       "sends them (see the README, 'Pseudonymised ids')", KEY_ENV,
-                       KEY_FILE_ENV)
+        logger.warning(
+            "no pseudonymisation key (%s / %s): user ids are stored as the CMS "
+            "sends them (see the README, 'Pseudonymised ids')",
+            KEY_ENV,
+            KEY_FILE_ENV,
+        )
 
 
 class Pseudonymiser:
@@ -137,19 +145,28 @@ class Pseudonymiser:
         out = np.full(len(values), None, dtype=object)
         known = codes >= 0
         out[known] = hashed[codes[known]]
-        result = pd.Series(out, index=values.index, dtype=values.dtype
-                           if isinstance(values.dtype, pd.StringDtype) else object)
+        result = pd.Series(
+            out,
+            index=values.index,
+            dtype=values.dtype if isinstance(values.dtype, pd.StringDtype) else object,
+        )
         fresh = hashed != np.array(originals, dtype=object)
-        pairs = pd.DataFrame({"pseudonym": hashed[fresh].astype(object),
-                              "user_id": np.array(originals, dtype=object)[fresh]})
+        pairs = pd.DataFrame(
+            {
+                "pseudonym": hashed[fresh].astype(object),
+                "user_id": np.array(originals, dtype=object)[fresh],
+            }
+        )
         return result, pairs
 
-    def frame(self, frame: pd.DataFrame, column: str = "user_id"
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def frame(
+        self, frame: pd.DataFrame, column: str = "user_id"
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``frame`` with ``column`` pseudonymised, and the pairs (see ``__call__``)."""
         if column not in frame or not len(frame):
-            return frame, pd.DataFrame({"pseudonym": pd.Series(dtype=object),
-                                        "user_id": pd.Series(dtype=object)})
+            return frame, pd.DataFrame(
+                {"pseudonym": pd.Series(dtype=object), "user_id": pd.Series(dtype=object)}
+            )
         values, pairs = self(frame[column])
         out = frame.copy()
         out[column] = values
@@ -174,15 +191,18 @@ def check_user_ids(user_ids: Iterable[object]) -> list[str]:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"user id #{number} is not a non-empty string")
         if value != value.strip():
-            raise ValueError(f"user id #{number} has surrounding spaces (ids are matched "
-                             "exactly: pass the id as the CMS stores it)")
+            raise ValueError(
+                f"user id #{number} has surrounding spaces (ids are matched "
+                "exactly: pass the id as the CMS stores it)"
+            )
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
             raise ValueError(f"user id #{number} holds a control character")
         if len(value) > MAX_USER_ID_LENGTH:
             raise ValueError(f"user id #{number} is longer than {MAX_USER_ID_LENGTH} characters")
         if value == DEFAULT_USER or value.startswith(f"{DEFAULT_USER}:"):
-            raise ValueError(f"user id #{number} is a fallback list ({DEFAULT_USER}...), "
-                             "not a user")
+            raise ValueError(
+                f"user id #{number} is a fallback list ({DEFAULT_USER}...), not a user"
+            )
         checked[value] = None
     if not checked:
         raise ValueError("no user id to forget")

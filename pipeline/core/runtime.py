@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 PINNED_CORE = "Haswell"
 #: numpy's AVX-512 dispatch targets, by their numpy 2.4 names and older ones (unknown names
 #: are ignored): disabled where the BLAS is pinned, so numpy runs its AVX2 loops at most.
-NUMPY_DISABLED = ("X86_V4 AVX512F AVX512CD AVX512_KNL AVX512_KNM AVX512_SKX AVX512_CLX "
-                  "AVX512_CNL AVX512_ICL AVX512_SPR AVX512FP16")
+NUMPY_DISABLED = (
+    "X86_V4 AVX512F AVX512CD AVX512_KNL AVX512_KNM AVX512_SKX AVX512_CLX "
+    "AVX512_CNL AVX512_ICL AVX512_SPR AVX512FP16"
+)
 _CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -61,8 +63,7 @@ def pinned_core(machine: str | None = None, flags: frozenset[str] | None = None)
     return PINNED_CORE if "avx2" in flags else None
 
 
-def pin_numerics(environ: MutableMapping[str, str] | None = None,
-                 core: str | None = None) -> None:
+def pin_numerics(environ: MutableMapping[str, str] | None = None, core: str | None = None) -> None:
     """Set one BLAS thread, the pinned OpenBLAS kernels and numpy's dispatch ceiling, unless
     the environment already says. ``core``: default :func:`pinned_core` ("" pins nothing).
 
@@ -81,8 +82,13 @@ def blas_cores() -> list[str]:
     import scipy.linalg  # noqa: F401  (loads scipy's, used by implicit's ALS)
     from threadpoolctl import threadpool_info
 
-    return sorted({f"{info.get('internal_api')} {info.get('architecture') or '?'}"
-                   for info in threadpool_info() if info.get("user_api") == "blas"})
+    return sorted(
+        {
+            f"{info.get('internal_api')} {info.get('architecture') or '?'}"
+            for info in threadpool_info()
+            if info.get("user_api") == "blas"
+        }
+    )
 
 
 def numpy_simd() -> str:
@@ -106,12 +112,18 @@ def check_numerics() -> str:
     seed)."""
     cores = blas_cores()
     wanted = os.environ.get("OPENBLAS_CORETYPE")
-    stray = [c for c in cores if c.startswith("openblas ")
-             and wanted and c.split(" ", 1)[1].lower() != wanted.lower()]
+    stray = [
+        c
+        for c in cores
+        if c.startswith("openblas ") and wanted and c.split(" ", 1)[1].lower() != wanted.lower()
+    ]
     if stray:
-        logger.warning("OpenBLAS runs %s, not OPENBLAS_CORETYPE=%s (numpy was loaded before "
-                       "pipeline): lists can differ from other machines' in the last bits; "
-                       "import pipeline first or export OPENBLAS_CORETYPE", ", ".join(stray),
-                       wanted)
+        logger.warning(
+            "OpenBLAS runs %s, not OPENBLAS_CORETYPE=%s (numpy was loaded before "
+            "pipeline): lists can differ from other machines' in the last bits; "
+            "import pipeline first or export OPENBLAS_CORETYPE",
+            ", ".join(stray),
+            wanted,
+        )
     simd = numpy_simd()
     return ", ".join(cores + ([f"numpy {simd}"] if simd else []))

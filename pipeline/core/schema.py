@@ -5,11 +5,25 @@ from __future__ import annotations
 import re
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "event_type", "timestamp")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("event_id", "value", "device", "session_id", "consent",
-                                     "position", "placement")
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "event_id",
+    "value",
+    "device",
+    "session_id",
+    "consent",
+    "position",
+    "placement",
+)
 #: The interaction columns of every event (what models, features and the demos build on).
 EVENT_COLUMNS: tuple[str, ...] = (
-    "event_id", "user_id", "item_id", "event_type", "timestamp", "value", "device", "session_id",
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "timestamp",
+    "value",
+    "device",
+    "session_id",
 )
 #: The CMS feedback columns (README, "Event contract"): where an item was shown. Optional in
 #: every file; stored in the lake beside :data:`EVENT_COLUMNS` (null when a file lacks them,
@@ -40,8 +54,14 @@ FEEDBACK_DTYPES: dict[str, str] = {
 LAKE_EVENT_COLUMNS: tuple[str, ...] = (*EVENT_COLUMNS, *FEEDBACK_COLUMNS)
 LAKE_EVENT_DTYPES: dict[str, str] = {**EVENT_DTYPES, **FEEDBACK_DTYPES}
 
-ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "category", "published_at", "available",
-                                  "price")
+ITEM_COLUMNS: tuple[str, ...] = (
+    "item_id",
+    "title",
+    "category",
+    "published_at",
+    "available",
+    "price",
+)
 
 #: What a landing file may contribute: the lake's columns plus ``consent`` (never stored).
 CONTRACT_INPUT_COLUMNS: tuple[str, ...] = (*LAKE_EVENT_COLUMNS, "consent")
@@ -53,7 +73,8 @@ PII_NAME_PATTERN = re.compile(
     r"given|family)_?name|phone|mobile_?(number|phone)|tel(ephone)?|msisdn|address|street|"
     r"zip(_?code)?|post(al)?_?code|ssn|passport|iban|credit_?card|card_?number|dob|"
     r"birth_?(date|day)|date_?of_?birth|lat(itude)?|lon(gitude)?|geo(location)?|user_?agent|"
-    r"cookie|device_?fingerprint)($|[_\W])|^(name|fullname|firstname|lastname|surname|username)$")
+    r"cookie|device_?fingerprint)($|[_\W])|^(name|fullname|firstname|lastname|surname|username)$"
+)
 
 TRUE_WORDS = frozenset({"true", "t", "1", "yes", "y"})
 FALSE_WORDS = frozenset({"false", "f", "0", "no", "n"})
@@ -69,6 +90,8 @@ def parse_bool(values):
     import pandas as pd
 
     text = values.astype("string").str.strip().str.lower()
-    return pd.Series(np.where(text.isin(FALSE_WORDS), False,
-                              np.where(text.isin(TRUE_WORDS), True, None)),
-                     index=values.index, dtype="boolean")
+    return pd.Series(
+        np.where(text.isin(FALSE_WORDS), False, np.where(text.isin(TRUE_WORDS), True, None)),
+        index=values.index,
+        dtype="boolean",
+    )

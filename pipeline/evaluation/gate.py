@@ -56,52 +56,86 @@ class GateDecision:
         return out
 
 
-def decide_promotion(challenger: float, champion: float | None, baseline: float, *,
-                     min_relative_gain: float = 0.0, tolerance: float = 0.001,
-                     force: bool = False, metric: str = "ndcg@10", same_recipe: bool = False,
-                     interval: tuple[float, float] | None = None,
-                     require_significance: bool = False,
-                     online: bool = False) -> GateDecision:
+def decide_promotion(
+    challenger: float,
+    champion: float | None,
+    baseline: float,
+    *,
+    min_relative_gain: float = 0.0,
+    tolerance: float = 0.001,
+    force: bool = False,
+    metric: str = "ndcg@10",
+    same_recipe: bool = False,
+    interval: tuple[float, float] | None = None,
+    require_significance: bool = False,
+    online: bool = False,
+) -> GateDecision:
     """Apply the gate rules to holdout scores (higher is better); see the module doc."""
 
     def decide(promote: bool, decision: str, reason: str) -> GateDecision:
-        return GateDecision(promote, decision, reason, challenger, champion, baseline,
-                            interval=interval, same_recipe=same_recipe,
-                            min_relative_gain=min_relative_gain, tolerance=tolerance,
-                            require_significance=require_significance, online=online)
+        return GateDecision(
+            promote,
+            decision,
+            reason,
+            challenger,
+            champion,
+            baseline,
+            interval=interval,
+            same_recipe=same_recipe,
+            min_relative_gain=min_relative_gain,
+            tolerance=tolerance,
+            require_significance=require_significance,
+            online=online,
+        )
 
     if champion is None:
         return decide(True, "first", "first version of the model: no champion yet")
     needed = champion * (1.0 + min_relative_gain) - tolerance
-    summary = (f"challenger {metric} {challenger:.4f} vs champion {champion:.4f} "
-               f"(needs >= {needed:.4f} = champion x (1 + {min_relative_gain:g}) - "
-               f"{tolerance:g}) and best popularity baseline {baseline:.4f}")
+    summary = (
+        f"challenger {metric} {challenger:.4f} vs champion {champion:.4f} "
+        f"(needs >= {needed:.4f} = champion x (1 + {min_relative_gain:g}) - "
+        f"{tolerance:g}) and best popularity baseline {baseline:.4f}"
+    )
     if interval is not None:
-        summary += (f"; challenger - champion {challenger - champion:+.4f}, 95% paired "
-                    f"bootstrap interval [{interval[0]:+.4f}, {interval[1]:+.4f}]")
-    recipe = ("same recipe as the champion (training settings and model params), retrained "
-              "on newer data: the champion's re-score is this model, so they tie by "
-              "construction; " if same_recipe else "")
+        summary += (
+            f"; challenger - champion {challenger - champion:+.4f}, 95% paired "
+            f"bootstrap interval [{interval[0]:+.4f}, {interval[1]:+.4f}]"
+        )
+    recipe = (
+        "same recipe as the champion (training settings and model params), retrained "
+        "on newer data: the champion's re-score is this model, so they tie by "
+        "construction; "
+        if same_recipe
+        else ""
+    )
     if force:
         return decide(True, "forced", f"force_promote set by the operator; {recipe}{summary}")
     if challenger <= baseline:
-        return decide(False, "rejected",
-                      f"does not beat the popularity baseline; {recipe}{summary}")
+        return decide(
+            False, "rejected", f"does not beat the popularity baseline; {recipe}{summary}"
+        )
     if challenger < needed:
         return decide(False, "rejected", f"worse than the champion; {recipe}{summary}")
     if same_recipe:
-        return decide(True, "retrained",
-                      f"{recipe}promoted by the rule as a tie, not a win; {summary}")
+        return decide(
+            True, "retrained", f"{recipe}promoted by the rule as a tie, not a win; {summary}"
+        )
     if require_significance and (interval is None or not interval[0] > 0):
-        return decide(False, "rejected",
-                      "the holdout cannot tell the two recipes apart (the interval does not "
-                      f"lie above zero; gate_require_significance is on); {summary}")
+        return decide(
+            False,
+            "rejected",
+            "the holdout cannot tell the two recipes apart (the interval does not "
+            f"lie above zero; gate_require_significance is on); {summary}",
+        )
     if online:
-        return decide(False, "online-test",
-                      "passes the offline gate; gate_online is on, so it becomes champion only "
-                      "when an experiment shows it significantly better than the champion "
-                      "online: run one with a variant serving this version beside one serving "
-                      f"the champion; {summary}")
+        return decide(
+            False,
+            "online-test",
+            "passes the offline gate; gate_online is on, so it becomes champion only "
+            "when an experiment shows it significantly better than the champion "
+            "online: run one with a variant serving this version beside one serving "
+            f"the champion; {summary}",
+        )
     return decide(True, "promoted", f"passes the gate; {summary}")
 
 
@@ -138,33 +172,63 @@ class OnlineDecision:
         return out
 
 
-def decide_online(*, version: str, champion_version: str | None, metric: str,
-                  n_challenger: int, x_challenger: int, n_champion: int, x_champion: int,
-                  diff_ci: tuple[float, float], p_value: float, alpha: float,
-                  planned_users: int) -> OnlineDecision:
+def decide_online(
+    *,
+    version: str,
+    champion_version: str | None,
+    metric: str,
+    n_challenger: int,
+    x_challenger: int,
+    n_champion: int,
+    x_champion: int,
+    diff_ci: tuple[float, float],
+    p_value: float,
+    alpha: float,
+    planned_users: int,
+) -> OnlineDecision:
     """Read the experiment once, at its fixed horizon: promote ``version`` only when the
     ``1 - alpha`` interval of (challenger share - champion share) of ``metric`` lies above
     zero; before both variants reached ``planned_users`` active users, no decision."""
     diff = (x_challenger / n_challenger if n_challenger else float("nan")) - (
-        x_champion / n_champion if n_champion else float("nan"))
-    summary = (f"{metric} share v{version} {x_challenger:,}/{n_challenger:,} vs champion"
-               f"{f' v{champion_version}' if champion_version else ''} "
-               f"{x_champion:,}/{n_champion:,}: difference {diff:+.4f}, "
-               f"{1 - alpha:.0%} interval [{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}], "
-               f"p = {p_value:.3g}; horizon {planned_users:,} active users per variant")
+        x_champion / n_champion if n_champion else float("nan")
+    )
+    summary = (
+        f"{metric} share v{version} {x_challenger:,}/{n_challenger:,} vs champion"
+        f"{f' v{champion_version}' if champion_version else ''} "
+        f"{x_champion:,}/{n_champion:,}: difference {diff:+.4f}, "
+        f"{1 - alpha:.0%} interval [{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}], "
+        f"p = {p_value:.3g}; horizon {planned_users:,} active users per variant"
+    )
 
     def decide(decision: str | None, reason: str) -> OnlineDecision:
-        return OnlineDecision(decision, reason, str(version), champion_version, metric,
-                              n_challenger, x_challenger, n_champion, x_champion, diff,
-                              (float(diff_ci[0]), float(diff_ci[1])), float(p_value), alpha,
-                              planned_users)
+        return OnlineDecision(
+            decision,
+            reason,
+            str(version),
+            champion_version,
+            metric,
+            n_challenger,
+            x_challenger,
+            n_champion,
+            x_champion,
+            diff,
+            (float(diff_ci[0]), float(diff_ci[1])),
+            float(p_value),
+            alpha,
+            planned_users,
+        )
 
     reached = min(n_challenger, n_champion)
     if reached < planned_users:
-        return decide(None, f"keep running: {reached:,} of {planned_users:,} active users in "
-                            f"the smaller variant; {summary}")
+        return decide(
+            None,
+            f"keep running: {reached:,} of {planned_users:,} active users in "
+            f"the smaller variant; {summary}",
+        )
     if diff_ci[0] > 0:
-        return decide(PROMOTED_ONLINE,
-                      f"online: significantly better than the champion; {summary}")
-    return decide(REJECTED_ONLINE, "online: not significantly better than the champion (the "
-                                   f"interval does not lie above zero); {summary}")
+        return decide(PROMOTED_ONLINE, f"online: significantly better than the champion; {summary}")
+    return decide(
+        REJECTED_ONLINE,
+        "online: not significantly better than the champion (the "
+        f"interval does not lie above zero); {summary}",
+    )

@@ -40,9 +40,14 @@ class HoldoutSplit:
         return np.flatnonzero(np.diff(self.truth.indptr) > 0)
 
 
-def split_holdout(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime, holdout_days: int,
-                  weights: Mapping[str, float], max_users: int | None = None,
-                  seed: int = 0) -> HoldoutSplit:
+def split_holdout(
+    events: EncodedEvents | pd.DataFrame,
+    cutoff: dt.datetime,
+    holdout_days: int,
+    weights: Mapping[str, float],
+    max_users: int | None = None,
+    seed: int = 0,
+) -> HoldoutSplit:
     """Split events at ``cutoff - holdout_days``; truth excludes items seen before, and users
     and items without history before the holdout (new users are scored elsewhere). With
     ``max_users``, truth keeps a seeded sample of that many of its users (``eval_rows``).
@@ -61,8 +66,7 @@ def split_holdout(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime, hol
         test = build_matrix(test_events, weights, *space)
     else:
         train = build_matrix(train_events, weights)
-        test = build_matrix(test_events, weights, user_ids=train.user_ids,
-                            item_ids=train.item_ids)
+        test = build_matrix(test_events, weights, user_ids=train.user_ids, item_ids=train.item_ids)
     truth = (test.confidence > 0).astype(np.float32).tocsr()
     truth = (truth - truth.multiply(train.confidence > 0)).tocsr()
     truth = with_history(truth, train)
@@ -81,8 +85,9 @@ def _sample_rows(truth: sp.csr_matrix, max_users: int | None, seed: int) -> sp.c
         return truth
     keep = np.zeros(truth.shape[0], np.float32)
     keep[np.random.default_rng(seed).choice(rows, max_users, replace=False)] = 1.0
-    logger.info("holdout: scoring a seeded sample of %d of its %d returning users", max_users,
-                len(rows))
+    logger.info(
+        "holdout: scoring a seeded sample of %d of its %d returning users", max_users, len(rows)
+    )
     sampled = sp.csr_matrix(truth.multiply(keep[:, None]))
     sampled.eliminate_zeros()
     return sampled
@@ -93,16 +98,21 @@ def _sample_rows(truth: sp.csr_matrix, max_users: int | None, seed: int) -> sp.c
 BLOCK_CELLS = 2**26
 
 
-def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int,
-                  chunk_rows: int | None = None) -> np.ndarray:
+def top_by_scores(
+    scores: np.ndarray, seen: sp.csr_matrix, k: int, chunk_rows: int | None = None
+) -> np.ndarray:
     """Top-``k`` columns per row of a dense score matrix, excluding seen items; a block of
     ``chunk_rows`` rows at a time (default: :data:`BLOCK_CELLS` cells; the float64 copy of
     every row was GBs at 50k users, and 2,048 rows of 100k items were 3 GB)."""
     if chunk_rows is None:
         chunk_rows = max(1, BLOCK_CELLS // max(scores.shape[1], 1))
     if len(scores) > chunk_rows:
-        return np.vstack([top_by_scores(scores[s:s + chunk_rows], seen[s:s + chunk_rows], k,
-                                        chunk_rows) for s in range(0, len(scores), chunk_rows)])
+        return np.vstack(
+            [
+                top_by_scores(scores[s : s + chunk_rows], seen[s : s + chunk_rows], k, chunk_rows)
+                for s in range(0, len(scores), chunk_rows)
+            ]
+        )
     scores = np.array(scores, dtype=np.float64, copy=True)
     coo = seen.tocoo()
     scores[coo.row, coo.col] = -np.inf
@@ -113,24 +123,34 @@ def top_by_scores(scores: np.ndarray, seen: sp.csr_matrix, k: int,
     return np.where(np.take_along_axis(scores, top, axis=1) == -np.inf, -1, top)
 
 
-def popularity_top(split: HoldoutSplit, rows: np.ndarray, k: int, days: int | None
-                   ) -> np.ndarray:
+def popularity_top(split: HoldoutSplit, rows: np.ndarray, k: int, days: int | None) -> np.ndarray:
     """Baseline: the most popular unseen items (distinct users, optionally last ``days``)."""
     events = split.train_events
     if days is not None:
         events = events[events["timestamp"] >= split.holdout_start - dt.timedelta(days=days)]
-    keys = (np.arange(split.train.shape[1]) if events["item_id"].dtype.kind in "iu"
-            else split.train.item_ids)  # encoded events: codes are the columns
-    counts = (events.groupby("item_id", observed=True)["user_id"].nunique()
-              .reindex(keys).fillna(0).to_numpy(np.float64))
+    keys = (
+        np.arange(split.train.shape[1])
+        if events["item_id"].dtype.kind in "iu"
+        else split.train.item_ids
+    )  # encoded events: codes are the columns
+    counts = (
+        events.groupby("item_id", observed=True)["user_id"]
+        .nunique()
+        .reindex(keys)
+        .fillna(0)
+        .to_numpy(np.float64)
+    )
     # Ties broken by item order so the baseline is deterministic.
     scores = np.broadcast_to(counts - np.arange(len(counts)) * 1e-9, (len(rows), len(counts)))
     return top_by_scores(scores, split.train.confidence[rows], k)
 
 
-def evaluate_models(split: HoldoutSplit, recommenders: Mapping[str, Callable[[np.ndarray, int],
-                                                                             np.ndarray]],
-                    k: int = 10, diversity: bool = False) -> pd.DataFrame:
+def evaluate_models(
+    split: HoldoutSplit,
+    recommenders: Mapping[str, Callable[[np.ndarray, int], np.ndarray]],
+    k: int = 10,
+    diversity: bool = False,
+) -> pd.DataFrame:
     """One row per model: metrics at ``k`` on the warm users of the holdout (with
     ``diversity``, also catalog coverage and popularity bias, see :func:`top_diversity`)."""
     rows = split.eval_rows
@@ -150,8 +170,7 @@ def evaluate_models(split: HoldoutSplit, recommenders: Mapping[str, Callable[[np
 # ---- id-level evaluation of published-shape lists (warm and cold users alike) -------------
 
 
-def segment_audit(per_user: Mapping[str, pd.DataFrame], segments: pd.DataFrame
-                  ) -> pd.DataFrame:
+def segment_audit(per_user: Mapping[str, pd.DataFrame], segments: pd.DataFrame) -> pd.DataFrame:
     """Bias audit: mean metrics per model x segment column x segment value.
 
     ``per_user`` maps model name -> :func:`user_metrics` frame; ``segments`` is indexed by
@@ -163,29 +182,42 @@ def segment_audit(per_user: Mapping[str, pd.DataFrame], segments: pd.DataFrame
         for column in segments.columns:
             labels = joined[column].astype("string").fillna("unknown")
             for value, group in joined.groupby(labels, sort=True):
-                records.append({"model": model, "segment": column, "value": value,
-                                "users": len(group),
-                                **{m: float(group[m].mean()) for m in frame.columns}})
+                records.append(
+                    {
+                        "model": model,
+                        "segment": column,
+                        "value": value,
+                        "users": len(group),
+                        **{m: float(group[m].mean()) for m in frame.columns},
+                    }
+                )
     return pd.DataFrame.from_records(records)
 
 
-def lists_to_top(lists: pd.DataFrame, user_ids: np.ndarray, matrix: InteractionMatrix, k: int
-                 ) -> np.ndarray:
+def lists_to_top(
+    lists: pd.DataFrame, user_ids: np.ndarray, matrix: InteractionMatrix, k: int
+) -> np.ndarray:
     """Ranked id lists -> users x ``k`` item columns of ``matrix`` (-1 = empty/unknown)."""
     return top_from_lists(lists, user_ids, matrix.item_ids, k)
 
 
-def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray, k: int,
-                     days: int | None = None, chunk_users: int = 2_000) -> pd.DataFrame:
+def popularity_lists(
+    events: pd.DataFrame,
+    cutoff: dt.datetime,
+    user_ids: np.ndarray,
+    k: int,
+    days: int | None = None,
+    chunk_users: int = 2_000,
+) -> pd.DataFrame:
     """Non-personal baseline for any users (cold too): the most popular items (distinct
     users, optionally in the last ``days`` before ``cutoff``) each user has not seen;
     ``chunk_users`` users at a time (each gets k + the heaviest user's history candidates)."""
     events = events[events["timestamp"] < cutoff]
-    window = events if days is None else events[
-        events["timestamp"] >= cutoff - dt.timedelta(days=days)]
+    window = (
+        events if days is None else events[events["timestamp"] >= cutoff - dt.timedelta(days=days)]
+    )
     counts = window.groupby("item_id", observed=True)["user_id"].nunique()
-    ranked = counts.rename("n").reset_index().sort_values(["n", "item_id"],
-                                                          ascending=[False, True])
+    ranked = counts.rename("n").reset_index().sort_values(["n", "item_id"], ascending=[False, True])
     user_ids = pd.unique(np.asarray(user_ids, dtype=object))
     ranking = ranked["item_id"].astype(object).to_numpy()
     # every asked user's distinct items, found in one pass over the events (not one per chunk)
@@ -193,26 +225,36 @@ def popularity_lists(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.nda
     chunk_of = pd.Series(np.arange(len(user_ids)) // chunk_users, index=user_ids)
     by_chunk = dict(tuple(seen.groupby(seen["user_id"].map(chunk_of).to_numpy())))
     empty = seen.head(0)
-    parts = [_unseen_top(by_chunk.get(s // chunk_users, empty), user_ids[s:s + chunk_users],
-                         ranking, k)
-             for s in range(0, len(user_ids), chunk_users)]  # users x depth rows per chunk
+    parts = [
+        _unseen_top(
+            by_chunk.get(s // chunk_users, empty), user_ids[s : s + chunk_users], ranking, k
+        )
+        for s in range(0, len(user_ids), chunk_users)
+    ]  # users x depth rows per chunk
     if not parts:
         return pd.DataFrame(columns=["user_id", "rank", "item_id"])
-    return (pd.concat(parts, ignore_index=True)
-            .sort_values(["user_id", "rank"], kind="stable").reset_index(drop=True))
+    return (
+        pd.concat(parts, ignore_index=True)
+        .sort_values(["user_id", "rank"], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
-def _unseen_top(seen: pd.DataFrame, user_ids: np.ndarray, ranking: np.ndarray, k: int
-                ) -> pd.DataFrame:
+def _unseen_top(
+    seen: pd.DataFrame, user_ids: np.ndarray, ranking: np.ndarray, k: int
+) -> pd.DataFrame:
     """The first ``k`` items of ``ranking`` each user has no event with (``seen``: the
     users' distinct (user_id, item_id) pairs)."""
     depth = k + int(seen.groupby("user_id", observed=True).size().max()) if len(seen) else k
     top = ranking[:depth]
-    cand = pd.DataFrame({"user_id": np.repeat(user_ids, len(top)),
-                         "item_id": np.tile(top, len(user_ids)),
-                         "order": np.tile(np.arange(len(top)), len(user_ids))})
-    cand = cand.merge(seen.astype(object).assign(seen=True), how="left",
-                      on=["user_id", "item_id"])
+    cand = pd.DataFrame(
+        {
+            "user_id": np.repeat(user_ids, len(top)),
+            "item_id": np.tile(top, len(user_ids)),
+            "order": np.tile(np.arange(len(top)), len(user_ids)),
+        }
+    )
+    cand = cand.merge(seen.astype(object).assign(seen=True), how="left", on=["user_id", "item_id"])
     cand = cand[cand["seen"].isna()].sort_values(["user_id", "order"], kind="stable")
     cand["rank"] = cand.groupby("user_id").cumcount() + 1
     return cand[cand["rank"] <= k][["user_id", "rank", "item_id"]].reset_index(drop=True)

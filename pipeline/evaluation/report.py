@@ -23,10 +23,13 @@ def _pyplot():
     return plt
 
 
-def plot_metrics_comparison(table: pd.DataFrame, path: Path, *,
-                            champion: dict[str, float] | None = None,
-                            metrics: tuple[str, ...] = ("precision", "recall", "ndcg", "map",
-                                                        "hit_rate")) -> Path:
+def plot_metrics_comparison(
+    table: pd.DataFrame,
+    path: Path,
+    *,
+    champion: dict[str, float] | None = None,
+    metrics: tuple[str, ...] = ("precision", "recall", "ndcg", "map", "hit_rate"),
+) -> Path:
     """Grouped bars: each model of ``table`` (rows) on each metric, plus the champion if any."""
     plt = _pyplot()
     frame = table[[m for m in metrics if m in table.columns]].copy()
@@ -44,8 +47,7 @@ def plot_metrics_comparison(table: pd.DataFrame, path: Path, *,
     return _save(fig, plt, path)
 
 
-def plot_score_distribution(scores: pd.Series, path: Path, *, by: pd.Series | None = None
-                            ) -> Path:
+def plot_score_distribution(scores: pd.Series, path: Path, *, by: pd.Series | None = None) -> Path:
     """Histogram of recommendation scores (one series per ``by`` value, e.g. source)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -70,8 +72,14 @@ def plot_feature_importance(importance: pd.Series, path: Path, top: int = 25) ->
     return _save(fig, plt, path)
 
 
-def plot_trend(history: pd.DataFrame, current: dict[str, float], path: Path, *,
-               logical_date: pd.Timestamp, metric: str = "ndcg@10") -> Path:
+def plot_trend(
+    history: pd.DataFrame,
+    current: dict[str, float],
+    path: Path,
+    *,
+    logical_date: pd.Timestamp,
+    metric: str = "ndcg@10",
+) -> Path:
     """The holdout metric by logical date: the last champions (``history``: columns
     ``logical_date``, ``version`` and one per series, e.g. ``model``, ``popularity_30d``) as
     lines, and this run (``current``: the same series) as highlighted points, so a drop or a
@@ -84,15 +92,28 @@ def plot_trend(history: pd.DataFrame, current: dict[str, float], path: Path, *,
     for name in dict.fromkeys([*series, *current]):
         style = "-o" if name == "model" else "--"
         if name in frame:
-            ax.plot(frame["logical_date"], frame[name], style, label=f"{name} (champions)",
-                    alpha=0.8)
+            ax.plot(
+                frame["logical_date"], frame[name], style, label=f"{name} (champions)", alpha=0.8
+            )
         if name in current:
-            ax.scatter([logical_date], [current[name]], s=80, zorder=3, edgecolor="black",
-                       label=f"{name} (this run)")
+            ax.scatter(
+                [logical_date],
+                [current[name]],
+                s=80,
+                zorder=3,
+                edgecolor="black",
+                label=f"{name} (this run)",
+            )
     for row in frame.itertuples():
         if "model" in frame:
-            ax.annotate(f"v{row.version}", (row.logical_date, row.model),
-                        fontsize=7, textcoords="offset points", xytext=(0, 6), ha="center")
+            ax.annotate(
+                f"v{row.version}",
+                (row.logical_date, row.model),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+            )
     ax.set_xlabel("logical date")
     ax.set_ylabel(f"holdout {metric}")
     ax.set_title(f"Holdout {metric}: this run against the last champions")

@@ -69,12 +69,18 @@ class TuningResult:
 
     def to_dict(self) -> dict:
         pruned = int(self.trials["pruned"].sum()) if "pruned" in self.trials else 0
-        return {"best_params": self.best_params, "best_score": round(self.best_score, 6),
-                "trials": len(self.trials), "pruned": pruned, "folds": self.folds}
+        return {
+            "best_params": self.best_params,
+            "best_score": round(self.best_score, 6),
+            "trials": len(self.trials),
+            "pruned": pruned,
+            "folds": self.folds,
+        }
 
 
-def expanding_folds(cutoff: dt.datetime, n_folds: int, horizon_days: int
-                    ) -> list[tuple[dt.datetime, dt.datetime]]:
+def expanding_folds(
+    cutoff: dt.datetime, n_folds: int, horizon_days: int
+) -> list[tuple[dt.datetime, dt.datetime]]:
     """(test start, test end) per fold, oldest first; every test end is <= ``cutoff``."""
     if n_folds < 1 or horizon_days < 1:
         raise ValueError("n_folds and horizon_days must be >= 1")
@@ -82,16 +88,26 @@ def expanding_folds(cutoff: dt.datetime, n_folds: int, horizon_days: int
     return [(cutoff - step * f, cutoff - step * (f - 1)) for f in range(n_folds, 0, -1)]
 
 
-def score_fold(events: EncodedEvents, start: dt.datetime, end: dt.datetime,
-               params: Mapping[str, object], items: pd.DataFrame | None,
-               users: pd.DataFrame | None, weights: Mapping[str, float], k: int = 10
-               ) -> float:
+def score_fold(
+    events: EncodedEvents,
+    start: dt.datetime,
+    end: dt.datetime,
+    params: Mapping[str, object],
+    items: pd.DataFrame | None,
+    users: pd.DataFrame | None,
+    weights: Mapping[str, float],
+    k: int = 10,
+) -> float:
     """nDCG@k of a :class:`TwoStageRecommender` with ``params``, fitted on the events
     before ``start``, on the window ``[start, end)`` (NaN when nobody is active in it)."""
     frame = events.frame
     truth = window_truth_frame(frame[frame["timestamp"] < end], start, end)
-    truth = pd.DataFrame({"user_id": events.users.decode(truth["user_id"]),
-                          "item_id": events.items.decode(truth["item_id"])})
+    truth = pd.DataFrame(
+        {
+            "user_id": events.users.decode(truth["user_id"]),
+            "item_id": events.items.decode(truth["item_id"]),
+        }
+    )
     if truth.empty:
         return float("nan")
     model = TwoStageRecommender(**params).fit(events, start, weights, items, users)
@@ -99,22 +115,36 @@ def score_fold(events: EncodedEvents, start: dt.datetime, end: dt.datetime,
     return float(user_metrics(lists, truth, k)["ndcg"].mean())
 
 
-def score_params(events: EncodedEvents, folds: list[tuple[dt.datetime, dt.datetime]],
-                 params: Mapping[str, object], items: pd.DataFrame | None,
-                 users: pd.DataFrame | None, weights: Mapping[str, float], k: int = 10
-                 ) -> list[float]:
+def score_params(
+    events: EncodedEvents,
+    folds: list[tuple[dt.datetime, dt.datetime]],
+    params: Mapping[str, object],
+    items: pd.DataFrame | None,
+    users: pd.DataFrame | None,
+    weights: Mapping[str, float],
+    k: int = 10,
+) -> list[float]:
     """nDCG@k of a :class:`TwoStageRecommender` with ``params`` on each fold."""
-    return [score_fold(events, start, end, params, items, users, weights, k)
-            for start, end in folds]
+    return [
+        score_fold(events, start, end, params, items, users, weights, k) for start, end in folds
+    ]
 
 
-def tune_twostage(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime,
-                  base_params: Mapping[str, object], budget_minutes: float,
-                  items: pd.DataFrame | None = None,
-                  users: pd.DataFrame | None = None,
-                  weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS, n_folds: int = 3,
-                  horizon_days: int = 14, max_trials: int = 50, random_state: int = 42,
-                  space: Mapping[str, tuple] = SEARCH_SPACE, k: int = 10) -> TuningResult:
+def tune_twostage(
+    events: EncodedEvents | pd.DataFrame,
+    cutoff: dt.datetime,
+    base_params: Mapping[str, object],
+    budget_minutes: float,
+    items: pd.DataFrame | None = None,
+    users: pd.DataFrame | None = None,
+    weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
+    n_folds: int = 3,
+    horizon_days: int = 14,
+    max_trials: int = 50,
+    random_state: int = 42,
+    space: Mapping[str, tuple] = SEARCH_SPACE,
+    k: int = 10,
+) -> TuningResult:
     """Optuna search over ``space`` within ``budget_minutes``; trial 0 is ``base_params``.
 
     Only the names of ``space`` that ``base_params`` has are searched (a name the model
@@ -127,16 +157,21 @@ def tune_twostage(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime,
         events = EncodedEvents.from_frame(events[events["timestamp"] < cutoff], weights)
     events = events.before(cutoff)
     folds = expanding_folds(cutoff, n_folds, horizon_days)
-    choices = {name: tuple(values) if base_params[name] in values
-               else (*values, _plain(base_params[name]))
-               for name, values in space.items() if name in base_params}
+    choices = {
+        name: tuple(values) if base_params[name] in values else (*values, _plain(base_params[name]))
+        for name, values in space.items()
+        if name in base_params
+    }
     _route_optuna_logs()
     study = optuna.create_study(
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=random_state,
-                                           n_startup_trials=SAMPLER_STARTUP_TRIALS),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
-                                           n_warmup_steps=0))
+        sampler=optuna.samplers.TPESampler(
+            seed=random_state, n_startup_trials=SAMPLER_STARTUP_TRIALS
+        ),
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0
+        ),
+    )
     study.enqueue_trial({name: _plain(base_params[name]) for name in choices})
     started, longest = time.perf_counter(), 0.0
     records: list[dict] = []
@@ -146,14 +181,17 @@ def tune_twostage(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime,
         if number > 0 and elapsed + longest > budget_minutes * 60:
             break
         trial = study.ask()
-        params = {**base_params, **{name: trial.suggest_categorical(name, values)
-                                    for name, values in choices.items()}}
+        params = {
+            **base_params,
+            **{name: trial.suggest_categorical(name, values) for name, values in choices.items()},
+        }
         t0 = time.perf_counter()
         scores, pruned = _run_folds(trial, events, folds, params, items, users, weights, k)
         seconds = time.perf_counter() - t0
         longest = max(longest, seconds)
-        mean = (float(np.nanmean(scores)) if not pruned and np.isfinite(scores).any()
-                else float("nan"))
+        mean = (
+            float(np.nanmean(scores)) if not pruned and np.isfinite(scores).any() else float("nan")
+        )
         if pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         elif math.isnan(mean):  # every fold window empty: nothing to learn from
@@ -161,27 +199,55 @@ def tune_twostage(events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime,
         else:
             study.tell(trial, mean)
         tried.append({name: _plain(params[name]) for name in base_params})
-        records.append({"trial": number, "score": mean, "seconds": seconds,
-                        **{f"fold{f}": s for f, s in enumerate(scores)}, "pruned": pruned,
-                        **{name: params[name] for name in base_params}})
-        logger.info("tuning trial %d: ndcg@%d %.4f (folds %s)%s in %.1fs", number, k, mean,
-                    [round(s, 4) for s in scores if not math.isnan(s)],
-                    f", pruned after fold {len([s for s in scores if s == s]) - 1}"
-                    if pruned else "", seconds)
+        records.append(
+            {
+                "trial": number,
+                "score": mean,
+                "seconds": seconds,
+                **{f"fold{f}": s for f, s in enumerate(scores)},
+                "pruned": pruned,
+                **{name: params[name] for name in base_params},
+            }
+        )
+        logger.info(
+            "tuning trial %d: ndcg@%d %.4f (folds %s)%s in %.1fs",
+            number,
+            k,
+            mean,
+            [round(s, 4) for s in scores if not math.isnan(s)],
+            f", pruned after fold {len([s for s in scores if s == s]) - 1}" if pruned else "",
+            seconds,
+        )
     trials = pd.DataFrame.from_records(records)
     best = trials.loc[trials["score"].fillna(-np.inf).idxmax()]
     best_params = tried[int(best["trial"])]
-    logger.info("tuning done: %d trials (%d pruned) in %.0fs, best ndcg@%d %.4f with %s",
-                len(trials), int(trials["pruned"].sum()), time.perf_counter() - started, k,
-                best["score"], best_params)
-    return TuningResult(best_params, float(best["score"]), trials,
-                        [(s.isoformat(), e.isoformat()) for s, e in folds])
+    logger.info(
+        "tuning done: %d trials (%d pruned) in %.0fs, best ndcg@%d %.4f with %s",
+        len(trials),
+        int(trials["pruned"].sum()),
+        time.perf_counter() - started,
+        k,
+        best["score"],
+        best_params,
+    )
+    return TuningResult(
+        best_params,
+        float(best["score"]),
+        trials,
+        [(s.isoformat(), e.isoformat()) for s, e in folds],
+    )
 
 
-def _run_folds(trial: optuna.trial.Trial, events: EncodedEvents,
-               folds: list[tuple[dt.datetime, dt.datetime]], params: Mapping[str, object],
-               items: pd.DataFrame | None, users: pd.DataFrame | None,
-               weights: Mapping[str, float], k: int) -> tuple[list[float], bool]:
+def _run_folds(
+    trial: optuna.trial.Trial,
+    events: EncodedEvents,
+    folds: list[tuple[dt.datetime, dt.datetime]],
+    params: Mapping[str, object],
+    items: pd.DataFrame | None,
+    users: pd.DataFrame | None,
+    weights: Mapping[str, float],
+    k: int,
+) -> tuple[list[float], bool]:
     """Each fold's score (NaN for the folds a pruned trial did not run) and whether the
     pruner stopped the trial. An empty fold (NaN) is not reported: the pruner would take it
     for a failed trial."""

@@ -61,15 +61,23 @@ class InteractionMatrix:
         """The same matrix with rows and columns named by ``user_ids`` / ``item_ids`` (the id
         strings of the codes it was built on)."""
         if (len(user_ids), len(item_ids)) != self.shape:
-            raise ValueError(f"labels {len(user_ids)} x {len(item_ids)} do not fit a "
-                             f"{self.shape[0]} x {self.shape[1]} matrix")
-        return replace(self, user_ids=np.asarray(user_ids, dtype=object),
-                       item_ids=np.asarray(item_ids, dtype=object))
+            raise ValueError(
+                f"labels {len(user_ids)} x {len(item_ids)} do not fit a "
+                f"{self.shape[0]} x {self.shape[1]} matrix"
+            )
+        return replace(
+            self,
+            user_ids=np.asarray(user_ids, dtype=object),
+            item_ids=np.asarray(item_ids, dtype=object),
+        )
 
 
-def build_matrix(events: pd.DataFrame, weights: Mapping[str, float],
-                 user_ids: np.ndarray | None = None, item_ids: np.ndarray | None = None
-                 ) -> InteractionMatrix:
+def build_matrix(
+    events: pd.DataFrame,
+    weights: Mapping[str, float],
+    user_ids: np.ndarray | None = None,
+    item_ids: np.ndarray | None = None,
+) -> InteractionMatrix:
     """Sum event weights per (user, item).
 
     On encoded events (integer ``user_id``/``item_id`` codes) the codes are the rows and
@@ -108,12 +116,12 @@ def build_matrix(events: pd.DataFrame, weights: Mapping[str, float],
     best = np.maximum.reduceat(w, starts) if len(key) else np.zeros(0)
     sizes = np.diff(np.r_[starts, len(key)])
     is_best = np.flatnonzero(w == np.repeat(best, sizes))
-    first_best = is_best[np.unique(np.searchsorted(starts, is_best, side="right") - 1,
-                                   return_index=True)[1]]
+    first_best = is_best[
+        np.unique(np.searchsorted(starts, is_best, side="right") - 1, return_index=True)[1]
+    ]
     u, i = key[starts] // max(shape[1], 1), key[starts] % max(shape[1], 1)
     confidence = sp.csr_matrix((total.astype(np.float32), (u, i)), shape=shape)
-    strongest = sp.csr_matrix((type_code[first_best].astype(np.float32) + 1, (u, i)),
-                              shape=shape)
+    strongest = sp.csr_matrix((type_code[first_best].astype(np.float32) + 1, (u, i)), shape=shape)
     strongest.data -= 1  # stored +1 so that code 0 is not dropped as an explicit zero
     labels = (lambda a: a) if coded else (lambda a: np.asarray(a, dtype=object))
     return InteractionMatrix(labels(users), labels(items), confidence, strongest, types)

@@ -39,18 +39,21 @@ def build_user_features(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFra
     events = before(events, cutoff)
     by_user = events.groupby("user_id", observed=True)
     age_days = (cutoff - events["timestamp"]).dt.total_seconds() / 86400.0
-    frame = pd.DataFrame({
-        "recency_days": (cutoff - by_user["timestamp"].max()).dt.total_seconds() / 86400.0,
-        "tenure_days": (cutoff - by_user["timestamp"].min()).dt.total_seconds() / 86400.0,
-        "events_total": by_user.size(),
-        "items_distinct": by_user["item_id"].nunique(),
-        "monetary": by_user["value"].sum(min_count=0).fillna(0.0),
-    })
+    frame = pd.DataFrame(
+        {
+            "recency_days": (cutoff - by_user["timestamp"].max()).dt.total_seconds() / 86400.0,
+            "tenure_days": (cutoff - by_user["timestamp"].min()).dt.total_seconds() / 86400.0,
+            "events_total": by_user.size(),
+            "items_distinct": by_user["item_id"].nunique(),
+            "monetary": by_user["value"].sum(min_count=0).fillna(0.0),
+        }
+    )
     for days in FREQUENCY_WINDOWS:
         recent = events[age_days <= days].groupby("user_id", observed=True).size()
         frame[f"frequency_{days}d"] = recent.reindex(frame.index, fill_value=0)
-    device = pd.Categorical(events["device"].astype(object).where(events["device"].notna(),
-                                                                  "other"), categories=DEVICES)
+    device = pd.Categorical(
+        events["device"].astype(object).where(events["device"].notna(), "other"), categories=DEVICES
+    )
     frame = frame.join(_shares(events["user_id"], device.codes, "device", DEVICES))
     bounds = [lo for lo, _ in DAYPARTS.values()][1:]  # the day parts are contiguous, in order
     daypart = np.digitize(events["timestamp"].dt.hour.to_numpy(), bounds)
@@ -62,24 +65,30 @@ def build_user_features(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFra
     return frame.reset_index().sort_values("user_id", kind="stable").reset_index(drop=True)
 
 
-def build_item_features(events: pd.DataFrame, cutoff: dt.datetime,
-                        items: pd.DataFrame | None = None) -> pd.DataFrame:
+def build_item_features(
+    events: pd.DataFrame, cutoff: dt.datetime, items: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One row per item: distinct users per window, trend, age since first seen, category."""
     events = before(events, cutoff)
     by_item = events.groupby("item_id", observed=True)
-    frame = pd.DataFrame({"users_total": by_item["user_id"].nunique(),
-                          "first_seen_days": (cutoff - by_item["timestamp"].min())
-                          .dt.total_seconds() / 86400.0,
-                          "value_mean": by_item["value"].mean()})
+    frame = pd.DataFrame(
+        {
+            "users_total": by_item["user_id"].nunique(),
+            "first_seen_days": (cutoff - by_item["timestamp"].min()).dt.total_seconds() / 86400.0,
+            "value_mean": by_item["value"].mean(),
+        }
+    )
     for days in POPULARITY_WINDOWS:
         recent = events[events["timestamp"] >= cutoff - dt.timedelta(days=days)]
         counts = recent.groupby("item_id", observed=True)["user_id"].nunique()
         frame[f"popularity_{days}d"] = counts.reindex(frame.index, fill_value=0)
     frame["newcomer_popularity_30d"] = _newcomer_popularity(events, cutoff, 30).reindex(
-        frame.index, fill_value=0)
+        frame.index, fill_value=0
+    )
     # Trend: last week's daily rate against the 30-day daily rate (1.0 = steady).
-    frame["trend"] = ((frame["popularity_7d"] / 7.0 + 1e-3)
-                      / (frame["popularity_30d"] / 30.0 + 1e-3)).astype("float64")
+    frame["trend"] = (
+        (frame["popularity_7d"] / 7.0 + 1e-3) / (frame["popularity_30d"] / 30.0 + 1e-3)
+    ).astype("float64")
     frame.index.name = "item_id"
     frame = frame.reset_index()
     if items is not None and len(items):
@@ -87,8 +96,9 @@ def build_item_features(events: pd.DataFrame, cutoff: dt.datetime,
         if "category" in side:
             frame["category"] = frame["item_id"].map(side["category"]).astype("string")
         if "published_at" in side:
-            published = pd.to_datetime(frame["item_id"].map(side["published_at"]), utc=True,
-                                       errors="coerce")
+            published = pd.to_datetime(
+                frame["item_id"].map(side["published_at"]), utc=True, errors="coerce"
+            )
             frame["age_days"] = (cutoff - published).dt.total_seconds() / 86400.0
     if "age_days" not in frame:
         frame["age_days"] = frame["first_seen_days"]
@@ -96,34 +106,45 @@ def build_item_features(events: pd.DataFrame, cutoff: dt.datetime,
     return frame.sort_values("item_id", kind="stable").reset_index(drop=True)
 
 
-def _shares(users: pd.Series, codes: np.ndarray, prefix: str, levels: tuple[str, ...]
-            ) -> pd.DataFrame:
+def _shares(
+    users: pd.Series, codes: np.ndarray, prefix: str, levels: tuple[str, ...]
+) -> pd.DataFrame:
     """Per user, the share of their events at each of ``levels`` (``codes`` index into it per
     event; -1, a value outside the levels, counts nowhere): a crosstab by integer codes."""
     codes = np.asarray(codes, dtype=np.int64)
     user_codes, distinct = pd.factorize(users, sort=True)
     ok = (codes >= 0) & (user_codes >= 0)
-    counts = np.bincount(user_codes[ok] * len(levels) + codes[ok],
-                         minlength=len(distinct) * len(levels)).reshape(-1, len(levels))
+    counts = np.bincount(
+        user_codes[ok] * len(levels) + codes[ok], minlength=len(distinct) * len(levels)
+    ).reshape(-1, len(levels))
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    return pd.DataFrame(shares, index=pd.Index(distinct, name="user_id"),
-                        columns=[f"{prefix}_{c}_share" for c in levels])
+    return pd.DataFrame(
+        shares,
+        index=pd.Index(distinct, name="user_id"),
+        columns=[f"{prefix}_{c}_share" for c in levels],
+    )
 
 
 def _session_stats(events: pd.DataFrame) -> pd.DataFrame:
     """Sessions per user and mean events / duration per session (sessions = session_id)."""
     with_session = events[events["session_id"].notna()]
     if with_session.empty:
-        return pd.DataFrame(columns=["sessions", "events_per_session", "session_minutes"],
-                            dtype="float64")
+        return pd.DataFrame(
+            columns=["sessions", "events_per_session", "session_minutes"], dtype="float64"
+        )
     per = with_session.groupby(["user_id", "session_id"], observed=True)["timestamp"].agg(
-        ["size", "min", "max"])
+        ["size", "min", "max"]
+    )
     per["minutes"] = (per["max"] - per["min"]).dt.total_seconds() / 60.0
     by_user = per.groupby(level="user_id")
-    return pd.DataFrame({"sessions": by_user.size(),
-                         "events_per_session": by_user["size"].mean(),
-                         "session_minutes": by_user["minutes"].mean()})
+    return pd.DataFrame(
+        {
+            "sessions": by_user.size(),
+            "events_per_session": by_user["size"].mean(),
+            "session_minutes": by_user["minutes"].mean(),
+        }
+    )
 
 
 def _newcomer_popularity(events: pd.DataFrame, cutoff: dt.datetime, days: int) -> pd.Series:
@@ -150,10 +171,12 @@ class FeatureFrames:
     item: pd.DataFrame
 
     @classmethod
-    def build(cls, events: pd.DataFrame, as_of: dt.datetime,
-              items: pd.DataFrame | None = None) -> FeatureFrames:
-        return cls(as_of, build_user_features(events, as_of),
-                   build_item_features(events, as_of, items))
+    def build(
+        cls, events: pd.DataFrame, as_of: dt.datetime, items: pd.DataFrame | None = None
+    ) -> FeatureFrames:
+        return cls(
+            as_of, build_user_features(events, as_of), build_item_features(events, as_of, items)
+        )
 
     def folder(self, root: Path) -> Path:
         return Path(root) / f"as_of={self.as_of:%Y-%m-%dT%H%M%S}"
@@ -171,13 +194,21 @@ class FeatureFrames:
     @classmethod
     def read(cls, root: Path, as_of: dt.datetime) -> FeatureFrames:
         folder = cls(as_of, pd.DataFrame(), pd.DataFrame()).folder(root)
-        return cls(as_of, pd.read_parquet(folder / "user_features.parquet"),
-                   pd.read_parquet(folder / "item_features.parquet"))
+        return cls(
+            as_of,
+            pd.read_parquet(folder / "user_features.parquet"),
+            pd.read_parquet(folder / "item_features.parquet"),
+        )
 
 
 # ---- matrix-aligned features (rows/columns of an InteractionMatrix) ----------------------
-def recent_history(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
-                   item_ids: np.ndarray, n_recent: int) -> sp.csr_matrix:
+def recent_history(
+    events: pd.DataFrame,
+    cutoff: dt.datetime,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    n_recent: int,
+) -> sp.csr_matrix:
     """users x items, 1.0 for each user's ``n_recent`` most recently touched distinct items
     (ties to the lower column); events of ids outside ``user_ids``/``item_ids`` are ignored."""
     events = before(events, cutoff)
@@ -197,12 +228,15 @@ def recent_history(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarr
     starts = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
     position = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
     keep = position < n_recent
-    return sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
-                         shape=(len(user_ids), len(item_ids)))
+    return sp.csr_matrix(
+        (np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
+        shape=(len(user_ids), len(item_ids)),
+    )
 
 
-def item_category_codes(item_ids: np.ndarray, items: pd.DataFrame | None
-                        ) -> tuple[np.ndarray, tuple[str, ...]]:
+def item_category_codes(
+    item_ids: np.ndarray, items: pd.DataFrame | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
     """Category code per item column (-1 unknown) and the category names, sorted."""
     codes = np.full(len(item_ids), -1, np.int64)
     if items is None or "category" not in items:
@@ -211,26 +245,30 @@ def item_category_codes(item_ids: np.ndarray, items: pd.DataFrame | None
     labels = pd.Series(item_ids, dtype=object).map(side).astype("string")
     names = tuple(sorted(labels.dropna().unique()))
     known = labels.notna().to_numpy()
-    codes[known] = np.searchsorted(np.asarray(names, dtype=object),
-                                   labels[known].to_numpy(dtype=object))
+    codes[known] = np.searchsorted(
+        np.asarray(names, dtype=object), labels[known].to_numpy(dtype=object)
+    )
     return codes, names
 
 
-def category_affinity(confidence: sp.csr_matrix, codes: np.ndarray, n_categories: int
-                      ) -> np.ndarray:
+def category_affinity(
+    confidence: sp.csr_matrix, codes: np.ndarray, n_categories: int
+) -> np.ndarray:
     """users x categories: share of each user's distinct items that fall in each category."""
     n_cat = max(n_categories, 1)
     known = codes >= 0
-    onehot = sp.csr_matrix((np.ones(int(known.sum()), np.float32),
-                            (np.flatnonzero(known), codes[known])),
-                           shape=(len(codes), n_cat))
+    onehot = sp.csr_matrix(
+        (np.ones(int(known.sum()), np.float32), (np.flatnonzero(known), codes[known])),
+        shape=(len(codes), n_cat),
+    )
     counts = np.asarray(((confidence > 0).astype(np.float32) @ onehot).todense())
     totals = counts.sum(axis=1, keepdims=True)
     return (counts / np.maximum(totals, 1.0)).astype(np.float32)
 
 
-def segment_labels(users: pd.DataFrame | None, user_ids: np.ndarray,
-                   columns: tuple[str, ...]) -> np.ndarray:
+def segment_labels(
+    users: pd.DataFrame | None, user_ids: np.ndarray, columns: tuple[str, ...]
+) -> np.ndarray:
     """Segment key per user ("25-34|F"), or ``None`` where any attribute is unknown."""
     out = np.full(len(user_ids), None, dtype=object)
     if users is None or not len(users) or not columns or not set(columns) <= set(users):
@@ -281,20 +319,35 @@ class FeatureTables:
     item_log_basis: np.ndarray
     user_taste: np.ndarray
 
-    ARRAY_FIELDS = ("user", "item", "affinity", "item_category", "segment_popularity",
-                    "user_segment", "item_log_basis", "user_taste")
+    ARRAY_FIELDS = (
+        "user",
+        "item",
+        "affinity",
+        "item_category",
+        "segment_popularity",
+        "user_segment",
+        "item_log_basis",
+        "user_taste",
+    )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays by field name (for saving and fingerprints)."""
         return {name: getattr(self, name) for name in self.ARRAY_FIELDS}
 
 
-def build_feature_tables(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np.ndarray,
-                         item_ids: np.ndarray, confidence: sp.csr_matrix,
-                         items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
-                         segments: tuple[str, ...] = DEMOGRAPHICS, segment_days: int = 30,
-                         feature_rows: np.ndarray | None = None,
-                         frames: FeatureFrames | None = None) -> FeatureTables:
+def build_feature_tables(
+    events: pd.DataFrame,
+    cutoff: dt.datetime,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    confidence: sp.csr_matrix,
+    items: pd.DataFrame | None = None,
+    users: pd.DataFrame | None = None,
+    segments: tuple[str, ...] = DEMOGRAPHICS,
+    segment_days: int = 30,
+    feature_rows: np.ndarray | None = None,
+    frames: FeatureFrames | None = None,
+) -> FeatureTables:
     """All ranker features from events before ``cutoff``, on the matrix's rows and columns;
     with ``feature_rows``, user features (each computed from its user's events alone) only for
     those rows, NaN elsewhere: training reads a sample of users. ``frames``: the user and
@@ -303,10 +356,16 @@ def build_feature_tables(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np
     if frames is not None and frames.as_of != cutoff:
         raise ValueError(f"features as of {frames.as_of} given for a cutoff of {cutoff}")
     if frames is None:
-        user_events = events if feature_rows is None else events[
-            events["user_id"].isin(np.asarray(user_ids)[feature_rows])]
-        frames = FeatureFrames(cutoff, build_user_features(user_events, cutoff),
-                               build_item_features(events, cutoff, items))
+        user_events = (
+            events
+            if feature_rows is None
+            else events[events["user_id"].isin(np.asarray(user_ids)[feature_rows])]
+        )
+        frames = FeatureFrames(
+            cutoff,
+            build_user_features(user_events, cutoff),
+            build_item_features(events, cutoff, items),
+        )
     user_frame = frames.user.set_index("user_id").reindex(user_ids)
     item_frame = frames.item.set_index("item_id").reindex(item_ids)
     item_frame = item_frame.drop(columns=[c for c in ("category",) if c in item_frame])
@@ -318,13 +377,21 @@ def build_feature_tables(events: pd.DataFrame, cutoff: dt.datetime, user_ids: np
     basis = item_frame["users_total"].fillna(0).to_numpy(np.float32)
     return FeatureTables(
         user=user_frame.to_numpy(np.float32, na_value=np.nan),
-        user_names=tuple(user_frame.columns), item=item_matrix,
+        user_names=tuple(user_frame.columns),
+        item=item_matrix,
         item_names=tuple(item_frame.columns),
         affinity=category_affinity(confidence, codes, len(names)),
-        item_category=codes, segment_popularity=seg_pop, user_segment=user_seg,
-        segment_names=used, item_log_basis=basis,
-        user_taste=_user_taste(confidence, np.log1p(basis),
-                               item_frame["age_days"].to_numpy(np.float32, na_value=np.nan)))
+        item_category=codes,
+        segment_popularity=seg_pop,
+        user_segment=user_seg,
+        segment_names=used,
+        item_log_basis=basis,
+        user_taste=_user_taste(
+            confidence,
+            np.log1p(basis),
+            item_frame["age_days"].to_numpy(np.float32, na_value=np.nan),
+        ),
+    )
 
 
 def _user_taste(confidence: sp.csr_matrix, log_pop: np.ndarray, age: np.ndarray) -> np.ndarray:
@@ -336,9 +403,13 @@ def _user_taste(confidence: sp.csr_matrix, log_pop: np.ndarray, age: np.ndarray)
     return taste.astype(np.float32)
 
 
-def _segment_popularity(recent: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray,
-                        users: pd.DataFrame | None, columns: tuple[str, ...]
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def _segment_popularity(
+    recent: pd.DataFrame,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    users: pd.DataFrame | None,
+    columns: tuple[str, ...],
+) -> tuple[np.ndarray, np.ndarray]:
     """(segments + global) x items popularity shares, and each user's row per attribute."""
     pairs = recent[["user_id", "item_id"]].drop_duplicates()
     cols = lookup(item_ids, pairs["item_id"].to_numpy())

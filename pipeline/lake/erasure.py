@@ -89,9 +89,14 @@ class LakeErasure:
         return asdict(self)
 
 
-def erase_users(lake_root: Path, runs_root: Path, stored_ids: Iterable[str], *,
-                dry_run: bool = False, tombstone_ids: Iterable[str] | None = None
-                ) -> LakeErasure:
+def erase_users(
+    lake_root: Path,
+    runs_root: Path,
+    stored_ids: Iterable[str],
+    *,
+    dry_run: bool = False,
+    tombstone_ids: Iterable[str] | None = None,
+) -> LakeErasure:
     """Forget ``stored_ids`` (ids as stored) everywhere under ``lake_root`` and ``runs_root``,
     under the ingest lock: first the tombstone (from then on, ingest drops their rows), then
     the lake parts, quarantine, staging leftovers, served-list history and run folders (see
@@ -120,8 +125,9 @@ def erase_users(lake_root: Path, runs_root: Path, stored_ids: Iterable[str], *,
                 shutil.rmtree(staging, ignore_errors=True)
         for path in sorted(served_dir(lake_root).glob("cutoff_date=*/served-*.parquet")):
             result.served_history_rows += _drop_rows(path, ids, dry_run)
-        for run in sorted(p for p in runs_root.glob("*") if p.is_dir()) \
-                if runs_root.is_dir() else []:
+        for run in (
+            sorted(p for p in runs_root.glob("*") if p.is_dir()) if runs_root.is_dir() else []
+        ):
             _erase_run(run, ids, result, dry_run)
         if not dry_run and (result.lake_parts_rewritten or result.lake_parts_removed):
             # the caches of rewritten parts no longer match their stamp (size, mtime): this
@@ -129,15 +135,19 @@ def erase_users(lake_root: Path, runs_root: Path, stored_ids: Iterable[str], *,
             # next ingest's index is exact
             load_lake_index(lake_dir)
     result.model_versions = sorted(set(result.model_versions), key=_version_key)
-    logger.info("erasure%s (lake side, %d user id(s)): %s", " (dry run)" if dry_run else "",
-                len(ids), json.dumps(result.to_dict(), sort_keys=True))
+    logger.info(
+        "erasure%s (lake side, %d user id(s)): %s",
+        " (dry run)" if dry_run else "",
+        len(ids),
+        json.dumps(result.to_dict(), sort_keys=True),
+    )
     return result
 
 
 # ---- the lake ----------------------------------------------------------------------------------
 
-def _erase_lake_parts(lake_dir: Path, ids: list[str], result: LakeErasure,
-                      dry_run: bool) -> None:
+
+def _erase_lake_parts(lake_dir: Path, ids: list[str], result: LakeErasure, dry_run: bool) -> None:
     for part in lake_part_files(lake_dir):
         users = pq.read_table(part, columns=[USER_COLUMN]).column(USER_COLUMN)
         hit = _is_in(users, ids)
@@ -156,6 +166,7 @@ def _erase_lake_parts(lake_dir: Path, ids: list[str], result: LakeErasure,
 
 
 # ---- run folders --------------------------------------------------------------------------------
+
 
 def _erase_run(run: Path, ids: list[str], result: LakeErasure, dry_run: bool) -> None:
     """One run folder: files with a user column, id maps last (their codes are read first)."""
@@ -228,6 +239,7 @@ def _registered_version(run: Path) -> str | None:
 
 
 # ---- file rewrites ------------------------------------------------------------------------------
+
 
 def _drop_rows(path: Path, ids: list[str], dry_run: bool) -> int:
     """Rewrite ``path`` without the rows whose text ``user_id`` is in ``ids``; rows removed."""

@@ -73,7 +73,7 @@ class HashPairSet:
             single = (right - left) == 1
             found[single] |= s2[left[single]] == q2[single]
             for i in np.flatnonzero((right - left) > 1):  # 64-bit collisions: practically never
-                found[i] |= bool((s2[left[i]:right[i]] == q2[i]).any())
+                found[i] |= bool((s2[left[i] : right[i]] == q2[i]).any())
         out = np.empty_like(found)
         out[order] = found
         return out
@@ -111,12 +111,14 @@ class EventIdIndex(HashPairSet):
         # the later rows without ids are (rows with ids of their own stay apart)
         standing = np.flatnonzero(~duplicate)
         if standing.size > 1 and own[standing].any():
-            frame = pd.DataFrame({"a": keys.k1[standing], "b": keys.k2[standing],
-                                  "own": own[standing]})
+            frame = pd.DataFrame(
+                {"a": keys.k1[standing], "b": keys.k2[standing], "own": own[standing]}
+            )
             later = frame.duplicated(["a", "b"], keep="first").to_numpy()
             if later.any():
-                first_own = frame.groupby(["a", "b"], sort=False)["own"].transform(
-                    "first").to_numpy(bool)
+                first_own = (
+                    frame.groupby(["a", "b"], sort=False)["own"].transform("first").to_numpy(bool)
+                )
                 duplicate[standing[later & ~(first_own & frame["own"].to_numpy())]] = True
         return duplicate
 
@@ -129,8 +131,10 @@ def _duplicated_pairs(h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
 def hash_event_ids(ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit SipHashes of each id (a false match needs both to collide)."""
     values = ids.to_numpy(zero_copy_only=False).astype(object, copy=False)
-    return (pd.util.hash_array(values, hash_key="recs-event-id-01", categorize=False),
-            pd.util.hash_array(values, hash_key="recs-event-id-02", categorize=False))
+    return (
+        pd.util.hash_array(values, hash_key="recs-event-id-01", categorize=False),
+        pd.util.hash_array(values, hash_key="recs-event-id-02", categorize=False),
+    )
 
 
 #: The form of an id :func:`~pipeline.lake.normalise.derive_event_ids` derives: ``h`` and 20
@@ -139,8 +143,17 @@ def hash_event_ids(ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
 #: this, and a quarantine file or lake export sent back carries exactly such derived ids.
 DERIVED_ID_PATTERN = r"^h[0-9a-f]{20}$"
 #: The columns a content key is made of (the fields of a derived id).
-CONTENT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestamp", "value",
-                   "session_id", "position", "placement")
+CONTENT_COLUMNS = (
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "timestamp",
+    "value",
+    "session_id",
+    "position",
+    "placement",
+)
 
 
 @dataclass(frozen=True)
@@ -156,8 +169,9 @@ class EventKeys:
     k2: np.ndarray
 
     def where(self, mask: np.ndarray) -> EventKeys:
-        return EventKeys(self.h1[mask], self.h2[mask], self.explicit[mask], self.k1[mask],
-                         self.k2[mask])
+        return EventKeys(
+            self.h1[mask], self.h2[mask], self.explicit[mask], self.k1[mask], self.k2[mask]
+        )
 
 
 def own_ids(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -175,24 +189,40 @@ def content_keys(table: pa.Table) -> pa.Array:
     Arrow rather than pandas: a lake with own ids pays this for every event once, and the
     per-row Python work is left to the SHA-1 alone. ``value`` is formatted by pandas, as
     there, but once per distinct value (bit for bit)."""
+
     def text(column: str) -> pa.ChunkedArray:
         return pc.fill_null(pc.cast(table.column(column), pa.string()), "")
 
     values = np.asarray(table.column("value").to_numpy(zero_copy_only=False), np.float64)
     distinct, inverse = np.unique(values.view(np.uint64), return_inverse=True)
-    formatted = (pd.Series(distinct.view(np.float64)).astype("string").fillna("")
-                 .to_numpy(dtype=object))
+    formatted = (
+        pd.Series(distinct.view(np.float64)).astype("string").fillna("").to_numpy(dtype=object)
+    )
     micros = pc.cast(pc.cast(table.column("timestamp"), pa.int64()), pa.string())
     key = pc.binary_join_element_wise(
-        text("user_id"), text("item_id"), text("event_type"), micros,
-        pa.array(formatted[inverse.reshape(-1)], pa.string()), text("session_id"), "\x1f")
+        text("user_id"),
+        text("item_id"),
+        text("event_type"),
+        micros,
+        pa.array(formatted[inverse.reshape(-1)], pa.string()),
+        text("session_id"),
+        "\x1f",
+    )
     position, placement = table.column("position"), table.column("placement")
     shown = pc.or_(pc.is_valid(position), pc.is_valid(placement))
     if pc.any(shown).as_py():  # (impressions: rows with neither keep their old key)
-        key = pc.if_else(shown, pc.binary_join_element_wise(
-            key, text("position"), text("placement"), "\x1f"), key)
-    return pa.array([None if k is None else "h" + hashlib.sha1(k.encode()).hexdigest()[:20]
-                     for k in key.to_pylist()], type=pa.string())
+        key = pc.if_else(
+            shown,
+            pc.binary_join_element_wise(key, text("position"), text("placement"), "\x1f"),
+            key,
+        )
+    return pa.array(
+        [
+            None if k is None else "h" + hashlib.sha1(k.encode()).hexdigest()[:20]
+            for k in key.to_pylist()
+        ],
+        type=pa.string(),
+    )
 
 
 def event_keys(table: pa.Table) -> EventKeys:
@@ -202,8 +232,7 @@ def event_keys(table: pa.Table) -> EventKeys:
     explicit = own_ids(table.column("event_id"))
     k1, k2 = h1.copy(), h2.copy()
     if explicit.any():
-        k1[explicit], k2[explicit] = hash_event_ids(
-            content_keys(table.filter(pa.array(explicit))))
+        k1[explicit], k2[explicit] = hash_event_ids(content_keys(table.filter(pa.array(explicit))))
     return EventKeys(h1, h2, explicit, k1, k2)
 
 
@@ -261,8 +290,9 @@ def _part_contents(lake_dir: Path, part: Path) -> tuple[np.ndarray, np.ndarray]:
         return cached
     explicit = own_ids(pq.read_table(part, columns=["event_id"]).column("event_id"))
     if explicit.any():
-        table = pq.read_table(part, columns=list(CONTENT_COLUMNS),
-                              schema=LAKE_SCHEMA)  # a column an old part lacks reads as nulls
+        table = pq.read_table(
+            part, columns=list(CONTENT_COLUMNS), schema=LAKE_SCHEMA
+        )  # a column an old part lacks reads as nulls
         k1, k2 = hash_event_ids(content_keys(table.filter(pa.array(explicit))))
     else:
         k1 = k2 = np.zeros(0, np.uint64)
@@ -272,12 +302,14 @@ def _part_contents(lake_dir: Path, part: Path) -> tuple[np.ndarray, np.ndarray]:
 def cache_part_keys(lake_dir: Path, part: Path, keys: EventKeys) -> None:
     """Save both caches of a part just written with the rows of ``keys``."""
     cache_part_hashes(lake_dir, part, keys.h1, keys.h2)
-    cache_part_hashes(lake_dir, part, keys.k1[keys.explicit], keys.k2[keys.explicit],
-                      root=_CONTENT_CACHE)
+    cache_part_hashes(
+        lake_dir, part, keys.k1[keys.explicit], keys.k2[keys.explicit], root=_CONTENT_CACHE
+    )
 
 
-def cache_part_hashes(lake_dir: Path, part: Path, h1: np.ndarray, h2: np.ndarray, *,
-                      root: str = _HASH_CACHE) -> tuple[np.ndarray, np.ndarray]:
+def cache_part_hashes(
+    lake_dir: Path, part: Path, h1: np.ndarray, h2: np.ndarray, *, root: str = _HASH_CACHE
+) -> tuple[np.ndarray, np.ndarray]:
     """Sort (h1, h2) by h1 and save them as ``part``'s cache (atomically; a lake we cannot
     write to only loses the speed-up). Returns the sorted pair."""
     order = np.argsort(h1, kind="stable")
@@ -315,12 +347,18 @@ def load_lake_index(lake_dir: Path) -> tuple[EventIdIndex, pd.Timestamp | None]:
     for target, load in ((index, _part_hashes), (index.contents, _part_contents)):
         hashes = [load(lake_dir, part) for part in parts]
         if hashes:  # one sort of everything (sorted runs: the stable sort merges them)
-            target.add(np.concatenate([h[0] for h in hashes]),
-                       np.concatenate([h[1] for h in hashes]))
+            target.add(
+                np.concatenate([h[0] for h in hashes]), np.concatenate([h[1] for h in hashes])
+            )
         del hashes
     _prune_hash_cache(lake_dir, parts)
     watermark = newest_event(parts)
-    logger.info("lake index: %d event ids and %d content keys of events with their own ids "
-                "in %d part files, watermark %s", len(index), len(index.contents), len(parts),
-                watermark)
+    logger.info(
+        "lake index: %d event ids and %d content keys of events with their own ids "
+        "in %d part files, watermark %s",
+        len(index),
+        len(index.contents),
+        len(parts),
+        watermark,
+    )
     return index, watermark

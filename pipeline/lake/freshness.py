@@ -44,9 +44,13 @@ class WindowCheck:
 
     def to_dict(self) -> dict:
         staleness = self.staleness_days
-        return {"window_start": self.start.isoformat(), "window_rows": self.rows,
-                "window_newest": _iso(self.newest), "lake_newest": _iso(self.lake_newest),
-                "staleness_days": None if staleness is None else round(staleness, 3)}
+        return {
+            "window_start": self.start.isoformat(),
+            "window_rows": self.rows,
+            "window_newest": _iso(self.newest),
+            "lake_newest": _iso(self.lake_newest),
+            "staleness_days": None if staleness is None else round(staleness, 3),
+        }
 
 
 def suggest_logical_date(lake_newest: pd.Timestamp | None) -> dt.date | None:
@@ -56,20 +60,26 @@ def suggest_logical_date(lake_newest: pd.Timestamp | None) -> dt.date | None:
     return (pd.Timestamp(lake_newest).tz_convert("UTC").floor("D") + pd.Timedelta(days=1)).date()
 
 
-def check_window(window: WindowCheck, *, min_events: int, max_staleness_days: float | None
-                 ) -> None:
+def check_window(window: WindowCheck, *, min_events: int, max_staleness_days: float | None) -> None:
     """Raise :class:`WindowError` when the window is too thin or stale (see the module doc)."""
     cutoff = f"{window.cutoff:%Y-%m-%d %H:%M} UTC"
     span = f"[{window.start:%Y-%m-%d}, {window.cutoff:%Y-%m-%d})"
     if window.rows < min_events:
-        problem = (f"the run's window {span} (cutoff {cutoff}) holds {window.rows:,} events, "
-                   f"fewer than the minimum of {min_events:,}")
-    elif (max_staleness_days is not None and window.staleness_days is not None
-          and window.staleness_days > max_staleness_days):
-        problem = (f"the newest event before the cutoff {cutoff} is from "
-                   f"{_iso(window.newest)}, {window.staleness_days:.1f} days earlier: more "
-                   f"than max_staleness_days={max_staleness_days:g} (has the upstream export "
-                   f"stopped?)")
+        problem = (
+            f"the run's window {span} (cutoff {cutoff}) holds {window.rows:,} events, "
+            f"fewer than the minimum of {min_events:,}"
+        )
+    elif (
+        max_staleness_days is not None
+        and window.staleness_days is not None
+        and window.staleness_days > max_staleness_days
+    ):
+        problem = (
+            f"the newest event before the cutoff {cutoff} is from "
+            f"{_iso(window.newest)}, {window.staleness_days:.1f} days earlier: more "
+            f"than max_staleness_days={max_staleness_days:g} (has the upstream export "
+            f"stopped?)"
+        )
     else:
         return
     raise WindowError(f"{problem}; {_hint(window)}")
@@ -77,13 +87,17 @@ def check_window(window: WindowCheck, *, min_events: int, max_staleness_days: fl
 
 def _hint(window: WindowCheck) -> str:
     if window.lake_newest is None:
-        return ("the lake is empty: drop event files into the landing folder first; nothing "
-                "was published")
+        return (
+            "the lake is empty: drop event files into the landing folder first; nothing "
+            "was published"
+        )
     suggestion = suggest_logical_date(window.lake_newest)
-    return (f"the lake's newest event is {_iso(window.lake_newest)}, so logical date "
-            f"{suggestion} (or an earlier one with data) would work; nothing was published. "
-            f"Trigger the DAG for that date, or lower min_window_events / raise "
-            f"max_staleness_days to run anyway")
+    return (
+        f"the lake's newest event is {_iso(window.lake_newest)}, so logical date "
+        f"{suggestion} (or an earlier one with data) would work; nothing was published. "
+        f"Trigger the DAG for that date, or lower min_window_events / raise "
+        f"max_staleness_days to run anyway"
+    )
 
 
 def _iso(value: pd.Timestamp | None) -> str | None:

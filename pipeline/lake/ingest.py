@@ -145,19 +145,22 @@ class IngestReport:
         return out
 
 
-def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
-                   ingested_at: dt.datetime | None = None,
-                   column_mapping: ColumnMapping | None = None,
-                   allowed_lateness: dt.timedelta = DEFAULT_ALLOWED_LATENESS,
-                   clock_skew: dt.timedelta = DEFAULT_CLOCK_SKEW,
-                   settle_seconds: float = DEFAULT_SETTLE_SECONDS,
-                   max_bad_row_share: float = 0.05,
-                   chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                   suite_path: Path | None = None,
-                   allowed_event_types: Collection[str] | None = None,
-                   pseudonym_key: bytes | None = None,
-                   record_pseudonyms: Callable[[pd.DataFrame], None] | None = None
-                   ) -> IngestReport:
+def ingest_landing(
+    landing_events_dir: Path,
+    lake_dir: Path,
+    *,
+    ingested_at: dt.datetime | None = None,
+    column_mapping: ColumnMapping | None = None,
+    allowed_lateness: dt.timedelta = DEFAULT_ALLOWED_LATENESS,
+    clock_skew: dt.timedelta = DEFAULT_CLOCK_SKEW,
+    settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+    max_bad_row_share: float = 0.05,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    suite_path: Path | None = None,
+    allowed_event_types: Collection[str] | None = None,
+    pseudonym_key: bytes | None = None,
+    record_pseudonyms: Callable[[pd.DataFrame], None] | None = None,
+) -> IngestReport:
     """Ingest every new landing file into the lake (see the module docstring); idempotent.
 
     With ``pseudonym_key``, user ids are stored as keyed pseudonyms and ``record_pseudonyms``
@@ -174,39 +177,60 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
     failed, and DataError when there is nothing to ingest and nothing in the lake.
     """
     if pseudonym_key and record_pseudonyms is None:
-        raise ConfigError("a pseudonymisation key needs a place for the pseudonym mapping "
-                          "(record_pseudonyms): without it, no list could be served")
+        raise ConfigError(
+            "a pseudonymisation key needs a place for the pseudonym mapping "
+            "(record_pseudonyms): without it, no list could be served"
+        )
     pseudonymiser = pseudonymiser_for(pseudonym_key)
     started = time.perf_counter()
     now = pd.Timestamp(ingested_at or dt.datetime.now(dt.timezone.utc)).tz_convert("UTC")
     mapping = column_mapping or ColumnMapping()
     lake_root = lake_dir.parent
-    report = IngestReport(ingested_at=now.isoformat(),
-                          manifest_path=str(lake_root / MANIFEST_NAME))
+    report = IngestReport(ingested_at=now.isoformat(), manifest_path=str(lake_root / MANIFEST_NAME))
     files = list_landing_files(landing_events_dir)
     with _ingest_lock(lake_root):
         shutil.rmtree(lake_root / "_staging", ignore_errors=True)  # leftovers of a crash
         manifest = read_manifest(lake_root)
         if not files and not manifest:
-            raise DataError(f"no event files in {landing_events_dir} "
-                            "(expected *.csv, *.tsv, *.jsonl, *.parquet, optionally .gz)")
+            raise DataError(
+                f"no event files in {landing_events_dir} "
+                "(expected *.csv, *.tsv, *.jsonl, *.parquet, optionally .gz)"
+            )
         check_key(lake_root, pseudonym_key)  # one identity per user in the lake
         # in the lake, or taken back by `repair` (those bytes stay out: :mod:`.repair_log`)
         known = {record["sha256"] for record in manifest} | withheld_digests(lake_root)
         index, watermark = load_lake_index(lake_dir)
         report.watermark = watermark.isoformat() if watermark is not None else None
         late_before = watermark - allowed_lateness if watermark is not None else None
-        policy = Policy(now, now + clock_skew, late_before, settle_seconds, max_bad_row_share,
-                        chunk_rows, Tombstone.load(lake_root), pseudonymiser)
+        policy = Policy(
+            now,
+            now + clock_skew,
+            late_before,
+            settle_seconds,
+            max_bad_row_share,
+            chunk_rows,
+            Tombstone.load(lake_root),
+            pseudonymiser,
+        )
         errors: list[DataError] = []
         validator = None
         if suite_path is not None:  # loaded once, and only if a file needs it (GX is slow)
-            validator = functools.cache(lambda: LandingValidator(
-                suite_path, allowed_event_types or DEFAULT_EVENT_WEIGHTS))
+            validator = functools.cache(
+                lambda: LandingValidator(suite_path, allowed_event_types or DEFAULT_EVENT_WEIGHTS)
+            )
         for path in files:
             try:
-                _ingest_one(path, lake_dir, known, index, mapping.for_file(path.name), policy,
-                            report, validator, record_pseudonyms)
+                _ingest_one(
+                    path,
+                    lake_dir,
+                    known,
+                    index,
+                    mapping.for_file(path.name),
+                    policy,
+                    report,
+                    validator,
+                    record_pseudonyms,
+                )
             except ServingError:  # the mapping could not be recorded: not the file's fault
                 raise
             except DataError as exc:
@@ -214,79 +238,120 @@ def ingest_landing(landing_events_dir: Path, lake_dir: Path, *,
             except Exception as exc:  # unreadable (permissions, I/O, a reader's error): the
                 # file is named and fails alone, the others are still ingested
                 logger.exception("ingest of %s failed unexpectedly", path.name)
-                _file_failed(report, errors, path, DataError(
-                    f"cannot be read: {type(exc).__name__}: {exc}", file=str(path)))
+                _file_failed(
+                    report,
+                    errors,
+                    path,
+                    DataError(f"cannot be read: {type(exc).__name__}: {exc}", file=str(path)),
+                )
     report.seconds = round(time.perf_counter() - started, 3)
-    logger.info("ingest: %d files (%d skipped, %d deferred, %d failed), %d rows read, %d new, "
-                "%d duplicate, %d late, %d quarantined, %d partitions in %.1fs",
-                report.files, report.files_skipped, report.files_deferred, report.files_failed,
-                report.rows_read, report.rows_new, report.rows_duplicate, report.rows_late,
-                report.rows_rejected, report.partitions_written, report.seconds)
+    logger.info(
+        "ingest: %d files (%d skipped, %d deferred, %d failed), %d rows read, %d new, "
+        "%d duplicate, %d late, %d quarantined, %d partitions in %.1fs",
+        report.files,
+        report.files_skipped,
+        report.files_deferred,
+        report.files_failed,
+        report.rows_read,
+        report.rows_new,
+        report.rows_duplicate,
+        report.rows_late,
+        report.rows_rejected,
+        report.partitions_written,
+        report.seconds,
+    )
     if errors:
         lines = "\n".join(f"- {exc}" for exc in errors)
-        raise IngestFailed(f"{len(errors)} landing file(s) could not be ingested (nothing from "
-                           f"them entered the lake; they are retried on the next run):\n{lines}",
-                           file=errors[0].file, row=errors[0].row, column=errors[0].column,
-                           report=report)
+        raise IngestFailed(
+            f"{len(errors)} landing file(s) could not be ingested (nothing from "
+            f"them entered the lake; they are retried on the next run):\n{lines}",
+            file=errors[0].file,
+            row=errors[0].row,
+            column=errors[0].column,
+            report=report,
+        )
     return report
 
 
-def ingest_lake(settings: Settings, suite_path: Path = EVENTS_SUITE,
-                record_pseudonyms: Callable[[pd.DataFrame], None] | None = None
-                ) -> IngestReport:
+def ingest_lake(
+    settings: Settings,
+    suite_path: Path = EVENTS_SUITE,
+    record_pseudonyms: Callable[[pd.DataFrame], None] | None = None,
+) -> IngestReport:
     """Landing files -> lake with the run settings (the column mapping, lateness, clock skew,
     settling, bad-row share, chunking, event types, pseudonym key): the first half of the
     nightly's ``ingest``, and ``python -m pipeline.cli ingest`` for loaders between nightly
     runs. ``record_pseudonyms`` writes the pseudonym mapping (needed with a key)."""
-    mapping = load_column_mapping(settings.landing_dir / "column_mapping.json",
-                                  settings.column_mapping)
+    mapping = load_column_mapping(
+        settings.landing_dir / "column_mapping.json", settings.column_mapping
+    )
     # Wall-clock on purpose: it bounds "future" events and is recorded per row and per file
     # in the lake; a run's snapshot depends only on its cutoff.
     return ingest_landing(
-        settings.landing_events_dir, settings.lake_events_dir,
-        ingested_at=dt.datetime.now(dt.timezone.utc), column_mapping=mapping,
+        settings.landing_events_dir,
+        settings.lake_events_dir,
+        ingested_at=dt.datetime.now(dt.timezone.utc),
+        column_mapping=mapping,
         allowed_lateness=dt.timedelta(days=settings.allowed_lateness_days),
         clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
         settle_seconds=settings.landing_settle_seconds,
-        max_bad_row_share=settings.max_bad_row_share, chunk_rows=settings.chunk_rows,
-        suite_path=suite_path, allowed_event_types=sorted(settings.event_weights),
-        pseudonym_key=settings.pseudonym_key, record_pseudonyms=record_pseudonyms)
+        max_bad_row_share=settings.max_bad_row_share,
+        chunk_rows=settings.chunk_rows,
+        suite_path=suite_path,
+        allowed_event_types=sorted(settings.event_weights),
+        pseudonym_key=settings.pseudonym_key,
+        record_pseudonyms=record_pseudonyms,
+    )
 
 
-def _file_failed(report: IngestReport, errors: list[DataError], path: Path,
-                 exc: DataError) -> None:
+def _file_failed(report: IngestReport, errors: list[DataError], path: Path, exc: DataError) -> None:
     report.files_failed += 1
     report.failed.append(path.name)
     logger.error("ingest of %s failed: %s", path.name, exc)
     errors.append(exc)
 
 
-def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex,
-                mapping: dict[str, str], policy: Policy, report: IngestReport,
-                validator: Callable[[], LandingValidator] | None = None,
-                record_pseudonyms: Callable[[pd.DataFrame], None] | None = None) -> None:
+def _ingest_one(
+    path: Path,
+    lake_dir: Path,
+    known: set[str],
+    index: EventIdIndex,
+    mapping: dict[str, str],
+    policy: Policy,
+    report: IngestReport,
+    validator: Callable[[], LandingValidator] | None = None,
+    record_pseudonyms: Callable[[pd.DataFrame], None] | None = None,
+) -> None:
     """Stage, check, commit and record one landing file (or skip/defer it)."""
     check_landing_file(path)
     stat = path.stat()
     if _should_defer(path, stat, policy):
         report.files_deferred += 1
         report.deferred.append(path.name)
-        logger.warning("deferred %s: modified %.0fs ago and looks incomplete (still being "
-                       "written?); it is picked up by a later run", path.name,
-                       policy.ingested_at.timestamp() - stat.st_mtime)
+        logger.warning(
+            "deferred %s: modified %.0fs ago and looks incomplete (still being "
+            "written?); it is picked up by a later run",
+            path.name,
+            policy.ingested_at.timestamp() - stat.st_mtime,
+        )
         return
     digest = file_sha256(path)
     if digest in known:
         report.files_skipped += 1
         report.skipped.append(path.name)
-        logger.info("skipped %s: its content (sha256 %s) is already in the lake (or was "
-                    "taken back by repair: send a corrected file)", path.name, digest[:12])
+        logger.info(
+            "skipped %s: its content (sha256 %s) is already in the lake (or was "
+            "taken back by repair: send a corrected file)",
+            path.name,
+            digest[:12],
+        )
         return
     lake_root = lake_dir.parent
     folder = staging_dir(lake_root, digest)
     try:
-        staged = stage_file(path, mapping, policy, folder,
-                            validator() if validator is not None else None)
+        staged = stage_file(
+            path, mapping, policy, folder, validator() if validator is not None else None
+        )
         if (path.stat().st_mtime_ns, path.stat().st_size) != (stat.st_mtime_ns, stat.st_size):
             shutil.rmtree(folder, ignore_errors=True)
             report.files_deferred += 1
@@ -299,24 +364,39 @@ def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex
         raise
     if staged.pseudonyms and record_pseudonyms is not None:  # mapped before committed
         try:
-            record_pseudonyms(pd.DataFrame({"pseudonym": list(staged.pseudonyms),
-                                            "user_id": list(staged.pseudonyms.values())}))
+            record_pseudonyms(
+                pd.DataFrame(
+                    {
+                        "pseudonym": list(staged.pseudonyms),
+                        "user_id": list(staged.pseudonyms.values()),
+                    }
+                )
+            )
         except ServingError:
             raise
         except Exception as exc:  # not the file's fault: stops the ingest, never fails it
-            raise ServingError(f"recording the pseudonym mapping of {path.name} failed: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise ServingError(
+                f"recording the pseudonym mapping of {path.name} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     committed = commit_staged(staged, lake_dir, index, policy)
     quarantine = write_quarantine(staged, committed, lake_root, path.name, digest)
     record = {
-        "sha256": digest, "file": path.name, "bytes": stat.st_size,
+        "sha256": digest,
+        "file": path.name,
+        "bytes": stat.st_size,
         "mtime": dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc).isoformat(),
-        "ingested_at": policy.ingested_at.isoformat(), "rows_read": staged.rows_read,
-        "rows_new": committed.new, "rows_duplicate": committed.duplicate,
-        "rows_no_consent": staged.no_consent, "rows_erased": staged.erased,
+        "ingested_at": policy.ingested_at.isoformat(),
+        "rows_read": staged.rows_read,
+        "rows_new": committed.new,
+        "rows_duplicate": committed.duplicate,
+        "rows_no_consent": staged.no_consent,
+        "rows_erased": staged.erased,
         "rows_rejected": staged.bad_rows,
-        "rows_late": committed.late, "rows_future": staged.future,
-        "dropped_columns": staged.dropped, "pii_columns": staged.pii,
+        "rows_late": committed.late,
+        "rows_future": staged.future,
+        "dropped_columns": staged.dropped,
+        "pii_columns": staged.pii,
         "partitions": sorted(committed.partitions),
         "quarantine_file": quarantine.name if quarantine else None,
         "validated": validator().digest if validator is not None else None,
@@ -325,14 +405,23 @@ def _ingest_one(path: Path, lake_dir: Path, known: set[str], index: EventIdIndex
     known.add(digest)
     shutil.rmtree(staged.folder, ignore_errors=True)
     _add_to_report(report, staged, committed, quarantine)
-    logger.info("ingested %s (sha256 %s): %d rows, %d new, %d duplicate, %d late, "
-                "%d quarantined, %d without consent", path.name, digest[:12], staged.rows_read,
-                committed.new, committed.duplicate, committed.late, staged.bad_rows,
-                staged.no_consent)
+    logger.info(
+        "ingested %s (sha256 %s): %d rows, %d new, %d duplicate, %d late, "
+        "%d quarantined, %d without consent",
+        path.name,
+        digest[:12],
+        staged.rows_read,
+        committed.new,
+        committed.duplicate,
+        committed.late,
+        staged.bad_rows,
+        staged.no_consent,
+    )
 
 
-def _add_to_report(report: IngestReport, staged: Staged, committed: Committed,
-                   quarantine: Path | None) -> None:
+def _add_to_report(
+    report: IngestReport, staged: Staged, committed: Committed, quarantine: Path | None
+) -> None:
     report.files += 1
     report.rows_read += staged.rows_read
     report.rows_new += committed.new
@@ -377,6 +466,7 @@ def file_sha256(path: Path) -> str:
 
 
 # ---- manifest ---------------------------------------------------------------------------------
+
 
 def read_manifest(lake_root: Path) -> list[dict]:
     """The manifest records (one per ingested file), oldest first."""

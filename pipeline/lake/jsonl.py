@@ -21,8 +21,9 @@ def read_records(path: Path, what: str) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(f"{what} line is not JSON: {exc}", file=str(path),
-                                row=number) from exc
+                raise DataError(
+                    f"{what} line is not JSON: {exc}", file=str(path), row=number
+                ) from exc
     return records
 
 

@@ -27,8 +27,11 @@ def read_mark(lake_root: Path) -> dict | None:
 
 def write_mark(lake_root: Path, key: bytes | None) -> None:
     """Record that the lake now holds clear ids (``key`` None) or pseudonyms under ``key``."""
-    mark = ({"ids": "clear"} if key is None
-            else {"ids": "pseudonymised", "key_fingerprint": key_fingerprint(key)})
+    mark = (
+        {"ids": "clear"}
+        if key is None
+        else {"ids": "pseudonymised", "key_fingerprint": key_fingerprint(key)}
+    )
     payload = json.dumps(mark, sort_keys=True).encode()
     lake_root.mkdir(parents=True, exist_ok=True)
     durable_write(lake_root / MARK_NAME, lambda fh: fh.write(payload))
@@ -43,7 +46,8 @@ def check_key(lake_root: Path, key: bytes | None) -> None:
             raise ConfigError(
                 "the lake holds user ids in clear and a pseudonymisation key is now set: "
                 "pseudonymise the lake first with `python -m pipeline.cli rekey "
-                "--new-key-file <key file>` (README, 'Pseudonymised ids'), or unset the key")
+                "--new-key-file <key file>` (README, 'Pseudonymised ids'), or unset the key"
+            )
         write_mark(lake_root, key)
         return
     if mark.get("ids") == "clear":
@@ -51,16 +55,19 @@ def check_key(lake_root: Path, key: bytes | None) -> None:
             raise ConfigError(
                 "the lake holds user ids in clear and a pseudonymisation key is set: "
                 "pseudonymise the lake first with `python -m pipeline.cli rekey "
-                "--new-key-file <key file>`, or unset the key")
+                "--new-key-file <key file>`, or unset the key"
+            )
         return
     if key is None:
         raise ConfigError(
             f"the lake holds pseudonymised user ids (key {mark.get('key_fingerprint')}) and "
             "no key is set: this ingest would store clear ids beside them. Set "
             "RECS_PSEUDONYM_KEY_FILE (or RECS_PSEUDONYM_KEY, or the Airflow Variable "
-            "recs_pseudonym_key) to the lake's key")
+            "recs_pseudonym_key) to the lake's key"
+        )
     if key_fingerprint(key) != mark.get("key_fingerprint"):
         raise ConfigError(
             f"the lake's ids are pseudonymised under key {mark.get('key_fingerprint')}, not "
             f"under the key set now ({key_fingerprint(key)}): set the lake's key, or change "
-            "keys with `python -m pipeline.cli rekey --new-key-file <key file>`")
+            "keys with `python -m pipeline.cli rekey --new-key-file <key file>`"
+        )

@@ -54,8 +54,9 @@ def load_column_mapping(file: Path | None = None, override: str | None = None) -
         except json.JSONDecodeError as exc:
             raise DataError(f"column mapping is not valid JSON: {exc}", file=str(source)) from exc
         parsed = _parse_mapping(config, str(source))
-        merged = ColumnMapping({**merged.columns, **parsed.columns},
-                               {**merged.files, **parsed.files})
+        merged = ColumnMapping(
+            {**merged.columns, **parsed.columns}, {**merged.files, **parsed.files}
+        )
     return merged
 
 
@@ -79,23 +80,34 @@ def _parse_mapping(config: Any, source: str) -> ColumnMapping:
         columns, files = config, {}
     if not isinstance(files, dict):
         raise DataError('"files" must map file-name globs to mappings', file=source)
-    return ColumnMapping(_check_pairs(columns, source),
-                         {str(glob): _check_pairs(pairs, source) for glob, pairs in files.items()})
+    return ColumnMapping(
+        _check_pairs(columns, source),
+        {str(glob): _check_pairs(pairs, source) for glob, pairs in files.items()},
+    )
 
 
 def _check_pairs(pairs: Any, source: str) -> dict[str, str]:
     if not isinstance(pairs, dict):
-        raise DataError("a column mapping must map source column names to contract columns",
-                        file=source)
+        raise DataError(
+            "a column mapping must map source column names to contract columns", file=source
+        )
     out: dict[str, str] = {}
     for src, dst in pairs.items():
         src_name, dst_name = str(src).strip().lower(), str(dst).strip().lower()
         if dst_name not in CONTRACT_INPUT_COLUMNS:
-            raise DataError(f"mapping {src!r} -> {dst!r}: target is not a contract column "
-                            f"({', '.join(CONTRACT_INPUT_COLUMNS)})", file=source, column=str(src))
+            raise DataError(
+                f"mapping {src!r} -> {dst!r}: target is not a contract column "
+                f"({', '.join(CONTRACT_INPUT_COLUMNS)})",
+                file=source,
+                column=str(src),
+            )
         if is_pii_column(src_name):
-            raise DataError(f"mapping {src!r} -> {dst!r}: the source looks like personal data and "
-                            "may not enter the lake", file=source, column=str(src))
+            raise DataError(
+                f"mapping {src!r} -> {dst!r}: the source looks like personal data and "
+                "may not enter the lake",
+                file=source,
+                column=str(src),
+            )
         out[src_name] = dst_name
     return out
 

@@ -53,9 +53,14 @@ _CONTROL_CHARS = r"[\x00-\x1f\x7f]"
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
-def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None = None,
-                     check_replacement: bool = False, latest_valid: pd.Timestamp | None = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, int, list[str]]:
+def normalise_events(
+    raw: pd.DataFrame,
+    *,
+    source: str,
+    rows: np.ndarray | None = None,
+    check_replacement: bool = False,
+    latest_valid: pd.Timestamp | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, int, list[str]]:
     """Contract-typed events, rejected rows (with ``reason``), no-consent count, dropped columns.
 
     ``rows`` are the source row numbers (default 1..n); ``check_replacement`` quarantines rows
@@ -66,8 +71,9 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     consent = parse_bool(frame["consent"]) if "consent" in frame else None
     # where a file has a consent column, a row whose consent is neither a true nor a false
     # word (blank included) is quarantined, never stored: consent is not assumed
-    consent_unreadable = (consent.isna().to_numpy(bool) if consent is not None
-                          else np.zeros(len(frame), bool))
+    consent_unreadable = (
+        consent.isna().to_numpy(bool) if consent is not None else np.zeros(len(frame), bool)
+    )
     out = pd.DataFrame(index=frame.index)
     value_unreadable = pd.Series(False, index=frame.index)
     position_bad = pd.Series(False, index=frame.index)
@@ -94,33 +100,50 @@ def normalise_events(raw: pd.DataFrame, *, source: str, rows: np.ndarray | None 
     out["event_type"] = out["event_type"].str.lower()
     out["device"] = out["device"].str.lower()
     out["source_file"] = pd.Series(source, index=frame.index, dtype="string")
-    out["source_row"] = (np.asarray(rows, dtype=np.int64) if rows is not None
-                         else np.arange(1, len(frame) + 1, dtype="int64"))
+    out["source_row"] = (
+        np.asarray(rows, dtype=np.int64)
+        if rows is not None
+        else np.arange(1, len(frame) + 1, dtype="int64")
+    )
 
-    no_consent = (consent.eq(False).fillna(False).to_numpy(bool) if consent is not None
-                  else np.zeros(len(out), bool))
+    no_consent = (
+        consent.eq(False).fillna(False).to_numpy(bool)
+        if consent is not None
+        else np.zeros(len(out), bool)
+    )
     keep = ~no_consent
     out, value_unreadable, position_bad = out[keep], value_unreadable[keep], position_bad[keep]
     reason = pd.Series("", index=out.index, dtype="string")
-    reason = reason.mask(pd.Series(consent_unreadable[keep], index=out.index),
-                         "consent blank or unreadable (neither true nor false)")
+    reason = reason.mask(
+        pd.Series(consent_unreadable[keep], index=out.index),
+        "consent blank or unreadable (neither true nor false)",
+    )
     if check_replacement:
-        for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id",
-                       "placement"):
+        for column in (
+            "event_id",
+            "user_id",
+            "item_id",
+            "event_type",
+            "device",
+            "session_id",
+            "placement",
+        ):
             bad = out[column].str.contains(REPLACEMENT_CHAR, regex=False).fillna(False)
             reason = reason.mask(bad & (reason == ""), f"invalid UTF-8 in {column}")
     for column in _LIMITED_TEXT_COLUMNS:  # what PostgreSQL (text, btree index) never stores
         if column in not_scalar:
             structured = pd.Series(not_scalar[column][keep], index=out.index)
             kind = "text" if column == "placement" else "an id"
-            reason = reason.mask(structured & (reason == ""),
-                                 f"{column} is a JSON object or array, not {kind}")
+            reason = reason.mask(
+                structured & (reason == ""), f"{column} is a JSON object or array, not {kind}"
+            )
         text = out[column]
         control = text.str.contains(_CONTROL_CHARS, regex=True).fillna(False)
         reason = reason.mask(control & (reason == ""), f"{column} contains a control character")
         long = (text.str.len() > MAX_ID_CHARS).fillna(False)
-        reason = reason.mask(long & (reason == ""),
-                             f"{column} longer than {MAX_ID_CHARS} characters")
+        reason = reason.mask(
+            long & (reason == ""), f"{column} longer than {MAX_ID_CHARS} characters"
+        )
     reason = reason.mask(out["timestamp"].isna() & (reason == ""), "timestamp unreadable")
     for column in ("user_id", "item_id", "event_type"):
         reason = reason.mask(out[column].isna() & (reason == ""), f"{column} missing")
@@ -147,8 +170,7 @@ def parse_timestamps(values: pd.Series) -> pd.Series:
     if pd.api.types.is_numeric_dtype(values):
         numeric, is_num = values.astype("float64"), values.notna()
     else:
-        numeric, is_num = _parse_numbers(values.astype("string").str.strip(),
-                                         r"^[-+]?\d+(\.\d*)?$")
+        numeric, is_num = _parse_numbers(values.astype("string").str.strip(), r"^[-+]?\d+(\.\d*)?$")
     result = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us, UTC]")
     if is_num.any():
         epoch = numeric[is_num].to_numpy(dtype="float64", na_value=np.nan)
@@ -164,8 +186,9 @@ def parse_timestamps(values: pd.Series) -> pd.Series:
         result[is_num] = pd.DatetimeIndex(stamps).tz_localize("UTC")
     is_text = ~is_num & values.notna()
     if is_text.any():
-        parsed = pd.to_datetime(values[is_text].astype(str), utc=True, format="ISO8601",
-                                errors="coerce")
+        parsed = pd.to_datetime(
+            values[is_text].astype(str), utc=True, format="ISO8601", errors="coerce"
+        )
         result[is_text] = parsed.dt.floor("us").dt.as_unit("us")  # nanoseconds: floored
     return result
 
@@ -184,8 +207,10 @@ def parse_positions(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     from 1 to MAX_POSITION (text that is no number, a fraction, 0, a negative, a boolean)."""
     if pd.api.types.is_bool_dtype(values):
         present = values.notna()
-        return (pd.Series(pd.NA, index=values.index, dtype="Int64"),
-                present.fillna(False).astype(bool))
+        return (
+            pd.Series(pd.NA, index=values.index, dtype="Int64"),
+            present.fillna(False).astype(bool),
+        )
     if pd.api.types.is_numeric_dtype(values):
         numbers = values.astype("float64")
         present = numbers.notna()
@@ -195,13 +220,16 @@ def parse_positions(values: pd.Series) -> tuple[pd.Series, pd.Series]:
         present = text.notna()
     number = numbers.to_numpy(dtype="float64", na_value=np.nan)
     with np.errstate(invalid="ignore"):
-        ok = np.isfinite(number) & (number == np.trunc(number)) & (number >= 1) & (
-            number <= MAX_POSITION)
+        ok = (
+            np.isfinite(number)
+            & (number == np.trunc(number))
+            & (number >= 1)
+            & (number <= MAX_POSITION)
+        )
     positions = pd.array(np.where(ok, number, 0).astype(np.int64), dtype="Int64")
     positions[~ok] = pd.NA
     bad = present.to_numpy(bool) & ~ok
-    return (pd.Series(positions, index=values.index),
-            pd.Series(bad, index=values.index))
+    return (pd.Series(positions, index=values.index), pd.Series(bad, index=values.index))
 
 
 def _parse_numbers(text: pd.Series, pattern: str) -> tuple[pd.Series, pd.Series]:
@@ -209,8 +237,10 @@ def _parse_numbers(text: pd.Series, pattern: str) -> tuple[pd.Series, pd.Series]
     arrow = pa.array(text.array, type=pa.large_string())
     is_number = pc.fill_null(pc.match_substring_regex(arrow, pattern), False)
     numbers = pc.cast(pc.if_else(is_number, pc.utf8_trim_whitespace(arrow), None), pa.float64())
-    return (pd.Series(numbers.to_numpy(zero_copy_only=False), index=text.index, dtype="float64"),
-            pd.Series(is_number.to_numpy(zero_copy_only=False), index=text.index))
+    return (
+        pd.Series(numbers.to_numpy(zero_copy_only=False), index=text.index, dtype="float64"),
+        pd.Series(is_number.to_numpy(zero_copy_only=False), index=text.index),
+    )
 
 
 def derive_event_ids(events: pd.DataFrame) -> pd.Series:
@@ -219,13 +249,18 @@ def derive_event_ids(events: pd.DataFrame) -> pd.Series:
     ``position`` and ``placement`` take part only in rows that have one of them (two
     impressions of one item in the same second at two positions are two events); a row
     with neither gets the id it got before these columns existed."""
-    parts = [events[c].astype("string").fillna("") for c in
-             ("user_id", "item_id", "event_type", "value", "session_id")]
+    parts = [
+        events[c].astype("string").fillna("")
+        for c in ("user_id", "item_id", "event_type", "value", "session_id")
+    ]
     parts.insert(3, events["timestamp"].astype("int64").astype("string"))
     key = parts[0].str.cat(parts[1:], sep="\x1f")
-    feedback = [events[c].astype("string") if c in events else
-                pd.Series(pd.NA, index=events.index, dtype="string")
-                for c in ("position", "placement")]
+    feedback = [
+        events[c].astype("string")
+        if c in events
+        else pd.Series(pd.NA, index=events.index, dtype="string")
+        for c in ("position", "placement")
+    ]
     shown = feedback[0].notna() | feedback[1].notna()
     if shown.any():
         extra = feedback[0].fillna("").str.cat(feedback[1].fillna(""), sep="\x1f")
@@ -239,7 +274,8 @@ def _canonical_ids(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
     "196", "0"); text stays as written. Also which cells hold a JSON object or array."""
     structured = np.zeros(len(values), bool)
     if pd.api.types.is_bool_dtype(values) or not (
-            pd.api.types.is_numeric_dtype(values) or values.dtype == object):
+        pd.api.types.is_numeric_dtype(values) or values.dtype == object
+    ):
         text = values.astype("string")  # JSON-lines objects arrive as their JSON text
         maybe = text.str.match(r"\s*[\[{]").fillna(False).to_numpy(bool)
         for position in np.flatnonzero(maybe):

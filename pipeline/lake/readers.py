@@ -42,8 +42,15 @@ from pipeline.core.schema import CONTRACT_INPUT_COLUMNS, REQUIRED_COLUMNS
 
 DEFAULT_CHUNK_ROWS = 250_000
 _JSON_CHUNK_ROWS = 100_000  # a JSON record costs ~1 kB of Python objects while parsed
-_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-             ".parquet": "parquet", ".pq": "parquet"}
+_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -53,8 +60,11 @@ def list_landing_files(landing_events_dir: Path) -> list[Path]:
     listed too, so that :func:`check_landing_file` reports them instead of skipping them."""
     if not landing_events_dir.exists():
         return []
-    return sorted(p for p in landing_events_dir.iterdir()
-                  if not p.name.startswith(".") and file_format(p) is not None)
+    return sorted(
+        p
+        for p in landing_events_dir.iterdir()
+        if not p.name.startswith(".") and file_format(p) is not None
+    )
 
 
 def landing_files(landing_events_dir: Path) -> list[Path]:
@@ -78,12 +88,19 @@ def check_landing_file(path: Path) -> None:
         if not target.exists():
             raise DataError("a dangling symbolic link", file=str(path))
         if not target.is_relative_to(path.parent.resolve()):
-            raise DataError("a symbolic link to a file outside the landing folder (not "
-                            "followed)", file=str(path))
+            raise DataError(
+                "a symbolic link to a file outside the landing folder (not followed)",
+                file=str(path),
+            )
     mode = path.stat().st_mode
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "not a regular file")
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "not a regular file"
+        )
         raise DataError(f"{kind}, named like a landing file", file=str(path))
 
 
@@ -108,12 +125,16 @@ class _RawChunk:
 def read_event_file(path: Path, column_mapping: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Read a whole landing file as contract-named columns (small files, tools and tests)."""
     frames = [chunk.frame for chunk in iter_raw_chunks(path, column_mapping or {})]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=list(REQUIRED_COLUMNS))
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=list(REQUIRED_COLUMNS))
+    )
 
 
-def iter_raw_chunks(path: Path, mapping: Mapping[str, str],
-                    chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[_RawChunk]:
+def iter_raw_chunks(
+    path: Path, mapping: Mapping[str, str], chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Iterator[_RawChunk]:
     """Stream a landing file in chunks; errors (unreadable, missing column) name the file."""
     fmt = file_format(path)
     if fmt is None:
@@ -133,8 +154,9 @@ def iter_raw_chunks(path: Path, mapping: Mapping[str, str],
         raise DataError(f"cannot be read as {fmt}: {exc}", file=str(path)) from exc
 
 
-def _plan_columns(names: list[str], mapping: Mapping[str, str], path: Path
-                  ) -> tuple[dict[str, str], list[str]]:
+def _plan_columns(
+    names: list[str], mapping: Mapping[str, str], path: Path
+) -> tuple[dict[str, str], list[str]]:
     """{source name: contract name} of the columns to keep, and the dropped (normalised) names."""
     keep: dict[str, str] = {}
     dropped: list[str] = []
@@ -143,8 +165,11 @@ def _plan_columns(names: list[str], mapping: Mapping[str, str], path: Path
         target = mapping.get(name, name)
         if target in CONTRACT_INPUT_COLUMNS:
             if target in keep.values():
-                raise DataError(f"two columns map to {target!r} (check the column mapping)",
-                                file=str(path), column=str(raw))
+                raise DataError(
+                    f"two columns map to {target!r} (check the column mapping)",
+                    file=str(path),
+                    column=str(raw),
+                )
             keep[str(raw)] = target
         else:
             dropped.append(name)
@@ -152,8 +177,11 @@ def _plan_columns(names: list[str], mapping: Mapping[str, str], path: Path
     if missing:
         found = [str(n) for n in names]
         hint = _delimiter_hint(found)
-        raise DataError(f"missing required column(s) {missing}; found {found}{hint}",
-                        file=str(path), column=missing[0])
+        raise DataError(
+            f"missing required column(s) {missing}; found {found}{hint}",
+            file=str(path),
+            column=missing[0],
+        )
     return keep, dropped
 
 
@@ -173,16 +201,20 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 HEADER_BYTES = 1 << 20
 
 
-def _csv_chunks(path: Path, sep: str, mapping: Mapping[str, str], chunk_rows: int
-                ) -> Iterator[_RawChunk]:
+def _csv_chunks(
+    path: Path, sep: str, mapping: Mapping[str, str], chunk_rows: int
+) -> Iterator[_RawChunk]:
     with _open_binary(path) as fh:
         head = fh.read(HEADER_BYTES)
     # the header ends at the first line break of any style (CR-only files are CSV too)
     text = re.split(r"\r\n|\r|\n", head.decode("utf-8", errors="replace"), maxsplit=1)[0]
     text = text.removeprefix("\ufeff")  # a byte-order mark, also before a quoted name
     if len(text) >= HEADER_BYTES:
-        raise DataError(f"no line break in the first {HEADER_BYTES} bytes: not a CSV header",
-                        file=str(path), row=0)
+        raise DataError(
+            f"no line break in the first {HEADER_BYTES} bytes: not a CSV header",
+            file=str(path),
+            row=0,
+        )
     if not text.strip():
         raise DataError("no header line", file=str(path), row=0)
     names = next(csv.reader([text], delimiter=sep))
@@ -190,17 +222,21 @@ def _csv_chunks(path: Path, sep: str, mapping: Mapping[str, str], chunk_rows: in
     invalid: dict[int, str] = {}
 
     def on_invalid(row: Any) -> str:
-        invalid[row.number - 1] = (f"malformed row: expected {row.expected_columns} fields, "
-                                   f"got {row.actual_columns}")
+        invalid[row.number - 1] = (
+            f"malformed row: expected {row.expected_columns} fields, got {row.actual_columns}"
+        )
         return "skip"
 
     reader = pa_csv.open_csv(
         str(path),
-        read_options=pa_csv.ReadOptions(column_names=names, skip_rows=1, use_threads=False,
-                                        block_size=8 << 20),
+        read_options=pa_csv.ReadOptions(
+            column_names=names, skip_rows=1, use_threads=False, block_size=8 << 20
+        ),
         parse_options=pa_csv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid),
-        convert_options=pa_csv.ConvertOptions(include_columns=list(keep),
-                                              column_types={n: pa.binary() for n in keep}))
+        convert_options=pa_csv.ConvertOptions(
+            include_columns=list(keep), column_types={n: pa.binary() for n in keep}
+        ),
+    )
     next_row, pending, pending_rows = 1, [], 0
     for batch in reader:
         pending.append(batch)
@@ -214,9 +250,14 @@ def _csv_chunks(path: Path, sep: str, mapping: Mapping[str, str], chunk_rows: in
         yield chunk
 
 
-def _csv_chunk(batches: list[pa.RecordBatch], keep: dict[str, str], dropped: list[str],
-               invalid: dict[int, str], next_row: int, last: bool = False
-               ) -> tuple[_RawChunk, int]:
+def _csv_chunk(
+    batches: list[pa.RecordBatch],
+    keep: dict[str, str],
+    dropped: list[str],
+    invalid: dict[int, str],
+    next_row: int,
+    last: bool = False,
+) -> tuple[_RawChunk, int]:
     rows_n = sum(b.num_rows for b in batches)
     skipped = np.array(sorted(r for r in invalid if r >= next_row), dtype=np.int64)
     candidates = np.arange(next_row, next_row + rows_n + skipped.size, dtype=np.int64)
@@ -242,15 +283,22 @@ def _decode_utf8(values: pa.ChunkedArray) -> tuple[pd.Series, bool]:
         text = values.cast(pa.string())
         replaced = False
     except pa.ArrowInvalid:
-        text = pa.chunked_array([pa.array(
-            [v.decode("utf-8", errors="replace") if v is not None else None
-             for v in values.to_pylist()], type=pa.string())])
+        text = pa.chunked_array(
+            [
+                pa.array(
+                    [
+                        v.decode("utf-8", errors="replace") if v is not None else None
+                        for v in values.to_pylist()
+                    ],
+                    type=pa.string(),
+                )
+            ]
+        )
         replaced = True
     return pd.Series(pd.arrays.ArrowStringArray(text.combine_chunks())), replaced
 
 
-def _jsonl_chunks(path: Path, mapping: Mapping[str, str], chunk_rows: int
-                  ) -> Iterator[_RawChunk]:
+def _jsonl_chunks(path: Path, mapping: Mapping[str, str], chunk_rows: int) -> Iterator[_RawChunk]:
     records: list[dict] = []
     rows: list[int] = []
     malformed: list[tuple[int, str]] = []
@@ -280,17 +328,27 @@ def _jsonl_chunks(path: Path, mapping: Mapping[str, str], chunk_rows: int
         yield _json_chunk(records, rows, malformed, replaced, mapping, path)
 
 
-def _json_chunk(records: list[dict], rows: list[int], malformed: list[tuple[int, str]],
-                replaced: bool, mapping: Mapping[str, str], path: Path) -> _RawChunk:
+def _json_chunk(
+    records: list[dict],
+    rows: list[int],
+    malformed: list[tuple[int, str]],
+    replaced: bool,
+    mapping: Mapping[str, str],
+    path: Path,
+) -> _RawChunk:
     names = list(dict.fromkeys(key for record in records for key in record))
     if not records and malformed:
         names = list(REQUIRED_COLUMNS)  # nothing parsed: let the malformed rows speak
     elif not records:
         raise DataError("no JSON records", file=str(path))
     keep, dropped = _plan_columns(names, mapping, path)
-    frame = pd.DataFrame({target: pd.Series([_json_text(r.get(src)) for r in records],
-                                            dtype="string")
-                          for src, target in keep.items()}, index=pd.RangeIndex(len(records)))
+    frame = pd.DataFrame(
+        {
+            target: pd.Series([_json_text(r.get(src)) for r in records], dtype="string")
+            for src, target in keep.items()
+        },
+        index=pd.RangeIndex(len(records)),
+    )
     return _RawChunk(frame, np.asarray(rows, dtype=np.int64), malformed, replaced, dropped)
 
 
@@ -306,8 +364,7 @@ def _json_text(value: Any) -> str | None:
     return str(value)
 
 
-def _parquet_chunks(path: Path, mapping: Mapping[str, str], chunk_rows: int
-                    ) -> Iterator[_RawChunk]:
+def _parquet_chunks(path: Path, mapping: Mapping[str, str], chunk_rows: int) -> Iterator[_RawChunk]:
     parquet = pq.ParquetFile(path)
     keep, dropped = _plan_columns(parquet.schema_arrow.names, mapping, path)
     next_row = 1

@@ -59,8 +59,9 @@ class LakeRekey:
         return asdict(self)
 
 
-def rekey_lake(lake_root: Path, translate: Translate, *, dry_run: bool = False,
-               new_key: bytes | None = None) -> LakeRekey:
+def rekey_lake(
+    lake_root: Path, translate: Translate, *, dry_run: bool = False, new_key: bytes | None = None
+) -> LakeRekey:
     """Rewrite the stored user ids under ``lake_root`` through ``translate`` (see the module
     docstring); with ``dry_run``, count what would change and write nothing. The lake's id
     mark (:mod:`pipeline.lake.keymark`) then names ``new_key``."""
@@ -86,8 +87,14 @@ def rekey_lake(lake_root: Path, translate: Translate, *, dry_run: bool = False,
     return result
 
 
-def _rekey_file(path: Path, translate: Translate, dry_run: bool, *, rederive: bool = False,
-                compression: str = "snappy") -> tuple[int, int]:
+def _rekey_file(
+    path: Path,
+    translate: Translate,
+    dry_run: bool,
+    *,
+    rederive: bool = False,
+    compression: str = "snappy",
+) -> tuple[int, int]:
     """Rows whose id changes in ``path`` (rewritten unless ``dry_run``), and derived event
     ids derived again."""
     if USER_COLUMN not in pq.read_schema(path).names:
@@ -98,10 +105,12 @@ def _rekey_file(path: Path, translate: Translate, dry_run: bool, *, rederive: bo
     codes, uniques = pd.factorize(old, use_na_sentinel=True)
     uniques = np.asarray(uniques, dtype=object)
     new = np.asarray(translate(uniques), dtype=object) if len(uniques) else uniques
-    changes = np.array([n is not None and n != o for o, n in zip(uniques, new, strict=True)],
-                       dtype=bool)
-    changed_rows = (codes >= 0) & changes[np.maximum(codes, 0)] if len(codes) else \
-        np.zeros(0, dtype=bool)
+    changes = np.array(
+        [n is not None and n != o for o, n in zip(uniques, new, strict=True)], dtype=bool
+    )
+    changed_rows = (
+        (codes >= 0) & changes[np.maximum(codes, 0)] if len(codes) else np.zeros(0, dtype=bool)
+    )
     rows = int(changed_rows.sum())
     if not rows:
         return 0, 0
@@ -117,15 +126,26 @@ def _rekey_file(path: Path, translate: Translate, dry_run: bool, *, rederive: bo
         mask = ~own_ids(table.column("event_id")) & changed_rows
         derived = int(mask.sum())
         if derived:
-            full = pa.table({name: (table.column(name) if name in table.schema.names
-                                    else pa.nulls(table.num_rows, LAKE_SCHEMA.field(name).type))
-                             for name in LAKE_SCHEMA.names})
+            full = pa.table(
+                {
+                    name: (
+                        table.column(name)
+                        if name in table.schema.names
+                        else pa.nulls(table.num_rows, LAKE_SCHEMA.field(name).type)
+                    )
+                    for name in LAKE_SCHEMA.names
+                }
+            )
             keys = content_keys(full)
-            ids = pc.if_else(pa.array(mask), keys, table.column("event_id").combine_chunks()
-                             .cast(pa.string()))
+            ids = pc.if_else(
+                pa.array(mask), keys, table.column("event_id").combine_chunks().cast(pa.string())
+            )
             position = table.schema.get_field_index("event_id")
-            table = table.set_column(position, table.schema.field("event_id"),
-                                     ids.cast(table.schema.field("event_id").type))
+            table = table.set_column(
+                position,
+                table.schema.field("event_id"),
+                ids.cast(table.schema.field("event_id").type),
+            )
     if not dry_run:
         durable_write(path, lambda fh: pq.write_table(table, fh, compression=compression))
     return rows, derived

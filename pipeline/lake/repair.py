@@ -82,23 +82,28 @@ class RepairResult:
     def describe(self) -> str:
         """The operator's summary (what the CLI prints)."""
         head = f"{self.file} (sha256 {self.sha256}, ingested {self.ingested_at})"
-        resend = ("these exact bytes are " + ("skipped by ingest" if self.withheld
-                                              else "ingested again (--allow-resend)"))
+        resend = "these exact bytes are " + (
+            "skipped by ingest" if self.withheld else "ingested again (--allow-resend)"
+        )
         if self.already_repaired_at is not None:
-            return (f"{head} was already repaired at {self.already_repaired_at}: nothing of it "
-                    f"is in the lake, nothing to do; {resend}")
+            return (
+                f"{head} was already repaired at {self.already_repaired_at}: nothing of it "
+                f"is in the lake, nothing to do; {resend}"
+            )
         verb = "would remove" if self.dry_run else "removed"
         dates = ", ".join(f"{day} ({rows:,})" for day, rows in sorted(self.rows_by_date.items()))
-        lines = [f"repair {head}{' -- dry run, nothing changed' if self.dry_run else ''}:",
-                 f"  lake        {verb} {self.lake_rows:,} rows: "
-                 f"{len(self.parts_deleted)} part file(s) deleted, "
-                 f"{len(self.parts_rewritten)} rewritten without them"
-                 + (f"; dates {dates}" if dates else ""),
-                 f"  quarantine  {verb} {self.quarantine_rows:,} rows"
-                 + (f" ({self.quarantine_file})" if self.quarantine_file else " (none)"),
-                 f"  manifest    {'would move' if self.dry_run else 'moved'} the entry to "
-                 f"{REPAIRS_NAME}",
-                 f"  re-send     a corrected file (other bytes) is ingested normally; {resend}"]
+        lines = [
+            f"repair {head}{' -- dry run, nothing changed' if self.dry_run else ''}:",
+            f"  lake        {verb} {self.lake_rows:,} rows: "
+            f"{len(self.parts_deleted)} part file(s) deleted, "
+            f"{len(self.parts_rewritten)} rewritten without them"
+            + (f"; dates {dates}" if dates else ""),
+            f"  quarantine  {verb} {self.quarantine_rows:,} rows"
+            + (f" ({self.quarantine_file})" if self.quarantine_file else " (none)"),
+            f"  manifest    {'would move' if self.dry_run else 'moved'} the entry to "
+            f"{REPAIRS_NAME}",
+            f"  re-send     a corrected file (other bytes) is ingested normally; {resend}",
+        ]
         return "\n".join(lines)
 
 
@@ -112,9 +117,14 @@ class _PartAction:
         return self.remove is None
 
 
-def repair_landing_file(lake_dir: Path, target: str, *, dry_run: bool = False,
-                        allow_resend: bool = False,
-                        repaired_at: dt.datetime | None = None) -> RepairResult:
+def repair_landing_file(
+    lake_dir: Path,
+    target: str,
+    *,
+    dry_run: bool = False,
+    allow_resend: bool = False,
+    repaired_at: dt.datetime | None = None,
+) -> RepairResult:
     """Remove everything the landing file ``target`` (its name, or its sha256 or a prefix of
     at least 12 hex digits) brought into the lake ``lake_dir`` (``lake/events``); see the
     module docstring. ``dry_run``: only say what would be removed. Raises DataError naming
@@ -128,27 +138,46 @@ def repair_landing_file(lake_dir: Path, target: str, *, dry_run: bool = False,
         log = read_repair_log(lake_root)
         record = _find_entry(manifest, log, target, lake_root)
         if "repaired_at" in record:  # an earlier repair's log record: nothing left to do
-            result = RepairResult(record["file"], record["sha256"], record.get("ingested_at"),
-                                  dry_run=dry_run, already_repaired_at=record["repaired_at"],
-                                  withheld=bool(record.get("withheld", True)))
+            result = RepairResult(
+                record["file"],
+                record["sha256"],
+                record.get("ingested_at"),
+                dry_run=dry_run,
+                already_repaired_at=record["repaired_at"],
+                withheld=bool(record.get("withheld", True)),
+            )
             if allow_resend and result.withheld and not dry_run:
-                append_repair_log(lake_root, {"status": "released", "sha256": result.sha256,
-                                              "file": result.file, "withheld": False,
-                                              "repaired_at": when.isoformat()})
+                append_repair_log(
+                    lake_root,
+                    {
+                        "status": "released",
+                        "sha256": result.sha256,
+                        "file": result.file,
+                        "withheld": False,
+                        "repaired_at": when.isoformat(),
+                    },
+                )
                 result.withheld = False
-                logger.info("repair: %s (sha256 %s) may be ingested again", result.file,
-                            result.sha256[:12])
+                logger.info(
+                    "repair: %s (sha256 %s) may be ingested again", result.file, result.sha256[:12]
+                )
             return result
         actions = _plan(lake_dir, record)
         result = _result(lake_dir, record, actions, dry_run, withheld=not allow_resend)
         if dry_run:
             return result
-        entry = {"sha256": record["sha256"], "file": record["file"],
-                 "repaired_at": when.isoformat(), "withheld": result.withheld,
-                 "lake_rows": result.lake_rows, "rows_by_date": result.rows_by_date,
-                 "parts_deleted": len(result.parts_deleted),
-                 "parts_rewritten": len(result.parts_rewritten),
-                 "quarantine_rows": result.quarantine_rows, "manifest_record": record}
+        entry = {
+            "sha256": record["sha256"],
+            "file": record["file"],
+            "repaired_at": when.isoformat(),
+            "withheld": result.withheld,
+            "lake_rows": result.lake_rows,
+            "rows_by_date": result.rows_by_date,
+            "parts_deleted": len(result.parts_deleted),
+            "parts_rewritten": len(result.parts_rewritten),
+            "quarantine_rows": result.quarantine_rows,
+            "manifest_record": record,
+        }
         append_repair_log(lake_root, {**entry, "status": "started"})
         for action in actions:
             _apply(lake_dir, action)
@@ -156,10 +185,17 @@ def repair_landing_file(lake_dir: Path, target: str, *, dry_run: bool = False,
             (lake_root / "quarantine" / result.quarantine_file).unlink(missing_ok=True)
         _remove_manifest_entry(lake_root, record["sha256"])
         append_repair_log(lake_root, {**entry, "status": "done"})
-    logger.info("repair: %s (sha256 %s) taken back: %d lake rows (%d part files deleted, %d "
-                "rewritten), %d quarantine rows, manifest entry moved to %s", result.file,
-                result.sha256[:12], result.lake_rows, len(result.parts_deleted),
-                len(result.parts_rewritten), result.quarantine_rows, REPAIRS_NAME)
+    logger.info(
+        "repair: %s (sha256 %s) taken back: %d lake rows (%d part files deleted, %d "
+        "rewritten), %d quarantine rows, manifest entry moved to %s",
+        result.file,
+        result.sha256[:12],
+        result.lake_rows,
+        len(result.parts_deleted),
+        len(result.parts_rewritten),
+        result.quarantine_rows,
+        REPAIRS_NAME,
+    )
     return result
 
 
@@ -170,52 +206,74 @@ def _find_entry(manifest: list[dict], log: list[dict], target: str, lake_root: P
     by_digest = bool(_DIGEST.match(digest))
 
     def named(record: dict) -> bool:
-        return record.get("file") == name or (by_digest and str(record.get("sha256", ""))
-                                              .startswith(digest))
+        return record.get("file") == name or (
+            by_digest and str(record.get("sha256", "")).startswith(digest)
+        )
 
     matches = [r for r in manifest if named(r)]
     done = [r for r in log if r.get("status") == "done" and named(r)]
     shas = sorted({r["sha256"] for r in matches})
     if len(shas) > 1:
-        listed = "; ".join(f"sha256 {r['sha256']} ingested {r.get('ingested_at')}"
-                           for r in matches)
-        raise DataError(f"{len(shas)} manifest entries match {target!r} ({listed}): repair "
-                        "one at a time, naming it by its sha256", file=target)
+        listed = "; ".join(f"sha256 {r['sha256']} ingested {r.get('ingested_at')}" for r in matches)
+        raise DataError(
+            f"{len(shas)} manifest entries match {target!r} ({listed}): repair "
+            "one at a time, naming it by its sha256",
+            file=target,
+        )
     if matches:
         record = matches[0]
         # by name, after a repair of that name: the entry is the re-send, never taken back
         # by running the same command twice
-        again = [r for r in done if r.get("file") == record["file"] and record.get("ingested_at")
-                 and pd.Timestamp(r["repaired_at"]) <= pd.Timestamp(record["ingested_at"])]
+        again = [
+            r
+            for r in done
+            if r.get("file") == record["file"]
+            and record.get("ingested_at")
+            and pd.Timestamp(r["repaired_at"]) <= pd.Timestamp(record["ingested_at"])
+        ]
         if again and not (by_digest and record["sha256"].startswith(digest)):
             raise DataError(
                 f"{record['file']} was repaired at {again[-1]['repaired_at']} (sha256 "
                 f"{again[-1]['sha256']}) and ingested again since (sha256 {record['sha256']}, "
                 f"at {record.get('ingested_at')}): to take back the re-sent file too, name it "
-                f"by its sha256: python -m pipeline.cli repair {record['sha256']}", file=target)
+                f"by its sha256: python -m pipeline.cli repair {record['sha256']}",
+                file=target,
+            )
         return record
     if done:
         last = done[-1]
-        return {**last["manifest_record"], "repaired_at": last["repaired_at"],
-                "withheld": _still_withheld(log, last["sha256"])}
-    raise DataError(f"no entry for {target!r} in the lake's manifest {lake_root / MANIFEST_NAME}"
-                    f" (it holds {len(manifest)} file(s)): nothing of it is in the lake, "
-                    "nothing to repair; give the landing file's name or its sha256 as the "
-                    "manifest records them", file=target)
+        return {
+            **last["manifest_record"],
+            "repaired_at": last["repaired_at"],
+            "withheld": _still_withheld(log, last["sha256"]),
+        }
+    raise DataError(
+        f"no entry for {target!r} in the lake's manifest {lake_root / MANIFEST_NAME}"
+        f" (it holds {len(manifest)} file(s)): nothing of it is in the lake, "
+        "nothing to repair; give the landing file's name or its sha256 as the "
+        "manifest records them",
+        file=target,
+    )
 
 
 def _still_withheld(log: list[dict], digest: str) -> bool:
-    states = [bool(r.get("withheld", False)) for r in log
-              if r.get("sha256") == digest and r.get("status") in ("done", "released")]
+    states = [
+        bool(r.get("withheld", False))
+        for r in log
+        if r.get("sha256") == digest and r.get("status") in ("done", "released")
+    ]
     return states[-1] if states else False
 
 
 def _plan(lake_dir: Path, record: dict) -> list[_PartAction]:
     """The part files holding the file's rows, and which of their rows are its."""
     tag = record["sha256"][:16]
-    own = {p for p in lake_dir.glob(f"event_date=*/part-{tag}*.parquet")
-           if not p.name.startswith(".") and (p.name == f"part-{tag}.parquet"
-                                             or p.name.startswith(f"part-{tag}-"))}
+    own = {
+        p
+        for p in lake_dir.glob(f"event_date=*/part-{tag}*.parquet")
+        if not p.name.startswith(".")
+        and (p.name == f"part-{tag}.parquet" or p.name.startswith(f"part-{tag}-"))
+    }
     actions = [_PartAction(p, None) for p in sorted(own)]
     ingested = record.get("ingested_at")
     if ingested is None:  # (every manifest entry records it; without it only own parts)
@@ -227,8 +285,10 @@ def _plan(lake_dir: Path, record: dict) -> list[_PartAction]:
                 continue
             lineage = pq.read_table(part, columns=["source_file", "ingested_at"])
             at = lineage.column("ingested_at")
-            mine = pc.and_(pc.equal(lineage.column("source_file"), record["file"]),
-                           pc.equal(at, pa.scalar(stamp, type=at.type)))
+            mine = pc.and_(
+                pc.equal(lineage.column("source_file"), record["file"]),
+                pc.equal(at, pa.scalar(stamp, type=at.type)),
+            )
             mine = np.asarray(pc.fill_null(mine, False).to_numpy(zero_copy_only=False), bool)
             if mine.all():
                 actions.append(_PartAction(part, None))
@@ -237,20 +297,30 @@ def _plan(lake_dir: Path, record: dict) -> list[_PartAction]:
     return actions
 
 
-def _result(lake_dir: Path, record: dict, actions: list[_PartAction], dry_run: bool, *,
-            withheld: bool) -> RepairResult:
+def _result(
+    lake_dir: Path, record: dict, actions: list[_PartAction], dry_run: bool, *, withheld: bool
+) -> RepairResult:
     lake_root = lake_dir.parent
-    result = RepairResult(record["file"], record["sha256"], record.get("ingested_at"),
-                          dry_run=dry_run, withheld=withheld)
+    result = RepairResult(
+        record["file"],
+        record["sha256"],
+        record.get("ingested_at"),
+        dry_run=dry_run,
+        withheld=withheld,
+    )
     for action in actions:
         day = action.part.parent.name.split("=", 1)[1]
-        rows = (pq.ParquetFile(action.part).metadata.num_rows if action.whole
-                else int(action.remove.sum()))
+        rows = (
+            pq.ParquetFile(action.part).metadata.num_rows
+            if action.whole
+            else int(action.remove.sum())
+        )
         result.rows_by_date[day] = result.rows_by_date.get(day, 0) + rows
         relative = str(action.part.relative_to(lake_root))
         (result.parts_deleted if action.whole else result.parts_rewritten).append(relative)
-    quarantine = (record.get("quarantine_file")
-                  or f"{record['file']}.{record['sha256'][:12]}.parquet")
+    quarantine = (
+        record.get("quarantine_file") or f"{record['file']}.{record['sha256'][:12]}.parquet"
+    )
     path = lake_root / "quarantine" / quarantine
     if path.exists():
         result.quarantine_file = quarantine

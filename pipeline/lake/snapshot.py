@@ -46,13 +46,17 @@ def _window(start: dt.datetime, cutoff: dt.datetime) -> ds.Expression:
     dates from ``start``'s to ``cutoff``'s): the part a scan prunes folders by."""
     stamp_type = LAKE_SCHEMA.field("timestamp").type
     day, stamp = ds.field(PARTITION), ds.field("timestamp")
-    return ((day >= start.date()) & (day <= cutoff.date())
-            & (stamp >= pa.scalar(start, type=stamp_type))
-            & (stamp < pa.scalar(cutoff, type=stamp_type)))
+    return (
+        (day >= start.date())
+        & (day <= cutoff.date())
+        & (stamp >= pa.scalar(start, type=stamp_type))
+        & (stamp < pa.scalar(cutoff, type=stamp_type))
+    )
 
 
-def _window_days(dataset: ds.Dataset, start: dt.datetime, cutoff: dt.datetime
-                 ) -> dict[dt.date, list[ds.Fragment]]:
+def _window_days(
+    dataset: ds.Dataset, start: dt.datetime, cutoff: dt.datetime
+) -> dict[dt.date, list[ds.Fragment]]:
     """The window's date partitions (oldest first) and their part files, from the folder
     names alone (no file is opened)."""
     days: dict[dt.date, list[ds.Fragment]] = {}
@@ -63,24 +67,23 @@ def _window_days(dataset: ds.Dataset, start: dt.datetime, cutoff: dt.datetime
     return dict(sorted(days.items()))
 
 
-def _day_tables(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime
-                ) -> Iterator[pa.Table]:
+def _day_tables(lake_dir: Path, start: dt.datetime, cutoff: dt.datetime) -> Iterator[pa.Table]:
     """The window's events one date partition at a time, oldest first, each sorted."""
     dataset = lake_dataset(lake_dir)
     if dataset is None:
         return
     rows = _window(start, cutoff)
     for fragments in _window_days(dataset, start, cutoff).values():
-        day = ds.FileSystemDataset(fragments, dataset.schema, dataset.format,
-                                   dataset.filesystem)
+        day = ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
         yield _sorted(day.to_table(columns=SNAPSHOT_COLUMNS, filter=rows))
 
 
 def _sorted(table: pa.Table) -> pa.Table:
     """Rows by time then event id (a stable sort: ties keep the part files' order), in Arrow:
     no Python object per event."""
-    order = pc.sort_indices(table, sort_keys=[("timestamp", "ascending"),
-                                              ("event_id", "ascending")])
+    order = pc.sort_indices(
+        table, sort_keys=[("timestamp", "ascending"), ("event_id", "ascending")]
+    )
     return table.take(order)
 
 
@@ -91,8 +94,13 @@ def load_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int) -> pd
     if not days:
         return _empty_snapshot()
     frame = pa.concat_tables(days).to_pandas().astype(SNAPSHOT_DTYPES)
-    logger.info("snapshot: %d events from %d days, window [%s, %s)", len(frame), len(days),
-                start.isoformat(), cutoff.isoformat())
+    logger.info(
+        "snapshot: %d events from %d days, window [%s, %s)",
+        len(frame),
+        len(days),
+        start.isoformat(),
+        cutoff.isoformat(),
+    )
     return frame
 
 
@@ -118,8 +126,7 @@ def window_users(lake_dir: Path, cutoff: dt.datetime, lookback_days: int) -> lis
     return sorted(str(u) for u in pc.unique(users).to_pylist() if u is not None)
 
 
-def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path: Path
-                   ) -> Snapshot:
+def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path: Path) -> Snapshot:
     """Stream the run's snapshot (see :func:`load_snapshot`) to Parquet, one date partition
     at a time (memory bounded by a day's events, whatever the window)."""
     start = cutoff - dt.timedelta(days=lookback_days)
@@ -140,11 +147,18 @@ def write_snapshot(lake_dir: Path, cutoff: dt.datetime, lookback_days: int, path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    logger.info("snapshot: %d events from %d days, window [%s, %s) -> %s", rows, days,
-                start.isoformat(), cutoff.isoformat(), path)
+    logger.info(
+        "snapshot: %d events from %d days, window [%s, %s) -> %s",
+        rows,
+        days,
+        start.isoformat(),
+        cutoff.isoformat(),
+        path,
+    )
     return Snapshot(path, start, cutoff, rows, newest)
 
 
 def _empty_snapshot() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=LAKE_EVENT_DTYPES.get(c, "string"))
-                         for c in SNAPSHOT_COLUMNS}).astype({"source_row": "int64"})
+    return pd.DataFrame(
+        {c: pd.Series(dtype=LAKE_EVENT_DTYPES.get(c, "string")) for c in SNAPSHOT_COLUMNS}
+    ).astype({"source_row": "int64"})

@@ -66,6 +66,7 @@ class Policy:
 
 # ---- staging ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Staged:
     """One landing file, normalised into staging chunk files, not yet in the lake."""
@@ -91,21 +92,32 @@ class Staged:
         considered = self.rows_read - self.no_consent - self.erased
         share = self.bad_rows / considered if considered else 0.0
         if share > max_share:
-            reasons = ", ".join(f"{reason}: {count}" for reason, count in
-                                sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+            reasons = ", ".join(
+                f"{reason}: {count}"
+                for reason, count in sorted(self.reasons.items(), key=lambda kv: -kv[1])
+            )
             examples = "; ".join(f"row {row}: {reason}" for row, reason in self.examples)
             first_row = self.examples[0][0] if self.examples else None
-            raise DataError(f"{self.bad_rows} of {considered} rows ({share:.2%}) cannot be "
-                            f"ingested, more than max_bad_row_share {max_share:.2%} ({reasons}); "
-                            f"e.g. {examples}", file=str(path), row=first_row)
+            raise DataError(
+                f"{self.bad_rows} of {considered} rows ({share:.2%}) cannot be "
+                f"ingested, more than max_bad_row_share {max_share:.2%} ({reasons}); "
+                f"e.g. {examples}",
+                file=str(path),
+                row=first_row,
+            )
 
 
 def staging_dir(lake_root: Path, digest: str) -> Path:
     return lake_root / "_staging" / digest[:16]
 
 
-def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
-               folder: Path, validator: LandingValidator | None = None) -> Staged:
+def stage_file(
+    path: Path,
+    mapping: Mapping[str, str],
+    policy: Policy,
+    folder: Path,
+    validator: LandingValidator | None = None,
+) -> Staged:
     """Read, normalise and stage every chunk of ``path``; with a ``validator`` (the events
     suite), rows that fail it are rejected here, before anything reaches the lake."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -115,8 +127,12 @@ def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
     for number, raw in enumerate(iter_raw_chunks(path, mapping, policy.chunk_rows)):
         staged.rows_read += len(raw.frame) + len(raw.malformed)
         events, rejected, no_consent, _ = normalise_events(
-            raw.frame, source=path.name, rows=raw.rows, check_replacement=raw.replaced,
-            latest_valid=policy.latest_valid)
+            raw.frame,
+            source=path.name,
+            rows=raw.rows,
+            check_replacement=raw.replaced,
+            latest_valid=policy.latest_valid,
+        )
         if policy.tombstone:  # before validation and quarantine: an erased id is kept nowhere
             # (the tombstone holds the CMS's ids, so it is tested before pseudonymising)
             (events, rejected), erased = policy.tombstone.drop_rows(events, rejected)
@@ -128,40 +144,59 @@ def stage_file(path: Path, mapping: Mapping[str, str], policy: Policy,
             staged.pseudonyms.update(zip(pairs["pseudonym"], pairs["user_id"], strict=True))
             events = rederive_event_ids(events)
         if raw.malformed:
-            rejected = pd.concat([rejected, _malformed_rows(raw.malformed, path.name)],
-                                 ignore_index=True)
+            rejected = pd.concat(
+                [rejected, _malformed_rows(raw.malformed, path.name)], ignore_index=True
+            )
         if validator is not None and len(events):
-            events, invalid = validator.split(events, latest_valid=policy.latest_valid,
-                                              source=path.name)
+            events, invalid = validator.split(
+                events, latest_valid=policy.latest_valid, source=path.name
+            )
             if len(invalid):
-                rejected = pd.concat([rejected, invalid.rename(columns={REASON_COLUMN: REASON})],
-                                     ignore_index=True)
+                rejected = pd.concat(
+                    [rejected, invalid.rename(columns={REASON_COLUMN: REASON})], ignore_index=True
+                )
         staged.no_consent += no_consent
         staged.dropped = sorted(set(staged.dropped) | set(raw.dropped))
         staged.pii = sorted(c for c in staged.dropped if is_pii_column(c))
         if len(events):
-            _stage_by_day(to_lake_table(events, policy.ingested_at),
-                          folder / f"chunk-{number:05d}.parquet", staged.days)
+            _stage_by_day(
+                to_lake_table(events, policy.ingested_at),
+                folder / f"chunk-{number:05d}.parquet",
+                staged.days,
+            )
         if len(rejected):
             staged.bad_rows += len(rejected)
             staged.future += int((rejected[REASON] == "timestamp after ingestion time").sum())
             for reason, count in rejected[REASON].value_counts().items():
                 staged.reasons[str(reason)] = staged.reasons.get(str(reason), 0) + int(count)
-            staged.examples.extend(list(zip(rejected["source_row"].astype(int).tolist()[:5],
-                                            rejected[REASON].tolist()[:5])))
+            staged.examples.extend(
+                list(
+                    zip(
+                        rejected["source_row"].astype(int).tolist()[:5],
+                        rejected[REASON].tolist()[:5],
+                    )
+                )
+            )
             staged.examples = sorted(staged.examples)[:5]
             q_path = folder / f"quarantine-{number:05d}.parquet"
-            write_table(to_lake_table(rejected, policy.ingested_at, with_reason=True), q_path,
-                        durable=False)
+            write_table(
+                to_lake_table(rejected, policy.ingested_at, with_reason=True), q_path, durable=False
+            )
             staged.quarantine_chunks.append(q_path)
-        logger.info("%s: %d rows read so far (%.1fs)", path.name, staged.rows_read,
-                    time.perf_counter() - started)
+        logger.info(
+            "%s: %d rows read so far (%.1fs)",
+            path.name,
+            staged.rows_read,
+            time.perf_counter() - started,
+        )
     if staged.erased:
-        logger.info("%s: %d rows of users erased on request dropped (tombstone)", path.name,
-                    staged.erased)
+        logger.info(
+            "%s: %d rows of users erased on request dropped (tombstone)", path.name, staged.erased
+        )
     if staged.pii:
-        logger.warning("%s: dropped columns that look like personal data: %s", path.name,
-                       ", ".join(staged.pii))
+        logger.warning(
+            "%s: dropped columns that look like personal data: %s", path.name, ", ".join(staged.pii)
+        )
     return staged
 
 
@@ -180,8 +215,9 @@ def rederive_event_ids(events: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _stage_by_day(table: pa.Table, path: Path, days: dict[str, list[tuple[Path, int, int]]]
-                  ) -> None:
+def _stage_by_day(
+    table: pa.Table, path: Path, days: dict[str, list[tuple[Path, int, int]]]
+) -> None:
     """Write ``table`` with one row group per event date (rows keep file order within a day)."""
     dates = pc.cast(table.column("timestamp"), pa.date32()).to_numpy(zero_copy_only=False)
     order = np.argsort(dates, kind="stable")
@@ -190,15 +226,17 @@ def _stage_by_day(table: pa.Table, path: Path, days: dict[str, list[tuple[Path, 
     ends = [*starts[1:], len(dates)]
     with pq.ParquetWriter(path, table.schema, compression="none") as writer:
         for group, (day, start, end) in enumerate(zip(uniques, starts, ends, strict=True)):
-            writer.write_table(table.slice(int(start), int(end - start)),
-                               row_group_size=int(end - start))
+            writer.write_table(
+                table.slice(int(start), int(end - start)), row_group_size=int(end - start)
+            )
             days.setdefault(str(day), []).append((path, group, int(end - start)))
 
 
 def _malformed_rows(malformed: list[tuple[int, str]], source: str) -> pd.DataFrame:
     """Quarantine rows for lines that could not be parsed: lineage and reason only."""
-    frame = pd.DataFrame({c: pd.Series(index=range(len(malformed)), dtype=d)
-                          for c, d in LAKE_EVENT_DTYPES.items()})
+    frame = pd.DataFrame(
+        {c: pd.Series(index=range(len(malformed)), dtype=d) for c, d in LAKE_EVENT_DTYPES.items()}
+    )
     frame["source_file"] = pd.Series(source, index=frame.index, dtype="string")
     frame["source_row"] = np.array([row for row, _ in malformed], dtype=np.int64)
     frame[REASON] = pd.Series([reason for _, reason in malformed], dtype="string")
@@ -206,6 +244,7 @@ def _malformed_rows(malformed: list[tuple[int, str]], source: str) -> pd.DataFra
 
 
 # ---- committing ------------------------------------------------------------------------------
+
 
 @dataclass
 class Committed:
@@ -218,15 +257,15 @@ class Committed:
     late_tables: list[pa.Table] = field(default_factory=list)
 
 
-def commit_staged(staged: Staged, lake_dir: Path, index: EventIdIndex, policy: Policy
-                  ) -> Committed:
+def commit_staged(staged: Staged, lake_dir: Path, index: EventIdIndex, policy: Policy) -> Committed:
     """Merge the staged rows into the lake, one part file per date: dedupe across the whole
     lake by event id, and by content where one of two rows came without an id
     (:mod:`.event_ids`); keep late events out."""
     committed = Committed()
     for day, batch, groups in _day_batches(staged.days, policy.chunk_rows * 2):
-        table = pa.concat_tables([pq.ParquetFile(path).read_row_group(group)
-                                  for path, group, _ in groups])
+        table = pa.concat_tables(
+            [pq.ParquetFile(path).read_row_group(group) for path, group, _ in groups]
+        )
         keys = event_keys(table)
         duplicate = index.duplicates(keys)
         committed.duplicate += int(duplicate.sum())
@@ -237,11 +276,16 @@ def commit_staged(staged: Staged, lake_dir: Path, index: EventIdIndex, policy: P
             late = late.to_numpy(zero_copy_only=False) & keep
             if late.any():
                 committed.late += int(late.sum())
-                reason = (f"late: before the lake watermark minus the allowed lateness "
-                          f"({policy.late_before.isoformat()})")
+                reason = (
+                    f"late: before the lake watermark minus the allowed lateness "
+                    f"({policy.late_before.isoformat()})"
+                )
                 late_rows = table.filter(pa.array(late))
-                committed.late_tables.append(late_rows.append_column(
-                    REASON, pa.array([reason] * late_rows.num_rows, type=pa.large_string())))
+                committed.late_tables.append(
+                    late_rows.append_column(
+                        REASON, pa.array([reason] * late_rows.num_rows, type=pa.large_string())
+                    )
+                )
                 keep &= ~late
         new = table.filter(pa.array(keep))
         if new.num_rows:
@@ -254,8 +298,9 @@ def commit_staged(staged: Staged, lake_dir: Path, index: EventIdIndex, policy: P
     return committed
 
 
-def _day_batches(days: dict[str, list[tuple[Path, int, int]]], max_rows: int
-                 ) -> Iterator[tuple[str, int, list[tuple[Path, int, int]]]]:
+def _day_batches(
+    days: dict[str, list[tuple[Path, int, int]]], max_rows: int
+) -> Iterator[tuple[str, int, list[tuple[Path, int, int]]]]:
     """Per date (in order), the staged row groups in batches of at most ~``max_rows`` rows."""
     for day in sorted(days):
         batch, rows, number = [], 0, 0
@@ -268,17 +313,19 @@ def _day_batches(days: dict[str, list[tuple[Path, int, int]]], max_rows: int
         yield day, number, batch
 
 
-def write_quarantine(staged: Staged, committed: Committed, lake_root: Path, name: str,
-                     digest: str) -> Path | None:
+def write_quarantine(
+    staged: Staged, committed: Committed, lake_root: Path, name: str, digest: str
+) -> Path | None:
     """One quarantine Parquet per landing file (rows + ``reason``), or None when clean."""
     tables = [pq.read_table(p) for p in staged.quarantine_chunks]
-    tables += [t.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
-               for t in committed.late_tables]
+    tables += [
+        t.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA) for t in committed.late_tables
+    ]
     if not tables:
         return None
     path = lake_root / "quarantine" / f"{name}.{digest[:12]}.parquet"
-    write_table(pa.concat_tables([t.cast(QUARANTINE_SCHEMA) for t in tables]), path,
-                durable=True)
-    logger.warning("%s: %d rows quarantined at ingest -> %s", name,
-                   sum(t.num_rows for t in tables), path)
+    write_table(pa.concat_tables([t.cast(QUARANTINE_SCHEMA) for t in tables]), path, durable=True)
+    logger.warning(
+        "%s: %d rows quarantined at ingest -> %s", name, sum(t.num_rows for t in tables), path
+    )
     return path

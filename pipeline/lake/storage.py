@@ -32,8 +32,12 @@ REASON = "reason"
 
 
 def _schema(with_reason: bool = False) -> pa.Schema:
-    columns = {**LAKE_EVENT_DTYPES, "source_file": "string", "source_row": "int64",
-               INGESTED_AT: "datetime64[us, UTC]"}
+    columns = {
+        **LAKE_EVENT_DTYPES,
+        "source_file": "string",
+        "source_row": "int64",
+        INGESTED_AT: "datetime64[us, UTC]",
+    }
     if with_reason:
         columns[REASON] = "string"
     empty = pd.DataFrame({c: pd.Series(dtype=d) for c, d in columns.items()})
@@ -44,13 +48,16 @@ LAKE_SCHEMA = _schema()
 QUARANTINE_SCHEMA = _schema(with_reason=True)
 
 
-def to_lake_table(frame: pd.DataFrame, ingested_at: pd.Timestamp, *, with_reason: bool = False
-                  ) -> pa.Table:
-    out = frame.assign(**{INGESTED_AT: pd.Series(ingested_at, index=frame.index).astype(
-        "datetime64[us, UTC]")})
+def to_lake_table(
+    frame: pd.DataFrame, ingested_at: pd.Timestamp, *, with_reason: bool = False
+) -> pa.Table:
+    out = frame.assign(
+        **{INGESTED_AT: pd.Series(ingested_at, index=frame.index).astype("datetime64[us, UTC]")}
+    )
     schema = QUARANTINE_SCHEMA if with_reason else LAKE_SCHEMA
-    return pa.Table.from_pandas(out[schema.names].reset_index(drop=True), schema=schema,
-                                preserve_index=False)
+    return pa.Table.from_pandas(
+        out[schema.names].reset_index(drop=True), schema=schema, preserve_index=False
+    )
 
 
 def write_table(table: pa.Table, path: Path, *, durable: bool) -> None:
@@ -101,9 +108,13 @@ def lake_dataset(lake_dir: Path) -> ds.Dataset | None:
     left out), so nothing else that lands under the folder is ever read."""
     if not lake_dir.is_dir():
         return None
-    return ds.dataset([str(p) for p in lake_part_files(lake_dir)], format="parquet",
-                      partitioning=_PARTITIONING, partition_base_dir=str(lake_dir),
-                      schema=LAKE_SCHEMA.append(pa.field(PARTITION, pa.date32())))
+    return ds.dataset(
+        [str(p) for p in lake_part_files(lake_dir)],
+        format="parquet",
+        partitioning=_PARTITIONING,
+        partition_base_dir=str(lake_dir),
+        schema=LAKE_SCHEMA.append(pa.field(PARTITION, pa.date32())),
+    )
 
 
 def part_path(lake_dir: Path, day: str, tag: str, batch: int) -> Path:
@@ -127,5 +138,8 @@ def newest_event(parts: list[Path]) -> pd.Timestamp | None:
     if not parts:
         return None
     newest_day = parts[-1].parent.name
-    return max(pd.Timestamp(pq.read_table(p, columns=["timestamp"]).column("timestamp")
-                            .to_pandas().max()) for p in parts if p.parent.name == newest_day)
+    return max(
+        pd.Timestamp(pq.read_table(p, columns=["timestamp"]).column("timestamp").to_pandas().max())
+        for p in parts
+        if p.parent.name == newest_day
+    )

@@ -69,9 +69,11 @@ class Tombstone:
             return cls()
         salt = _read_salt(folder)
         if salt is None:
-            raise RuntimeError(f"{path} exists but its salt {folder / SALT_FILE} is missing: "
-                               "restore it from the lake's backup (without it, erased users "
-                               "cannot be recognised at ingest)")
+            raise RuntimeError(
+                f"{path} exists but its salt {folder / SALT_FILE} is missing: "
+                "restore it from the lake's backup (without it, erased users "
+                "cannot be recognised at ingest)"
+            )
         digests = [line.strip() for line in path.read_text(encoding="ascii").splitlines()]
         return cls(salt, (d for d in digests if d))
 
@@ -88,8 +90,9 @@ class Tombstone:
         if not self._digests or not len(array):
             return out
         codes, uniques = pd.factorize(pd.Series(array, dtype=object), use_na_sentinel=True)
-        hit = np.array([isinstance(u, str) and self.digest(u) in self._digests for u in uniques],
-                       dtype=bool)
+        hit = np.array(
+            [isinstance(u, str) and self.digest(u) in self._digests for u in uniques], dtype=bool
+        )
         known = codes >= 0
         out[known] = hit[codes[known]]
         return out
@@ -167,8 +170,9 @@ def served_user_ids(user_ids: np.ndarray, lake_root: Path) -> np.ndarray:
     blanked (:data:`ERASED_PREFIX`: a rollback republishing an old run) and without users in
     the tombstone (a run that read its snapshot before an erasure and publishes after it)."""
     ids = np.asarray(user_ids, dtype=object)
-    keep = np.array([not (isinstance(u, str) and u.startswith(ERASED_PREFIX)) for u in ids],
-                    dtype=bool)
+    keep = np.array(
+        [not (isinstance(u, str) and u.startswith(ERASED_PREFIX)) for u in ids], dtype=bool
+    )
     tombstone = Tombstone.load(lake_root)
     if tombstone:
         keep &= ~tombstone.matches(ids)

@@ -73,13 +73,18 @@ _DOCS_SITE = "events_validation"
 _EVENT_TYPE_COLUMN = "event_type"
 _IN_SET = "expect_column_values_to_be_in_set"
 _UNIQUE = "expect_column_values_to_be_unique"
-_DEFAULT_VOLUME_RULE: dict[str, Any] = {"check_days": 7, "trailing_days": 7,
-                                        "min_ratio_to_trailing_median": 0.5}
+_DEFAULT_VOLUME_RULE: dict[str, Any] = {
+    "check_days": 7,
+    "trailing_days": 7,
+    "min_ratio_to_trailing_median": 0.5,
+}
 # Expectations that flag every copy of a duplicated key: we quarantine the later copies only.
-_KEEP_FIRST_TYPES = frozenset({
-    "expect_column_values_to_be_unique",
-    "expect_compound_columns_to_be_unique",
-})
+_KEEP_FIRST_TYPES = frozenset(
+    {
+        "expect_column_values_to_be_unique",
+        "expect_compound_columns_to_be_unique",
+    }
+)
 _RESULT_FORMAT: dict[str, Any] = {
     "result_format": "COMPLETE",
     "unexpected_index_column_names": [_ROW_INDEX],
@@ -248,9 +253,11 @@ def validate_events(
 
     fatal = [failure for failure in failures if failure.level != "row"]
     passed = not fatal and bad_share <= max_bad_row_share
-    daily = (events["timestamp"].dt.floor("D").value_counts()
-             if "timestamp" in events and isinstance(events["timestamp"].dtype, pd.DatetimeTZDtype)
-             else pd.Series(dtype="int64"))
+    daily = (
+        events["timestamp"].dt.floor("D").value_counts()
+        if "timestamp" in events and isinstance(events["timestamp"].dtype, pd.DatetimeTZDtype)
+        else pd.Series(dtype="int64")
+    )
     report = ValidationReport(
         rows=rows,
         bad_rows=bad_rows,
@@ -270,8 +277,15 @@ def validate_events(
     keep = np.ones(rows, dtype=bool)
     keep[bad_positions] = False
     clean = events[keep].reset_index(drop=True)
-    logger.info("Validated %d events: %d quarantined (%.2f%%), %d clean; quarantine=%s docs=%s",
-                rows, bad_rows, 100.0 * bad_share, len(clean), written, docs_index)
+    logger.info(
+        "Validated %d events: %d quarantined (%.2f%%), %d clean; quarantine=%s docs=%s",
+        rows,
+        bad_rows,
+        100.0 * bad_share,
+        len(clean),
+        written,
+        docs_index,
+    )
     return clean, report
 
 
@@ -326,22 +340,34 @@ def validate_events_file(
     try:
         with pq.ParquetWriter(clean_tmp, schema) as clean_writer:
             for number, chunk in enumerate(_iter_frames(parquet, chunk_rows)):
-                check = (~chunk["source_file"].isin(list(validated)).to_numpy()
-                         if validated and "source_file" in chunk
-                         else np.ones(len(chunk), dtype=bool))
+                check = (
+                    ~chunk["source_file"].isin(list(validated)).to_numpy()
+                    if validated and "source_file" in chunk
+                    else np.ones(len(chunk), dtype=bool)
+                )
                 positions = np.flatnonzero(check)
-                failures, row_failures = runner.run(
-                    chunk.iloc[positions].reset_index(drop=True), max_timestamp,
-                    f"{_run_name(cutoff)}-part{number:04d}") if (
-                        positions.size or number == 0) else ([], [])
+                failures, row_failures = (
+                    runner.run(
+                        chunk.iloc[positions].reset_index(drop=True),
+                        max_timestamp,
+                        f"{_run_name(cutoff)}-part{number:04d}",
+                    )
+                    if (positions.size or number == 0)
+                    else ([], [])
+                )
                 row_failures = [(label, positions[at]) for label, at in row_failures]
                 if "event_id" in chunk:
                     h1, h2 = hash_event_ids(pa.array(chunk["event_id"].iloc[positions].array))
                     again = positions[np.flatnonzero(seen.contains(h1, h2))]
                     seen.add(h1, h2)
                     if again.size:
-                        failure = ExpectationFailure(_UNIQUE, "event_id", "row", int(again.size),
-                                                     _examples(chunk, again, ["event_id"]))
+                        failure = ExpectationFailure(
+                            _UNIQUE,
+                            "event_id",
+                            "row",
+                            int(again.size),
+                            _examples(chunk, again, ["event_id"]),
+                        )
                         failures.append(failure)
                         row_failures.append((failure.label, again))
                 _merge_failures(merged, failures)
@@ -355,16 +381,24 @@ def validate_events_file(
                     quarantine_writer.write_table(table)
                 keep = np.ones(len(chunk), dtype=bool)
                 keep[bad] = False
-                clean_writer.write_table(pa.Table.from_pandas(chunk[keep], schema=schema,
-                                                              preserve_index=False))
-                if (len(chunk) and "timestamp" in chunk
-                        and isinstance(chunk["timestamp"].dtype, pd.DatetimeTZDtype)):
+                clean_writer.write_table(
+                    pa.Table.from_pandas(chunk[keep], schema=schema, preserve_index=False)
+                )
+                if (
+                    len(chunk)
+                    and "timestamp" in chunk
+                    and isinstance(chunk["timestamp"].dtype, pd.DatetimeTZDtype)
+                ):
                     days = chunk["timestamp"].dt.floor("D").value_counts()
                     daily = daily.add(days, fill_value=0) if len(daily) else days
                 rows += len(chunk)
                 bad_rows += int(bad.size)
-                logger.info("validated %d rows so far, %d quarantined (%.1fs)", rows, bad_rows,
-                            time.perf_counter() - started)
+                logger.info(
+                    "validated %d rows so far, %d quarantined (%.1fs)",
+                    rows,
+                    bad_rows,
+                    time.perf_counter() - started,
+                )
         if quarantine_writer is not None:
             quarantine_writer.close()
             os.replace(quarantine_tmp, quarantine_path)
@@ -379,14 +413,23 @@ def validate_events_file(
         clean_tmp.unlink(missing_ok=True)
         raise
     docs_index = _build_data_docs(runner.context, data_docs_dir) if data_docs_dir else None
-    failures = sorted(merged.values(), key=lambda f: runner.order.get((f.expectation, f.column),
-                                                                      len(runner.order)))
+    failures = sorted(
+        merged.values(),
+        key=lambda f: runner.order.get((f.expectation, f.column), len(runner.order)),
+    )
     volume = check_daily_volume(daily, as_utc(cutoff), runner.volume_rule)
     bad_share = bad_rows / rows if rows else 0.0
     passed = not [f for f in failures if f.level != "row"] and bad_share <= max_bad_row_share
-    report = ValidationReport(rows=rows, bad_rows=bad_rows, bad_share=bad_share, passed=passed,
-                              failures=tuple(failures), quarantine_path=written,
-                              data_docs_path=docs_index, volume_warnings=tuple(volume))
+    report = ValidationReport(
+        rows=rows,
+        bad_rows=bad_rows,
+        bad_share=bad_share,
+        passed=passed,
+        failures=tuple(failures),
+        quarantine_path=written,
+        data_docs_path=docs_index,
+        volume_warnings=tuple(volume),
+    )
     _log_failures(report)
     _warn_volume(volume, runner.volume_rule)
     if not passed:
@@ -395,9 +438,15 @@ def validate_events_file(
         logger.error("%s", message)
         raise EventValidationFailed(message, report)
     os.replace(clean_tmp, clean_path)
-    logger.info("Validated %d events: %d quarantined (%.2f%%); clean -> %s; quarantine=%s; "
-                "data docs: %s", rows, bad_rows, 100.0 * bad_share, clean_path, written,
-                docs_index)
+    logger.info(
+        "Validated %d events: %d quarantined (%.2f%%); clean -> %s; quarantine=%s; data docs: %s",
+        rows,
+        bad_rows,
+        100.0 * bad_share,
+        clean_path,
+        written,
+        docs_index,
+    )
     return report
 
 
@@ -408,8 +457,9 @@ def _all_validated(raw_path: Path, validated: frozenset[str]) -> bool:
     return all(source in validated for source in sources)
 
 
-def _prevalidated(raw_path: Path, clean_path: Path, quarantine_path: Path,
-                  cutoff: dt.datetime, suite_path: Path) -> ValidationReport:
+def _prevalidated(
+    raw_path: Path, clean_path: Path, quarantine_path: Path, cutoff: dt.datetime, suite_path: Path
+) -> ValidationReport:
     """The report of a snapshot validated row by row at ingest: the snapshot is the clean
     file (hard-linked), only the daily volume is checked."""
     stamps = pq.read_table(raw_path, columns=["timestamp"]).column("timestamp").to_pandas()
@@ -425,10 +475,14 @@ def _prevalidated(raw_path: Path, clean_path: Path, quarantine_path: Path,
         shutil.copyfile(raw_path, tmp)
     os.replace(tmp, clean_path)
     Path(quarantine_path).unlink(missing_ok=True)
-    logger.info("Validated %d events at ingest (suite digest matches): nothing to re-check; "
-                "clean -> %s", len(stamps), clean_path)
-    return ValidationReport(rows=len(stamps), bad_rows=0, bad_share=0.0, passed=True,
-                            volume_warnings=tuple(volume))
+    logger.info(
+        "Validated %d events at ingest (suite digest matches): nothing to re-check; clean -> %s",
+        len(stamps),
+        clean_path,
+    )
+    return ValidationReport(
+        rows=len(stamps), bad_rows=0, bad_share=0.0, passed=True, volume_warnings=tuple(volume)
+    )
 
 
 def _volume_rule(suite_path: Path) -> dict[str, Any]:
@@ -439,9 +493,13 @@ def _volume_rule(suite_path: Path) -> dict[str, Any]:
 
 def _warn_volume(volume: list[dict[str, Any]], rule: Mapping[str, Any]) -> None:
     for warning in volume:
-        logger.warning("volume: %s has %d events, under %.0f%% of the trailing median %.0f",
-                       warning["date"], warning["rows"],
-                       100 * rule["min_ratio_to_trailing_median"], warning["trailing_median"])
+        logger.warning(
+            "volume: %s has %d events, under %.0f%% of the trailing median %.0f",
+            warning["date"],
+            warning["rows"],
+            100 * rule["min_ratio_to_trailing_median"],
+            warning["trailing_median"],
+        )
 
 
 def suite_digest(suite_path: Path, allowed_event_types: Collection[str]) -> str:
@@ -468,8 +526,9 @@ class LandingValidator:
         self.digest = suite_digest(suite_path, allowed)
         self._runner = _SuiteRunner(Path(suite_path), allowed, None)
 
-    def split(self, events: pd.DataFrame, *, latest_valid: dt.datetime, source: str
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def split(
+        self, events: pd.DataFrame, *, latest_valid: dt.datetime, source: str
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(clean, rejected)``: ``rejected`` holds the failing rows with a ``reason``.
 
         Raises :class:`~pipeline.core.errors.DataError` on a table-level failure, naming the
@@ -479,13 +538,18 @@ class LandingValidator:
         failures, row_failures = self._runner.run(events, latest_valid, f"ingest-{source}")
         fatal = [f for f in failures if f.level != "row"]
         if fatal:
-            report = ValidationReport(rows=len(events), bad_rows=0, bad_share=0.0,
-                                      passed=False, failures=tuple(failures))
-            raise DataError(_failure_message(report, 0.0, latest_valid), file=source,
-                            column=fatal[0].column)
+            report = ValidationReport(
+                rows=len(events), bad_rows=0, bad_share=0.0, passed=False, failures=tuple(failures)
+            )
+            raise DataError(
+                _failure_message(report, 0.0, latest_valid), file=source, column=fatal[0].column
+            )
         row_level = [f for f in failures if f.level == "row"]
-        kept = [pair for pair, failure in zip(row_failures, row_level, strict=True)
-                if failure.expectation not in _KEEP_FIRST_TYPES]
+        kept = [
+            pair
+            for pair, failure in zip(row_failures, row_level, strict=True)
+            if failure.expectation not in _KEEP_FIRST_TYPES
+        ]
         bad, reasons = _combine_row_failures(kept, len(events))
         keep = np.ones(len(events), dtype=bool)
         keep[bad] = False
@@ -494,8 +558,9 @@ class LandingValidator:
         return events[keep].reset_index(drop=True), rejected
 
 
-def check_daily_volume(daily: pd.Series, cutoff: dt.datetime, rule: Mapping[str, Any]
-                       ) -> list[dict[str, Any]]:
+def check_daily_volume(
+    daily: pd.Series, cutoff: dt.datetime, rule: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """Days (among the last ``check_days`` before ``cutoff``) under ``min_ratio`` x the median
     of their ``trailing_days`` predecessors; missing days count as 0, and a day needs at least
     3 trailing days inside the data to be judged."""
@@ -511,8 +576,14 @@ def check_daily_volume(daily: pd.Series, cutoff: dt.datetime, rule: Mapping[str,
     ratio = float(rule["min_ratio_to_trailing_median"])
     recent = counts.index > last_day - pd.Timedelta(days=int(rule["check_days"]))
     flagged = recent & (counts < ratio * median).to_numpy()
-    return [{"date": day.date().isoformat(), "rows": int(counts[day]),
-             "trailing_median": float(median[day])} for day in counts.index[flagged]]
+    return [
+        {
+            "date": day.date().isoformat(),
+            "rows": int(counts[day]),
+            "trailing_median": float(median[day]),
+        }
+        for day in counts.index[flagged]
+    ]
 
 
 def _iter_frames(parquet: pq.ParquetFile, chunk_rows: int) -> Any:
@@ -525,8 +596,10 @@ def _iter_frames(parquet: pq.ParquetFile, chunk_rows: int) -> Any:
         yield parquet.schema_arrow.empty_table().to_pandas()
 
 
-def _merge_failures(merged: dict[tuple[str, str | None, str], ExpectationFailure],
-                    failures: list[ExpectationFailure]) -> None:
+def _merge_failures(
+    merged: dict[tuple[str, str | None, str], ExpectationFailure],
+    failures: list[ExpectationFailure],
+) -> None:
     """Add one chunk's failures: counts add up, examples keep the first MAX_EXAMPLES."""
     for failure in failures:
         key = (failure.expectation, failure.column, failure.level)
@@ -537,19 +610,32 @@ def _merge_failures(merged: dict[tuple[str, str | None, str], ExpectationFailure
         count = None
         if failure.unexpected_count is not None or before.unexpected_count is not None:
             count = (before.unexpected_count or 0) + (failure.unexpected_count or 0)
-        merged[key] = ExpectationFailure(before.expectation, before.column, before.level, count,
-                                         (before.examples + failure.examples)[:MAX_EXAMPLES],
-                                         before.detail)
+        merged[key] = ExpectationFailure(
+            before.expectation,
+            before.column,
+            before.level,
+            count,
+            (before.examples + failure.examples)[:MAX_EXAMPLES],
+            before.detail,
+        )
 
 
 def _log_failures(report: ValidationReport) -> None:
     for failure in report.failures:
         if failure.level == "row":
-            logger.warning("%s: %d rows quarantined, e.g. %s", failure.label,
-                           failure.unexpected_count, _format_examples(failure))
+            logger.warning(
+                "%s: %d rows quarantined, e.g. %s",
+                failure.label,
+                failure.unexpected_count,
+                _format_examples(failure),
+            )
         else:
-            logger.warning("%s failed (%s)%s", failure.label, failure.level,
-                           f": {failure.detail}" if failure.detail else "")
+            logger.warning(
+                "%s failed (%s)%s",
+                failure.label,
+                failure.level,
+                f": {failure.detail}" if failure.detail else "",
+            )
 
 
 def _tmp_path(path: Path) -> Path:
@@ -567,16 +653,20 @@ class _SuiteRunner:
         self.context = _ephemeral_context(data_docs_dir)
         self.suite = self.context.suites.add(suite)
         self.checked = _suite_columns(self.suite)
-        self.order = {(e.expectation_type, ", ".join(_domain_columns(e.configuration.kwargs))
-                       or None): i for i, e in enumerate(self.suite.expectations)}
+        self.order = {
+            (e.expectation_type, ", ".join(_domain_columns(e.configuration.kwargs)) or None): i
+            for i, e in enumerate(self.suite.expectations)
+        }
         datasource = self.context.data_sources.add_pandas(name="events")
         asset = datasource.add_dataframe_asset(name="events")
         batch_definition = asset.add_batch_definition_whole_dataframe("snapshot")
         self.definition = self.context.validation_definitions.add(
-            gx.ValidationDefinition(name="events", data=batch_definition, suite=self.suite))
+            gx.ValidationDefinition(name="events", data=batch_definition, suite=self.suite)
+        )
 
-    def run(self, events: pd.DataFrame, max_timestamp: dt.datetime, run_name: str
-            ) -> tuple[list[ExpectationFailure], list[tuple[str, np.ndarray]]]:
+    def run(
+        self, events: pd.DataFrame, max_timestamp: dt.datetime, run_name: str
+    ) -> tuple[list[ExpectationFailure], list[tuple[str, np.ndarray]]]:
         """Failures (suite order) and ``(reason, row positions)`` for one frame."""
         gx = _import_gx()
         frame = events.copy(deep=False)  # shares data (copy-on-write); only the index changes
@@ -588,8 +678,8 @@ class _SuiteRunner:
             batch_parameters={"dataframe": batch},
             expectation_parameters={MAX_TIMESTAMP_PARAMETER: max_timestamp.isoformat()},
             result_format=_RESULT_FORMAT,
-            run_id=gx.RunIdentifier(run_name=run_name,
-                                    run_time=dt.datetime.now(dt.timezone.utc)))
+            run_id=gx.RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.timezone.utc)),
+        )
         return _collect_failures(result, self.suite, frame)
 
 
@@ -615,21 +705,29 @@ def _load_suite(suite_path: Path, allowed_event_types: list[str]) -> Expectation
     suite: ExpectationSuite = gx.ExpectationSuite(**config)
     listed = len(config.get("expectations", []))
     if len(suite.expectations) != listed:
-        raise ValueError(f"{suite_path}: only {len(suite.expectations)} of {listed} expectations "
-                         "are valid for this Great Expectations version (see the GX log above)")
+        raise ValueError(
+            f"{suite_path}: only {len(suite.expectations)} of {listed} expectations "
+            "are valid for this Great Expectations version (see the GX log above)"
+        )
     unknown = set(suite.suite_parameter_options) - {MAX_TIMESTAMP_PARAMETER}
     if unknown:
-        raise ValueError(f"{suite_path}: suite parameters {sorted(unknown)} are not supplied by "
-                         f"pipeline.lake.validate (only {MAX_TIMESTAMP_PARAMETER!r} is)")
+        raise ValueError(
+            f"{suite_path}: suite parameters {sorted(unknown)} are not supplied by "
+            f"pipeline.lake.validate (only {MAX_TIMESTAMP_PARAMETER!r} is)"
+        )
     overridden = 0
     for expectation in suite.expectations:
-        if (expectation.expectation_type == _IN_SET
-                and getattr(expectation, "column", None) == _EVENT_TYPE_COLUMN):
+        if (
+            expectation.expectation_type == _IN_SET
+            and getattr(expectation, "column", None) == _EVENT_TYPE_COLUMN
+        ):
             expectation.value_set = list(allowed_event_types)
             overridden += 1
     if not overridden:
-        raise ValueError(f"{suite_path}: no {_IN_SET} expectation on {_EVENT_TYPE_COLUMN!r} "
-                         "to apply allowed_event_types to")
+        raise ValueError(
+            f"{suite_path}: no {_IN_SET} expectation on {_EVENT_TYPE_COLUMN!r} "
+            "to apply allowed_event_types to"
+        )
     return suite
 
 
@@ -758,8 +856,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _examples(frame: pd.DataFrame, positions: np.ndarray,
-              columns: list[str]) -> tuple[tuple[str | None, int | None, Any], ...]:
+def _examples(
+    frame: pd.DataFrame, positions: np.ndarray, columns: list[str]
+) -> tuple[tuple[str | None, int | None, Any], ...]:
     """Up to MAX_EXAMPLES ``(source_file, source_row, value)`` tuples for ``positions``."""
     head = frame.iloc[positions[:MAX_EXAMPLES]]
     present = [column for column in columns if column in frame.columns]
@@ -842,8 +941,9 @@ def _combine_row_failures(
 # ------------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------------
-def _write_quarantine(events: pd.DataFrame, positions: np.ndarray, reasons: np.ndarray,
-                      path: Path) -> Path | None:
+def _write_quarantine(
+    events: pd.DataFrame, positions: np.ndarray, reasons: np.ndarray, path: Path
+) -> Path | None:
     """Write the bad rows (+ ``reason``) atomically; remove a stale file when there are none."""
     if positions.size == 0:
         if path.exists():
@@ -868,13 +968,15 @@ def _write_quarantine(events: pd.DataFrame, positions: np.ndarray, reasons: np.n
 def _format_examples(failure: ExpectationFailure) -> str:
     parts = []
     for source_file, source_row, value in failure.examples:
-        parts.append(f"{source_file or '<unknown file>'} row {source_row} "
-                     f"({failure.column}={value!r})")
+        parts.append(
+            f"{source_file or '<unknown file>'} row {source_row} ({failure.column}={value!r})"
+        )
     return ", ".join(parts) or "-"
 
 
-def _failure_message(report: ValidationReport, max_bad_row_share: float,
-                     max_timestamp: dt.datetime) -> str:
+def _failure_message(
+    report: ValidationReport, max_bad_row_share: float, max_timestamp: dt.datetime
+) -> str:
     """An operator-facing message: what failed, where, how much, and example rows."""
     lines = [
         f"events validation failed: {report.bad_rows} of {report.rows} rows "
@@ -883,16 +985,22 @@ def _failure_message(report: ValidationReport, max_bad_row_share: float,
     ]
     for failure in report.failures:
         if failure.level == "table":
-            lines.append(f"- table-level expectation {failure.expectation} failed "
-                         f"for column {failure.column!r}")
+            lines.append(
+                f"- table-level expectation {failure.expectation} failed "
+                f"for column {failure.column!r}"
+            )
         elif failure.level == "error":
-            lines.append(f"- expectation {failure.expectation} on column {failure.column!r} "
-                         f"could not run: {failure.detail}")
+            lines.append(
+                f"- expectation {failure.expectation} on column {failure.column!r} "
+                f"could not run: {failure.detail}"
+            )
         else:
             share = (failure.unexpected_count or 0) / report.rows if report.rows else 0.0
-            lines.append(f"- expectation {failure.expectation} on column {failure.column!r}: "
-                         f"{failure.unexpected_count} rows ({share:.2%}), e.g. "
-                         f"{_format_examples(failure)}")
+            lines.append(
+                f"- expectation {failure.expectation} on column {failure.column!r}: "
+                f"{failure.unexpected_count} rows ({share:.2%}), e.g. "
+                f"{_format_examples(failure)}"
+            )
     if report.quarantine_path:
         lines.append(f"bad rows written to {report.quarantine_path}")
     if report.data_docs_path:

@@ -34,8 +34,15 @@ logger = logging.getLogger(__name__)
 class AlsRecommender(ListRecommender):
     """Implicit ALS on event-weighted confidences, with reasons and a popularity fallback."""
 
-    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
-                 iterations: int = 15, random_state: int = 42, num_threads: int = 0) -> None:
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.05,
+        alpha: float = 2.0,
+        iterations: int = 15,
+        random_state: int = 42,
+        num_threads: int = 0,
+    ) -> None:
         self.factors = factors
         self.regularization = regularization
         self.alpha = alpha
@@ -44,24 +51,38 @@ class AlsRecommender(ListRecommender):
         self.num_threads = num_threads
 
     def get_params(self) -> dict:
-        return {"factors": self.factors, "regularization": self.regularization,
-                "alpha": self.alpha, "iterations": self.iterations,
-                "random_state": self.random_state}
+        return {
+            "factors": self.factors,
+            "regularization": self.regularization,
+            "alpha": self.alpha,
+            "iterations": self.iterations,
+            "random_state": self.random_state,
+        }
 
     # ---- training ----------------------------------------------------------------------
-    def fit(self, matrix: InteractionMatrix, popular: pd.DataFrame,
-            items: pd.DataFrame | None = None) -> AlsRecommender:
+    def fit(
+        self, matrix: InteractionMatrix, popular: pd.DataFrame, items: pd.DataFrame | None = None
+    ) -> AlsRecommender:
         """Fit factors on ``matrix``; ``popular`` (item_id, score, reason) is the fallback."""
-        self.model_ = fit_als(matrix.confidence, factors=self.factors,
-                              regularization=self.regularization, alpha=self.alpha,
-                              iterations=self.iterations, random_state=self.random_state,
-                              num_threads=self.num_threads)
+        self.model_ = fit_als(
+            matrix.confidence,
+            factors=self.factors,
+            regularization=self.regularization,
+            alpha=self.alpha,
+            iterations=self.iterations,
+            random_state=self.random_state,
+            num_threads=self.num_threads,
+        )
         self.matrix_ = matrix
         self._empty = empty_columns(matrix.confidence)
         self.popular_ = popular.reset_index(drop=True)
         self.items_ = item_labels(matrix.item_ids, items)
-        logger.info("ALS fitted: %d users x %d items, %d pairs, %s", *matrix.shape,
-                    matrix.confidence.nnz, self.get_params())
+        logger.info(
+            "ALS fitted: %d users x %d items, %d pairs, %s",
+            *matrix.shape,
+            matrix.confidence.nnz,
+            self.get_params(),
+        )
         return self
 
     # ---- scoring -----------------------------------------------------------------------
@@ -71,8 +92,12 @@ class AlsRecommender(ListRecommender):
             return np.empty((0, n), np.int64), np.empty((0, n), np.float32)
         n_eff = min(n, self.matrix_.shape[1])
         ids, scores = self.model_.recommend(
-            user_rows, self.matrix_.confidence[user_rows], N=n_eff,
-            filter_already_liked_items=True, filter_items=self._empty_items())
+            user_rows,
+            self.matrix_.confidence[user_rows],
+            N=n_eff,
+            filter_already_liked_items=True,
+            filter_items=self._empty_items(),
+        )
         ids = np.asarray(ids, np.int64).reshape(len(user_rows), -1)
         scores = np.asarray(scores, np.float32).reshape(len(user_rows), -1)
         if ids.shape[1] < n:
@@ -95,9 +120,15 @@ class AlsRecommender(ListRecommender):
         ids[known], scores[known] = self.score_top(rows[known], n)
         reasons = np.full(ids.shape, None, dtype=object)
         reasons[known] = self._explain(rows[known], ids[known])
-        personal = pd.DataFrame({
-            "user_id": np.repeat(users, n), "rank": np.tile(np.arange(1, n + 1), len(users)),
-            "col": ids.ravel(), "score": scores.ravel(), "reason": reasons.ravel()})
+        personal = pd.DataFrame(
+            {
+                "user_id": np.repeat(users, n),
+                "rank": np.tile(np.arange(1, n + 1), len(users)),
+                "col": ids.ravel(),
+                "score": scores.ravel(),
+                "reason": reasons.ravel(),
+            }
+        )
         personal = personal[personal["col"] >= 0]
         personal["item_id"] = self.matrix_.item_ids[personal["col"].to_numpy()]
         personal["source"] = "als"
@@ -106,12 +137,16 @@ class AlsRecommender(ListRecommender):
     def _fallback_candidates(self, users: np.ndarray, n: int) -> pd.DataFrame:
         """The popular list, best first, for each of ``users`` (``order`` = position)."""
         pop = self.popular_.head(n * 3)
-        return pd.DataFrame({
-            "user_id": np.repeat(users, len(pop)),
-            "item_id": np.tile(pop["item_id"].to_numpy(object), len(users)),
-            "score": np.tile(pop["score"].to_numpy(np.float32), len(users)),
-            "reason": np.tile(pop["reason"].to_numpy(object), len(users)),
-            "source": "popular", "order": np.tile(np.arange(len(pop)), len(users))})
+        return pd.DataFrame(
+            {
+                "user_id": np.repeat(users, len(pop)),
+                "item_id": np.tile(pop["item_id"].to_numpy(object), len(users)),
+                "score": np.tile(pop["score"].to_numpy(np.float32), len(users)),
+                "reason": np.tile(pop["reason"].to_numpy(object), len(users)),
+                "source": "popular",
+                "order": np.tile(np.arange(len(pop)), len(users)),
+            }
+        )
 
     def _seen(self, user_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
         rows = self.matrix_.user_index(user_ids.to_numpy(object))
@@ -129,18 +164,19 @@ class AlsRecommender(ListRecommender):
             return out
         factors = normalise_rows(np.asarray(self.model_.item_factors, np.float32))
         titles = self.items_["title"].astype(object).to_numpy()
-        verbs = np.array([VERBS.get(t, "engaged with") for t in self.matrix_.event_types],
-                         dtype=object)
+        verbs = np.array(
+            [VERBS.get(t, "engaged with") for t in self.matrix_.event_types], dtype=object
+        )
         block = max(1, PAIRS_PER_CHUNK // HISTORY_FOR_REASONS)
         for lo in range(0, len(rows), block):
             hi = min(lo + block, len(rows))
             hist_u, hist_i, hist_code = self._history(rows[lo:hi])
             if len(hist_u) == 0:
                 continue
-            recs = ids[lo:hi][hist_u]                                   # pairs x n
+            recs = ids[lo:hi][hist_u]  # pairs x n
             sims = np.einsum("pf,pnf->pn", factors[hist_i], factors[np.maximum(recs, 0)])
             for k in range(ids.shape[1]):
-                order = np.lexsort((-sims[:, k], hist_u))               # best pair first
+                order = np.lexsort((-sims[:, k], hist_u))  # best pair first
                 first = order[np.r_[True, hist_u[order][1:] != hist_u[order][:-1]]]
                 users = hist_u[first]
                 text = "because you " + verbs[hist_code[first]] + " " + titles[hist_i[first]]
@@ -152,8 +188,9 @@ class AlsRecommender(ListRecommender):
         """(chunk-local user, item column, strongest event code) of each user's top items."""
         conf = self.matrix_.confidence[rows].tocoo()
         code = self.matrix_.strongest[rows].tocoo()
-        frame = pd.DataFrame({"u": conf.row, "i": conf.col, "c": conf.data,
-                              "code": code.data.astype(np.int64)})
+        frame = pd.DataFrame(
+            {"u": conf.row, "i": conf.col, "c": conf.data, "code": code.data.astype(np.int64)}
+        )
         frame = frame.sort_values(["u", "c", "i"], ascending=[True, False, True], kind="stable")
         frame = frame[frame.groupby("u").cumcount() < HISTORY_FOR_REASONS]
         return frame["u"].to_numpy(), frame["i"].to_numpy(), frame["code"].to_numpy()
@@ -162,9 +199,14 @@ class AlsRecommender(ListRecommender):
         """SHA-256 of everything the model serves from: equal fingerprints, equal lists."""
         digest = hashlib.sha256()
         digest.update(json.dumps(self.get_params(), sort_keys=True).encode())
-        for array in (self.model_.user_factors, self.model_.item_factors,
-                      self.matrix_.confidence.indptr, self.matrix_.confidence.indices,
-                      self.matrix_.confidence.data, self.matrix_.strongest.data):
+        for array in (
+            self.model_.user_factors,
+            self.model_.item_factors,
+            self.matrix_.confidence.indptr,
+            self.matrix_.confidence.indices,
+            self.matrix_.confidence.data,
+            self.matrix_.strongest.data,
+        ):
             digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
         for ids in (self.matrix_.user_ids, self.matrix_.item_ids):
             digest.update("\x1f".join(map(str, ids)).encode())
@@ -198,9 +240,12 @@ class AlsRecommender(ListRecommender):
         items = pd.read_parquet(Path(folder) / "items.parquet")
         users = pd.read_parquet(Path(folder) / "users.parquet")
         self.matrix_ = InteractionMatrix(
-            users["user_id"].to_numpy(object), items["item_id"].to_numpy(object),
+            users["user_id"].to_numpy(object),
+            items["item_id"].to_numpy(object),
             sp.load_npz(Path(folder) / "confidence.npz").tocsr(),
-            sp.load_npz(Path(folder) / "strongest.npz").tocsr(), tuple(meta["event_types"]))
+            sp.load_npz(Path(folder) / "strongest.npz").tocsr(),
+            tuple(meta["event_types"]),
+        )
         self.items_ = items
         self.popular_ = pd.read_parquet(Path(folder) / "popular.parquet")
         return self

@@ -20,10 +20,17 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 #: How a reason names what the user did with the history item.
-VERBS = {"view": "viewed", "click": "opened", "like": "liked", "share": "shared",
-         "add_to_cart": "added", "purchase": "bought", "rating": "rated"}
-HISTORY_FOR_REASONS = 20   # strongest history items considered when explaining a pick
-PAIRS_PER_CHUNK = 20_000   # bounds the (pairs x n x factors) similarity block
+VERBS = {
+    "view": "viewed",
+    "click": "opened",
+    "like": "liked",
+    "share": "shared",
+    "add_to_cart": "added",
+    "purchase": "bought",
+    "rating": "rated",
+}
+HISTORY_FOR_REASONS = 20  # strongest history items considered when explaining a pick
+PAIRS_PER_CHUNK = 20_000  # bounds the (pairs x n x factors) similarity block
 
 
 class ListRecommender(ABC):
@@ -41,12 +48,17 @@ class ListRecommender(ABC):
         users = pd.unique(pd.Series(user_ids, dtype="string").dropna()).astype(object)
         parts, started, reported = [], time.perf_counter(), time.perf_counter()
         for first in range(0, len(users), self.chunk_users):
-            parts.append(self._recommend_chunk(users[first:first + self.chunk_users], n))
+            parts.append(self._recommend_chunk(users[first : first + self.chunk_users], n))
             done, now = min(first + self.chunk_users, len(users)), time.perf_counter()
             if now - reported >= self.progress_seconds or (done == len(users) and first):
                 reported = now
-                logger.info("%s: lists for %d of %d users (%.0f users/s)",
-                            type(self).__name__, done, len(users), done / (now - started))
+                logger.info(
+                    "%s: lists for %d of %d users (%.0f users/s)",
+                    type(self).__name__,
+                    done,
+                    len(users),
+                    done / (now - started),
+                )
         if not parts:
             return empty_lists()
         return pd.concat(parts, ignore_index=True)
@@ -54,11 +66,15 @@ class ListRecommender(ABC):
     def default_list(self, n: int) -> pd.DataFrame:
         """The ``__default__`` rows: the popularity fallback."""
         top = self.popular_.head(n)
-        return pd.DataFrame({"rank": np.arange(1, len(top) + 1, dtype=np.int16),
-                             "item_id": top["item_id"].astype(object).to_numpy(),
-                             "score": top["score"].astype(np.float32).to_numpy(),
-                             "reason": top["reason"].astype(object).to_numpy(),
-                             "source": "popular"})
+        return pd.DataFrame(
+            {
+                "rank": np.arange(1, len(top) + 1, dtype=np.int16),
+                "item_id": top["item_id"].astype(object).to_numpy(),
+                "score": top["score"].astype(np.float32).to_numpy(),
+                "reason": top["reason"].astype(object).to_numpy(),
+                "source": "popular",
+            }
+        )
 
     @abstractmethod
     def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
@@ -72,8 +88,9 @@ class ListRecommender(ABC):
     def _seen(self, user_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
         """Per pair, whether the user has already engaged with the item."""
 
-    def _fill_from_fallback(self, personal: pd.DataFrame, users: np.ndarray, n: int
-                            ) -> pd.DataFrame:
+    def _fill_from_fallback(
+        self, personal: pd.DataFrame, users: np.ndarray, n: int
+    ) -> pd.DataFrame:
         """Top up lists shorter than ``n`` (all of them, for unknown users) with fallback
         items the user has not seen and the list does not hold yet."""
         have = personal.groupby("user_id", sort=False).size().reindex(users, fill_value=0)
@@ -84,14 +101,18 @@ class ListRecommender(ABC):
             cand = cand.merge(personal[["user_id", "item_id"]], how="left", indicator=True)
             cand = cand[cand["_merge"] == "left_only"].drop(columns="_merge")
             cand = cand.sort_values(["user_id", "order"], kind="stable")
-            cand["rank"] = (cand.groupby("user_id", sort=False).cumcount()
-                            + cand["user_id"].map(have).to_numpy() + 1)
+            cand["rank"] = (
+                cand.groupby("user_id", sort=False).cumcount()
+                + cand["user_id"].map(have).to_numpy()
+                + 1
+            )
             cand = cand[cand["rank"] <= n].drop(columns="order")
             personal = pd.concat([personal, cand], ignore_index=True)
         personal["rank"] = personal["rank"].astype(np.int16)
         personal["score"] = personal["score"].astype(np.float32)
         return personal.sort_values(["user_id", "rank"], kind="stable")[
-            ["user_id", "rank", "item_id", "score", "reason", "source"]].reset_index(drop=True)
+            ["user_id", "rank", "item_id", "score", "reason", "source"]
+        ].reset_index(drop=True)
 
 
 def item_labels(item_ids: np.ndarray, items: pd.DataFrame | None) -> pd.DataFrame:
@@ -113,13 +134,21 @@ def normalise_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def empty_lists() -> pd.DataFrame:
-    return pd.DataFrame({"user_id": pd.Series(dtype=object), "rank": pd.Series(dtype=np.int16),
-                         "item_id": pd.Series(dtype=object), "score": pd.Series(dtype=np.float32),
-                         "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})
+    return pd.DataFrame(
+        {
+            "user_id": pd.Series(dtype=object),
+            "rank": pd.Series(dtype=np.int16),
+            "item_id": pd.Series(dtype=object),
+            "score": pd.Series(dtype=np.float32),
+            "reason": pd.Series(dtype=object),
+            "source": pd.Series(dtype=object),
+        }
+    )
 
 
-def ranked_within(groups: np.ndarray, scores: np.ndarray, ties: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def ranked_within(
+    groups: np.ndarray, scores: np.ndarray, ties: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Order rows by group, best score first within a group, ties by ``ties`` (ascending),
     stably: the positions in that order and each one's rank in its group (1 = best). What a
     multi-key ``sort_values`` and ``groupby().cumcount()`` give, by ``np.lexsort``."""
@@ -146,9 +175,17 @@ def active_part(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def fit_als(confidence: sp.csr_matrix, *, factors: int, regularization: float, alpha: float,
-            iterations: int, random_state: int, num_threads: int = 0,
-            warm_start: tuple[np.ndarray, np.ndarray] | None = None):
+def fit_als(
+    confidence: sp.csr_matrix,
+    *,
+    factors: int,
+    regularization: float,
+    alpha: float,
+    iterations: int,
+    random_state: int,
+    num_threads: int = 0,
+    warm_start: tuple[np.ndarray, np.ndarray] | None = None,
+):
     """Implicit ALS fitted on a users x items confidence matrix (no progress bar, no loss):
     the one place both the plain ALS model and the candidate generator build it.
 
@@ -165,23 +202,35 @@ def fit_als(confidence: sp.csr_matrix, *, factors: int, regularization: float, a
     if confidence.nnz == 0:
         raise ValueError("cannot train on an empty interaction matrix")
     model = AlternatingLeastSquares(
-        factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
-        random_state=random_state, num_threads=num_threads, calculate_training_loss=False)
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
+        iterations=iterations,
+        random_state=random_state,
+        num_threads=num_threads,
+        calculate_training_loss=False,
+    )
     rows, cols = active_part(confidence)
     if warm_start is not None:
         users, items = (np.asarray(f) for f in warm_start)
         if users.shape != (confidence.shape[0], factors) or items.shape != (
-                confidence.shape[1], factors):
-            raise ValueError(f"warm start factors {users.shape} and {items.shape} do not fit "
-                             f"a {confidence.shape} matrix with {factors} factors")
+            confidence.shape[1],
+            factors,
+        ):
+            raise ValueError(
+                f"warm start factors {users.shape} and {items.shape} do not fit "
+                f"a {confidence.shape} matrix with {factors} factors"
+            )
         model.user_factors = np.ascontiguousarray(users[rows], dtype=np.float32)
         model.item_factors = np.ascontiguousarray(items[cols], dtype=np.float32)
     if len(rows) == confidence.shape[0] and len(cols) == confidence.shape[1]:
         model.fit(confidence, show_progress=False)
         return model
     model.fit(sp.csr_matrix(confidence[rows][:, cols]), show_progress=False)
-    for name, index, size in (("user_factors", rows, confidence.shape[0]),
-                              ("item_factors", cols, confidence.shape[1])):
+    for name, index, size in (
+        ("user_factors", rows, confidence.shape[0]),
+        ("item_factors", cols, confidence.shape[1]),
+    ):
         active = np.asarray(getattr(model, name))
         full = np.zeros((size, active.shape[1]), dtype=active.dtype)
         full[index] = active

@@ -31,11 +31,21 @@ SOURCES = ("als", "knn", "popular")
 class CandidateGenerator:
     """ALS + item-kNN + recent popularity candidates, with their scores and ranks."""
 
-    def __init__(self, n_als: int = 100, n_knn: int = 100, n_popular: int = 50,
-                 knn_k: int = 100, knn_method: str = "cosine", factors: int = 64,
-                 regularization: float = 0.05, alpha: float = 2.0, iterations: int = 15,
-                 warm_iterations: int = 0, random_state: int = 42, num_threads: int = 0
-                 ) -> None:
+    def __init__(
+        self,
+        n_als: int = 100,
+        n_knn: int = 100,
+        n_popular: int = 50,
+        knn_k: int = 100,
+        knn_method: str = "cosine",
+        factors: int = 64,
+        regularization: float = 0.05,
+        alpha: float = 2.0,
+        iterations: int = 15,
+        warm_iterations: int = 0,
+        random_state: int = 42,
+        num_threads: int = 0,
+    ) -> None:
         self.n_als = n_als
         self.n_knn = n_knn
         self.n_popular = n_popular
@@ -50,14 +60,27 @@ class CandidateGenerator:
         self.num_threads = num_threads
 
     def get_params(self) -> dict:
-        return {"n_als": self.n_als, "n_knn": self.n_knn, "n_popular": self.n_popular,
-                "knn_k": self.knn_k, "knn_method": self.knn_method, "factors": self.factors,
-                "regularization": self.regularization, "alpha": self.alpha,
-                "iterations": self.iterations, "warm_iterations": self.warm_iterations,
-                "random_state": self.random_state}
+        return {
+            "n_als": self.n_als,
+            "n_knn": self.n_knn,
+            "n_popular": self.n_popular,
+            "knn_k": self.knn_k,
+            "knn_method": self.knn_method,
+            "factors": self.factors,
+            "regularization": self.regularization,
+            "alpha": self.alpha,
+            "iterations": self.iterations,
+            "warm_iterations": self.warm_iterations,
+            "random_state": self.random_state,
+        }
 
-    def fit(self, matrix: InteractionMatrix, recent: sp.csr_matrix, popular_cols: np.ndarray,
-            warm_from: CandidateGenerator | None = None) -> CandidateGenerator:
+    def fit(
+        self,
+        matrix: InteractionMatrix,
+        recent: sp.csr_matrix,
+        popular_cols: np.ndarray,
+        warm_from: CandidateGenerator | None = None,
+    ) -> CandidateGenerator:
         """Fit ALS and kNN on ``matrix``; ``recent`` marks each user's recent items (same
         shape); ``popular_cols`` are item columns, most recently popular first.
 
@@ -66,23 +89,31 @@ class CandidateGenerator:
         more than ``iterations``) instead of ``iterations`` from a random start (a week more
         data moves the factors little, so a few sweeps from the last fit replace a full
         fit)."""
-        warm = (warm_from is not None and self.warm_iterations > 0
-                and warm_from.matrix_.shape == matrix.shape)
-        self.als_ = fit_als(matrix.confidence, factors=self.factors,
-                            regularization=self.regularization, alpha=self.alpha,
-                            iterations=min(self.warm_iterations, self.iterations) if warm
-                            else self.iterations,
-                            random_state=self.random_state, num_threads=self.num_threads,
-                            warm_start=(warm_from.als_.user_factors,
-                                        warm_from.als_.item_factors) if warm else None)
-        self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method,
-                            num_threads=self.num_threads).fit(matrix.confidence)
+        warm = (
+            warm_from is not None
+            and self.warm_iterations > 0
+            and warm_from.matrix_.shape == matrix.shape
+        )
+        self.als_ = fit_als(
+            matrix.confidence,
+            factors=self.factors,
+            regularization=self.regularization,
+            alpha=self.alpha,
+            iterations=min(self.warm_iterations, self.iterations) if warm else self.iterations,
+            random_state=self.random_state,
+            num_threads=self.num_threads,
+            warm_start=(warm_from.als_.user_factors, warm_from.als_.item_factors) if warm else None,
+        )
+        self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method, num_threads=self.num_threads).fit(
+            matrix.confidence
+        )
         self.matrix_ = matrix
         self._empty_items = empty_columns(matrix.confidence)
         self.recent_ = sp.csr_matrix(recent, dtype=np.float32)
         self.popular_cols_ = np.asarray(popular_cols, np.int64)[: self.n_popular]
-        logger.info("candidate generator fitted: %d users x %d items, %s", *matrix.shape,
-                    self.get_params())
+        logger.info(
+            "candidate generator fitted: %d users x %d items, %s", *matrix.shape, self.get_params()
+        )
         return self
 
     def generate(self, rows: np.ndarray) -> pd.DataFrame:
@@ -90,8 +121,11 @@ class CandidateGenerator:
         rows = np.asarray(rows, np.int64)
         seen = self.matrix_.confidence[rows]
         recent_scores = _sorted(self.knn_.score(self.recent_[rows]))
-        parts = [self._from_als(rows, seen), self._from_knn(recent_scores, seen),
-                 self._from_popular(rows, seen)]
+        parts = [
+            self._from_als(rows, seen),
+            self._from_knn(recent_scores, seen),
+            self._from_popular(rows, seen),
+        ]
         # One row per (u, item), sorted by both (a key per pair, by integer arithmetic: no
         # groupby); a source's rank is NaN where it did not propose the pair.
         width = np.int64(self.matrix_.shape[1])
@@ -107,35 +141,39 @@ class CandidateGenerator:
         for code, source in enumerate(SOURCES):
             frame[f"from_{source}"] = (~np.isnan(ranks[code])).astype(np.float32)
         frame["als_rank"] = np.where(np.isnan(ranks[0]), self.n_als + 1, ranks[0]).astype(
-            np.float32)
+            np.float32
+        )
         frame["knn_rank"] = np.where(np.isnan(ranks[1]), self.n_knn + 1, ranks[1]).astype(
-            np.float32)
+            np.float32
+        )
         frame["als_score"] = self.als_scores(rows[u], item)
         frame["knn_recent"] = gather(recent_scores, u, item)
-        frame["knn_all"] = gather(_sorted(self.knn_.score((seen > 0).astype(np.float32))),
-                                   u, item)
+        frame["knn_all"] = gather(_sorted(self.knn_.score((seen > 0).astype(np.float32))), u, item)
         return frame
 
     def als_scores(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Dot products of the user and item factors for each (row, item) pair."""
         users = np.asarray(self.als_.user_factors)[rows]
         return np.einsum("pf,pf->p", users, np.asarray(self.als_.item_factors)[items]).astype(
-            np.float32)
+            np.float32
+        )
 
     def _from_als(self, rows: np.ndarray, seen: sp.csr_matrix) -> tuple[np.ndarray, ...]:
         n = min(self.n_als, self.matrix_.shape[1])
         if not hasattr(self, "_empty_items"):  # columns with no history (never proposed)
             self._empty_items = empty_columns(self.matrix_.confidence)
-        ids, _ = self.als_.recommend(rows, seen, N=n, filter_already_liked_items=True,
-                                     filter_items=self._empty_items)
+        ids, _ = self.als_.recommend(
+            rows, seen, N=n, filter_already_liked_items=True, filter_items=self._empty_items
+        )
         ids = np.asarray(ids, np.int64).reshape(len(rows), -1)
         u = np.repeat(np.arange(len(rows)), ids.shape[1])
         rank = np.tile(np.arange(1, ids.shape[1] + 1), len(rows))
         ok = ids.ravel() >= 0
         return _part(u[ok], ids.ravel()[ok], rank[ok])
 
-    def _from_knn(self, recent_scores: sp.csr_matrix, seen: sp.csr_matrix
-                  ) -> tuple[np.ndarray, ...]:
+    def _from_knn(
+        self, recent_scores: sp.csr_matrix, seen: sp.csr_matrix
+    ) -> tuple[np.ndarray, ...]:
         u, item, _ = top_k_sparse(recent_scores, self.n_knn, exclude=seen)
         starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
         rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)])) + 1
@@ -171,8 +209,9 @@ def candidate_recall(pairs: pd.DataFrame, truth: sp.csr_matrix) -> dict[str, flo
     return out
 
 
-def _part(u: np.ndarray, item: np.ndarray, rank: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _part(
+    u: np.ndarray, item: np.ndarray, rank: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One source's proposals: (chunk user, item column, rank), in ``SOURCES`` order."""
     return u.astype(np.int64), item.astype(np.int64), rank.astype(np.float32)
 

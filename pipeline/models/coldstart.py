@@ -25,8 +25,13 @@ _WINDOW_PHRASES = ((1, "today"), (7, "this week"), (31, "this month"))
 class SegmentPopularity:
     """Top items per segment over the last ``days`` before the cutoff."""
 
-    def __init__(self, days: int = 30, segment: tuple[str, ...] = ("age_band",),
-                 shrinkage: float = 20.0, n_keep: int = 100) -> None:
+    def __init__(
+        self,
+        days: int = 30,
+        segment: tuple[str, ...] = ("age_band",),
+        shrinkage: float = 20.0,
+        n_keep: int = 100,
+    ) -> None:
         self.days = days
         self.segment = tuple(segment)
         self.shrinkage = shrinkage
@@ -35,13 +40,22 @@ class SegmentPopularity:
     def get_params(self) -> dict:
         return {"days": self.days, "segment": list(self.segment), "shrinkage": self.shrinkage}
 
-    def fit(self, events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataFrame | None = None,
-            items: pd.DataFrame | None = None) -> SegmentPopularity:
+    def fit(
+        self,
+        events: pd.DataFrame,
+        cutoff: dt.datetime,
+        users: pd.DataFrame | None = None,
+        items: pd.DataFrame | None = None,
+    ) -> SegmentPopularity:
         """Learn ``global_`` (item_id, score, reason) and ``segments_`` (segment + same)."""
         return self.fit_pairs(window_pairs(events, cutoff, self.days), users, items)
 
-    def fit_pairs(self, pairs: pd.DataFrame, users: pd.DataFrame | None = None,
-                  items: pd.DataFrame | None = None) -> SegmentPopularity:
+    def fit_pairs(
+        self,
+        pairs: pd.DataFrame,
+        users: pd.DataFrame | None = None,
+        items: pd.DataFrame | None = None,
+    ) -> SegmentPopularity:
         """:meth:`fit` from the window's distinct (user_id, item_id) pairs
         (:func:`window_pairs` of this ``days``), which options of one window share."""
         glob = pairs.groupby("item_id", observed=True).size()
@@ -58,17 +72,24 @@ class SegmentPopularity:
             cols = item_ids.get_indexer(pairs["item_id"])
             in_segment = np.zeros((len(names), len(item_ids)))
             np.add.at(in_segment, (rows, cols), 1.0)
-            seg_users = np.bincount(rows[~pairs.duplicated(["user_id", "segment"]).to_numpy()],
-                                    minlength=len(names)).astype(np.float64)
+            seg_users = np.bincount(
+                rows[~pairs.duplicated(["user_id", "segment"]).to_numpy()], minlength=len(names)
+            ).astype(np.float64)
             m = self.shrinkage
             share = (in_segment + m * counts / n_users) / (seg_users[:, None] + m)
             self.segments_ = self._ranked(share, item_ids, items, names)
         else:
             self.segments_ = self.global_.head(0).assign(segment=pd.Series(dtype=object))
-        self.users_ = (users.drop_duplicates("user_id").reset_index(drop=True)
-                       if users is not None else None)
-        logger.info("cold-start popularity: %d items in %d days, %d segments (%s)", len(glob),
-                    self.days, self.segments_["segment"].nunique(), "|".join(self.segment))
+        self.users_ = (
+            users.drop_duplicates("user_id").reset_index(drop=True) if users is not None else None
+        )
+        logger.info(
+            "cold-start popularity: %d items in %d days, %d segments (%s)",
+            len(glob),
+            self.days,
+            self.segments_["segment"].nunique(),
+            "|".join(self.segment),
+        )
         return self
 
     def relabel(self, item_ids: np.ndarray, users: pd.DataFrame | None) -> SegmentPopularity:
@@ -78,10 +99,18 @@ class SegmentPopularity:
         item_ids = np.asarray(item_ids, dtype=object)
         for name in ("global_", "segments_"):
             table = getattr(self, name)
-            setattr(self, name, table.assign(item_id=item_ids[table["item_id"].to_numpy(
-                np.int64)] if len(table) else table["item_id"].astype(object)))
-        self.users_ = (users.drop_duplicates("user_id").reset_index(drop=True)
-                       if users is not None else None)
+            setattr(
+                self,
+                name,
+                table.assign(
+                    item_id=item_ids[table["item_id"].to_numpy(np.int64)]
+                    if len(table)
+                    else table["item_id"].astype(object)
+                ),
+            )
+        self.users_ = (
+            users.drop_duplicates("user_id").reset_index(drop=True) if users is not None else None
+        )
         return self
 
     def lists_for(self, user_ids: np.ndarray) -> pd.DataFrame:
@@ -95,17 +124,28 @@ class SegmentPopularity:
         out = pd.concat([known.drop(columns="segment"), unknown], ignore_index=True)
         return out[["user_id", "order", "item_id", "score", "reason"]]
 
-    def _ranked(self, share: np.ndarray, item_ids: pd.Index, items: pd.DataFrame | None,
-                segments: np.ndarray | None = None) -> pd.DataFrame:
+    def _ranked(
+        self,
+        share: np.ndarray,
+        item_ids: pd.Index,
+        items: pd.DataFrame | None,
+        segments: np.ndarray | None = None,
+    ) -> pd.DataFrame:
         """The top ``n_keep`` items of each row of ``share`` (rows x items), best first, ties
         by item id: (order, item_id, score, reason), plus ``segment`` when given."""
         tie = np.argsort(item_ids.argsort(kind="stable"), kind="stable")  # rank in id order
         frames = []
         for row in range(share.shape[0]):
             top = np.lexsort((tie, -share[row]))[: self.n_keep]
-            frames.append(pd.DataFrame({"order": np.arange(len(top)),
-                                        "item_id": item_ids[top].array,
-                                        "score": share[row, top].astype(np.float32)}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "order": np.arange(len(top)),
+                        "item_id": item_ids[top].array,
+                        "score": share[row, top].astype(np.float32),
+                    }
+                )
+            )
         frame = pd.concat(frames, ignore_index=True)
         frame["reason"] = popular_reasons(frame["item_id"], items, self.days)
         if segments is not None:
@@ -116,15 +156,16 @@ class SegmentPopularity:
 def window_pairs(events: pd.DataFrame, cutoff: dt.datetime, days: int) -> pd.DataFrame:
     """Distinct (user_id, item_id) of the ``days`` before ``cutoff`` (all history before it
     when those days are empty)."""
-    window = events[(events["timestamp"] < cutoff)
-                    & (events["timestamp"] >= cutoff - dt.timedelta(days=days))]
+    window = events[
+        (events["timestamp"] < cutoff) & (events["timestamp"] >= cutoff - dt.timedelta(days=days))
+    ]
     if window.empty:  # nothing recent: fall back to all history before the cutoff
         window = events[events["timestamp"] < cutoff]
     return window[["user_id", "item_id"]].drop_duplicates()
 
 
 def popular_reasons(item_ids: pd.Series, items: pd.DataFrame | None, days: int) -> np.ndarray:
-    """"popular in <category> this week" (or "popular this month" without a category)."""
+    """ "popular in <category> this week" (or "popular this month" without a category)."""
     phrase = next((p for d, p in _WINDOW_PHRASES if days <= d), "lately")
     category = pd.Series(pd.NA, index=item_ids.index, dtype="string")
     if items is not None and "category" in items:
@@ -139,8 +180,10 @@ def popular_reasons(item_ids: pd.Series, items: pd.DataFrame | None, days: int) 
 #: plain 30-day popularity by distinct users, is the default: the strongest simple list.
 #: Windows shorter than the 30-day label horizon lost to it on every development cutoff.
 COLD_OPTIONS: tuple[tuple[int, str], ...] = tuple(
-    (days, segment) for days in (30, 60)
-    for segment in ("", "age_band", "gender", "occupation", "age_band|gender"))
+    (days, segment)
+    for days in (30, 60)
+    for segment in ("", "age_band", "gender", "occupation", "age_band|gender")
+)
 
 #: New users are scored on what they do in this many days (the benchmark's horizon).
 COLD_HORIZON_DAYS = 30
@@ -148,11 +191,18 @@ COLD_HORIZON_DAYS = 30
 COLD_MIN_GAIN = 0.01
 
 
-def select_cold_start(events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataFrame | None,
-                      items: pd.DataFrame | None = None, n_folds: int = 3,
-                      horizon_days: int = COLD_HORIZON_DAYS, shrinkage: float = 50.0,
-                      k: int = 10, options: tuple[tuple[int, str], ...] = COLD_OPTIONS,
-                      min_gain: float = COLD_MIN_GAIN) -> dict:
+def select_cold_start(
+    events: pd.DataFrame,
+    cutoff: dt.datetime,
+    users: pd.DataFrame | None,
+    items: pd.DataFrame | None = None,
+    n_folds: int = 3,
+    horizon_days: int = COLD_HORIZON_DAYS,
+    shrinkage: float = 50.0,
+    k: int = 10,
+    options: tuple[tuple[int, str], ...] = COLD_OPTIONS,
+    min_gain: float = COLD_MIN_GAIN,
+) -> dict:
     """Pick the cold-start window and segment by nDCG@k on the new users of ``n_folds``
     windows of ``horizon_days`` before ``cutoff`` (time-series CV). The first option is the
     default; another replaces it only if it beats it in every scored fold and by at least
@@ -160,25 +210,33 @@ def select_cold_start(events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataF
     Returns ``SegmentPopularity`` keyword arguments."""
     events = events[events["timestamp"] < cutoff]
     first = events.groupby("user_id", observed=True)["timestamp"].min()
-    usable = [(d, s) for d, s in options
-              if not s or (users is not None and set(s.split("|")) <= set(users))]
+    usable = [
+        (d, s)
+        for d, s in options
+        if not s or (users is not None and set(s.split("|")) <= set(users))
+    ]
     folds = []  # one row of option scores per scored fold
     for fold in range(1, n_folds + 1):
         end = cutoff - dt.timedelta(days=horizon_days * (fold - 1))
         start = end - dt.timedelta(days=horizon_days)
         new = first[(first >= start) & (first < end)].index
-        truth = events[(events["timestamp"] >= start) & (events["timestamp"] < end)
-                       & events["user_id"].isin(new)][["user_id", "item_id"]]
+        truth = events[
+            (events["timestamp"] >= start)
+            & (events["timestamp"] < end)
+            & events["user_id"].isin(new)
+        ][["user_id", "item_id"]]
         if truth.empty or (events["timestamp"] < start).sum() == 0:
             continue
         row = np.zeros(len(usable))
         pairs = {days: window_pairs(events, start, days) for days in {d for d, _ in usable}}
         for n, (days, segment) in enumerate(usable):
-            model = SegmentPopularity(days=days, segment=tuple(filter(None, segment.split("|"))),
-                                      shrinkage=shrinkage, n_keep=k).fit_pairs(pairs[days],
-                                                                               users)
-            lists = model.lists_for(truth["user_id"].unique()).assign(
-                rank=lambda f: f["order"] + 1)
+            model = SegmentPopularity(
+                days=days,
+                segment=tuple(filter(None, segment.split("|"))),
+                shrinkage=shrinkage,
+                n_keep=k,
+            ).fit_pairs(pairs[days], users)
+            lists = model.lists_for(truth["user_id"].unique()).assign(rank=lambda f: f["order"] + 1)
             row[n] = user_metrics(lists, truth, k)["ndcg"].mean()
         folds.append(row)
     choice = 0
@@ -189,7 +247,14 @@ def select_cold_start(events: pd.DataFrame, cutoff: dt.datetime, users: pd.DataF
         if eligible.any():
             choice = int(np.argmax(np.where(eligible, scores.mean(axis=0), -np.inf)))
     days, segment = usable[choice]
-    logger.info("cold start selected: %d days, segment %r (cv ndcg per fold %s)", days,
-                segment, np.round(np.vstack(folds), 4).tolist() if folds else [])
-    return {"days": days, "segment": tuple(filter(None, segment.split("|"))),
-            "shrinkage": shrinkage}
+    logger.info(
+        "cold start selected: %d days, segment %r (cv ndcg per fold %s)",
+        days,
+        segment,
+        np.round(np.vstack(folds), 4).tolist() if folds else [],
+    )
+    return {
+        "days": days,
+        "segment": tuple(filter(None, segment.split("|"))),
+        "shrinkage": shrinkage,
+    }

@@ -24,8 +24,14 @@ METHODS = ("cosine", "bm25")
 class ItemKnn:
     """Top-``k`` neighbours per item; ``fit(user_items)`` learns ``similarity_`` (items x items)."""
 
-    def __init__(self, k: int = 100, method: str = "cosine", bm25_k1: float = 1.2,
-                 bm25_b: float = 0.75, num_threads: int = 0) -> None:
+    def __init__(
+        self,
+        k: int = 100,
+        method: str = "cosine",
+        bm25_k1: float = 1.2,
+        bm25_b: float = 0.75,
+        num_threads: int = 0,
+    ) -> None:
         self.k = k
         self.method = method
         self.bm25_k1 = bm25_k1
@@ -33,8 +39,7 @@ class ItemKnn:
         self.num_threads = num_threads
 
     def get_params(self) -> dict:
-        return {"k": self.k, "method": self.method, "bm25_k1": self.bm25_k1,
-                "bm25_b": self.bm25_b}
+        return {"k": self.k, "method": self.method, "bm25_k1": self.bm25_k1, "bm25_b": self.bm25_b}
 
     def fit(self, user_items: sp.csr_matrix) -> ItemKnn:
         """Learn the similarity from a users x items weight matrix (binarised for cosine).
@@ -53,8 +58,9 @@ class ItemKnn:
             counts = (counts > 0).astype(np.float32).tocsr()
             model = CosineRecommender(K=self.k + 1, num_threads=self.num_threads)
         else:
-            model = BM25Recommender(K=self.k + 1, K1=self.bm25_k1, B=self.bm25_b,
-                                    num_threads=self.num_threads)
+            model = BM25Recommender(
+                K=self.k + 1, K1=self.bm25_k1, B=self.bm25_b, num_threads=self.num_threads
+            )
         with warnings.catch_warnings():  # implicit converts its own normalised copy to CSR
             warnings.filterwarnings("ignore", message="Method expects CSR input")
             model.fit(counts, show_progress=False)
@@ -65,10 +71,16 @@ class ItemKnn:
         n_items = user_items.shape[1]
         self.similarity_ = sp.csr_matrix(
             (similarity.data, (cols[similarity.row], cols[similarity.col])),
-            shape=(n_items, n_items), dtype=np.float32)
+            shape=(n_items, n_items),
+            dtype=np.float32,
+        )
         self.similarity_.sum_duplicates()  # canonical (sorted), for lookups without a copy
-        logger.info("item-kNN (%s) fitted: %d items, %d neighbour pairs", self.method,
-                    similarity.shape[0], self.similarity_.nnz)
+        logger.info(
+            "item-kNN (%s) fitted: %d items, %d neighbour pairs",
+            self.method,
+            similarity.shape[0],
+            self.similarity_.nnz,
+        )
         return self
 
     def score(self, history: sp.csr_matrix) -> sp.csr_matrix:
@@ -76,8 +88,9 @@ class ItemKnn:
         return (sp.csr_matrix(history, dtype=np.float32) @ self.similarity_).tocsr()
 
 
-def top_k_sparse(scores: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def top_k_sparse(
+    scores: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, column, score) of the ``k`` best positive entries per row, best first.
 
     ``exclude`` (same shape) removes entries (e.g. items already seen). Ties go to the lower
@@ -92,7 +105,7 @@ def top_k_sparse(scores: sp.csr_matrix, k: int, exclude: sp.csr_matrix | None = 
     floor = np.full(scores.shape[0], -np.inf, dtype=np.float64)
     lengths = np.diff(scores.indptr)
     for r in np.flatnonzero(lengths > k):
-        values = scores.data[scores.indptr[r]:scores.indptr[r + 1]]
+        values = scores.data[scores.indptr[r] : scores.indptr[r + 1]]
         floor[r] = np.partition(values, lengths[r] - k)[lengths[r] - k]
     keep = (coo.data > 0) & (coo.data >= floor[coo.row])
     row, col, val = coo.row[keep], coo.col[keep], coo.data[keep]

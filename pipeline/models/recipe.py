@@ -23,8 +23,13 @@ from dataclasses import dataclass
 #: Parameters added after models were first saved, with the value that reproduces a model
 #: saved without them: bundles and logged recipes from before ranker bagging had one ranker
 #: and every label-window user; those from before the bag budget trained all ``n_bags``.
-LEGACY_PARAMS = {"n_bags": 1, "max_label_users": 2**62, "bag_budget_pairs": None,
-                 "label_halflife_days": None, "warm_iterations": 0}
+LEGACY_PARAMS = {
+    "n_bags": 1,
+    "max_label_users": 2**62,
+    "bag_budget_pairs": None,
+    "label_halflife_days": None,
+    "warm_iterations": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,10 @@ class TwoStageRecipe:
         """A copy with ``changes``; a ValueError names any unknown parameter."""
         unknown = sorted(set(changes) - set(self.names()))
         if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                             f"a TwoStageRecipe has {', '.join(self.names())}")
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"a TwoStageRecipe has {', '.join(self.names())}"
+            )
         return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict:

@@ -100,8 +100,15 @@ class TwoStageRecommender(ListRecommender):
     #: How fast, not what: thread and worker counts, settable but not part of the recipe.
     RUNTIME_PARAMS = ("num_threads", "n_jobs", "bag_workers")
 
-    def __init__(self, recipe: TwoStageRecipe | None = None, *, num_threads: int = 0,
-                 n_jobs: int = 0, bag_workers: int = 0, **params) -> None:
+    def __init__(
+        self,
+        recipe: TwoStageRecipe | None = None,
+        *,
+        num_threads: int = 0,
+        n_jobs: int = 0,
+        bag_workers: int = 0,
+        **params,
+    ) -> None:
         """``recipe`` (default: :class:`TwoStageRecipe`'s defaults) with the keyword
         ``params`` replacing its fields; the runtime knobs are ALS threads, XGBoost threads
         and parallel bags (0: automatic)."""
@@ -132,8 +139,7 @@ class TwoStageRecommender(ListRecommender):
 
     def feature_importance(self) -> pd.Series:
         """The ranker's gain importance per feature (empty without a ranker)."""
-        return self.ranker_.importances() if self.ranker_ is not None else pd.Series(
-            dtype=float)
+        return self.ranker_.importances() if self.ranker_ is not None else pd.Series(dtype=float)
 
     @property
     def matrix_(self) -> InteractionMatrix:
@@ -141,10 +147,15 @@ class TwoStageRecommender(ListRecommender):
         return self.snapshot_.matrix
 
     # ---- training ----------------------------------------------------------------------
-    def fit(self, events: EncodedEvents | pd.DataFrame, cutoff: dt.datetime,
-            weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
-            items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
-            features: FeatureFrames | None = None) -> TwoStageRecommender:
+    def fit(
+        self,
+        events: EncodedEvents | pd.DataFrame,
+        cutoff: dt.datetime,
+        weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
+        items: pd.DataFrame | None = None,
+        users: pd.DataFrame | None = None,
+        features: FeatureFrames | None = None,
+    ) -> TwoStageRecommender:
         """Train the ranker on label windows before ``cutoff``, then refit stage one on all
         events before ``cutoff`` for serving.
 
@@ -155,8 +166,11 @@ class TwoStageRecommender(ListRecommender):
         feature tables as of ``cutoff`` on the same codes (``build_features``' output), read
         instead of recomputed."""
         clock = StageClock()
-        encoded = (events if isinstance(events, EncodedEvents)
-                   else EncodedEvents.from_frame(before(events, cutoff), weights)).before(cutoff)
+        encoded = (
+            events
+            if isinstance(events, EncodedEvents)
+            else EncodedEvents.from_frame(before(events, cutoff), weights)
+        ).before(cutoff)
         if len(encoded) == 0:
             raise ValueError("cannot train on an empty interaction matrix")
         self.weights_ = dict(weights)
@@ -165,28 +179,43 @@ class TwoStageRecommender(ListRecommender):
         coded_items = encoded.items.rekey(items, "item_id")
         coded_users = encoded.users.rekey(users, "user_id")
         clock.lap("encode")
-        pairs, labels, groups, keys, recall = self._training_pairs(events, cutoff,
-                                                                      coded_items, coded_users)
+        pairs, labels, groups, keys, recall = self._training_pairs(
+            events, cutoff, coded_items, coded_users
+        )
         clock.lap("training pairs")
-        self.training_ = {"pairs": int(len(labels)), "positives": int(labels.sum()),
-                          "users": int(len(np.unique(groups))), "candidate_recall": recall,
-                          "numerics": check_numerics()}
+        self.training_ = {
+            "pairs": int(len(labels)),
+            "positives": int(labels.sum()),
+            "users": int(len(np.unique(groups))),
+            "candidate_recall": recall,
+            "numerics": check_numerics(),
+        }
         self.ranker_ = None
         if len(labels) and labels.sum() > 0:
-            self.ranker_ = self._ranker().fit(pairs, labels, groups, self.feature_names_,
-                                              split_keys=keys,
-                                              weights=self._window_weights(groups))
+            self.ranker_ = self._ranker().fit(
+                pairs,
+                labels,
+                groups,
+                self.feature_names_,
+                split_keys=keys,
+                weights=self._window_weights(groups),
+            )
         else:
-            logger.warning("no labelled pairs before %s: ranking candidates by ALS rank",
-                           cutoff.isoformat())
+            logger.warning(
+                "no labelled pairs before %s: ranking candidates by ALS rank", cutoff.isoformat()
+            )
         del pairs
         clock.lap("ranker")
-        snap, self.generator_ = self._fit_stage_one(events, cutoff, coded_items, coded_users,
-                                                    frames=features, warm_from=self._warm)
+        snap, self.generator_ = self._fit_stage_one(
+            events, cutoff, coded_items, coded_users, frames=features, warm_from=self._warm
+        )
         del self._warm
         clock.lap("stage one")
-        self.cold_ = SegmentPopularity(**self._cold_params(events, cutoff, coded_users)).fit(
-            events, cutoff, coded_users, coded_items).relabel(encoded.items.ids, users)
+        self.cold_ = (
+            SegmentPopularity(**self._cold_params(events, cutoff, coded_users))
+            .fit(events, cutoff, coded_users, coded_items)
+            .relabel(encoded.items.ids, users)
+        )
         # from here on the model serves: rows and columns are named by the ids again
         matrix = snap.matrix.relabel(encoded.users.ids, encoded.items.ids)
         self.snapshot_ = dataclasses.replace(snap, matrix=matrix)
@@ -195,8 +224,12 @@ class TwoStageRecommender(ListRecommender):
         del self._space
         clock.lap("cold start")
         self.timings_ = clock.laps
-        logger.info("two-stage fitted in %.1fs (%s): %s", sum(clock.laps.values()),
-                    ", ".join(f"{k} {v:.1f}s" for k, v in clock.laps.items()), self.training_)
+        logger.info(
+            "two-stage fitted in %.1fs (%s): %s",
+            sum(clock.laps.values()),
+            ", ".join(f"{k} {v:.1f}s" for k, v in clock.laps.items()),
+            self.training_,
+        )
         return self
 
     def _training_pairs(self, events, cutoff, items, users):
@@ -221,8 +254,9 @@ class TwoStageRecommender(ListRecommender):
             if len(rows) == 0:
                 continue
             # user features only for the sampled users: the others are never read here
-            snap, generator = self._fit_stage_one(events, start, items, users, matrix=matrix,
-                                                  feature_rows=rows, warm_from=self._warm)
+            snap, generator = self._fit_stage_one(
+                events, start, items, users, matrix=matrix, feature_rows=rows, warm_from=self._warm
+            )
             self._warm = generator
             pairs, features = generate_scored_pairs(generator, snap.tables, rows)
             truth_rows = sp.csr_matrix(truth.multiply(_row_mask(rows, truth.shape[0])[:, None]))
@@ -233,16 +267,32 @@ class TwoStageRecommender(ListRecommender):
             groups.append(_query_ids(window, pairs["row"].to_numpy()))
             keys.append(snap.matrix.user_ids[pairs["row"].to_numpy()])
             self.feature_names_ = feature_names(snap.tables)
-            logger.info("label window %s..%s: %d users, %d pairs, %d positives, recall %s",
-                        start.date(), end.date(), len(rows), len(pairs),
-                        int(labels[-1].sum()), {k: round(v, 3) for k, v in recalls[-1].items()})
+            logger.info(
+                "label window %s..%s: %d users, %d pairs, %d positives, recall %s",
+                start.date(),
+                end.date(),
+                len(rows),
+                len(pairs),
+                int(labels[-1].sum()),
+                {k: round(v, 3) for k, v in recalls[-1].items()},
+            )
         if not blocks:
-            return (np.empty((0, 0), np.float32), np.zeros(0), np.zeros(0, np.int64),
-                    np.zeros(0, object), {})
+            return (
+                np.empty((0, 0), np.float32),
+                np.zeros(0),
+                np.zeros(0, np.int64),
+                np.zeros(0, object),
+                {},
+            )
         recall = {k: float(np.mean([r[k] for r in recalls])) for k in recalls[0]}
         blocks, labels, groups, keys = (part[::-1] for part in (blocks, labels, groups, keys))
-        return (np.vstack(blocks), np.concatenate(labels), np.concatenate(groups),
-                np.concatenate(keys), recall)
+        return (
+            np.vstack(blocks),
+            np.concatenate(labels),
+            np.concatenate(groups),
+            np.concatenate(keys),
+            recall,
+        )
 
     def _window_weights(self, groups: np.ndarray) -> np.ndarray | None:
         """Query weights that halve every ``label_halflife_days`` a label window ends before
@@ -253,35 +303,57 @@ class TwoStageRecommender(ListRecommender):
         ends_before = stride * (_window_of(groups) - 1)  # days, per pair
         return np.power(0.5, ends_before / float(halflife)).astype(np.float32)
 
-    def _fit_stage_one(self, events, cutoff, items, users, matrix=None, feature_rows=None,
-                       frames=None, warm_from=None) -> tuple[Snapshot, CandidateGenerator]:
-        snap = build_snapshot(events, cutoff, self.weights_, items, users,
-                              n_recent=self.recipe.n_recent, space=self._space,
-                              popular_days=self.recipe.popular_days,
-                              matrix=matrix, feature_rows=feature_rows, frames=frames)
+    def _fit_stage_one(
+        self,
+        events,
+        cutoff,
+        items,
+        users,
+        matrix=None,
+        feature_rows=None,
+        frames=None,
+        warm_from=None,
+    ) -> tuple[Snapshot, CandidateGenerator]:
+        snap = build_snapshot(
+            events,
+            cutoff,
+            self.weights_,
+            items,
+            users,
+            n_recent=self.recipe.n_recent,
+            space=self._space,
+            popular_days=self.recipe.popular_days,
+            matrix=matrix,
+            feature_rows=feature_rows,
+            frames=frames,
+        )
         self.feature_names_ = feature_names(snap.tables)
-        return snap, self._generator().fit(snap.matrix, snap.recent, snap.popular_cols,
-                                           warm_from=warm_from)
+        return snap, self._generator().fit(
+            snap.matrix, snap.recent, snap.popular_cols, warm_from=warm_from
+        )
 
     def _generator(self) -> CandidateGenerator:
         """Stage one: the recipe fields named like CandidateGenerator's parameters."""
-        return CandidateGenerator(**self.recipe.kwargs_for(CandidateGenerator),
-                                  num_threads=self.num_threads)
+        return CandidateGenerator(
+            **self.recipe.kwargs_for(CandidateGenerator), num_threads=self.num_threads
+        )
 
     def _ranker(self) -> Ranker:
         """Stage two: the recipe fields named like Ranker's parameters (its validation
         split, early stopping and prior keep Ranker's defaults)."""
-        return Ranker(**self.recipe.kwargs_for(Ranker), n_jobs=self.n_jobs,
-                      bag_workers=self.bag_workers)
+        return Ranker(
+            **self.recipe.kwargs_for(Ranker), n_jobs=self.n_jobs, bag_workers=self.bag_workers
+        )
 
     def _cold_params(self, events, cutoff, users) -> dict:
         """Cold-start list settings: given, or selected by time-series CV when "auto"."""
         if self.recipe.cold_segment == "auto":
-            return select_cold_start(events, cutoff, users,
-                                     shrinkage=self.recipe.cold_shrinkage)
-        return {"days": self.recipe.popular_days, "shrinkage": self.recipe.cold_shrinkage,
-                "segment": tuple(s for s in str(self.recipe.cold_segment or "").split("|")
-                                 if s)}
+            return select_cold_start(events, cutoff, users, shrinkage=self.recipe.cold_shrinkage)
+        return {
+            "days": self.recipe.popular_days,
+            "shrinkage": self.recipe.cold_shrinkage,
+            "segment": tuple(s for s in str(self.recipe.cold_segment or "").split("|") if s),
+        }
 
     def _enough_history(self, matrix: InteractionMatrix) -> np.ndarray:
         return np.diff(matrix.confidence.indptr) >= self.recipe.min_history
@@ -291,15 +363,19 @@ class TwoStageRecommender(ListRecommender):
         """Serving candidates of warm user ``rows`` with the ranker's ``score``."""
         parts = []
         for start in range(0, len(rows), chunk_users):
-            pairs, features = generate_scored_pairs(self.generator_, self.snapshot_.tables,
-                                                    rows[start:start + chunk_users])
+            pairs, features = generate_scored_pairs(
+                self.generator_, self.snapshot_.tables, rows[start : start + chunk_users]
+            )
             if self.ranker_ is not None:
                 pairs["score"] = self.ranker_.predict(features)
             else:
                 pairs["score"] = (-pairs["als_rank"]).astype(np.float32)
             parts.append(pairs)
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-            columns=["row", "item", "score"])
+        return (
+            pd.concat(parts, ignore_index=True)
+            if parts
+            else pd.DataFrame(columns=["row", "item", "score"])
+        )
 
     def _recommend_chunk(self, users: np.ndarray, n: int) -> pd.DataFrame:
         matrix = self.snapshot_.matrix
@@ -313,17 +389,22 @@ class TwoStageRecommender(ListRecommender):
         if len(rows) == 0:
             return empty_lists()
         pairs = self.rank_candidates(rows)
-        order, rank = ranked_within(pairs["row"].to_numpy(), pairs["score"].to_numpy(),
-                                    pairs["item"].to_numpy())
+        order, rank = ranked_within(
+            pairs["row"].to_numpy(), pairs["score"].to_numpy(), pairs["item"].to_numpy()
+        )
         pairs = pairs.iloc[order[rank <= n]].reset_index(drop=True)
         pairs["rank"] = rank[rank <= n]
         user_of_row = pd.Series(users, index=rows)
-        return pd.DataFrame({
-            "user_id": user_of_row.loc[pairs["row"].to_numpy()].to_numpy(dtype=object),
-            "rank": pairs["rank"].to_numpy(np.int16),
-            "item_id": self.snapshot_.matrix.item_ids[pairs["item"].to_numpy()],
-            "score": pairs["score"].to_numpy(np.float32),
-            "reason": self._explain(pairs), "source": "ranker"})
+        return pd.DataFrame(
+            {
+                "user_id": user_of_row.loc[pairs["row"].to_numpy()].to_numpy(dtype=object),
+                "rank": pairs["rank"].to_numpy(np.int16),
+                "item_id": self.snapshot_.matrix.item_ids[pairs["item"].to_numpy()],
+                "score": pairs["score"].to_numpy(np.float32),
+                "reason": self._explain(pairs),
+                "source": "ranker",
+            }
+        )
 
     def _fallback_candidates(self, users: np.ndarray, n: int) -> pd.DataFrame:
         """The cold-start list (by segment where known) for each of ``users``."""
@@ -339,33 +420,38 @@ class TwoStageRecommender(ListRecommender):
         return seen
 
     def _explain(self, picks: pd.DataFrame) -> np.ndarray:
-        """"because you <verb> <title>" naming the history item closest to each pick (by kNN
+        """ "because you <verb> <title>" naming the history item closest to each pick (by kNN
         similarity when the pick has a kNN link, else in ALS factor space); picks with
         neither a link nor an ALS origin are explained by their popularity."""
         matrix = self.snapshot_.matrix
         hist = _strongest_history(matrix, np.unique(picks["row"].to_numpy()))
-        pairs = picks[["row", "item", "knn_all", "from_als"]].reset_index().merge(
-            hist, on="row")
+        pairs = picks[["row", "item", "knn_all", "from_als"]].reset_index().merge(hist, on="row")
         # each similarity only where it is used: kNN for picks with a kNN link, else ALS
         hist_col, item_col = pairs["hist"].to_numpy(), pairs["item"].to_numpy()
         use_knn = pairs["knn_all"].to_numpy() > 0
         sim = np.empty(len(pairs), np.float32)
-        sim[use_knn] = gather(self.generator_.knn_.similarity_, hist_col[use_knn],
-                              item_col[use_knn])
+        sim[use_knn] = gather(
+            self.generator_.knn_.similarity_, hist_col[use_knn], item_col[use_knn]
+        )
         factors = self._unit_item_factors()
-        sim[~use_knn] = np.einsum("pf,pf->p", factors[hist_col[~use_knn]],
-                                  factors[item_col[~use_knn]])
+        sim[~use_knn] = np.einsum(
+            "pf,pf->p", factors[hist_col[~use_knn]], factors[item_col[~use_knn]]
+        )
         pairs["sim"] = sim
         order, rank = ranked_within(pairs["index"].to_numpy(), sim, hist_col)
         pairs = pairs.iloc[order[rank == 1]]  # the closest history item of each pick
         titles = self.items_["title"].astype(object).to_numpy()
-        verbs = np.array([VERBS.get(t, "engaged with") for t in matrix.event_types],
-                         dtype=object)
-        text = ("because you " + verbs[pairs["code"].to_numpy()] + " "
-                + titles[pairs["hist"].to_numpy()])
+        verbs = np.array([VERBS.get(t, "engaged with") for t in matrix.event_types], dtype=object)
+        text = (
+            "because you "
+            + verbs[pairs["code"].to_numpy()]
+            + " "
+            + titles[pairs["hist"].to_numpy()]
+        )
         linked = (pairs["knn_all"].to_numpy() > 0) | (pairs["from_als"].to_numpy() > 0)
-        out = pd.Series(self._popular_reason(picks["item"].to_numpy()), index=picks.index,
-                        dtype=object)
+        out = pd.Series(
+            self._popular_reason(picks["item"].to_numpy()), index=picks.index, dtype=object
+        )
         out.loc[pairs["index"].to_numpy()[linked]] = text[linked]
         return out.to_numpy(dtype=object)
 
@@ -380,8 +466,9 @@ class TwoStageRecommender(ListRecommender):
 
     def _popular_reason(self, cols: np.ndarray) -> np.ndarray:
         items = self.items_.rename(columns={})
-        return popular_reasons(pd.Series(self.snapshot_.matrix.item_ids[cols]), items,
-                               self.recipe.popular_days)
+        return popular_reasons(
+            pd.Series(self.snapshot_.matrix.item_ids[cols]), items, self.recipe.popular_days
+        )
 
     # ---- identity and persistence ------------------------------------------------------
     def fingerprint(self) -> str:
@@ -402,14 +489,24 @@ class TwoStageRecommender(ListRecommender):
     def _arrays(self) -> dict[str, np.ndarray]:
         snap, gen = self.snapshot_, self.generator_
         arrays = {f"table_{k}": v for k, v in snap.tables.arrays().items()}
-        for name, matrix in (("confidence", snap.matrix.confidence),
-                             ("strongest", snap.matrix.strongest), ("recent", snap.recent),
-                             ("similarity", gen.knn_.similarity_)):
-            arrays.update({f"{name}_data": matrix.data, f"{name}_indices": matrix.indices,
-                           f"{name}_indptr": matrix.indptr})
-        arrays.update(user_factors=np.asarray(gen.als_.user_factors),
-                      item_factors=np.asarray(gen.als_.item_factors),
-                      popular_cols=snap.popular_cols)
+        for name, matrix in (
+            ("confidence", snap.matrix.confidence),
+            ("strongest", snap.matrix.strongest),
+            ("recent", snap.recent),
+            ("similarity", gen.knn_.similarity_),
+        ):
+            arrays.update(
+                {
+                    f"{name}_data": matrix.data,
+                    f"{name}_indices": matrix.indices,
+                    f"{name}_indptr": matrix.indptr,
+                }
+            )
+        arrays.update(
+            user_factors=np.asarray(gen.als_.user_factors),
+            item_factors=np.asarray(gen.als_.item_factors),
+            popular_cols=snap.popular_cols,
+        )
         return arrays
 
     def save(self, folder: Path) -> Path:
@@ -419,13 +516,20 @@ class TwoStageRecommender(ListRecommender):
         snap = self.snapshot_
         self.generator_.als_.save(str(folder / "als.npz"))
         sp.save_npz(folder / "similarity.npz", self.generator_.knn_.similarity_)
-        for name, matrix in (("confidence", snap.matrix.confidence),
-                             ("strongest", snap.matrix.strongest), ("recent", snap.recent)):
+        for name, matrix in (
+            ("confidence", snap.matrix.confidence),
+            ("strongest", snap.matrix.strongest),
+            ("recent", snap.recent),
+        ):
             sp.save_npz(folder / f"{name}.npz", matrix)
-        np.savez(folder / "tables.npz", popular_cols=snap.popular_cols,
-                 **{f: getattr(snap.tables, f) for f in _TABLE_FIELDS})
-        pd.DataFrame({"user_id": snap.matrix.user_ids}).to_parquet(folder / "users.parquet",
-                                                                   index=False)
+        np.savez(
+            folder / "tables.npz",
+            popular_cols=snap.popular_cols,
+            **{f: getattr(snap.tables, f) for f in _TABLE_FIELDS},
+        )
+        pd.DataFrame({"user_id": snap.matrix.user_ids}).to_parquet(
+            folder / "users.parquet", index=False
+        )
         self.items_.to_parquet(folder / "items.parquet", index=False)
         self.cold_.global_.to_parquet(folder / "cold_global.parquet", index=False)
         self.cold_.segments_.to_parquet(folder / "cold_segments.parquet", index=False)
@@ -433,17 +537,29 @@ class TwoStageRecommender(ListRecommender):
             self.cold_.users_.to_parquet(folder / "side_users.parquet", index=False)
         if self.ranker_ is not None:
             self.ranker_.save(folder)
-        meta = {"kind": "twostage", "params": self.get_params(),
-                "event_types": list(snap.matrix.event_types), "cutoff": snap.cutoff.isoformat(),
-                "weights": self.weights_, "feature_names": self.feature_names_,
-                "names": {"user": snap.tables.user_names, "item": snap.tables.item_names,
-                          "segments": snap.tables.segment_names},
-                "ranker": None if self.ranker_ is None else {
-                    **self.ranker_.get_params(), "n_trees": self.ranker_.n_trees_,
-                    "validation": self.ranker_.validation_},
-                "training": self.training_, "cold": self.cold_.get_params()}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True,
-                                                     default=str))
+        meta = {
+            "kind": "twostage",
+            "params": self.get_params(),
+            "event_types": list(snap.matrix.event_types),
+            "cutoff": snap.cutoff.isoformat(),
+            "weights": self.weights_,
+            "feature_names": self.feature_names_,
+            "names": {
+                "user": snap.tables.user_names,
+                "item": snap.tables.item_names,
+                "segments": snap.tables.segment_names,
+            },
+            "ranker": None
+            if self.ranker_ is None
+            else {
+                **self.ranker_.get_params(),
+                "n_trees": self.ranker_.n_trees_,
+                "validation": self.ranker_.validation_,
+            },
+            "training": self.training_,
+            "cold": self.cold_.get_params(),
+        }
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         return folder
 
     @classmethod
@@ -458,19 +574,30 @@ class TwoStageRecommender(ListRecommender):
         self.training_ = meta["training"]
         items = pd.read_parquet(folder / "items.parquet")
         user_ids = pd.read_parquet(folder / "users.parquet")["user_id"].to_numpy(object)
-        matrix = InteractionMatrix(user_ids, items["item_id"].to_numpy(object),
-                                   sp.load_npz(folder / "confidence.npz").tocsr(),
-                                   sp.load_npz(folder / "strongest.npz").tocsr(),
-                                   tuple(meta["event_types"]))
+        matrix = InteractionMatrix(
+            user_ids,
+            items["item_id"].to_numpy(object),
+            sp.load_npz(folder / "confidence.npz").tocsr(),
+            sp.load_npz(folder / "strongest.npz").tocsr(),
+            tuple(meta["event_types"]),
+        )
         with np.load(folder / "tables.npz", allow_pickle=False) as arrays:
             stored = {k: arrays[k] for k in arrays.files}
         names = meta["names"]
-        tables = FeatureTables(**{f: stored[f] for f in _TABLE_FIELDS},
-                               user_names=tuple(names["user"]), item_names=tuple(names["item"]),
-                               segment_names=tuple(names["segments"]))
+        tables = FeatureTables(
+            **{f: stored[f] for f in _TABLE_FIELDS},
+            user_names=tuple(names["user"]),
+            item_names=tuple(names["item"]),
+            segment_names=tuple(names["segments"]),
+        )
         recent = sp.load_npz(folder / "recent.npz").tocsr()
-        self.snapshot_ = Snapshot(dt.datetime.fromisoformat(meta["cutoff"]), matrix, recent,
-                                  tables, stored["popular_cols"])
+        self.snapshot_ = Snapshot(
+            dt.datetime.fromisoformat(meta["cutoff"]),
+            matrix,
+            recent,
+            tables,
+            stored["popular_cols"],
+        )
         generator = self._generator()
         generator.als_ = AlternatingLeastSquares.load(str(folder / "als.npz"))
         generator.knn_ = ItemKnn(k=self.recipe.knn_k, method=self.recipe.knn_method)
@@ -485,8 +612,11 @@ class TwoStageRecommender(ListRecommender):
             self.ranker_.feature_names_ = self.feature_names_
         side = folder / "side_users.parquet"
         cold_params = meta["cold"]
-        cold = SegmentPopularity(days=cold_params["days"], segment=tuple(cold_params["segment"]),
-                                 shrinkage=cold_params["shrinkage"])
+        cold = SegmentPopularity(
+            days=cold_params["days"],
+            segment=tuple(cold_params["segment"]),
+            shrinkage=cold_params["shrinkage"],
+        )
         cold.global_ = pd.read_parquet(folder / "cold_global.parquet")
         cold.segments_ = pd.read_parquet(folder / "cold_segments.parquet")
         cold.users_ = pd.read_parquet(side) if side.exists() else None
@@ -495,12 +625,19 @@ class TwoStageRecommender(ListRecommender):
         return self
 
 
-def build_snapshot(events: pd.DataFrame, cutoff: dt.datetime, weights: Mapping[str, float],
-                   items: pd.DataFrame | None, users: pd.DataFrame | None, n_recent: int = 20,
-                   popular_days: int = 30, matrix: InteractionMatrix | None = None,
-                   feature_rows: np.ndarray | None = None,
-                   space: tuple[np.ndarray, np.ndarray] | None = None,
-                   frames: FeatureFrames | None = None) -> Snapshot:
+def build_snapshot(
+    events: pd.DataFrame,
+    cutoff: dt.datetime,
+    weights: Mapping[str, float],
+    items: pd.DataFrame | None,
+    users: pd.DataFrame | None,
+    n_recent: int = 20,
+    popular_days: int = 30,
+    matrix: InteractionMatrix | None = None,
+    feature_rows: np.ndarray | None = None,
+    space: tuple[np.ndarray, np.ndarray] | None = None,
+    frames: FeatureFrames | None = None,
+) -> Snapshot:
     """Matrix (``build_matrix`` of the events before ``cutoff`` on the id ``space``, the
     row and column labels of encoded events, unless given), recent items,
     feature tables (user features only for ``feature_rows`` when given) and popular columns."""
@@ -508,16 +645,26 @@ def build_snapshot(events: pd.DataFrame, cutoff: dt.datetime, weights: Mapping[s
     if matrix is None:
         matrix = build_matrix(events, weights, *(space or (None, None)))
     recent = recent_history(events, cutoff, matrix.user_ids, matrix.item_ids, n_recent)
-    tables = build_feature_tables(events, cutoff, matrix.user_ids, matrix.item_ids,
-                                  matrix.confidence, items, users, segment_days=popular_days,
-                                  feature_rows=feature_rows, frames=frames)
-    recent_top = _popular_columns(events[events["timestamp"] >= cutoff - dt.timedelta(
-        days=popular_days)], matrix.item_ids)
+    tables = build_feature_tables(
+        events,
+        cutoff,
+        matrix.user_ids,
+        matrix.item_ids,
+        matrix.confidence,
+        items,
+        users,
+        segment_days=popular_days,
+        feature_rows=feature_rows,
+        frames=frames,
+    )
+    recent_top = _popular_columns(
+        events[events["timestamp"] >= cutoff - dt.timedelta(days=popular_days)], matrix.item_ids
+    )
     overall_top = _popular_columns(events, matrix.item_ids)
     # Interleave recent and all-time popularity so both are among the first candidates.
     order = np.full(2 * len(matrix.item_ids), -1, np.int64)
-    order[0:2 * len(recent_top):2] = recent_top
-    order[1:2 * len(overall_top):2] = overall_top
+    order[0 : 2 * len(recent_top) : 2] = recent_top
+    order[1 : 2 * len(overall_top) : 2] = overall_top
     order = order[order >= 0]
     _, first = np.unique(order, return_index=True)
     return Snapshot(cutoff, matrix, recent, tables, order[np.sort(first)])
@@ -525,14 +672,24 @@ def build_snapshot(events: pd.DataFrame, cutoff: dt.datetime, weights: Mapping[s
 
 def _popular_columns(events: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
     """Item columns with any distinct users in ``events``, most users first (ties by column)."""
-    counts = (events.groupby("item_id", observed=True)["user_id"].nunique()
-              .reindex(item_ids).fillna(0).to_numpy(np.float64))
+    counts = (
+        events.groupby("item_id", observed=True)["user_id"]
+        .nunique()
+        .reindex(item_ids)
+        .fillna(0)
+        .to_numpy(np.float64)
+    )
     popular = np.lexsort((np.arange(len(counts)), -counts))
     return popular[counts[popular] > 0]
 
 
-def window_truth(events: pd.DataFrame, start: dt.datetime, end: dt.datetime,
-                 matrix: InteractionMatrix, weights: Mapping[str, float]) -> sp.csr_matrix:
+def window_truth(
+    events: pd.DataFrame,
+    start: dt.datetime,
+    end: dt.datetime,
+    matrix: InteractionMatrix,
+    weights: Mapping[str, float],
+) -> sp.csr_matrix:
     """users x items (``matrix``'s ids), 1 for pairs first engaged with in ``[start, end)``."""
     window = events[(events["timestamp"] >= start) & (events["timestamp"] < end)]
     test = build_matrix(window, weights, user_ids=matrix.user_ids, item_ids=matrix.item_ids)
@@ -562,8 +719,15 @@ def _strongest_history(matrix: InteractionMatrix, rows: np.ndarray) -> pd.DataFr
     """(row, hist item, event code) of each user's strongest items, for reasons."""
     conf = matrix.confidence[rows].tocoo()
     code = matrix.strongest[rows].tocoo()
-    frame = pd.DataFrame({"row": rows[conf.row], "hist": conf.col, "c": conf.data,
-                          "code": code.data.astype(np.int64)})
-    order, rank = ranked_within(frame["row"].to_numpy(), frame["c"].to_numpy(),
-                                frame["hist"].to_numpy())
+    frame = pd.DataFrame(
+        {
+            "row": rows[conf.row],
+            "hist": conf.col,
+            "c": conf.data,
+            "code": code.data.astype(np.int64),
+        }
+    )
+    order, rank = ranked_within(
+        frame["row"].to_numpy(), frame["c"].to_numpy(), frame["hist"].to_numpy()
+    )
     return frame.iloc[order[rank <= HISTORY_FOR_REASONS]][["row", "hist", "code"]]

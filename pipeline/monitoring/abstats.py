@@ -59,16 +59,36 @@ SRM_THRESHOLD = 0.001
 
 #: The columns of :func:`compare_variants`, in order.
 COMPARE_COLUMNS = (
-    "variant", "control", "n_variant", "x_variant", "n_control", "x_control",
-    "p_variant", "p_control", "diff", "diff_low", "diff_high", "z", "p_value",
-    "p_value_adjusted", "relative_lift", "lift_low", "lift_high", "significant", "mde",
-    "alpha", "power", "n_comparisons", "ci_level",
+    "variant",
+    "control",
+    "n_variant",
+    "x_variant",
+    "n_control",
+    "x_control",
+    "p_variant",
+    "p_control",
+    "diff",
+    "diff_low",
+    "diff_high",
+    "z",
+    "p_value",
+    "p_value_adjusted",
+    "relative_lift",
+    "lift_low",
+    "lift_high",
+    "significant",
+    "mde",
+    "alpha",
+    "power",
+    "n_comparisons",
+    "ci_level",
 )
 
 _NAN = float("nan")
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=256)
 def _z(q: float) -> float:
@@ -100,6 +120,7 @@ def _count(value: Any, name: str) -> int:
 
 
 # ---- the two-proportion test --------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ProportionTest:
@@ -142,9 +163,17 @@ class ProportionTest:
         return out
 
 
-def two_proportion_test(x_variant: int, n_variant: int, x_control: int, n_control: int, *,
-                        alpha: float = 0.05, power: float = 0.8, variant: str = "B",
-                        control: str = "A") -> ProportionTest:
+def two_proportion_test(
+    x_variant: int,
+    n_variant: int,
+    x_control: int,
+    n_control: int,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    variant: str = "B",
+    control: str = "A",
+) -> ProportionTest:
     """Two-sided z test of equal success rates, with intervals for the difference and the lift.
 
     With ``p_v = x_v / n_v``, ``p_c = x_c / n_c`` and ``z* = z_{1 - alpha/2}``:
@@ -171,8 +200,7 @@ def two_proportion_test(x_variant: int, n_variant: int, x_control: int, n_contro
     x_v, n_v = _count(x_variant, "x_variant"), _count(n_variant, "n_variant")
     x_c, n_c = _count(x_control, "x_control"), _count(n_control, "n_control")
     if x_v > n_v or x_c > n_c:
-        raise ValueError(f"successes exceed trials: {variant} {x_v}/{n_v}, "
-                         f"{control} {x_c}/{n_c}")
+        raise ValueError(f"successes exceed trials: {variant} {x_v}/{n_v}, {control} {x_c}/{n_c}")
     z_star = _z(1.0 - alpha / 2.0)
     p_v = x_v / n_v if n_v else _NAN
     p_c = x_c / n_c if n_c else _NAN
@@ -195,34 +223,57 @@ def two_proportion_test(x_variant: int, n_variant: int, x_control: int, n_contro
     if x_v and x_c:  # both > 0 implies both n > 0
         log_ratio = math.log(p_v / p_c)
         se_log = math.sqrt((1.0 - p_v) / x_v + (1.0 - p_c) / x_c)
-        lift_ci = (math.exp(log_ratio - z_star * se_log) - 1.0,
-                   math.exp(log_ratio + z_star * se_log) - 1.0)
+        lift_ci = (
+            math.exp(log_ratio - z_star * se_log) - 1.0,
+            math.exp(log_ratio + z_star * se_log) - 1.0,
+        )
 
     mde = _NAN
     if n_v and n_c and 0.0 < p_c < 1.0:
         mde = minimum_detectable_effect(p_c, n_c, n_v, alpha=alpha, power=power)
 
     return ProportionTest(
-        variant=str(variant), control=str(control), n_variant=n_v, x_variant=x_v,
-        n_control=n_c, x_control=x_c, p_variant=p_v, p_control=p_c, diff=diff,
-        diff_ci=diff_ci, z=z, p_value=p_value, relative_lift=relative_lift, lift_ci=lift_ci,
-        significant=bool(p_value < alpha), mde=mde, alpha=alpha, power=power)
+        variant=str(variant),
+        control=str(control),
+        n_variant=n_v,
+        x_variant=x_v,
+        n_control=n_c,
+        x_control=x_c,
+        p_variant=p_v,
+        p_control=p_c,
+        diff=diff,
+        diff_ci=diff_ci,
+        z=z,
+        p_value=p_value,
+        relative_lift=relative_lift,
+        lift_ci=lift_ci,
+        significant=bool(p_value < alpha),
+        mde=mde,
+        alpha=alpha,
+        power=power,
+    )
 
 
 # ---- planning: sample size, minimum detectable effect, the fixed horizon ------------------
+
 
 def _check_rates(p_baseline: float, mde_abs: float) -> tuple[float, float]:
     p1, delta = float(p_baseline), float(mde_abs)
     if not 0.0 < p1 < 1.0:
         raise ValueError(f"p_baseline must be in (0, 1), got {p1}")
     if not 0.0 < delta < 1.0 - p1:
-        raise ValueError(f"mde_abs must be in (0, 1 - p_baseline) = (0, {1.0 - p1}), "
-                         f"got {delta}")
+        raise ValueError(f"mde_abs must be in (0, 1 - p_baseline) = (0, {1.0 - p1}), got {delta}")
     return p1, delta
 
 
-def required_sample_size(p_baseline: float, mde_abs: float, *, alpha: float = 0.05,
-                         power: float = 0.8, ratio: float = 1.0) -> int:
+def required_sample_size(
+    p_baseline: float,
+    mde_abs: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    ratio: float = 1.0,
+) -> int:
     """Trials needed in the control group to detect ``p_baseline -> p_baseline + mde_abs``.
 
     The normal-approximation formula for two independent proportions, two-sided, without
@@ -249,15 +300,17 @@ def required_sample_size(p_baseline: float, mde_abs: float, *, alpha: float = 0.
         raise ValueError(f"ratio must be positive, got {ratio}")
     p2 = p1 + delta
     pooled = (p1 + k * p2) / (1.0 + k)
-    root = (_z(1.0 - alpha / 2.0) * math.sqrt(pooled * (1.0 - pooled) * (1.0 + 1.0 / k))
-            + _z(power) * math.sqrt(p1 * (1.0 - p1) + p2 * (1.0 - p2) / k))
+    root = _z(1.0 - alpha / 2.0) * math.sqrt(pooled * (1.0 - pooled) * (1.0 + 1.0 / k)) + _z(
+        power
+    ) * math.sqrt(p1 * (1.0 - p1) + p2 * (1.0 - p2) / k)
     n = root * root / (delta * delta)
     # Guard against 3841.0000000001 from rounding in the last bit.
     return int(math.ceil(n - 1e-9))
 
 
-def minimum_detectable_effect(p_baseline: float, n_control: int, n_variant: int, *,
-                              alpha: float = 0.05, power: float = 0.8) -> float:
+def minimum_detectable_effect(
+    p_baseline: float, n_control: int, n_variant: int, *, alpha: float = 0.05, power: float = 0.8
+) -> float:
     """The smallest absolute increase ``delta`` over ``p_baseline`` detected with ``power``.
 
     The inverse of :func:`required_sample_size`: the ``delta`` in ``(0, 1 - p_baseline)``
@@ -285,8 +338,11 @@ def minimum_detectable_effect(p_baseline: float, n_control: int, n_variant: int,
     def gap(delta: float) -> float:
         p2 = p1 + delta
         pooled = (n_c * p1 + n_v * p2) / (n_c + n_v)
-        return (z_a * math.sqrt(pooled * (1.0 - pooled) * inv)
-                + z_b * math.sqrt(p1 * (1.0 - p1) / n_c + p2 * (1.0 - p2) / n_v) - delta)
+        return (
+            z_a * math.sqrt(pooled * (1.0 - pooled) * inv)
+            + z_b * math.sqrt(p1 * (1.0 - p1) / n_c + p2 * (1.0 - p2) / n_v)
+            - delta
+        )
 
     high = 1.0 - p1
     if gap(high) > 0:
@@ -336,16 +392,27 @@ class ExperimentPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> ExperimentPlan:
         """The inverse of :meth:`to_dict` (``planned_days`` and ``n_comparisons`` optional)."""
         days = data.get("planned_days")
-        return cls(p_baseline=float(data["p_baseline"]), mde_abs=float(data["mde_abs"]),
-                   alpha=float(data["alpha"]), power=float(data["power"]),
-                   n_per_variant=int(data["n_per_variant"]),
-                   planned_days=None if days is None else int(days),
-                   n_comparisons=int(data.get("n_comparisons", 1)))
+        return cls(
+            p_baseline=float(data["p_baseline"]),
+            mde_abs=float(data["mde_abs"]),
+            alpha=float(data["alpha"]),
+            power=float(data["power"]),
+            n_per_variant=int(data["n_per_variant"]),
+            planned_days=None if days is None else int(days),
+            n_comparisons=int(data.get("n_comparisons", 1)),
+        )
 
 
-def plan_experiment(p_baseline: float, mde_abs: float, *, alpha: float = 0.05,
-                    power: float = 0.8, daily_traffic: int | None = None, n_arms: int = 2,
-                    n_comparisons: int | None = None) -> ExperimentPlan:
+def plan_experiment(
+    p_baseline: float,
+    mde_abs: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    daily_traffic: int | None = None,
+    n_arms: int = 2,
+    n_comparisons: int | None = None,
+) -> ExperimentPlan:
     """Fix the horizon before the start.
 
     ``n_per_variant = required_sample_size(p_baseline, mde_abs, alpha=alpha / n_comparisons,
@@ -369,12 +436,26 @@ def plan_experiment(p_baseline: float, mde_abs: float, *, alpha: float = 0.05,
         if traffic < 1:
             raise ValueError("daily_traffic must be at least 1")
         days = math.ceil(arms * n / traffic)
-    plan = ExperimentPlan(p_baseline=float(p_baseline), mde_abs=float(mde_abs), alpha=alpha,
-                          power=float(power), n_per_variant=n, planned_days=days,
-                          n_comparisons=comparisons)
-    logger.info("experiment plan: %d per arm x %d arms (baseline %.4g, mde %.4g, alpha %.3g, "
-                "power %.2f, %s days)", n, arms, plan.p_baseline, plan.mde_abs, alpha,
-                plan.power, days)
+    plan = ExperimentPlan(
+        p_baseline=float(p_baseline),
+        mde_abs=float(mde_abs),
+        alpha=alpha,
+        power=float(power),
+        n_per_variant=n,
+        planned_days=days,
+        n_comparisons=comparisons,
+    )
+    logger.info(
+        "experiment plan: %d per arm x %d arms (baseline %.4g, mde %.4g, alpha %.3g, "
+        "power %.2f, %s days)",
+        n,
+        arms,
+        plan.p_baseline,
+        plan.mde_abs,
+        alpha,
+        plan.power,
+        days,
+    )
     return plan
 
 
@@ -397,9 +478,15 @@ def decide(test: ProportionTest, plan: ExperimentPlan) -> str:
     """
     needed = plan.n_per_variant
     if test.n_variant < needed or test.n_control < needed:
-        logger.debug("%s vs %s: %d/%d and %d/%d of the planned trials, keep running",
-                     test.variant, test.control, test.n_variant, needed, test.n_control,
-                     needed)
+        logger.debug(
+            "%s vs %s: %d/%d and %d/%d of the planned trials, keep running",
+            test.variant,
+            test.control,
+            test.n_variant,
+            needed,
+            test.n_control,
+            needed,
+        )
         return KEEP_RUNNING
     if test.p_value < plan.alpha_per_comparison:
         return SIGNIFICANT
@@ -407,6 +494,7 @@ def decide(test: ProportionTest, plan: ExperimentPlan) -> str:
 
 
 # ---- sample ratio mismatch ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SrmResult:
@@ -425,8 +513,12 @@ class SrmResult:
         return asdict(self)
 
 
-def srm_check(counts: Mapping[str, int], expected_shares: Mapping[str, float], *,
-              threshold: float = SRM_THRESHOLD) -> SrmResult:
+def srm_check(
+    counts: Mapping[str, int],
+    expected_shares: Mapping[str, float],
+    *,
+    threshold: float = SRM_THRESHOLD,
+) -> SrmResult:
     """Chi-square goodness of fit of the observed split to the designed one.
 
     With ``N = sum_i o_i`` observed units and the designed shares normalised to sum to 1
@@ -450,23 +542,37 @@ def srm_check(counts: Mapping[str, int], expected_shares: Mapping[str, float], *
     names = list(expected_shares)
     weights = np.array([float(expected_shares[v]) for v in names])
     if not (np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights.sum() > 0):
-        raise ValueError(f"expected shares must be non-negative and not all 0: "
-                         f"{dict(expected_shares)}")
+        raise ValueError(
+            f"expected shares must be non-negative and not all 0: {dict(expected_shares)}"
+        )
     observed = {v: _count(counts.get(v, 0), f"counts[{v!r}]") for v in names}
     total = sum(observed.values())
     shares = weights / weights.sum()
     expected = {v: float(total * s) for v, s in zip(names, shares)}
 
     if total == 0:
-        return SrmResult(chi2=_NAN, p_value=_NAN, mismatch=False, observed=observed,
-                         expected=expected, message="no units observed", threshold=threshold)
+        return SrmResult(
+            chi2=_NAN,
+            p_value=_NAN,
+            mismatch=False,
+            observed=observed,
+            expected=expected,
+            message="no units observed",
+            threshold=threshold,
+        )
     impossible = [v for v, s in zip(names, shares) if s == 0 and observed[v] > 0]
     if impossible:
-        message = (f"sample ratio mismatch: units in variants designed to get none: "
-                   f"{impossible}")
+        message = f"sample ratio mismatch: units in variants designed to get none: {impossible}"
         logger.warning(message)
-        return SrmResult(chi2=math.inf, p_value=0.0, mismatch=True, observed=observed,
-                         expected=expected, message=message, threshold=threshold)
+        return SrmResult(
+            chi2=math.inf,
+            p_value=0.0,
+            mismatch=True,
+            observed=observed,
+            expected=expected,
+            message=message,
+            threshold=threshold,
+        )
 
     live = [v for v, s in zip(names, shares) if s > 0]
     obs = np.array([observed[v] for v in live], dtype=float)
@@ -481,23 +587,36 @@ def srm_check(counts: Mapping[str, int], expected_shares: Mapping[str, float], *
     if deviation.max() == deviation.min():
         detail = "split exactly as designed"
     else:
-        detail = (f"most over-represented {over} ({deviation.max():+.2%} vs expected), "
-                  f"most under-represented {under} ({deviation.min():+.2%})")
+        detail = (
+            f"most over-represented {over} ({deviation.max():+.2%} vs expected), "
+            f"most under-represented {under} ({deviation.min():+.2%})"
+        )
     mismatch = bool(p_value < threshold)
     if mismatch:
-        message = (f"sample ratio mismatch (chi2 = {chi2:.4g}, p = {p_value:.3g} < "
-                   f"{threshold:g}): {detail}; do not trust the comparison")
+        message = (
+            f"sample ratio mismatch (chi2 = {chi2:.4g}, p = {p_value:.3g} < "
+            f"{threshold:g}): {detail}; do not trust the comparison"
+        )
         logger.warning(message)
     else:
         message = f"no sample ratio mismatch (chi2 = {chi2:.4g}, p = {p_value:.3g}): {detail}"
-    return SrmResult(chi2=chi2, p_value=p_value, mismatch=mismatch, observed=observed,
-                     expected=expected, message=message, threshold=threshold)
+    return SrmResult(
+        chi2=chi2,
+        p_value=p_value,
+        mismatch=mismatch,
+        observed=observed,
+        expected=expected,
+        message=message,
+        threshold=threshold,
+    )
 
 
 # ---- many variants against one control ----------------------------------------------------
 
-def compare_variants(frame: pd.DataFrame, *, control: str, alpha: float = 0.05,
-                     power: float = 0.8) -> pd.DataFrame:
+
+def compare_variants(
+    frame: pd.DataFrame, *, control: str, alpha: float = 0.05, power: float = 0.8
+) -> pd.DataFrame:
     """Every variant of ``frame`` (columns ``variant``, ``n``, ``x``; one row per variant)
     against ``control``, one row per non-control variant in the frame's order
     (:data:`COMPARE_COLUMNS`).
@@ -519,8 +638,9 @@ def compare_variants(frame: pd.DataFrame, *, control: str, alpha: float = 0.05,
         raise ValueError(f"frame lacks columns {sorted(missing)}")
     names = frame["variant"].astype(str)
     if names.duplicated().any():
-        raise ValueError(f"one row per variant expected, repeated: "
-                         f"{sorted(set(names[names.duplicated()]))}")
+        raise ValueError(
+            f"one row per variant expected, repeated: {sorted(set(names[names.duplicated()]))}"
+        )
     if control not in set(names):
         raise ValueError(f"control {control!r} not among the variants {list(names)}")
     rows = {name: (n, x) for name, n, x in zip(names, frame["n"], frame["x"])}
@@ -533,14 +653,25 @@ def compare_variants(frame: pd.DataFrame, *, control: str, alpha: float = 0.05,
     out = []
     for name in others:
         n_v, x_v = rows[name]
-        test = two_proportion_test(x_v, n_v, x_c, n_c, alpha=level, power=power,
-                                   variant=name, control=control)
+        test = two_proportion_test(
+            x_v, n_v, x_c, n_c, alpha=level, power=power, variant=name, control=control
+        )
         row = test.to_dict(flat=True)
         adjusted = min(1.0, m * test.p_value) if math.isfinite(test.p_value) else _NAN
-        row.update(p_value_adjusted=adjusted, significant=bool(adjusted < alpha), alpha=alpha,
-                   n_comparisons=m, ci_level=1.0 - level)
+        row.update(
+            p_value_adjusted=adjusted,
+            significant=bool(adjusted < alpha),
+            alpha=alpha,
+            n_comparisons=m,
+            ci_level=1.0 - level,
+        )
         out.append(row)
     result = pd.DataFrame(out, columns=list(COMPARE_COLUMNS))
-    logger.info("compared %d variants with %s (Bonferroni, alpha %.3g): %d significant", m,
-                control, alpha, int(result["significant"].sum()))
+    logger.info(
+        "compared %d variants with %s (Bonferroni, alpha %.3g): %d significant",
+        m,
+        control,
+        alpha,
+        int(result["significant"].sum()),
+    )
     return result

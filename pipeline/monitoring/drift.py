@@ -63,8 +63,9 @@ COMPARE_COLUMNS = ("feature", "group", "psi", "status", "reference_n", "current_
 PROFILE_VERSION = 1
 
 
-def psi(reference_share: npt.ArrayLike, current_share: npt.ArrayLike,
-        eps: float = EPSILON) -> float:
+def psi(
+    reference_share: npt.ArrayLike, current_share: npt.ArrayLike, eps: float = EPSILON
+) -> float:
     """Population Stability Index of two share vectors over the same bins.
 
     ``sum_i (c_i' - r_i') * ln(c_i' / r_i')`` with ``r_i' = max(r_i, eps)`` and
@@ -76,8 +77,9 @@ def psi(reference_share: npt.ArrayLike, current_share: npt.ArrayLike,
     ref = np.asarray(reference_share, dtype=np.float64)
     cur = np.asarray(current_share, dtype=np.float64)
     if ref.ndim != 1 or ref.shape != cur.shape:
-        raise ValueError(f"share vectors must be 1-d and of one length, got {ref.shape} and "
-                         f"{cur.shape}")
+        raise ValueError(
+            f"share vectors must be 1-d and of one length, got {ref.shape} and {cur.shape}"
+        )
     if np.isnan(ref).any() or np.isnan(cur).any():
         return math.nan
     ref, cur = np.maximum(ref, eps), np.maximum(cur, eps)
@@ -85,7 +87,7 @@ def psi(reference_share: npt.ArrayLike, current_share: npt.ArrayLike,
 
 
 def status(value: float, warn: float = PSI_WARN, alert: float = PSI_ALERT) -> str:
-    """"alert" when ``value >= alert``, "warn" when ``value >= warn``, "ok" below, and
+    """ "alert" when ``value >= alert``, "warn" when ``value >= warn``, "ok" below, and
     "unknown" when the PSI is NaN (nothing to compare)."""
     if value is None or math.isnan(value):
         return "unknown"
@@ -167,8 +169,10 @@ class QuantileBins(_Binned):
     def labels(self) -> list[str]:
         """A readable name per bin, e.g. ``(-inf, 1]``, ``(1, 3]``, ``(3, inf)``, missing."""
         bounds = [-math.inf, *self.edges, math.inf]
-        return [f"({lo:g}, {hi:g}{')' if hi == math.inf else ']'}"
-                for lo, hi in zip(bounds[:-1], bounds[1:])] + [MISSING]
+        return [
+            f"({lo:g}, {hi:g}{')' if hi == math.inf else ']'}"
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ] + [MISSING]
 
     def index(self, values: npt.ArrayLike) -> np.ndarray:
         """The bin of each value (0 .. size - 1; NaN in the last bin)."""
@@ -206,13 +210,15 @@ def _level_order(level: str) -> tuple[int, float, str]:
 def _factorize(values: npt.ArrayLike) -> tuple[np.ndarray, list[str]]:
     """Per value, a code into the distinct levels (-1 for missing), and those levels as text;
     values that read as the same text share a level."""
-    if not isinstance(values, (pd.Series, pd.Index, np.ndarray,
-                               pd.api.extensions.ExtensionArray)):
+    if not isinstance(values, (pd.Series, pd.Index, np.ndarray, pd.api.extensions.ExtensionArray)):
         values = pd.Series(list(values), dtype=object)
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
     text = [_level(u) for u in uniques]
-    distinct, first = np.unique(np.asarray(text, dtype=object), return_inverse=True) \
-        if text else (np.array([], dtype=object), np.array([], dtype=np.int64))
+    distinct, first = (
+        np.unique(np.asarray(text, dtype=object), return_inverse=True)
+        if text
+        else (np.array([], dtype=object), np.array([], dtype=np.int64))
+    )
     codes = np.asarray(codes, dtype=np.int64)
     ok = codes >= 0
     codes[ok] = first.ravel()[codes[ok]]
@@ -252,8 +258,7 @@ class CategoryBins(_Binned):
         """The bin of each value: its level's position, ``len(levels)`` for an unseen level,
         ``len(levels) + 1`` for a missing value."""
         codes, text = _factorize(values)
-        where = pd.Index(list(self.levels), dtype=object).get_indexer(
-            pd.Index(text, dtype=object))
+        where = pd.Index(list(self.levels), dtype=object).get_indexer(pd.Index(text, dtype=object))
         where = np.where(where < 0, len(self.levels), where).astype(np.int64)
         out = np.full(len(codes), len(self.levels) + 1, dtype=np.int64)
         ok = codes >= 0
@@ -281,15 +286,17 @@ def bins_from_dict(data: Mapping[str, Any]) -> Bins:
     return kinds[data["kind"]].from_dict(data)
 
 
-def numeric_psi(reference: npt.ArrayLike, current: npt.ArrayLike, n_bins: int = N_BINS,
-                eps: float = EPSILON) -> float:
+def numeric_psi(
+    reference: npt.ArrayLike, current: npt.ArrayLike, n_bins: int = N_BINS, eps: float = EPSILON
+) -> float:
     """PSI of ``current`` against ``reference`` on the reference's :class:`QuantileBins`."""
     bins = QuantileBins.fit(reference, n_bins)
     return psi(bins.shares(reference), bins.shares(current), eps)
 
 
-def categorical_psi(reference: npt.ArrayLike, current: npt.ArrayLike,
-                    eps: float = EPSILON) -> float:
+def categorical_psi(
+    reference: npt.ArrayLike, current: npt.ArrayLike, eps: float = EPSILON
+) -> float:
     """PSI of ``current`` against ``reference`` on the reference's :class:`CategoryBins`."""
     bins = CategoryBins.fit(reference)
     return psi(bins.shares(reference), bins.shares(current), eps)
@@ -320,13 +327,22 @@ class FeatureProfile:
         """A :meth:`DriftProfile.compare` row for ``values`` on this feature's bins."""
         current = self.bins.counts(values)
         value = psi(_shares(self.counts), _shares(current), eps)
-        return {"feature": self.name, "group": self.group, "psi": value,
-                "status": status(value), "reference_n": self.reference_n,
-                "current_n": int(current.sum())}
+        return {
+            "feature": self.name,
+            "group": self.group,
+            "psi": value,
+            "status": status(value),
+            "reference_n": self.reference_n,
+            "current_n": int(current.sum()),
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "group": self.group, "bins": self.bins.to_dict(),
-                "counts": [int(c) for c in self.counts]}
+        return {
+            "name": self.name,
+            "group": self.group,
+            "bins": self.bins.to_dict(),
+            "counts": [int(c) for c in self.counts],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureProfile:
@@ -337,27 +353,28 @@ class FeatureProfile:
         return cls(str(data["name"]), str(data["group"]), bins, counts)
 
 
-def _window(events: pd.DataFrame, as_of: dt.datetime,
-            window: dt.timedelta | None) -> pd.DataFrame:
+def _window(events: pd.DataFrame, as_of: dt.datetime, window: dt.timedelta | None) -> pd.DataFrame:
     """The events strictly before ``as_of`` (and, with ``window``, at or after
     ``as_of - window``), with the optional contract columns the feature tables read."""
     events = before(events, as_of)
     if window is not None:
         events = events[events["timestamp"] >= as_of - window]
-    missing = {"value": pd.Series(np.nan, index=events.index, dtype="float64"),
-               "device": pd.Series(pd.NA, index=events.index, dtype="string"),
-               "session_id": pd.Series(pd.NA, index=events.index, dtype="string")}
+    missing = {
+        "value": pd.Series(np.nan, index=events.index, dtype="float64"),
+        "device": pd.Series(pd.NA, index=events.index, dtype="string"),
+        "session_id": pd.Series(pd.NA, index=events.index, dtype="string"),
+    }
     missing = {k: v for k, v in missing.items() if k not in events}
     return events.assign(**missing) if missing else events
 
 
 def _numeric_columns(frame: pd.DataFrame, skip: tuple[str, ...]) -> list[str]:
-    return [c for c in frame.columns
-            if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
+    return [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
 
 
-def _feature_values(events: pd.DataFrame, as_of: dt.datetime, window: dt.timedelta | None
-                    ) -> dict[str, tuple[str, str, Any]]:
+def _feature_values(
+    events: pd.DataFrame, as_of: dt.datetime, window: dt.timedelta | None
+) -> dict[str, tuple[str, str, Any]]:
     """name -> (group, "numeric" | "categorical", values) of every feature of a window:
     user features (one value per user), item features (one per item), the event mix (one per
     event)."""
@@ -398,8 +415,14 @@ class DriftProfile:
     n_bins: int = N_BINS
 
     @classmethod
-    def from_events(cls, events: pd.DataFrame, as_of: dt.datetime, *,
-                    window: dt.timedelta | None = None, n_bins: int = N_BINS) -> DriftProfile:
+    def from_events(
+        cls,
+        events: pd.DataFrame,
+        as_of: dt.datetime,
+        *,
+        window: dt.timedelta | None = None,
+        n_bins: int = N_BINS,
+    ) -> DriftProfile:
         """Profile the events before ``as_of`` (within ``window``, if given): every numeric
         column of :func:`build_user_features` (``user.<column>``, one value per user) and of
         :func:`build_item_features` (``item.<column>``, one per item), and the event mix
@@ -413,37 +436,50 @@ class DriftProfile:
             else:
                 profile.add_categorical(name, column, group=group)
         n_events = profile.features["event.event_type"].reference_n
-        logger.info("drift profile as of %s: %d features from %d events", as_of,
-                    len(profile.features), n_events)
+        logger.info(
+            "drift profile as of %s: %d features from %d events",
+            as_of,
+            len(profile.features),
+            n_events,
+        )
         return profile
 
-    def add_numeric(self, name: str, values: npt.ArrayLike, group: str = "model",
-                    n_bins: int | None = None) -> FeatureProfile:
+    def add_numeric(
+        self, name: str, values: npt.ArrayLike, group: str = "model", n_bins: int | None = None
+    ) -> FeatureProfile:
         """Add (or replace) a numeric feature binned on ``values`` (e.g. ``score``: the
         champion's scores of its training users)."""
         bins = QuantileBins.fit(values, self.n_bins if n_bins is None else n_bins)
         self.features[name] = FeatureProfile(name, group, bins, bins.counts(values))
         return self.features[name]
 
-    def add_categorical(self, name: str, values: npt.ArrayLike, group: str = "model",
-                        max_levels: int | None = None) -> FeatureProfile:
+    def add_categorical(
+        self, name: str, values: npt.ArrayLike, group: str = "model", max_levels: int | None = None
+    ) -> FeatureProfile:
         """Add (or replace) a categorical feature whose levels are those of ``values``."""
         bins = CategoryBins.fit(values, max_levels)
         self.features[name] = FeatureProfile(name, group, bins, bins.counts(values))
         return self.features[name]
 
-    def compare_values(self, name: str, values: npt.ArrayLike,
-                       eps: float = EPSILON) -> dict[str, Any]:
+    def compare_values(
+        self, name: str, values: npt.ArrayLike, eps: float = EPSILON
+    ) -> dict[str, Any]:
         """PSI of one feature's current ``values`` against its reference: a dict with the
         columns of :meth:`compare` (feature, group, psi, status, reference_n, current_n)."""
         if name not in self.features:
-            raise KeyError(f"no feature {name!r} in the drift profile "
-                           f"(known: {', '.join(self.features)})")
+            raise KeyError(
+                f"no feature {name!r} in the drift profile (known: {', '.join(self.features)})"
+            )
         return self.features[name].compare(values, eps)
 
-    def compare(self, current_events: pd.DataFrame, current_as_of: dt.datetime, *,
-                extra: Mapping[str, npt.ArrayLike] | None = None,
-                eps: float = EPSILON) -> pd.DataFrame:
+    def compare(
+        self,
+        current_events: pd.DataFrame,
+        current_as_of: dt.datetime,
+        *,
+        extra: Mapping[str, npt.ArrayLike] | None = None,
+        eps: float = EPSILON,
+    ) -> pd.DataFrame:
         """One row per feature: ``feature``, ``group``, ``psi``, ``status``, ``reference_n``,
         ``current_n``, by PSI descending (then name; NaN last).
 
@@ -465,37 +501,57 @@ class DriftProfile:
             elif name in values:
                 rows.append(feature.compare(values[name][2], eps))
             elif feature.group in EVENT_GROUPS:
-                rows.append({"feature": name, "group": feature.group, "psi": math.nan,
-                             "status": "unknown", "reference_n": feature.reference_n,
-                             "current_n": 0})
+                rows.append(
+                    {
+                        "feature": name,
+                        "group": feature.group,
+                        "psi": math.nan,
+                        "status": "unknown",
+                        "reference_n": feature.reference_n,
+                        "current_n": 0,
+                    }
+                )
         frame = pd.DataFrame(rows, columns=list(COMPARE_COLUMNS)).astype(
-            {"psi": "float64", "reference_n": "int64", "current_n": "int64"})
-        frame = frame.sort_values(["psi", "feature"], ascending=[False, True],
-                                  na_position="last", kind="mergesort").reset_index(drop=True)
+            {"psi": "float64", "reference_n": "int64", "current_n": "int64"}
+        )
+        frame = frame.sort_values(
+            ["psi", "feature"], ascending=[False, True], na_position="last", kind="mergesort"
+        ).reset_index(drop=True)
         counts = frame["status"].value_counts()
-        logger.info("drift as of %s against %s: %d features, %d warn, %d alert%s",
-                    current_as_of, self.as_of, len(frame), counts.get("warn", 0),
-                    counts.get("alert", 0),
-                    f"; top {frame['feature'].iat[0]} (PSI {frame['psi'].iat[0]:.3f})"
-                    if len(frame) and not np.isnan(frame["psi"].iat[0]) else "")
+        logger.info(
+            "drift as of %s against %s: %d features, %d warn, %d alert%s",
+            current_as_of,
+            self.as_of,
+            len(frame),
+            counts.get("warn", 0),
+            counts.get("alert", 0),
+            f"; top {frame['feature'].iat[0]} (PSI {frame['psi'].iat[0]:.3f})"
+            if len(frame) and not np.isnan(frame["psi"].iat[0])
+            else "",
+        )
         return frame
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the window, the bins and the reference counts of every feature."""
-        return {"version": PROFILE_VERSION, "as_of": self.as_of.isoformat(),
-                "window_seconds": None if self.window is None
-                else self.window.total_seconds(),
-                "n_bins": self.n_bins,
-                "features": [f.to_dict() for f in self.features.values()]}
+        return {
+            "version": PROFILE_VERSION,
+            "as_of": self.as_of.isoformat(),
+            "window_seconds": None if self.window is None else self.window.total_seconds(),
+            "n_bins": self.n_bins,
+            "features": [f.to_dict() for f in self.features.values()],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DriftProfile:
         if data.get("version") != PROFILE_VERSION:
-            raise ValueError(f"drift profile version {data.get('version')!r}, expected "
-                             f"{PROFILE_VERSION}")
+            raise ValueError(
+                f"drift profile version {data.get('version')!r}, expected {PROFILE_VERSION}"
+            )
         window = data.get("window_seconds")
         features = [FeatureProfile.from_dict(f) for f in data["features"]]
-        return cls(as_of=dt.datetime.fromisoformat(data["as_of"]),
-                   features={f.name: f for f in features},
-                   window=None if window is None else dt.timedelta(seconds=window),
-                   n_bins=int(data["n_bins"]))
+        return cls(
+            as_of=dt.datetime.fromisoformat(data["as_of"]),
+            features={f.name: f for f in features},
+            window=None if window is None else dt.timedelta(seconds=window),
+            n_bins=int(data["n_bins"]),
+        )

@@ -55,11 +55,13 @@ class Threshold:
     def status(self, value: float | None) -> str:
         if value is None or not math.isfinite(value):
             return "unknown"
-        if (self.low_alert is not None and value < self.low_alert) or \
-                (self.high_alert is not None and value > self.high_alert):
+        if (self.low_alert is not None and value < self.low_alert) or (
+            self.high_alert is not None and value > self.high_alert
+        ):
             return "alert"
-        if (self.low_warn is not None and value < self.low_warn) or \
-                (self.high_warn is not None and value > self.high_warn):
+        if (self.low_warn is not None and value < self.low_warn) or (
+            self.high_warn is not None and value > self.high_warn
+        ):
             return "warn"
         return "ok"
 
@@ -112,17 +114,23 @@ def last_ingest_shares(manifest: Iterable[Mapping]) -> dict[str, float]:
     newest = max(r["ingested_at"] for r in records)
     batch = [r for r in records if r["ingested_at"] == newest]
     read = sum(int(r.get("rows_read") or 0) for r in batch)
-    kept_out = sum(int(r.get(key) or 0) for r in batch
-                   for key in ("rows_rejected", "rows_future", "rows_late"))
+    kept_out = sum(
+        int(r.get(key) or 0) for r in batch for key in ("rows_rejected", "rows_future", "rows_late")
+    )
     late = sum(int(r.get("rows_late") or 0) for r in batch)
     if read == 0:
         return {"quarantine_share": float("nan"), "late_share": float("nan")}
     return {"quarantine_share": kept_out / read, "late_share": late / read}
 
 
-def health_table(timestamps: pd.Series, manifest: Iterable[Mapping], as_of: dt.datetime, *,
-                 trailing_days: int = TRAILING_DAYS,
-                 thresholds: Mapping[str, Threshold] = HEALTH_THRESHOLDS) -> pd.DataFrame:
+def health_table(
+    timestamps: pd.Series,
+    manifest: Iterable[Mapping],
+    as_of: dt.datetime,
+    *,
+    trailing_days: int = TRAILING_DAYS,
+    thresholds: Mapping[str, Threshold] = HEALTH_THRESHOLDS,
+) -> pd.DataFrame:
     """One row per health metric (``metric``, ``value``, ``status``) for ``as_of``, from the
     event timestamps of at least the ``trailing_days + 1`` days before it and the manifest."""
     ts = pd.to_datetime(timestamps, utc=True)
@@ -132,24 +140,34 @@ def health_table(timestamps: pd.Series, manifest: Iterable[Mapping], as_of: dt.d
         "newest_event_age": newest_event_age(before.max() if len(before) else None, as_of),
         **last_ingest_shares(manifest),
     }
-    return pd.DataFrame({"metric": list(values), "subject": "",
-                         "value": [float(v) for v in values.values()],
-                         "status": [thresholds[m].status(v) for m, v in values.items()]})
+    return pd.DataFrame(
+        {
+            "metric": list(values),
+            "subject": "",
+            "value": [float(v) for v in values.values()],
+            "status": [thresholds[m].status(v) for m, v in values.items()],
+        }
+    )
 
 
-def online_ratios(daily: pd.DataFrame, *,
-                  thresholds: Mapping[str, Threshold] = HEALTH_THRESHOLDS) -> pd.DataFrame:
+def online_ratios(
+    daily: pd.DataFrame, *, thresholds: Mapping[str, Threshold] = HEALTH_THRESHOLDS
+) -> pd.DataFrame:
     """Online drops from the impact DAG's daily rows (day, clicks, impressions,
     converted_users, users_active; any versions and variants, summed per day): the last day's
     CTR and conversion over the median of the days before it. Empty without two days."""
     if daily.empty or daily["day"].nunique() < 2:
         return pd.DataFrame(columns=["metric", "subject", "value", "status"])
-    per_day = daily.groupby("day")[["clicks", "impressions", "converted_users",
-                                    "users_active"]].sum().sort_index()
-    rates = {"ctr_ratio": per_day["clicks"] / per_day["impressions"].where(
-                 per_day["impressions"] > 0),
-             "conversion_ratio": per_day["converted_users"] / per_day["users_active"].where(
-                 per_day["users_active"] > 0)}
+    per_day = (
+        daily.groupby("day")[["clicks", "impressions", "converted_users", "users_active"]]
+        .sum()
+        .sort_index()
+    )
+    rates = {
+        "ctr_ratio": per_day["clicks"] / per_day["impressions"].where(per_day["impressions"] > 0),
+        "conversion_ratio": per_day["converted_users"]
+        / per_day["users_active"].where(per_day["users_active"] > 0),
+    }
     rows = []
     for metric, rate in rates.items():
         earlier = rate.iloc[:-1].dropna()

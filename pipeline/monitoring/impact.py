@@ -55,12 +55,25 @@ GROUP = ["day", "cutoff", "model_version", "variant"]
 NO_VARIANT = "(none)"
 #: The variant of users outside the running experiment in the site-wide table.
 OUTSIDE = "(outside)"
-SITEWIDE_COLUMNS = ["variant", "users", "active_any", "converted_any", "revenue_any",
-                    "conversion_any", "revenue_per_user_any"]
+SITEWIDE_COLUMNS = [
+    "variant",
+    "users",
+    "active_any",
+    "converted_any",
+    "revenue_any",
+    "conversion_any",
+    "revenue_per_user_any",
+]
 
 
-def user_days(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
-              end: dt.datetime, engage_days: int = 1) -> pd.DataFrame:
+def user_days(
+    served: pd.DataFrame,
+    events: pd.DataFrame,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    engage_days: int = 1,
+) -> pd.DataFrame:
     """One row per served user active on a day of ``[start, end)``: the day, the live set's
     cutoff, model version and variant, and per scope (all ranks, then ``_top3``) the
     impressions and clicks of recommended items that day, whether the user engaged or
@@ -71,26 +84,37 @@ def user_days(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
     lists["variant"] = lists["variant"].fillna(NO_VARIANT).astype(str)
     lists["model_version"] = lists["model_version"].fillna("").astype(str)
     lists["cutoff"] = pd.to_datetime(lists["cutoff"], utc=True)
-    ev = events[(events["timestamp"] >= start_ts)
-                & (events["timestamp"] < end_ts + pd.Timedelta(days=engage_days))]
-    ev = pd.DataFrame({"user_id": ev["user_id"].astype(str), "item_id": ev["item_id"].astype(str),
-                       "event_type": ev["event_type"].astype(str),
-                       "value": ev["value"].astype("float64"),
-                       "day": ev["timestamp"].dt.floor("D")})
+    ev = events[
+        (events["timestamp"] >= start_ts)
+        & (events["timestamp"] < end_ts + pd.Timedelta(days=engage_days))
+    ]
+    ev = pd.DataFrame(
+        {
+            "user_id": ev["user_id"].astype(str),
+            "item_id": ev["item_id"].astype(str),
+            "event_type": ev["event_type"].astype(str),
+            "value": ev["value"].astype("float64"),
+            "day": ev["timestamp"].dt.floor("D"),
+        }
+    )
     cutoffs = np.sort(lists["cutoff"].unique())
     if not len(cutoffs) or ev.empty:
         return pd.DataFrame(columns=USER_DAY_COLUMNS)
     # The set live on a day: the newest cutoff at or before the day's start.
     position = np.searchsorted(cutoffs, ev["day"].to_numpy(), side="right") - 1
-    ev = ev[position >= 0].assign(cutoff=pd.to_datetime(cutoffs[position[position >= 0]],
-                                                        utc=True))
-    who = lists.drop_duplicates(["cutoff", "user_id"])[["cutoff", "user_id", "variant",
-                                                        "model_version"]]
+    ev = ev[position >= 0].assign(cutoff=pd.to_datetime(cutoffs[position[position >= 0]], utc=True))
+    who = lists.drop_duplicates(["cutoff", "user_id"])[
+        ["cutoff", "user_id", "variant", "model_version"]
+    ]
     ev = ev.merge(who, on=["cutoff", "user_id"], how="inner")  # served users only
-    ev = ev.merge(lists[["cutoff", "user_id", "item_id", "rank"]],
-                  on=["cutoff", "user_id", "item_id"], how="left")
-    visits = ev[(ev["day"] >= start_ts) & (ev["day"] < end_ts)].drop_duplicates(
-        ["day", "user_id"])[["day", "user_id", "cutoff", "model_version", "variant"]]
+    ev = ev.merge(
+        lists[["cutoff", "user_id", "item_id", "rank"]],
+        on=["cutoff", "user_id", "item_id"],
+        how="left",
+    )
+    visits = ev[(ev["day"] >= start_ts) & (ev["day"] < end_ts)].drop_duplicates(["day", "user_id"])[
+        ["day", "user_id", "cutoff", "model_version", "variant"]
+    ]
     out = visits.set_index(["day", "user_id"])
     for suffix, rec in (("", ev["rank"].notna()), ("_top3", ev["rank"].le(TOP_POSITIONS))):
         mine = ev[rec]
@@ -101,8 +125,10 @@ def user_days(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
             out[name + suffix] = column.reindex(out.index, fill_value=0).to_numpy()
         hits = mine[mine["event_type"].isin(ENGAGE_TYPES)]
         # An outcome on day e counts for the user's visits on days e - lag, lag < engage_days.
-        later = pd.concat([hits.assign(day=hits["day"] - pd.Timedelta(days=lag))
-                           for lag in range(engage_days)], ignore_index=True)
+        later = pd.concat(
+            [hits.assign(day=hits["day"] - pd.Timedelta(days=lag)) for lag in range(engage_days)],
+            ignore_index=True,
+        )
         later = later.merge(visits[["day", "user_id"]], on=["day", "user_id"])
         later = later.drop_duplicates(["day", "user_id", "item_id", "event_type", "value"])
         key = ["day", "user_id"]
@@ -114,22 +140,37 @@ def user_days(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
     return out.reset_index()[USER_DAY_COLUMNS]
 
 
-def attribute(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
-              end: dt.datetime, engage_days: int = 1) -> pd.DataFrame:
+def attribute(
+    served: pd.DataFrame,
+    events: pd.DataFrame,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    engage_days: int = 1,
+) -> pd.DataFrame:
     """Daily impact rows (see the module docstring) for the days in ``[start, end)``."""
     days = user_days(served, events, start=start, end=end, engage_days=engage_days)
     if days.empty:
         return pd.DataFrame(columns=[*GROUP, *METRIC_COLUMNS])
     sums = {c: (c, "sum") for c in days.columns if c not in (*GROUP, "user_id")}
     out = days.groupby(GROUP).agg(users_active=("user_id", "size"), **sums).reset_index()
-    out = out.rename(columns={f"{k}{s}": f"{k}_users{s}" for k in ("engaged", "converted")
-                              for s in ("", "_top3")})
+    out = out.rename(
+        columns={
+            f"{k}{s}": f"{k}_users{s}" for k in ("engaged", "converted") for s in ("", "_top3")
+        }
+    )
     lists = served[_personal(served)]
-    served_per = lists.drop_duplicates(["cutoff", "user_id"]).assign(
-        cutoff=lambda f: pd.to_datetime(f["cutoff"], utc=True),
-        variant=lambda f: f["variant"].fillna(NO_VARIANT).astype(str),
-        model_version=lambda f: f["model_version"].fillna("").astype(str),
-    ).groupby(["cutoff", "model_version", "variant"]).size().rename("users_served")
+    served_per = (
+        lists.drop_duplicates(["cutoff", "user_id"])
+        .assign(
+            cutoff=lambda f: pd.to_datetime(f["cutoff"], utc=True),
+            variant=lambda f: f["variant"].fillna(NO_VARIANT).astype(str),
+            model_version=lambda f: f["model_version"].fillna("").astype(str),
+        )
+        .groupby(["cutoff", "model_version", "variant"])
+        .size()
+        .rename("users_served")
+    )
     out = out.join(served_per, on=["cutoff", "model_version", "variant"])
     for s in ("", "_top3"):
         imp = out[f"impressions{s}"]
@@ -140,24 +181,37 @@ def attribute(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
     return out[[*GROUP, *METRIC_COLUMNS]].sort_values(GROUP).reset_index(drop=True)
 
 
-def user_outcomes(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datetime,
-                  end: dt.datetime, engage_days: int = 1) -> pd.DataFrame:
+def user_outcomes(
+    served: pd.DataFrame,
+    events: pd.DataFrame,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    engage_days: int = 1,
+) -> pd.DataFrame:
     """One row per user served in ``[start, end)`` and variant (a user served by two
     versions counts under each): active, engaged and converted at least once, and clicks
     and impressions of recommended items."""
     days = user_days(served, events, start=start, end=end, engage_days=engage_days)
     key = ["variant", "model_version", "user_id"]
     grouped = days.groupby(key)
-    out = grouped[["engaged", "converted"]].max().join(
-        grouped[["impressions", "clicks"]].sum()).assign(active=True)
+    out = (
+        grouped[["engaged", "converted"]]
+        .max()
+        .join(grouped[["impressions", "clicks"]].sum())
+        .assign(active=True)
+    )
     live = served[_personal(served)].assign(
         variant=lambda f: f["variant"].fillna(NO_VARIANT).astype(str),
         model_version=lambda f: f["model_version"].fillna("").astype(str),
-        user_id=lambda f: f["user_id"].astype(str))
+        user_id=lambda f: f["user_id"].astype(str),
+    )
     if "live_until" in live:
         start_ts, end_ts = pd.Timestamp(as_utc(start)), pd.Timestamp(as_utc(end))
-        live = live[(pd.to_datetime(live["cutoff"], utc=True) < end_ts)
-                    & (live["live_until"].isna() | (live["live_until"] > start_ts))]
+        live = live[
+            (pd.to_datetime(live["cutoff"], utc=True) < end_ts)
+            & (live["live_until"].isna() | (live["live_until"] > start_ts))
+        ]
     users = live.drop_duplicates(key)[key].set_index(key)
     out = users.join(out)
     for column in ("active", "engaged", "converted"):
@@ -167,9 +221,15 @@ def user_outcomes(served: pd.DataFrame, events: pd.DataFrame, *, start: dt.datet
     return out.reset_index()
 
 
-def sitewide_outcomes(events: pd.DataFrame, population: Iterable[str],
-                      variant_of: Callable[[np.ndarray], np.ndarray], *, start: dt.datetime,
-                      end: dt.datetime, outside: str = OUTSIDE) -> pd.DataFrame:
+def sitewide_outcomes(
+    events: pd.DataFrame,
+    population: Iterable[str],
+    variant_of: Callable[[np.ndarray], np.ndarray],
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    outside: str = OUTSIDE,
+) -> pd.DataFrame:
     """Per variant, what the site got from every user of ``population`` in ``[start, end)``,
     whatever they were shown: the view a holdout group needs. A holdout user has no list, so
     nothing can be attributed to one; the question is whether the site as a whole does better
@@ -196,14 +256,30 @@ def sitewide_outcomes(events: pd.DataFrame, population: Iterable[str],
     active = users.isin(user[kind != "impression"].unique())
     converted = users.isin(user[kind.isin(CONVERT_TYPES)].unique())
     bought = (kind == "purchase").to_numpy()
-    revenue = ev.loc[bought, "value"].astype("float64").fillna(0.0).groupby(
-        user[bought].to_numpy()).sum().reindex(users, fill_value=0.0).to_numpy()
+    revenue = (
+        ev.loc[bought, "value"]
+        .astype("float64")
+        .fillna(0.0)
+        .groupby(user[bought].to_numpy())
+        .sum()
+        .reindex(users, fill_value=0.0)
+        .to_numpy()
+    )
     variant = pd.Series(variant_of(users.to_numpy()), dtype=object).fillna(outside)
-    per_user = pd.DataFrame({"variant": variant.astype(str).to_numpy(), "active_any": active,
-                             "converted_any": converted, "revenue_any": revenue})
+    per_user = pd.DataFrame(
+        {
+            "variant": variant.astype(str).to_numpy(),
+            "active_any": active,
+            "converted_any": converted,
+            "revenue_any": revenue,
+        }
+    )
     out = per_user.groupby("variant").agg(
-        users=("active_any", "size"), active_any=("active_any", "sum"),
-        converted_any=("converted_any", "sum"), revenue_any=("revenue_any", "sum"))
+        users=("active_any", "size"),
+        active_any=("active_any", "sum"),
+        converted_any=("converted_any", "sum"),
+        revenue_any=("revenue_any", "sum"),
+    )
     out["conversion_any"] = out["converted_any"] / out["users"]
     out["revenue_per_user_any"] = out["revenue_any"] / out["users"]
     return out.reset_index()[SITEWIDE_COLUMNS]
@@ -214,10 +290,34 @@ def _personal(served: pd.DataFrame) -> pd.Series:
     return ~served["user_id"].astype(str).str.startswith(DEFAULT_USER)
 
 
-USER_DAY_COLUMNS = ["day", "user_id", "cutoff", "model_version", "variant",
-                    *[f"{k}{s}" for s in ("", "_top3")
-                      for k in ("impressions", "clicks", "engaged", "converted", "revenue")]]
-METRIC_COLUMNS = ["users_served", "users_active",
-                  *[f"{k}{s}" for s in ("", "_top3") for k in (
-                      "impressions", "clicks", "ctr", "engaged_users", "engaged_share",
-                      "converted_users", "conversion", "revenue", "revenue_per_active")]]
+USER_DAY_COLUMNS = [
+    "day",
+    "user_id",
+    "cutoff",
+    "model_version",
+    "variant",
+    *[
+        f"{k}{s}"
+        for s in ("", "_top3")
+        for k in ("impressions", "clicks", "engaged", "converted", "revenue")
+    ],
+]
+METRIC_COLUMNS = [
+    "users_served",
+    "users_active",
+    *[
+        f"{k}{s}"
+        for s in ("", "_top3")
+        for k in (
+            "impressions",
+            "clicks",
+            "ctr",
+            "engaged_users",
+            "engaged_share",
+            "converted_users",
+            "conversion",
+            "revenue",
+            "revenue_per_active",
+        )
+    ],
+]

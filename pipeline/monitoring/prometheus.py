@@ -110,22 +110,34 @@ PSI_METRIC = "psi"
 
 #: ``health`` key of :func:`push_monitor` (the monitoring table's ``metric``) -> (gauge, help).
 HEALTH_GAUGES: dict[str, tuple[str, str]] = {
-    "volume_ratio": ("recs_input_volume_ratio",
-                     "Input events of the last full day over the trailing daily median "
-                     "(1 = usual)."),
-    "late_share": ("recs_input_late_ratio",
-                   "Share of the rows read by the newest ingest rejected as too late."),
-    "quarantine_share": ("recs_input_quarantine_ratio",
-                         "Share of the rows read by the newest ingest kept out of the lake."),
-    "newest_event_age": ("recs_input_newest_event_age_seconds",
-                         "Age of the newest input event when the monitor measured (seconds)."),
-    "cold_start_share": ("recs_coldstart_user_ratio",
-                         "Share of served users whose list starts with a fallback item."),
-    "catalogue_coverage": ("recs_catalogue_coverage_ratio",
-                           "Share of the catalogue that appears in the published lists."),
-    "new_item_share": ("recs_new_item_ratio",
-                       "Share of the current window's events on items the reference window "
-                       "never saw."),
+    "volume_ratio": (
+        "recs_input_volume_ratio",
+        "Input events of the last full day over the trailing daily median (1 = usual).",
+    ),
+    "late_share": (
+        "recs_input_late_ratio",
+        "Share of the rows read by the newest ingest rejected as too late.",
+    ),
+    "quarantine_share": (
+        "recs_input_quarantine_ratio",
+        "Share of the rows read by the newest ingest kept out of the lake.",
+    ),
+    "newest_event_age": (
+        "recs_input_newest_event_age_seconds",
+        "Age of the newest input event when the monitor measured (seconds).",
+    ),
+    "cold_start_share": (
+        "recs_coldstart_user_ratio",
+        "Share of served users whose list starts with a fallback item.",
+    ),
+    "catalogue_coverage": (
+        "recs_catalogue_coverage_ratio",
+        "Share of the catalogue that appears in the published lists.",
+    ),
+    "new_item_share": (
+        "recs_new_item_ratio",
+        "Share of the current window's events on items the reference window never saw.",
+    ),
 }
 #: Other spellings accepted for a ``health`` key.
 HEALTH_ALIASES = {"newest_event_age_seconds": "newest_event_age"}
@@ -155,28 +167,42 @@ def version_number(model_version: str | int | float | None) -> float:
 
 # --- registries: what each push sends ----------------------------------------------------------
 
-def publish_registry(rows: int, users: int, model_version: str | int | None, finished_at: float,
-                     *, dag_id: str = NIGHTLY_DAG) -> CollectorRegistry:
+
+def publish_registry(
+    rows: int,
+    users: int,
+    model_version: str | int | None,
+    finished_at: float,
+    *,
+    dag_id: str = NIGHTLY_DAG,
+) -> CollectorRegistry:
     """The gauges of a successful publish: last success time, rows, users, model version."""
     registry = CollectorRegistry()
-    Gauge("recs_last_success_timestamp_seconds",
-          "When the last successful run published its lists (unix seconds).", ["dag"],
-          registry=registry).labels(dag=dag_id).set(float(finished_at))
-    Gauge("recs_published_rows", "Rows of the last publish.",
-          registry=registry).set(int(rows))
-    Gauge("recs_published_users", "Users of the last publish.",
-          registry=registry).set(int(users))
-    Gauge("recs_model_version", "The serving champion's model version, as a number.",
-          registry=registry).set(version_number(model_version))
+    Gauge(
+        "recs_last_success_timestamp_seconds",
+        "When the last successful run published its lists (unix seconds).",
+        ["dag"],
+        registry=registry,
+    ).labels(dag=dag_id).set(float(finished_at))
+    Gauge("recs_published_rows", "Rows of the last publish.", registry=registry).set(int(rows))
+    Gauge("recs_published_users", "Users of the last publish.", registry=registry).set(int(users))
+    Gauge(
+        "recs_model_version",
+        "The serving champion's model version, as a number.",
+        registry=registry,
+    ).set(version_number(model_version))
     return registry
 
 
 def failure_registry(dag_id: str, failed_at: float) -> CollectorRegistry:
     """The gauge of a run that failed for good (no retry left)."""
     registry = CollectorRegistry()
-    Gauge("recs_last_failure_timestamp_seconds",
-          "When a run last failed for good (unix seconds).", ["dag"],
-          registry=registry).labels(dag=dag_id).set(float(failed_at))
+    Gauge(
+        "recs_last_failure_timestamp_seconds",
+        "When a run last failed for good (unix seconds).",
+        ["dag"],
+        registry=registry,
+    ).labels(dag=dag_id).set(float(failed_at))
     return registry
 
 
@@ -205,9 +231,12 @@ def split_monitoring_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, f
         if column in rows.columns:
             psi[column] = rows.loc[is_psi, column]
     psi = psi[psi["feature"] != ""]
-    health = {(f"{metric}.{sub}" if sub else str(metric)): value
-              for metric, sub, value in zip(rows.loc[~is_psi, "metric"], subject[~is_psi],
-                                            rows.loc[~is_psi, "value"])}
+    health = {
+        (f"{metric}.{sub}" if sub else str(metric)): value
+        for metric, sub, value in zip(
+            rows.loc[~is_psi, "metric"], subject[~is_psi], rows.loc[~is_psi, "value"]
+        )
+    }
     return psi, health
 
 
@@ -223,9 +252,13 @@ def psi_frame(psi: PsiInput) -> pd.DataFrame:
     elif isinstance(psi, pd.DataFrame):
         rows = psi.copy()
     else:
-        rows = pd.DataFrame([{"feature": feature, "group": group, "psi": value}
-                             for feature, (group, value) in psi.items()],
-                            columns=["feature", "group", "psi"])
+        rows = pd.DataFrame(
+            [
+                {"feature": feature, "group": group, "psi": value}
+                for feature, (group, value) in psi.items()
+            ],
+            columns=["feature", "group", "psi"],
+        )
     missing = {"feature", "psi"} - set(rows.columns)
     if missing:
         raise ValueError(f"PSI rows lack the column(s) {sorted(missing)}")
@@ -236,9 +269,12 @@ def psi_frame(psi: PsiInput) -> pd.DataFrame:
     rows["feature"] = rows["feature"].astype(str)
     rows["group"] = [UNGROUPED if _blank(group) else str(group) for group in rows["group"]]
     rows["psi"] = pd.to_numeric(rows["psi"], errors="coerce").astype("float64")
-    rows["status"] = [psi_status(value) if _blank(status)
-                      else STATUS_CODES.get(str(status).lower(), STATUS_CODES["unknown"])
-                      for value, status in zip(rows["psi"], rows["status"])]
+    rows["status"] = [
+        psi_status(value)
+        if _blank(status)
+        else STATUS_CODES.get(str(status).lower(), STATUS_CODES["unknown"])
+        for value, status in zip(rows["psi"], rows["status"])
+    ]
     rows["status"] = rows["status"].astype("int64")
     return rows[["feature", "group", "psi", "status"]].reset_index(drop=True)
 
@@ -256,8 +292,12 @@ def _seconds(moment: float | dt.datetime) -> float:
     return float(moment)
 
 
-def monitor_registry(psi: PsiInput, health: Mapping[str, float] | None = None, *,
-                     as_of: float | dt.datetime | None = None) -> CollectorRegistry:
+def monitor_registry(
+    psi: PsiInput,
+    health: Mapping[str, float] | None = None,
+    *,
+    as_of: float | dt.datetime | None = None,
+) -> CollectorRegistry:
     """The gauges of one monitor run: PSI per feature and group, drift status per feature
     (the worst of its groups), the number of features in alert, when it measured (``as_of``,
     if given), and the data-health values (:data:`HEALTH_GAUGES`; other keys go to
@@ -271,23 +311,32 @@ def monitor_registry(psi: PsiInput, health: Mapping[str, float] | None = None, *
         psi, from_rows = split_monitoring_rows(psi)
         health = {**from_rows, **(health or {})}
     rows = psi_frame(psi)
-    psi_gauge = Gauge("recs_feature_psi",
-                      "Population stability index of a feature against the champion's "
-                      "training window.", ["feature", "group"], registry=registry)
+    psi_gauge = Gauge(
+        "recs_feature_psi",
+        "Population stability index of a feature against the champion's training window.",
+        ["feature", "group"],
+        registry=registry,
+    )
     for row in rows.itertuples(index=False):
         psi_gauge.labels(feature=row.feature, group=row.group).set(row.psi)
-    status_gauge = Gauge("recs_drift_status",
-                         "Worst drift status of a feature over its groups: -1 unknown, 0 ok, "
-                         "1 warn, 2 alert.", ["feature"], registry=registry)
+    status_gauge = Gauge(
+        "recs_drift_status",
+        "Worst drift status of a feature over its groups: -1 unknown, 0 ok, 1 warn, 2 alert.",
+        ["feature"],
+        registry=registry,
+    )
     worst = rows.groupby("feature", sort=True)["status"].max()
     for feature, status in worst.items():
         status_gauge.labels(feature=feature).set(status)
-    Gauge("recs_monitor_alerts", "Features whose drift status is 2 (alert).",
-          registry=registry).set(int((worst >= STATUS_CODES["alert"]).sum()))
+    Gauge(
+        "recs_monitor_alerts", "Features whose drift status is 2 (alert).", registry=registry
+    ).set(int((worst >= STATUS_CODES["alert"]).sum()))
     if as_of is not None:
-        Gauge("recs_monitor_last_run_timestamp_seconds",
-              "The moment the last monitor run measured (unix seconds).",
-              registry=registry).set(_seconds(as_of))
+        Gauge(
+            "recs_monitor_last_run_timestamp_seconds",
+            "The moment the last monitor run measured (unix seconds).",
+            registry=registry,
+        ).set(_seconds(as_of))
     other = None
     for key, value in sorted((health or {}).items()):
         key = HEALTH_ALIASES.get(key, key)
@@ -297,16 +346,22 @@ def monitor_registry(psi: PsiInput, health: Mapping[str, float] | None = None, *
             Gauge(name, doc, registry=registry).set(value)
             continue
         if other is None:
-            other = Gauge(OTHER_HEALTH_GAUGE, "A data-health value without a gauge of its own.",
-                          ["metric"], registry=registry)
+            other = Gauge(
+                OTHER_HEALTH_GAUGE,
+                "A data-health value without a gauge of its own.",
+                ["metric"],
+                registry=registry,
+            )
         other.labels(metric=key).set(value)
     return registry
 
 
 # --- pushes --------------------------------------------------------------------------------------
 
-def push_registry(registry: CollectorRegistry, group: str, *, replace_group: bool,
-                  url: str | None = None) -> bool:
+
+def push_registry(
+    registry: CollectorRegistry, group: str, *, replace_group: bool, url: str | None = None
+) -> bool:
     """Push ``registry`` to the group ``{pipeline=group}`` of the job: PUT (replace the whole
     group) when ``replace_group``, else POST (replace the pushed metric names only). True when
     the gateway took it; False (warning logged) when it did not, or no gateway is set."""
@@ -317,18 +372,29 @@ def push_registry(registry: CollectorRegistry, group: str, *, replace_group: boo
     push = push_to_gateway if replace_group else pushadd_to_gateway
     job = pushgateway_job()
     try:
-        push(url, job=job, registry=registry, grouping_key={GROUP_LABEL: group},
-             timeout=TIMEOUT_S)
+        push(url, job=job, registry=registry, grouping_key={GROUP_LABEL: group}, timeout=TIMEOUT_S)
     except Exception as exc:  # whatever went wrong, metrics never fail the pipeline
-        logger.warning("could not push the %s metrics to the Pushgateway at %s: %s: %s",
-                       group, url, type(exc).__name__, exc)
+        logger.warning(
+            "could not push the %s metrics to the Pushgateway at %s: %s: %s",
+            group,
+            url,
+            type(exc).__name__,
+            exc,
+        )
         return False
     logger.info("pushed the %s metrics to the Pushgateway at %s (job %s)", group, url, job)
     return True
 
 
-def push_publish(rows: int, users: int, model_version: str | int | None, finished_at: float,
-                 *, dag_id: str = NIGHTLY_DAG, url: str | None = None) -> bool:
+def push_publish(
+    rows: int,
+    users: int,
+    model_version: str | int | None,
+    finished_at: float,
+    *,
+    dag_id: str = NIGHTLY_DAG,
+    url: str | None = None,
+) -> bool:
     """After a successful publish: last success time, published rows and users, model version
     (group ``pipeline=<dag_id>``, POST: the last failure stays)."""
     registry = publish_registry(rows, users, model_version, finished_at, dag_id=dag_id)
@@ -338,13 +404,17 @@ def push_publish(rows: int, users: int, model_version: str | int | None, finishe
 def push_failure(dag_id: str, failed_at: float, *, url: str | None = None) -> bool:
     """When a run failed for good: its time (group ``pipeline=<dag_id>``, POST: the last
     success stays)."""
-    return push_registry(failure_registry(dag_id, failed_at), dag_id, replace_group=False,
-                         url=url)
+    return push_registry(failure_registry(dag_id, failed_at), dag_id, replace_group=False, url=url)
 
 
-def push_monitor(psi: PsiInput, health: Mapping[str, float] | None = None, *,
-                 as_of: float | dt.datetime | None = None, group: str = MONITOR_GROUP,
-                 url: str | None = None) -> bool:
+def push_monitor(
+    psi: PsiInput,
+    health: Mapping[str, float] | None = None,
+    *,
+    as_of: float | dt.datetime | None = None,
+    group: str = MONITOR_GROUP,
+    url: str | None = None,
+) -> bool:
     """After a monitor run: PSI, drift status and data health (group ``pipeline=monitor``,
     PUT: the snapshot replaces the previous one). ``as_of`` is the moment measured (unix
     seconds or a datetime). See :func:`monitor_registry` for what ``psi`` and ``health`` take."""
@@ -353,8 +423,21 @@ def push_monitor(psi: PsiInput, health: Mapping[str, float] | None = None, *,
 
 
 __all__ = [
-    "ALERT_PSI", "HEALTH_GAUGES", "STATUS_CODES", "WARN_PSI", "failure_registry",
-    "monitor_registry", "psi_frame", "psi_status", "publish_registry", "push_failure",
-    "push_monitor", "push_publish", "push_registry", "pushgateway_job", "pushgateway_url",
-    "split_monitoring_rows", "version_number",
+    "ALERT_PSI",
+    "HEALTH_GAUGES",
+    "STATUS_CODES",
+    "WARN_PSI",
+    "failure_registry",
+    "monitor_registry",
+    "psi_frame",
+    "psi_status",
+    "publish_registry",
+    "push_failure",
+    "push_monitor",
+    "push_publish",
+    "push_registry",
+    "pushgateway_job",
+    "pushgateway_url",
+    "split_monitoring_rows",
+    "version_number",
 ]

@@ -24,7 +24,8 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.recommender = load_recommender(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
-                ) -> pd.DataFrame:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         n = int((params or {}).get("n", 10))
         return self.recommender.recommend(model_input["user_id"].astype(str), n)

@@ -60,18 +60,21 @@ def night_run_id(run_dir: Path, cutoff: dt.datetime, *, new: bool = False) -> st
         configure_mlflow()
         client = MlflowClient()
         experiment = client.get_experiment_by_name(EXPERIMENT)
-        run = client.create_run(experiment.experiment_id, run_name=f"nightly-{cutoff:%Y-%m-%d}",
-                                tags={"logical_date": cutoff.isoformat()})
+        run = client.create_run(
+            experiment.experiment_id,
+            run_name=f"nightly-{cutoff:%Y-%m-%d}",
+            tags={"logical_date": cutoff.isoformat()},
+        )
         payload = json.dumps({"run_id": run.info.run_id, "logical_date": cutoff.isoformat()})
         durable_write(path, lambda fh: fh.write(payload.encode()))
-        logger.info("MLflow: the night's run for %s is %s", f"{cutoff:%Y-%m-%d}",
-                    run.info.run_id)
+        logger.info("MLflow: the night's run for %s is %s", f"{cutoff:%Y-%m-%d}", run.info.run_id)
         return run.info.run_id
 
 
 @contextlib.contextmanager
-def stage_run(run_dir: Path, cutoff: dt.datetime, stage: str, *,
-              new_night: bool = False) -> Iterator[str]:
+def stage_run(
+    run_dir: Path, cutoff: dt.datetime, stage: str, *, new_night: bool = False
+) -> Iterator[str]:
     """A nested MLflow run for ``stage`` under the night's run, with system metrics on;
     yields the night's run id (log what describes the model there, e.g. with
     :func:`log_dataset`). A stage that raises marks both runs failed."""
@@ -81,11 +84,16 @@ def stage_run(run_dir: Path, cutoff: dt.datetime, stage: str, *,
     night = night_run_id(run_dir, cutoff, new=new_night)
     client = MlflowClient()
     client.update_run(night, status="RUNNING")  # a nested run needs an active parent
-    mlflow.set_system_metrics_sampling_interval(float(os.environ.get(
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", SYSTEM_METRICS_INTERVAL_S)))
+    mlflow.set_system_metrics_sampling_interval(
+        float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", SYSTEM_METRICS_INTERVAL_S))
+    )
     try:
-        with mlflow.start_run(run_name=stage, parent_run_id=night, log_system_metrics=True,
-                              tags={"stage": stage, "logical_date": cutoff.isoformat()}):
+        with mlflow.start_run(
+            run_name=stage,
+            parent_run_id=night,
+            log_system_metrics=True,
+            tags={"stage": stage, "logical_date": cutoff.isoformat()},
+        ):
             yield night
     except BaseException:
         client.set_terminated(night, status="FAILED")
@@ -111,8 +119,15 @@ def file_digest(path: Path, length: int = 16) -> str:
     return sha.hexdigest()[:length]
 
 
-def log_dataset(night: str, path: Path, *, name: str, context: str, sample: pd.DataFrame,
-                tags: Mapping[str, object] | None = None) -> str:
+def log_dataset(
+    night: str,
+    path: Path,
+    *,
+    name: str,
+    context: str,
+    sample: pd.DataFrame,
+    tags: Mapping[str, object] | None = None,
+) -> str:
     """Log ``path`` (a Parquet file a stage read) as an input dataset of the night's run:
     its name, source, digest (:func:`file_digest`) and schema (inferred from ``sample``, a
     few rows); ``tags`` (row counts, time window) go on the input. Returns the digest."""
@@ -127,12 +142,16 @@ def log_dataset(night: str, path: Path, *, name: str, context: str, sample: pd.D
     for column in frame.columns:  # the schema types MLflow knows
         if isinstance(frame[column].dtype, pd.CategoricalDtype):
             frame[column] = frame[column].astype(str)
-    dataset = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=digest,
-                          schema=_infer_schema(frame))
-    input_tags = [InputTag("mlflow.data.context", context),
-                  *(InputTag(str(key), str(value)) for key, value in (tags or {}).items())]
-    MlflowClient().log_inputs(night, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                            tags=input_tags)])
+    dataset = MetaDataset(
+        resolve_dataset_source(str(path)), name=name, digest=digest, schema=_infer_schema(frame)
+    )
+    input_tags = [
+        InputTag("mlflow.data.context", context),
+        *(InputTag(str(key), str(value)) for key, value in (tags or {}).items()),
+    ]
+    MlflowClient().log_inputs(
+        night, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=input_tags)]
+    )
     logger.info("MLflow: dataset %s (%s) digest %s", name, context, digest)
     return digest
 
@@ -153,6 +172,11 @@ def champion_metrics(keys: Mapping[str, str], last: int = 20) -> pd.DataFrame:
         date = run.data.tags.get("logical_date")
         if not date:
             continue
-        rows.append({"logical_date": pd.Timestamp(date), "version": version,
-                     **{name: run.data.metrics.get(key) for name, key in keys.items()}})
+        rows.append(
+            {
+                "logical_date": pd.Timestamp(date),
+                "version": version,
+                **{name: run.data.metrics.get(key) for name, key in keys.items()},
+            }
+        )
     return pd.DataFrame(rows, columns=["logical_date", "version", *keys])

@@ -51,11 +51,18 @@ def configure_mlflow() -> None:
     mlflow.set_experiment(EXPERIMENT)
 
 
-def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, object],
-                   metrics: Mapping[str, float], tags: Mapping[str, str],
-                   artifacts: Mapping[str, Path] | None = None,
-                   recommender=None, alias: str | None = CHALLENGER,
-                   run_id: str | None = None) -> Registration:
+def register_model(
+    bundle_dir: Path,
+    *,
+    run_name: str,
+    params: Mapping[str, object],
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    artifacts: Mapping[str, Path] | None = None,
+    recommender=None,
+    alias: str | None = CHALLENGER,
+    run_id: str | None = None,
+) -> Registration:
     """Log params, metrics, lineage tags, readable artifacts and the pyfunc bundle; register
     it as a new version of ``recommender`` with ``alias`` (``challenger``; None for a backfill,
     which is recorded but is no candidate for production).
@@ -76,16 +83,23 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
     fingerprint = recommender.fingerprint()
     existing = _version_with_fingerprint(fingerprint)
     if existing is not None:
-        logger.info("model %s v%s already holds this bundle (%s): reusing it", MODEL_NAME,
-                    existing.version, fingerprint[:12])
+        logger.info(
+            "model %s v%s already holds this bundle (%s): reusing it",
+            MODEL_NAME,
+            existing.version,
+            fingerprint[:12],
+        )
         if run_id is not None and run_id != existing.run_id:
             MlflowClient().set_tag(run_id, "reused_version", str(existing.version))
         return Registration(existing.run_id, str(existing.version), True)
     example = pd.DataFrame({"user_id": recommender.matrix_.user_ids[:2].astype(str)})
     output = recommender.recommend(example["user_id"], 3)
     signature = infer_signature(example, output, params={"n": 10})
-    opened = (mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-              if run_id is not None else mlflow.start_run(run_name=run_name))
+    opened = (
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+        if run_id is not None
+        else mlflow.start_run(run_name=run_name)
+    )
     with opened as run, stderr_to_log(logger):
         mlflow.log_params(dict(params))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v})
@@ -96,19 +110,28 @@ def register_model(bundle_dir: Path, *, run_name: str, params: Mapping[str, obje
             elif Path(path).exists():
                 mlflow.log_artifact(str(path), artifact_path=name)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=RecommenderModel(),
+            name="model",
+            python_model=RecommenderModel(),
             artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
-            code_paths=[str(REPO_ROOT / "pipeline")], signature=signature,
-            input_example=example, pip_requirements=_pip_requirements(bundle_dir),
-            registered_model_name=MODEL_NAME)
+            code_paths=[str(REPO_ROOT / "pipeline")],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(bundle_dir),
+            registered_model_name=MODEL_NAME,
+        )
     version = str(info.registered_model_version)
     client = MlflowClient()
     client.set_model_version_tag(MODEL_NAME, version, FINGERPRINT_TAG, fingerprint)
     client.set_model_version_tag(MODEL_NAME, version, "logical_date", tags.get("logical_date", ""))
     if alias:
         client.set_registered_model_alias(MODEL_NAME, alias, version)
-    logger.info("registered %s v%s (run %s)%s", MODEL_NAME, version, run.info.run_id,
-                f" as {alias}" if alias else "")
+    logger.info(
+        "registered %s v%s (run %s)%s",
+        MODEL_NAME,
+        version,
+        run.info.run_id,
+        f" as {alias}" if alias else "",
+    )
     return Registration(run.info.run_id, version, False)
 
 
@@ -128,7 +151,8 @@ def _version_with_fingerprint(fingerprint: str):
     from mlflow import MlflowClient
 
     found = MlflowClient().search_model_versions(
-        f"name = '{MODEL_NAME}' and tag.{FINGERPRINT_TAG} = '{fingerprint}'")
+        f"name = '{MODEL_NAME}' and tag.{FINGERPRINT_TAG} = '{fingerprint}'"
+    )
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -140,8 +164,9 @@ def set_champion(version: str, *, decision: str, reason: str) -> None:
     history = champion_history()
     client.set_registered_model_alias(MODEL_NAME, CHAMPION, str(version))
     if not history or history[-1] != str(version):
-        client.set_registered_model_tag(MODEL_NAME, HISTORY_TAG,
-                                        json.dumps(history + [str(version)]))
+        client.set_registered_model_tag(
+            MODEL_NAME, HISTORY_TAG, json.dumps(history + [str(version)])
+        )
     tag_decision(version, decision=decision, reason=reason)
     logger.info("champion of %s is now v%s (%s: %s)", MODEL_NAME, version, decision, reason)
 
@@ -181,9 +206,13 @@ def version_details(version: str) -> dict:
     client = MlflowClient()
     model_version = client.get_model_version(MODEL_NAME, str(version))
     run = client.get_run(model_version.run_id)
-    return {"version": str(version), "run_id": model_version.run_id,
-            "params": dict(run.data.params), "metrics": dict(run.data.metrics),
-            "tags": {**run.data.tags, **model_version.tags}}
+    return {
+        "version": str(version),
+        "run_id": model_version.run_id,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": {**run.data.tags, **model_version.tags},
+    }
 
 
 def last_registered_at() -> dt.datetime | None:
@@ -194,7 +223,8 @@ def last_registered_at() -> dt.datetime | None:
     configure_mlflow()
     try:
         found = MlflowClient().search_model_versions(
-            f"name = '{MODEL_NAME}'", max_results=1, order_by=["creation_timestamp DESC"])
+            f"name = '{MODEL_NAME}'", max_results=1, order_by=["creation_timestamp DESC"]
+        )
     except MlflowException:
         return None
     if not found:
@@ -238,8 +268,13 @@ def load_champion():
 def git_commit() -> str:
     """The repo's HEAD commit (lineage), or "unknown" outside a git checkout."""
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -273,7 +308,7 @@ def _pip_requirements(bundle_dir: Path) -> list[str]:
 #: Run by :func:`_bundle_imports` in a fresh interpreter: argv = repo root, bundle folder. It
 #: loads and predicts as :class:`pipeline.registry.pyfunc.RecommenderModel` does (``load_context``
 #: and ``predict`` call these two), minus the wrapper's own ``import mlflow``.
-_IMPORT_PROBE = r'''
+_IMPORT_PROBE = r"""
 import ast, json, sys
 
 baseline = {name.partition(".")[0] for name in sys.modules}  # the interpreter's start-up
@@ -305,7 +340,7 @@ for name, module in list(sys.modules.items()):
 imported, named = loaded - baseline, named & loaded
 print("IMPORTS " + json.dumps({"imported": sorted(imported), "named": sorted(named),
                                "subs": {t: sorted(subs.get(t, ())) for t in imported}}))
-'''
+"""
 _PROBE_TIMEOUT = 300  # seconds; it takes a few
 #: Never requirements of their own: the project's code (code_paths) and mlflow, which
 #: :func:`_pip_requirements` pins as the ``mlflow`` distribution (not mlflow-skinny/-tracing).
@@ -321,15 +356,19 @@ def _bundle_imports(bundle_dir: Path) -> dict:
 
     command = [sys.executable, "-c", _IMPORT_PROBE, str(REPO_ROOT), str(bundle_dir.resolve())]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=bundle_dir,
-                              timeout=_PROBE_TIMEOUT)
+        done = subprocess.run(
+            command, capture_output=True, text=True, cwd=bundle_dir, timeout=_PROBE_TIMEOUT
+        )
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"loading the bundle {bundle_dir} in a fresh process took more than "
-                           f"{_PROBE_TIMEOUT} s") from exc
+        raise RuntimeError(
+            f"loading the bundle {bundle_dir} in a fresh process took more than {_PROBE_TIMEOUT} s"
+        ) from exc
     found = [line for line in done.stdout.splitlines() if line.startswith("IMPORTS ")]
     if done.returncode or not found:
-        raise RuntimeError(f"the bundle {bundle_dir} did not load and predict in a fresh process "
-                           f"(exit {done.returncode}): {done.stderr.strip()[-3000:]}")
+        raise RuntimeError(
+            f"the bundle {bundle_dir} did not load and predict in a fresh process "
+            f"(exit {done.returncode}): {done.stderr.strip()[-3000:]}"
+        )
     return json.loads(found[-1].removeprefix("IMPORTS "))
 
 
@@ -352,8 +391,9 @@ def _bundle_distributions(bundle_dir: Path) -> set[str]:
 
     named = providing(imports["named"])
     extra = providing(imports["imported"]) - named
-    required = set().union(*(_requires_closure(name) - {_canonical(name)}
-                             for name in named | extra))
+    required = set().union(
+        *(_requires_closure(name) - {_canonical(name)} for name in named | extra)
+    )
     dropped = sorted(name for name in extra if _canonical(name) in required)
     if dropped:
         logger.debug("imported, but required by another requirement: %s", ", ".join(dropped))
@@ -369,10 +409,14 @@ def _owners_of(top: str, candidates: list[str], subs: list[str]) -> set[str]:
     if len(candidates) == 1:
         return candidates
     wanted = set(subs) or {"__init__"}
-    owning = {name for name in candidates
-              if any(len(f.parts) > 1 and f.parts[0] == top
-                     and f.parts[1].partition(".")[0] in wanted
-                     for f in distribution(name).files or [])}
+    owning = {
+        name
+        for name in candidates
+        if any(
+            len(f.parts) > 1 and f.parts[0] == top and f.parts[1].partition(".")[0] in wanted
+            for f in distribution(name).files or []
+        )
+    }
     return owning or candidates
 
 
@@ -396,8 +440,9 @@ def _requires_closure(name: str) -> set[str]:
             continue
         for spec in specs:
             req = Requirement(spec)
-            if req.marker is None or any(req.marker.evaluate({"extra": extra})
-                                         for extra in {"", *extras}):
+            if req.marker is None or any(
+                req.marker.evaluate({"extra": extra}) for extra in {"", *extras}
+            ):
                 todo.append((req.name, frozenset(req.extras)))
     return {dist for dist, _ in seen}
 
@@ -407,4 +452,3 @@ def _canonical(name: str) -> str:
     import re
 
     return re.sub(r"[-_.]+", "-", name).lower()
-

@@ -103,7 +103,13 @@ ASSIGNMENTS_PREFIX = "recommendation_assignments_v"
 
 #: Columns of a published list frame, as handed to :func:`~pipeline.serving.store.publish_lists`.
 LIST_COLUMNS: tuple[str, ...] = (
-    "user_id", "rank", "item_id", "score", "reason", "source", "generated_at",
+    "user_id",
+    "rank",
+    "item_id",
+    "score",
+    "reason",
+    "source",
+    "generated_at",
 )
 #: Optional per-row columns of a published list frame: the model version that produced the row
 #: (default: the publish's ``model_version``), the experiment and its variant (default null).
@@ -111,8 +117,16 @@ OPTIONAL_LIST_COLUMNS: tuple[str, ...] = ("model_version", "variant", "experimen
 #: Columns of the view (the CMS contract), in order: ``variant`` and ``experiment`` come last,
 #: so queries written for the first eight keep working.
 VIEW_COLUMNS: tuple[str, ...] = (
-    "user_id", "rank", "item_id", "score", "reason", "source", "model_version", "generated_at",
-    "variant", "experiment",
+    "user_id",
+    "rank",
+    "item_id",
+    "score",
+    "reason",
+    "source",
+    "model_version",
+    "generated_at",
+    "variant",
+    "experiment",
 )
 #: Columns of the assignments view (and of a publish's ``assignments`` frame).
 ASSIGNMENT_COLUMNS: tuple[str, ...] = ("user_id", "experiment", "variant")
@@ -233,15 +247,16 @@ class ServingBackend(Protocol):
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
         """Append one promotion decision (creating the schema if needed); its id."""
 
-    def replace_rows(self, table: str, key: Mapping[str, Any],
-                     rows: list[dict[str, Any]]) -> None:
+    def replace_rows(self, table: str, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
         """In one transaction, delete the rows of ``table`` (``monitoring`` or ``impact``)
         that ``delete_<table>.sql`` selects with ``key`` and insert ``rows`` with
         ``insert_<table>.sql`` (creating the schema if needed)."""
 
-    def record_experiment(self, params: Mapping[str, Any],
-                          decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
-                          ) -> tuple[int, bool]:
+    def record_experiment(
+        self,
+        params: Mapping[str, Any],
+        decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
+    ) -> tuple[int, bool]:
         """In one transaction that excludes other writers of ``experiments``: read the record
         of ``params``' (name, version) (or None) and the newest record of every experiment
         (``latest_experiments.sql``), call ``decide(existing, latest)``, which raises to refuse
@@ -276,19 +291,35 @@ class ServingBackend(Protocol):
     def live_logical_date(self, conn: Any) -> Any:
         """The live version's ``logical_date`` (None before the first publish)."""
 
-    def reserve_version(self, conn: Any, *, rows: int, users: int, model_version: str,
-                        logical_date: datetime) -> tuple[int, str]:
+    def reserve_version(
+        self, conn: Any, *, rows: int, users: int, model_version: str, logical_date: datetime
+    ) -> tuple[int, str]:
         """Insert and commit the catalog row (``loading``): the new version and its table."""
 
-    def load_table(self, conn: Any, table: str, frame: pd.DataFrame, *,
-                   assignments: pd.DataFrame, model_version: str) -> None:
+    def load_table(
+        self,
+        conn: Any,
+        table: str,
+        frame: pd.DataFrame,
+        *,
+        assignments: pd.DataFrame,
+        model_version: str,
+    ) -> None:
         """Create, load, check (:func:`check_loaded`) and index ``table`` and its assignments
         table (:func:`assignments_table_name`, loaded with ``assignments``, possibly empty) in
         one transaction. ``model_version`` is the version's constant (the view's default for
         rows without their own)."""
 
-    def try_swap(self, conn: Any, version: int, table: str, *, lock_timeout_ms: int,
-                 model_version: str, generated_at: datetime) -> bool:
+    def try_swap(
+        self,
+        conn: Any,
+        version: int,
+        table: str,
+        *,
+        lock_timeout_ms: int,
+        model_version: str,
+        generated_at: datetime,
+    ) -> bool:
         """One swap attempt: point the views at ``table`` and its assignments table and mark
         ``version`` live in one transaction. False when readers kept the lock past
         ``lock_timeout_ms`` (rolled back)."""
@@ -339,28 +370,34 @@ def prepare_lists(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
     frame["rank"] = _rank_column(lists["rank"])
     score = pd.to_numeric(lists["score"], errors="coerce").astype("float64").reset_index(drop=True)
     bad_score = (score.isna() & lists["score"].reset_index(drop=True).notna()) | score.isin(
-        [math.inf, -math.inf])
+        [math.inf, -math.inf]
+    )
     if bad_score.any():
         raise ListValidationError(
             f"column 'score' must be a finite number or null; row {int(bad_score.idxmax())} "
-            f"is {lists['score'].iloc[int(bad_score.idxmax())]!r}")
+            f"is {lists['score'].iloc[int(bad_score.idxmax())]!r}"
+        )
     frame["score"] = score
     for column in ("reason", "source"):
         frame[column] = _text_column(lists[column], column, nullable=True)
     if "model_version" in lists.columns:
-        frame["model_version"] = _text_column(lists["model_version"], "model_version",
-                                              nullable=True).fillna(model_version)
+        frame["model_version"] = _text_column(
+            lists["model_version"], "model_version", nullable=True
+        ).fillna(model_version)
     else:
         frame["model_version"] = model_version
     frame["generated_at"] = _timestamp_column(lists["generated_at"])
     if frame["generated_at"].nunique() != 1:
         raise ListValidationError(
             f"column 'generated_at' must hold one value per publish (the run's cutoff); got "
-            f"{frame['generated_at'].nunique()} distinct values")
+            f"{frame['generated_at'].nunique()} distinct values"
+        )
     for column in ("variant", "experiment"):
-        frame[column] = (_text_column(lists[column], column, nullable=True)
-                         if column in lists.columns
-                         else pd.Series(pd.NA, index=frame.index, dtype=_ARROW_TEXT))
+        frame[column] = (
+            _text_column(lists[column], column, nullable=True)
+            if column in lists.columns
+            else pd.Series(pd.NA, index=frame.index, dtype=_ARROW_TEXT)
+        )
     _check_variants(frame)
     return frame[list(VIEW_COLUMNS)]
 
@@ -375,44 +412,53 @@ def _check_variants(frame: pd.DataFrame) -> None:
         row = int(half.to_numpy(dtype=bool).argmax())
         raise ListValidationError(
             f"row {row} (user {frame['user_id'].iloc[row]!r}) has only one of 'variant' and "
-            "'experiment': both are set (in an experiment) or both null")
+            "'experiment': both are set (in an experiment) or both null"
+        )
     experiments = experiment.dropna().unique()
     if len(experiments) > 1:
         raise ListValidationError(f"one experiment per publish, got {sorted(experiments)}")
     mixed = frame[["user_id", "variant"]].drop_duplicates()["user_id"]
     if mixed.duplicated().any():
         raise ListValidationError(
-            f"user {mixed[mixed.duplicated()].iloc[0]!r} has rows of two variants")
+            f"user {mixed[mixed.duplicated()].iloc[0]!r} has rows of two variants"
+        )
     default = (frame["user_id"] == DEFAULT_USER).to_numpy(dtype=bool)
     if variant[default].notna().any():
         raise ListValidationError(
             f"the {DEFAULT_USER!r} list is for users outside any experiment: its variant must "
-            f"be null (a variant's fallback is {variant_default_user('<variant>')!r})")
+            f"be null (a variant's fallback is {variant_default_user('<variant>')!r})"
+        )
 
 
 def prepare_assignments(assignments: pd.DataFrame | None) -> pd.DataFrame:
     """The experiment assignments of a publish (:data:`ASSIGNMENT_COLUMNS`) as Arrow text,
     checked: no nulls, one row per user, one experiment. None gives an empty frame."""
     if assignments is None:
-        return pd.DataFrame({column: pd.Series(dtype=_ARROW_TEXT)
-                             for column in ASSIGNMENT_COLUMNS})
+        return pd.DataFrame({column: pd.Series(dtype=_ARROW_TEXT) for column in ASSIGNMENT_COLUMNS})
     if not isinstance(assignments, pd.DataFrame):
         raise ListValidationError(
-            f"assignments must be a pandas DataFrame, got {type(assignments).__name__}")
+            f"assignments must be a pandas DataFrame, got {type(assignments).__name__}"
+        )
     missing = [column for column in ASSIGNMENT_COLUMNS if column not in assignments.columns]
     if missing:
-        raise ListValidationError(f"assignments lack the columns {missing} (need "
-                                  f"{list(ASSIGNMENT_COLUMNS)})")
-    frame = pd.DataFrame({column: _text_column(assignments[column], f"assignments.{column}",
-                                               nullable=False)
-                          for column in ASSIGNMENT_COLUMNS})
+        raise ListValidationError(
+            f"assignments lack the columns {missing} (need {list(ASSIGNMENT_COLUMNS)})"
+        )
+    frame = pd.DataFrame(
+        {
+            column: _text_column(assignments[column], f"assignments.{column}", nullable=False)
+            for column in ASSIGNMENT_COLUMNS
+        }
+    )
     twice = frame["user_id"].duplicated()
     if twice.any():
         raise ListValidationError(
-            f"assignments hold user {frame['user_id'][twice].iloc[0]!r} more than once")
+            f"assignments hold user {frame['user_id'][twice].iloc[0]!r} more than once"
+        )
     if frame["experiment"].nunique() > 1:
         raise ListValidationError(
-            f"one experiment per publish, got {sorted(frame['experiment'].unique())}")
+            f"one experiment per publish, got {sorted(frame['experiment'].unique())}"
+        )
     return frame
 
 
@@ -420,8 +466,11 @@ def needs_per_row(frame: pd.DataFrame, model_version: str) -> bool:
     """Whether a prepared frame needs ``model_version``, ``variant`` and ``experiment`` stored
     per row: an experiment runs, or some row comes from another model version. Otherwise the
     view supplies the version's constant and NULLs, and PostgreSQL loads a third less text."""
-    return bool(frame["variant"].notna().any() or frame["experiment"].notna().any()
-                or (frame["model_version"] != model_version).any())
+    return bool(
+        frame["variant"].notna().any()
+        or frame["experiment"].notna().any()
+        or (frame["model_version"] != model_version).any()
+    )
 
 
 def variant_default_user(variant: str) -> str:
@@ -437,7 +486,9 @@ def _text_column(values: pd.Series, column: str, *, nullable: bool) -> pd.Series
     if not nullable and missing.any():
         raise ListValidationError(f"column {column!r} is null in row {int(missing.idxmax())}")
     if values.dtype == object and pd.api.types.infer_dtype(values, skipna=True) not in (
-            "string", "empty"):
+        "string",
+        "empty",
+    ):
         values = values.map(str, na_action="ignore")
     return values.astype(_ARROW_TEXT)
 
@@ -450,7 +501,8 @@ def _rank_column(values: pd.Series) -> pd.Series:
     if bad.any():
         row = int(bad.idxmax())
         raise ListValidationError(
-            f"column 'rank' must be an integer in 1..{MAX_RANK}; row {row} is {values.iloc[row]!r}")
+            f"column 'rank' must be an integer in 1..{MAX_RANK}; row {row} is {values.iloc[row]!r}"
+        )
     return numeric.astype("int64")
 
 
@@ -466,7 +518,8 @@ def _timestamp_column(values: pd.Series) -> pd.Series:
             raise ListValidationError("column 'generated_at' must be timezone-aware (UTC)")
     if values.isna().any():
         raise ListValidationError(
-            f"column 'generated_at' is null in row {int(values.isna().idxmax())}")
+            f"column 'generated_at' is null in row {int(values.isna().idxmax())}"
+        )
     # Format each distinct time once (lists of one run share a handful of them).
     codes, uniques = pd.factorize(values.dt.tz_convert("UTC"))
     rendered = np.asarray(pd.DatetimeIndex(uniques).strftime(ISO_UTC), dtype=object)
@@ -495,12 +548,14 @@ def frame_stats(frame: pd.DataFrame) -> LoadStats:
     dup_items = np.bincount(users[dup_item], minlength=n_users) > 0
     names = np.asarray(user_ids, dtype=object)
     return LoadStats(
-        n_rows=len(frame), n_users=n_users,
+        n_rows=len(frame),
+        n_users=n_users,
         default_rows=int(count[names == DEFAULT_USER].sum()),
         bad_rank_users=int(bad_rank.sum()),
         first_bad_rank_user=min(names[bad_rank]) if bad_rank.any() else None,
         dup_item_users=int(dup_items.sum()),
-        first_dup_item_user=min(names[dup_items]) if dup_items.any() else None)
+        first_dup_item_user=min(names[dup_items]) if dup_items.any() else None,
+    )
 
 
 def check_loaded(stats: LoadStats, *, expected_rows: int, table: str) -> None:
@@ -513,15 +568,18 @@ def check_loaded(stats: LoadStats, *, expected_rows: int, table: str) -> None:
     if stats.bad_rank_users:
         problems.append(
             f"{stats.bad_rank_users} user(s) have ranks that are not 1..N without gaps or "
-            f"duplicates (first: {stats.first_bad_rank_user!r})")
+            f"duplicates (first: {stats.first_bad_rank_user!r})"
+        )
     if stats.dup_item_users:
         problems.append(
             f"{stats.dup_item_users} user(s) have the same item more than once "
-            f"(first: {stats.first_dup_item_user!r})")
+            f"(first: {stats.first_dup_item_user!r})"
+        )
     if problems:
         raise ListValidationError(
             f"lists for {table} failed validation: {'; '.join(problems)}; "
-            "the live version is unchanged")
+            "the live version is unchanged"
+        )
 
 
 def frame_from_rows(rows: list[tuple[Any, ...]]) -> pd.DataFrame:
@@ -574,7 +632,7 @@ def assignments_table_name(table: str) -> str:
     ``recommendation_assignments_v<N>`` for ``recommendations_v<N>``."""
     if not TABLE_RE.match(table):
         raise ServingError(f"invalid version table name {table!r}")
-    return ASSIGNMENTS_PREFIX + table[len(TABLE_PREFIX):]
+    return ASSIGNMENTS_PREFIX + table[len(TABLE_PREFIX) :]
 
 
 def backoff_delay(attempt: int) -> float:
@@ -591,7 +649,8 @@ def refuse_older(live_logical_date: Any, logical_date: datetime) -> None:
         raise OlderThanLive(
             f"the live lists are for logical date {live:%Y-%m-%d %H:%M}, newer than this "
             f"publish's {logical_date:%Y-%m-%d %H:%M}: they stay live (production moves "
-            "forward only)")
+            "forward only)"
+        )
 
 
 def versions_to_drop(rows: list[tuple[Any, ...]], keep_versions: int) -> list[tuple[int, str]]:

@@ -58,12 +58,27 @@ from pipeline.serving.store import backend_for
 
 logger = logging.getLogger(__name__)
 
-ERASURE_COLUMNS = ("id", "request_id", "requested_at", "completed_at", "requested_by",
-                   "reason", "users", "removed", "model_versions")
+ERASURE_COLUMNS = (
+    "id",
+    "request_id",
+    "requested_at",
+    "completed_at",
+    "requested_by",
+    "reason",
+    "users",
+    "removed",
+    "model_versions",
+)
 
 
-def forget_serving_users(user_ids: Iterable[str], *, dsn: str | None, sqlite_path: Path,
-                         schema: str | None = None, dry_run: bool = False) -> dict[str, int]:
+def forget_serving_users(
+    user_ids: Iterable[str],
+    *,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, int]:
     """Delete the rows of ``user_ids`` (CMS ids) from every serving table that holds user
     ids; returns ``{"serving_list_rows", "serving_assignment_rows", "serving_other_rows",
     "serving_tables"}`` (rows removed, or found with ``dry_run``; tables that had some).
@@ -72,8 +87,12 @@ def forget_serving_users(user_ids: Iterable[str], *, dsn: str | None, sqlite_pat
     ids = sorted(set(user_ids))
     backend = backend_for(dsn, sqlite_path, schema)
     per_table = backend.forget_users(ids, dry_run=dry_run) if ids else {}
-    counts = {"serving_list_rows": 0, "serving_assignment_rows": 0, "serving_other_rows": 0,
-              "serving_tables": sum(1 for rows in per_table.values() if rows)}
+    counts = {
+        "serving_list_rows": 0,
+        "serving_assignment_rows": 0,
+        "serving_other_rows": 0,
+        "serving_tables": sum(1 for rows in per_table.values() if rows),
+    }
     for table, rows in per_table.items():
         if table.startswith("recommendation_assignments_v"):
             counts["serving_assignment_rows"] += int(rows)
@@ -81,33 +100,53 @@ def forget_serving_users(user_ids: Iterable[str], *, dsn: str | None, sqlite_pat
             counts["serving_list_rows"] += int(rows)
         else:
             counts["serving_other_rows"] += int(rows)
-    logger.info("erasure%s (serving, %s, %d user id(s)): %s", " (dry run)" if dry_run else "",
-                backend.target, len(ids), json.dumps(counts, sort_keys=True))
+    logger.info(
+        "erasure%s (serving, %s, %d user id(s)): %s",
+        " (dry run)" if dry_run else "",
+        backend.target,
+        len(ids),
+        json.dumps(counts, sort_keys=True),
+    )
     return counts
 
 
-def record_erasure(*, request_id: str, requested_at: datetime, requested_by: str,
-                   reason: str | None, users: int, removed: Mapping[str, int],
-                   model_versions: Iterable[str], dsn: str | None, sqlite_path: Path,
-                   schema: str | None = None) -> tuple[int, bool]:
+def record_erasure(
+    *,
+    request_id: str,
+    requested_at: datetime,
+    requested_by: str,
+    reason: str | None,
+    users: int,
+    removed: Mapping[str, int],
+    model_versions: Iterable[str],
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
+) -> tuple[int, bool]:
     """Append the ``erasures`` row of one request (counts only); a request already recorded
     (a retried task) is not recorded again. Returns (id, inserted)."""
     if not requested_by or not requested_by.strip():
         raise ServingError("an erasure must say who asked for it (requested_by)")
     params: dict[str, Any] = {
-        "request_id": request_id, "requested_at": as_utc(requested_at),
-        "requested_by": requested_by, "reason": reason, "users": int(users),
+        "request_id": request_id,
+        "requested_at": as_utc(requested_at),
+        "requested_by": requested_by,
+        "reason": reason,
+        "users": int(users),
         "removed": json.dumps({k: int(v) for k, v in removed.items()}, sort_keys=True),
         "model_versions": json.dumps(list(model_versions)),
     }
     record_id, inserted = backend_for(dsn, sqlite_path, schema).insert_erasure(params)
-    logger.info("erasure %s recorded (id %d) by %s", "was" if inserted else "was already",
-                record_id, requested_by)
+    logger.info(
+        "erasure %s recorded (id %d) by %s",
+        "was" if inserted else "was already",
+        record_id,
+        requested_by,
+    )
     return record_id, inserted
 
 
-def read_erasures(*, dsn: str | None, sqlite_path: Path,
-                  schema: str | None = None) -> pd.DataFrame:
+def read_erasures(*, dsn: str | None, sqlite_path: Path, schema: str | None = None) -> pd.DataFrame:
     """The ``erasures`` rows, oldest first (``removed`` a dict, ``model_versions`` a list,
     times UTC); empty before the first erasure."""
     try:
@@ -118,8 +157,7 @@ def read_erasures(*, dsn: str | None, sqlite_path: Path,
         raise
     frame = pd.DataFrame([list(row) for row in rows], columns=list(ERASURE_COLUMNS))
     for column in ("removed", "model_versions"):
-        frame[column] = [json.loads(v) if isinstance(v, (str, bytes)) else v
-                         for v in frame[column]]
+        frame[column] = [json.loads(v) if isinstance(v, (str, bytes)) else v for v in frame[column]]
     for column in ("requested_at", "completed_at"):
         frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
     return frame
@@ -127,15 +165,34 @@ def read_erasures(*, dsn: str | None, sqlite_path: Path,
 
 # ---- the whole erasure: lake, serving, record ------------------------------------------------
 
-_LAKE_COUNTS = ("tombstone_added", "lake_events", "lake_parts_rewritten", "lake_parts_removed",
-                "quarantine_rows", "staging_removed", "served_history_rows", "run_folders",
-                "run_rows", "run_ids_blanked", "run_files_rewritten", "run_reports_removed")
+_LAKE_COUNTS = (
+    "tombstone_added",
+    "lake_events",
+    "lake_parts_rewritten",
+    "lake_parts_removed",
+    "quarantine_rows",
+    "staging_removed",
+    "served_history_rows",
+    "run_folders",
+    "run_rows",
+    "run_ids_blanked",
+    "run_files_rewritten",
+    "run_reports_removed",
+)
 
 
-def forget_users(settings: Settings, user_ids: Iterable[str], *, requested_by: str,
-                 reason: str | None = None, dsn: str | None = None,
-                 schema: str | None = None, request_id: str | None = None,
-                 dry_run: bool = False, now: dt.datetime | None = None) -> dict[str, Any]:
+def forget_users(
+    settings: Settings,
+    user_ids: Iterable[str],
+    *,
+    requested_by: str,
+    reason: str | None = None,
+    dsn: str | None = None,
+    schema: str | None = None,
+    request_id: str | None = None,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
     """Forget ``user_ids`` (the CMS's ids) in the lake, quarantine, run folders, served-list
     history and serving DB, add them to the ingest tombstone and record the erasure (see the
     module docstring). ``dsn`` None: the embedded SQLite file. ``request_id`` names the
@@ -156,22 +213,37 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, requested_by: s
     serving = {"dsn": dsn, "sqlite_path": settings.serving_sqlite_path, "schema": schema}
     if dry_run:
         lake = erase_users(lake_root, runs_root, stored_ids, dry_run=True)
-        counts = {**_lake_counts(lake.to_dict()),
-                  **forget_serving_users(cms_ids, dry_run=True, **serving)}
-        return {"request_id": None, "erasure_id": None, "recorded": False,
-                "users": len(cms_ids), "removed": counts,
-                "model_versions": lake.model_versions, "dry_run": True}
+        counts = {
+            **_lake_counts(lake.to_dict()),
+            **forget_serving_users(cms_ids, dry_run=True, **serving),
+        }
+        return {
+            "request_id": None,
+            "erasure_id": None,
+            "recorded": False,
+            "users": len(cms_ids),
+            "removed": counts,
+            "model_versions": lake.model_versions,
+            "dry_run": True,
+        }
 
     key = request_key(lake_root, stored_ids)[:32]
     journal_path = erased_dir(lake_root) / "pending" / f"{key}.json"
     journal = _read_journal(journal_path)
     if journal is None:
-        journal = {"request_id": request_id or f"erasure-{uuid.uuid4().hex}",
-                   "requested_at": as_utc(now or dt.datetime.now(dt.timezone.utc)).isoformat(),
-                   "removed": {}, "model_versions": [], "steps": []}
+        journal = {
+            "request_id": request_id or f"erasure-{uuid.uuid4().hex}",
+            "requested_at": as_utc(now or dt.datetime.now(dt.timezone.utc)).isoformat(),
+            "removed": {},
+            "model_versions": [],
+            "steps": [],
+        }
     else:
-        logger.warning("resuming an interrupted erasure (request %s, started %s)",
-                       journal["request_id"], journal["requested_at"])
+        logger.warning(
+            "resuming an interrupted erasure (request %s, started %s)",
+            journal["request_id"],
+            journal["requested_at"],
+        )
     _write_journal(journal_path, journal)
 
     lake = erase_users(lake_root, runs_root, stored_ids, tombstone_ids=cms_ids)
@@ -182,16 +254,32 @@ def forget_users(settings: Settings, user_ids: Iterable[str], *, requested_by: s
     _write_journal(journal_path, journal)
 
     erasure_id, recorded = record_erasure(
-        request_id=journal["request_id"], requested_at=as_utc(journal["requested_at"]),
-        requested_by=requested_by, reason=reason, users=len(cms_ids),
-        removed=journal["removed"], model_versions=journal["model_versions"], **serving)
+        request_id=journal["request_id"],
+        requested_at=as_utc(journal["requested_at"]),
+        requested_by=requested_by,
+        reason=reason,
+        users=len(cms_ids),
+        removed=journal["removed"],
+        model_versions=journal["model_versions"],
+        **serving,
+    )
     journal_path.unlink(missing_ok=True)
-    result = {"request_id": journal["request_id"], "erasure_id": erasure_id,
-              "recorded": recorded, "users": len(cms_ids), "removed": journal["removed"],
-              "model_versions": journal["model_versions"], "dry_run": False}
-    logger.info("erasure %s of %d user(s) done: %s; models trained on their data: %s",
-                result["request_id"], len(cms_ids), json.dumps(result["removed"], sort_keys=True),
-                ", ".join(result["model_versions"]) or "none found")
+    result = {
+        "request_id": journal["request_id"],
+        "erasure_id": erasure_id,
+        "recorded": recorded,
+        "users": len(cms_ids),
+        "removed": journal["removed"],
+        "model_versions": journal["model_versions"],
+        "dry_run": False,
+    }
+    logger.info(
+        "erasure %s of %d user(s) done: %s; models trained on their data: %s",
+        result["request_id"],
+        len(cms_ids),
+        json.dumps(result["removed"], sort_keys=True),
+        ", ".join(result["model_versions"]) or "none found",
+    )
     return result
 
 
@@ -199,8 +287,7 @@ def _lake_counts(lake: dict[str, Any]) -> dict[str, int]:
     return {key: int(lake[key]) for key in _LAKE_COUNTS}
 
 
-def _add(journal: dict[str, Any], counts: dict[str, int], versions: list[str],
-         step: str) -> None:
+def _add(journal: dict[str, Any], counts: dict[str, int], versions: list[str], step: str) -> None:
     """Add a step's counts to the journal's (a re-run step adds what it found left)."""
     for key, value in counts.items():
         journal["removed"][key] = int(journal["removed"].get(key, 0)) + int(value)

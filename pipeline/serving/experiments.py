@@ -92,9 +92,19 @@ STATUSES = ("running", "stopped")
 ACTIONS = ("start", "change", "stop")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_EXPERIMENT_KEYS = ("name", "salt", "version", "status", "control", "description",
-                    "planned_users_per_variant", "planned_days", "variants", "released_buckets",
-                    "last_change")
+_EXPERIMENT_KEYS = (
+    "name",
+    "salt",
+    "version",
+    "status",
+    "control",
+    "description",
+    "planned_users_per_variant",
+    "planned_days",
+    "variants",
+    "released_buckets",
+    "last_change",
+)
 _VARIANT_KEYS = ("name", "kind", "model", "share", "buckets", "description")
 _FREE = -1
 _RELEASED = -2
@@ -138,11 +148,11 @@ def bucket_array(salt: str, user_ids: Iterable[Any]) -> np.ndarray:
     sha256 = hashlib.sha256
     out = np.empty(len(texts), dtype=np.int64)
     for start in range(0, len(texts), _HASH_CHUNK):
-        chunk = texts[start:start + _HASH_CHUNK]
+        chunk = texts[start : start + _HASH_CHUNK]
         digests = b"".join([sha256((prefix + text).encode()).digest() for text in chunk])
         # 32-byte digests back to back: every 4th big-endian uint64 is a digest's first 8 bytes.
         first = np.frombuffer(digests, dtype=">u8")[::4]
-        out[start:start + len(chunk)] = first % np.uint64(BUCKETS)
+        out[start : start + len(chunk)] = first % np.uint64(BUCKETS)
     return out
 
 
@@ -158,7 +168,8 @@ def _user_id_text(user_id: Any) -> str:
     if isinstance(user_id, (int, np.integer)) and not isinstance(user_id, bool):
         return str(int(user_id))
     raise ExperimentError(
-        f"user ids must be text (or integers), got {user_id!r} ({type(user_id).__name__})")
+        f"user ids must be text (or integers), got {user_id!r} ({type(user_id).__name__})"
+    )
 
 
 def _user_id_texts(user_ids: Iterable[Any]) -> list[str]:
@@ -238,8 +249,9 @@ class Variant:
         label = data.get("name") if isinstance(data.get("name"), str) else "?"
         unknown = sorted(set(map(str, data)) - set(_VARIANT_KEYS))
         if unknown:
-            raise ExperimentError(f"variant {label!r}: unknown key(s) {unknown} (allowed: "
-                                  f"{list(_VARIANT_KEYS)})")
+            raise ExperimentError(
+                f"variant {label!r}: unknown key(s) {unknown} (allowed: {list(_VARIANT_KEYS)})"
+            )
         for key in ("name", "kind", "share"):
             if key not in data:
                 raise ExperimentError(f"variant {label!r}: missing {key!r}")
@@ -247,13 +259,17 @@ class Variant:
         if isinstance(model, int) and not isinstance(model, bool):
             model = str(model)  # a registered version number
         buckets = data.get("buckets")
-        return cls(name=data["name"], kind=data["kind"], share=_as_share(data["share"], label),
-                   model=model, buckets=None if buckets is None else _parse_ranges(buckets, label),
-                   description=data.get("description"))
+        return cls(
+            name=data["name"],
+            kind=data["kind"],
+            share=_as_share(data["share"], label),
+            model=model,
+            buckets=None if buckets is None else _parse_ranges(buckets, label),
+            description=data.get("description"),
+        )
 
 
-_SCALAR_KEYS = ("name", "salt", "version", "status", "planned_users_per_variant",
-                "planned_days")
+_SCALAR_KEYS = ("name", "salt", "version", "status", "planned_users_per_variant", "planned_days")
 
 
 def _scalar_problems(values: Mapping[str, Any]) -> list[str]:
@@ -261,19 +277,24 @@ def _scalar_problems(values: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     name, salt, version = values["name"], values["salt"], values["version"]
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        problems.append(f"name must be 1-100 letters, digits, '_', '.' or '-' (it names the "
-                        f"config file), got {name!r}")
+        problems.append(
+            f"name must be 1-100 letters, digits, '_', '.' or '-' (it names the "
+            f"config file), got {name!r}"
+        )
     if not isinstance(salt, str) or not salt.strip():
-        problems.append(f"salt must be a non-empty string (it decides who lands where; a new "
-                        f"experiment takes a new salt), got {salt!r}")
+        problems.append(
+            f"salt must be a non-empty string (it decides who lands where; a new "
+            f"experiment takes a new salt), got {salt!r}"
+        )
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         problems.append(f"version must be an integer >= 1, got {version!r}")
     if values["status"] not in STATUSES:
         problems.append(f"status must be one of {', '.join(STATUSES)}, got {values['status']!r}")
     for key in ("planned_users_per_variant", "planned_days"):
         value = values[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             problems.append(f"{key} must be an integer >= 1 (or absent), got {value!r}")
     return problems
 
@@ -281,14 +302,17 @@ def _scalar_problems(values: Mapping[str, Any]) -> list[str]:
 def _variant_problems(variant: Variant) -> list[str]:
     problems: list[str] = []
     if not isinstance(variant.name, str) or not _NAME_RE.match(variant.name):
-        problems.append(f"name must be 1-100 letters, digits, '_', '.' or '-', got "
-                        f"{variant.name!r}")
+        problems.append(
+            f"name must be 1-100 letters, digits, '_', '.' or '-', got {variant.name!r}"
+        )
     if variant.kind not in KINDS:
         problems.append(f"unknown kind {variant.kind!r} (one of {', '.join(KINDS)})")
     if variant.kind == "model":
         if not isinstance(variant.model, str) or not variant.model.strip():
-            problems.append("kind 'model' needs 'model': an alias such as \"champion\" or a "
-                            "registered version number as text")
+            problems.append(
+                "kind 'model' needs 'model': an alias such as \"champion\" or a "
+                "registered version number as text"
+            )
     elif variant.model is not None:
         problems.append(f"'model' is only for kind 'model' (this one is {variant.kind!r})")
     problems.extend(_share_problems(variant.share))
@@ -296,8 +320,10 @@ def _variant_problems(variant: Variant) -> list[str]:
         problems.extend(_ranges_problems(variant.buckets, "buckets"))
         held = sum(end - start for start, end in variant.buckets)
         if held != _share_buckets(variant.share):
-            problems.append(f"buckets hold {held:,} buckets but share {variant.share:g} is "
-                            f"{_share_buckets(variant.share):,}")
+            problems.append(
+                f"buckets hold {held:,} buckets but share {variant.share:g} is "
+                f"{_share_buckets(variant.share):,}"
+            )
     if variant.description is not None and not isinstance(variant.description, str):
         problems.append("description must be text")
     return problems
@@ -305,8 +331,7 @@ def _variant_problems(variant: Variant) -> list[str]:
 
 def _as_share(value: Any, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ExperimentError(f"variant {label!r}: share must be a number in (0, 1], got "
-                              f"{value!r}")
+        raise ExperimentError(f"variant {label!r}: share must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
@@ -329,17 +354,24 @@ def _parse_ranges(value: Any, label: str) -> Ranges:
         raise ExperimentError(f"{label!r}: buckets must be a list of [start, end) pairs")
     pairs = []
     for pair in value:
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
-            raise ExperimentError(f"{label!r}: bucket range {pair!r} is not a [start, end) pair "
-                                  "of integers")
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+        ):
+            raise ExperimentError(
+                f"{label!r}: bucket range {pair!r} is not a [start, end) pair of integers"
+            )
         pairs.append((int(pair[0]), int(pair[1])))
     return tuple(pairs)
 
 
 def _ranges_problems(ranges: Ranges, what: str) -> list[str]:
-    problems = [f"{what} range [{start}, {end}) is not within [0, {BUCKETS}) with start < end"
-                for start, end in ranges if not 0 <= start < end <= BUCKETS]
+    problems = [
+        f"{what} range [{start}, {end}) is not within [0, {BUCKETS}) with start < end"
+        for start, end in ranges
+        if not 0 <= start < end <= BUCKETS
+    ]
     if not problems:
         ordered = sorted(ranges)
         for (_, end), (start, _) in zip(ordered, ordered[1:]):
@@ -372,8 +404,9 @@ class Experiment:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", tuple(self.variants))
-        object.__setattr__(self, "released_buckets",
-                           tuple(tuple(pair) for pair in self.released_buckets))
+        object.__setattr__(
+            self, "released_buckets", tuple(tuple(pair) for pair in self.released_buckets)
+        )
         problems = self._problems()
         if problems:
             label = self.name if isinstance(self.name, str) and self.name else "?"
@@ -393,26 +426,35 @@ class Experiment:
             problems.append(f"duplicate variant name(s) {duplicates}")
         total = sum(v.n_buckets for v in self.variants)
         if total > BUCKETS:
-            problems.append(f"shares sum to {total / BUCKETS:g}, above 1 ("
-                            + ", ".join(f"{v.name} {v.share:g}" for v in self.variants) + ")")
+            problems.append(
+                f"shares sum to {total / BUCKETS:g}, above 1 ("
+                + ", ".join(f"{v.name} {v.share:g}" for v in self.variants)
+                + ")"
+            )
         if self.control is not None and self.control not in names:
             problems.append(f"control {self.control!r} is not one of the variants {names}")
         allocated = [v.buckets is not None for v in self.variants]
         if any(allocated) and not all(allocated):
-            problems.append("either every variant has 'buckets' (a started experiment) or none "
-                            "(allocated at start)")
+            problems.append(
+                "either every variant has 'buckets' (a started experiment) or none "
+                "(allocated at start)"
+            )
         problems.extend(_ranges_problems(self.released_buckets, "released_buckets"))
         if self.released_buckets and not all(allocated):
-            problems.append("released_buckets without variant buckets (only a started "
-                            "experiment releases buckets)")
+            problems.append(
+                "released_buckets without variant buckets (only a started "
+                "experiment releases buckets)"
+            )
         if all(allocated) and total <= BUCKETS and not problems:
             coverage = np.zeros(BUCKETS, dtype=np.int32)
             for ranges in [v.buckets for v in self.variants] + [self.released_buckets]:
                 for start, end in ranges or ():
                     coverage[start:end] += 1
             if (coverage > 1).any():
-                problems.append(f"bucket {int(np.argmax(coverage > 1))} belongs to two variants "
-                                "(or to a variant and released_buckets)")
+                problems.append(
+                    f"bucket {int(np.argmax(coverage > 1))} belongs to two variants "
+                    "(or to a variant and released_buckets)"
+                )
         if self.last_change is not None and not isinstance(self.last_change, Mapping):
             problems.append("last_change must be an object")
         return problems
@@ -455,15 +497,19 @@ class Experiment:
         for v in self.variants:
             if v.name == name:
                 return v
-        raise ExperimentError(f"experiment {self.name!r} has no variant {name!r} (variants: "
-                              f"{[v.name for v in self.variants]})")
+        raise ExperimentError(
+            f"experiment {self.name!r} has no variant {name!r} (variants: "
+            f"{[v.name for v in self.variants]})"
+        )
 
     def warnings(self) -> list[str]:
         """Advice that does not make the config invalid."""
         out = []
         if self.control_variant is None:
-            out.append(f"experiment {self.name!r} has no control (a variant named 'control' or "
-                       "a 'control' key): every variant is compared with one control")
+            out.append(
+                f"experiment {self.name!r} has no control (a variant named 'control' or "
+                "a 'control' key): every variant is compared with one control"
+            )
         return out
 
     def owners(self) -> np.ndarray:
@@ -492,22 +538,24 @@ class Experiment:
         owner[owner < 0] = len(self.variants)  # free and released: outside (None)
         return names[owner[buckets]]
 
-    def assignments(self, user_ids: Iterable[Any], *,
-                    ignore_status: bool = False) -> pd.DataFrame:
+    def assignments(self, user_ids: Iterable[Any], *, ignore_status: bool = False) -> pd.DataFrame:
         """``user_id``, ``experiment``, ``variant``, ``kind``, ``model`` per user (variant,
         kind and model null outside the experiment)."""
         texts = _user_id_texts(user_ids)
         variant = self.assign(texts, ignore_status=ignore_status)
         by_name = {v.name: v for v in self.variants}
         group = [by_name.get(name) for name in variant.tolist()]
-        return pd.DataFrame({
-            "user_id": pd.Series(texts, dtype=object),
-            "experiment": pd.Series([None if v is None else self.name for v in group],
-                                    dtype=object),
-            "variant": pd.Series(variant, dtype=object),
-            "kind": pd.Series([None if v is None else v.kind for v in group], dtype=object),
-            "model": pd.Series([None if v is None else v.model for v in group], dtype=object),
-        })
+        return pd.DataFrame(
+            {
+                "user_id": pd.Series(texts, dtype=object),
+                "experiment": pd.Series(
+                    [None if v is None else self.name for v in group], dtype=object
+                ),
+                "variant": pd.Series(variant, dtype=object),
+                "kind": pd.Series([None if v is None else v.kind for v in group], dtype=object),
+                "model": pd.Series([None if v is None else v.model for v in group], dtype=object),
+            }
+        )
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -529,18 +577,22 @@ class Experiment:
         """Allocate the buckets and mark the experiment running (its version unchanged: the
         first recorded version). A retry on a started experiment returns it unchanged."""
         if self.status == "stopped":
-            raise ChangeRefused(f"experiment {self.name!r} is stopped: a stopped experiment "
-                                "does not restart; start a new one with a new name and salt")
+            raise ChangeRefused(
+                f"experiment {self.name!r} is stopped: a stopped experiment "
+                "does not restart; start a new one with a new name and salt"
+            )
         if self.allocated and self.last_change is not None:
             return self
         for warning in self.warnings():
             logger.warning("%s", warning)
         started = self.allocate()
-        summary = "started: " + ", ".join(f"{v.name} {_pct(v.n_buckets)}"
-                                          for v in started.variants)
+        summary = "started: " + ", ".join(f"{v.name} {_pct(v.n_buckets)}" for v in started.variants)
         summary += f"; {_pct(started.free_buckets)} outside"
-        return replace(started, status="running",
-                       last_change={"action": "start", "summary": summary, "forced": False})
+        return replace(
+            started,
+            status="running",
+            last_change={"action": "start", "summary": summary, "forced": False},
+        )
 
     def stop(self) -> Experiment:
         """Status ``stopped`` (version + 1): publish serves the default to everyone. The
@@ -548,8 +600,12 @@ class Experiment:
         if not self.running:
             return self
         self._require_allocated("a stop")
-        return replace(self, status="stopped", version=self.version + 1,
-                       last_change={"action": "stop", "summary": "stopped", "forced": False})
+        return replace(
+            self,
+            status="stopped",
+            version=self.version + 1,
+            last_change={"action": "stop", "summary": "stopped", "forced": False},
+        )
 
     def change_shares(self, shares: Mapping[str, float], *, force: bool = False) -> Experiment:
         """New shares for some variants (version + 1). Growth comes from the free buckets;
@@ -561,12 +617,14 @@ class Experiment:
         """A new variant (version + 1) whose buckets come from the free pool."""
         new = variant if isinstance(variant, Variant) else Variant.from_dict(variant)
         if new.buckets is not None:
-            raise ChangeRefused(f"variant {new.name!r}: buckets are allocated by the "
-                                "experiment, leave them out")
+            raise ChangeRefused(
+                f"variant {new.name!r}: buckets are allocated by the experiment, leave them out"
+            )
         return self._change({}, (new,), force=False)
 
-    def apply_config(self, proposed: Experiment | Mapping[str, Any], *,
-                     force: bool = False) -> Experiment:
+    def apply_config(
+        self, proposed: Experiment | Mapping[str, Any], *, force: bool = False
+    ) -> Experiment:
         """The change an edited config asks for, under the rules, as one new version: new
         shares, new variants, or ``status: stopped``. Refused when it names another salt or
         experiment, removes a variant, changes a variant's kind or model, the control or the
@@ -578,67 +636,91 @@ class Experiment:
         else:
             # Buckets belong to the experiment: a proposal (often the saved config with new
             # shares) is read without them, and refused below where it edits them alone.
-            data = {k: v for k, v in dict(proposed).items()
-                    if k not in ("released_buckets", "last_change")}
+            data = {
+                k: v
+                for k, v in dict(proposed).items()
+                if k not in ("released_buckets", "last_change")
+            }
             raw = data.get("variants")
             if isinstance(raw, list):
                 data["variants"] = [
                     {k: v for k, v in item.items() if k != "buckets"}
-                    if isinstance(item, Mapping) else item for item in raw]
+                    if isinstance(item, Mapping)
+                    else item
+                    for item in raw
+                ]
             new = Experiment.from_dict(data)
             edited = {item["name"]: item.get("buckets") for item in raw}
         fixed = []
         if new.name != self.name:
             raise ChangeRefused(f"the config names experiment {new.name!r}, not {self.name!r}")
         if new.version < self.version:
-            raise ChangeRefused(f"the config is version {new.version} of {self.name!r} but "
-                                f"version {self.version} is current: edit the current config")
+            raise ChangeRefused(
+                f"the config is version {new.version} of {self.name!r} but "
+                f"version {self.version} is current: edit the current config"
+            )
         if new.salt != self.salt:
             fixed.append("salt (a new salt reshuffles every user: that is a new experiment)")
         for key in ("control", "planned_users_per_variant", "planned_days"):
             if getattr(new, key) != getattr(self, key):
-                fixed.append(f"{key} ({getattr(self, key)!r} -> {getattr(new, key)!r}; the "
-                             "horizon and the comparison are fixed at start)")
+                fixed.append(
+                    f"{key} ({getattr(self, key)!r} -> {getattr(new, key)!r}; the "
+                    "horizon and the comparison are fixed at start)"
+                )
         old = {v.name: v for v in self.variants}
         proposed_names = {v.name for v in new.variants}
         removed = [name for name in old if name not in proposed_names]
         if removed:
-            fixed.append(f"variants {removed} removed (their users would move; stop the "
-                         "experiment instead)")
+            fixed.append(
+                f"variants {removed} removed (their users would move; stop the experiment instead)"
+            )
         for v in new.variants:
             before = old.get(v.name)
             if before is not None and (before.kind, before.model) != (v.kind, v.model):
-                fixed.append(f"variant {v.name!r} changes from {_serves(before)} to "
-                             f"{_serves(v)} (one group would mix two treatments)")
+                fixed.append(
+                    f"variant {v.name!r} changes from {_serves(before)} to "
+                    f"{_serves(v)} (one group would mix two treatments)"
+                )
             buckets = edited.get(v.name)
-            if buckets is not None and (before is None or (
-                    v.share == before.share and not _same_ranges(buckets, before.buckets))):
-                fixed.append(f"variant {v.name!r} edits its buckets (the experiment allocates "
-                             "them)")
+            if buckets is not None and (
+                before is None
+                or (v.share == before.share and not _same_ranges(buckets, before.buckets))
+            ):
+                fixed.append(
+                    f"variant {v.name!r} edits its buckets (the experiment allocates them)"
+                )
         if fixed:
-            raise ChangeRefused(_problem_message(
-                f"experiment {self.name!r} cannot change", fixed)
-                + "; stop it and start a new experiment with a new salt instead")
+            raise ChangeRefused(
+                _problem_message(f"experiment {self.name!r} cannot change", fixed)
+                + "; stop it and start a new experiment with a new salt instead"
+            )
         if new.status == "stopped":
             return self.stop()
         if not self.running:
-            raise ChangeRefused(f"experiment {self.name!r} is stopped: stopped experiments do "
-                                "not change (start a new one with a new salt)")
+            raise ChangeRefused(
+                f"experiment {self.name!r} is stopped: stopped experiments do "
+                "not change (start a new one with a new salt)"
+            )
         shares = {v.name: v.share for v in new.variants if v.name in old}
         added = tuple(replace(v, buckets=None) for v in new.variants if v.name not in old)
         return self._change(shares, added, force=force)
 
-    def _change(self, shares: dict[str, float], added: Sequence[Variant], *,
-                force: bool) -> Experiment:
+    def _change(
+        self, shares: dict[str, float], added: Sequence[Variant], *, force: bool
+    ) -> Experiment:
         if not self.running:
-            raise ChangeRefused(f"experiment {self.name!r} is stopped: stopped experiments do "
-                                "not change (start a new one with a new salt)")
+            raise ChangeRefused(
+                f"experiment {self.name!r} is stopped: stopped experiments do "
+                "not change (start a new one with a new salt)"
+            )
         self._require_allocated("a change (start it first)")
         names = [v.name for v in self.variants]
         unknown = [name for name in shares if name not in names]
         if unknown:
-            raise ChangeRefused(f"experiment {self.name!r} has no variant(s) {unknown} "
-                                f"(variants: {names}); add one with add_variant")
+            raise ChangeRefused(
+                f"experiment {self.name!r} has no variant(s) {unknown} "
+                f"(variants: {names}); add one with add_variant"
+            )
         for name in [v.name for v in added]:
             if name in names:
                 raise ChangeRefused(f"experiment {self.name!r} already has a variant {name!r}")
@@ -650,18 +732,23 @@ class Experiment:
             if isinstance(share, (int, float)) and not isinstance(share, bool) and share == 0:
                 raise ChangeRefused(
                     f"removing variant {name!r} (share 0) would move all its users out of it; "
-                    "stop the experiment instead")
+                    "stop the experiment instead"
+                )
             problems = _share_problems(share)
             if problems:
                 raise ChangeRefused(f"variant {name!r}: {problems[0]}")
             target[name] = _share_buckets(float(share))
         shrinks = [(name, current[name], n) for name, n in target.items() if n < current[name]]
         if shrinks and not force:
-            raise ChangeRefused("; ".join(
-                f"shrinking variant {name!r} from {_pct(old)} to {_pct(new)} would move "
-                f"{old - new:,} buckets' users out of it" for name, old, new in shrinks)
+            raise ChangeRefused(
+                "; ".join(
+                    f"shrinking variant {name!r} from {_pct(old)} to {_pct(new)} would move "
+                    f"{old - new:,} buckets' users out of it"
+                    for name, old, new in shrinks
+                )
                 + "; stop the experiment and start a new one with a new salt instead (or "
-                "force=True moves them to the default, recorded as forced)")
+                "force=True moves them to the default, recorded as forced)"
+            )
         grows = [(name, current[name], n) for name, n in target.items() if n > current[name]]
         needed = sum(new - old for _, old, new in grows) + sum(v.n_buckets for v in added)
         if needed > self.free_buckets:
@@ -671,49 +758,61 @@ class Experiment:
                 f"growing {', '.join(wanted)} needs {_pct(needed)} of the users but the free "
                 f"share is only {_pct(self.free_buckets)} (users in no variant"
                 + (", released buckets excluded" if self.released_buckets else "")
-                + "): shares stay as they are")
+                + "): shares stay as they are"
+            )
         if not shrinks and not grows and not added:
             return self
 
         owner = self.owners()
         for name, old, new in shrinks:  # release the variant's last buckets
             index = names.index(name)
-            owner[np.flatnonzero(owner == index)[new - old:]] = _RELEASED
+            owner[np.flatnonzero(owner == index)[new - old :]] = _RELEASED
         all_variants = list(self.variants) + list(added)
         for name, old, new in grows:
             index = names.index(name)
-            owner[np.flatnonzero(owner == _FREE)[:new - old]] = index
+            owner[np.flatnonzero(owner == _FREE)[: new - old]] = index
         for offset, v in enumerate(added):
-            owner[np.flatnonzero(owner == _FREE)[:v.n_buckets]] = len(self.variants) + offset
+            owner[np.flatnonzero(owner == _FREE)[: v.n_buckets]] = len(self.variants) + offset
         variants = tuple(
-            replace(v, share=int((owner == index).sum()) / BUCKETS,
-                    buckets=_ranges(owner == index))
-            for index, v in enumerate(all_variants))
+            replace(v, share=int((owner == index).sum()) / BUCKETS, buckets=_ranges(owner == index))
+            for index, v in enumerate(all_variants)
+        )
         parts = [f"{name} {_pct(old)} -> {_pct(new)}" for name, old, new in shrinks + grows]
         parts += [f"added {v.name} ({_serves(v)}) {_pct(v.n_buckets)}" for v in added]
         moved = sum(old - new for _, old, new in shrinks)
         summary = "; ".join(parts)
         if moved:
-            summary += (f" (forced: {moved:,} buckets' users moved out of their variant to "
-                        "the default)")
+            summary += (
+                f" (forced: {moved:,} buckets' users moved out of their variant to the default)"
+            )
         change: dict[str, Any] = {"action": "change", "summary": summary, "forced": bool(moved)}
         if moved:
             change["moved_buckets"] = moved
-        return replace(self, variants=variants, released_buckets=_ranges(owner == _RELEASED),
-                       version=self.version + 1, last_change=change)
+        return replace(
+            self,
+            variants=variants,
+            released_buckets=_ranges(owner == _RELEASED),
+            version=self.version + 1,
+            last_change=change,
+        )
 
     def _require_allocated(self, what: str) -> None:
         if not self.allocated:
             raise ExperimentError(
                 f"experiment {self.name!r} has no buckets yet, so it cannot give {what}: start "
-                "it (Experiment.start or allocate) so that its buckets are fixed in its config")
+                "it (Experiment.start or allocate) so that its buckets are fixed in its config"
+            )
 
     # --------------------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values; ``from_dict(to_dict(x)) == x``."""
-        out: dict[str, Any] = {"name": self.name, "salt": self.salt, "version": self.version,
-                               "status": self.status}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "salt": self.salt,
+            "version": self.version,
+            "status": self.status,
+        }
         for key in ("control", "description", "planned_users_per_variant", "planned_days"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -728,8 +827,9 @@ class Experiment:
     def from_dict(cls, data: Any) -> Experiment:
         """Validate a config (a JSON object); ExperimentError lists every problem found."""
         if not isinstance(data, Mapping):
-            raise ExperimentError(f"an experiment config must be a JSON object, got "
-                                  f"{type(data).__name__}")
+            raise ExperimentError(
+                f"an experiment config must be a JSON object, got {type(data).__name__}"
+            )
         label = data.get("name") if isinstance(data.get("name"), str) else "?"
         problems: list[str] = []
         unknown = sorted(set(map(str, data)) - set(_EXPERIMENT_KEYS))
@@ -761,9 +861,14 @@ class Experiment:
             if all(key in data for key in ("name", "salt")):
                 problems = _scalar_problems(_scalar_values(data)) + problems
             raise ExperimentError(_problem_message(f"experiment {label!r}", problems))
-        return cls(variants=tuple(variants), control=data.get("control"),
-                   description=data.get("description"), released_buckets=released,
-                   last_change=data.get("last_change"), **_scalar_values(data))
+        return cls(
+            variants=tuple(variants),
+            control=data.get("control"),
+            description=data.get("description"),
+            released_buckets=released,
+            last_change=data.get("last_change"),
+            **_scalar_values(data),
+        )
 
     def to_json(self) -> str:
         """The config as indented JSON, one ``[start, end]`` pair per line."""
@@ -781,8 +886,10 @@ class Experiment:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ExperimentError(f"experiment config {path}: invalid JSON at line {exc.lineno} "
-                                  f"column {exc.colno}: {exc.msg}") from None
+            raise ExperimentError(
+                f"experiment config {path}: invalid JSON at line {exc.lineno} "
+                f"column {exc.colno}: {exc.msg}"
+            ) from None
         try:
             return cls.from_dict(data)
         except ExperimentError as exc:
@@ -843,14 +950,21 @@ def check_change(old: Experiment, new: Experiment) -> None:
             problems.append("a stop must not change the buckets")
         elif illegal.any():
             first = int(np.argmax(illegal))
-            problems.append(f"{int(illegal.sum()):,} buckets' users would change group (first: "
-                            f"bucket {first}, {_owner_label(old, before[first])} -> "
-                            f"{_owner_label(new, after_owner[first])}"
-                            + ("" if forced else "; releasing needs a forced change") + ")")
+            problems.append(
+                f"{int(illegal.sum()):,} buckets' users would change group (first: "
+                f"bucket {first}, {_owner_label(old, before[first])} -> "
+                f"{_owner_label(new, after_owner[first])}"
+                + ("" if forced else "; releasing needs a forced change")
+                + ")"
+            )
     if problems:
-        raise ChangeRefused(_problem_message(
-            f"version {new.version} of experiment {new.name!r} is not a legal change of "
-            f"version {old.version}", problems))
+        raise ChangeRefused(
+            _problem_message(
+                f"version {new.version} of experiment {new.name!r} is not a legal change of "
+                f"version {old.version}",
+                problems,
+            )
+        )
 
 
 # =================================================================================================
@@ -867,10 +981,14 @@ def _ranges(mask: np.ndarray) -> Ranges:
 
 def _scalar_values(data: Mapping[str, Any]) -> dict[str, Any]:
     """The experiment's own fields of a config, with the defaults (version 1, running)."""
-    return {"name": data.get("name"), "salt": data.get("salt"),
-            "version": data.get("version", 1), "status": data.get("status", "running"),
-            "planned_users_per_variant": data.get("planned_users_per_variant"),
-            "planned_days": data.get("planned_days")}
+    return {
+        "name": data.get("name"),
+        "salt": data.get("salt"),
+        "version": data.get("version", 1),
+        "status": data.get("status", "running"),
+        "planned_users_per_variant": data.get("planned_users_per_variant"),
+        "planned_days": data.get("planned_days"),
+    }
 
 
 def _same_ranges(raw: Any, ranges: Ranges | None) -> bool:
@@ -896,4 +1014,5 @@ def _problem_message(subject: str, problems: list[str]) -> str:
     if len(problems) == 1:
         return f"{subject}: {problems[0]}"
     return f"{subject}: {len(problems)} problems: " + "; ".join(
-        f"({number}) {problem}" for number, problem in enumerate(problems, 1))
+        f"({number}) {problem}" for number, problem in enumerate(problems, 1)
+    )

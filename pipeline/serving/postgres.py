@@ -139,16 +139,22 @@ INDEX_BUILD_MEMORY = "256MB"
 #: storing them per row (``model_version``, ``variant`` and ``experiment`` stay NULL).
 PG_TABLE_COLUMNS: tuple[str, ...] = ("user_id", "rank", "item_id", "score", "reason", "source")
 #: Columns loaded while an experiment runs (or some row comes from another model version).
-PG_PER_ROW_COLUMNS: tuple[str, ...] = PG_TABLE_COLUMNS + ("model_version", "variant",
-                                                          "experiment")
+PG_PER_ROW_COLUMNS: tuple[str, ...] = PG_TABLE_COLUMNS + ("model_version", "variant", "experiment")
 #: Columns of an assignments table, in COPY order.
 PG_ASSIGNMENT_COLUMNS: tuple[str, ...] = ("user_id", "experiment", "variant")
 
 #: Arrow types of a prepared list chunk as rendered for COPY (generated_at is ISO text already).
 _ARROW_TYPES: dict[str, pa.DataType] = {
-    "user_id": pa.string(), "rank": pa.int64(), "item_id": pa.string(), "score": pa.float64(),
-    "reason": pa.string(), "source": pa.string(), "model_version": pa.string(),
-    "generated_at": pa.string(), "variant": pa.string(), "experiment": pa.string(),
+    "user_id": pa.string(),
+    "rank": pa.int64(),
+    "item_id": pa.string(),
+    "score": pa.float64(),
+    "reason": pa.string(),
+    "source": pa.string(),
+    "model_version": pa.string(),
+    "generated_at": pa.string(),
+    "variant": pa.string(),
+    "experiment": pa.string(),
 }
 
 
@@ -174,8 +180,9 @@ class PostgresBackend:
         return f"{self.schema}.{table}"
 
     def _failure(self, what: str, exc: psycopg2.Error) -> ServingError:
-        return ServingError(f"{what} on {describe_dsn(self.dsn)} failed: "
-                            f"{self.redact(str(exc).strip())}")
+        return ServingError(
+            f"{what} on {describe_dsn(self.dsn)} failed: {self.redact(str(exc).strip())}"
+        )
 
     # --------------------------------------------------------------------------- connections
 
@@ -184,8 +191,12 @@ class PostgresBackend:
 
     def _acquire_publish_lock(self, conn: PgConnection) -> None:
         """Session advisory lock: one publisher (or migration) per schema at a time."""
-        _advisory_lock(conn, _advisory_key(self.schema), PUBLISH_LOCK_WAIT_S,
-                       f"another publish to schema {self.schema}")
+        _advisory_lock(
+            conn,
+            _advisory_key(self.schema),
+            PUBLISH_LOCK_WAIT_S,
+            f"another publish to schema {self.schema}",
+        )
 
     # --------------------------------------------------------------------------- schema, locks
 
@@ -208,8 +219,12 @@ class PostgresBackend:
         """A session advisory lock on another key than the publish lock."""
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
-                _advisory_lock(conn, _advisory_key(f"{self.schema}/promotion"), wait_s,
-                               f"another run's promotion decision on schema {self.schema}")
+                _advisory_lock(
+                    conn,
+                    _advisory_key(f"{self.schema}/promotion"),
+                    wait_s,
+                    f"another run's promotion decision on schema {self.schema}",
+                )
             except psycopg2.Error as exc:
                 raise self._failure("promotion lock", exc) from None
             yield  # closing the session releases the lock
@@ -225,12 +240,13 @@ class PostgresBackend:
                     return cur.fetchall()
             except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
                 raise NothingPublishedError(
-                    f"nothing published yet in schema {self.schema} on "
-                    f"{describe_dsn(self.dsn)}") from None
+                    f"nothing published yet in schema {self.schema} on {describe_dsn(self.dsn)}"
+                ) from None
             except pg_errors.UndefinedColumn as exc:
                 raise SchemaOutdated(
                     f"schema {self.schema} on {describe_dsn(self.dsn)} predates this code "
-                    f"({str(exc).strip().splitlines()[0]}); a migration upgrades it") from None
+                    f"({str(exc).strip().splitlines()[0]}); a migration upgrades it"
+                ) from None
             except psycopg2.Error as exc:
                 raise self._failure(f"reading {self.view_label}", exc) from None
 
@@ -249,28 +265,32 @@ class PostgresBackend:
                 self.migrate(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def replace_rows(self, table: str, key: Mapping[str, Any],
-                     rows: list[dict[str, Any]]) -> None:
+    def replace_rows(self, table: str, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
         delete = _query(f"delete_{table}.sql", self.schema)
         insert = _query(f"insert_{table}.sql", self.schema)
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
+
                 def body(cur) -> Any:
                     cur.execute(delete, dict(key))
                     cur.executemany(insert, rows)
+
                 return self._migrating(conn, body)
             except psycopg2.Error as exc:
                 raise self._failure(f"writing the {table} table", exc) from None
 
-    def record_experiment(self, params: Mapping[str, Any],
-                          decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
-                          ) -> tuple[int, bool]:
+    def record_experiment(
+        self,
+        params: Mapping[str, Any],
+        decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
+    ) -> tuple[int, bool]:
         """``LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE`` excludes other writers (not readers)
         for the read-decide-insert transaction."""
         schema = self.schema
         key = {"name": params["name"], "version": params["version"]}
         with contextlib.closing(self.connect(lock_timeout_ms=EXPERIMENT_LOCK_TIMEOUT_MS)) as conn:
             try:
+
                 def body(cur) -> Any:
                     cur.execute(_query("lock_experiments.sql", schema))
                     cur.execute(_query("experiment_version.sql", schema), key)
@@ -284,16 +304,20 @@ class PostgresBackend:
                     if row is None:  # cannot happen under the table lock
                         raise ServingError(
                             f"experiment {params['name']!r} version {params['version']} "
-                            "appeared while recording it")
+                            "appeared while recording it"
+                        )
                     return int(row[0]), True
+
                 return self._migrating(conn, body)
             except pg_errors.LockNotAvailable:
                 raise ServingError(
                     f"another writer held {schema}.experiments for over "
-                    f"{EXPERIMENT_LOCK_TIMEOUT_MS} ms on {describe_dsn(self.dsn)}") from None
+                    f"{EXPERIMENT_LOCK_TIMEOUT_MS} ms on {describe_dsn(self.dsn)}"
+                ) from None
             except psycopg2.Error as exc:
-                raise self._failure(f"recording experiment {params['name']!r} version "
-                                    f"{params['version']}", exc) from None
+                raise self._failure(
+                    f"recording experiment {params['name']!r} version {params['version']}", exc
+                ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
@@ -312,8 +336,9 @@ class PostgresBackend:
                         (promotion_id,) = cur.fetchone()
             except psycopg2.Error as exc:
                 raise self._failure(
-                    f"recording the promotion of {params['model_name']} "
-                    f"{params['model_version']}", exc) from None
+                    f"recording the promotion of {params['model_name']} {params['model_version']}",
+                    exc,
+                ) from None
         return int(promotion_id)
 
     # --------------------------------------------------------------------------- erasure
@@ -336,15 +361,22 @@ class PostgresBackend:
                 with _transaction(conn) as cur:
                     cur.execute(_query("user_tables.sql", schema))
                     for (table,) in cur.fetchall():
-                        target = sql.SQL("{}.{}").format(sql.Identifier(schema),
-                                                         sql.Identifier(table))
+                        target = sql.SQL("{}.{}").format(
+                            sql.Identifier(schema), sql.Identifier(table)
+                        )
                         if dry_run:
-                            cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE user_id = "
-                                                "ANY(%s)").format(target), (list(user_ids),))
+                            cur.execute(
+                                sql.SQL("SELECT count(*) FROM {} WHERE user_id = ANY(%s)").format(
+                                    target
+                                ),
+                                (list(user_ids),),
+                            )
                             (found[table],) = cur.fetchone()
                         else:
-                            cur.execute(sql.SQL("DELETE FROM {} WHERE user_id = ANY(%s)")
-                                        .format(target), (list(user_ids),))
+                            cur.execute(
+                                sql.SQL("DELETE FROM {} WHERE user_id = ANY(%s)").format(target),
+                                (list(user_ids),),
+                            )
                             found[table] = cur.rowcount
             except psycopg2.Error as exc:
                 raise self._failure("erasing users from the serving tables", exc) from None
@@ -352,11 +384,18 @@ class PostgresBackend:
             for table in (t for t, rows in found.items() if rows and not dry_run):
                 try:
                     with conn.cursor() as cur:
-                        cur.execute(sql.SQL("VACUUM {}.{}").format(sql.Identifier(schema),
-                                                                   sql.Identifier(table)))
+                        cur.execute(
+                            sql.SQL("VACUUM {}.{}").format(
+                                sql.Identifier(schema), sql.Identifier(table)
+                            )
+                        )
                 except psycopg2.Error as exc:  # autovacuum will do it
-                    logger.warning("could not vacuum %s.%s after the erasure: %s", schema, table,
-                                   self.redact(str(exc).strip()))
+                    logger.warning(
+                        "could not vacuum %s.%s after the erasure: %s",
+                        schema,
+                        table,
+                        self.redact(str(exc).strip()),
+                    )
         return found
 
     def insert_erasure(self, params: Mapping[str, Any]) -> tuple[int, bool]:
@@ -365,15 +404,20 @@ class PostgresBackend:
         schema = self.schema
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
+
                 def body(cur) -> Any:
                     cur.execute(_query("insert_erasure.sql", schema), dict(params))
                     row = cur.fetchone()
                     if row is not None:
                         return int(row[0]), True
-                    cur.execute(sql.SQL("SELECT id FROM {}.erasures WHERE request_id "
-                                        "= %s").format(sql.Identifier(schema)),
-                                (params["request_id"],))
+                    cur.execute(
+                        sql.SQL("SELECT id FROM {}.erasures WHERE request_id = %s").format(
+                            sql.Identifier(schema)
+                        ),
+                        (params["request_id"],),
+                    )
                     return int(cur.fetchone()[0]), False
+
                 return self._migrating(conn, body)
             except psycopg2.Error as exc:
                 raise self._failure("recording the erasure", exc) from None
@@ -386,18 +430,20 @@ class PostgresBackend:
         transaction; pairs already recorded are kept. Returns how many were new."""
         from psycopg2.extras import execute_values
 
-        rows = list(zip(pairs["pseudonym"].astype(str), pairs["user_id"].astype(str),
-                        strict=True))
+        rows = list(zip(pairs["pseudonym"].astype(str), pairs["user_id"].astype(str), strict=True))
         query = _query("insert_pseudonyms.sql", self.schema)
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
+
                 def body(cur) -> Any:
                     added = 0
                     for first in range(0, len(rows), page_rows):
-                        execute_values(cur, query, rows[first:first + page_rows],
-                                       page_size=page_rows)
+                        execute_values(
+                            cur, query, rows[first : first + page_rows], page_size=page_rows
+                        )
                         added += max(cur.rowcount, 0)
                     return added
+
                 return self._migrating(conn, body)
             except psycopg2.Error as exc:
                 raise self._failure("recording user pseudonyms", exc) from None
@@ -409,18 +455,26 @@ class PostgresBackend:
         with contextlib.closing(self.connect(lock_timeout_ms=READ_LOCK_TIMEOUT_MS)) as conn:
             try:
                 with conn.cursor() as cur:
-                    cur.copy_expert(_query("read_pseudonyms.sql", self.schema).as_string(conn),
-                                    buffer)
+                    cur.copy_expert(
+                        _query("read_pseudonyms.sql", self.schema).as_string(conn), buffer
+                    )
             except (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName):
                 buffer = io.BytesIO()
             except psycopg2.Error as exc:
                 raise self._failure("reading user pseudonyms", exc) from None
         buffer.seek(0)
         if not buffer.getbuffer().nbytes:
-            return pd.DataFrame({"pseudonym": pd.Series(dtype=object),
-                                 "user_id": pd.Series(dtype=object)})
-        return pd.read_csv(buffer, header=None, names=["pseudonym", "user_id"], dtype=str,
-                           keep_default_na=False, na_filter=False)
+            return pd.DataFrame(
+                {"pseudonym": pd.Series(dtype=object), "user_id": pd.Series(dtype=object)}
+            )
+        return pd.read_csv(
+            buffer,
+            header=None,
+            names=["pseudonym", "user_id"],
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+        )
 
     # --------------------------------------------------------------------------- publish steps
 
@@ -435,12 +489,17 @@ class PostgresBackend:
         publisher."""
         with _transaction(conn) as cur:
             cur.execute(
-                sql.SQL("UPDATE {}.recommendation_versions SET status = 'failed', "
-                        "error = 'abandoned by an interrupted publish' WHERE status = 'loading'"
-                        ).format(sql.Identifier(self.schema)))
+                sql.SQL(
+                    "UPDATE {}.recommendation_versions SET status = 'failed', "
+                    "error = 'abandoned by an interrupted publish' WHERE status = 'loading'"
+                ).format(sql.Identifier(self.schema))
+            )
             if cur.rowcount:
-                logger.warning("marked %d abandoned loading version(s) in %s as failed",
-                               cur.rowcount, self.schema)
+                logger.warning(
+                    "marked %d abandoned loading version(s) in %s as failed",
+                    cur.rowcount,
+                    self.schema,
+                )
 
     def live_logical_date(self, conn: PgConnection) -> Any:
         with _transaction(conn) as cur:
@@ -448,10 +507,22 @@ class PostgresBackend:
             live = cur.fetchone()
         return live[5] if live else None
 
-    def reserve_version(self, conn: PgConnection, *, rows: int, users: int, model_version: str,
-                        logical_date: datetime) -> tuple[int, str]:
-        params = {"schema": self.schema, "rows": rows, "users": users,
-                  "model_version": model_version, "logical_date": logical_date}
+    def reserve_version(
+        self,
+        conn: PgConnection,
+        *,
+        rows: int,
+        users: int,
+        model_version: str,
+        logical_date: datetime,
+    ) -> tuple[int, str]:
+        params = {
+            "schema": self.schema,
+            "rows": rows,
+            "users": users,
+            "model_version": model_version,
+            "logical_date": logical_date,
+        }
         with _transaction(conn) as cur:
             cur.execute(_query("insert_version.sql", self.schema), params)
             version, table = cur.fetchone()
@@ -459,45 +530,65 @@ class PostgresBackend:
             raise ServingError(f"catalog returned table {table!r} for version {version}")
         return int(version), str(table)
 
-    def load_table(self, conn: PgConnection, table: str, frame: pd.DataFrame, *,
-                   assignments: pd.DataFrame, model_version: str) -> None:
+    def load_table(
+        self,
+        conn: PgConnection,
+        table: str,
+        frame: pd.DataFrame,
+        *,
+        assignments: pd.DataFrame,
+        model_version: str,
+    ) -> None:
         """Create, COPY, validate, index and analyze the version table and its assignments
         table in one transaction."""
         schema = self.schema
-        columns = (PG_PER_ROW_COLUMNS if needs_per_row(frame, model_version)
-                   else PG_TABLE_COLUMNS)
-        with (_transaction(conn) as cur, phases(logger) as phase,
-              ThreadPoolExecutor(1, thread_name_prefix="recs-validate") as background):
+        columns = PG_PER_ROW_COLUMNS if needs_per_row(frame, model_version) else PG_TABLE_COLUMNS
+        with (
+            _transaction(conn) as cur,
+            phases(logger) as phase,
+            ThreadPoolExecutor(1, thread_name_prefix="recs-validate") as background,
+        ):
             # The contract checks run on the frame in a thread while the server parses the COPY
             # (the COPY is server-bound, so they cost no wall time); the database then confirms
             # the row count, the fallback list and, through the unique index, one row per rank.
             checked = background.submit(frame_stats, frame)
             cur.execute(_query("create_list_table.sql", schema, table=table))
-            cur.copy_expert(_query("copy_list_table.sql", schema, table=table, columns=columns),
-                            CsvChunkStream(frame, columns=columns),
-                            size=COPY_READ_BYTES)
+            cur.copy_expert(
+                _query("copy_list_table.sql", schema, table=table, columns=columns),
+                CsvChunkStream(frame, columns=columns),
+                size=COPY_READ_BYTES,
+            )
             copied = cur.rowcount
             phase("copy")
             stats = dataclasses.replace(checked.result(), n_rows=copied)
             check_loaded(stats, expected_rows=len(frame), table=table)
             phase("validate (wait)")
             try:
-                cur.execute(_query("index_list_table.sql", schema, table=table,
-                                   index=f"{table}_user_rank", memory=INDEX_BUILD_MEMORY))
+                cur.execute(
+                    _query(
+                        "index_list_table.sql",
+                        schema,
+                        table=table,
+                        index=f"{table}_user_rank",
+                        memory=INDEX_BUILD_MEMORY,
+                    )
+                )
             except pg_errors.UniqueViolation as exc:
                 raise ListValidationError(
                     f"lists for {table} failed validation: two rows for one user and rank "
                     f"({str(exc).strip().splitlines()[-1]}); the live version is unchanged"
                 ) from None
             phase("index")
-            cur.execute(_query("count_user_rows.sql", schema, table=table),
-                        {"user_id": DEFAULT_USER})
+            cur.execute(
+                _query("count_user_rows.sql", schema, table=table), {"user_id": DEFAULT_USER}
+            )
             (default_rows,) = cur.fetchone()
             if default_rows != stats.default_rows:
                 raise ListValidationError(
                     f"lists for {table} failed validation: {default_rows} rows for "
                     f"{DEFAULT_USER!r} in the table, {stats.default_rows} in the frame; the live "
-                    "version is unchanged")
+                    "version is unchanged"
+                )
             cur.execute(_query("analyze_list_table.sql", schema, table=table))
             phase("analyze")
             self._load_assignments(cur, assignments_table_name(table), assignments)
@@ -509,24 +600,41 @@ class PostgresBackend:
         schema = self.schema
         cur.execute(_query("create_assignments_table.sql", schema, assignments=assignments))
         if len(frame):
-            cur.copy_expert(_query("copy_assignments_table.sql", schema, assignments=assignments),
-                            CsvChunkStream(frame, columns=PG_ASSIGNMENT_COLUMNS),
-                            size=COPY_READ_BYTES)
+            cur.copy_expert(
+                _query("copy_assignments_table.sql", schema, assignments=assignments),
+                CsvChunkStream(frame, columns=PG_ASSIGNMENT_COLUMNS),
+                size=COPY_READ_BYTES,
+            )
             if cur.rowcount != len(frame):
                 raise ListValidationError(
                     f"assignments for {assignments}: loaded {cur.rowcount} rows, expected "
-                    f"{len(frame)}; the live version is unchanged")
+                    f"{len(frame)}; the live version is unchanged"
+                )
         try:
-            cur.execute(_query("index_assignments_table.sql", schema, assignments=assignments,
-                               index=f"{assignments}_user"))
+            cur.execute(
+                _query(
+                    "index_assignments_table.sql",
+                    schema,
+                    assignments=assignments,
+                    index=f"{assignments}_user",
+                )
+            )
         except pg_errors.UniqueViolation as exc:
             raise ListValidationError(
                 f"assignments for {assignments}: a user is assigned twice "
                 f"({str(exc).strip().splitlines()[-1]}); the live version is unchanged"
             ) from None
 
-    def try_swap(self, conn: PgConnection, version: int, table: str, *, lock_timeout_ms: int,
-                 model_version: str, generated_at: datetime) -> bool:
+    def try_swap(
+        self,
+        conn: PgConnection,
+        version: int,
+        table: str,
+        *,
+        lock_timeout_ms: int,
+        model_version: str,
+        generated_at: datetime,
+    ) -> bool:
         """One attempt; when the view cannot be replaced in place (its columns' types or
         collations differ from the new table's, e.g. after an upgrade of the table DDL), it is
         dropped and created again in the same short transaction, in this attempt and the
@@ -535,10 +643,14 @@ class PostgresBackend:
         constants = {"model_version": model_version, "generated_at": generated_at}
         mark = _query("mark_live.sql", self.schema)
         while True:
-            statement = _query("recreate_view.sql" if self._recreate_view else "swap_view.sql",
-                               self.schema, table=table,
-                               assignments=assignments_table_name(table),
-                               lock_timeout_ms=lock_timeout_ms, literals=constants)
+            statement = _query(
+                "recreate_view.sql" if self._recreate_view else "swap_view.sql",
+                self.schema,
+                table=table,
+                assignments=assignments_table_name(table),
+                lock_timeout_ms=lock_timeout_ms,
+                literals=constants,
+            )
             try:
                 with _transaction(conn) as cur:
                     cur.execute(statement)
@@ -547,8 +659,12 @@ class PostgresBackend:
             except pg_errors.InvalidTableDefinition as exc:
                 if self._recreate_view:
                     raise
-                logger.warning("view %s cannot be replaced in place (%s); recreating it in the "
-                               "swap transaction", self.view_label, str(exc).strip())
+                logger.warning(
+                    "view %s cannot be replaced in place (%s); recreating it in the "
+                    "swap transaction",
+                    self.view_label,
+                    str(exc).strip(),
+                )
                 self._recreate_view = True
             except pg_errors.LockNotAvailable:
                 return False
@@ -556,8 +672,7 @@ class PostgresBackend:
     def swap_blocked(self, lock_timeout_ms: int) -> str:
         return f"readers held the view past the {lock_timeout_ms} ms lock timeout"
 
-    def abandon_version(self, conn: PgConnection, version: int, table: str, *,
-                        error: str) -> None:
+    def abandon_version(self, conn: PgConnection, version: int, table: str, *, error: str) -> None:
         schema = self.schema
         try:
             if not conn.closed:
@@ -565,37 +680,57 @@ class PostgresBackend:
             with _transaction(conn) as cur:
                 cur.execute(_drop_tables(schema, table))
                 cur.execute(
-                    sql.SQL("UPDATE {}.recommendation_versions SET status = 'failed', "
-                            "error = %s, dropped_at = now() WHERE version = %s AND "
-                            "status <> 'live'").format(sql.Identifier(schema)),
-                    (error[:2000], version))
-            logger.warning("publish of version %d failed; dropped %s.%s and marked it failed",
-                           version, schema, table)
+                    sql.SQL(
+                        "UPDATE {}.recommendation_versions SET status = 'failed', "
+                        "error = %s, dropped_at = now() WHERE version = %s AND "
+                        "status <> 'live'"
+                    ).format(sql.Identifier(schema)),
+                    (error[:2000], version),
+                )
+            logger.warning(
+                "publish of version %d failed; dropped %s.%s and marked it failed",
+                version,
+                schema,
+                table,
+            )
         except psycopg2.Error as exc:
-            logger.warning("could not clean up failed version %d (%s.%s): %s", version, schema,
-                           table, self.redact(str(exc).strip()))
+            logger.warning(
+                "could not clean up failed version %d (%s.%s): %s",
+                version,
+                schema,
+                table,
+                self.redact(str(exc).strip()),
+            )
 
     def droppable_versions(self, conn: PgConnection) -> list[tuple[Any, ...]]:
         with _transaction(conn) as cur:
             cur.execute(_query("list_droppable_versions.sql", self.schema))
             return cur.fetchall()
 
-    def drop_version(self, conn: PgConnection, version: int, table: str, *,
-                     lock_timeout_ms: int) -> None:
+    def drop_version(
+        self, conn: PgConnection, version: int, table: str, *, lock_timeout_ms: int
+    ) -> None:
         with _transaction(conn) as cur:
-            cur.execute("SELECT set_config('lock_timeout', %s, true)",
-                        (f"{int(lock_timeout_ms)}ms",))
+            cur.execute(
+                "SELECT set_config('lock_timeout', %s, true)", (f"{int(lock_timeout_ms)}ms",)
+            )
             cur.execute(_drop_tables(self.schema, table))
-            cur.execute(sql.SQL("UPDATE {}.recommendation_versions SET dropped_at = now() "
-                                "WHERE version = %s").format(sql.Identifier(self.schema)),
-                        (version,))
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {}.recommendation_versions SET dropped_at = now() WHERE version = %s"
+                ).format(sql.Identifier(self.schema)),
+                (version,),
+            )
 
 
 def _drop_tables(schema: str, table: str) -> sql.Composed:
     """``DROP TABLE IF EXISTS`` of a version's list table and its assignments table."""
     return sql.SQL("DROP TABLE IF EXISTS {}.{}, {}.{}").format(
-        sql.Identifier(schema), sql.Identifier(table), sql.Identifier(schema),
-        sql.Identifier(assignments_table_name(table)))
+        sql.Identifier(schema),
+        sql.Identifier(table),
+        sql.Identifier(schema),
+        sql.Identifier(assignments_table_name(table)),
+    )
 
 
 # =================================================================================================
@@ -608,24 +743,28 @@ def connect(dsn: str, *, lock_timeout_ms: int) -> PgConnection:
     :class:`ServingConnectionError` naming host and database."""
     normalized = normalize_dsn(dsn)
     try:
-        conn = psycopg2.connect(normalized, connect_timeout=CONNECT_TIMEOUT_S,
-                                application_name="recs-pipeline-serving")
+        conn = psycopg2.connect(
+            normalized, connect_timeout=CONNECT_TIMEOUT_S, application_name="recs-pipeline-serving"
+        )
     except psycopg2.Error as exc:
         raise ServingConnectionError(
             f"cannot connect to the serving database ({describe_dsn(dsn)}): "
-            f"{scrub(str(exc).strip(), dsn)}") from None
+            f"{scrub(str(exc).strip(), dsn)}"
+        ) from None
     try:
         with conn.cursor() as cur:
             cur.execute("SET TIME ZONE 'UTC'")
             cur.execute("SET client_min_messages = warning")  # no "already exists, skipping"
-            cur.execute("SELECT set_config('lock_timeout', %s, false)",
-                        (f"{int(lock_timeout_ms)}ms",))
+            cur.execute(
+                "SELECT set_config('lock_timeout', %s, false)", (f"{int(lock_timeout_ms)}ms",)
+            )
         conn.commit()
     except psycopg2.Error as exc:
         conn.close()
         raise ServingConnectionError(
             f"cannot set up the session on the serving database ({describe_dsn(dsn)}): "
-            f"{scrub(str(exc).strip(), dsn)}") from None
+            f"{scrub(str(exc).strip(), dsn)}"
+        ) from None
     return conn
 
 
@@ -658,8 +797,7 @@ def _advisory_lock(conn: PgConnection, key: int, wait_s: float, holder: str) -> 
     """Take the session advisory lock ``key``, waiting at most ``wait_s`` seconds."""
     try:
         with _transaction(conn) as cur:
-            cur.execute("SELECT set_config('lock_timeout', %s, true)",
-                        (f"{int(wait_s * 1000)}ms",))
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(wait_s * 1000)}ms",))
             cur.execute("SELECT pg_advisory_lock(%s)", (key,))
     except pg_errors.LockNotAvailable:
         raise ServingError(f"{holder} held the lock for over {wait_s:g} s") from None
@@ -684,12 +822,15 @@ def normalize_dsn(dsn: str) -> str:
             where = f" (host={parts.hostname or ''} dbname={parts.path.lstrip('/')})"
         raise ServingConnectionError(
             f"unsupported serving DSN scheme {scheme!r}{where}: expected postgresql:// (or "
-            "dsn=None for the embedded SQLite file)")
+            "dsn=None for the embedded SQLite file)"
+        )
     parts = urllib.parse.urlsplit(f"postgresql://{rest}")
     pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if any(key == "__extra__" for key, _ in pairs):
-        query = urllib.parse.urlencode([(key, value) for key, value in pairs if key != "__extra__"],
-                                       quote_via=urllib.parse.quote)
+        query = urllib.parse.urlencode(
+            [(key, value) for key, value in pairs if key != "__extra__"],
+            quote_via=urllib.parse.quote,
+        )
         parts = parts._replace(query=query)
     return urllib.parse.urlunsplit(parts)
 
@@ -702,12 +843,16 @@ def describe_dsn(dsn: str) -> str:
     except (psycopg2.Error, ServingError):
         try:
             parts = urllib.parse.urlsplit(dsn.strip())
-            fields = {"host": parts.hostname or "", "dbname": parts.path.lstrip("/"),
-                      "user": parts.username or ""}
+            fields = {
+                "host": parts.hostname or "",
+                "dbname": parts.path.lstrip("/"),
+                "user": parts.username or "",
+            }
         except ValueError:
             return "an unparseable serving DSN"
-    shown = [f"{key}={fields[key]}" for key in ("host", "port", "dbname", "user")
-             if fields.get(key)]
+    shown = [
+        f"{key}={fields[key]}" for key in ("host", "port", "dbname", "user") if fields.get(key)
+    ]
     return "postgres " + (" ".join(shown) if shown else "(libpq defaults)")
 
 
@@ -729,10 +874,18 @@ def scrub(message: str, dsn: str) -> str:
 # =================================================================================================
 
 
-def _query(name: str, schema: str, *, table: str | None = None, index: str | None = None,
-           lock_timeout_ms: int | None = None, memory: str | None = None,
-           literals: Mapping[str, Any] | None = None, assignments: str | None = None,
-           columns: tuple[str, ...] | None = None) -> sql.Composed:
+def _query(
+    name: str,
+    schema: str,
+    *,
+    table: str | None = None,
+    index: str | None = None,
+    lock_timeout_ms: int | None = None,
+    memory: str | None = None,
+    literals: Mapping[str, Any] | None = None,
+    assignments: str | None = None,
+    columns: tuple[str, ...] | None = None,
+) -> sql.Composed:
     """A Postgres SQL file with its placeholders filled as identifiers or literals (values in
     ``literals`` become :class:`psycopg2.sql.Literal`; DDL cannot take bind parameters)."""
     parts: dict[str, sql.Composable] = {
@@ -782,13 +935,18 @@ def render_csv(chunk: pd.DataFrame) -> bytes:
 class CsvChunkStream:
     """File-like ``read()`` over CSV rendered one chunk of rows at a time (bounded memory)."""
 
-    def __init__(self, frame: pd.DataFrame, chunk_rows: int | None = None,
-                 columns: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        chunk_rows: int | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> None:
         chunk_rows = chunk_rows or LOAD_CHUNK_ROWS
         if columns is not None:
             frame = frame[list(columns)]
-        self._chunks = (frame.iloc[start:start + chunk_rows]
-                        for start in range(0, len(frame), chunk_rows))
+        self._chunks = (
+            frame.iloc[start : start + chunk_rows] for start in range(0, len(frame), chunk_rows)
+        )
         self._current = io.BytesIO()
 
     def read(self, size: int = -1) -> bytes:

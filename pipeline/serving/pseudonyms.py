@@ -38,41 +38,51 @@ logger = logging.getLogger(__name__)
 TABLE = "user_pseudonyms"
 
 
-def record_pseudonyms(pairs: pd.DataFrame, *, dsn: str | None, sqlite_path: Path,
-                      schema: str | None = None) -> int:
+def record_pseudonyms(
+    pairs: pd.DataFrame, *, dsn: str | None, sqlite_path: Path, schema: str | None = None
+) -> int:
     """Record ``pseudonym, user_id`` pairs (kept when already there); how many were new."""
     if not len(pairs):
         return 0
     added = backend_for(dsn, sqlite_path, schema).write_pseudonyms(
-        pairs[["pseudonym", "user_id"]].drop_duplicates("pseudonym"))
+        pairs[["pseudonym", "user_id"]].drop_duplicates("pseudonym")
+    )
     logger.info("pseudonym mapping: %d pair(s) recorded, %d new", len(pairs), added)
     return added
 
 
-def pseudonym_recorder(dsn: str | None, sqlite_path: Path, schema: str | None = None
-                       ) -> Callable[[pd.DataFrame], None]:
+def pseudonym_recorder(
+    dsn: str | None, sqlite_path: Path, schema: str | None = None
+) -> Callable[[pd.DataFrame], None]:
     """The ``record_pseudonyms`` callback of :func:`pipeline.lake.ingest.ingest_lake`."""
+
     def record(pairs: pd.DataFrame) -> None:
         record_pseudonyms(pairs, dsn=dsn, sqlite_path=sqlite_path, schema=schema)
 
     return record
 
 
-def read_pseudonyms(*, dsn: str | None, sqlite_path: Path, schema: str | None = None
-                    ) -> pd.Series:
+def read_pseudonyms(*, dsn: str | None, sqlite_path: Path, schema: str | None = None) -> pd.Series:
     """Every pair, as a Series ``user_id`` indexed by ``pseudonym``."""
     frame = backend_for(dsn, sqlite_path, schema).read_pseudonyms()
-    return pd.Series(frame["user_id"].to_numpy(object), index=pd.Index(
-        frame["pseudonym"].to_numpy(object), name="pseudonym"), name="user_id", dtype=object)
+    return pd.Series(
+        frame["user_id"].to_numpy(object),
+        index=pd.Index(frame["pseudonym"].to_numpy(object), name="pseudonym"),
+        name="user_id",
+        dtype=object,
+    )
 
 
-def to_cms_ids(stored_ids: Iterable[object], *, dsn: str | None, sqlite_path: Path,
-               schema: str | None = None) -> np.ndarray:
+def to_cms_ids(
+    stored_ids: Iterable[object], *, dsn: str | None, sqlite_path: Path, schema: str | None = None
+) -> np.ndarray:
     """The CMS id of each stored id (an object array, same order): a pseudonym through the
     mapping (None when it has no row), any other id as is. The mapping is read only when
     some id is a pseudonym."""
-    ids = np.asarray(list(stored_ids) if not isinstance(stored_ids, (np.ndarray, pd.Series))
-                     else stored_ids, dtype=object)
+    ids = np.asarray(
+        list(stored_ids) if not isinstance(stored_ids, (np.ndarray, pd.Series)) else stored_ids,
+        dtype=object,
+    )
     out = ids.copy()
     pseudo = pseudonym_mask(ids)
     if pseudo.any():
@@ -82,8 +92,14 @@ def to_cms_ids(stored_ids: Iterable[object], *, dsn: str | None, sqlite_path: Pa
     return out
 
 
-def rekey(settings: Settings, new_key: bytes, *, dsn: str | None = None,
-          schema: str | None = None, dry_run: bool = False) -> dict:
+def rekey(
+    settings: Settings,
+    new_key: bytes,
+    *,
+    dsn: str | None = None,
+    schema: str | None = None,
+    dry_run: bool = False,
+) -> dict:
     """Rotate the pseudonymisation key: every stored user id of the lake parts, quarantine and
     served-list history becomes the new key's pseudonym of the same CMS id, found through
     ``user_pseudonyms`` (ids in clear, of a lake written before any key, are CMS ids
@@ -110,28 +126,48 @@ def rekey(settings: Settings, new_key: bytes, *, dsn: str | None = None,
         if pseudo.any():
             found = pd.Series(old[pseudo]).map(mapping)
             cms[pseudo] = found.astype(object).where(found.notna(), None).to_numpy(object)
-            unmapped.update(o for o, c in zip(old[pseudo], cms[pseudo], strict=True)
-                            if c is None)
-        clear = ~pseudo & np.array([isinstance(o, str) and o != DEFAULT_USER
-                                    and not o.startswith((f"{DEFAULT_USER}:", ERASED_PREFIX))
-                                    for o in old], dtype=bool)
+            unmapped.update(o for o, c in zip(old[pseudo], cms[pseudo], strict=True) if c is None)
+        clear = ~pseudo & np.array(
+            [
+                isinstance(o, str)
+                and o != DEFAULT_USER
+                and not o.startswith((f"{DEFAULT_USER}:", ERASED_PREFIX))
+                for o in old
+            ],
+            dtype=bool,
+        )
         cms[clear] = old[clear]
-        new = np.array([None if c is None else pseudonym(c, new_key) for c in cms],
-                       dtype=object)
-        pairs = pd.DataFrame({"pseudonym": [n for n in new if n is not None],
-                              "user_id": [c for c in cms if c is not None]})
+        new = np.array([None if c is None else pseudonym(c, new_key) for c in cms], dtype=object)
+        pairs = pd.DataFrame(
+            {
+                "pseudonym": [n for n in new if n is not None],
+                "user_id": [c for c in cms if c is not None],
+            }
+        )
         if len(pairs) and not dry_run:  # recorded before the file is rewritten
             recorded += record_pseudonyms(pairs, **store)
         return new
 
-    lake = rekey_lake(settings.lake_events_dir.parent, translate, dry_run=dry_run,
-                      new_key=new_key)
+    lake = rekey_lake(settings.lake_events_dir.parent, translate, dry_run=dry_run, new_key=new_key)
     if not dry_run:  # users known to the mapping but absent from the lake now keep theirs
-        recorded += record_pseudonyms(pd.DataFrame({
-            "pseudonym": [pseudonym(c, new_key) for c in mapping.to_numpy(object)],
-            "user_id": mapping.to_numpy(object)}), **store)
+        recorded += record_pseudonyms(
+            pd.DataFrame(
+                {
+                    "pseudonym": [pseudonym(c, new_key) for c in mapping.to_numpy(object)],
+                    "user_id": mapping.to_numpy(object),
+                }
+            ),
+            **store,
+        )
     if unmapped:
-        logger.warning("rekey: %d stored pseudonym(s) have no row in user_pseudonyms and "
-                       "were left as they are", len(unmapped))
-    return {**lake.to_dict(), "pairs_recorded": recorded, "unmapped_ids": len(unmapped),
-            "dry_run": dry_run}
+        logger.warning(
+            "rekey: %d stored pseudonym(s) have no row in user_pseudonyms and "
+            "were left as they are",
+            len(unmapped),
+        )
+    return {
+        **lake.to_dict(),
+        "pairs_recorded": recorded,
+        "unmapped_ids": len(unmapped),
+        "dry_run": dry_run,
+    }

@@ -71,15 +71,28 @@ class RuleStats:
     short_examples: list[str] = field(default_factory=list)
 
     def add(self, other: RuleStats) -> None:
-        for name in ("users", "rows", "dropped_consumed", "dropped_ineligible", "filled_lists",
-                     "relaxed_lists", "short_lists"):
+        for name in (
+            "users",
+            "rows",
+            "dropped_consumed",
+            "dropped_ineligible",
+            "filled_lists",
+            "relaxed_lists",
+            "short_lists",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.short_examples = (self.short_examples + other.short_examples)[:5]
 
     def to_dict(self) -> dict:
-        return {"users": self.users, "rows": self.rows, "dropped_consumed": self.dropped_consumed,
-                "dropped_ineligible": self.dropped_ineligible, "filled_lists": self.filled_lists,
-                "relaxed_lists": self.relaxed_lists, "short_lists": self.short_lists}
+        return {
+            "users": self.users,
+            "rows": self.rows,
+            "dropped_consumed": self.dropped_consumed,
+            "dropped_ineligible": self.dropped_ineligible,
+            "filled_lists": self.filled_lists,
+            "relaxed_lists": self.relaxed_lists,
+            "short_lists": self.short_lists,
+        }
 
 
 @dataclass(frozen=True)
@@ -109,10 +122,10 @@ class _Rules:
     cap: int | None
     default_user: str
     consumed: _Consumed
-    item_index: pd.Index      # items with metadata
-    item_ok: np.ndarray       # per item_index entry: eligible
-    item_cat: np.ndarray      # per item_index entry: category code, -1 none
-    fallback: pd.DataFrame    # eligible fallback rows: item_id, score, reason (best first)
+    item_index: pd.Index  # items with metadata
+    item_ok: np.ndarray  # per item_index entry: eligible
+    item_cat: np.ndarray  # per item_index entry: category code, -1 none
+    fallback: pd.DataFrame  # eligible fallback rows: item_id, score, reason (best first)
 
 
 # =================================================================================================
@@ -120,8 +133,9 @@ class _Rules:
 # =================================================================================================
 
 
-def build_consumed(events: EncodedEvents | pd.DataFrame,
-                   event_types: Collection[str] | None = None) -> pd.DataFrame:
+def build_consumed(
+    events: EncodedEvents | pd.DataFrame, event_types: Collection[str] | None = None
+) -> pd.DataFrame:
     """Distinct (user_id, item_id) pairs the users consumed: events of ``event_types`` (None:
     every type). On encoded events the pairs are deduplicated on codes, then named by id."""
     frame = events.frame if isinstance(events, EncodedEvents) else events
@@ -129,8 +143,12 @@ def build_consumed(events: EncodedEvents | pd.DataFrame,
         frame = frame[frame["event_type"].isin(list(event_types)).to_numpy()]
     if isinstance(events, EncodedEvents):
         pairs = frame[["user_id", "item_id"]].drop_duplicates()
-        return pd.DataFrame({"user_id": events.users.decode(pairs["user_id"]),
-                             "item_id": events.items.decode(pairs["item_id"])})
+        return pd.DataFrame(
+            {
+                "user_id": events.users.decode(pairs["user_id"]),
+                "item_id": events.items.decode(pairs["item_id"]),
+            }
+        )
     pairs = frame[["user_id", "item_id"]].astype(str).drop_duplicates()
     return pairs.reset_index(drop=True)
 
@@ -157,12 +175,18 @@ def apply_business_rules(
     ``default_user`` list is always part of the result. Users are processed ``chunk_users`` at a
     time, so memory follows the chunk, not the whole candidate set.
     """
-    rules = _prepare_rules(consumed=consumed, items=items, fallback=fallback, n=n,
-                           max_per_category=max_per_category, item_ttl_days=item_ttl_days,
-                           cutoff=cutoff, default_user=default_user)
+    rules = _prepare_rules(
+        consumed=consumed,
+        items=items,
+        fallback=fallback,
+        n=n,
+        max_per_category=max_per_category,
+        item_ttl_days=item_ttl_days,
+        cutoff=cutoff,
+        default_user=default_user,
+    )
     stats = RuleStats()
-    lists = _apply_in_chunks(candidates, rules, chunk_users, stats,
-                             include_default=include_default)
+    lists = _apply_in_chunks(candidates, rules, chunk_users, stats, include_default=include_default)
     _log_stats(stats, rules)
     return lists
 
@@ -187,19 +211,29 @@ def recommend_with_rules(
     included) and what the rules did. Only one chunk of candidates is in memory at a time."""
     if candidate_multiplier < 1:
         raise ValueError(f"candidate_multiplier must be >= 1, got {candidate_multiplier}")
-    rules = _prepare_rules(consumed=consumed, items=items, fallback=fallback, n=n,
-                           max_per_category=max_per_category, item_ttl_days=item_ttl_days,
-                           cutoff=cutoff, default_user=default_user)
+    rules = _prepare_rules(
+        consumed=consumed,
+        items=items,
+        fallback=fallback,
+        n=n,
+        max_per_category=max_per_category,
+        item_ttl_days=item_ttl_days,
+        cutoff=cutoff,
+        default_user=default_user,
+    )
     users = pd.unique(pd.Series(np.asarray(user_ids, dtype=object)).astype(str))
     users = users[users != default_user]
     stats = RuleStats()
     parts: list[pd.DataFrame] = []
     for start in range(0, len(users), chunk_users):
-        chunk = users[start:start + chunk_users]
+        chunk = users[start : start + chunk_users]
         candidates = recommend(chunk, n * candidate_multiplier)
         parts.append(_apply_chunk(candidates, chunk, None, rules, stats))
-    parts.append(_apply_chunk(None, np.array([default_user], dtype=object), None, rules, stats,
-                              check_consumed=False))
+    parts.append(
+        _apply_chunk(
+            None, np.array([default_user], dtype=object), None, rules, stats, check_consumed=False
+        )
+    )
     _log_stats(stats, rules)
     return _concat(parts), stats
 
@@ -209,9 +243,17 @@ def recommend_with_rules(
 # =================================================================================================
 
 
-def _prepare_rules(*, consumed: pd.DataFrame, items: pd.DataFrame | None,
-                   fallback: pd.DataFrame, n: int, max_per_category: int | None,
-                   item_ttl_days: int | None, cutoff: dt.datetime, default_user: str) -> _Rules:
+def _prepare_rules(
+    *,
+    consumed: pd.DataFrame,
+    items: pd.DataFrame | None,
+    fallback: pd.DataFrame,
+    n: int,
+    max_per_category: int | None,
+    item_ttl_days: int | None,
+    cutoff: dt.datetime,
+    default_user: str,
+) -> _Rules:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if max_per_category is not None and max_per_category < 1:
@@ -227,9 +269,16 @@ def _prepare_rules(*, consumed: pd.DataFrame, items: pd.DataFrame | None,
     fb = fb.drop_duplicates("item_id").reset_index(drop=True)
     eligible, _ = _lookup_items(item_index, item_ok, item_cat, fb["item_id"].to_numpy(object))
     fb = fb[eligible].reset_index(drop=True)
-    return _Rules(n=int(n), cap=max_per_category, default_user=default_user,
-                  consumed=_index_consumed(consumed), item_index=item_index, item_ok=item_ok,
-                  item_cat=item_cat, fallback=fb)
+    return _Rules(
+        n=int(n),
+        cap=max_per_category,
+        default_user=default_user,
+        consumed=_index_consumed(consumed),
+        item_index=item_index,
+        item_ok=item_ok,
+        item_cat=item_cat,
+        fallback=fb,
+    )
 
 
 def _index_consumed(consumed: pd.DataFrame) -> _Consumed:
@@ -248,8 +297,9 @@ def _factorize(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
     return np.asarray(codes, np.int64), pd.Index(np.asarray(uniques, dtype=object), dtype=object)
 
 
-def _item_facts(items: pd.DataFrame | None, ttl_days: int | None,
-                cutoff: dt.datetime) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+def _item_facts(
+    items: pd.DataFrame | None, ttl_days: int | None, cutoff: dt.datetime
+) -> tuple[pd.Index, np.ndarray, np.ndarray]:
     """(item ids, eligible, category code) for the items with metadata."""
     if items is None or items.empty or "item_id" not in items:
         return pd.Index([], dtype=object), np.ones(0, bool), np.full(0, -1, np.int64)
@@ -258,8 +308,9 @@ def _item_facts(items: pd.DataFrame | None, ttl_days: int | None,
     if "available" in side:
         ok &= _parse_available(side["available"])
     if ttl_days is not None and "published_at" in side:
-        published = pd.to_datetime(side["published_at"], utc=True, errors="coerce",
-                                   format="ISO8601")
+        published = pd.to_datetime(
+            side["published_at"], utc=True, errors="coerce", format="ISO8601"
+        )
         oldest = pd.Timestamp(cutoff) - pd.Timedelta(days=ttl_days)
         ok &= ~(published < oldest).to_numpy(dtype=bool)  # NaT compares False: eligible
     cat = np.full(len(side), -1, np.int64)
@@ -270,8 +321,9 @@ def _item_facts(items: pd.DataFrame | None, ttl_days: int | None,
     return pd.Index(side["item_id"].astype(str).to_numpy(object), dtype=object), ok, cat
 
 
-def _lookup_items(index: pd.Index, ok: np.ndarray, cat: np.ndarray,
-                  item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _lookup_items(
+    index: pd.Index, ok: np.ndarray, cat: np.ndarray, item_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(eligible, category code) of ``item_ids``; items without metadata: eligible, no category."""
     if len(index) == 0:
         return np.ones(len(item_ids), bool), np.full(len(item_ids), -1, np.int64)
@@ -290,8 +342,11 @@ def _parse_available(values: pd.Series) -> np.ndarray:
     unknown = values.isna().to_numpy(dtype=bool)
     unreadable = parsed.isna().to_numpy(dtype=bool) & ~unknown
     if unreadable.any():
-        logger.warning("%d item(s) have an unreadable 'available' value (e.g. %r): treated as "
-                       "unavailable", int(unreadable.sum()), values[unreadable].iloc[0])
+        logger.warning(
+            "%d item(s) have an unreadable 'available' value (e.g. %r): treated as unavailable",
+            int(unreadable.sum()),
+            values[unreadable].iloc[0],
+        )
     return known_true | unknown
 
 
@@ -300,8 +355,14 @@ def _parse_available(values: pd.Series) -> np.ndarray:
 # =================================================================================================
 
 
-def _apply_in_chunks(candidates: pd.DataFrame, rules: _Rules, chunk_users: int,
-                     stats: RuleStats, *, include_default: bool) -> pd.DataFrame:
+def _apply_in_chunks(
+    candidates: pd.DataFrame,
+    rules: _Rules,
+    chunk_users: int,
+    stats: RuleStats,
+    *,
+    include_default: bool,
+) -> pd.DataFrame:
     """All users of ``candidates``, ``chunk_users`` at a time; the default list last."""
     missing = [c for c in CANDIDATE_COLUMNS if c not in candidates.columns]
     if missing:
@@ -316,25 +377,47 @@ def _apply_in_chunks(candidates: pd.DataFrame, rules: _Rules, chunk_users: int,
     parts: list[pd.DataFrame] = []
     for lo in range(0, len(users), chunk_users):
         hi = min(lo + chunk_users, len(users))
-        rows = order[np.searchsorted(sorted_codes, lo):np.searchsorted(sorted_codes, hi)]
+        rows = order[np.searchsorted(sorted_codes, lo) : np.searchsorted(sorted_codes, hi)]
         rows = rows[personal[codes[rows]]]
         local = np.cumsum(personal[lo:hi]) - 1  # chunk position of each personal user
-        parts.append(_apply_chunk(candidates.iloc[rows], user_ids[lo:hi][personal[lo:hi]],
-                                  local[codes[rows] - lo], rules, stats))
+        parts.append(
+            _apply_chunk(
+                candidates.iloc[rows],
+                user_ids[lo:hi][personal[lo:hi]],
+                local[codes[rows] - lo],
+                rules,
+                stats,
+            )
+        )
     if include_default:
         own = np.flatnonzero(~personal)
-        rows = (order[np.searchsorted(sorted_codes, own[0]):
-                      np.searchsorted(sorted_codes, own[0] + 1)] if len(own) else order[:0])
-        parts.append(_apply_chunk(candidates.iloc[rows], np.array([rules.default_user],
-                                                                  dtype=object),
-                                  np.zeros(len(rows), np.int64), rules, stats,
-                                  check_consumed=False))
+        rows = (
+            order[np.searchsorted(sorted_codes, own[0]) : np.searchsorted(sorted_codes, own[0] + 1)]
+            if len(own)
+            else order[:0]
+        )
+        parts.append(
+            _apply_chunk(
+                candidates.iloc[rows],
+                np.array([rules.default_user], dtype=object),
+                np.zeros(len(rows), np.int64),
+                rules,
+                stats,
+                check_consumed=False,
+            )
+        )
     return _concat(parts)
 
 
-def _apply_chunk(candidates: pd.DataFrame | None, users: np.ndarray,
-                 user_pos: np.ndarray | None, rules: _Rules, stats: RuleStats, *,
-                 check_consumed: bool = True) -> pd.DataFrame:
+def _apply_chunk(
+    candidates: pd.DataFrame | None,
+    users: np.ndarray,
+    user_pos: np.ndarray | None,
+    rules: _Rules,
+    stats: RuleStats,
+    *,
+    check_consumed: bool = True,
+) -> pd.DataFrame:
     """The rules for one chunk: ``users`` (distinct) and their candidates; ``user_pos`` (if
     known) is each candidate's position in ``users``.
 
@@ -364,8 +447,9 @@ def _apply_chunk(candidates: pd.DataFrame | None, users: np.ndarray,
     p_items = item_codes[order]
     v_ok, v_cat = _lookup_items(rules.item_index, rules.item_ok, rules.item_cat, vocab)
     v_consumed_item = rules.consumed.items.get_indexer(vocab)
-    u_consumed = (rules.consumed.users.get_indexer(users) if check_consumed
-                  else np.full(len(users), -1))
+    u_consumed = (
+        rules.consumed.users.get_indexer(users) if check_consumed else np.full(len(users), -1)
+    )
 
     # Stage A: personal candidates under rules 1-4.
     eligible = v_ok[p_items]
@@ -382,11 +466,15 @@ def _apply_chunk(candidates: pd.DataFrame | None, users: np.ndarray,
     if len(short):
         stats.filled_lists += len(short)
         is_short = np.isin(chosen["u"], short)
-        pool_b = _sorted(_stack(_take(chosen, is_short),
-                                _fallback_pool(short, f_items, rules, u_consumed,
-                                               v_consumed_item)))
-        chosen = _stack(_take(chosen, ~is_short),
-                        _take(pool_b, _select(pool_b, v_cat, n, rules.cap)))
+        pool_b = _sorted(
+            _stack(
+                _take(chosen, is_short),
+                _fallback_pool(short, f_items, rules, u_consumed, v_consumed_item),
+            )
+        )
+        chosen = _stack(
+            _take(chosen, ~is_short), _take(pool_b, _select(pool_b, v_cat, n, rules.cap))
+        )
         have = np.bincount(chosen["u"], minlength=len(users))
 
         # Stage C: still short: the best remaining fallback items, category cap lifted.
@@ -396,16 +484,16 @@ def _apply_chunk(candidates: pd.DataFrame | None, users: np.ndarray,
             extra = _fallback_pool(still, f_items, rules, u_consumed, v_consumed_item)
             extra["prio"] += _FALLBACK_PRIORITY  # after every capped pick: the top stays diverse
             taken = _pair_keys(chosen["u"], chosen["item"], len(vocab))
-            extra = _take(extra, ~np.isin(_pair_keys(extra["u"], extra["item"], len(vocab)),
-                                          taken))
+            extra = _take(extra, ~np.isin(_pair_keys(extra["u"], extra["item"], len(vocab)), taken))
             room = (n - have)[extra["u"]]
             extra = _take(extra, _cumcount(extra["u"]) < room)
             chosen = _stack(chosen, extra)
             have = np.bincount(chosen["u"], minlength=len(users))
             short_users = np.flatnonzero(have < n)
             stats.short_lists += len(short_users)
-            stats.short_examples = (stats.short_examples
-                                    + [str(users[i]) for i in short_users[:5]])[:5]
+            stats.short_examples = (
+                stats.short_examples + [str(users[i]) for i in short_users[:5]]
+            )[:5]
 
     stats.users += len(users)
     stats.rows += len(chosen["u"])
@@ -416,8 +504,12 @@ _Pool = dict  # column name -> equally long numpy array: u, prio, item, ref
 
 
 def _pool(u: np.ndarray, prio: np.ndarray, item: np.ndarray, ref: np.ndarray) -> _Pool:
-    return {"u": np.asarray(u, np.int64), "prio": np.asarray(prio, np.int64),
-            "item": np.asarray(item, np.int64), "ref": np.asarray(ref, np.int64)}
+    return {
+        "u": np.asarray(u, np.int64),
+        "prio": np.asarray(prio, np.int64),
+        "item": np.asarray(item, np.int64),
+        "ref": np.asarray(ref, np.int64),
+    }
 
 
 def _take(pool: _Pool, index: np.ndarray) -> _Pool:
@@ -432,8 +524,13 @@ def _sorted(pool: _Pool) -> _Pool:
     return _take(pool, np.lexsort((pool["prio"], pool["u"])))
 
 
-def _fallback_pool(users: np.ndarray, f_items: np.ndarray, rules: _Rules,
-                   u_consumed: np.ndarray, v_consumed_item: np.ndarray) -> _Pool:
+def _fallback_pool(
+    users: np.ndarray,
+    f_items: np.ndarray,
+    rules: _Rules,
+    u_consumed: np.ndarray,
+    v_consumed_item: np.ndarray,
+) -> _Pool:
     """The (eligible) fallback list for each of ``users``, minus what each consumed."""
     k = len(f_items)
     u = np.repeat(users.astype(np.int64), k)
@@ -472,19 +569,22 @@ def _pair_keys(a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
     return a.astype(np.int64) * max(int(width), 1) + b.astype(np.int64)
 
 
-def _finish(chosen: _Pool, users: np.ndarray, vocab: np.ndarray, cand: pd.DataFrame,
-            fb: pd.DataFrame) -> pd.DataFrame:
+def _finish(
+    chosen: _Pool, users: np.ndarray, vocab: np.ndarray, cand: pd.DataFrame, fb: pd.DataFrame
+) -> pd.DataFrame:
     """Chosen rows (sorted by user, priority) in output form: ranks 1..k per user."""
     ref = chosen["ref"]
     personal = ref >= 0
     cand_row, fb_row = ref[personal], -1 - ref[~personal]
 
-    def gather(personal_values: np.ndarray, fallback_values: np.ndarray | object,
-               dtype: type = object) -> np.ndarray:
+    def gather(
+        personal_values: np.ndarray, fallback_values: np.ndarray | object, dtype: type = object
+    ) -> np.ndarray:
         out = np.empty(len(ref), dtype=dtype)
         out[personal] = personal_values
-        out[~personal] = (fallback_values[fb_row] if isinstance(fallback_values, np.ndarray)
-                          else fallback_values)
+        out[~personal] = (
+            fallback_values[fb_row] if isinstance(fallback_values, np.ndarray) else fallback_values
+        )
         return out
 
     reason = gather(_object_rows(cand["reason"], cand_row), fb["reason"].to_numpy(object))
@@ -494,14 +594,16 @@ def _finish(chosen: _Pool, users: np.ndarray, vocab: np.ndarray, cand: pd.DataFr
     source = gather(_object_rows(cand["source"], cand_row), FILL_SOURCE)
     source[pd.isna(source)] = FILL_SOURCE
     score = gather(_numbers(cand["score"].take(cand_row)), _numbers(fb["score"]), np.float32)
-    return pd.DataFrame({
-        "user_id": pd.Series(users[chosen["u"]], dtype=object),
-        "rank": (_cumcount(chosen["u"]) + 1).astype(np.int16),
-        "item_id": pd.Series(np.asarray(vocab, dtype=object)[chosen["item"]], dtype=object),
-        "score": score,
-        "reason": pd.Series(reason, dtype=object),
-        "source": pd.Series(source, dtype=object),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": pd.Series(users[chosen["u"]], dtype=object),
+            "rank": (_cumcount(chosen["u"]) + 1).astype(np.int16),
+            "item_id": pd.Series(np.asarray(vocab, dtype=object)[chosen["item"]], dtype=object),
+            "score": score,
+            "reason": pd.Series(reason, dtype=object),
+            "source": pd.Series(source, dtype=object),
+        }
+    )
 
 
 def _object_rows(values: pd.Series, rows: np.ndarray) -> np.ndarray:
@@ -516,19 +618,36 @@ def _numbers(values: pd.Series) -> np.ndarray:
 def _concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
     parts = [part for part in parts if len(part)]
     if not parts:
-        return pd.DataFrame({
-            "user_id": pd.Series(dtype=object), "rank": pd.Series(dtype=np.int16),
-            "item_id": pd.Series(dtype=object), "score": pd.Series(dtype=np.float32),
-            "reason": pd.Series(dtype=object), "source": pd.Series(dtype=object)})
+        return pd.DataFrame(
+            {
+                "user_id": pd.Series(dtype=object),
+                "rank": pd.Series(dtype=np.int16),
+                "item_id": pd.Series(dtype=object),
+                "score": pd.Series(dtype=np.float32),
+                "reason": pd.Series(dtype=object),
+                "source": pd.Series(dtype=object),
+            }
+        )
     return pd.concat(parts, ignore_index=True)
 
 
 def _log_stats(stats: RuleStats, rules: _Rules) -> None:
-    logger.info("business rules: %d lists, %d rows; dropped %d consumed and %d unavailable/"
-                "expired candidates; %d lists filled from the fallback, %d with the category "
-                "cap lifted", stats.users, stats.rows, stats.dropped_consumed,
-                stats.dropped_ineligible, stats.filled_lists, stats.relaxed_lists)
+    logger.info(
+        "business rules: %d lists, %d rows; dropped %d consumed and %d unavailable/"
+        "expired candidates; %d lists filled from the fallback, %d with the category "
+        "cap lifted",
+        stats.users,
+        stats.rows,
+        stats.dropped_consumed,
+        stats.dropped_ineligible,
+        stats.filled_lists,
+        stats.relaxed_lists,
+    )
     if stats.short_lists:
-        logger.warning("%d list(s) have fewer than %d items even after the fallback (no more "
-                       "eligible items), e.g. %s", stats.short_lists, rules.n,
-                       stats.short_examples)
+        logger.warning(
+            "%d list(s) have fewer than %d items even after the fallback (no more "
+            "eligible items), e.g. %s",
+            stats.short_lists,
+            rules.n,
+            stats.short_examples,
+        )

@@ -87,14 +87,16 @@ class SqliteBackend:
         """Autocommit connection (transactions are explicit) or a clear error naming the file."""
         if must_exist and not self.path.exists():
             raise NothingPublishedError(
-                f"no serving database at {self.path}: nothing published yet")
+                f"no serving database at {self.path}: nothing published yet"
+            )
         try:
             if not must_exist:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             return sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
             raise ServingConnectionError(
-                f"cannot open the serving SQLite database {self.path}: {exc}") from None
+                f"cannot open the serving SQLite database {self.path}: {exc}"
+            ) from None
 
     def publish_lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive ``flock`` on ``<file>.publish-lock``: one publisher per SQLite file."""
@@ -109,7 +111,8 @@ class SqliteBackend:
             handle = open(lock_path, "a+b")  # noqa: SIM115 (closed below)
         except OSError as exc:
             raise ServingConnectionError(
-                f"cannot open the {what} lock {lock_path}: {exc}") from None
+                f"cannot open the {what} lock {lock_path}: {exc}"
+            ) from None
         try:
             deadline = time.monotonic() + wait_s
             while True:
@@ -118,8 +121,9 @@ class SqliteBackend:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise ServingError(f"another {what} held {lock_path} for over "
-                                           f"{wait_s:g} s") from None
+                        raise ServingError(
+                            f"another {what} held {lock_path} for over {wait_s:g} s"
+                        ) from None
                     time.sleep(0.05)
             try:
                 yield
@@ -151,22 +155,23 @@ class SqliteBackend:
     # --------------------------------------------------------------------------- reads, audit
 
     def read_rows(self, name: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        with contextlib.closing(self.connect(timeout_s=READ_LOCK_TIMEOUT_MS / 1000,
-                                             must_exist=True)) as conn:
+        with contextlib.closing(
+            self.connect(timeout_s=READ_LOCK_TIMEOUT_MS / 1000, must_exist=True)
+        ) as conn:
             try:
-                return conn.execute(_query(name, view=VIEW_NAME,
-                                           assignments_view=ASSIGNMENTS_VIEW),
-                                    dict(params)).fetchall()
+                return conn.execute(
+                    _query(name, view=VIEW_NAME, assignments_view=ASSIGNMENTS_VIEW), dict(params)
+                ).fetchall()
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):
                     raise NothingPublishedError(f"nothing published yet in {self.path}") from None
                 if "no such column" in str(exc):
-                    raise SchemaOutdated(f"{self.path} predates this code ({exc}); a migration "
-                                         "upgrades it") from None
+                    raise SchemaOutdated(
+                        f"{self.path} predates this code ({exc}); a migration upgrades it"
+                    ) from None
                 raise ServingError(f"reading {VIEW_NAME} in {self.path} failed: {exc}") from None
 
-    def replace_rows(self, table: str, key: Mapping[str, Any],
-                     rows: list[dict[str, Any]]) -> None:
+    def replace_rows(self, table: str, key: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
         def iso(value: Any) -> Any:
             return value.strftime(ISO_UTC) if isinstance(value, datetime) else value
 
@@ -174,19 +179,24 @@ class SqliteBackend:
         with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
             with _transaction(conn) as cur:
                 cur.execute(_query(f"delete_{table}.sql"), {k: iso(v) for k, v in key.items()})
-                cur.executemany(_query(f"insert_{table}.sql"),
-                                [{k: iso(v) for k, v in row.items()} for row in rows])
+                cur.executemany(
+                    _query(f"insert_{table}.sql"),
+                    [{k: iso(v) for k, v in row.items()} for row in rows],
+                )
 
-    def record_experiment(self, params: Mapping[str, Any],
-                          decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
-                          ) -> tuple[int, bool]:
+    def record_experiment(
+        self,
+        params: Mapping[str, Any],
+        decide: Callable[[tuple[Any, ...] | None, list[tuple[Any, ...]]], bool],
+    ) -> tuple[int, bool]:
         """``BEGIN IMMEDIATE`` excludes other writers for the read-decide-insert."""
         params = dict(params)
         if params["changed_at"] is not None:
             params["changed_at"] = params["changed_at"].strftime(ISO_UTC)
         self.ensure_schema()
-        with contextlib.closing(self.connect(timeout_s=EXPERIMENT_LOCK_TIMEOUT_MS / 1000,
-                                             must_exist=True)) as conn:
+        with contextlib.closing(
+            self.connect(timeout_s=EXPERIMENT_LOCK_TIMEOUT_MS / 1000, must_exist=True)
+        ) as conn:
             with _transaction(conn) as cur:
                 key = {"name": params["name"], "version": params["version"]}
                 existing = cur.execute(_query("experiment_version.sql"), key).fetchone()
@@ -195,8 +205,10 @@ class SqliteBackend:
                     return int(existing[0]), False
                 row = cur.execute(_query("insert_experiment.sql"), params).fetchone()
                 if row is None:  # cannot happen under the write lock; say so if it does
-                    raise ServingError(f"experiment {params['name']!r} version "
-                                       f"{params['version']} appeared while recording it")
+                    raise ServingError(
+                        f"experiment {params['name']!r} version "
+                        f"{params['version']} appeared while recording it"
+                    )
         return int(row[0]), True
 
     def insert_promotion(self, params: Mapping[str, Any]) -> int:
@@ -222,8 +234,10 @@ class SqliteBackend:
         ids = list(user_ids)
         if not self.path.exists():
             return found
-        with self.publish_lock(), contextlib.closing(
-                self.connect(timeout_s=30, must_exist=True)) as conn:
+        with (
+            self.publish_lock(),
+            contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn,
+        ):
             self.migrate(conn)
             conn.execute("PRAGMA secure_delete = ON")
             with _transaction(conn) as cur:
@@ -231,8 +245,9 @@ class SqliteBackend:
                 params = {"ids": json.dumps(ids)}  # one parameter, however many ids
                 for table in tables:
                     if dry_run:
-                        (count,) = cur.execute(_query("count_user_rows.sql", table=table),
-                                               params).fetchone()
+                        (count,) = cur.execute(
+                            _query("count_user_rows.sql", table=table), params
+                        ).fetchone()
                         found[table] = int(count)
                     else:
                         cur.execute(_query("delete_user_rows.sql", table=table), params)
@@ -253,8 +268,9 @@ class SqliteBackend:
                 row = cur.execute(_query("insert_erasure.sql"), params).fetchone()
                 if row is not None:
                     return int(row[0]), True
-                (existing,) = cur.execute("SELECT id FROM erasures WHERE request_id = ?",
-                                          (params["request_id"],)).fetchone()
+                (existing,) = cur.execute(
+                    "SELECT id FROM erasures WHERE request_id = ?", (params["request_id"],)
+                ).fetchone()
         return int(existing), False
 
     # --------------------------------------------------------------------------- pseudonyms
@@ -262,8 +278,12 @@ class SqliteBackend:
     def write_pseudonyms(self, pairs: pd.DataFrame) -> int:
         """Record ``pseudonym, user_id`` pairs (creating the schema if needed) in one
         transaction; pairs already recorded are kept. Returns how many were new."""
-        rows = [{"pseudonym": p, "user_id": u} for p, u in
-                zip(pairs["pseudonym"].astype(str), pairs["user_id"].astype(str), strict=True)]
+        rows = [
+            {"pseudonym": p, "user_id": u}
+            for p, u in zip(
+                pairs["pseudonym"].astype(str), pairs["user_id"].astype(str), strict=True
+            )
+        ]
         self.ensure_schema()
         with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
             with _transaction(conn) as cur:
@@ -273,8 +293,9 @@ class SqliteBackend:
 
     def read_pseudonyms(self) -> pd.DataFrame:
         """Every ``pseudonym, user_id`` pair; empty before the first."""
-        empty = pd.DataFrame({"pseudonym": pd.Series(dtype=object),
-                              "user_id": pd.Series(dtype=object)})
+        empty = pd.DataFrame(
+            {"pseudonym": pd.Series(dtype=object), "user_id": pd.Series(dtype=object)}
+        )
         if not self.path.exists():
             return empty
         with contextlib.closing(self.connect(timeout_s=30, must_exist=True)) as conn:
@@ -284,21 +305,26 @@ class SqliteBackend:
                 if "no such table" in str(exc):
                     return empty
                 raise
-        return pd.DataFrame(rows, columns=["pseudonym", "user_id"], dtype=object) if rows \
-            else empty
+        return pd.DataFrame(rows, columns=["pseudonym", "user_id"], dtype=object) if rows else empty
 
     # --------------------------------------------------------------------------- publish steps
 
     @contextlib.contextmanager
     def publishing(self, *, lock_timeout_ms: int) -> Iterator[sqlite3.Connection]:
-        with self.publish_lock(), contextlib.closing(
-                self.connect(timeout_s=lock_timeout_ms / 1000, must_exist=False)) as conn:
+        with (
+            self.publish_lock(),
+            contextlib.closing(
+                self.connect(timeout_s=lock_timeout_ms / 1000, must_exist=False)
+            ) as conn,
+        ):
             yield conn
 
     def fail_abandoned(self, conn: sqlite3.Connection) -> None:
         with _transaction(conn) as cur:
-            cur.execute("UPDATE recommendation_versions SET status = 'failed', "
-                        "error = 'abandoned by an interrupted publish' WHERE status = 'loading'")
+            cur.execute(
+                "UPDATE recommendation_versions SET status = 'failed', "
+                "error = 'abandoned by an interrupted publish' WHERE status = 'loading'"
+            )
             if cur.rowcount:
                 logger.warning("marked %d abandoned loading version(s) as failed", cur.rowcount)
 
@@ -306,20 +332,40 @@ class SqliteBackend:
         live = conn.execute(_query("live_version.sql")).fetchone()
         return live[5] if live else None
 
-    def reserve_version(self, conn: sqlite3.Connection, *, rows: int, users: int,
-                        model_version: str, logical_date: datetime) -> tuple[int, str]:
-        params = {"rows": rows, "users": users, "model_version": model_version,
-                  "logical_date": logical_date.strftime(ISO_UTC)}
+    def reserve_version(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        rows: int,
+        users: int,
+        model_version: str,
+        logical_date: datetime,
+    ) -> tuple[int, str]:
+        params = {
+            "rows": rows,
+            "users": users,
+            "model_version": model_version,
+            "logical_date": logical_date.strftime(ISO_UTC),
+        }
         with _transaction(conn) as cur:
             cur.execute(_query("insert_version.sql"), params)
             (version,) = cur.fetchone()
             table = table_name(version)
-            cur.execute("UPDATE recommendation_versions SET table_name = ? WHERE version = ?",
-                        (table, version))
+            cur.execute(
+                "UPDATE recommendation_versions SET table_name = ? WHERE version = ?",
+                (table, version),
+            )
         return int(version), table
 
-    def load_table(self, conn: sqlite3.Connection, table: str, frame: pd.DataFrame, *,
-                   assignments: pd.DataFrame, model_version: str) -> None:
+    def load_table(
+        self,
+        conn: sqlite3.Connection,
+        table: str,
+        frame: pd.DataFrame,
+        *,
+        assignments: pd.DataFrame,
+        model_version: str,
+    ) -> None:
         """Create, load (``executemany`` in chunks), validate and index the list table and its
         assignments table in one transaction (model_version is stored per row here)."""
         insert = _query("insert_list_rows.sql", table=table)
@@ -327,35 +373,55 @@ class SqliteBackend:
         with _transaction(conn) as cur:
             cur.execute(_query("create_list_table.sql", table=table))
             for start in range(0, len(frame), LOAD_CHUNK_ROWS):
-                chunk = frame.iloc[start:start + LOAD_CHUNK_ROWS]
+                chunk = frame.iloc[start : start + LOAD_CHUNK_ROWS]
                 cur.executemany(insert, zip(*_chunk_columns(chunk, None)))
-            cur.execute(_query("validate_list_table.sql", table=table),
-                        {"default_user": DEFAULT_USER})
+            cur.execute(
+                _query("validate_list_table.sql", table=table), {"default_user": DEFAULT_USER}
+            )
             check_loaded(LoadStats(*cur.fetchone()), expected_rows=len(frame), table=table)
             for statement in _statements(
-                    _query("finalize_list_table.sql", table=table, index=f"{table}_user_rank")):
+                _query("finalize_list_table.sql", table=table, index=f"{table}_user_rank")
+            ):
                 cur.execute(statement)
             cur.execute(_query("create_assignments_table.sql", assignments=other))
             add = _query("insert_assignment_rows.sql", assignments=other)
             for start in range(0, len(assignments), LOAD_CHUNK_ROWS):
-                chunk = assignments[list(ASSIGNMENT_COLUMNS)].iloc[start:start + LOAD_CHUNK_ROWS]
+                chunk = assignments[list(ASSIGNMENT_COLUMNS)].iloc[start : start + LOAD_CHUNK_ROWS]
                 cur.executemany(add, zip(*_chunk_columns(chunk, None)))
             try:
-                for statement in _statements(_query("finalize_assignments_table.sql",
-                                                    assignments=other, index=f"{other}_user")):
+                for statement in _statements(
+                    _query(
+                        "finalize_assignments_table.sql", assignments=other, index=f"{other}_user"
+                    )
+                ):
                     cur.execute(statement)
             except sqlite3.IntegrityError as exc:
                 raise ListValidationError(
                     f"assignments for {other}: a user is assigned twice ({exc}); the live "
-                    "version is unchanged") from None
+                    "version is unchanged"
+                ) from None
 
-    def try_swap(self, conn: sqlite3.Connection, version: int, table: str, *,
-                 lock_timeout_ms: int, model_version: str, generated_at: datetime) -> bool:
+    def try_swap(
+        self,
+        conn: sqlite3.Connection,
+        version: int,
+        table: str,
+        *,
+        lock_timeout_ms: int,
+        model_version: str,
+        generated_at: datetime,
+    ) -> bool:
         """One ``BEGIN IMMEDIATE`` transaction (the view stores model_version and generated_at
         per row, so they are not needed here)."""
-        swap = _statements(_query("swap_view.sql", view=VIEW_NAME, table=table,
-                                  assignments_view=ASSIGNMENTS_VIEW,
-                                  assignments=assignments_table_name(table)))
+        swap = _statements(
+            _query(
+                "swap_view.sql",
+                view=VIEW_NAME,
+                table=table,
+                assignments_view=ASSIGNMENTS_VIEW,
+                assignments=assignments_table_name(table),
+            )
+        )
         mark = _statements(_query("mark_live.sql"))
         try:
             with _transaction(conn) as cur:
@@ -372,29 +438,37 @@ class SqliteBackend:
     def swap_blocked(self, lock_timeout_ms: int) -> str:
         return f"the database stayed locked past the {lock_timeout_ms} ms timeout"
 
-    def abandon_version(self, conn: sqlite3.Connection, version: int, table: str, *,
-                        error: str) -> None:
+    def abandon_version(
+        self, conn: sqlite3.Connection, version: int, table: str, *, error: str
+    ) -> None:
         try:
             with _transaction(conn) as cur:
                 _drop_tables(cur, table)
-                cur.execute("UPDATE recommendation_versions SET status = 'failed', error = ?, "
-                            "dropped_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') "
-                            "WHERE version = ? AND status <> 'live'", (error[:2000], version))
-            logger.warning("publish of version %d failed; dropped %s and marked it failed",
-                           version, table)
+                cur.execute(
+                    "UPDATE recommendation_versions SET status = 'failed', error = ?, "
+                    "dropped_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') "
+                    "WHERE version = ? AND status <> 'live'",
+                    (error[:2000], version),
+                )
+            logger.warning(
+                "publish of version %d failed; dropped %s and marked it failed", version, table
+            )
         except sqlite3.Error as exc:
             logger.warning("could not clean up failed version %d (%s): %s", version, table, exc)
 
     def droppable_versions(self, conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
         return conn.execute(_query("list_droppable_versions.sql")).fetchall()
 
-    def drop_version(self, conn: sqlite3.Connection, version: int, table: str, *,
-                     lock_timeout_ms: int) -> None:
+    def drop_version(
+        self, conn: sqlite3.Connection, version: int, table: str, *, lock_timeout_ms: int
+    ) -> None:
         with _transaction(conn) as cur:
             _drop_tables(cur, table)
-            cur.execute("UPDATE recommendation_versions SET dropped_at = "
-                        "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') WHERE version = ?",
-                        (version,))
+            cur.execute(
+                "UPDATE recommendation_versions SET dropped_at = "
+                "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') WHERE version = ?",
+                (version,),
+            )
 
 
 def _journal_mode_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> str:
@@ -414,8 +488,9 @@ def _journal_mode_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> str:
 
 def _drop_tables(cur: sqlite3.Cursor, table: str) -> None:
     """Drop a version's list table and its assignments table."""
-    for statement in _statements(_query("drop_list_table.sql", table=table,
-                                        assignments=assignments_table_name(table))):
+    for statement in _statements(
+        _query("drop_list_table.sql", table=table, assignments=assignments_table_name(table))
+    ):
         cur.execute(statement)
 
 
@@ -424,20 +499,27 @@ def _upgrade_view(cur: sqlite3.Cursor) -> None:
     ``experiment`` as NULL columns after the others, over the same live table
     (``upgrade_view.sql``): the live version keeps being served, and the next swap points the
     view at a table that stores them."""
-    columns = {name for (name,) in cur.execute("SELECT name FROM pragma_table_info(?)",
-                                               (VIEW_NAME,))}
+    columns = {
+        name for (name,) in cur.execute("SELECT name FROM pragma_table_info(?)", (VIEW_NAME,))
+    }
     if not columns or "variant" in columns:
         return
-    live = cur.execute("SELECT table_name FROM recommendation_versions WHERE status = 'live'"
-                       ).fetchone()
+    live = cur.execute(
+        "SELECT table_name FROM recommendation_versions WHERE status = 'live'"
+    ).fetchone()
     if live is None:
-        logger.warning("view %s predates experiments but no version is live: the next publish "
-                       "replaces it", VIEW_NAME)
+        logger.warning(
+            "view %s predates experiments but no version is live: the next publish replaces it",
+            VIEW_NAME,
+        )
         return
     for statement in _statements(_query("upgrade_view.sql", view=VIEW_NAME, table=live[0])):
         cur.execute(statement)
-    logger.warning("view %s upgraded: variant and experiment (NULL) added to the live version "
-                   "%s", VIEW_NAME, live[0])
+    logger.warning(
+        "view %s upgraded: variant and experiment (NULL) added to the live version %s",
+        VIEW_NAME,
+        live[0],
+    )
 
 
 # =================================================================================================
@@ -469,8 +551,10 @@ def _chunk_columns(chunk: pd.DataFrame, null: object) -> list[list[Any]]:
         values = chunk[name]
         listed = values.tolist()
         if values.isna().any():
-            listed = [null if value is None or value is pd.NA or value != value else value
-                      for value in listed]
+            listed = [
+                null if value is None or value is pd.NA or value != value else value
+                for value in listed
+            ]
         columns.append(listed)
     return columns
 

@@ -168,8 +168,9 @@ def check_config(dsn: str | None, schema: str | None = None) -> str:
         raise ConfigError(f"serving configuration: {scrub(str(exc), dsn)}") from exc
     ports = [p for p in str(fields.get("port") or "").split(",") if p]  # libpq: a list
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
-        raise ConfigError(f"serving configuration: invalid port {fields['port']!r} in "
-                          f"{describe_dsn(dsn)}")
+        raise ConfigError(
+            f"serving configuration: invalid port {fields['port']!r} in {describe_dsn(dsn)}"
+        )
     return f"{describe_dsn(dsn)} schema {name}"
 
 
@@ -222,14 +223,22 @@ def publish_lists(
     logger.debug("phase prepare %.1fs", time.perf_counter() - started)
     backend = backend_for(dsn, sqlite_path, schema)
     try:
-        return _publish(backend, frame, assigned, model_version=model_version,
-                        logical_date=as_utc(logical_date), keep_versions=keep_versions,
-                        lock_timeout_ms=lock_timeout_ms, swap_attempts=swap_attempts,
-                        allow_older=allow_older)
+        return _publish(
+            backend,
+            frame,
+            assigned,
+            model_version=model_version,
+            logical_date=as_utc(logical_date),
+            keep_versions=keep_versions,
+            lock_timeout_ms=lock_timeout_ms,
+            swap_attempts=swap_attempts,
+            allow_older=allow_older,
+        )
     except backend.driver_error as exc:
         raise ServingError(
             f"publish to {backend.target} failed: {backend.redact(str(exc).strip())}; "
-            "the previously live version is unchanged") from None
+            "the previously live version is unchanged"
+        ) from None
 
 
 def ensure_schema(*, dsn: str | None, sqlite_path: Path, schema: str | None = None) -> None:
@@ -238,8 +247,13 @@ def ensure_schema(*, dsn: str | None, sqlite_path: Path, schema: str | None = No
 
 
 @contextlib.contextmanager
-def promotion_lock(*, dsn: str | None, sqlite_path: Path, schema: str | None = None,
-                   wait_s: float = PROMOTION_LOCK_WAIT_S) -> Iterator[None]:
+def promotion_lock(
+    *,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
+    wait_s: float = PROMOTION_LOCK_WAIT_S,
+) -> Iterator[None]:
     """Held while a run decides whether its model becomes champion and moves the alias: two
     runs (a backfill beside the nightly run, say) never decide at once, so each sees the
     other's champion. A PostgreSQL session advisory lock (another key than the publish lock,
@@ -250,7 +264,11 @@ def promotion_lock(*, dsn: str | None, sqlite_path: Path, schema: str | None = N
 
 
 def read_user_list(
-    user_id: str, *, dsn: str | None, sqlite_path: Path, schema: str | None = None,
+    user_id: str,
+    *,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
 ) -> pd.DataFrame:
     """The CMS lookup: the live list of ``user_id`` ordered by rank, or its fallback list.
 
@@ -260,8 +278,9 @@ def read_user_list(
     Raises :class:`NothingPublishedError` before the first publish.
     """
     params = {"user_id": str(user_id), "default_user": DEFAULT_USER}
-    return frame_from_rows(_read_view(backend_for(dsn, sqlite_path, schema),
-                                      "read_user_list.sql", params))
+    return frame_from_rows(
+        _read_view(backend_for(dsn, sqlite_path, schema), "read_user_list.sql", params)
+    )
 
 
 def read_all(*, dsn: str | None, sqlite_path: Path, schema: str | None = None) -> pd.DataFrame:
@@ -269,18 +288,23 @@ def read_all(*, dsn: str | None, sqlite_path: Path, schema: str | None = None) -
     return frame_from_rows(_read_view(backend_for(dsn, sqlite_path, schema), "read_all.sql", {}))
 
 
-def read_assignments(*, dsn: str | None, sqlite_path: Path, user_id: str | None = None,
-                     schema: str | None = None) -> pd.DataFrame:
+def read_assignments(
+    *, dsn: str | None, sqlite_path: Path, user_id: str | None = None, schema: str | None = None
+) -> pd.DataFrame:
     """The live version's experiment assignments (:data:`ASSIGNMENT_COLUMNS`, by user), of
     every user or of ``user_id``; empty when no experiment ran at the live publish. Raises
     :class:`NothingPublishedError` before the first publish."""
-    rows = _read_view(backend_for(dsn, sqlite_path, schema), "read_assignments.sql",
-                      {"user_id": None if user_id is None else str(user_id)})
+    rows = _read_view(
+        backend_for(dsn, sqlite_path, schema),
+        "read_assignments.sql",
+        {"user_id": None if user_id is None else str(user_id)},
+    )
     return pd.DataFrame.from_records(rows, columns=list(ASSIGNMENT_COLUMNS)).astype(object)
 
 
-def _read_view(backend: ServingBackend, query: str,
-               params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+def _read_view(
+    backend: ServingBackend, query: str, params: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
     """``backend.read_rows``; when the views predate this code (a live version published
     before experiments, not migrated yet), migrate (:func:`ensure_schema`, which waits for a
     running publish) and read again."""
@@ -299,11 +323,23 @@ def _read_view(backend: ServingBackend, query: str,
 
 
 def live_version(
-    *, dsn: str | None, sqlite_path: Path, schema: str | None = None,
+    *,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
 ) -> dict[str, Any] | None:
     """The catalog row of the live version, or None when nothing is published yet."""
-    keys = ("version", "table_name", "rows", "users", "model_version", "logical_date",
-            "created_at", "status", "published_at")
+    keys = (
+        "version",
+        "table_name",
+        "rows",
+        "users",
+        "model_version",
+        "logical_date",
+        "created_at",
+        "status",
+        "published_at",
+    )
     try:
         rows = backend_for(dsn, sqlite_path, schema).read_rows("live_version.sql", {})
     except NothingPublishedError:
@@ -319,13 +355,20 @@ def live_version(
     return record
 
 
-def recorded_decision(*, dsn: str | None, sqlite_path: Path, model_name: str,
-                      model_version: str, schema: str | None = None) -> str | None:
+def recorded_decision(
+    *,
+    dsn: str | None,
+    sqlite_path: Path,
+    model_name: str,
+    model_version: str,
+    schema: str | None = None,
+) -> str | None:
     """The newest decision ``model_promotions`` holds on ``model_version``, or None."""
     try:
         rows = backend_for(dsn, sqlite_path, schema).read_rows(
-            "promotion_recorded.sql", {"model_name": model_name,
-                                       "model_version": str(model_version)})
+            "promotion_recorded.sql",
+            {"model_name": model_name, "model_version": str(model_version)},
+        )
     except NothingPublishedError:
         return None
     return str(rows[0][1]) if rows else None
@@ -361,17 +404,39 @@ def record_promotion(
         "triggered_by": triggered_by,
     }
     promotion_id = backend_for(dsn, sqlite_path, schema).insert_promotion(params)
-    logger.info("recorded promotion decision %s for %s %s (id %s)", decision, model_name,
-                model_version, promotion_id)
+    logger.info(
+        "recorded promotion decision %s for %s %s (id %s)",
+        decision,
+        model_name,
+        model_version,
+        promotion_id,
+    )
     return promotion_id
 
 
-MONITORING_COLUMNS = ("run_date", "source", "metric", "subject", "value", "status",
-                      "window_start", "window_end", "reference", "model_version")
+MONITORING_COLUMNS = (
+    "run_date",
+    "source",
+    "metric",
+    "subject",
+    "value",
+    "status",
+    "window_start",
+    "window_end",
+    "reference",
+    "model_version",
+)
 
 
-def record_monitoring(rows: pd.DataFrame, *, run_date: datetime, source: str,
-                      dsn: str | None, sqlite_path: Path, schema: str | None = None) -> int:
+def record_monitoring(
+    rows: pd.DataFrame,
+    *,
+    run_date: datetime,
+    source: str,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
+) -> int:
     """Replace the ``monitoring`` rows of one run (``run_date``, ``source``) with ``rows``
     (columns: metric, subject, value, status, and optionally window_start, window_end,
     reference, model_version) in one transaction: a re-run of a date leaves one set of rows.
@@ -381,21 +446,35 @@ def record_monitoring(rows: pd.DataFrame, *, run_date: datetime, source: str,
     for row in rows.to_dict("records"):
         value = row.get("value")
         value = None if value is None or pd.isna(value) else float(value)
-        records.append({
-            "run_date": run_date, "source": source, "metric": str(row["metric"]),
-            "subject": str(row.get("subject") or ""), "value": value,
-            "status": str(row.get("status") or "unknown"),
-            "window_start": _optional_utc(row.get("window_start")),
-            "window_end": _optional_utc(row.get("window_end")),
-            "reference": row.get("reference"), "model_version": row.get("model_version")})
+        records.append(
+            {
+                "run_date": run_date,
+                "source": source,
+                "metric": str(row["metric"]),
+                "subject": str(row.get("subject") or ""),
+                "value": value,
+                "status": str(row.get("status") or "unknown"),
+                "window_start": _optional_utc(row.get("window_start")),
+                "window_end": _optional_utc(row.get("window_end")),
+                "reference": row.get("reference"),
+                "model_version": row.get("model_version"),
+            }
+        )
     backend_for(dsn, sqlite_path, schema).replace_rows(
-        "monitoring", {"run_date": run_date, "source": source}, records)
+        "monitoring", {"run_date": run_date, "source": source}, records
+    )
     logger.info("monitoring: %d rows for %s (%s)", len(records), run_date.isoformat(), source)
     return len(records)
 
 
-def read_monitoring(*, dsn: str | None, sqlite_path: Path, schema: str | None = None,
-                    since: datetime | None = None, source: str | None = None) -> pd.DataFrame:
+def read_monitoring(
+    *,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
+    since: datetime | None = None,
+    source: str | None = None,
+) -> pd.DataFrame:
     """The monitoring rows (oldest run first), optionally from ``since`` on and of one
     ``source``; an empty frame when nothing was recorded yet."""
     backend = backend_for(dsn, sqlite_path, schema)
@@ -415,14 +494,31 @@ def read_monitoring(*, dsn: str | None, sqlite_path: Path, schema: str | None = 
     return frame
 
 
-EXPERIMENT_COLUMNS = ("id", "name", "version", "action", "status", "forced", "config",
-                      "changed_by", "reason", "changed_at")
+EXPERIMENT_COLUMNS = (
+    "id",
+    "name",
+    "version",
+    "action",
+    "status",
+    "forced",
+    "config",
+    "changed_by",
+    "reason",
+    "changed_at",
+)
 
 
-def record_experiment(experiment: Experiment | Mapping[str, Any], action: str, changed_by: str,
-                      reason: str | None, dsn: str | None, sqlite_path: Path,
-                      schema: str | None = None, *,
-                      changed_at: datetime | None = None) -> int:
+def record_experiment(
+    experiment: Experiment | Mapping[str, Any],
+    action: str,
+    changed_by: str,
+    reason: str | None,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
+    *,
+    changed_at: datetime | None = None,
+) -> int:
     """Append one row to ``experiments``: ``action`` (``start`` | ``change`` | ``stop``) of
     ``experiment`` (an :class:`~pipeline.serving.experiments.Experiment` or its config dict)
     by ``changed_by`` (who: "manual by alice", "cli", ...) for ``reason``. Returns its id.
@@ -446,23 +542,34 @@ def record_experiment(experiment: Experiment | Mapping[str, Any], action: str, c
     """
     new = experiment if isinstance(experiment, Experiment) else Experiment.from_dict(experiment)
     if action not in EXPERIMENT_ACTIONS:
-        raise ExperimentError(f"action must be one of {', '.join(EXPERIMENT_ACTIONS)}, got "
-                              f"{action!r}")
+        raise ExperimentError(
+            f"action must be one of {', '.join(EXPERIMENT_ACTIONS)}, got {action!r}"
+        )
     if not isinstance(changed_by, str) or not changed_by.strip():
-        raise ExperimentError("changed_by must say who made the change (e.g. 'manual by "
-                              "alice', 'cli')")
+        raise ExperimentError(
+            "changed_by must say who made the change (e.g. 'manual by alice', 'cli')"
+        )
     if not new.allocated:
-        raise ExperimentError(f"experiment {new.name!r} has no buckets: record it after "
-                              "Experiment.start() so that the record says who is where")
+        raise ExperimentError(
+            f"experiment {new.name!r} has no buckets: record it after "
+            "Experiment.start() so that the record says who is where"
+        )
     expected_status = "stopped" if action == "stop" else "running"
     if new.status != expected_status:
-        raise ExperimentError(f"a {action!r} record needs status {expected_status!r}; "
-                              f"version {new.version} of {new.name!r} is {new.status!r}")
+        raise ExperimentError(
+            f"a {action!r} record needs status {expected_status!r}; "
+            f"version {new.version} of {new.name!r} is {new.status!r}"
+        )
     config = new.to_dict()
-    params = {"name": new.name, "version": new.version, "action": action,
-              "config": json.dumps(config, sort_keys=True, allow_nan=False),
-              "changed_by": changed_by, "reason": reason,
-              "changed_at": as_utc(changed_at) if changed_at is not None else None}
+    params = {
+        "name": new.name,
+        "version": new.version,
+        "action": action,
+        "config": json.dumps(config, sort_keys=True, allow_nan=False),
+        "changed_by": changed_by,
+        "reason": reason,
+        "changed_at": as_utc(changed_at) if changed_at is not None else None,
+    }
 
     def decide(existing: tuple[Any, ...] | None, latest: list[tuple[Any, ...]]) -> bool:
         if existing is not None:
@@ -472,24 +579,35 @@ def record_experiment(experiment: Experiment | Mapping[str, Any], action: str, c
                 f"version {new.version} of experiment {new.name!r} is already recorded "
                 f"({existing[3]} by {existing[5]} at {_when(existing[7])}) with another "
                 f"{'config' if existing[3] == action else 'action'}: a change needs a new "
-                "version")
+                "version"
+            )
         _check_experiment_record(new, action, latest)
         return True
 
     backend = backend_for(dsn, sqlite_path, schema)
     record_id, inserted = backend.record_experiment(params, decide)
     if inserted:
-        logger.info("experiment %s version %d: %s by %s (id %d)%s", new.name, new.version,
-                    action, changed_by, record_id,
-                    f": {new.last_change['summary']}" if new.last_change else "")
+        logger.info(
+            "experiment %s version %d: %s by %s (id %d)%s",
+            new.name,
+            new.version,
+            action,
+            changed_by,
+            record_id,
+            f": {new.last_change['summary']}" if new.last_change else "",
+        )
     else:
-        logger.info("experiment %s version %d: %s was already recorded (id %d)", new.name,
-                    new.version, action, record_id)
+        logger.info(
+            "experiment %s version %d: %s was already recorded (id %d)",
+            new.name,
+            new.version,
+            action,
+            record_id,
+        )
     return record_id
 
 
-def _check_experiment_record(new: Experiment, action: str,
-                             latest: list[tuple[Any, ...]]) -> None:
+def _check_experiment_record(new: Experiment, action: str, latest: list[tuple[Any, ...]]) -> None:
     """The rules of :func:`record_experiment` against the newest record of every experiment."""
     newest = {row[1]: row for row in latest}
     running = [row for row in latest if row[3] != "stop"]
@@ -499,40 +617,49 @@ def _check_experiment_record(new: Experiment, action: str,
             raise ExperimentError(
                 f"experiment {new.name!r} was already recorded (version {row[2]}, {row[3]} by "
                 f"{row[5]}): record a 'change' or 'stop' of it with a new version, or start a "
-                "new experiment under a new name and salt")
+                "new experiment under a new name and salt"
+            )
         others = [row for row in running if row[1] != new.name]
         if others:
             row = others[-1]
             raise AnotherExperimentRunning(
                 f"experiment {row[1]!r} (version {row[2]}, recorded by {row[5]} at "
                 f"{_when(row[7])}) is running: stop it before starting {new.name!r} (at most "
-                "one experiment runs at a time)")
+                "one experiment runs at a time)"
+            )
         for row in latest:
             if _json_value(row[4]).get("salt") == new.salt:
                 raise ExperimentError(
                     f"salt {new.salt!r} was used by experiment {row[1]!r}: a new experiment "
-                    "takes a new salt, or its users land where they were before")
+                    "takes a new salt, or its users land where they were before"
+                )
         return
     row = newest.get(new.name)
     if row is None:
-        raise ExperimentError(f"experiment {new.name!r} was never started: record its "
-                              "'start' first")
+        raise ExperimentError(
+            f"experiment {new.name!r} was never started: record its 'start' first"
+        )
     if row[3] == "stop":
-        raise ChangeRefused(f"experiment {new.name!r} was stopped at version {row[2]} (by "
-                            f"{row[5]}): stopped experiments do not change; start a new one "
-                            "with a new name and salt")
+        raise ChangeRefused(
+            f"experiment {new.name!r} was stopped at version {row[2]} (by "
+            f"{row[5]}): stopped experiments do not change; start a new one "
+            "with a new name and salt"
+        )
     check_change(Experiment.from_dict(_json_value(row[4])), new)
 
 
-def read_experiments(dsn: str | None, sqlite_path: Path, name: str | None = None, *,
-                     schema: str | None = None) -> pd.DataFrame:
+def read_experiments(
+    dsn: str | None, sqlite_path: Path, name: str | None = None, *, schema: str | None = None
+) -> pd.DataFrame:
     """The ``experiments`` records (oldest first), of every experiment or of ``name``:
     :data:`EXPERIMENT_COLUMNS`, ``config`` as a dict (``status`` and ``forced`` taken from
     it), ``changed_at`` UTC. An empty frame when nothing was recorded yet."""
-    rows = _experiment_rows("read_experiments.sql", {"name": name}, dsn=dsn,
-                            sqlite_path=sqlite_path, schema=schema)
-    frame = pd.DataFrame([_experiment_record(row) for row in rows],
-                         columns=list(EXPERIMENT_COLUMNS))
+    rows = _experiment_rows(
+        "read_experiments.sql", {"name": name}, dsn=dsn, sqlite_path=sqlite_path, schema=schema
+    )
+    frame = pd.DataFrame(
+        [_experiment_record(row) for row in rows], columns=list(EXPERIMENT_COLUMNS)
+    )
     frame["changed_at"] = pd.to_datetime(frame["changed_at"], utc=True, format="ISO8601")
     for column in ("id", "version"):
         frame[column] = frame[column].astype("int64")
@@ -540,21 +667,27 @@ def read_experiments(dsn: str | None, sqlite_path: Path, name: str | None = None
     return frame
 
 
-def active_experiment(dsn: str | None, sqlite_path: Path, *,
-                      schema: str | None = None) -> dict[str, Any] | None:
+def active_experiment(
+    dsn: str | None, sqlite_path: Path, *, schema: str | None = None
+) -> dict[str, Any] | None:
     """The newest record of the running experiment (a dict of :data:`EXPERIMENT_COLUMNS`;
     ``Experiment.from_dict(record["config"])`` is the experiment), or None when none runs."""
-    rows = _experiment_rows("latest_experiments.sql", {}, dsn=dsn, sqlite_path=sqlite_path,
-                            schema=schema)
+    rows = _experiment_rows(
+        "latest_experiments.sql", {}, dsn=dsn, sqlite_path=sqlite_path, schema=schema
+    )
     running = [row for row in rows if row[3] != "stop"]
     if len(running) > 1:  # record_experiment prevents it; say so rather than pick silently
-        logger.warning("%d experiments are running (%s); using the newest", len(running),
-                       ", ".join(str(row[1]) for row in running))
+        logger.warning(
+            "%d experiments are running (%s); using the newest",
+            len(running),
+            ", ".join(str(row[1]) for row in running),
+        )
     return _experiment_record(max(running, key=lambda row: row[0])) if running else None
 
 
-def _experiment_rows(query: str, params: Mapping[str, Any], *, dsn: str | None,
-                     sqlite_path: Path, schema: str | None) -> list[tuple[Any, ...]]:
+def _experiment_rows(
+    query: str, params: Mapping[str, Any], *, dsn: str | None, sqlite_path: Path, schema: str | None
+) -> list[tuple[Any, ...]]:
     try:
         return backend_for(dsn, sqlite_path, schema).read_rows(query, params)
     except (NothingPublishedError, ServingError) as exc:
@@ -565,11 +698,18 @@ def _experiment_rows(query: str, params: Mapping[str, Any], *, dsn: str | None,
 
 def _experiment_record(row: tuple[Any, ...]) -> dict[str, Any]:
     config = _json_value(row[4])
-    return {"id": int(row[0]), "name": row[1], "version": int(row[2]), "action": row[3],
-            "status": config.get("status"),
-            "forced": bool((config.get("last_change") or {}).get("forced", False)),
-            "config": config, "changed_by": row[5], "reason": row[6],
-            "changed_at": _utc_time(row[7])}
+    return {
+        "id": int(row[0]),
+        "name": row[1],
+        "version": int(row[2]),
+        "action": row[3],
+        "status": config.get("status"),
+        "forced": bool((config.get("last_change") or {}).get("forced", False)),
+        "config": config,
+        "changed_by": row[5],
+        "reason": row[6],
+        "changed_at": _utc_time(row[7]),
+    }
 
 
 def _utc_time(value: Any) -> datetime:
@@ -586,16 +726,26 @@ def _json_value(value: Any) -> dict[str, Any]:
     return json.loads(value) if isinstance(value, (str, bytes)) else dict(value)
 
 
-def record_impact(daily: pd.DataFrame, *, start: datetime, end: datetime, as_of: datetime,
-                  dsn: str | None, sqlite_path: Path, schema: str | None = None) -> int:
+def record_impact(
+    daily: pd.DataFrame,
+    *,
+    start: datetime,
+    end: datetime,
+    as_of: datetime,
+    dsn: str | None,
+    sqlite_path: Path,
+    schema: str | None = None,
+) -> int:
     """Replace the ``impact`` rows of the days ``[start, end)`` with ``daily`` (the impact
     DAG's rows: day, cutoff, model_version, variant and the metrics of
     :data:`pipeline.monitoring.impact.METRIC_COLUMNS`) in one transaction. Non-finite values
     are stored as NULL. Returns the number of rows written."""
     records = []
     for row in daily.to_dict("records"):
-        record = {key: (None if value is None or (isinstance(value, float) and value != value)
-                        else value) for key, value in row.items()}
+        record = {
+            key: (None if value is None or (isinstance(value, float) and value != value) else value)
+            for key, value in row.items()
+        }
         for key in ("day", "cutoff"):
             record[key] = as_utc(pd.Timestamp(record[key]).to_pydatetime())
         for key, value in record.items():
@@ -604,14 +754,17 @@ def record_impact(daily: pd.DataFrame, *, start: datetime, end: datetime, as_of:
         record["computed_as_of"] = as_utc(as_of)
         records.append(record)
     backend_for(dsn, sqlite_path, schema).replace_rows(
-        "impact", {"start": as_utc(start), "end": as_utc(end)}, records)
-    logger.info("impact: %d rows for [%s, %s)", len(records), as_utc(start).date(),
-                as_utc(end).date())
+        "impact", {"start": as_utc(start), "end": as_utc(end)}, records
+    )
+    logger.info(
+        "impact: %d rows for [%s, %s)", len(records), as_utc(start).date(), as_utc(end).date()
+    )
     return len(records)
 
 
-def read_impact(*, dsn: str | None, sqlite_path: Path, schema: str | None = None,
-                since: datetime | None = None) -> pd.DataFrame:
+def read_impact(
+    *, dsn: str | None, sqlite_path: Path, schema: str | None = None, since: datetime | None = None
+) -> pd.DataFrame:
     """The impact rows (oldest day first), optionally from ``since`` on; empty before any."""
     backend = backend_for(dsn, sqlite_path, schema)
     since_param: Any = None if since is None else as_utc(since)
@@ -633,9 +786,20 @@ def read_impact(*, dsn: str | None, sqlite_path: Path, schema: str | None = None
 def _impact_columns() -> list[str]:
     metrics = ["users_served", "users_active"]
     for suffix in ("", "_top3"):
-        metrics += [f"{k}{suffix}" for k in (
-            "impressions", "clicks", "ctr", "engaged_users", "engaged_share",
-            "converted_users", "conversion", "revenue", "revenue_per_active")]
+        metrics += [
+            f"{k}{suffix}"
+            for k in (
+                "impressions",
+                "clicks",
+                "ctr",
+                "engaged_users",
+                "engaged_share",
+                "converted_users",
+                "conversion",
+                "revenue",
+                "revenue_per_active",
+            )
+        ]
     return ["day", "cutoff", "model_version", "variant", *metrics, "computed_as_of"]
 
 
@@ -650,9 +814,18 @@ def _optional_utc(value: Any) -> datetime | None:
 # =================================================================================================
 
 
-def _publish(backend: ServingBackend, frame: pd.DataFrame, assignments: pd.DataFrame, *,
-             model_version: str, logical_date: datetime, keep_versions: int,
-             lock_timeout_ms: int, swap_attempts: int, allow_older: bool) -> PublishResult:
+def _publish(
+    backend: ServingBackend,
+    frame: pd.DataFrame,
+    assignments: pd.DataFrame,
+    *,
+    model_version: str,
+    logical_date: datetime,
+    keep_versions: int,
+    lock_timeout_ms: int,
+    swap_attempts: int,
+    allow_older: bool,
+) -> PublishResult:
     """Steps 1-5 of the module docstring on a prepared frame; driver errors propagate."""
     started = time.monotonic()
     with backend.publishing(lock_timeout_ms=lock_timeout_ms) as conn:
@@ -661,62 +834,116 @@ def _publish(backend: ServingBackend, frame: pd.DataFrame, assignments: pd.DataF
         if not allow_older:
             refuse_older(backend.live_logical_date(conn), logical_date)
         users = int(frame["user_id"].nunique())
-        version, table = backend.reserve_version(conn, rows=len(frame), users=users,
-                                                 model_version=model_version,
-                                                 logical_date=logical_date)
+        version, table = backend.reserve_version(
+            conn,
+            rows=len(frame),
+            users=users,
+            model_version=model_version,
+            logical_date=logical_date,
+        )
         try:
             loading = time.monotonic()
-            backend.load_table(conn, table, frame, assignments=assignments,
-                               model_version=model_version)
-            logger.info("loaded and checked %s (%d rows, %d assignments) in %.2f s",
-                        backend.qualified(table), len(frame), len(assignments),
-                        time.monotonic() - loading)
+            backend.load_table(
+                conn, table, frame, assignments=assignments, model_version=model_version
+            )
+            logger.info(
+                "loaded and checked %s (%d rows, %d assignments) in %.2f s",
+                backend.qualified(table),
+                len(frame),
+                len(assignments),
+                time.monotonic() - loading,
+            )
             with phases(logger) as phase:
-                _swap(backend, conn, version, table, lock_timeout_ms=lock_timeout_ms,
-                      attempts=swap_attempts, model_version=model_version,
-                      generated_at=frame_generated_at(frame))
+                _swap(
+                    backend,
+                    conn,
+                    version,
+                    table,
+                    lock_timeout_ms=lock_timeout_ms,
+                    attempts=swap_attempts,
+                    model_version=model_version,
+                    generated_at=frame_generated_at(frame),
+                )
                 phase("swap")
         except BaseException as exc:
             backend.abandon_version(conn, version, table, error=backend.redact(str(exc)))
             raise
         with phases(logger) as phase:
-            _drop_old_versions(backend, conn, keep_versions=keep_versions,
-                               lock_timeout_ms=lock_timeout_ms)
+            _drop_old_versions(
+                backend, conn, keep_versions=keep_versions, lock_timeout_ms=lock_timeout_ms
+            )
             phase("drop old")
-    logger.info("published %s: %d rows for %d users, model %s (%.2f s)",
-                backend.qualified(table), len(frame), users, model_version,
-                time.monotonic() - started)
-    return PublishResult(version=version, table=table, rows=len(frame), users=users,
-                         model_version=model_version, assigned=len(assignments))
+    logger.info(
+        "published %s: %d rows for %d users, model %s (%.2f s)",
+        backend.qualified(table),
+        len(frame),
+        users,
+        model_version,
+        time.monotonic() - started,
+    )
+    return PublishResult(
+        version=version,
+        table=table,
+        rows=len(frame),
+        users=users,
+        model_version=model_version,
+        assigned=len(assignments),
+    )
 
 
-def _swap(backend: ServingBackend, conn: Any, version: int, table: str, *, lock_timeout_ms: int,
-          attempts: int, model_version: str, generated_at: datetime) -> None:
+def _swap(
+    backend: ServingBackend,
+    conn: Any,
+    version: int,
+    table: str,
+    *,
+    lock_timeout_ms: int,
+    attempts: int,
+    model_version: str,
+    generated_at: datetime,
+) -> None:
     """Point the view at ``table`` and mark it live; retry with backoff while readers block."""
     for attempt in range(1, attempts + 1):
-        if backend.try_swap(conn, version, table, lock_timeout_ms=lock_timeout_ms,
-                            model_version=model_version, generated_at=generated_at):
+        if backend.try_swap(
+            conn,
+            version,
+            table,
+            lock_timeout_ms=lock_timeout_ms,
+            model_version=model_version,
+            generated_at=generated_at,
+        ):
             logger.info("view %s now reads %s (attempt %d)", backend.view_label, table, attempt)
             return
         if attempt == attempts:
             break
         delay = backoff_delay(attempt)
-        logger.warning("view swap to %s: %s (attempt %d of %d); retrying in %.1f s", table,
-                       backend.swap_blocked(lock_timeout_ms), attempt, attempts, delay)
+        logger.warning(
+            "view swap to %s: %s (attempt %d of %d); retrying in %.1f s",
+            table,
+            backend.swap_blocked(lock_timeout_ms),
+            attempt,
+            attempts,
+            delay,
+        )
         time.sleep(delay)
     raise SwapLockTimeout(
         f"could not switch {backend.view_label} to {table}: "
         f"{backend.swap_blocked(lock_timeout_ms)} in all {attempts} attempts; the previously "
-        "live version is unchanged")
+        "live version is unchanged"
+    )
 
 
-def _drop_old_versions(backend: ServingBackend, conn: Any, *, keep_versions: int,
-                       lock_timeout_ms: int) -> None:
+def _drop_old_versions(
+    backend: ServingBackend, conn: Any, *, keep_versions: int, lock_timeout_ms: int
+) -> None:
     """Drop version tables beyond the newest ``keep_versions``; failures are only logged."""
     for version, table in versions_to_drop(backend.droppable_versions(conn), keep_versions):
         try:
             backend.drop_version(conn, version, table, lock_timeout_ms=lock_timeout_ms)
             logger.info("dropped old version table %s", backend.qualified(table))
         except backend.driver_error as exc:
-            logger.warning("could not drop old version table %s (next publish retries): %s",
-                           backend.qualified(table), backend.redact(str(exc).strip()))
+            logger.warning(
+                "could not drop old version table %s (next publish retries): %s",
+                backend.qualified(table),
+                backend.redact(str(exc).strip()),
+            )

@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DOWNSTREAM = {"check_trigger": {"ingest"}, "ingest": {"validate"},
-              "validate": {"build_features"},
-              "build_features": {"tune"}, "tune": {"train", "evaluate"},
-              "train": {"register"}, "evaluate": {"register"}, "register": {"publish"},
-              "publish": set()}
+DOWNSTREAM = {
+    "check_trigger": {"ingest"},
+    "ingest": {"validate"},
+    "validate": {"build_features"},
+    "build_features": {"tune"},
+    "tune": {"train", "evaluate"},
+    "train": {"register"},
+    "evaluate": {"register"},
+    "register": {"publish"},
+    "publish": set(),
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +73,7 @@ def test_params_are_validated_and_described(dagbag):
 def test_dag_file_has_no_heavy_top_level_imports():
     source = (REPO / "dags" / "recommendations_nightly.py").read_text()
     top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    heavy = ("pandas", "numpy", "implicit", "xgboost", "mlflow", "great_expectations",
-             "pipeline")
+    heavy = ("pandas", "numpy", "implicit", "xgboost", "mlflow", "great_expectations", "pipeline")
     assert not [line for line in top_level if any(h in line for h in heavy)]
 
 
@@ -83,14 +88,20 @@ def test_airflow_cfg_points_at_the_repo():
 def test_every_task_has_a_timeout_and_the_failure_notifier(dagbag):
     from recs_support import notify_failure
 
-    for dag_id in ("recommendations_nightly", "recommendations_rollback",
-                   "recommendations_monitor", "recommendations_impact",
-                   "recommendations_forget_user"):
+    for dag_id in (
+        "recommendations_nightly",
+        "recommendations_rollback",
+        "recommendations_monitor",
+        "recommendations_impact",
+        "recommendations_forget_user",
+    ):
         for task in dagbag.dags[dag_id].tasks:
             assert task.execution_timeout is not None, f"{dag_id}.{task.task_id}"
             assert task.execution_timeout.total_seconds() >= 300
-            assert notify_failure in list(task.on_failure_callback or []) \
-                or task.on_failure_callback is notify_failure, f"{dag_id}.{task.task_id}"
+            assert (
+                notify_failure in list(task.on_failure_callback or [])
+                or task.on_failure_callback is notify_failure
+            ), f"{dag_id}.{task.task_id}"
 
 
 def test_every_param_is_a_pipeline_setting(dagbag):
@@ -127,8 +138,9 @@ def test_ingest_updates_the_lake_asset_that_schedules_the_monitor(dagbag):
     monitor = dagbag.dags["recommendations_monitor"]
     assert [a.uri for a in nightly.get_task("ingest").outlets] == ["recs://lake/events"]
     assert monitor.timetable.asset_condition.uri == "recs://lake/events"
-    assert [a.uri for a in monitor.get_task("trigger_retrain").outlets] == \
-        ["recs://monitor/drift-alert"]
+    assert [a.uri for a in monitor.get_task("trigger_retrain").outlets] == [
+        "recs://monitor/drift-alert"
+    ]
     assert {t.task_id for t in monitor.tasks} == {"monitor", "notify", "trigger_retrain"}
     assert monitor.max_active_runs == 1 and monitor.catchup is False
     for name, param in monitor.params.items():

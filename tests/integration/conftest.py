@@ -22,8 +22,7 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
     from pipeline.lake.demo.synthetic import generate_clickstream
 
     root = tmp_path_factory.mktemp("world")
-    data = generate_clickstream(n_users=300, n_items=150, n_days=40, start="2024-01-01",
-                                seed=7)
+    data = generate_clickstream(n_users=300, n_items=150, n_days=40, start="2024-01-01", seed=7)
     write_landing(data, root / "data" / "landing", name="clicks", fmt="csv", gzip=True)
     env = pytest.MonkeyPatch()
     env.setenv("RECS_DATA_DIR", str(root / "data"))

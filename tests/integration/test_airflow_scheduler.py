@@ -43,8 +43,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 DAG = "recommendations_nightly"
 LIVE_DATE = "2024-02-01T00:00:00Z"
-CONF = {"top_n": 7, "als_factors": 8, "als_iterations": 3, "holdout_days": 7,
-        "ranker_bags": 1}
+CONF = {"top_n": 7, "als_factors": 8, "als_iterations": 3, "holdout_days": 7, "ranker_bags": 1}
 START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 900
 
@@ -89,22 +88,34 @@ class _Airflow:
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(["make", "--no-print-directory", "-C", str(REPO),
-                                          "airflow"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                ["make", "--no-print-directory", "-C", str(REPO), "airflow"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._healthy():
             assert self.proc.poll() is None, f"make airflow exited:\n{self.log_tail()}"
             assert time.monotonic() < deadline, f"Airflow not healthy:\n{self.log_tail()}"
             time.sleep(1)
-        password = json.loads(Path(self.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
-                              .read_text())["admin"]
-        token = httpx.post(f"{self.url}/auth/token",
-                           json={"username": "admin", "password": password}).json()
-        self.client = httpx.Client(base_url=f"{self.url}/api/v2", timeout=30,
-                                   headers={"Authorization": f"Bearer {token['access_token']}"})
-        self.wait(lambda: self.client.get(f"/dags/{DAG}").status_code == 200, 120,
-                  "the DAG processor did not parse the DAG")
+        password = json.loads(
+            Path(self.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text()
+        )["admin"]
+        token = httpx.post(
+            f"{self.url}/auth/token", json={"username": "admin", "password": password}
+        ).json()
+        self.client = httpx.Client(
+            base_url=f"{self.url}/api/v2",
+            timeout=30,
+            headers={"Authorization": f"Bearer {token['access_token']}"},
+        )
+        self.wait(
+            lambda: self.client.get(f"/dags/{DAG}").status_code == 200,
+            120,
+            "the DAG processor did not parse the DAG",
+        )
 
     def stop(self) -> None:
         if self.client is not None:
@@ -123,8 +134,10 @@ class _Airflow:
             health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).json()
         except (httpx.HTTPError, ValueError):
             return False
-        return all(health.get(part, {}).get("status") == "healthy"
-                   for part in ("metadatabase", "scheduler", "dag_processor"))
+        return all(
+            health.get(part, {}).get("status") == "healthy"
+            for part in ("metadatabase", "scheduler", "dag_processor")
+        )
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -146,8 +159,7 @@ class _Airflow:
 
     def finished(self, run_ids: set[str], dag: str = DAG) -> list[dict] | None:
         runs = [r for r in self.runs(dag) if r["dag_run_id"] in run_ids]
-        done = len(runs) == len(run_ids) and all(r["state"] in ("success", "failed")
-                                                 for r in runs)
+        done = len(runs) == len(run_ids) and all(r["state"] in ("success", "failed") for r in runs)
         return runs if done else None
 
     def task_instances(self, run_id: str, dag: str = DAG) -> dict[str, dict]:
@@ -157,8 +169,13 @@ class _Airflow:
 
     def task_log(self, run_id: str, task_id: str, try_number: int = 1) -> list[dict]:
         """The task's log records as the UI shows them (structured JSON lines)."""
-        path = (Path(self.env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]) / f"dag_id={DAG}"
-                / f"run_id={run_id}" / f"task_id={task_id}" / f"attempt={try_number}.log")
+        path = (
+            Path(self.env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"])
+            / f"dag_id={DAG}"
+            / f"run_id={run_id}"
+            / f"task_id={task_id}"
+            / f"attempt={try_number}.log"
+        )
         records = []
         for line in path.read_text().splitlines():
             try:
@@ -180,34 +197,42 @@ def airflow(tmp_path_factory, pg_dsn_module, mailbox) -> Iterator[_Airflow]:
     from pipeline.lake.demo.synthetic import generate_clickstream
 
     root = tmp_path_factory.mktemp("scheduler")
-    data = generate_clickstream(n_users=200, n_items=120, n_days=40, start="2024-01-01",
-                                seed=11)
+    data = generate_clickstream(n_users=200, n_items=120, n_days=40, start="2024-01-01", seed=11)
     write_landing(data, root / "data" / "landing", name="clicks", fmt="csv", gzip=True)
     port = _free_port()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "MLFLOW_", "RECS_"))}
-    env.update({
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{root / 'airflow.db'}",
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(root / "logs"),
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(root / "passwords.json"),
-        "AIRFLOW_SECRETS": str(root / "airflow-secrets.env"),
-        "AIRFLOW_CONN_RECS_SERVING": pg_dsn_module,
-        "AIRFLOW_CONN_SMTP_DEFAULT": f"smtp://127.0.0.1:{mailbox.port}"
-                                     "?disable_tls=true&disable_ssl=true",
-        "RECS_ALERT_EMAIL": "ops@example.com",
-        "RECS_DATA_DIR": str(root / "data"),
-        # pseudonymised, as `make airflow` runs by default; the loader's CLI shares the key
-        "RECS_PSEUDONYM_KEY_FILE": str(root / "pseudonym.key"),
-        "RECS_RETRAIN_COOLDOWN_HOURS": "0",  # the drift retrain follows earlier runs at once
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "MLFLOW_ARTIFACT_ROOT": str(root / "mlartifacts"),
-    })
-    made = subprocess.run([sys.executable, "-m", "pipeline.cli", "pseudonym-key",
-                           env["RECS_PSEUDONYM_KEY_FILE"]], cwd=REPO, env=env, timeout=120)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "MLFLOW_", "RECS_"))
+    }
+    env.update(
+        {
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{root / 'airflow.db'}",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(root / "logs"),
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(root / "passwords.json"),
+            "AIRFLOW_SECRETS": str(root / "airflow-secrets.env"),
+            "AIRFLOW_CONN_RECS_SERVING": pg_dsn_module,
+            "AIRFLOW_CONN_SMTP_DEFAULT": f"smtp://127.0.0.1:{mailbox.port}"
+            "?disable_tls=true&disable_ssl=true",
+            "RECS_ALERT_EMAIL": "ops@example.com",
+            "RECS_DATA_DIR": str(root / "data"),
+            # pseudonymised, as `make airflow` runs by default; the loader's CLI shares the key
+            "RECS_PSEUDONYM_KEY_FILE": str(root / "pseudonym.key"),
+            "RECS_RETRAIN_COOLDOWN_HOURS": "0",  # the drift retrain follows earlier runs at once
+            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "MLFLOW_ARTIFACT_ROOT": str(root / "mlartifacts"),
+        }
+    )
+    made = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "pseudonym-key", env["RECS_PSEUDONYM_KEY_FILE"]],
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert made.returncode == 0
     server = _Airflow(root, env)
     try:
@@ -249,33 +274,47 @@ def test_the_secrets_are_generated_once_for_every_component(airflow):
 def test_unpausing_runs_today_which_fails_at_ingest_at_once_and_says_why(airflow, mailbox):
     response = airflow.client.patch(f"/dags/{DAG}", json={"is_paused": False})
     response.raise_for_status()
-    runs = airflow.wait(lambda: [r for r in airflow.runs() if r["run_type"] == "scheduled"
-                                 and r["state"] in ("success", "failed")],
-                        RUN_TIMEOUT_S, "the scheduled run after unpausing")
+    runs = airflow.wait(
+        lambda: [
+            r
+            for r in airflow.runs()
+            if r["run_type"] == "scheduled" and r["state"] in ("success", "failed")
+        ],
+        RUN_TIMEOUT_S,
+        "the scheduled run after unpausing",
+    )
     run = runs[0]
     assert run["state"] == "failed"
     tis = airflow.task_instances(run["dag_run_id"])
     assert tis["ingest"]["state"] == "failed" and tis["ingest"]["try_number"] == 1  # no retry
     assert all(tis[t]["state"] == "upstream_failed" for t in ("validate", "train", "publish"))
-    errors = " ".join(str(r.get("event")) + str(r.get("error_detail", ""))
-                      for r in airflow.task_log(run["dag_run_id"], "ingest"))
+    errors = " ".join(
+        str(r.get("event")) + str(r.get("error_detail", ""))
+        for r in airflow.task_log(run["dag_run_id"], "ingest")
+    )
     assert "WindowError" in errors and "fewer than the minimum of 100" in errors
     assert "logical date 2024-02-10" in errors  # the day after the log's last event
     mail = airflow.wait(lambda: mailbox.messages, 60, "the failure mail")[0]
     assert mail["To"] == "ops@example.com"
     assert f"{DAG} failed: task ingest, try 1" in mail["Subject"]
     body = mail.get_payload(decode=False)
-    text = body if isinstance(body, str) else "".join(
-        part.get_payload(decode=True).decode() for part in mail.walk()
-        if part.get_content_type() == "text/html")
+    text = (
+        body
+        if isinstance(body, str)
+        else "".join(
+            part.get_payload(decode=True).decode()
+            for part in mail.walk()
+            if part.get_content_type() == "text/html"
+        )
+    )
     assert run["dag_run_id"] in text and "fewer than the minimum of 100" in text
     assert "WindowError" in text
 
 
-def test_a_rest_trigger_with_params_runs_under_the_scheduler_and_serves_them(airflow,
-                                                                              serving):
-    response = airflow.client.post(f"/dags/{DAG}/dagRuns",
-                                   json={"logical_date": LIVE_DATE, "conf": CONF})
+def test_a_rest_trigger_with_params_runs_under_the_scheduler_and_serves_them(airflow, serving):
+    response = airflow.client.post(
+        f"/dags/{DAG}/dagRuns", json={"logical_date": LIVE_DATE, "conf": CONF}
+    )
     assert response.status_code == 200, response.text
     run_id = response.json()["dag_run_id"]
     (run,) = airflow.wait(lambda: airflow.finished({run_id}), RUN_TIMEOUT_S, run_id)
@@ -293,24 +332,36 @@ def test_a_rest_trigger_with_params_runs_under_the_scheduler_and_serves_them(air
     assert any("registered model" in str(r.get("event")).lower() for r in register_log)
     assert not [r for r in register_log if r.get("level") == "error"], register_log
 
-    again = airflow.client.post(f"/dags/{DAG}/dagRuns",
-                                json={"logical_date": LIVE_DATE, "conf": CONF})
+    again = airflow.client.post(
+        f"/dags/{DAG}/dagRuns", json={"logical_date": LIVE_DATE, "conf": CONF}
+    )
     assert again.status_code == 409  # README: clear the run, or pick another date
 
 
-def test_a_backfill_of_two_older_dates_records_them_and_leaves_production_alone(airflow,
-                                                                                  serving):
+def test_a_backfill_of_two_older_dates_records_them_and_leaves_production_alone(airflow, serving):
     live = serving()
-    response = airflow.client.post("/backfills", json={
-        "dag_id": DAG, "from_date": "2024-01-29T00:00:00Z", "to_date": "2024-01-30T02:00:00Z",
-        "dag_run_conf": CONF, "max_active_runs": 2, "reprocess_behavior": "none"})
+    response = airflow.client.post(
+        "/backfills",
+        json={
+            "dag_id": DAG,
+            "from_date": "2024-01-29T00:00:00Z",
+            "to_date": "2024-01-30T02:00:00Z",
+            "dag_run_conf": CONF,
+            "max_active_runs": 2,
+            "reprocess_behavior": "none",
+        },
+    )
     assert response.status_code == 200, response.text
     backfill_id = response.json()["id"]
     runs = airflow.wait(
-        lambda: [r for r in airflow.runs() if r["run_type"] == "backfill"], 60, "backfill runs")
+        lambda: [r for r in airflow.runs() if r["run_type"] == "backfill"], 60, "backfill runs"
+    )
     assert len(runs) == 2, runs
-    done = airflow.wait(lambda: airflow.finished({r["dag_run_id"] for r in runs}),
-                        RUN_TIMEOUT_S, f"backfill {backfill_id}")
+    done = airflow.wait(
+        lambda: airflow.finished({r["dag_run_id"] for r in runs}),
+        RUN_TIMEOUT_S,
+        f"backfill {backfill_id}",
+    )
     assert [r["state"] for r in done] == ["success", "success"], done
 
     pd.testing.assert_frame_equal(serving(), live)  # the live lists are untouched
@@ -332,9 +383,14 @@ def test_a_backfill_of_two_older_dates_records_them_and_leaves_production_alone(
         assert version.aliases == [] and version.tags["promotion_decision"] == "backfill"
         assert client.get_run(version.run_id).data.tags["backfill"] == "True"
     # The summary `make run` prints says so too.
-    summary = subprocess.run([sys.executable, "-m", "pipeline.cli", "summary", "2024-01-30"],
-                             cwd=REPO, env=airflow.env, capture_output=True, text=True,
-                             timeout=120)
+    summary = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "summary", "2024-01-30"],
+        cwd=REPO,
+        env=airflow.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert summary.returncode == 0, summary.stderr
     assert "register   backfill: backfill: cutoff 2024-01-30" in summary.stdout
     assert "recorded, not a candidate (backfill)" in summary.stdout
@@ -342,7 +398,8 @@ def test_a_backfill_of_two_older_dates_records_them_and_leaves_production_alone(
 
 
 def test_planted_drift_runs_the_monitor_which_retrains_through_the_drift_asset(
-        airflow, mailbox, pg_dsn_module):
+    airflow, mailbox, pg_dsn_module
+):
     from pipeline.lake.demo import write_landing
     from pipeline.lake.demo.drift import DriftPlan, plant_drift
     from pipeline.lake.demo.synthetic import generate_clickstream
@@ -357,59 +414,111 @@ def test_planted_drift_runs_the_monitor_which_retrains_through_the_drift_asset(
     week = events[stamps >= pd.Timestamp("2024-02-03", tz="UTC")].copy()
     week["timestamp"] = pd.to_datetime(week["timestamp"], utc=True) + pd.Timedelta(days=7)
     week["event_id"] = week["event_id"].astype(str) + "-w2"
-    data = plant_drift(dataclasses.replace(data, events=week),
-                       DriftPlan(start="2024-02-10", device_mix={"tv": 1.0}, seed=3))
+    data = plant_drift(
+        dataclasses.replace(data, events=week),
+        DriftPlan(start="2024-02-10", device_mix={"tv": 1.0}, seed=3),
+    )
     landing = Path(airflow.env["RECS_DATA_DIR"]) / "landing"
     write_landing(data, landing, name="tv-week", fmt="csv", gzip=True)
     # The product team starts an A/B experiment (step 5 reads it): the next publish, the
     # retrain below, serves each user from their variant.
     config = airflow.root / "experiment.json"
-    config.write_text(json.dumps({
-        "name": "model-vs-popular", "salt": "scheduler-ab", "planned_users_per_variant": 50,
-        "variants": [{"name": "control", "kind": "popularity", "share": 0.5},
-                     {"name": "model", "kind": "model", "model": "champion", "share": 0.5}]}))
-    started = subprocess.run([sys.executable, "-m", "pipeline.cli", "experiment", "start",
-                              "--config", str(config), "--by", "product team"], cwd=REPO,
-                             env=airflow.env, capture_output=True, text=True, timeout=120)
+    config.write_text(
+        json.dumps(
+            {
+                "name": "model-vs-popular",
+                "salt": "scheduler-ab",
+                "planned_users_per_variant": 50,
+                "variants": [
+                    {"name": "control", "kind": "popularity", "share": 0.5},
+                    {"name": "model", "kind": "model", "model": "champion", "share": 0.5},
+                ],
+            }
+        )
+    )
+    started = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "experiment",
+            "start",
+            "--config",
+            str(config),
+            "--by",
+            "product team",
+        ],
+        cwd=REPO,
+        env=airflow.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert started.returncode == 0, started.stderr
     # The loader ingests (as `python -m pipeline.cli ingest`) and tells Airflow.
-    loaded = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest"], cwd=REPO,
-                            env=airflow.env, capture_output=True, text=True, timeout=300)
+    loaded = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "ingest"],
+        cwd=REPO,
+        env=airflow.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert loaded.returncode == 0, loaded.stderr
     assert json.loads(loaded.stdout)["rows_new"] == len(week)
     assets = airflow.client.get("/assets", params={"uri_pattern": "recs://lake/events"})
     asset_id = assets.json()["assets"][0]["id"]
-    posted = airflow.client.post("/assets/events", json={
-        "asset_id": asset_id, "extra": {"cutoff": "2024-02-17T00:00:00+00:00"}})
+    posted = airflow.client.post(
+        "/assets/events",
+        json={"asset_id": asset_id, "extra": {"cutoff": "2024-02-17T00:00:00+00:00"}},
+    )
     assert posted.status_code == 200, posted.text
 
     # The monitor runs on the Asset event, for the loader's cutoff, and alerts.
-    monitor_runs = airflow.wait(lambda: [r for r in airflow.runs(monitor)
-                                         if r["state"] in ("success", "failed")],
-                                RUN_TIMEOUT_S, "the monitor run on the lake Asset")
+    monitor_runs = airflow.wait(
+        lambda: [r for r in airflow.runs(monitor) if r["state"] in ("success", "failed")],
+        RUN_TIMEOUT_S,
+        "the monitor run on the lake Asset",
+    )
     run = monitor_runs[0]
     tis = airflow.task_instances(run["dag_run_id"], monitor)
     assert run["run_type"] == "asset_triggered" and run["state"] == "success", tis
     assert {t: ti["state"] for t, ti in tis.items()} == {
-        "monitor": "success", "notify": "success", "trigger_retrain": "success"}
+        "monitor": "success",
+        "notify": "success",
+        "trigger_retrain": "success",
+    }
     rows = read_monitoring(dsn=pg_dsn_module, sqlite_path=Path("/nonexistent"))
-    device = rows[(rows.subject == "event.device")
-                  & (rows.run_date == pd.Timestamp("2024-02-17", tz="UTC"))]
+    device = rows[
+        (rows.subject == "event.device") & (rows.run_date == pd.Timestamp("2024-02-17", tz="UTC"))
+    ]
     assert device["status"].tolist() == ["alert"]
     assert device["model_version"].tolist() == ["1"]
-    mail = airflow.wait(lambda: [m for m in mailbox.messages if "monitor 2024-02-17" in
-                                 m["Subject"]], 60, "the monitor's alert mail")[0]
+    mail = airflow.wait(
+        lambda: [m for m in mailbox.messages if "monitor 2024-02-17" in m["Subject"]],
+        60,
+        "the monitor's alert mail",
+    )[0]
     assert "alert(s)" in mail["Subject"]
 
     # The nightly retrains on the drift Asset, for the monitor's date, and says why.
-    retrain = airflow.wait(lambda: [r for r in airflow.runs() if r["run_type"] ==
-                                    "asset_triggered" and r["state"] in ("success", "failed")],
-                           RUN_TIMEOUT_S, "the nightly run on the drift Asset")[0]
+    retrain = airflow.wait(
+        lambda: [
+            r
+            for r in airflow.runs()
+            if r["run_type"] == "asset_triggered" and r["state"] in ("success", "failed")
+        ],
+        RUN_TIMEOUT_S,
+        "the nightly run on the drift Asset",
+    )[0]
     tis = airflow.task_instances(retrain["dag_run_id"])
     assert retrain["state"] == "success", {t: ti["state"] for t, ti in tis.items()}
     assert tis["publish"]["state"] == "success"
-    registered = json.loads((Path(airflow.env["RECS_DATA_DIR"]) / "runs" / "2024-02-17T000000"
-                             / "register.json").read_text())
+    registered = json.loads(
+        (
+            Path(airflow.env["RECS_DATA_DIR"]) / "runs" / "2024-02-17T000000" / "register.json"
+        ).read_text()
+    )
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=airflow.env["MLFLOW_TRACKING_URI"])
@@ -419,14 +528,15 @@ def test_planted_drift_runs_the_monitor_which_retrains_through_the_drift_asset(
     import psycopg2
 
     with psycopg2.connect(pg_dsn_module) as conn, conn.cursor() as cur:
-        cur.execute("SELECT triggered_by FROM recs.model_promotions WHERE model_version = %s",
-                    (registered["version"],))
+        cur.execute(
+            "SELECT triggered_by FROM recs.model_promotions WHERE model_version = %s",
+            (registered["version"],),
+        )
         recorded = [r[0] for r in cur.fetchall()]
     assert recorded and all("event.device" in r for r in recorded), recorded
 
 
-def test_feedback_on_an_ab_experiment_runs_the_impact_dag_on_the_lake_asset(airflow,
-                                                                           pg_dsn_module):
+def test_feedback_on_an_ab_experiment_runs_the_impact_dag_on_the_lake_asset(airflow, pg_dsn_module):
     """Step 5: the lists the drift retrain published for 2024-02-17 (two variants) are shown
     by the simulated CMS for three days; the loader ingests the feedback and posts the lake
     Asset event; the impact DAG runs on it and compares the variants."""
@@ -437,26 +547,41 @@ def test_feedback_on_an_ab_experiment_runs_the_impact_dag_on_the_lake_asset(airf
     airflow.client.patch(f"/dags/{monitor}", json={"is_paused": True}).raise_for_status()
     airflow.client.patch(f"/dags/{impact}", json={"is_paused": False}).raise_for_status()
     for command in (["simulate-day", "2024-02-17", "--days", "3", "--seed", "5"], ["ingest"]):
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], cwd=REPO,
-                              env=airflow.env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *command],
+            cwd=REPO,
+            env=airflow.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, (command, done.stderr)
     assets = airflow.client.get("/assets", params={"uri_pattern": "recs://lake/events"})
-    posted = airflow.client.post("/assets/events", json={
-        "asset_id": assets.json()["assets"][0]["id"],
-        "extra": {"cutoff": "2024-02-20T00:00:00+00:00"}})
+    posted = airflow.client.post(
+        "/assets/events",
+        json={
+            "asset_id": assets.json()["assets"][0]["id"],
+            "extra": {"cutoff": "2024-02-20T00:00:00+00:00"},
+        },
+    )
     assert posted.status_code == 200, posted.text
 
-    (run,) = airflow.wait(lambda: [r for r in airflow.runs(impact)
-                                   if r["state"] in ("success", "failed")],
-                          RUN_TIMEOUT_S, "the impact run on the lake Asset")
+    (run,) = airflow.wait(
+        lambda: [r for r in airflow.runs(impact) if r["state"] in ("success", "failed")],
+        RUN_TIMEOUT_S,
+        "the impact run on the lake Asset",
+    )
     tis = airflow.task_instances(run["dag_run_id"], impact)
     assert run["run_type"] == "asset_triggered" and run["state"] == "success", tis
-    summary = json.loads((Path(airflow.env["RECS_DATA_DIR"]) / "impact" / "2024-02-20"
-                          / "summary.json").read_text())
+    summary = json.loads(
+        (Path(airflow.env["RECS_DATA_DIR"]) / "impact" / "2024-02-20" / "summary.json").read_text()
+    )
     variants = {row["variant"]: row for row in summary["variants"]}
     assert {"control", "model"} <= set(variants), variants
-    assert all(variants[v]["users_active"] > 0 and variants[v]["impressions"] > 0
-               for v in ("control", "model"))
+    assert all(
+        variants[v]["users_active"] > 0 and variants[v]["impressions"] > 0
+        for v in ("control", "model")
+    )
     assert summary["srm"]["expected_shares"] == {"control": 0.5, "model": 0.5}
     assert {row["variant"] for row in summary["comparison"]} == {"model"}
     table = read_impact(dsn=pg_dsn_module, sqlite_path=Path("/nonexistent"))

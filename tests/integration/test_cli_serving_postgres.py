@@ -24,8 +24,7 @@ PASSWORD = "p@ss:w/rd %20x@"
 
 
 def _admin_dsn() -> str:  # as in tests/conftest.py
-    return os.environ.get("RECS_TEST_PG_ADMIN_DSN",
-                          "postgresql://postgres@127.0.0.1:5432/postgres")
+    return os.environ.get("RECS_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture
@@ -36,8 +35,11 @@ def odd_role() -> Iterator[str]:
     admin.autocommit = True
     with admin.cursor() as cur:
         # no query parameters: the "%" in the name must not read as a placeholder
-        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name),
-                                                                       sql.Literal(PASSWORD)))
+        cur.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(PASSWORD)
+            )
+        )
     try:
         yield name
     finally:
@@ -51,8 +53,16 @@ def test_serving_dsn_connects_as_the_connection_says(pg_dsn, odd_role, form, mon
     parts = urllib.parse.urlsplit(pg_dsn)
     host, port, dbname = parts.hostname, parts.port or 5432, parts.path.lstrip("/")
     if form == "json":
-        value = json.dumps({"conn_type": "postgres", "login": odd_role, "password": PASSWORD,
-                            "host": host, "port": port, "schema": dbname})
+        value = json.dumps(
+            {
+                "conn_type": "postgres",
+                "login": odd_role,
+                "password": PASSWORD,
+                "host": host,
+                "port": port,
+                "schema": dbname,
+            }
+        )
     else:
         quote = lambda text: urllib.parse.quote(text, safe="")  # noqa: E731
         value = f"postgresql://{quote(odd_role)}:{quote(PASSWORD)}@{host}:{port}/{dbname}"
@@ -76,16 +86,30 @@ def test_cli_ingest_with_a_key_prints_only_its_json_report_on_stdout(pg_dsn, tmp
 
     landing = tmp_path / "data" / "landing" / "events"
     landing.mkdir(parents=True)
-    (landing / "a.csv").write_text("user_id,item_id,event_type,timestamp\n"
-                                   "u1,i1,view,2024-01-02T10:00:00Z\n")
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("AIRFLOW_CONN_", "RECS_"))}
-    env.update({"RECS_DATA_DIR": str(tmp_path / "data"), "RECS_LANDING_SETTLE_SECONDS": "0",
-                "RECS_PSEUDONYM_KEY": "integration-test-key-0123456789",
-                "AIRFLOW_CONN_RECS_SERVING": pg_dsn})
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest"],
-                          cwd=Path(__file__).parents[2], env=env, capture_output=True,
-                          text=True, timeout=300)
+    (landing / "a.csv").write_text(
+        "user_id,item_id,event_type,timestamp\nu1,i1,view,2024-01-02T10:00:00Z\n"
+    )
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("AIRFLOW_CONN_", "RECS_"))
+    }
+    env.update(
+        {
+            "RECS_DATA_DIR": str(tmp_path / "data"),
+            "RECS_LANDING_SETTLE_SECONDS": "0",
+            "RECS_PSEUDONYM_KEY": "integration-test-key-0123456789",
+            "AIRFLOW_CONN_RECS_SERVING": pg_dsn,
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "ingest"],
+        cwd=Path(__file__).parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["rows_new"] == 1
     assert "lake index" in done.stderr or "ingest" in done.stderr

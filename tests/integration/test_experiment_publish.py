@@ -24,10 +24,16 @@ UTC = dt.timezone.utc
 DAY1 = dt.datetime(2024, 2, 1, tzinfo=UTC)
 DAY2 = DAY1 + dt.timedelta(days=1)
 CONF = {"top_n": 5, "als_iterations": 5, "als_factors": 16, "holdout_days": 7, "ranker_bags": 2}
-CONFIG = {"name": "ranker-vs-popular", "salt": "2024-02-ranker", "planned_days": 14,
-          "variants": [{"name": "control", "kind": "popularity", "share": 0.3},
-                       {"name": "model", "kind": "model", "model": "champion", "share": 0.3},
-                       {"name": "holdout", "kind": "holdout", "share": 0.1}]}
+CONFIG = {
+    "name": "ranker-vs-popular",
+    "salt": "2024-02-ranker",
+    "planned_days": 14,
+    "variants": [
+        {"name": "control", "kind": "popularity", "share": 0.3},
+        {"name": "model", "kind": "model", "model": "champion", "share": 0.3},
+        {"name": "holdout", "kind": "holdout", "share": 0.1},
+    ],
+}
 NOWHERE = Path("/nonexistent")
 
 
@@ -43,20 +49,34 @@ def runs(world, published):
     before = published()
     config = world["root"] / "ranker-vs-popular.json"
     config.write_text(json.dumps(CONFIG))
-    assert main(["experiment", "start", "--config", str(config), "--by", "integration test",
-                 "--reason", "does personalisation beat popularity?"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "start",
+                "--config",
+                str(config),
+                "--by",
+                "integration test",
+                "--reason",
+                "does personalisation beat popularity?",
+            ]
+        )
+        == 0
+    )
     record = active_experiment(world["dsn"], NOWHERE)
     experiment = Experiment.from_dict(record["config"])
     assert nightly.test(logical_date=DAY2, run_conf=CONF).state == "success"
-    return {"before": before, "after": published(), "experiment": experiment,
-            "record": record}
+    return {"before": before, "after": published(), "experiment": experiment, "record": record}
 
 
 def _cms(dsn: str, user_id: str) -> list[tuple]:
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("SET search_path = recs")
-        cur.execute("SELECT item_id, reason FROM recommendations WHERE user_id = %s "
-                    "ORDER BY rank", (user_id,))
+        cur.execute(
+            "SELECT item_id, reason FROM recommendations WHERE user_id = %s ORDER BY rank",
+            (user_id,),
+        )
         return cur.fetchall()
 
 
@@ -74,12 +94,17 @@ def _rules_lists(recommender, users, *, personal: bool) -> pd.DataFrame:
         return pd.DataFrame({column: pd.Series(dtype=object) for column in CANDIDATE_COLUMNS})
 
     lists, _ = recommend_with_rules(
-        recommender.recommend if personal else nothing, np.asarray(users, dtype=object),
+        recommender.recommend if personal else nothing,
+        np.asarray(users, dtype=object),
         candidate_multiplier=settings.candidate_multiplier,
         consumed=build_consumed(events, settings.consumed_event_types),
-        items=read_side_file(settings.landing_dir / "items.csv"), fallback=recommender.popular_,
-        n=settings.top_n, max_per_category=settings.max_per_category,
-        item_ttl_days=settings.item_ttl_days, cutoff=DAY2)
+        items=read_side_file(settings.landing_dir / "items.csv"),
+        fallback=recommender.popular_,
+        n=settings.top_n,
+        max_per_category=settings.max_per_category,
+        item_ttl_days=settings.item_ttl_days,
+        cutoff=DAY2,
+    )
     return lists
 
 
@@ -90,8 +115,11 @@ def _items(frame: pd.DataFrame) -> dict[str, list[str]]:
 
 def test_the_cli_recorded_the_start_and_saved_the_config(world, runs):
     record = runs["record"]
-    assert (record["name"], record["version"], record["action"]) == ("ranker-vs-popular", 1,
-                                                                     "start")
+    assert (record["name"], record["version"], record["action"]) == (
+        "ranker-vs-popular",
+        1,
+        "start",
+    )
     assert record["changed_by"] == "integration test"
     saved = world["root"] / "data" / "experiments" / "ranker-vs-popular.json"
     assert json.loads(saved.read_text()) == record["config"]
@@ -110,13 +138,17 @@ def test_users_get_the_lists_of_their_variant(world, runs):
     after, experiment = runs["after"], runs["experiment"]
     served = live_version(dsn=world["dsn"], sqlite_path=NOWHERE)["model_version"]
     events = world["events"]
-    users = sorted(set(events.loc[pd.to_datetime(events["timestamp"], utc=True) < DAY2,
-                                  "user_id"].astype(str)))
+    users = sorted(
+        set(events.loc[pd.to_datetime(events["timestamp"], utc=True) < DAY2, "user_id"].astype(str))
+    )
     variant = dict(zip(users, experiment.assign(users), strict=True))
-    groups = {name: [u for u, v in variant.items() if v == name]
-              for name in ("control", "model", "holdout", None)}
+    groups = {
+        name: [u for u, v in variant.items() if v == name]
+        for name in ("control", "model", "holdout", None)
+    }
     assert all(len(members) >= 10 for members in groups.values()), {
-        k: len(v) for k, v in groups.items()}
+        k: len(v) for k, v in groups.items()
+    }
 
     personal = after[~after["user_id"].str.startswith(DEFAULT_USER)]
     assert set(personal["user_id"]) == set(users) - set(groups["holdout"])
@@ -135,7 +167,8 @@ def test_users_get_the_lists_of_their_variant(world, runs):
     expected_control = _items(_rules_lists(recommender, groups["control"], personal=False))
     assert {u: lists[u] for u in model_users} == {u: expected_model[u] for u in model_users}
     assert {u: lists[u] for u in groups["control"]} == {
-        u: expected_control[u] for u in groups["control"]}
+        u: expected_control[u] for u in groups["control"]
+    }
     control = personal[personal["variant"] == "control"]
     assert set(control["source"]) == {"popular"}  # no personalisation, the same rules
     model = personal[personal["variant"] == "model"]
@@ -164,8 +197,9 @@ def test_fallbacks_per_variant_and_none_for_the_holdout(world, runs):
     for user in holdout.head(5):
         assert _cms(world["dsn"], user) == []  # no rows: the CMS must not fall back
         assert read_user_list(user, dsn=world["dsn"], sqlite_path=NOWHERE).empty
-    newcomer = next(f"new-user-{i}" for i in range(1000)
-                    if experiment.assign([f"new-user-{i}"])[0] == "control")
+    newcomer = next(
+        f"new-user-{i}" for i in range(1000) if experiment.assign([f"new-user-{i}"])[0] == "control"
+    )
     fallback = read_user_list(newcomer, dsn=world["dsn"], sqlite_path=NOWHERE)
     assert set(fallback["user_id"]) == {DEFAULT_USER}  # unknown: not assigned by the DB
 
@@ -175,8 +209,16 @@ def test_the_cms_query_is_unchanged(world, runs):
     user = after.loc[after["variant"] == "model", "user_id"].iloc[0]
     rows = after[after["user_id"] == user].sort_values("rank")
     assert _cms(world["dsn"], user) == list(zip(rows["item_id"], rows["reason"], strict=True))
-    assert list(after.columns[:8]) == ["user_id", "rank", "item_id", "score", "reason", "source",
-                                       "model_version", "generated_at"]
+    assert list(after.columns[:8]) == [
+        "user_id",
+        "rank",
+        "item_id",
+        "score",
+        "reason",
+        "source",
+        "model_version",
+        "generated_at",
+    ]
     assert list(after.columns[8:]) == ["variant", "experiment"]
 
 
@@ -190,8 +232,9 @@ def test_the_served_history_carries_the_variants(world, runs):
     merged = after.merge(served, on=["user_id", "rank"], suffixes=("", "_served"))
     assert len(merged) == len(after)
     for column in ("item_id", "variant", "experiment", "model_version"):
-        assert merged[column].fillna("-").tolist() == merged[f"{column}_served"].fillna(
-            "-").tolist(), column
+        assert (
+            merged[column].fillna("-").tolist() == merged[f"{column}_served"].fillna("-").tolist()
+        ), column
     assert set(served["variant"].dropna()) == {"control", "model"}
 
     publish = json.loads((Settings(**CONF).run_dir(DAY2) / "publish.json").read_text())

@@ -59,22 +59,30 @@ def _impressions(events: pd.DataFrame, seed: int = 11) -> pd.DataFrame:
     n = len(visits)
     shown = rng.choice(items, (n, 3))
     shown[np.arange(n), rng.integers(0, 3, n)] = visits["item_id"].to_numpy()
-    frame = pd.DataFrame({
-        "user_id": np.repeat(visits["user_id"].to_numpy(), 3),
-        "item_id": shown.reshape(-1),
-        "event_type": "impression",
-        "timestamp": np.repeat(visits["timestamp"].to_numpy(), 3),
-        "device": np.repeat(visits["device"].to_numpy(), 3),
-        "session_id": np.repeat(visits["session_id"].to_numpy(), 3),
-        "position": np.tile([1, 2, 3], n),
-        "placement": np.repeat(rng.choice(PLACEMENTS, n), 3)})
-    strangers = pd.DataFrame({
-        "user_id": ["shown-only-user"] * 5 + list(visits["user_id"].iloc[:5]),
-        "item_id": list(items[:5]) + ["shown-only-item"] * 5,
-        "event_type": "impression",
-        "timestamp": visits["timestamp"].iloc[:10].to_numpy(),
-        "device": "mobile", "session_id": None,
-        "position": np.arange(1, 11), "placement": "home_recs"})
+    frame = pd.DataFrame(
+        {
+            "user_id": np.repeat(visits["user_id"].to_numpy(), 3),
+            "item_id": shown.reshape(-1),
+            "event_type": "impression",
+            "timestamp": np.repeat(visits["timestamp"].to_numpy(), 3),
+            "device": np.repeat(visits["device"].to_numpy(), 3),
+            "session_id": np.repeat(visits["session_id"].to_numpy(), 3),
+            "position": np.tile([1, 2, 3], n),
+            "placement": np.repeat(rng.choice(PLACEMENTS, n), 3),
+        }
+    )
+    strangers = pd.DataFrame(
+        {
+            "user_id": ["shown-only-user"] * 5 + list(visits["user_id"].iloc[:5]),
+            "item_id": list(items[:5]) + ["shown-only-item"] * 5,
+            "event_type": "impression",
+            "timestamp": visits["timestamp"].iloc[:10].to_numpy(),
+            "device": "mobile",
+            "session_id": None,
+            "position": np.arange(1, 11),
+            "placement": "home_recs",
+        }
+    )
     out = pd.concat([frame, strangers], ignore_index=True)
     # the same item twice in a row of the same second: two events, told apart by position
     return out.drop_duplicates(["user_id", "item_id", "timestamp", "position"])
@@ -100,19 +108,24 @@ def _run_world(root: Path, dsn: str, dags, data, impressions: pd.DataFrame | Non
             clicks = (events["event_type"] == "click").to_numpy()
             events["position"] = pd.array(np.where(clicks, 1, 0), dtype="Int64")
             events.loc[~clicks, "position"] = pd.NA
-            events["placement"] = pd.array(np.where(clicks, "home_recs", None),
-                                           dtype="string")
-            write_landing(dataclasses.replace(data, events=events), landing, name="clicks",
-                          fmt="csv", gzip=True)
+            events["placement"] = pd.array(np.where(clicks, "home_recs", None), dtype="string")
+            write_landing(
+                dataclasses.replace(data, events=events),
+                landing,
+                name="clicks",
+                fmt="csv",
+                gzip=True,
+            )
             half = len(impressions) // 2
             with open(landing / "events" / "impressions-1.jsonl", "w") as fh:
                 part = impressions.iloc[:half].assign(
-                    timestamp=format_iso_utc(impressions["timestamp"].iloc[:half]))
+                    timestamp=format_iso_utc(impressions["timestamp"].iloc[:half])
+                )
                 for record in part.to_dict("records"):
-                    fh.write(json.dumps({k: v for k, v in record.items() if v is not None})
-                             + "\n")
-            impressions.iloc[half:].to_parquet(landing / "events" / "impressions-2.parquet",
-                                               index=False)
+                    fh.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+            impressions.iloc[half:].to_parquet(
+                landing / "events" / "impressions-2.parquet", index=False
+            )
         run = dags["recommendations_nightly"].test(logical_date=CUTOFF, run_conf=CONF)
         assert run.state == "success"
         return read_all(dsn=dsn, sqlite_path=Path("/nonexistent"))
@@ -127,7 +140,8 @@ def without_impressions(tmp_path_factory, pg_dsn_module, dags, data):
 
 
 def test_impressions_reach_the_lake_with_their_columns_and_change_no_list(
-        tmp_path, pg_dsn, dags, data, without_impressions):
+    tmp_path, pg_dsn, dags, data, without_impressions
+):
     from pipeline.core.config import Settings
     from pipeline.lake.snapshot import load_snapshot
 
@@ -143,10 +157,10 @@ def test_impressions_reach_the_lake_with_their_columns_and_change_no_list(
     assert set(stored["placement"]) == set(PLACEMENTS)
     key = ["user_id", "item_id", "timestamp", "position"]
     expected = impressions.assign(
-        timestamp=pd.to_datetime(impressions["timestamp"], utc=True).astype(
-            "datetime64[us, UTC]"),
+        timestamp=pd.to_datetime(impressions["timestamp"], utc=True).astype("datetime64[us, UTC]"),
         position=impressions["position"].astype("Int64"),
-        placement=impressions["placement"].astype("string"))
+        placement=impressions["placement"].astype("string"),
+    )
     got = stored[[*key, "placement"]].sort_values(key).reset_index(drop=True)
     want = expected[[*key, "placement"]].astype(got.dtypes.to_dict()).sort_values(key)
     pd.testing.assert_frame_equal(got, want.reset_index(drop=True))

@@ -27,8 +27,9 @@ def _parquet_mentions(path, user: str) -> bool:
     table = pq.read_table(path)
     for column in table.columns:
         kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-        if (pa.types.is_string(kind) or pa.types.is_large_string(kind)) \
-                and user in set(column.to_pylist()):
+        if (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and user in set(
+            column.to_pylist()
+        ):
             return True
     return False
 
@@ -42,17 +43,20 @@ def _files_mentioning(root, user: str) -> list[str]:
         if path.suffix == ".parquet":
             if _parquet_mentions(path, user):
                 found.append(str(path.relative_to(root)))
-        elif path.suffix in (".json", ".jsonl", ".csv", ".html", ".txt") \
-                and word.search(path.read_bytes()):
+        elif path.suffix in (".json", ".jsonl", ".csv", ".html", ".txt") and word.search(
+            path.read_bytes()
+        ):
             found.append(str(path.relative_to(root)))
     return found
 
 
 def _serving_rows(dsn: str, user: str) -> int:
     with closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = "
-                    "c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid WHERE n.nspname "
-                    "= 'recs' AND c.relkind = 'r' AND a.attname = 'user_id'")
+        cur.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = "
+            "c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid WHERE n.nspname "
+            "= 'recs' AND c.relkind = 'r' AND a.attname = 'user_id'"
+        )
         tables = [row[0] for row in cur.fetchall()]
         assert tables
         total = 0
@@ -72,12 +76,12 @@ def test_a_forgotten_user_is_nowhere_and_stays_out_after_reingesting(world, publ
     counts = rows.loc[rows["user_id"] != "__default__", "user_id"].value_counts()
     user = str(counts.index[0])
     assert _serving_rows(world["dsn"], user) > 0 and _files_mentioning(data / "runs", user)
-    version = json.loads((data / "runs" / "2024-02-01T000000" / "register.json")
-                         .read_text())["version"]
+    version = json.loads((data / "runs" / "2024-02-01T000000" / "register.json").read_text())[
+        "version"
+    ]
 
     forget = world["dags"]["recommendations_forget_user"]
-    run = forget.test(run_conf={"user_ids": [user], "requested_by": "dpo",
-                                "reason": "GDPR-17"})
+    run = forget.test(run_conf={"user_ids": [user], "requested_by": "dpo", "reason": "GDPR-17"})
     assert run.state == "success"
 
     stores = [data / "lake", data / "runs"]

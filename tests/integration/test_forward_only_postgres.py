@@ -21,12 +21,24 @@ UNUSED = Path("/nonexistent")
 
 
 def test_older_lists_are_refused_under_the_publish_lock(pg_dsn: str, make_lists: Callable):
-    serving.publish_lists(make_lists(), dsn=pg_dsn, sqlite_path=UNUSED, model_version="m-2",
-                          logical_date=NEWER, allow_older=False)
+    serving.publish_lists(
+        make_lists(),
+        dsn=pg_dsn,
+        sqlite_path=UNUSED,
+        model_version="m-2",
+        logical_date=NEWER,
+        allow_older=False,
+    )
     live = serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED)
     with pytest.raises(serving.OlderThanLive, match="newer than this publish's 2024-01-30"):
-        serving.publish_lists(make_lists(n_users=5), dsn=pg_dsn, sqlite_path=UNUSED,
-                              model_version="m-1", logical_date=OLDER, allow_older=False)
+        serving.publish_lists(
+            make_lists(n_users=5),
+            dsn=pg_dsn,
+            sqlite_path=UNUSED,
+            model_version="m-1",
+            logical_date=OLDER,
+            allow_older=False,
+        )
     pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED), live)
     assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-2"
 
@@ -51,10 +63,22 @@ def test_promotion_lock_serialises_deciders_and_times_out(pg_dsn: str):
                 order.append("never")
         # A publish is not blocked by a decision in progress.
         serving.publish_lists(
-            pd.DataFrame({"user_id": ["__default__"], "rank": [1], "item_id": ["i"],
-                          "score": [1.0], "reason": ["popular"], "source": ["popular"],
-                          "generated_at": [pd.Timestamp(NEWER)]}),
-            dsn=pg_dsn, sqlite_path=UNUSED, model_version="m-1", logical_date=NEWER)
+            pd.DataFrame(
+                {
+                    "user_id": ["__default__"],
+                    "rank": [1],
+                    "item_id": ["i"],
+                    "score": [1.0],
+                    "reason": ["popular"],
+                    "source": ["popular"],
+                    "generated_at": [pd.Timestamp(NEWER)],
+                }
+            ),
+            dsn=pg_dsn,
+            sqlite_path=UNUSED,
+            model_version="m-1",
+            logical_date=NEWER,
+        )
     finally:
         release.set()
         thread.join(20)

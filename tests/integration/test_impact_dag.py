@@ -32,8 +32,7 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
 
     root = tmp_path_factory.mktemp("impact")
     generated = generate_world(n_users=400, n_items=120, n_days=31, start="2024-01-01", seed=4)
-    write_landing(generated.data, root / "data" / "landing", name="clicks", fmt="csv",
-                  gzip=True)
+    write_landing(generated.data, root / "data" / "landing", name="clicks", fmt="csv", gzip=True)
     env = pytest.MonkeyPatch()
     env.setenv("RECS_DATA_DIR", str(root / "data"))
     env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -60,17 +59,24 @@ def test_simulated_feedback_is_ingested_and_attributed(world):
     data = world["root"] / "data"
     served = read_served(data / "lake", CUTOFF, AS_OF)
     lists = served[["user_id", "rank", "item_id"]]
-    feedback = pd.concat([simulate_day(world["truth"], lists, CUTOFF + dt.timedelta(days=d),
-                                       seed=d) for d in range(7)], ignore_index=True)
+    feedback = pd.concat(
+        [
+            simulate_day(world["truth"], lists, CUTOFF + dt.timedelta(days=d), seed=d)
+            for d in range(7)
+        ],
+        ignore_index=True,
+    )
     feedback["timestamp"] = pd.to_datetime(feedback["timestamp"], utc=True).dt.strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
     path = data / "landing" / "events" / "feedback.jsonl"
     path.write_text(feedback.to_json(orient="records", lines=True))
     report = ingest_lake(Settings())
     assert report.rows_new == len(feedback) and report.rows_rejected == 0
 
     run = world["dags"]["recommendations_impact"].test(
-        logical_date=AS_OF, run_conf={"as_of": AS_OF.isoformat(), "days": 7})
+        logical_date=AS_OF, run_conf={"as_of": AS_OF.isoformat(), "days": 7}
+    )
     assert run.state == "success"
     summary = json.loads((data / "impact" / "2024-02-08" / "summary.json").read_text())
     (variant,) = summary["variants"]
@@ -109,41 +115,81 @@ def test_an_experiment_is_served_simulated_and_compared_with_its_control(world):
 
     data = world["root"] / "data"
     config = world["root"] / "experiment.json"
-    config.write_text(json.dumps({
-        "name": "model-vs-popular", "salt": "impact-test", "planned_users_per_variant": 100,
-        "variants": [{"name": "control", "kind": "popularity", "share": 0.4},
-                     {"name": "model", "kind": "model", "model": "champion", "share": 0.4},
-                     {"name": "holdout", "kind": "holdout", "share": 0.2}]}))
-    assert main(["experiment", "start", "--config", str(config), "--by", "integration test",
-                 "--reason", "does personalisation beat popularity?"]) == 0
+    config.write_text(
+        json.dumps(
+            {
+                "name": "model-vs-popular",
+                "salt": "impact-test",
+                "planned_users_per_variant": 100,
+                "variants": [
+                    {"name": "control", "kind": "popularity", "share": 0.4},
+                    {"name": "model", "kind": "model", "model": "champion", "share": 0.4},
+                    {"name": "holdout", "kind": "holdout", "share": 0.2},
+                ],
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                "experiment",
+                "start",
+                "--config",
+                str(config),
+                "--by",
+                "integration test",
+                "--reason",
+                "does personalisation beat popularity?",
+            ]
+        )
+        == 0
+    )
     week = AS_OF + dt.timedelta(days=7)
     run = world["dags"]["recommendations_nightly"].test(logical_date=AS_OF, run_conf=CONF)
     assert run.state == "success"
     served = read_served(data / "lake", AS_OF, week)
     assert set(served.loc[~served["user_id"].str.startswith("__default__"), "variant"]) == {
-        "control", "model"}
+        "control",
+        "model",
+    }
     personal = ~served["user_id"].str.startswith("__default__:")  # every user has a list
     lists = served.loc[personal, ["user_id", "rank", "item_id", "variant"]].fillna(
-        {"variant": "(none)"})
+        {"variant": "(none)"}
+    )
     assert not served["variant"].eq("holdout").any()  # the holdout gets no lists
     # everyone browses too (organic views, carts, purchases): the holdout's baseline
-    feedback = pd.concat([simulate_day(world["truth"], lists, AS_OF + dt.timedelta(days=d),
-                                       seed=100 + d, organic=OrganicModel(1.0))
-                          for d in range(7)], ignore_index=True)
+    feedback = pd.concat(
+        [
+            simulate_day(
+                world["truth"],
+                lists,
+                AS_OF + dt.timedelta(days=d),
+                seed=100 + d,
+                organic=OrganicModel(1.0),
+            )
+            for d in range(7)
+        ],
+        ignore_index=True,
+    )
     feedback["timestamp"] = pd.to_datetime(feedback["timestamp"], utc=True).dt.strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
     (data / "landing" / "events" / "feedback-2.jsonl").write_text(
-        feedback.drop(columns="variant").to_json(orient="records", lines=True))
+        feedback.drop(columns="variant").to_json(orient="records", lines=True)
+    )
     assert ingest_lake(Settings()).rows_new == len(feedback)
 
     run = world["dags"]["recommendations_impact"].test(
-        logical_date=week, run_conf={"as_of": week.isoformat(), "days": 7})
+        logical_date=week, run_conf={"as_of": week.isoformat(), "days": 7}
+    )
     assert run.state == "success"
     summary = json.loads((data / "impact" / f"{week:%Y-%m-%d}" / "summary.json").read_text())
     by_variant = {row["variant"]: row for row in summary["variants"]}
     assert set(by_variant) == {"control", "model"}
     assert summary["srm"] is not None and summary["srm"]["expected_shares"] == {
-        "control": 0.4, "model": 0.4}
+        "control": 0.4,
+        "model": 0.4,
+    }
     comparison = {row["metric"]: row for row in summary["comparison"]}
     assert set(comparison) == {"engaged", "converted"}
     engaged = comparison["engaged"]
@@ -156,8 +202,12 @@ def test_an_experiment_is_served_simulated_and_compared_with_its_control(world):
     assert sitewide["holdout"]["users"] > 0 and sitewide["holdout"]["active_any"] > 0
     versus = {row["variant"]: row for row in summary["holdout_comparison"]}
     assert set(versus) == {"control", "model"}
-    assert all(row["control"] == "holdout" and row["metric"] == "converted_any"
-               and row["n_control"] == sitewide["holdout"]["users"] for row in versus.values())
+    assert all(
+        row["control"] == "holdout"
+        and row["metric"] == "converted_any"
+        and row["n_control"] == sitewide["holdout"]["users"]
+        for row in versus.values()
+    )
     assert (data / "impact" / f"{week:%Y-%m-%d}" / "holdout_comparison.csv").exists()
 
 
@@ -192,21 +242,32 @@ def test_the_online_gate_promotes_a_version_only_on_its_online_result(world):
     champion = champion_version()
     # a different recipe; the tolerance lets it pass the offline gate on this small holdout
     run = world["dags"]["recommendations_nightly"].test(
-        logical_date=week, run_conf={**CONF, "als_factors": 12, "gate_online": True,
-                                     "gate_tolerance": 1.0})
+        logical_date=week,
+        run_conf={**CONF, "als_factors": 12, "gate_online": True, "gate_tolerance": 1.0},
+    )
     assert run.state == "success"
     challenger = MlflowClient().get_model_version_by_alias(MODEL_NAME, "challenger").version
     assert challenger != champion
-    assert recorded_decision(**store, model_name="recommender",
-                             model_version=challenger) == ONLINE_TEST
+    assert (
+        recorded_decision(**store, model_name="recommender", model_version=challenger)
+        == ONLINE_TEST
+    )
     assert champion_version() == champion  # waits for the online result
 
     config = world["root"] / "online-gate.json"
-    config.write_text(json.dumps({
-        "name": "online-gate", "salt": "online-gate-test", "planned_users_per_variant": 100,
-        "variants": [{"name": "champion", "kind": "model", "model": "champion", "share": 0.5},
-                     {"name": "challenger", "kind": "model", "model": str(challenger),
-                      "share": 0.5}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "name": "online-gate",
+                "salt": "online-gate-test",
+                "planned_users_per_variant": 100,
+                "variants": [
+                    {"name": "champion", "kind": "model", "model": "champion", "share": 0.5},
+                    {"name": "challenger", "kind": "model", "model": str(challenger), "share": 0.5},
+                ],
+            }
+        )
+    )
     assert main(["experiment", "start", "--config", str(config), "--by", "test"]) == 0
     experiment = Experiment.load(data / "experiments" / "online-gate.json")
     users = pd.Series(truth.user_ids, dtype=object)
@@ -214,26 +275,47 @@ def test_the_online_gate_promotes_a_version_only_on_its_online_result(world):
     best = oracle_lists(truth, 5, users=users[variant.to_numpy() == "challenger"].to_numpy())
     popular = popularity_list(truth, 5)
     control_users = users[variant.to_numpy() == "champion"].to_numpy()
-    plain = pd.DataFrame({"user_id": control_users.repeat(len(popular)),
-                          "rank": list(popular["rank"]) * len(control_users),
-                          "item_id": list(popular["item_id"]) * len(control_users)})
-    lists = pd.concat([best.assign(variant="challenger", model_version=str(challenger)),
-                       plain.assign(variant="champion", model_version=str(champion))],
-                      ignore_index=True).astype({"user_id": str, "item_id": str})
-    write_served(data / "lake", lists.assign(experiment="online-gate"), cutoff=week,
-                 published_at=week)
-    feedback = pd.concat([simulate_day(truth, lists[["user_id", "rank", "item_id", "variant"]],
-                                       week + dt.timedelta(days=d), seed=200 + d)
-                          for d in range(7)], ignore_index=True)
+    plain = pd.DataFrame(
+        {
+            "user_id": control_users.repeat(len(popular)),
+            "rank": list(popular["rank"]) * len(control_users),
+            "item_id": list(popular["item_id"]) * len(control_users),
+        }
+    )
+    lists = pd.concat(
+        [
+            best.assign(variant="challenger", model_version=str(challenger)),
+            plain.assign(variant="champion", model_version=str(champion)),
+        ],
+        ignore_index=True,
+    ).astype({"user_id": str, "item_id": str})
+    write_served(
+        data / "lake", lists.assign(experiment="online-gate"), cutoff=week, published_at=week
+    )
+    feedback = pd.concat(
+        [
+            simulate_day(
+                truth,
+                lists[["user_id", "rank", "item_id", "variant"]],
+                week + dt.timedelta(days=d),
+                seed=200 + d,
+            )
+            for d in range(7)
+        ],
+        ignore_index=True,
+    )
     feedback["timestamp"] = pd.to_datetime(feedback["timestamp"], utc=True).dt.strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
     (data / "landing" / "events" / "feedback-3.jsonl").write_text(
-        feedback.drop(columns="variant").to_json(orient="records", lines=True))
+        feedback.drop(columns="variant").to_json(orient="records", lines=True)
+    )
     assert ingest_lake(Settings()).rows_new == len(feedback)
 
     end = week + dt.timedelta(days=7)
     run = world["dags"]["recommendations_impact"].test(
-        logical_date=end, run_conf={"as_of": end.isoformat(), "days": 7})
+        logical_date=end, run_conf={"as_of": end.isoformat(), "days": 7}
+    )
     assert run.state == "success"
     summary = json.loads((data / "impact" / f"{end:%Y-%m-%d}" / "summary.json").read_text())
     (verdict,) = summary["online_gate"]
@@ -241,12 +323,15 @@ def test_the_online_gate_promotes_a_version_only_on_its_online_result(world):
     assert min(verdict["n_challenger"], verdict["n_champion"]) >= 100
     assert verdict["decision"] == PROMOTED_ONLINE and verdict["diff_ci"][0] > 0, verdict
     assert champion_version() == str(challenger)
-    assert recorded_decision(**store, model_name="recommender",
-                             model_version=challenger) == PROMOTED_ONLINE
+    assert (
+        recorded_decision(**store, model_name="recommender", model_version=challenger)
+        == PROMOTED_ONLINE
+    )
 
     # decided once: the next day's run leaves the decision and the champion alone
     again = dt.datetime(end.year, end.month, end.day, 12, tzinfo=UTC)
     run = world["dags"]["recommendations_impact"].test(
-        logical_date=again, run_conf={"as_of": again.isoformat(), "days": 7})
+        logical_date=again, run_conf={"as_of": again.isoformat(), "days": 7}
+    )
     assert run.state == "success"
     assert champion_version() == str(challenger)

@@ -44,8 +44,10 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
     env.setenv("MLFLOW_ARTIFACT_ROOT", str(root / "mlartifacts"))
     env.setenv("AIRFLOW_CONN_RECS_SERVING", pg_dsn_module)
     env.delenv("RECS_PUSHGATEWAY_URL", raising=False)
-    dags = BundleDagBag(dag_folder=str(Path(__file__).parents[2] / "dags"),
-                        bundle_path=Path(__file__).parents[2] / "dags").dags
+    dags = BundleDagBag(
+        dag_folder=str(Path(__file__).parents[2] / "dags"),
+        bundle_path=Path(__file__).parents[2] / "dags",
+    ).dags
     for dag in dags.values():
         for task in dag.tasks:
             task.retries = 0
@@ -59,8 +61,9 @@ def _monitor(world, as_of: dt.datetime):
     dag = world["dags"]["recommendations_monitor"]
     run = dag.test(logical_date=as_of, run_conf={"as_of": as_of.isoformat()})
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    summary = json.loads((world["root"] / "data" / "monitoring" / f"{as_of:%Y-%m-%d}"
-                          / "summary.json").read_text())
+    summary = json.loads(
+        (world["root"] / "data" / "monitoring" / f"{as_of:%Y-%m-%d}" / "summary.json").read_text()
+    )
     return run, states, summary
 
 
@@ -85,7 +88,9 @@ def test_a_planted_device_shift_alerts_everywhere_people_look(world):
     rows = read_monitoring(dsn=world["dsn"], sqlite_path=Path("/nonexistent"), source="monitor")
     device = rows[(rows.metric == "psi") & (rows.subject == "event.device")]
     assert device.set_index("run_date")["status"].to_dict() == {
-        pd.Timestamp(CUTOFF): "ok", pd.Timestamp(DRIFTED): "alert"}
+        pd.Timestamp(CUTOFF): "ok",
+        pd.Timestamp(DRIFTED): "alert",
+    }
     assert (rows[rows.run_date == pd.Timestamp(DRIFTED)]["model_version"] == "1").all()
     # The champion's own scores of the users of each window are compared too.
     scores = rows[(rows.subject == "model.score")].set_index("run_date")
@@ -110,8 +115,10 @@ def test_the_alert_updates_the_drift_asset_with_its_reason(world):
 
     with create_session() as session:
         events = session.scalars(
-            select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-            .where(AssetModel.uri == "recs://monitor/drift-alert")).all()
+            select(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.uri == "recs://monitor/drift-alert")
+        ).all()
         extras = [dict(event.extra) for event in events]
     assert extras, "no drift-alert Asset event"
     assert extras[-1]["as_of"].startswith("2024-02-15")

@@ -75,17 +75,19 @@ def test_one_mlflow_run_per_night_holds_datasets_stages_and_trend(world, publish
     assert rerun.info.run_id != night.info.run_id
     assert rerun.data.tags["reused_version"] == str(version.version)
     assert rerun.info.status == "FINISHED"
-    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
-              for i in night.inputs.dataset_inputs}
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+        for i in night.inputs.dataset_inputs
+    }
     assert set(inputs) == {"training", "evaluation"}
     digest = file_digest(run_dir / "events_encoded.parquet")
     assert inputs["training"].name == "events-2024-02-01"
     assert inputs["evaluation"].name == "holdout-2024-02-01"
     assert all(d.digest == digest for d in inputs.values())
-    children = client.search_runs([night.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{night.info.run_id}'")
-    assert {c.data.tags["stage"] for c in children} == {"tune", "train", "evaluate",
-                                                        "register"}
+    children = client.search_runs(
+        [night.info.experiment_id], f"tags.mlflow.parentRunId = '{night.info.run_id}'"
+    )
+    assert {c.data.tags["stage"] for c in children} == {"tune", "train", "evaluate", "register"}
     assert all(c.info.status == "FINISHED" for c in children)
     sampled = [c for c in children if any(k.startswith("system/") for k in c.data.metrics)]
     assert sampled, "no stage logged system metrics"

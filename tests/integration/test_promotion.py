@@ -19,15 +19,17 @@ pytestmark = pytest.mark.integration
 
 UTC = dt.timezone.utc
 DAY1 = dt.datetime(2024, 2, 1, tzinfo=UTC)
-GOOD = {"top_n": 5, "als_factors": 16, "als_iterations": 8, "holdout_days": 7,
-        "ranker_bags": 2}
+GOOD = {"top_n": 5, "als_factors": 16, "als_iterations": 8, "holdout_days": 7, "ranker_bags": 2}
 BAD = {**GOOD, "als_factors": 2, "als_iterations": 1, "als_regularization": 10.0}
 
 
 def _promotions(dsn: str) -> pd.DataFrame:
     with psycopg2.connect(dsn) as conn:
-        return pd.read_sql("SELECT model_version, decision, reason, triggered_by "
-                           "FROM recs.model_promotions ORDER BY id", conn)
+        return pd.read_sql(
+            "SELECT model_version, decision, reason, triggered_by "
+            "FROM recs.model_promotions ORDER BY id",
+            conn,
+        )
 
 
 def _champion() -> str:
@@ -60,10 +62,12 @@ def test_the_run_records_the_numeric_kernels_it_trained_with(world, first_lists)
 
     client = MlflowClient()
     tag = client.get_run(client.get_model_version("recommender", "1").run_id).data.tags.get(
-        "numerics")
+        "numerics"
+    )
     assert tag == check_numerics() and tag.startswith("openblas ")
-    meta = json.loads((world["root"] / "data" / "runs" / "2024-02-01T000000" / "model"
-                       / "meta.json").read_text())
+    meta = json.loads(
+        (world["root"] / "data" / "runs" / "2024-02-01T000000" / "model" / "meta.json").read_text()
+    )
     assert meta["training"]["numerics"] == tag
 
 
@@ -85,7 +89,8 @@ def test_worse_challenger_does_not_take_over(world, first_lists, published):
     the holdout's noise is about +-0.02 nDCG), so the run also asks for a 50% gain."""
     day2 = DAY1 + dt.timedelta(days=1)
     run = world["dags"]["recommendations_nightly"].test(
-        logical_date=day2, run_conf={**BAD, "gate_min_relative_gain": 0.5})
+        logical_date=day2, run_conf={**BAD, "gate_min_relative_gain": 0.5}
+    )
     assert run.state == "success"
     assert _champion() == "1"
     lists = published()
@@ -99,7 +104,8 @@ def test_worse_challenger_does_not_take_over(world, first_lists, published):
 def test_force_promote_overrides_the_gate(world, first_lists, published):
     day3 = DAY1 + dt.timedelta(days=2)
     run = world["dags"]["recommendations_nightly"].test(
-        logical_date=day3, run_conf={**BAD, "als_factors": 3, "force_promote": True})
+        logical_date=day3, run_conf={**BAD, "als_factors": 3, "force_promote": True}
+    )
     assert run.state == "success"
     assert _champion() == "3"
     assert set(published()["model_version"]) == {"3"}
@@ -116,8 +122,7 @@ def test_rollback_restores_the_previous_lists_exactly(world, first_lists, publis
     assert (last["model_version"], last["decision"]) == ("1", "rollback")
 
 
-def test_broken_champion_artifact_fails_loudly_and_keeps_the_lists(world, first_lists,
-                                                                   published):
+def test_broken_champion_artifact_fails_loudly_and_keeps_the_lists(world, first_lists, published):
     from mlflow import MlflowClient
 
     before = published()
@@ -142,13 +147,19 @@ def test_the_same_recipe_on_newer_data_is_a_retrain_not_a_win(world, first_lists
     day4 = DAY1 + dt.timedelta(days=3)
     # dag.test() keeps earlier runs' conf in the DAG's params (one DAG object, one process):
     # name every value the earlier runs changed.
-    conf = {**GOOD, "als_regularization": 0.05, "force_promote": False,
-            "gate_min_relative_gain": 0.0}
+    conf = {
+        **GOOD,
+        "als_regularization": 0.05,
+        "force_promote": False,
+        "gate_min_relative_gain": 0.0,
+    }
     run = world["dags"]["recommendations_nightly"].test(logical_date=day4, run_conf=conf)
     assert run.state == "success"
     with psycopg2.connect(world["dsn"]) as conn, conn.cursor() as cur:
-        cur.execute("SELECT model_version, decision, reason, metrics FROM recs.model_promotions "
-                    "ORDER BY id DESC LIMIT 1")
+        cur.execute(
+            "SELECT model_version, decision, reason, metrics FROM recs.model_promotions "
+            "ORDER BY id DESC LIMIT 1"
+        )
         version, decision, reason, metrics = cur.fetchone()
     assert decision == "retrained", _promotions(world["dsn"]).to_string()
     assert "same recipe" in reason and "tie, not a win" in reason
@@ -156,8 +167,9 @@ def test_the_same_recipe_on_newer_data_is_a_retrain_not_a_win(world, first_lists
     assert metrics["tolerance"] == 0.001 and metrics["min_relative_gain"] == 0.0
     assert _champion() == version
     assert set(published()["model_version"]) == {version}
-    register = json.loads((world["root"] / "data" / "runs" / "2024-02-04T000000"
-                           / "register.json").read_text())
+    register = json.loads(
+        (world["root"] / "data" / "runs" / "2024-02-04T000000" / "register.json").read_text()
+    )
     assert register["serve_version"] == version
     from mlflow import MlflowClient
 
@@ -176,8 +188,12 @@ def test_publish_serves_the_version_its_gate_decided_on_not_the_alias(world, pub
     decided = _champion()
     set_champion("2", decision="test", reason="another run moved the alias meanwhile")
     try:
-        result = nightly.publish(Settings(top_n=5), day4, dsn=world["dsn"],
-                                 decision={"serve_version": decided, "reason": "decided"})
+        result = nightly.publish(
+            Settings(top_n=5),
+            day4,
+            dsn=world["dsn"],
+            decision={"serve_version": decided, "reason": "decided"},
+        )
     finally:
         set_champion(decided, decision="test", reason="restore")
     assert result["published"] and result["model_version"] == decided

@@ -43,10 +43,10 @@ def world(tmp_path_factory, pg_dsn_module, airflow_db):
     from pipeline.lake.demo.synthetic import generate_clickstream
 
     root = tmp_path_factory.mktemp("pseudo")
-    data = generate_clickstream(n_users=150, n_items=100, n_days=40, start="2024-01-01",
-                                seed=11)
+    data = generate_clickstream(n_users=150, n_items=100, n_days=40, start="2024-01-01", seed=11)
     events = data.events.drop(columns=["event_id", "session_id"]).assign(
-        user_id=lambda f: f["user_id"].map(_cms_id))
+        user_id=lambda f: f["user_id"].map(_cms_id)
+    )
     users = data.users.assign(user_id=lambda f: f["user_id"].map(_cms_id))
     data = dataclasses.replace(data, events=events, users=users)
     write_landing(data, root / "data" / "landing", name="clicks", fmt="csv", gzip=True)

@@ -59,22 +59,30 @@ def gateway(tmp_path: Path, monkeypatch) -> Iterator[str]:
     log = (tmp_path / "pushgateway.log").open("wb")
     # Debian's build persists to /var/lib/prometheus/pushgateway.data by default: an empty
     # file name keeps the metrics in memory, so each test starts from nothing
-    process = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}",
-                                "--persistence.file="], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"the Pushgateway exited with {process.returncode}:\n"
-                            f"{(tmp_path / 'pushgateway.log').read_text()}", pytrace=False)
+                pytest.fail(
+                    f"the Pushgateway exited with {process.returncode}:\n"
+                    f"{(tmp_path / 'pushgateway.log').read_text()}",
+                    pytrace=False,
+                )
             try:
                 if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the Pushgateway at {url} was not ready after {START_TIMEOUT_S} s",
-                            pytrace=False)
+                pytest.fail(
+                    f"the Pushgateway at {url} was not ready after {START_TIMEOUT_S} s",
+                    pytrace=False,
+                )
             time.sleep(0.1)
         monkeypatch.setenv(prometheus.URL_ENV, url)
         monkeypatch.delenv(prometheus.JOB_ENV, raising=False)
@@ -113,9 +121,11 @@ def test_publish_and_failure_share_the_dags_group_without_erasing_each_other(gat
     assert prometheus.push_failure(NIGHTLY, 1_706_839_200.0) is True
     got = _scrape(gateway)
     assert got["recs_last_success_timestamp_seconds"] == {
-        _labels(NIGHTLY, dag=NIGHTLY): 1_706_752_800.0}
+        _labels(NIGHTLY, dag=NIGHTLY): 1_706_752_800.0
+    }
     assert got["recs_last_failure_timestamp_seconds"] == {
-        _labels(NIGHTLY, dag=NIGHTLY): 1_706_839_200.0}
+        _labels(NIGHTLY, dag=NIGHTLY): 1_706_839_200.0
+    }
     assert got["recs_published_rows"] == {_labels(NIGHTLY): 1200.0}
     assert got["recs_published_users"] == {_labels(NIGHTLY): 300.0}
     assert got["recs_model_version"] == {_labels(NIGHTLY): 7.0}
@@ -124,21 +134,34 @@ def test_publish_and_failure_share_the_dags_group_without_erasing_each_other(gat
     assert prometheus.push_publish(1500, 310, "8", 1_706_925_600.0) is True
     got = _scrape(gateway)
     assert got["recs_last_success_timestamp_seconds"] == {
-        _labels(NIGHTLY, dag=NIGHTLY): 1_706_925_600.0}
+        _labels(NIGHTLY, dag=NIGHTLY): 1_706_925_600.0
+    }
     assert got["recs_published_rows"] == {_labels(NIGHTLY): 1500.0}
     assert got["recs_model_version"] == {_labels(NIGHTLY): 8.0}
     assert got["recs_last_failure_timestamp_seconds"] == {
-        _labels(NIGHTLY, dag=NIGHTLY): 1_706_839_200.0}
+        _labels(NIGHTLY, dag=NIGHTLY): 1_706_839_200.0
+    }
 
 
 def test_monitor_push_lands_in_its_own_group(gateway):
     assert prometheus.push_publish(1200, 300, "7", 1_706_752_800.0) is True
-    drift = pd.DataFrame({"feature": ["price", "price", "recency_days"],
-                          "group": ["web", "app", "all"], "psi": [0.05, 0.31, 0.12],
-                          "status": ["ok", "alert", "warn"]})
-    health = {"volume_ratio": 0.45, "newest_event_age": 93_600.0, "quarantine_share": 0.02,
-              "late_share": 0.0, "cold_start_share": 0.18, "catalogue_coverage": 0.6,
-              "new_item_share": 0.04}
+    drift = pd.DataFrame(
+        {
+            "feature": ["price", "price", "recency_days"],
+            "group": ["web", "app", "all"],
+            "psi": [0.05, 0.31, 0.12],
+            "status": ["ok", "alert", "warn"],
+        }
+    )
+    health = {
+        "volume_ratio": 0.45,
+        "newest_event_age": 93_600.0,
+        "quarantine_share": 0.02,
+        "late_share": 0.0,
+        "cold_start_share": 0.18,
+        "catalogue_coverage": 0.6,
+        "new_item_share": 0.04,
+    }
     assert prometheus.push_monitor(drift, health, as_of=1_706_745_600.0) is True
     got = _scrape(gateway)
 
@@ -148,8 +171,10 @@ def test_monitor_push_lands_in_its_own_group(gateway):
         _labels(monitor, feature="price", group="app"): 0.31,
         _labels(monitor, feature="recency_days", group="all"): 0.12,
     }
-    assert got["recs_drift_status"] == {_labels(monitor, feature="price"): 2.0,
-                                        _labels(monitor, feature="recency_days"): 1.0}
+    assert got["recs_drift_status"] == {
+        _labels(monitor, feature="price"): 2.0,
+        _labels(monitor, feature="recency_days"): 1.0,
+    }
     assert got["recs_monitor_alerts"] == {_labels(monitor): 1.0}
     assert got["recs_monitor_last_run_timestamp_seconds"] == {_labels(monitor): 1_706_745_600.0}
     assert got["recs_input_volume_ratio"] == {_labels(monitor): 0.45}
@@ -161,16 +186,27 @@ def test_monitor_push_lands_in_its_own_group(gateway):
     assert got["recs_new_item_ratio"] == {_labels(monitor): 0.04}
     # the nightly's group is untouched by the monitor's push
     assert got["recs_last_success_timestamp_seconds"] == {
-        _labels(NIGHTLY, dag=NIGHTLY): 1_706_752_800.0}
+        _labels(NIGHTLY, dag=NIGHTLY): 1_706_752_800.0
+    }
     assert got["recs_published_rows"] == {_labels(NIGHTLY): 1200.0}
 
 
 def test_a_monitor_push_replaces_the_previous_snapshot(gateway):
-    assert prometheus.push_monitor({"price": ("all", 0.3), "hour": ("all", 0.01)},
-                                   {"volume_ratio": 0.4, "odd_metric": 3.0}) is True
+    assert (
+        prometheus.push_monitor(
+            {"price": ("all", 0.3), "hour": ("all", 0.01)}, {"volume_ratio": 0.4, "odd_metric": 3.0}
+        )
+        is True
+    )
     # the monitor's own rows, as it records them in the monitoring table
-    rows = pd.DataFrame({"metric": ["psi", "volume_ratio"], "subject": ["price", ""],
-                         "value": [0.02, 1.1], "status": ["ok", "ok"]})
+    rows = pd.DataFrame(
+        {
+            "metric": ["psi", "volume_ratio"],
+            "subject": ["price", ""],
+            "value": [0.02, 1.1],
+            "status": ["ok", "ok"],
+        }
+    )
     assert prometheus.push_monitor(rows, as_of=1_706_832_000.0) is True
     got = _scrape(gateway)
     assert got["recs_feature_psi"] == {_labels("monitor", feature="price", group="all"): 0.02}
@@ -186,8 +222,7 @@ def test_failures_of_two_dags_and_another_job(gateway, monkeypatch):
     monkeypatch.setenv(prometheus.JOB_ENV, "recs_staging")
     assert prometheus.push_failure(NIGHTLY, 300.0) is True
     got = _scrape(gateway)
-    staging = (("dag", NIGHTLY), ("instance", ""), ("job", "recs_staging"),
-               ("pipeline", NIGHTLY))
+    staging = (("dag", NIGHTLY), ("instance", ""), ("job", "recs_staging"), ("pipeline", NIGHTLY))
     assert got["recs_last_failure_timestamp_seconds"] == {
         _labels(NIGHTLY, dag=NIGHTLY): 100.0,
         _labels("recommendations_rollback", dag="recommendations_rollback"): 200.0,

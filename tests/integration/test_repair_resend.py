@@ -49,8 +49,14 @@ def data_dir(tmp_path):
 
 def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RECS_DATA_DIR": str(data_dir), "RECS_LANDING_SETTLE_SECONDS": "0"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _ingest(data_dir: Path) -> dict:

@@ -33,13 +33,20 @@ READER_WAIT_SLACK_S = 1.5
 
 
 def _publish(lists: pd.DataFrame, dsn: str, model_version: str, **kwargs) -> serving.PublishResult:
-    return serving.publish_lists(lists, dsn=dsn, sqlite_path=UNUSED, model_version=model_version,
-                                 logical_date=LOGICAL_DATE, **kwargs)
+    return serving.publish_lists(
+        lists,
+        dsn=dsn,
+        sqlite_path=UNUSED,
+        model_version=model_version,
+        logical_date=LOGICAL_DATE,
+        **kwargs,
+    )
 
 
 def _expected_view(lists: pd.DataFrame, model_version: str) -> pd.DataFrame:
-    expected = lists.assign(model_version=model_version, variant=None,
-                            experiment=None)[list(serving.VIEW_COLUMNS)]
+    expected = lists.assign(model_version=model_version, variant=None, experiment=None)[
+        list(serving.VIEW_COLUMNS)
+    ]
     expected = expected.sort_values(["user_id", "rank"]).reset_index(drop=True)
     expected["score"] = expected["score"].astype("float32").astype("float64")  # real
     expected["generated_at"] = expected["generated_at"].astype("datetime64[us, UTC]")
@@ -60,14 +67,22 @@ def _query(dsn: str, statement: str, params: tuple = ()) -> list[tuple]:
 
 
 def _version_tables(dsn: str) -> set[str]:
-    return {name for (name,) in _query(
-        dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'recs' "
-             "AND tablename LIKE 'recommendations\\_v%%'")}
+    return {
+        name
+        for (name,) in _query(
+            dsn,
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'recs' "
+            "AND tablename LIKE 'recommendations\\_v%%'",
+        )
+    }
 
 
 def _catalog(dsn: str) -> list[tuple]:
-    return _query(dsn, "SELECT version, status, model_version, dropped_at IS NOT NULL "
-                       "FROM recs.recommendation_versions ORDER BY version")
+    return _query(
+        dsn,
+        "SELECT version, status, model_version, dropped_at IS NOT NULL "
+        "FROM recs.recommendation_versions ORDER BY version",
+    )
 
 
 def _wait_until(condition: Callable[[], object], timeout_s: float) -> bool:
@@ -99,20 +114,32 @@ def test_publish_then_read_back_exactly(pg_dsn: str, make_lists: Callable) -> No
 
     result = _publish(lists, pg_dsn, "m-1")
 
-    assert result == serving.PublishResult(version=1, table="recommendations_v1", rows=25,
-                                           users=5, model_version="m-1")
-    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
-                                  _expected_view(lists, "m-1"))
+    assert result == serving.PublishResult(
+        version=1, table="recommendations_v1", rows=25, users=5, model_version="m-1"
+    )
+    pd.testing.assert_frame_equal(
+        serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED), _expected_view(lists, "m-1")
+    )
     live = serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)
     assert (live["version"], live["status"], live["rows"], live["users"]) == (1, "live", 25, 5)
     assert live["logical_date"] == LOGICAL_DATE
-    column_types = _query(pg_dsn, "SELECT column_name, data_type FROM information_schema.columns "
-                                  "WHERE table_schema = 'recs' AND table_name = 'recommendations' "
-                                  "ORDER BY ordinal_position")
+    column_types = _query(
+        pg_dsn,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'recs' AND table_name = 'recommendations' "
+        "ORDER BY ordinal_position",
+    )
     assert column_types == [
-        ("user_id", "text"), ("rank", "smallint"), ("item_id", "text"), ("score", "real"),
-        ("reason", "text"), ("source", "text"), ("model_version", "text"),
-        ("generated_at", "timestamp with time zone"), ("variant", "text"), ("experiment", "text"),
+        ("user_id", "text"),
+        ("rank", "smallint"),
+        ("item_id", "text"),
+        ("score", "real"),
+        ("reason", "text"),
+        ("source", "text"),
+        ("model_version", "text"),
+        ("generated_at", "timestamp with time zone"),
+        ("variant", "text"),
+        ("experiment", "text"),
     ]
 
 
@@ -131,7 +158,8 @@ def test_read_user_list_matches_cms_query_and_falls_back(pg_dsn: str, make_lists
     assert list(own["item_id"]) == [item for item, _ in cms_rows]
     assert set(fallback["user_id"]) == {DEFAULT_USER}
     assert list(fallback["item_id"]) == list(
-        lists.loc[lists["user_id"] == DEFAULT_USER].sort_values("rank")["item_id"])
+        lists.loc[lists["user_id"] == DEFAULT_USER].sort_values("rank")["item_id"]
+    )
 
 
 def test_second_publish_swaps_model_version(pg_dsn: str, make_lists: Callable) -> None:
@@ -141,8 +169,9 @@ def test_second_publish_swaps_model_version(pg_dsn: str, make_lists: Callable) -
     result = _publish(second, pg_dsn, "m-2")
 
     assert result.version == 2
-    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
-                                  _expected_view(second, "m-2"))
+    pd.testing.assert_frame_equal(
+        serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED), _expected_view(second, "m-2")
+    )
     assert [row[:3] for row in _catalog(pg_dsn)] == [(1, "retired", "m-1"), (2, "live", "m-2")]
 
 
@@ -151,8 +180,12 @@ def test_keep_versions_drops_old_tables(pg_dsn: str, make_lists: Callable) -> No
         _publish(make_lists(), pg_dsn, f"m-{number}", keep_versions=2)
 
     assert _version_tables(pg_dsn) == {"recommendations_v3", "recommendations_v4"}
-    assert _catalog(pg_dsn) == [(1, "retired", "m-1", True), (2, "retired", "m-2", True),
-                                (3, "retired", "m-3", False), (4, "live", "m-4", False)]
+    assert _catalog(pg_dsn) == [
+        (1, "retired", "m-1", True),
+        (2, "retired", "m-2", True),
+        (3, "retired", "m-3", False),
+        (4, "live", "m-4", False),
+    ]
 
 
 def _duplicate_rank(lists: pd.DataFrame) -> pd.DataFrame:
@@ -164,20 +197,25 @@ def _no_default(lists: pd.DataFrame) -> pd.DataFrame:
     return lists.loc[lists["user_id"] != DEFAULT_USER].reset_index(drop=True)
 
 
-@pytest.mark.parametrize(("breakage", "message"), [
-    (_no_default, "no fallback list"),
-    (_duplicate_rank, "ranks that are not 1..N"),
-])
-def test_invalid_lists_leave_old_version_live(pg_dsn: str, make_lists: Callable,
-                                              breakage: Callable, message: str) -> None:
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (_no_default, "no fallback list"),
+        (_duplicate_rank, "ranks that are not 1..N"),
+    ],
+)
+def test_invalid_lists_leave_old_version_live(
+    pg_dsn: str, make_lists: Callable, breakage: Callable, message: str
+) -> None:
     good = make_lists()
     _publish(good, pg_dsn, "m-1")
 
     with pytest.raises(serving.ListValidationError, match=message):
         _publish(breakage(make_lists(item_prefix="bad")), pg_dsn, "m-bad")
 
-    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
-                                  _expected_view(good, "m-1"))
+    pd.testing.assert_frame_equal(
+        serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED), _expected_view(good, "m-1")
+    )
     assert _version_tables(pg_dsn) == {"recommendations_v1"}
     assert _catalog(pg_dsn) == [(1, "live", "m-1", False), (2, "failed", "m-bad", True)]
     assert _publish(make_lists(n_ranks=2), pg_dsn, "m-2").version == 3
@@ -186,26 +224,38 @@ def test_invalid_lists_leave_old_version_live(pg_dsn: str, make_lists: Callable,
 
 def test_ensure_schema_is_idempotent(pg_dsn: str, make_lists: Callable) -> None:
     # The role is cluster-wide: it may exist from another database or test run already.
-    _query(pg_dsn, "DO $$ BEGIN CREATE ROLE cms_reader NOLOGIN; "
-                   "EXCEPTION WHEN duplicate_object THEN NULL; END $$; SELECT 1")
+    _query(
+        pg_dsn,
+        "DO $$ BEGIN CREATE ROLE cms_reader NOLOGIN; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$; SELECT 1",
+    )
     for _ in range(3):
         serving.ensure_schema(dsn=pg_dsn, sqlite_path=UNUSED)
     _publish(make_lists(), pg_dsn, "m-1")
     serving.ensure_schema(dsn=pg_dsn, sqlite_path=UNUSED)
 
     assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-1"
-    settings = _query(pg_dsn, "SELECT s.setconfig FROM pg_db_role_setting s "
-                              "JOIN pg_roles r ON r.oid = s.setrole "
-                              "JOIN pg_database d ON d.oid = s.setdatabase "
-                              "WHERE r.rolname = 'cms_reader' AND d.datname = current_database()")
+    settings = _query(
+        pg_dsn,
+        "SELECT s.setconfig FROM pg_db_role_setting s "
+        "JOIN pg_roles r ON r.oid = s.setrole "
+        "JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE r.rolname = 'cms_reader' AND d.datname = current_database()",
+    )
     assert settings == [(["search_path=recs"],)]
 
 
 def test_cms_reader_reads_the_view_and_nothing_else(pg_dsn: str, make_lists: Callable) -> None:
     _publish(make_lists(), pg_dsn, "m-1")
     _publish(make_lists(n_ranks=2), pg_dsn, "m-2")
-    serving.record_promotion(dsn=pg_dsn, sqlite_path=UNUSED, model_name="recommender",
-                             model_version="2", decision="promoted", reason="test")
+    serving.record_promotion(
+        dsn=pg_dsn,
+        sqlite_path=UNUSED,
+        model_name="recommender",
+        model_version="2",
+        decision="promoted",
+        reason="test",
+    )
 
     with _connect(pg_dsn) as conn, conn.cursor() as cur:
         cur.execute("SET ROLE cms_reader")
@@ -231,7 +281,8 @@ def test_cms_reader_reads_the_view_and_nothing_else(pg_dsn: str, make_lists: Cal
 
 
 def test_a_repeatable_read_reader_sees_the_complete_new_list_after_a_swap(
-        pg_dsn: str, make_lists: Callable) -> None:
+    pg_dsn: str, make_lists: Callable
+) -> None:
     """The README's claim: a REPEATABLE READ transaction whose snapshot predates a swap
     reads, after it, the new table through the view (the view's definition is catalog
     state, read fresh) and all of its rows (COPY FREEZE writes them frozen: visible to every
@@ -244,8 +295,9 @@ def test_a_repeatable_read_reader_sees_the_complete_new_list_after_a_swap(
         cur.execute("SET LOCAL search_path = recs")
         cur.execute("SELECT 1")  # the snapshot is taken here, before the swap
         _publish(make_lists(n_ranks=2), pg_dsn, "m-2")  # another connection swaps
-        cur.execute("SELECT count(*), min(model_version), max(model_version) "
-                    "FROM recs.recommendations")
+        cur.execute(
+            "SELECT count(*), min(model_version), max(model_version) FROM recs.recommendations"
+        )
         count, low, high = cur.fetchone()
         cur.execute(CMS_QUERY, ("u000",))
         after = cur.fetchall()
@@ -254,8 +306,9 @@ def test_a_repeatable_read_reader_sees_the_complete_new_list_after_a_swap(
     assert count == len(make_lists(n_ranks=2))
 
 
-def test_cms_reader_can_make_temp_tables_until_public_loses_temp(pg_dsn: str,
-                                                                 make_lists: Callable) -> None:
+def test_cms_reader_can_make_temp_tables_until_public_loses_temp(
+    pg_dsn: str, make_lists: Callable
+) -> None:
     """PUBLIC has TEMP on a new database, so cms_reader can create temporary tables; the
     README's one line for a strictly read-only reader takes it away."""
     _publish(make_lists(), pg_dsn, "m-1")
@@ -266,8 +319,11 @@ def test_cms_reader_can_make_temp_tables_until_public_loses_temp(pg_dsn: str,
         cur.execute("RESET ROLE")
         cur.execute("SELECT current_database()")
         (database,) = cur.fetchone()
-        cur.execute(psycopg2.sql.SQL("REVOKE TEMP ON DATABASE {} FROM PUBLIC").format(
-            psycopg2.sql.Identifier(database)))
+        cur.execute(
+            psycopg2.sql.SQL("REVOKE TEMP ON DATABASE {} FROM PUBLIC").format(
+                psycopg2.sql.Identifier(database)
+            )
+        )
     with _connect(pg_dsn) as conn, conn.cursor() as cur:  # a new session: privileges re-read
         cur.execute("SET ROLE cms_reader")
         cur.execute("SET search_path = recs")
@@ -279,13 +335,22 @@ def test_cms_reader_can_make_temp_tables_until_public_loses_temp(pg_dsn: str,
 
 def test_record_promotion_stores_metrics_as_jsonb(pg_dsn: str) -> None:
     promotion_id = serving.record_promotion(
-        dsn=pg_dsn, sqlite_path=UNUSED, model_name="recommender", model_version="7",
-        decision="promoted", reason="ndcg@10 +4%",
-        metrics={"ndcg_at_10": 0.31, "bad": float("inf")}, triggered_by="nightly",
-        decided_at=LOGICAL_DATE)
+        dsn=pg_dsn,
+        sqlite_path=UNUSED,
+        model_name="recommender",
+        model_version="7",
+        decision="promoted",
+        reason="ndcg@10 +4%",
+        metrics={"ndcg_at_10": 0.31, "bad": float("inf")},
+        triggered_by="nightly",
+        decided_at=LOGICAL_DATE,
+    )
 
-    assert _query(pg_dsn, "SELECT decided_at, metrics FROM recs.model_promotions WHERE id = %s",
-                  (promotion_id,)) == [(LOGICAL_DATE, {"ndcg_at_10": 0.31, "bad": None})]
+    assert _query(
+        pg_dsn,
+        "SELECT decided_at, metrics FROM recs.model_promotions WHERE id = %s",
+        (promotion_id,),
+    ) == [(LOGICAL_DATE, {"ndcg_at_10": 0.31, "bad": None})]
 
 
 def _check_snapshot(rows: list[tuple], expected_rows: dict[str, int]) -> str | None:
@@ -316,8 +381,10 @@ def test_concurrent_reader_only_sees_complete_lists(pg_dsn: str, make_lists: Cal
             with _connect(pg_dsn) as conn, conn.cursor() as cur:
                 cur.execute("SET search_path = recs")
                 while not stop.is_set():
-                    cur.execute("SELECT user_id, rank, model_version FROM recommendations "
-                                "ORDER BY user_id, rank")
+                    cur.execute(
+                        "SELECT user_id, rank, model_version FROM recommendations "
+                        "ORDER BY user_id, rank"
+                    )
                     rows = cur.fetchall()
                     cur.execute(CMS_QUERY, ("u003",))
                     personal = cur.fetchall()
@@ -340,8 +407,7 @@ def test_concurrent_reader_only_sees_complete_lists(pg_dsn: str, make_lists: Cal
         for index, shape in enumerate(shapes[1:], start=1):
             # Each swap happens under a reader that has read the version it replaces.
             assert seen[f"m-{index - 1}"].wait(HOLD_LIMIT_S), problems[:5]
-            _publish(make_lists(*shape), pg_dsn, f"m-{index}", keep_versions=1,
-                     lock_timeout_ms=500)
+            _publish(make_lists(*shape), pg_dsn, f"m-{index}", keep_versions=1, lock_timeout_ms=500)
         assert seen["m-5"].wait(HOLD_LIMIT_S), problems[:5]
     finally:
         stop.set()
@@ -394,23 +460,29 @@ def _hold_view(dsn: str) -> psycopg2.extensions.connection:
     """A reader with an open transaction that selected from the view (holds ACCESS SHARE) until
     it ends the transaction, or for HOLD_LIMIT_S at most: then the server ends its session."""
     conn = psycopg2.connect(
-        dsn, options=f"-c idle_in_transaction_session_timeout={HOLD_LIMIT_S * 1000}")
+        dsn, options=f"-c idle_in_transaction_session_timeout={HOLD_LIMIT_S * 1000}"
+    )
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM recs.recommendations")
     return conn
 
 
-def test_publish_retries_until_a_long_reader_commits(pg_dsn: str, make_lists: Callable,
-                                                     swap_retries: list[int]) -> None:
+def test_publish_retries_until_a_long_reader_commits(
+    pg_dsn: str, make_lists: Callable, swap_retries: list[int]
+) -> None:
     lock_timeout_s = 0.3
     _publish(make_lists(), pg_dsn, "m-1")
     outcome: dict[str, object] = {}
 
     def publish() -> None:
         try:
-            outcome["result"] = _publish(make_lists(n_ranks=4), pg_dsn, "m-2",
-                                         lock_timeout_ms=int(lock_timeout_s * 1000),
-                                         swap_attempts=6)
+            outcome["result"] = _publish(
+                make_lists(n_ranks=4),
+                pg_dsn,
+                "m-2",
+                lock_timeout_ms=int(lock_timeout_s * 1000),
+                swap_attempts=6,
+            )
         except Exception as exc:  # noqa: BLE001 (reported below)
             outcome["error"] = exc
 
@@ -421,8 +493,9 @@ def test_publish_retries_until_a_long_reader_commits(pg_dsn: str, make_lists: Ca
             publisher.start()
             # The reader lets go once the swap has timed out behind it twice (a swap without
             # the lock timeout would wait, with the CMS behind it, until HOLD_LIMIT_S).
-            assert _wait_until(lambda: len(swap_retries) >= 2 or not publisher.is_alive(),
-                               HOLD_LIMIT_S), "the swap never hit its lock timeout"
+            assert _wait_until(
+                lambda: len(swap_retries) >= 2 or not publisher.is_alive(), HOLD_LIMIT_S
+            ), "the swap never hit its lock timeout"
             assert swap_retries[:2] == [1, 2], (swap_retries, outcome)
             assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == "m-1"
             holder.commit()
@@ -441,8 +514,9 @@ def test_publish_retries_until_a_long_reader_commits(pg_dsn: str, make_lists: Ca
     assert max(probe.latencies) < lock_timeout_s + READER_WAIT_SLACK_S
 
 
-def test_publish_fails_cleanly_when_a_reader_never_lets_go(pg_dsn: str, make_lists: Callable,
-                                                           swap_retries: list[int]) -> None:
+def test_publish_fails_cleanly_when_a_reader_never_lets_go(
+    pg_dsn: str, make_lists: Callable, swap_retries: list[int]
+) -> None:
     lock_timeout_s = 0.2
     old = make_lists()
     _publish(old, pg_dsn, "m-1")
@@ -450,8 +524,13 @@ def test_publish_fails_cleanly_when_a_reader_never_lets_go(pg_dsn: str, make_lis
     try:
         with _CmsProbe(pg_dsn) as probe:
             with pytest.raises(serving.SwapLockTimeout, match="lock timeout in all 3 attempts"):
-                _publish(make_lists(n_ranks=4), pg_dsn, "m-2",
-                         lock_timeout_ms=int(lock_timeout_s * 1000), swap_attempts=3)
+                _publish(
+                    make_lists(n_ranks=4),
+                    pg_dsn,
+                    "m-2",
+                    lock_timeout_ms=int(lock_timeout_s * 1000),
+                    swap_attempts=3,
+                )
     finally:
         holder.close()
 
@@ -459,8 +538,9 @@ def test_publish_fails_cleanly_when_a_reader_never_lets_go(pg_dsn: str, make_lis
     assert not probe.errors
     assert max(probe.latencies) > lock_timeout_s / 2  # the CMS queued behind the swap ...
     assert max(probe.latencies) < lock_timeout_s + READER_WAIT_SLACK_S  # ... not for long
-    pd.testing.assert_frame_equal(serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED),
-                                  _expected_view(old, "m-1"))
+    pd.testing.assert_frame_equal(
+        serving.read_all(dsn=pg_dsn, sqlite_path=UNUSED), _expected_view(old, "m-1")
+    )
     assert _catalog(pg_dsn) == [(1, "live", "m-1", False), (2, "failed", "m-2", True)]
     assert _version_tables(pg_dsn) == {"recommendations_v1"}
     # Once the reader is gone a retry goes through.
@@ -488,16 +568,18 @@ def test_reads_before_first_publish(pg_dsn: str) -> None:
         serving.read_user_list("u1", dsn=pg_dsn, sqlite_path=UNUSED)
 
 
-def test_large_publish_streams_in_chunks(pg_dsn: str, make_lists: Callable,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_publish_streams_in_chunks(
+    pg_dsn: str, make_lists: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(serving_pg, "LOAD_CHUNK_ROWS", 1000)
     lists = make_lists(n_users=2999, n_ranks=10)
 
     result = _publish(lists, pg_dsn, "m-big")
 
     assert (result.rows, result.users) == (30000, 3000)
-    assert _query(pg_dsn, "SELECT count(*), count(DISTINCT user_id) FROM recs.recommendations") \
-        == [(30000, 3000)]
+    assert _query(pg_dsn, "SELECT count(*), count(DISTINCT user_id) FROM recs.recommendations") == [
+        (30000, 3000)
+    ]
 
 
 def test_concurrent_publishers_are_serialised(pg_dsn: str, make_lists: Callable) -> None:
@@ -520,20 +602,24 @@ def test_concurrent_publishers_are_serialised(pg_dsn: str, make_lists: Callable)
     assert not errors, errors
     assert sorted(result.version for result in results) == [2, 3]
     last = max(results, key=lambda result: result.version)
-    assert serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == \
-        last.model_version
+    assert (
+        serving.live_version(dsn=pg_dsn, sqlite_path=UNUSED)["model_version"] == last.model_version
+    )
     assert [status for _, status, _, _ in _catalog(pg_dsn)] == ["retired", "retired", "live"]
 
 
 def test_publish_cleans_up_after_a_crashed_publisher(pg_dsn: str, make_lists: Callable) -> None:
     _publish(make_lists(), pg_dsn, "m-1")
     # A publisher that died after loading its table, before the swap.
-    _query(pg_dsn, "INSERT INTO recs.recommendation_versions "
-                   "(version, table_name, rows, users, model_version, logical_date) "
-                   "SELECT v, 'recommendations_v' || v, 1, 1, 'm-dead', now() FROM (SELECT "
-                   "nextval(pg_get_serial_sequence('recs.recommendation_versions', 'version')) "
-                   "::int AS v) AS next_version; "
-                   "CREATE TABLE recs.recommendations_v2 (x int); SELECT 1")
+    _query(
+        pg_dsn,
+        "INSERT INTO recs.recommendation_versions "
+        "(version, table_name, rows, users, model_version, logical_date) "
+        "SELECT v, 'recommendations_v' || v, 1, 1, 'm-dead', now() FROM (SELECT "
+        "nextval(pg_get_serial_sequence('recs.recommendation_versions', 'version')) "
+        "::int AS v) AS next_version; "
+        "CREATE TABLE recs.recommendations_v2 (x int); SELECT 1",
+    )
 
     result = _publish(make_lists(), pg_dsn, "m-3")
 

@@ -21,11 +21,18 @@ def _events(rows):
 
 def test_popular_lists_rank_by_distinct_recent_users_and_skip_seen_items(monkeypatch):
     monkeypatch.setattr(bq, "K", 2)
-    train = _events([("u1", "old", "2023-01-01"), ("u2", "old", "2023-01-02"),
-                     ("u3", "old", "2023-01-03"),               # popular, but not lately
-                     ("u1", "a", "2024-02-20"), ("u1", "a", "2024-02-21"),  # one user twice
-                     ("u2", "b", "2024-02-20"), ("u3", "b", "2024-02-22"),
-                     ("u3", "c", "2024-02-25")])
+    train = _events(
+        [
+            ("u1", "old", "2023-01-01"),
+            ("u2", "old", "2023-01-02"),
+            ("u3", "old", "2023-01-03"),  # popular, but not lately
+            ("u1", "a", "2024-02-20"),
+            ("u1", "a", "2024-02-21"),  # one user twice
+            ("u2", "b", "2024-02-20"),
+            ("u3", "b", "2024-02-22"),
+            ("u3", "c", "2024-02-25"),
+        ]
+    )
     lists = bq._popular_lists(train, CUTOFF, np.array(["u3", "new"], object), 30)
     assert lists[lists["user_id"] == "new"]["item_id"].tolist() == ["b", "a"]
     assert lists[lists["user_id"] == "u3"]["item_id"].tolist() == ["a"]  # b, c, old seen
@@ -35,11 +42,14 @@ def test_popular_lists_rank_by_distinct_recent_users_and_skip_seen_items(monkeyp
 
 def test_table_counts_a_win_only_when_ahead_of_every_baseline(capsys):
     rows = []
-    for cutoff, (pop, knn, model) in zip(bq.CUTOFFS, [(0.3, 0.2, 0.35), (0.4, 0.1, 0.39),
-                                                      (0.2, 0.25, 0.25)], strict=True):
-        rows += [{"method": "popularity (30 days)", "cutoff": cutoff, "all": pop},
-                 {"method": "item-kNN cosine", "cutoff": cutoff, "all": knn},
-                 {"method": bq.PUBLISHED, "cutoff": cutoff, "all": model}]
+    for cutoff, (pop, knn, model) in zip(
+        bq.CUTOFFS, [(0.3, 0.2, 0.35), (0.4, 0.1, 0.39), (0.2, 0.25, 0.25)], strict=True
+    ):
+        rows += [
+            {"method": "popularity (30 days)", "cutoff": cutoff, "all": pop},
+            {"method": "item-kNN cosine", "cutoff": cutoff, "all": knn},
+            {"method": bq.PUBLISHED, "cutoff": cutoff, "all": model},
+        ]
     bq._print_table(pd.DataFrame(rows), "all")
     out = capsys.readouterr().out
     assert f"two-stage beats every baseline at: {bq.CUTOFFS[0]} (of 3)" in out  # tie is no win

@@ -22,8 +22,13 @@ from pipeline.serving.postgres import normalize_dsn
 
 REPO = Path(__file__).resolve().parents[2]
 LOGIN, PASSWORD = "recs user@x:y/z", "p@ss:w/rd %20x@"
-FIELDS = {"user": LOGIN, "password": PASSWORD, "host": "db.example", "port": "5433",
-          "dbname": "recs db"}
+FIELDS = {
+    "user": LOGIN,
+    "password": PASSWORD,
+    "host": "db.example",
+    "port": "5433",
+    "dbname": "recs db",
+}
 
 
 def _libpq(dsn: str) -> dict:
@@ -44,9 +49,19 @@ def test_unset_means_the_embedded_sqlite(monkeypatch):
 
 @pytest.mark.parametrize("port", [5433, "5433"])
 def test_json_connection_with_awkward_login_and_password(monkeypatch, port):
-    monkeypatch.setenv("AIRFLOW_CONN_RECS_SERVING", json.dumps({
-        "conn_type": "postgres", "login": LOGIN, "password": PASSWORD, "host": "db.example",
-        "port": port, "schema": "recs db"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RECS_SERVING",
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "login": LOGIN,
+                "password": PASSWORD,
+                "host": "db.example",
+                "port": port,
+                "schema": "recs db",
+            }
+        ),
+    )
     dsn = serving_dsn()
     assert dsn.startswith("postgres://")  # Airflow's spelling for conn_type postgres
     assert PASSWORD not in dsn and _quote(PASSWORD) in dsn
@@ -55,18 +70,34 @@ def test_json_connection_with_awkward_login_and_password(monkeypatch, port):
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
 def test_uri_connection_round_trips(monkeypatch, scheme):
-    uri = (f"{scheme}://{_quote(LOGIN)}:{_quote(PASSWORD)}@db.example:5433/{_quote('recs db')}"
-           "?sslmode=require")
+    uri = (
+        f"{scheme}://{_quote(LOGIN)}:{_quote(PASSWORD)}@db.example:5433/{_quote('recs db')}"
+        "?sslmode=require"
+    )
     monkeypatch.setenv("AIRFLOW_CONN_RECS_SERVING", uri)
     assert _libpq(serving_dsn()) == {**FIELDS, "sslmode": "require"}
 
 
 def test_json_without_conn_type_is_postgres(monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_RECS_SERVING", json.dumps({
-        "login": "recs", "password": "a@b", "host": "127.0.0.1", "port": 5432,
-        "schema": "postgres"}))
-    assert _libpq(serving_dsn()) == {"user": "recs", "password": "a@b", "host": "127.0.0.1",
-                                     "port": "5432", "dbname": "postgres"}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RECS_SERVING",
+        json.dumps(
+            {
+                "login": "recs",
+                "password": "a@b",
+                "host": "127.0.0.1",
+                "port": 5432,
+                "schema": "postgres",
+            }
+        ),
+    )
+    assert _libpq(serving_dsn()) == {
+        "user": "recs",
+        "password": "a@b",
+        "host": "127.0.0.1",
+        "port": "5432",
+        "dbname": "postgres",
+    }
 
 
 def test_only_serving_dsn_imports_airflow():
@@ -86,8 +117,9 @@ assert serving_dsn() is None and "airflow" not in sys.modules
 os.environ["AIRFLOW_CONN_RECS_SERVING"] = "postgresql://u@h/db"
 assert serving_dsn() and "airflow" in sys.modules
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -103,17 +135,25 @@ def test_airflow_secrets_are_written_once_private_and_yield_to_the_environment(t
     assert airflow_secrets(path) == 0 and path.read_text() == first  # kept, never regenerated
 
     def sourced(**env: str) -> dict[str, str]:
-        script = (f'set -a; . "{path}"; set +a; printf "%s\\n" "$AIRFLOW__API_AUTH__JWT_SECRET" '
-                  '"$AIRFLOW__CORE__FERNET_KEY"')
-        out = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env},
-                             capture_output=True, text=True, check=True).stdout.split()
+        script = (
+            f'set -a; . "{path}"; set +a; printf "%s\\n" "$AIRFLOW__API_AUTH__JWT_SECRET" '
+            '"$AIRFLOW__CORE__FERNET_KEY"'
+        )
+        out = subprocess.run(
+            ["bash", "-c", script],
+            env={"PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         return {"jwt": out[0], "fernet": out[1]}
 
     values = sourced()
     assert len(values["jwt"]) >= 86 and values["jwt"] in first
     Fernet(values["fernet"].encode())  # a valid Fernet key
-    assert sourced(AIRFLOW__CORE__FERNET_KEY="from-the-deployment")["fernet"] == \
-        "from-the-deployment"
+    assert (
+        sourced(AIRFLOW__CORE__FERNET_KEY="from-the-deployment")["fernet"] == "from-the-deployment"
+    )
 
 
 # --------------------------------------------------------------------------- experiment
@@ -128,15 +168,18 @@ def _experiment_cli(tmp_path, monkeypatch, *args: str) -> int:
     return main(["experiment", *args])
 
 
-def test_experiment_start_change_and_stop_are_recorded_and_saved(tmp_path, monkeypatch,
-                                                                 capsys):
+def test_experiment_start_change_and_stop_are_recorded_and_saved(tmp_path, monkeypatch, capsys):
     from pipeline.serving.store import active_experiment, read_experiments
 
-    config = {"name": "ab-1", "salt": "salt-1",
-              "variants": [{"name": "control", "kind": "popularity", "share": 0.3},
-                           {"name": "model", "kind": "model", "model": "champion",
-                            "share": 0.3},
-                           {"name": "holdout", "kind": "holdout", "share": 0.1}]}
+    config = {
+        "name": "ab-1",
+        "salt": "salt-1",
+        "variants": [
+            {"name": "control", "kind": "popularity", "share": 0.3},
+            {"name": "model", "kind": "model", "model": "champion", "share": 0.3},
+            {"name": "holdout", "kind": "holdout", "share": 0.1},
+        ],
+    }
     path = tmp_path / "ab-1.json"
     path.write_text(json.dumps(config))
     saved = tmp_path / "data" / "experiments" / "ab-1.json"
@@ -150,15 +193,19 @@ def test_experiment_start_change_and_stop_are_recorded_and_saved(tmp_path, monke
     assert active_experiment(None, sqlite)["config"] == started
     assert run("start", "--config", str(path), "--by", "alice") == 0  # a retry: no new row
 
-    grown = {**started, "variants": [{**started["variants"][0], "share": 0.4},
-                                     *started["variants"][1:]]}
+    grown = {
+        **started,
+        "variants": [{**started["variants"][0], "share": 0.4}, *started["variants"][1:]],
+    }
     path.write_text(json.dumps(grown))
     assert run("change", "--config", str(path), "--by", "bob") == 0
     assert json.loads(saved.read_text())["version"] == 2
 
     current = json.loads(saved.read_text())  # the saved config is the one to edit
-    shrunk = {**current, "variants": [{**current["variants"][0], "share": 0.2},
-                                      *current["variants"][1:]]}
+    shrunk = {
+        **current,
+        "variants": [{**current["variants"][0], "share": 0.2}, *current["variants"][1:]],
+    }
     path.write_text(json.dumps(shrunk))
     capsys.readouterr()
     assert run("change", "--config", str(path), "--by", "bob") == 1

@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
-LAYERS = {"core": 0, "lake": 1, "features": 2, "models": 3, "evaluation": 4, "serving": 5,
-          "registry": 5, "monitoring": 5}
+LAYERS = {
+    "core": 0,
+    "lake": 1,
+    "features": 2,
+    "models": 3,
+    "evaluation": 4,
+    "serving": 5,
+    "registry": 5,
+    "monitoring": 5,
+}
 TOP = 6  # pipeline/__init__.py, nightly.py, monitor.py, cli.py and the pyfunc_model shim
 
 
@@ -43,15 +51,22 @@ def _layer(module: str) -> tuple[int, str]:
 def _imports(path: Path) -> list[tuple[str, list[str], bool, int]]:
     """(module, imported names, at function level, line) of every ``pipeline`` import."""
     tree = ast.parse(path.read_text())
-    nested = {id(node) for fn in ast.walk(tree)
-              if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for node in ast.walk(fn) if node is not fn}
+    nested = {
+        id(node)
+        for fn in ast.walk(tree)
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(fn)
+        if node is not fn
+    }
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and not node.level \
-                and node.module.split(".")[0] == "pipeline":
-            out.append((node.module, [a.name for a in node.names], id(node) in nested,
-                        node.lineno))
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and not node.level
+            and node.module.split(".")[0] == "pipeline"
+        ):
+            out.append((node.module, [a.name for a in node.names], id(node) in nested, node.lineno))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "pipeline":
@@ -66,9 +81,14 @@ def _target(module: str, names: list[str]) -> list[str]:
     return subs or [module]
 
 
-EDGES = {name: [(target, names, nested, line) for module, names, nested, line in _imports(path)
-                for target in _target(module, names)]
-         for name, path in MODULES.items()}
+EDGES = {
+    name: [
+        (target, names, nested, line)
+        for module, names, nested, line in _imports(path)
+        for target in _target(module, names)
+    ]
+    for name, path in MODULES.items()
+}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -81,19 +101,27 @@ def test_imports_point_downward(module):
         same_package = package == their_package and level < TOP
         assert same_package or their_level < level, (
             f"{module}:{line} imports {target} (layer {their_package}, level {their_level} "
-            f"is not below {package}, level {level})")
+            f"is not below {package}, level {level})"
+        )
 
 
 def test_packages_sharing_a_level_do_not_import_each_other():
     """serving, registry and monitoring sit side by side: none imports another, at the top of
     a module or inside a function (``test_imports_point_downward`` implies it; this says it)."""
-    offenders = [f"{module}:{line} imports {target}" for module, edges in EDGES.items()
-                 for target, _, _, line in edges
-                 if target != "pipeline" and _layer(module)[1] != _layer(target)[1]
-                 and _layer(module)[0] == _layer(target)[0] < TOP]
+    offenders = [
+        f"{module}:{line} imports {target}"
+        for module, edges in EDGES.items()
+        for target, _, _, line in edges
+        if target != "pipeline"
+        and _layer(module)[1] != _layer(target)[1]
+        and _layer(module)[0] == _layer(target)[0] < TOP
+    ]
     assert not offenders, offenders
     assert {p for p, level in LAYERS.items() if level == LAYERS["serving"]} == {
-        "serving", "registry", "monitoring"}
+        "serving",
+        "registry",
+        "monitoring",
+    }
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -127,8 +155,11 @@ def test_function_level_imports_of_pipeline_only_where_layers_meet():
     (nightly, monitor, cli), or to load a heavy library late, said by a ``# lazy`` comment;
     elsewhere imports sit at the top, where they show the dependencies."""
     spanning = {"pipeline.nightly", "pipeline.monitor", "pipeline.impact", "pipeline.cli"}
-    offenders = [f"{module}:{line} imports {target}" for module, edges in EDGES.items()
-                 if module not in spanning for target, _, nested, line in edges
-                 if nested and "# lazy" not in
-                 MODULES[module].read_text().splitlines()[line - 1]]
+    offenders = [
+        f"{module}:{line} imports {target}"
+        for module, edges in EDGES.items()
+        if module not in spanning
+        for target, _, nested, line in edges
+        if nested and "# lazy" not in MODULES[module].read_text().splitlines()[line - 1]
+    ]
     assert not offenders, offenders

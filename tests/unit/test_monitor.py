@@ -41,17 +41,24 @@ def test_stationary_data_raises_no_alert():
         for day in DAYS:
             rows = drift_table(events, REFERENCE, events, START + dt.timedelta(days=day))
             checked += int((rows["status"] != "unknown").sum())
-            alerts += [(seed, day, r.subject, round(r.value, 3))
-                       for r in rows[rows["status"] == "alert"].itertuples()]
+            alerts += [
+                (seed, day, r.subject, round(r.value, 3))
+                for r in rows[rows["status"] == "alert"].itertuples()
+            ]
     assert checked >= 700
     assert alerts == []
 
 
-@pytest.mark.parametrize(("plan", "feature"), [
-    (DriftPlan(start=AS_OF - dt.timedelta(days=10), popularity_shift=1.0), "event.item"),
-    (DriftPlan(start=AS_OF - dt.timedelta(days=10), device_mix={"tv": 0.8, "mobile": 0.2}),
-     "event.device"),
-])
+@pytest.mark.parametrize(
+    ("plan", "feature"),
+    [
+        (DriftPlan(start=AS_OF - dt.timedelta(days=10), popularity_shift=1.0), "event.item"),
+        (
+            DriftPlan(start=AS_OF - dt.timedelta(days=10), device_mix={"tv": 0.8, "mobile": 0.2}),
+            "event.device",
+        ),
+    ],
+)
 def test_each_planted_drift_alerts_on_its_feature(plan, feature):
     events = _events(1, plan)
     rows = drift_table(events, REFERENCE, events, AS_OF, MonitorOptions()).set_index("subject")
@@ -63,17 +70,20 @@ def test_each_planted_drift_alerts_on_its_feature(plan, feature):
 def test_a_flood_of_new_items_alerts_on_the_new_item_share():
     plan = DriftPlan(start=AS_OF - dt.timedelta(days=10), new_items=60, new_item_share=0.5)
     events = _events(3, plan)
-    past = events[(events.timestamp >= REFERENCE - dt.timedelta(days=7))
-                  & (events.timestamp < REFERENCE)]
+    past = events[
+        (events.timestamp >= REFERENCE - dt.timedelta(days=7)) & (events.timestamp < REFERENCE)
+    ]
     now = events[(events.timestamp >= AS_OF - dt.timedelta(days=7)) & (events.timestamp < AS_OF)]
     share = new_item_share(past["item_id"], now["item_id"])
     assert share == pytest.approx(0.5, abs=0.05)
     assert HEALTH_THRESHOLDS["new_item_share"].status(share) == "alert"
     steady = _events(3)
-    steady_now = steady[(steady.timestamp >= AS_OF - dt.timedelta(days=7))
-                        & (steady.timestamp < AS_OF)]
-    steady_past = steady[(steady.timestamp >= REFERENCE - dt.timedelta(days=7))
-                         & (steady.timestamp < REFERENCE)]
+    steady_now = steady[
+        (steady.timestamp >= AS_OF - dt.timedelta(days=7)) & (steady.timestamp < AS_OF)
+    ]
+    steady_past = steady[
+        (steady.timestamp >= REFERENCE - dt.timedelta(days=7)) & (steady.timestamp < REFERENCE)
+    ]
     assert new_item_share(steady_past["item_id"], steady_now["item_id"]) < 0.1
 
 

@@ -21,9 +21,16 @@ CUTOFF = dt.datetime(2024, 2, 10, tzinfo=dt.timezone.utc)
 def test_train_and_evaluate_use_the_params_tune_chose(tmp_path, monkeypatch):
     data = generate_clickstream(n_users=120, n_items=60, n_days=40, start="2024-01-01", seed=5)
     write_landing(data, tmp_path / "landing", name="clicks", fmt="csv")
-    settings = Settings(data_dir=tmp_path, landing_settle_seconds=0.0, als_factors=8,
-                        als_iterations=2, ranker_bags=1, holdout_days=7, tune=True,
-                        tune_budget_minutes=0.0)  # one trial: the settings' own params
+    settings = Settings(
+        data_dir=tmp_path,
+        landing_settle_seconds=0.0,
+        als_factors=8,
+        als_iterations=2,
+        ranker_bags=1,
+        holdout_days=7,
+        tune=True,
+        tune_budget_minutes=0.0,
+    )  # one trial: the settings' own params
     nightly.ingest(settings, CUTOFF)
     checked = nightly.validate(settings, CUTOFF)
     run = settings.run_dir(CUTOFF)
@@ -42,8 +49,11 @@ def test_train_and_evaluate_use_the_params_tune_chose(tmp_path, monkeypatch):
     (run / "tune.json").write_text(json.dumps({**tuned, "params": chosen}))
     built = []
     real = nightly._twostage
-    monkeypatch.setattr(nightly, "_twostage",
-                        lambda s, params=None: built.append(dict(params or {})) or real(s, params))
+    monkeypatch.setattr(
+        nightly,
+        "_twostage",
+        lambda s, params=None: built.append(dict(params or {})) or real(s, params),
+    )
     trained = nightly.train(settings, CUTOFF)
     assert trained["params"]["factors"] == 12
     nightly.evaluate(settings, CUTOFF)

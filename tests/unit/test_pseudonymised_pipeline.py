@@ -48,20 +48,23 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setenv("RECS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RECS_PSEUDONYM_KEY", KEY.decode())
     monkeypatch.delenv("AIRFLOW_CONN_RECS_SERVING", raising=False)
-    settings = dataclasses.replace(Settings(), landing_settle_seconds=0.0,
-                                   max_bad_row_share=0.5)
+    settings = dataclasses.replace(Settings(), landing_settle_seconds=0.0, max_bad_row_share=0.5)
     landing = settings.landing_events_dir
     landing.mkdir(parents=True)
     rows = ["user_id,item_id,event_type,timestamp"]
     for n, user in enumerate(RAW):
-        rows += [f"{user},i{n},view,2024-01-0{n + 1}T10:00:00Z",
-                 f"{user},i{n + 1},click,2024-01-0{n + 1}T11:00:00Z"]
+        rows += [
+            f"{user},i{n},view,2024-01-0{n + 1}T10:00:00Z",
+            f"{user},i{n + 1},click,2024-01-0{n + 1}T11:00:00Z",
+        ]
     rows.append(f"{RAW[0]},i9,view,not-a-time")  # quarantined, with its user id
     (landing / "a.csv").write_text("\n".join(rows) + "\n")
     (settings.landing_dir / "users.csv").write_text(
-        "user_id,age_band\n" + "".join(f"{u},25-34\n" for u in RAW))
-    report = ingest_lake(settings, record_pseudonyms=pseudonym_recorder(
-        None, settings.serving_sqlite_path))
+        "user_id,age_band\n" + "".join(f"{u},25-34\n" for u in RAW)
+    )
+    report = ingest_lake(
+        settings, record_pseudonyms=pseudonym_recorder(None, settings.serving_sqlite_path)
+    )
     assert report.rows_new == 8 and report.rows_rejected == 1
     return settings
 
@@ -87,11 +90,17 @@ def test_a_quarantine_file_sent_back_keeps_its_pseudonyms(world, tmp_path):
     frame = pd.read_parquet(quarantined)
     assert frame["user_id"].tolist() == [pseudonym(RAW[0], KEY)]
     frame = frame.assign(timestamp="2024-01-05T10:00:00Z")[
-        ["user_id", "item_id", "event_type", "timestamp"]]
+        ["user_id", "item_id", "event_type", "timestamp"]
+    ]
     frame.to_csv(world.landing_events_dir / "backfill.csv", index=False)
     recorded = []
-    ingest_landing(world.landing_events_dir, world.lake_events_dir, pseudonym_key=KEY,
-                   record_pseudonyms=recorded.append, settle_seconds=0)
+    ingest_landing(
+        world.landing_events_dir,
+        world.lake_events_dir,
+        pseudonym_key=KEY,
+        record_pseudonyms=recorded.append,
+        settle_seconds=0,
+    )
     events = load_snapshot(world.lake_events_dir, NOW, 365)
     assert (events["user_id"] == pseudonym(RAW[0], KEY)).sum() == 3  # not hashed twice
     assert recorded == []  # no new pair: the id was stored already
@@ -111,21 +120,42 @@ def test_publish_maps_back_and_assigns_by_the_cms_id(world):
     users, cms_of, unmapped = _cms_ids(world, None, stored)
     assert unmapped == 0 and list(cms_of.reindex(users)) == RAW
 
-    experiment = Experiment.from_dict({"name": "ab", "salt": "s", "variants": [
-        {"name": "a", "kind": "model", "model": "1", "share": 0.5},
-        {"name": "b", "kind": "model", "model": "1", "share": 0.5}]}).start()
+    experiment = Experiment.from_dict(
+        {
+            "name": "ab",
+            "salt": "s",
+            "variants": [
+                {"name": "a", "kind": "model", "model": "1", "share": 0.5},
+                {"name": "b", "kind": "model", "model": "1", "share": 0.5},
+            ],
+        }
+    ).start()
     model = _FakeModel()
-    rules = {"candidate_multiplier": 1, "n": 2, "max_per_category": None,
-             "item_ttl_days": None, "cutoff": NOW, "items": None,
-             "consumed": pd.DataFrame({"user_id": [], "item_id": []})}
-    served = _served_lists(model, "1", users, rules, experiment,
-                           load_recommender=lambda v: model, cms_of=cms_of)
-    plain = _served_lists(model, "1", np.array(RAW, dtype=object), rules, experiment,
-                          load_recommender=lambda v: model)
-    with_key = dict(zip(_as_cms(served.assignments["user_id"], cms_of),
-                        served.assignments["variant"], strict=True))
-    assert with_key == dict(zip(plain.assignments["user_id"], plain.assignments["variant"],
-                                strict=True))
+    rules = {
+        "candidate_multiplier": 1,
+        "n": 2,
+        "max_per_category": None,
+        "item_ttl_days": None,
+        "cutoff": NOW,
+        "items": None,
+        "consumed": pd.DataFrame({"user_id": [], "item_id": []}),
+    }
+    served = _served_lists(
+        model, "1", users, rules, experiment, load_recommender=lambda v: model, cms_of=cms_of
+    )
+    plain = _served_lists(
+        model, "1", np.array(RAW, dtype=object), rules, experiment, load_recommender=lambda v: model
+    )
+    with_key = dict(
+        zip(
+            _as_cms(served.assignments["user_id"], cms_of),
+            served.assignments["variant"],
+            strict=True,
+        )
+    )
+    assert with_key == dict(
+        zip(plain.assignments["user_id"], plain.assignments["variant"], strict=True)
+    )
     view = served.lists.assign(user_id=_as_cms(served.lists["user_id"], cms_of))
     assert set(view["user_id"]) - {"__default__", "__default__:a", "__default__:b"} == set(RAW)
 
@@ -139,8 +169,9 @@ def test_an_unmapped_pseudonym_is_skipped_and_many_fail_the_publish(world):
     assert unmapped == 1 and len(users) == 4 and pseudonym("nobody", KEY) not in set(users)
     with pytest.raises(ConfigError, match="user_pseudonyms"):
         _cms_ids(dataclasses.replace(world, max_bad_row_share=0.05), None, stored)
-    assert list(to_cms_ids(["plain-id", "__default__"], dsn=None,
-                           sqlite_path=world.serving_sqlite_path)) == ["plain-id", "__default__"]
+    assert list(
+        to_cms_ids(["plain-id", "__default__"], dsn=None, sqlite_path=world.serving_sqlite_path)
+    ) == ["plain-id", "__default__"]
 
 
 def test_erasure_with_a_key_reaches_the_pseudonyms_and_the_mapping(world):
@@ -154,7 +185,8 @@ def test_erasure_with_a_key_reaches_the_pseudonyms_and_the_mapping(world):
     assert [u for (u,) in left] == sorted(RAW[1:])
     # the old landing file again: the tombstone keeps them out, and out of the mapping
     (world.landing_events_dir / "a-again.csv").write_text(
-        (world.landing_events_dir / "a.csv").read_text() + "\n")
+        (world.landing_events_dir / "a.csv").read_text() + "\n"
+    )
     recorded: list[pd.DataFrame] = []
     report = ingest_lake(world, record_pseudonyms=recorded.append)
     assert report.rows_erased == 3
@@ -164,43 +196,66 @@ def test_erasure_with_a_key_reaches_the_pseudonyms_and_the_mapping(world):
 def test_the_simulated_cms_writes_cms_ids(world):
     from pipeline.cli import _as_cms_events
 
-    events = pd.DataFrame({"user_id": pd.Series([pseudonym(RAW[1], KEY), pseudonym("x", KEY),
-                                                 pseudonym(RAW[1], KEY)], dtype="string"),
-                           "item_id": ["i1", "i2", "i3"]})
+    events = pd.DataFrame(
+        {
+            "user_id": pd.Series(
+                [pseudonym(RAW[1], KEY), pseudonym("x", KEY), pseudonym(RAW[1], KEY)],
+                dtype="string",
+            ),
+            "item_id": ["i1", "i2", "i3"],
+        }
+    )
     out, unmapped = _as_cms_events(world, events)
     assert unmapped == 1 and out["user_id"].tolist() == [RAW[1], RAW[1]]
     assert out["user_id"].dtype == events["user_id"].dtype
 
 
 class _FakeModel:
-    popular_ = pd.DataFrame({"item_id": ["p1", "p2", "p3"], "score": [3.0, 2.0, 1.0],
-                             "reason": "popular"})
+    popular_ = pd.DataFrame(
+        {"item_id": ["p1", "p2", "p3"], "score": [3.0, 2.0, 1.0], "reason": "popular"}
+    )
 
     def recommend(self, users, k: int) -> pd.DataFrame:
-        rows = [(u, r + 1, f"i{r}", 1.0 / (r + 1), "model", "ranker") for u in users
-                for r in range(k)]
-        return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score", "reason",
-                                           "source"])
+        rows = [
+            (u, r + 1, f"i{r}", 1.0 / (r + 1), "model", "ranker") for u in users for r in range(k)
+        ]
+        return pd.DataFrame(
+            rows, columns=["user_id", "rank", "item_id", "score", "reason", "source"]
+        )
 
 
 def test_with_a_key_an_event_sent_with_and_without_an_id_is_stored_once(tmp_path):
     landing, lake = tmp_path / "landing", tmp_path / "lake" / "events"
     landing.mkdir()
-    (landing / "a.csv").write_text("event_id,user_id,item_id,event_type,timestamp\n"
-                                   f"own-1,{RAW[2]},i1,view,2024-01-02T10:00:00Z\n")
-    (landing / "b.csv").write_text("user_id,item_id,event_type,timestamp\n"
-                                   f"{RAW[2]},i1,view,2024-01-02T10:00:00Z\n"
-                                   f"{RAW[3]},i1,view,2024-01-02T10:00:00Z\n")
+    (landing / "a.csv").write_text(
+        "event_id,user_id,item_id,event_type,timestamp\n"
+        f"own-1,{RAW[2]},i1,view,2024-01-02T10:00:00Z\n"
+    )
+    (landing / "b.csv").write_text(
+        "user_id,item_id,event_type,timestamp\n"
+        f"{RAW[2]},i1,view,2024-01-02T10:00:00Z\n"
+        f"{RAW[3]},i1,view,2024-01-02T10:00:00Z\n"
+    )
     recorded: list[pd.DataFrame] = []
-    report = ingest_landing(landing, lake, ingested_at=NOW, settle_seconds=0,
-                            pseudonym_key=KEY, record_pseudonyms=recorded.append)
+    report = ingest_landing(
+        landing,
+        lake,
+        ingested_at=NOW,
+        settle_seconds=0,
+        pseudonym_key=KEY,
+        record_pseudonyms=recorded.append,
+    )
     assert report.rows_new == 2 and report.rows_duplicate == 1
     events = load_snapshot(lake, NOW, 365)
     derived = events.loc[events["user_id"] == pseudonym(RAW[3], KEY), "event_id"].iloc[0]
     from pipeline.lake.normalise import derive_event_ids
 
-    assert derived == derive_event_ids(events[events["user_id"] == pseudonym(RAW[3], KEY)]
-                                       .drop(columns="event_id")).iloc[0]  # of the pseudonym
+    assert (
+        derived
+        == derive_event_ids(
+            events[events["user_id"] == pseudonym(RAW[3], KEY)].drop(columns="event_id")
+        ).iloc[0]
+    )  # of the pseudonym
 
 
 NEW_KEY = b"rotated-pseudonym-key-abcdef0123456789"
@@ -211,14 +266,20 @@ def test_rekey_rewrites_lake_quarantine_served_history_and_mapping(world, tmp_pa
     from pipeline.lake.served import read_served, write_served
 
     lake_root = world.lake_events_dir.parent
-    lists = pd.DataFrame({"user_id": [pseudonym(RAW[1], KEY), "__default__"], "rank": [1, 1],
-                          "item_id": ["i1", "i2"]})
+    lists = pd.DataFrame(
+        {
+            "user_id": [pseudonym(RAW[1], KEY), "__default__"],
+            "rank": [1, 1],
+            "item_id": ["i1", "i2"],
+        }
+    )
     write_served(lake_root, lists, cutoff=NOW, published_at=NOW, model_version="1")
     key_file = tmp_path / "new.key"
     key_file.write_text(NEW_KEY.decode() + "\n")
     assert main(["rekey", "--new-key-file", str(key_file), "--dry-run"]) == 0
-    assert set(load_snapshot(world.lake_events_dir, NOW, 365)["user_id"]) == \
-        {pseudonym(u, KEY) for u in RAW}  # a dry run changes nothing
+    assert set(load_snapshot(world.lake_events_dir, NOW, 365)["user_id"]) == {
+        pseudonym(u, KEY) for u in RAW
+    }  # a dry run changes nothing
     assert main(["rekey", "--new-key-file", str(key_file)]) == 0
 
     events = load_snapshot(world.lake_events_dir, NOW, 365)
@@ -228,14 +289,18 @@ def test_rekey_rewrites_lake_quarantine_served_history_and_mapping(world, tmp_pa
     assert set(read_served(lake_root)["user_id"]) == {pseudonym(RAW[1], NEW_KEY), "__default__"}
     mapping = read_pseudonyms(dsn=None, sqlite_path=world.serving_sqlite_path)
     assert {p: u for p, u in mapping.items() if u in RAW} == {
-        **{pseudonym(u, KEY): u for u in RAW}, **{pseudonym(u, NEW_KEY): u for u in RAW}}
+        **{pseudonym(u, KEY): u for u in RAW},
+        **{pseudonym(u, NEW_KEY): u for u in RAW},
+    }
     assert _raw_ids_in(lake_root) == []
     # under the new key, the same export is recognised: derived ids were derived again
     rotated = dataclasses.replace(world, pseudonym_key=NEW_KEY)
     (world.landing_events_dir / "a-again.csv").write_text(
-        (world.landing_events_dir / "a.csv").read_text() + "\n")
-    report = ingest_lake(rotated, record_pseudonyms=pseudonym_recorder(
-        None, world.serving_sqlite_path))
+        (world.landing_events_dir / "a.csv").read_text() + "\n"
+    )
+    report = ingest_lake(
+        rotated, record_pseudonyms=pseudonym_recorder(None, world.serving_sqlite_path)
+    )
     assert report.rows_new == 0 and report.rows_duplicate == 8
     # a second rotation to the same key finds nothing to do
     from pipeline.serving.pseudonyms import rekey
@@ -256,7 +321,8 @@ def test_one_identity_per_lake_an_ingest_with_the_wrong_key_is_refused(world, tm
     mark = json.loads((lake_root / MARK_NAME).read_text())
     assert mark["ids"] == "pseudonymised" and KEY.decode() not in json.dumps(mark)
     (world.landing_events_dir / "b.csv").write_text(
-        "user_id,item_id,event_type,timestamp\nnew-user,i1,view,2024-01-05T10:00:00Z\n")
+        "user_id,item_id,event_type,timestamp\nnew-user,i1,view,2024-01-05T10:00:00Z\n"
+    )
     before = sorted(p.name for p in world.lake_events_dir.rglob("*.parquet"))
     recorder = pseudonym_recorder(None, world.serving_sqlite_path)
     with pytest.raises(ConfigError, match="no key is set"):
@@ -267,8 +333,9 @@ def test_one_identity_per_lake_an_ingest_with_the_wrong_key_is_refused(world, tm
     key_file = tmp_path / "new.key"
     key_file.write_text(NEW_KEY.decode() + "\n")
     assert main(["rekey", "--new-key-file", str(key_file)]) == 0
-    report = ingest_lake(dataclasses.replace(world, pseudonym_key=NEW_KEY),
-                         record_pseudonyms=recorder)
+    report = ingest_lake(
+        dataclasses.replace(world, pseudonym_key=NEW_KEY), record_pseudonyms=recorder
+    )
     assert report.rows_new == 1
 
 
@@ -278,8 +345,11 @@ def test_a_key_set_on_a_lake_of_clear_ids_asks_for_rekey_first(tmp_path, monkeyp
     settings = dataclasses.replace(Settings(), landing_settle_seconds=0.0)
     settings.landing_events_dir.mkdir(parents=True)
     (settings.landing_events_dir / "a.csv").write_text(
-        "user_id,item_id,event_type,timestamp\nu1,i1,view,2024-01-02T10:00:00Z\n")
+        "user_id,item_id,event_type,timestamp\nu1,i1,view,2024-01-02T10:00:00Z\n"
+    )
     assert ingest_lake(settings).rows_new == 1  # clear ids, marked so
     with pytest.raises(ConfigError, match="rekey"):
-        ingest_lake(dataclasses.replace(settings, pseudonym_key=KEY),
-                    record_pseudonyms=pseudonym_recorder(None, settings.serving_sqlite_path))
+        ingest_lake(
+            dataclasses.replace(settings, pseudonym_key=KEY),
+            record_pseudonyms=pseudonym_recorder(None, settings.serving_sqlite_path),
+        )

@@ -27,41 +27,67 @@ class FakeModel:
     def __init__(self, shift: int) -> None:
         self.shift = shift
         self.asked: list[str] = []
-        self.popular_ = pd.DataFrame({"item_id": ITEMS, "score": np.linspace(1, 0.1, len(ITEMS)),
-                                      "reason": "popular this week"})
+        self.popular_ = pd.DataFrame(
+            {
+                "item_id": ITEMS,
+                "score": np.linspace(1, 0.1, len(ITEMS)),
+                "reason": "popular this week",
+            }
+        )
 
     def recommend(self, users, k: int) -> pd.DataFrame:
         self.asked.extend(users)
-        rows = [(user, rank + 1, ITEMS[(self.shift + hash_(user) + rank) % len(ITEMS)],
-                 1.0 / (rank + 1), f"model {self.shift}", "ranker")
-                for user in users for rank in range(k)]
-        return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score", "reason",
-                                           "source"])
+        rows = [
+            (
+                user,
+                rank + 1,
+                ITEMS[(self.shift + hash_(user) + rank) % len(ITEMS)],
+                1.0 / (rank + 1),
+                f"model {self.shift}",
+                "ranker",
+            )
+            for user in users
+            for rank in range(k)
+        ]
+        return pd.DataFrame(
+            rows, columns=["user_id", "rank", "item_id", "score", "reason", "source"]
+        )
 
 
 def hash_(user: str) -> int:
     return int(user.split("-")[1])
 
 
-RULES = {"candidate_multiplier": 2, "n": 5, "max_per_category": None, "item_ttl_days": None,
-         "cutoff": CUTOFF, "items": None,
-         "consumed": pd.DataFrame({"user_id": USERS[:50], "item_id": ITEMS[0]})}
+RULES = {
+    "candidate_multiplier": 2,
+    "n": 5,
+    "max_per_category": None,
+    "item_ttl_days": None,
+    "cutoff": CUTOFF,
+    "items": None,
+    "consumed": pd.DataFrame({"user_id": USERS[:50], "item_id": ITEMS[0]}),
+}
 
 
 def _experiment() -> Experiment:
-    return Experiment.from_dict({
-        "name": "ab-test", "salt": "salt-1", "variants": [
-            {"name": "control", "kind": "popularity", "share": 0.3},
-            {"name": "model", "kind": "model", "model": "5", "share": 0.2},
-            {"name": "other", "kind": "model", "model": "7", "share": 0.2},
-            {"name": "holdout", "kind": "holdout", "share": 0.1}]}).start()
+    return Experiment.from_dict(
+        {
+            "name": "ab-test",
+            "salt": "salt-1",
+            "variants": [
+                {"name": "control", "kind": "popularity", "share": 0.3},
+                {"name": "model", "kind": "model", "model": "5", "share": 0.2},
+                {"name": "other", "kind": "model", "model": "7", "share": 0.2},
+                {"name": "holdout", "kind": "holdout", "share": 0.1},
+            ],
+        }
+    ).start()
 
 
 def test_without_an_experiment_the_lists_are_the_models():
     served = _served_lists(FakeModel(0), "5", USERS, RULES, None, load_recommender=None)
     assert served.assignments is None and served.summary is None
-    assert "variant" not in served.lists and set(served.lists["user_id"]) == {*USERS,
-                                                                              DEFAULT_USER}
+    assert "variant" not in served.lists and set(served.lists["user_id"]) == {*USERS, DEFAULT_USER}
 
 
 def test_each_user_gets_the_lists_of_their_variant():
@@ -92,8 +118,7 @@ def test_each_user_gets_the_lists_of_their_variant():
             assert list(rows["item_id"]) == list(expected["item_id"])
             assert set(rows["model_version"]) == {"5"}
         elif variant == "control":  # the served model's fallback, minus what was consumed
-            consumed = set(RULES["consumed"].loc[RULES["consumed"]["user_id"] == user,
-                                                 "item_id"])
+            consumed = set(RULES["consumed"].loc[RULES["consumed"]["user_id"] == user, "item_id"])
             assert list(rows["item_id"]) == [i for i in ITEMS if i not in consumed][:5]
             assert set(rows["source"]) == {"popular"} and set(rows["model_version"]) == {"5"}
         else:
@@ -101,8 +126,12 @@ def test_each_user_gets_the_lists_of_their_variant():
         assert set(rows["experiment"]) == ({None} if variant is None else {"ab-test"})
 
     defaults = lists[lists["user_id"].str.startswith(DEFAULT_USER)]
-    assert set(defaults["user_id"]) == {DEFAULT_USER, "__default__:control", "__default__:model",
-                                        "__default__:other"}
+    assert set(defaults["user_id"]) == {
+        DEFAULT_USER,
+        "__default__:control",
+        "__default__:model",
+        "__default__:other",
+    }
     assert defaults.loc[defaults["user_id"] == DEFAULT_USER, "variant"].isna().all()
     assert set(defaults.loc[defaults["user_id"] == "__default__:other", "model_version"]) == {"7"}
 
@@ -111,7 +140,8 @@ def test_each_user_gets_the_lists_of_their_variant():
     assert dict(zip(assignments["user_id"], assignments["variant"], strict=True)) == in_experiment
     assert set(assignments["experiment"]) == {"ab-test"}
     assert served.summary["variants"]["holdout"]["users"] == sum(
-        v == "holdout" for v in assignment.values())
+        v == "holdout" for v in assignment.values()
+    )
     assert served.summary["variants"]["other"]["model_version"] == "7"
     # list_stats sees the models' own lists only (not the control, not the fallbacks)
     personal = lists[served.personal]
@@ -128,9 +158,15 @@ def test_a_missing_alias_fails_the_publish(monkeypatch, tmp_path):
 
     configure_mlflow()
     MlflowClient().create_registered_model(MODEL_NAME)
-    experiment = Experiment.from_dict({
-        "name": "ab", "salt": "s", "variants": [
-            {"name": "control", "kind": "popularity", "share": 0.5},
-            {"name": "model", "kind": "model", "model": "challenger", "share": 0.5}]}).start()
+    experiment = Experiment.from_dict(
+        {
+            "name": "ab",
+            "salt": "s",
+            "variants": [
+                {"name": "control", "kind": "popularity", "share": 0.5},
+                {"name": "model", "kind": "model", "model": "challenger", "share": 0.5},
+            ],
+        }
+    ).start()
     with pytest.raises(LookupError, match="no alias 'challenger'"):
         _served_lists(FakeModel(0), "5", USERS, RULES, experiment, load_recommender=None)

@@ -47,8 +47,9 @@ class DemoData:
     users: pd.DataFrame
 
 
-def write_landing(data: DemoData, landing_dir: Path, *, name: str, fmt: EventFormat = "csv",
-                  gzip: bool = False) -> list[Path]:
+def write_landing(
+    data: DemoData, landing_dir: Path, *, name: str, fmt: EventFormat = "csv", gzip: bool = False
+) -> list[Path]:
     """Write ``data`` into ``landing_dir``; return the written paths (events, items, users).
 
     Events go to ``landing_dir/events/<name>.<fmt>`` (``.gz`` appended when ``gzip``); the
@@ -73,17 +74,29 @@ def write_landing(data: DemoData, landing_dir: Path, *, name: str, fmt: EventFor
         _write_atomic(events_path, lambda fh: _write_csv(text_events, fh, gzip=gzip))
     else:
         text_events = _with_iso_timestamps(events, ["timestamp"])
-        _write_atomic(events_path, lambda fh: text_events.to_json(
-            fh, orient="records", lines=True, force_ascii=False,
-            compression=_GZIP_OPTIONS if gzip else None))
+        _write_atomic(
+            events_path,
+            lambda fh: text_events.to_json(
+                fh,
+                orient="records",
+                lines=True,
+                force_ascii=False,
+                compression=_GZIP_OPTIONS if gzip else None,
+            ),
+        )
 
     items_path = landing_dir / "items.csv"
     items = _with_iso_timestamps(data.items, ["published_at"])
     _write_atomic(items_path, lambda fh: _write_csv(items, fh, gzip=False))
     users_path = landing_dir / "users.csv"
     _write_atomic(users_path, lambda fh: _write_csv(data.users, fh, gzip=False))
-    logger.info("wrote %d events to %s, %d items, %d users", len(events), events_path,
-                len(data.items), len(data.users))
+    logger.info(
+        "wrote %d events to %s, %d items, %d users",
+        len(events),
+        events_path,
+        len(data.items),
+        len(data.users),
+    )
     return [events_path, items_path, users_path]
 
 
@@ -93,8 +106,9 @@ def _write_csv(frame: pd.DataFrame, fh: BinaryIO, *, gzip: bool) -> None:
     header = (",".join(_quote_name(str(c)) for c in frame.columns) + "\n").encode()
     options = pa_csv.WriteOptions(include_header=False, quoting_style="needed")
     if gzip:
-        with gzip_module.GzipFile(fileobj=fh, mode="wb", mtime=0,
-                                  compresslevel=_GZIP_LEVEL) as packed:
+        with gzip_module.GzipFile(
+            fileobj=fh, mode="wb", mtime=0, compresslevel=_GZIP_LEVEL
+        ) as packed:
             packed.write(header)
             pa_csv.write_csv(table, packed, options)
     else:

@@ -130,8 +130,12 @@ class DriftPlan:
     @property
     def is_noop(self) -> bool:
         """Whether the plan changes nothing (all knobs at their defaults)."""
-        return (self.popularity_shift == 0.0 and self.new_items == 0 and self.device_mix is None
-                and self.volume == 1.0)
+        return (
+            self.popularity_shift == 0.0
+            and self.new_items == 0
+            and self.device_mix is None
+            and self.volume == 1.0
+        )
 
     def describe(self) -> str:
         """One line for logs, e.g. ``drift from 2024-01-16T00:00:00Z: volume=0.3 (seed 0)``."""
@@ -180,11 +184,22 @@ def plant_drift(data: DemoData, plan: DriftPlan) -> DemoData:
 
     columns: dict[str, pd.Series] = {}
     if plan.popularity_shift > 0 or plan.new_item_share > 0:
-        columns.update(_drift_items(events, items, new_frame, plan, post, sess, straddles,
-                                    np.random.default_rng(streams["items"])))
+        columns.update(
+            _drift_items(
+                events,
+                items,
+                new_frame,
+                plan,
+                post,
+                sess,
+                straddles,
+                np.random.default_rng(streams["items"]),
+            )
+        )
     if plan.device_mix is not None and post.any():
-        columns["device"] = _drift_devices(events, plan.device_mix, post, sess, n_sess,
-                                           np.random.default_rng(streams["devices"]))
+        columns["device"] = _drift_devices(
+            events, plan.device_mix, post, sess, n_sess, np.random.default_rng(streams["devices"])
+        )
 
     out = events.copy()
     for name, values in columns.items():
@@ -197,8 +212,14 @@ def plant_drift(data: DemoData, plan: DriftPlan) -> DemoData:
             out = out[keep]
             if events.index.equals(pd.RangeIndex(len(events))):
                 out = out.reset_index(drop=True)
-    logger.info("planted %s: %d -> %d events (%d post-start), %d new items", plan.describe(),
-                len(events), len(out), int((out["timestamp"] >= start).sum()), len(new_frame))
+    logger.info(
+        "planted %s: %d -> %d events (%d post-start), %d new items",
+        plan.describe(),
+        len(events),
+        len(out),
+        int((out["timestamp"] >= start).sum()),
+        len(new_frame),
+    )
     return DemoData(events=out, items=out_items.copy(), users=data.users.copy())
 
 
@@ -219,16 +240,27 @@ def _session_codes(events: pd.DataFrame) -> np.ndarray:
     if not has.all():
         rest = events[~has]
         users, _ = pd.factorize(rest["user_id"], use_na_sentinel=False)
-        day = rest["timestamp"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(
-            "datetime64[D]").view(np.int64)
+        day = (
+            rest["timestamp"]
+            .dt.tz_convert("UTC")
+            .dt.tz_localize(None)
+            .to_numpy("datetime64[D]")
+            .view(np.int64)
+        )
         day = day - day.min()
         pairs, _ = pd.factorize(users.astype(np.int64) * (int(day.max()) + 1) + day)
         codes[~has] = n_named + pairs
     return codes
 
 
-def _drift_devices(events: pd.DataFrame, mix: Mapping[str, float], post: np.ndarray,
-                   sess: np.ndarray, n_sess: int, rng: np.random.Generator) -> pd.Series:
+def _drift_devices(
+    events: pd.DataFrame,
+    mix: Mapping[str, float],
+    post: np.ndarray,
+    sess: np.ndarray,
+    n_sess: int,
+    rng: np.random.Generator,
+) -> pd.Series:
     """New ``device`` column: one device per session from ``mix`` on its post-start events."""
     names = list(mix)
     weights = np.array([mix[k] for k in names], dtype=np.float64)
@@ -240,9 +272,16 @@ def _drift_devices(events: pd.DataFrame, mix: Mapping[str, float], post: np.ndar
 
 
 # ---- items ---------------------------------------------------------------------------------
-def _drift_items(events: pd.DataFrame, items: pd.DataFrame, new_frame: pd.DataFrame,
-                 plan: DriftPlan, post: np.ndarray, sess: np.ndarray, straddles: np.ndarray,
-                 rng: np.random.Generator) -> dict[str, pd.Series]:
+def _drift_items(
+    events: pd.DataFrame,
+    items: pd.DataFrame,
+    new_frame: pd.DataFrame,
+    plan: DriftPlan,
+    post: np.ndarray,
+    sess: np.ndarray,
+    straddles: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, pd.Series]:
     """New ``item_id`` (and, where priced, ``value``) columns after the item knobs."""
     item_codes, seen = pd.factorize(events["item_id"], use_na_sentinel=False)
     item_codes = item_codes.astype(np.int64)
@@ -279,24 +318,28 @@ def _drift_items(events: pd.DataFrame, items: pd.DataFrame, new_frame: pd.DataFr
 
     if changed.any() and "price" in items.columns and "value" in events.columns:
         rows = post_rows[changed]
-        priced = events["event_type"].iloc[rows].isin(_PRICED_TYPES).to_numpy(
-            dtype=bool, na_value=False)
+        priced = (
+            events["event_type"].iloc[rows].isin(_PRICED_TYPES).to_numpy(dtype=bool, na_value=False)
+        )
         rows = rows[priced]
         all_items = pd.concat([items, new_frame], ignore_index=True)
         price_of = all_items.drop_duplicates("item_id").set_index("item_id")["price"]
-        price = price_of.reindex(lookup[item_codes[rows]]).to_numpy(dtype=np.float64,
-                                                                    na_value=np.nan)
+        price = price_of.reindex(lookup[item_codes[rows]]).to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
         known = ~np.isnan(price)
         if known.any():
             value = events["value"].to_numpy(dtype=np.float64, copy=True)
             value[rows[known]] = price[known]
             result["value"] = pd.Series(value, index=events.index, name="value").astype(
-                events["value"].dtype)
+                events["value"].dtype
+            )
     return result
 
 
-def _popularity_permutation(items: pd.DataFrame, lookup: pd.Index, item_codes: np.ndarray,
-                            post: np.ndarray, plan: DriftPlan) -> np.ndarray:
+def _popularity_permutation(
+    items: pd.DataFrame, lookup: pd.Index, item_codes: np.ndarray, post: np.ndarray, plan: DriftPlan
+) -> np.ndarray:
     """Code -> code over ``lookup``: eligible catalogue items ranked by pre-start events (ties:
     catalogue order) and reversed, rank r -> rank n - 1 - r; every other item maps to itself."""
     mapping = np.arange(len(lookup), dtype=np.int64)
@@ -316,15 +359,17 @@ def _popularity_permutation(items: pd.DataFrame, lookup: pd.Index, item_codes: n
 
 
 # ---- new items -----------------------------------------------------------------------------
-def _new_items(items: pd.DataFrame, events: pd.DataFrame, plan: DriftPlan,
-               rng: np.random.Generator) -> pd.DataFrame:
+def _new_items(
+    items: pd.DataFrame, events: pd.DataFrame, plan: DriftPlan, rng: np.random.Generator
+) -> pd.DataFrame:
     """Rows for ``plan.new_items`` brand-new items (empty frame when none)."""
     if plan.new_items == 0:
         return items.iloc[:0]
     if items.empty:
         raise ValueError("new_items needs a non-empty data.items to copy categories from")
     taken = set(items["item_id"].dropna().astype(str)) | set(
-        events["item_id"].dropna().unique().astype(str))
+        events["item_id"].dropna().unique().astype(str)
+    )
     ids = _fresh_ids(items["item_id"].dropna().astype(str), taken, plan.new_items)
     template = rng.integers(0, len(items), plan.new_items)
     rows = items.iloc[template].reset_index(drop=True).copy()
@@ -335,13 +380,16 @@ def _new_items(items: pd.DataFrame, events: pd.DataFrame, plan: DriftPlan,
         rows["available"] = True
     if "price" in rows.columns:
         factor = rng.lognormal(0.0, _NEW_PRICE_SIGMA, plan.new_items)
-        rows["price"] = np.maximum(0.99, np.round(rows["price"].to_numpy(
-            dtype=np.float64, na_value=np.nan) * factor, 2))
+        rows["price"] = np.maximum(
+            0.99, np.round(rows["price"].to_numpy(dtype=np.float64, na_value=np.nan) * factor, 2)
+        )
     if "title" in rows.columns:
         numbers = [m.group(2) if (m := _NUMBERED_ID.match(i)) else i for i in ids]
         if "category" in rows.columns:
-            rows["title"] = [f"{c.title() if isinstance(c, str) else 'New'} item {n}"
-                             for c, n in zip(rows["category"], numbers)]
+            rows["title"] = [
+                f"{c.title() if isinstance(c, str) else 'New'} item {n}"
+                for c, n in zip(rows["category"], numbers)
+            ]
         else:
             rows["title"] = [f"New item {n}" for n in numbers]
     return rows.astype(items.dtypes.to_dict())
@@ -370,4 +418,5 @@ def _take_strings(lookup: pd.Index, codes: np.ndarray, like: pd.Series) -> pd.Se
     values = pa.array(lookup.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
     taken = values.take(pa.array(codes))
     return pd.Series(pd.arrays.ArrowStringArray(taken), index=like.index, name=like.name).astype(
-        like.dtype)
+        like.dtype
+    )

@@ -46,16 +46,25 @@ def fetch_recbole_wheel(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     # A temp dir inside cache_dir keeps the final rename on one filesystem (atomic).
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-download-") as tmpdir:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               f"recbole=={RECBOLE_VERSION}", "-d", tmpdir]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            f"recbole=={RECBOLE_VERSION}",
+            "-d",
+            tmpdir,
+        ]
         logger.info("downloading recbole==%s wheel into %s", RECBOLE_VERSION, cache_dir)
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as exc:
             tail = (exc.stderr or "").strip()[-2000:]
             raise RuntimeError(
-                f"pip download of recbole=={RECBOLE_VERSION} failed (exit {exc.returncode}): "
-                f"{tail}") from exc
+                f"pip download of recbole=={RECBOLE_VERSION} failed (exit {exc.returncode}): {tail}"
+            ) from exc
         downloaded = sorted(Path(tmpdir).glob(WHEEL_GLOB))
         if not downloaded:
             found = sorted(p.name for p in Path(tmpdir).iterdir())
@@ -75,6 +84,7 @@ def load_movielens_100k(cache_dir: Path) -> DemoData:
 def read_movielens_wheel(wheel_path: Path) -> DemoData:
     """Read MovieLens-100k (events, items, users) from the RecBole wheel without extracting."""
     with zipfile.ZipFile(wheel_path) as wheel:
+
         def _read(kind: str) -> str:
             member = f"{ML100K_PREFIX}.{kind}"
             try:
@@ -85,8 +95,12 @@ def read_movielens_wheel(wheel_path: Path) -> DemoData:
         events = parse_interactions(_read("inter"))
         items = clamp_published_at(parse_items(_read("item")), events)
         data = DemoData(events=events, items=items, users=parse_users(_read("user")))
-    logger.info("MovieLens-100k: %d events, %d items, %d users", len(data.events),
-                len(data.items), len(data.users))
+    logger.info(
+        "MovieLens-100k: %d events, %d items, %d users",
+        len(data.events),
+        len(data.items),
+        len(data.users),
+    )
     return data
 
 
@@ -108,8 +122,9 @@ def decode_text(raw: bytes) -> str:
 # ---- parsing (pure) ------------------------------------------------------------------------
 def parse_interactions(source: Source) -> pd.DataFrame:
     """Parse ``ml-100k.inter`` into contract events (``rating`` events, value = stars)."""
-    raw = _read_atomic(source, "ml-100k.inter", ["user_id", "item_id", "rating", "timestamp"],
-                       unique_id=False)
+    raw = _read_atomic(
+        source, "ml-100k.inter", ["user_id", "item_id", "rating", "timestamp"], unique_id=False
+    )
     rating = _to_number(raw, "rating", "ml-100k.inter")
     seconds = _to_number(raw, "timestamp", "ml-100k.inter")
     _raise_at_first(rating < 0, "negative rating", "ml-100k.inter", "rating")
@@ -117,18 +132,24 @@ def parse_interactions(source: Source) -> pd.DataFrame:
     user = raw["user_id"].astype("string")
     item = raw["item_id"].astype("string")
     event_id = "ml100k-" + user + "-" + item + "-" + seconds_int.astype("string")
-    timestamp = pd.Series(seconds_int.to_numpy() * 1_000_000, dtype="int64").astype(
-        "datetime64[us]").dt.tz_localize("UTC")
-    events = pd.DataFrame({
-        "event_id": event_id,
-        "user_id": user,
-        "item_id": item,
-        "event_type": "rating",
-        "timestamp": timestamp,
-        "value": rating.astype("float64"),
-        "device": pd.NA,
-        "session_id": pd.NA,
-    }, columns=list(EVENT_COLUMNS))
+    timestamp = (
+        pd.Series(seconds_int.to_numpy() * 1_000_000, dtype="int64")
+        .astype("datetime64[us]")
+        .dt.tz_localize("UTC")
+    )
+    events = pd.DataFrame(
+        {
+            "event_id": event_id,
+            "user_id": user,
+            "item_id": item,
+            "event_type": "rating",
+            "timestamp": timestamp,
+            "value": rating.astype("float64"),
+            "device": pd.NA,
+            "session_id": pd.NA,
+        },
+        columns=list(EVENT_COLUMNS),
+    )
     events = events.astype(EVENT_DTYPES)
     events = events.sort_values(["timestamp", "user_id", "item_id"], kind="stable")
     return events.reset_index(drop=True)
@@ -136,39 +157,53 @@ def parse_interactions(source: Source) -> pd.DataFrame:
 
 def parse_items(source: Source) -> pd.DataFrame:
     """Parse ``ml-100k.item`` into the items side table (category = first genre)."""
-    raw = _read_atomic(source, "ml-100k.item", ["item_id", "movie_title", "release_year", "class"],
-                       unique_id=True)
+    raw = _read_atomic(
+        source, "ml-100k.item", ["item_id", "movie_title", "release_year", "class"], unique_id=True
+    )
     genres = raw["class"].str.strip().str.split(n=1).str[0]
     category = genres.where(genres.notna() & (genres != ""), "unknown")
     year = pd.to_numeric(raw["release_year"].str.strip(), errors="coerce")
     year = year.where((year >= 1000) & (year <= 9999))
     published = pd.to_datetime(
-        year.astype("Int64").astype("string") + "-01-01", format="%Y-%m-%d", errors="coerce",
-        utc=True).astype("datetime64[us, UTC]")
-    items = pd.DataFrame({
-        "item_id": raw["item_id"].astype("string"),
-        "title": raw["movie_title"].str.strip().astype("string"),
-        "category": category.astype("string"),
-        "published_at": published,
-        "available": True,
-        "price": np.nan,
-    }, columns=list(ITEM_COLUMNS))
+        year.astype("Int64").astype("string") + "-01-01",
+        format="%Y-%m-%d",
+        errors="coerce",
+        utc=True,
+    ).astype("datetime64[us, UTC]")
+    items = pd.DataFrame(
+        {
+            "item_id": raw["item_id"].astype("string"),
+            "title": raw["movie_title"].str.strip().astype("string"),
+            "category": category.astype("string"),
+            "published_at": published,
+            "available": True,
+            "price": np.nan,
+        },
+        columns=list(ITEM_COLUMNS),
+    )
     return items.astype({"available": "bool", "price": "float64"})
 
 
 def parse_users(source: Source) -> pd.DataFrame:
     """Parse ``ml-100k.user`` into the users side table (age band, region = zip's 1st digit)."""
-    raw = _read_atomic(source, "ml-100k.user",
-                       ["user_id", "age", "gender", "occupation", "zip_code"], unique_id=True)
+    raw = _read_atomic(
+        source,
+        "ml-100k.user",
+        ["user_id", "age", "gender", "occupation", "zip_code"],
+        unique_id=True,
+    )
     first = raw["zip_code"].str.strip().str[:1]
     region = first.where(first.str.isdigit().fillna(False).astype(bool), "unknown")
-    users = pd.DataFrame({
-        "user_id": raw["user_id"],
-        "age_band": band_ages(pd.to_numeric(raw["age"].str.strip(), errors="coerce")),
-        "gender": _or_unknown(raw["gender"]),
-        "occupation": _or_unknown(raw["occupation"]),
-        "region": region,
-    }, columns=list(USER_COLUMNS))
+    users = pd.DataFrame(
+        {
+            "user_id": raw["user_id"],
+            "age_band": band_ages(pd.to_numeric(raw["age"].str.strip(), errors="coerce")),
+            "gender": _or_unknown(raw["gender"]),
+            "occupation": _or_unknown(raw["occupation"]),
+            "region": region,
+        },
+        columns=list(USER_COLUMNS),
+    )
     return users.astype("string")
 
 
@@ -196,8 +231,7 @@ def band_ages(age: pd.Series) -> pd.Series:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def _read_atomic(source: Source, file: str, columns: list[str], *,
-                 unique_id: bool) -> pd.DataFrame:
+def _read_atomic(source: Source, file: str, columns: list[str], *, unique_id: bool) -> pd.DataFrame:
     """Read one RecBole atomic file (tab-separated, ``name:type`` header) as text columns.
 
     The id column(s) must be non-blank; with ``unique_id`` the first column must be unique.
@@ -205,8 +239,9 @@ def _read_atomic(source: Source, file: str, columns: list[str], *,
     if not isinstance(source, str | bytes):
         source = source.read()
     text = decode_text(source) if isinstance(source, bytes) else source
-    frame = pd.read_csv(io.StringIO(text), sep="\t", dtype="string", keep_default_na=False,
-                        quoting=csv.QUOTE_NONE)
+    frame = pd.read_csv(
+        io.StringIO(text), sep="\t", dtype="string", keep_default_na=False, quoting=csv.QUOTE_NONE
+    )
     frame.columns = [str(c).split(":", 1)[0].strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -234,8 +269,9 @@ def _to_number(frame: pd.DataFrame, column: str, file: str) -> pd.Series:
     bad = ~np.isfinite(values.to_numpy())
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"not a number: {frame[column].iloc[row]!r}", file=file, row=row + 2,
-                        column=column)
+        raise DataError(
+            f"not a number: {frame[column].iloc[row]!r}", file=file, row=row + 2, column=column
+        )
     return values
 
 

@@ -97,8 +97,10 @@ class ClickModel:
         for stage in ("cart", "purchase"):
             base, slope = getattr(self, f"{stage}_base"), getattr(self, f"{stage}_slope")
             if not (0 <= base <= 1 and 0 <= base + slope <= 1):
-                raise ValueError(f"{stage}_base and {stage}_base + {stage}_slope must be within "
-                                 f"0..1, got {base} and {base + slope}")
+                raise ValueError(
+                    f"{stage}_base and {stage}_base + {stage}_slope must be within "
+                    f"0..1, got {base} and {base + slope}"
+                )
 
     def p_examine(self, position) -> np.ndarray:
         """Probability that a user looks at position ``position`` (1-based)."""
@@ -136,10 +138,17 @@ class OrganicModel:
             raise ValueError(f"views_per_visit must be >= 0, got {self.views_per_visit}")
 
 
-def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime | str, *,
-                 click_model: ClickModel = ClickModel(), visit_rate: float | None = None,
-                 seed: int = 0, placement: str = PLACEMENT,
-                 organic: OrganicModel | None = None) -> pd.DataFrame:
+def simulate_day(
+    truth: Truth,
+    lists: pd.DataFrame,
+    day: dt.date | dt.datetime | str,
+    *,
+    click_model: ClickModel = ClickModel(),
+    visit_rate: float | None = None,
+    seed: int = 0,
+    placement: str = PLACEMENT,
+    organic: OrganicModel | None = None,
+) -> pd.DataFrame:
     """One day of visits to ``placement`` by ``truth``'s users, served ``lists``.
 
     ``lists`` has columns ``user_id``, ``rank`` (1-based) and ``item_id``, optionally
@@ -182,20 +191,28 @@ def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime |
     bought = carted & (rng.random(n_imp) < click_model.p_purchase(affinity))
 
     hour = rng.choice(24, visits.size, p=HOUR_CURVE / HOUR_CURVE.sum())
-    offset = (hour + rng.random(visits.size)) * (3600.0 * (_SECONDS_PER_DAY - _MAX_SPAN - 1)
-                                                 / _SECONDS_PER_DAY)
-    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
-                    .timestamp())
+    offset = (hour + rng.random(visits.size)) * (
+        3600.0 * (_SECONDS_PER_DAY - _MAX_SPAN - 1) / _SECONDS_PER_DAY
+    )
+    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp())
     imp_ts = day_start + offset.astype(np.int64)[visit_of]
-    click_ts = (imp_ts + 1 + _SCAN_SECONDS * np.minimum(position, _MAX_SCAN_POSITION)
-                + _delay(rng, _CLICK_DELAY, _CLICK_CAP, n_imp))
+    click_ts = (
+        imp_ts
+        + 1
+        + _SCAN_SECONDS * np.minimum(position, _MAX_SCAN_POSITION)
+        + _delay(rng, _CLICK_DELAY, _CLICK_CAP, n_imp)
+    )
     cart_ts = click_ts + 1 + _delay(rng, _CART_DELAY, _CART_CAP, n_imp)
     buy_ts = cart_ts + 1 + _delay(rng, _BUY_DELAY, _BUY_CAP, n_imp)
 
     price = truth.price[served.item[rows]]
     nan = np.full(n_imp, np.nan)
-    stages = [(None, imp_ts, nan), (clicked, click_ts, nan), (carted, cart_ts, price),
-              (bought, buy_ts, price)]
+    stages = [
+        (None, imp_ts, nan),
+        (clicked, click_ts, nan),
+        (carted, cart_ts, price),
+        (bought, buy_ts, price),
+    ]
     pick = [np.arange(n_imp) if mask is None else np.flatnonzero(mask) for mask, _, _ in stages]
     idx = np.concatenate(pick)
     stage = np.concatenate([np.full(p.size, code, np.int8) for code, p in enumerate(pick)])
@@ -203,20 +220,43 @@ def simulate_day(truth: Truth, lists: pd.DataFrame, day: dt.date | dt.datetime |
     value = np.concatenate([v[p] for (_, _, v), p in zip(stages, pick)])
     order = np.lexsort((position[idx], stage, visit_of[idx], ts))
     idx, stage, ts, value = idx[order], stage[order], ts[order], value[order]
-    frame = _build_frame(truth, served, day, placement, users[idx], position[idx],
-                         served.item[rows[idx]], stage, ts, value)
+    frame = _build_frame(
+        truth,
+        served,
+        day,
+        placement,
+        users[idx],
+        position[idx],
+        served.item[rows[idx]],
+        stage,
+        ts,
+        value,
+    )
     if organic is None:
         return frame
-    browsing = _organic_frame(truth, served, day, np.flatnonzero(visiting), click_model,
-                              organic, np.random.default_rng([int(seed), day.toordinal(), 1]))
+    browsing = _organic_frame(
+        truth,
+        served,
+        day,
+        np.flatnonzero(visiting),
+        click_model,
+        organic,
+        np.random.default_rng([int(seed), day.toordinal(), 1]),
+    )
     frame = frame.astype({"position": "Int64"})
     both = pd.concat([frame, browsing], ignore_index=True) if len(browsing) else frame
     return both.sort_values("timestamp", kind="stable", ignore_index=True)
 
 
-def _organic_frame(truth: Truth, served: _Served, day: dt.date, visitors: np.ndarray,
-                   click_model: ClickModel, organic: OrganicModel,
-                   rng: np.random.Generator) -> pd.DataFrame:
+def _organic_frame(
+    truth: Truth,
+    served: _Served,
+    day: dt.date,
+    visitors: np.ndarray,
+    click_model: ClickModel,
+    organic: OrganicModel,
+    rng: np.random.Generator,
+) -> pd.DataFrame:
     """The browsing of ``visitors`` (user positions) on ``day``: see :class:`OrganicModel`."""
     n_views = rng.poisson(organic.views_per_visit, visitors.size)
     users = np.repeat(visitors, n_views)
@@ -234,30 +274,42 @@ def _organic_frame(truth: Truth, served: _Served, day: dt.date, visitors: np.nda
     carted = rng.random(users.size) < click_model.p_cart(affinity)
     bought = carted & (rng.random(users.size) < click_model.p_purchase(affinity))
     nth = np.arange(users.size) - np.repeat(np.cumsum(n_views) - n_views, n_views)
-    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
-                    .timestamp())
+    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp())
     span = _CART_CAP + _BUY_CAP + 2
-    view_ts = day_start + (rng.random(users.size) * (_SECONDS_PER_DAY - span - 1)).astype(
-        np.int64)
+    view_ts = day_start + (rng.random(users.size) * (_SECONDS_PER_DAY - span - 1)).astype(np.int64)
     cart_ts = view_ts + 1 + _delay(rng, _CART_DELAY, _CART_CAP, users.size)
     buy_ts = cart_ts + 1 + _delay(rng, _BUY_DELAY, _BUY_CAP, users.size)
     price = truth.price[items]
-    parts = [(np.ones(users.size, bool), "view", view_ts, np.full(users.size, np.nan)),
-             (carted, "add_to_cart", cart_ts, price), (bought, "purchase", buy_ts, price)]
+    parts = [
+        (np.ones(users.size, bool), "view", view_ts, np.full(users.size, np.nan)),
+        (carted, "add_to_cart", cart_ts, price),
+        (bought, "purchase", buy_ts, price),
+    ]
     user_text = truth.user_ids[users].astype(str)
     frames = []
     for mask, kind, ts, value in parts:
         session = np.char.add(f"sim-{day.isoformat()}-", user_text[mask])
-        frames.append(pd.DataFrame({
-            "event_id": np.char.add(np.char.add(session, "-o"),
-                                    np.char.add(nth[mask].astype(str), f"-{kind}")),
-            "user_id": user_text[mask], "item_id": truth.item_ids[items[mask]].astype(str),
-            "event_type": kind,
-            "timestamp": pd.Series((ts[mask] * 1_000_000).astype("datetime64[us]"))
-            .dt.tz_localize("UTC"),
-            "value": value[mask], "device": truth.primary_device[users[mask]].astype(str),
-            "session_id": session, "position": pd.array([pd.NA] * int(mask.sum()), "Int64"),
-            "placement": organic.placement}, columns=list(SIM_COLUMNS)))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "event_id": np.char.add(
+                        np.char.add(session, "-o"), np.char.add(nth[mask].astype(str), f"-{kind}")
+                    ),
+                    "user_id": user_text[mask],
+                    "item_id": truth.item_ids[items[mask]].astype(str),
+                    "event_type": kind,
+                    "timestamp": pd.Series(
+                        (ts[mask] * 1_000_000).astype("datetime64[us]")
+                    ).dt.tz_localize("UTC"),
+                    "value": value[mask],
+                    "device": truth.primary_device[users[mask]].astype(str),
+                    "session_id": session,
+                    "position": pd.array([pd.NA] * int(mask.sum()), "Int64"),
+                    "placement": organic.placement,
+                },
+                columns=list(SIM_COLUMNS),
+            )
+        )
     out = pd.concat(frames, ignore_index=True).astype(EVENT_DTYPES).astype({"position": "Int64"})
     out["placement"] = out["placement"].astype("string")
     if served.variants is not None:
@@ -267,8 +319,13 @@ def _organic_frame(truth: Truth, served: _Served, day: dt.date, visitors: np.nda
     return out
 
 
-def expected_ctr(truth: Truth, lists: pd.DataFrame, click_model: ClickModel = ClickModel(), *,
-                 visit_rate: float | None = None) -> float | pd.Series:
+def expected_ctr(
+    truth: Truth,
+    lists: pd.DataFrame,
+    click_model: ClickModel = ClickModel(),
+    *,
+    visit_rate: float | None = None,
+) -> float | pd.Series:
     """The click-through rate (clicks / impressions) :func:`simulate_day` converges to.
 
     ``sum_u w_u * sum_k P(click_uk) / sum_u w_u * len_u`` over the users served a list (their
@@ -283,8 +340,7 @@ def expected_ctr(truth: Truth, lists: pd.DataFrame, click_model: ClickModel = Cl
     clicks, shown = np.zeros(n_variants), np.zeros(n_variants)
     for chunk in _chunks(users, served.length):
         u, rows, _ = served.expand(chunk)
-        p = click_model.p_click(truth.affinity_by_index(u, served.item[rows]),
-                                served.rank[rows])
+        p = click_model.p_click(truth.affinity_by_index(u, served.item[rows]), served.rank[rows])
         code = served.user_variant[u] if served.variants is not None else np.zeros_like(u)
         clicks += np.bincount(code, weights=weight[u] * p, minlength=n_variants)
         shown += np.bincount(code, weights=weight[u], minlength=n_variants)
@@ -302,14 +358,21 @@ def observed_ctr(events: pd.DataFrame) -> float | pd.Series:
     is_click = (events["event_type"] == "click").to_numpy(bool)
     if "variant" not in events.columns:
         return float(is_click.sum() / is_imp.sum()) if is_imp.any() else float("nan")
-    frame = pd.DataFrame({"variant": events["variant"].to_numpy(), "imp": is_imp,
-                          "click": is_click})
+    frame = pd.DataFrame(
+        {"variant": events["variant"].to_numpy(), "imp": is_imp, "click": is_click}
+    )
     counts = frame.groupby("variant", sort=True)[["imp", "click"]].sum()
     return (counts["click"] / counts["imp"]).rename("ctr")
 
 
-def oracle_lists(truth: Truth, k: int = 10, *, users=None, available_only: bool = True,
-                 as_of: dt.date | dt.datetime | str | None = None) -> pd.DataFrame:
+def oracle_lists(
+    truth: Truth,
+    k: int = 10,
+    *,
+    users=None,
+    available_only: bool = True,
+    as_of: dt.date | dt.datetime | str | None = None,
+) -> pd.DataFrame:
     """Each user's ``k`` items of highest true affinity (``user_id``, ``rank``, ``item_id``),
     best first; ``users`` (ids) defaults to all. Unavailable items, and with ``as_of`` items
     published after it, are left out. The best any recommender could serve."""
@@ -317,35 +380,52 @@ def oracle_lists(truth: Truth, k: int = 10, *, users=None, available_only: bool 
         raise ValueError(f"k must be >= 1, got {k}")
     candidates = _candidates(truth, available_only, as_of)
     k = min(k, candidates.size)
-    user_idx = (np.arange(truth.n_users) if users is None
-                else truth.user_index(np.asarray(users, dtype=object)))
+    user_idx = (
+        np.arange(truth.n_users)
+        if users is None
+        else truth.user_index(np.asarray(users, dtype=object))
+    )
     step = max(1, _CHUNK_ROWS // max(1, candidates.size))
     tops = []
     for first in range(0, user_idx.size, step):
-        chunk = user_idx[first:first + step]
+        chunk = user_idx[first : first + step]
         aff = truth.affinity_matrix(chunk, candidates)
-        part = np.argpartition(-aff, k - 1, axis=1)[:, :k] if k < candidates.size else \
-            np.broadcast_to(np.arange(candidates.size), aff.shape)
+        part = (
+            np.argpartition(-aff, k - 1, axis=1)[:, :k]
+            if k < candidates.size
+            else np.broadcast_to(np.arange(candidates.size), aff.shape)
+        )
         part_aff = np.take_along_axis(aff, part, axis=1)
         best = np.take_along_axis(part, np.lexsort((part, -part_aff), axis=1), axis=1)
         tops.append(candidates[best])
     items = np.concatenate(tops) if tops else np.empty((0, k), np.int64)
-    return pd.DataFrame({
-        "user_id": pd.array(np.repeat(truth.user_ids[user_idx], k), dtype="string"),
-        "rank": np.tile(np.arange(1, k + 1), user_idx.size),
-        "item_id": pd.array(truth.item_ids[items.ravel()], dtype="string"),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": pd.array(np.repeat(truth.user_ids[user_idx], k), dtype="string"),
+            "rank": np.tile(np.arange(1, k + 1), user_idx.size),
+            "item_id": pd.array(truth.item_ids[items.ravel()], dtype="string"),
+        }
+    )
 
 
-def popularity_list(truth: Truth, k: int = 10, *, user_id: str = DEFAULT_USER,
-                    available_only: bool = True,
-                    as_of: dt.date | dt.datetime | str | None = None) -> pd.DataFrame:
+def popularity_list(
+    truth: Truth,
+    k: int = 10,
+    *,
+    user_id: str = DEFAULT_USER,
+    available_only: bool = True,
+    as_of: dt.date | dt.datetime | str | None = None,
+) -> pd.DataFrame:
     """The ``k`` truly most popular items as one list for ``user_id`` (``__default__``)."""
     candidates = _candidates(truth, available_only, as_of)
     best = candidates[np.lexsort((candidates, -truth.popularity[candidates]))][:k]
-    return pd.DataFrame({"user_id": pd.array([user_id] * best.size, dtype="string"),
-                         "rank": np.arange(1, best.size + 1),
-                         "item_id": pd.array(truth.item_ids[best], dtype="string")})
+    return pd.DataFrame(
+        {
+            "user_id": pd.array([user_id] * best.size, dtype="string"),
+            "rank": np.arange(1, best.size + 1),
+            "item_id": pd.array(truth.item_ids[best], dtype="string"),
+        }
+    )
 
 
 # ---- empirical truth -----------------------------------------------------------------------
@@ -365,8 +445,13 @@ NOT_A_TASTE: tuple[str, ...] = ("impression",)
 NO_VARIANT = "none"
 
 
-def empirical_truth(events: pd.DataFrame, items: pd.DataFrame | None = None, *, seed: int = 0,
-                    exclude_event_types: Iterable[str] = NOT_A_TASTE) -> Truth:
+def empirical_truth(
+    events: pd.DataFrame,
+    items: pd.DataFrame | None = None,
+    *,
+    seed: int = 0,
+    exclude_event_types: Iterable[str] = NOT_A_TASTE,
+) -> Truth:
     """A :class:`Truth` estimated from an event log, for data without a latent truth
     (the MovieLens-100k demo data): a *stand-in*, a genre-taste truth of what each user did,
     not what real users would do. Only the demo's simulated CMS and the tests use it; no
@@ -422,14 +507,16 @@ def empirical_truth(events: pd.DataFrame, items: pd.DataFrame | None = None, *, 
     end = log["timestamp"].max().floor("D") + pd.Timedelta(days=1)
     span_days = (end - start) / pd.Timedelta(days=1)
     n_events = np.bincount(user_code, minlength=n_users).astype(np.float64)
-    prefs, strength = _empirical_prefs(user_code, category[item_code], n_events, len(names) - 1,
-                                       seed)
+    prefs, strength = _empirical_prefs(
+        user_code, category[item_code], n_events, len(names) - 1, seed
+    )
 
     sessions = log["session_id"].notna().to_numpy(bool)
     per_session = 1.0
     if sessions.any():
-        keyed = pd.DataFrame({"u": user_code[sessions],
-                              "s": log["session_id"].to_numpy(object)[sessions]})
+        keyed = pd.DataFrame(
+            {"u": user_code[sessions], "s": log["session_id"].to_numpy(object)[sessions]}
+        )
         per_session = sessions.sum() / len(keyed.drop_duplicates())
 
     distinct = pd.DataFrame({"u": user_code, "i": item_code}).drop_duplicates()
@@ -438,66 +525,85 @@ def empirical_truth(events: pd.DataFrame, items: pd.DataFrame | None = None, *, 
     first_seen = log["timestamp"].groupby(item_code).min().reindex(np.arange(item_ids.size))
     published = catalog["published_at"].fillna(first_seen).fillna(start)
     return Truth(
-        user_ids=user_ids, prefs=prefs,
-        styles=np.where(prefs >= 0, 0, -1).astype(np.int64), strength=strength,
+        user_ids=user_ids,
+        prefs=prefs,
+        styles=np.where(prefs >= 0, 0, -1).astype(np.int64),
+        strength=strength,
         activity=n_events / n_events.mean(),
         sessions_per_day=n_events / per_session / span_days,
         primary_device=_primary_devices(user_code, log["device"], n_users),
-        item_ids=item_ids, category=category, style=np.zeros(item_ids.size, np.int64),
-        popularity=rank ** -EMPIRICAL_ZIPF, price=catalog["price"],
+        item_ids=item_ids,
+        category=category,
+        style=np.zeros(item_ids.size, np.int64),
+        popularity=rank**-EMPIRICAL_ZIPF,
+        price=catalog["price"],
         published_at=published.dt.tz_convert(None).to_numpy().astype("datetime64[s]"),
-        available=catalog["available"], category_names=names,
-        window_start=start, window_end=end)
+        available=catalog["available"],
+        category_names=names,
+        window_start=start,
+        window_end=end,
+    )
 
 
 def _taste_log(events: pd.DataFrame, exclude: Iterable[str]) -> pd.DataFrame:
     """user_id, item_id, timestamp (UTC), device, session_id of the events that show taste."""
-    missing = [c for c in ("user_id", "item_id", "event_type", "timestamp")
-               if c not in events.columns]
+    missing = [
+        c for c in ("user_id", "item_id", "event_type", "timestamp") if c not in events.columns
+    ]
     if missing:
         raise ValueError(f"events lack the columns {missing}")
     blank = pd.Series(pd.NA, index=events.index, dtype="string")
-    log = pd.DataFrame({
-        "user_id": events["user_id"].astype("string"),
-        "item_id": events["item_id"].astype("string"),
-        "event_type": events["event_type"].astype("string").str.lower(),
-        "timestamp": parse_timestamps(events["timestamp"]),
-        "device": events["device"].astype("string") if "device" in events else blank,
-        "session_id": (events["session_id"].astype("string") if "session_id" in events
-                       else blank),
-    })
-    keep = (log[["user_id", "item_id", "event_type", "timestamp"]].notna().all(axis=1)
-            & ~log["event_type"].isin([str(t).lower() for t in exclude]))
+    log = pd.DataFrame(
+        {
+            "user_id": events["user_id"].astype("string"),
+            "item_id": events["item_id"].astype("string"),
+            "event_type": events["event_type"].astype("string").str.lower(),
+            "timestamp": parse_timestamps(events["timestamp"]),
+            "device": events["device"].astype("string") if "device" in events else blank,
+            "session_id": (
+                events["session_id"].astype("string") if "session_id" in events else blank
+            ),
+        }
+    )
+    keep = log[["user_id", "item_id", "event_type", "timestamp"]].notna().all(axis=1) & ~log[
+        "event_type"
+    ].isin([str(t).lower() for t in exclude])
     return log[keep.to_numpy(bool)].reset_index(drop=True)
 
 
 def _empirical_items(items: pd.DataFrame | None, logged: pd.Series) -> dict:
     """Item ids (sorted: the table's and the log's), category codes and names, price,
     published_at (UTC, NaT when unknown) and availability."""
-    table = (pd.DataFrame({"item_id": pd.Series(dtype="string")}) if items is None
-             else items.assign(item_id=items["item_id"].astype("string")))
+    table = (
+        pd.DataFrame({"item_id": pd.Series(dtype="string")})
+        if items is None
+        else items.assign(item_id=items["item_id"].astype("string"))
+    )
     table = table[table["item_id"].notna()].drop_duplicates("item_id")
     item_ids = np.asarray(sorted(set(table["item_id"]) | set(logged.unique())), dtype=object)
     table = table.set_index("item_id").reindex(pd.Index(item_ids))
 
     def column(name: str) -> pd.Series:
-        return table[name] if name in table else pd.Series(pd.NA, index=table.index,
-                                                           dtype="object")
+        return table[name] if name in table else pd.Series(pd.NA, index=table.index, dtype="object")
 
     text = column("category").astype("string").str.strip()
     text = text.mask(text.isna() | (text == "") | (text == UNKNOWN_CATEGORY), UNKNOWN_CATEGORY)
     names = (*sorted(set(text) - {UNKNOWN_CATEGORY}), UNKNOWN_CATEGORY)
     price = pd.to_numeric(column("price"), errors="coerce").to_numpy(np.float64, na_value=np.nan)
     available = parse_bool(column("available")).fillna(True).to_numpy(bool)
-    return {"item_id": item_ids, "names": names,
-            "category": pd.Index(names).get_indexer(text).astype(np.int64),
-            "price": np.where(np.isfinite(price) & (price >= 0), price, 0.0),
-            "published_at": parse_timestamps(column("published_at")).reset_index(drop=True),
-            "available": available}
+    return {
+        "item_id": item_ids,
+        "names": names,
+        "category": pd.Index(names).get_indexer(text).astype(np.int64),
+        "price": np.where(np.isfinite(price) & (price >= 0), price, 0.0),
+        "published_at": parse_timestamps(column("published_at")).reset_index(drop=True),
+        "available": available,
+    }
 
 
-def _empirical_prefs(user: np.ndarray, category: np.ndarray, n_events: np.ndarray,
-                     unknown: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _empirical_prefs(
+    user: np.ndarray, category: np.ndarray, n_events: np.ndarray, unknown: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(prefs, strength) from each event's user and category (see :func:`empirical_truth`)."""
     known = category != unknown
     counts = pd.DataFrame({"u": user[known], "c": category[known]}).value_counts().sort_index()
@@ -522,8 +628,9 @@ def _primary_devices(user: np.ndarray, device: pd.Series, n_users: int) -> np.nd
     named = device.notna().to_numpy(bool)
     if not named.any():
         return out
-    frame = pd.DataFrame({"u": user[named],
-                          "d": device[named].str.strip().str.lower().to_numpy(object)})
+    frame = pd.DataFrame(
+        {"u": user[named], "d": device[named].str.strip().str.lower().to_numpy(object)}
+    )
     counts = frame.value_counts().rename("n").reset_index()
     known = {name: k for k, name in enumerate(DEVICES)}
     counts["order"] = counts["d"].map(known).fillna(len(DEVICES))
@@ -545,10 +652,17 @@ class ServedSimulation:
     cutoffs: tuple[pd.Timestamp | None, ...]  # per day: the live set's cutoff (None: no set)
 
 
-def simulate_served(truth: Truth, served: pd.DataFrame, start: dt.date | dt.datetime | str,
-                    days: int = 1, *, seed: int = 0, click_model: ClickModel = ClickModel(),
-                    visit_rate: float | None = None,
-                    placement: str = PLACEMENT) -> ServedSimulation:
+def simulate_served(
+    truth: Truth,
+    served: pd.DataFrame,
+    start: dt.date | dt.datetime | str,
+    days: int = 1,
+    *,
+    seed: int = 0,
+    click_model: ClickModel = ClickModel(),
+    visit_rate: float | None = None,
+    placement: str = PLACEMENT,
+) -> ServedSimulation:
     """:func:`simulate_day` for ``days`` days from ``start`` against a served history.
 
     ``served`` is what :func:`~pipeline.lake.served.read_served` returns (``user_id``,
@@ -584,8 +698,17 @@ def simulate_served(truth: Truth, served: pd.DataFrame, start: dt.date | dt.date
             shown[:] = True
         else:
             shown[truth.user_index(lists["user_id"].unique())] = True
-        frames.append(simulate_day(truth, lists, day, click_model=click_model,
-                                   visit_rate=visit_rate, seed=seed, placement=placement))
+        frames.append(
+            simulate_day(
+                truth,
+                lists,
+                day,
+                click_model=click_model,
+                visit_rate=visit_rate,
+                seed=seed,
+                placement=placement,
+            )
+        )
     events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if "variant" in events.columns:  # days of a set without variants
         events["variant"] = events["variant"].fillna(NO_VARIANT)
@@ -593,9 +716,13 @@ def simulate_served(truth: Truth, served: pd.DataFrame, start: dt.date | dt.date
         priced = truth.price[truth.item_index(events["item_id"])] > 0
         sale = events["event_type"].isin(["add_to_cart", "purchase"]).to_numpy(bool)
         events.loc[sale & ~priced, "value"] = np.nan
-    return ServedSimulation(events=events, users=int(shown.sum()),
-                            skipped_users=len(skipped_users), skipped_rows=skipped_rows,
-                            cutoffs=tuple(cutoffs))
+    return ServedSimulation(
+        events=events,
+        users=int(shown.sum()),
+        skipped_users=len(skipped_users),
+        skipped_rows=skipped_rows,
+        cutoffs=tuple(cutoffs),
+    )
 
 
 def write_simulated_events(events: pd.DataFrame, path: Path) -> Path:
@@ -707,8 +834,14 @@ class _Served:
             block_variant[counts > 0] = codes[starts[counts > 0]]
             user_variant = np.where(absent, block_variant[-1], block_variant[:-1])
             variants = pd.Index(variants)
-        return cls(item=item, rank=rank, start=start, length=length,
-                   user_variant=user_variant, variants=variants)
+        return cls(
+            item=item,
+            rank=rank,
+            start=start,
+            length=length,
+            user_variant=user_variant,
+            variants=variants,
+        )
 
     def expand(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(user, list row, index into ``users``) of every item shown to ``users``, grouped by
@@ -727,7 +860,7 @@ def _chunks(users: np.ndarray, length: np.ndarray):
     per_user = max(1, int(length[users].max()))
     step = max(1, _CHUNK_ROWS // per_user)
     for first in range(0, users.size, step):
-        yield users[first:first + step]
+        yield users[first : first + step]
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -752,8 +885,9 @@ def _delay(rng: np.random.Generator, median: float, cap: int, n: int) -> np.ndar
     return np.minimum(np.ceil(rng.lognormal(np.log(median), 0.8, n)), cap).astype(np.int64)
 
 
-def _candidates(truth: Truth, available_only: bool,
-                as_of: dt.date | dt.datetime | str | None) -> np.ndarray:
+def _candidates(
+    truth: Truth, available_only: bool, as_of: dt.date | dt.datetime | str | None
+) -> np.ndarray:
     """Positions of the items a list may hold."""
     keep = truth.available.copy() if available_only else np.ones(truth.n_items, bool)
     if as_of is not None:
@@ -763,28 +897,41 @@ def _candidates(truth: Truth, available_only: bool,
     return np.flatnonzero(keep)
 
 
-def _build_frame(truth: Truth, served: _Served, day: dt.date, placement: str,
-                 users: np.ndarray, position: np.ndarray, items: np.ndarray,
-                 stage: np.ndarray, ts: np.ndarray, value: np.ndarray) -> pd.DataFrame:
+def _build_frame(
+    truth: Truth,
+    served: _Served,
+    day: dt.date,
+    placement: str,
+    users: np.ndarray,
+    position: np.ndarray,
+    items: np.ndarray,
+    stage: np.ndarray,
+    ts: np.ndarray,
+    value: np.ndarray,
+) -> pd.DataFrame:
     """The contract-typed event frame (plus position, placement and maybe variant)."""
     prefix = f"sim-{day.isoformat()}-"
     user_id = pa.array(truth.user_ids, pa.string()).take(pa.array(users))
     event_type = pa.array(SIM_EVENT_TYPES).take(pa.array(stage))
     session_id = pc.binary_join_element_wise(prefix, user_id, "")
     event_id = pc.binary_join_element_wise(
-        session_id, "-r", pa.array(position).cast(pa.string()), "-", event_type, "")
-    frame = pd.DataFrame({
-        "event_id": _strings(event_id),
-        "user_id": _strings(user_id),
-        "item_id": _strings(pa.array(truth.item_ids, pa.string()).take(pa.array(items))),
-        "event_type": _strings(event_type),
-        "timestamp": pd.Series((ts * 1_000_000).astype("datetime64[us]")).dt.tz_localize("UTC"),
-        "value": value,
-        "device": _strings(pa.array(truth.primary_device, pa.string()).take(pa.array(users))),
-        "session_id": _strings(session_id),
-        "position": position.astype(np.int64),
-        "placement": _strings(pa.array([placement]).take(np.zeros(users.size, np.int64))),
-    }, columns=list(SIM_COLUMNS)).astype(EVENT_DTYPES)
+        session_id, "-r", pa.array(position).cast(pa.string()), "-", event_type, ""
+    )
+    frame = pd.DataFrame(
+        {
+            "event_id": _strings(event_id),
+            "user_id": _strings(user_id),
+            "item_id": _strings(pa.array(truth.item_ids, pa.string()).take(pa.array(items))),
+            "event_type": _strings(event_type),
+            "timestamp": pd.Series((ts * 1_000_000).astype("datetime64[us]")).dt.tz_localize("UTC"),
+            "value": value,
+            "device": _strings(pa.array(truth.primary_device, pa.string()).take(pa.array(users))),
+            "session_id": _strings(session_id),
+            "position": position.astype(np.int64),
+            "placement": _strings(pa.array([placement]).take(np.zeros(users.size, np.int64))),
+        },
+        columns=list(SIM_COLUMNS),
+    ).astype(EVENT_DTYPES)
     if served.variants is not None:
         frame["variant"] = served.variants.take(served.user_variant[users]).to_numpy()
     return frame

@@ -47,14 +47,48 @@ STAGES: tuple[str, ...] = ("view", "click", "like", "share", "add_to_cart", "pur
 _VIEW, _CLICK, _LIKE, _SHARE, _CART, _PURCHASE = range(len(STAGES))
 
 CATEGORY_NAMES: tuple[str, ...] = (
-    "electronics", "books", "fashion", "home", "beauty", "sports", "toys", "grocery", "garden",
-    "automotive", "music", "movies", "games", "health", "pets", "office", "jewelry", "baby",
-    "tools", "travel",
+    "electronics",
+    "books",
+    "fashion",
+    "home",
+    "beauty",
+    "sports",
+    "toys",
+    "grocery",
+    "garden",
+    "automotive",
+    "music",
+    "movies",
+    "games",
+    "health",
+    "pets",
+    "office",
+    "jewelry",
+    "baby",
+    "tools",
+    "travel",
 )
 OCCUPATIONS: tuple[str, ...] = (
-    "student", "engineer", "programmer", "educator", "administrator", "other", "writer",
-    "technician", "executive", "healthcare", "marketing", "artist", "scientist", "salesman",
-    "librarian", "lawyer", "retired", "entertainment", "homemaker", "none",
+    "student",
+    "engineer",
+    "programmer",
+    "educator",
+    "administrator",
+    "other",
+    "writer",
+    "technician",
+    "executive",
+    "healthcare",
+    "marketing",
+    "artist",
+    "scientist",
+    "salesman",
+    "librarian",
+    "lawyer",
+    "retired",
+    "entertainment",
+    "homemaker",
+    "none",
 )
 
 # Mixes and rhythms (sum need not be 1; normalised where used).
@@ -62,8 +96,34 @@ _DEVICE_MIX = np.array([0.45, 0.40, 0.08, 0.04, 0.03])  # order of schema.DEVICE
 _AGE_MIX = np.array([0.05, 0.22, 0.30, 0.20, 0.09, 0.07, 0.07])  # order of AGE_BANDS
 _GENDERS = ("F", "M", "unknown")
 _GENDER_MIX = np.array([0.49, 0.47, 0.04])
-_HOUR_CURVE = np.array([0.6, 0.4, 0.3, 0.25, 0.25, 0.3, 0.5, 0.8, 1.0, 1.1, 1.15, 1.2, 1.3,
-                        1.25, 1.15, 1.1, 1.1, 1.2, 1.4, 1.6, 1.7, 1.6, 1.3, 0.9])
+_HOUR_CURVE = np.array(
+    [
+        0.6,
+        0.4,
+        0.3,
+        0.25,
+        0.25,
+        0.3,
+        0.5,
+        0.8,
+        1.0,
+        1.1,
+        1.15,
+        1.2,
+        1.3,
+        1.25,
+        1.15,
+        1.1,
+        1.1,
+        1.2,
+        1.4,
+        1.6,
+        1.7,
+        1.6,
+        1.3,
+        0.9,
+    ]
+)
 _WEEKDAY_CURVE = np.array([0.95, 0.92, 0.93, 0.97, 1.0, 1.12, 1.10])  # Monday first
 
 # Behaviour knobs.
@@ -123,26 +183,49 @@ class _Catalog:
     fallback: np.ndarray  # per category: its most popular item published before the window
 
 
-def generate_clickstream(n_users: int = 1000, n_items: int = 500, n_days: int = 60,
-                         start: str | dt.date | dt.datetime = "2024-01-01", seed: int = 0,
-                         sessions_per_user: float = 8.0, n_categories: int = 12, *,
-                         views_per_session: float = 5.0,
-                         popularity_exponent: float = 0.9) -> DemoData:
+def generate_clickstream(
+    n_users: int = 1000,
+    n_items: int = 500,
+    n_days: int = 60,
+    start: str | dt.date | dt.datetime = "2024-01-01",
+    seed: int = 0,
+    sessions_per_user: float = 8.0,
+    n_categories: int = 12,
+    *,
+    views_per_session: float = 5.0,
+    popularity_exponent: float = 0.9,
+) -> DemoData:
     """Generate a seeded clickstream over ``n_days`` days from ``start`` (UTC).
 
     About ``n_users * sessions_per_user * views_per_session * 1.4`` events are produced
     (~56 per user with the defaults). ``sessions_per_user`` and ``views_per_session`` are
     means; users' activity varies around them (every user has at least one session).
     """
-    return generate_world(n_users, n_items, n_days, start, seed, sessions_per_user,
-                          n_categories, views_per_session=views_per_session,
-                          popularity_exponent=popularity_exponent).data
+    return generate_world(
+        n_users,
+        n_items,
+        n_days,
+        start,
+        seed,
+        sessions_per_user,
+        n_categories,
+        views_per_session=views_per_session,
+        popularity_exponent=popularity_exponent,
+    ).data
 
 
-def generate_world(n_users: int = 1000, n_items: int = 500, n_days: int = 60,
-                   start: str | dt.date | dt.datetime = "2024-01-01", seed: int = 0,
-                   sessions_per_user: float = 8.0, n_categories: int = 12, *,
-                   views_per_session: float = 5.0, popularity_exponent: float = 0.9) -> World:
+def generate_world(
+    n_users: int = 1000,
+    n_items: int = 500,
+    n_days: int = 60,
+    start: str | dt.date | dt.datetime = "2024-01-01",
+    seed: int = 0,
+    sessions_per_user: float = 8.0,
+    n_categories: int = 12,
+    *,
+    views_per_session: float = 5.0,
+    popularity_exponent: float = 0.9,
+) -> World:
     """:func:`generate_clickstream`'s frames (identical for the same arguments) together with
     the latent :class:`Truth` they were drawn from."""
     if n_users < 1 or n_items < 1 or n_days < 1:
@@ -156,22 +239,36 @@ def generate_world(n_users: int = 1000, n_items: int = 500, n_days: int = 60,
     root = np.random.SeedSequence(seed)
     catalog_seq, chunks_seq = root.spawn(2)
     catalog_rng = np.random.default_rng(catalog_seq)
-    catalog = _make_catalog(catalog_rng, n_items, n_categories, window_start, n_days,
-                            popularity_exponent)
+    catalog = _make_catalog(
+        catalog_rng, n_items, n_categories, window_start, n_days, popularity_exponent
+    )
     day_p = _day_weights(window_start, n_days)
 
     starts = range(0, n_users, _CHUNK_USERS)
     parts = []
     for first_user, chunk_seq in zip(starts, chunks_seq.spawn(len(starts)), strict=True):
         count = min(_CHUNK_USERS, n_users - first_user)
-        parts.append(_generate_chunk(np.random.default_rng(chunk_seq), first_user, count,
-                                     catalog, window_start, window_end, day_p,
-                                     sessions_per_user, views_per_session))
+        parts.append(
+            _generate_chunk(
+                np.random.default_rng(chunk_seq),
+                first_user,
+                count,
+                catalog,
+                window_start,
+                window_end,
+                day_p,
+                sessions_per_user,
+                views_per_session,
+            )
+        )
     event_cols = {key: np.concatenate([ev[key] for ev, _, _ in parts]) for key in parts[0][0]}
     user_cols = {key: np.concatenate([us[key] for _, us, _ in parts]) for key in parts[0][1]}
     latent = {key: np.concatenate([la[key] for _, _, la in parts]) for key in parts[0][2]}
-    data = DemoData(events=_build_events(event_cols, seed), items=_build_items(catalog),
-                    users=_build_users(user_cols))
+    data = DemoData(
+        events=_build_events(event_cols, seed),
+        items=_build_items(catalog),
+        users=_build_users(user_cols),
+    )
     truth = _build_truth(catalog, latent, window_start, n_days, sessions_per_user)
     return World(data=data, truth=truth)
 
@@ -267,24 +364,28 @@ class Truth:
         but another style ~0.36, and any other item 0.05 .. 0.1, mildly increasing with
         popularity. Availability and publication time are not part of it.
         """
-        user_ids, item_ids = np.asarray(user_ids, dtype=object), np.asarray(item_ids,
-                                                                            dtype=object)
+        user_ids, item_ids = np.asarray(user_ids, dtype=object), np.asarray(item_ids, dtype=object)
         users = self.user_index(user_ids.ravel()).reshape(user_ids.shape)
         items = self.item_index(item_ids.ravel()).reshape(item_ids.shape)
         return self.affinity_by_index(users, items)
 
     def affinity_by_index(self, users, items) -> np.ndarray:
         """:meth:`affinity` for user and item positions (integer arrays; they broadcast)."""
-        users, items = np.broadcast_arrays(np.asarray(users, dtype=np.int64),
-                                           np.asarray(items, dtype=np.int64))
-        base = AFFINITY_BASE * (1.0 - AFFINITY_POPULARITY_SHARE
-                                + AFFINITY_POPULARITY_SHARE * np.sqrt(self.popularity[items]))
+        users, items = np.broadcast_arrays(
+            np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+        )
+        base = AFFINITY_BASE * (
+            1.0
+            - AFFINITY_POPULARITY_SHARE
+            + AFFINITY_POPULARITY_SHARE * np.sqrt(self.popularity[items])
+        )
         in_cat = self.prefs[users] == self.category[items][..., None]
         same_style = (in_cat & (self.styles[users] == self.style[items][..., None])).any(axis=-1)
-        match = np.where(in_cat.any(axis=-1),
-                         self.strength[users] * (AFFINITY_CATEGORY
-                                                 + (1.0 - AFFINITY_CATEGORY) * same_style),
-                         0.0)
+        match = np.where(
+            in_cat.any(axis=-1),
+            self.strength[users] * (AFFINITY_CATEGORY + (1.0 - AFFINITY_CATEGORY) * same_style),
+            0.0,
+        )
         return base + (1.0 - base) * match
 
     def affinity_matrix(self, users, items) -> np.ndarray:
@@ -301,10 +402,12 @@ class Truth:
             r, c, st = rows[used], cat[used], style[used]
             table[r, c, :] = (strength[used] * AFFINITY_CATEGORY)[:, None]
             table[r, c, st] = strength[used]
-        match = table.reshape(users.size, -1)[:, self.category[items] * _STYLES
-                                              + self.style[items]]
-        base = AFFINITY_BASE * (1.0 - AFFINITY_POPULARITY_SHARE
-                                + AFFINITY_POPULARITY_SHARE * np.sqrt(self.popularity[items]))
+        match = table.reshape(users.size, -1)[:, self.category[items] * _STYLES + self.style[items]]
+        base = AFFINITY_BASE * (
+            1.0
+            - AFFINITY_POPULARITY_SHARE
+            + AFFINITY_POPULARITY_SHARE * np.sqrt(self.popularity[items])
+        )
         return base + (1.0 - base) * match
 
     def users_frame(self) -> pd.DataFrame:
@@ -312,24 +415,32 @@ class Truth:
         unused), strength, activity, sessions_per_day, primary_device."""
         names = np.asarray(self.category_names + ("",), dtype=object)  # -1 -> ""
         slots = range(self.prefs.shape[1])
-        return pd.DataFrame({
-            "user_id": self.user_ids,
-            **{f"pref_{k}": names[self.prefs[:, k]] for k in slots},
-            **{f"style_{k}": self.styles[:, k] for k in slots},
-            "strength": self.strength, "activity": self.activity,
-            "sessions_per_day": self.sessions_per_day, "primary_device": self.primary_device,
-        })
+        return pd.DataFrame(
+            {
+                "user_id": self.user_ids,
+                **{f"pref_{k}": names[self.prefs[:, k]] for k in slots},
+                **{f"style_{k}": self.styles[:, k] for k in slots},
+                "strength": self.strength,
+                "activity": self.activity,
+                "sessions_per_day": self.sessions_per_day,
+                "primary_device": self.primary_device,
+            }
+        )
 
     def items_frame(self) -> pd.DataFrame:
         """One row per item: id, category name, style, popularity, price, published_at,
         available."""
-        return pd.DataFrame({
-            "item_id": self.item_ids,
-            "category": np.asarray(self.category_names, dtype=object)[self.category],
-            "style": self.style, "popularity": self.popularity, "price": self.price,
-            "published_at": pd.to_datetime(self.published_at).tz_localize("UTC"),
-            "available": self.available,
-        })
+        return pd.DataFrame(
+            {
+                "item_id": self.item_ids,
+                "category": np.asarray(self.category_names, dtype=object)[self.category],
+                "style": self.style,
+                "popularity": self.popularity,
+                "price": self.price,
+                "published_at": pd.to_datetime(self.published_at).tz_localize("UTC"),
+                "available": self.available,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -354,8 +465,13 @@ def _lookup(index: pd.Index, ids, kind: str) -> np.ndarray:
     return found.astype(np.int64)[codes]
 
 
-def _build_truth(catalog: _Catalog, latent: dict[str, np.ndarray], window_start: int,
-                 n_days: int, sessions_per_user: float) -> Truth:
+def _build_truth(
+    catalog: _Catalog,
+    latent: dict[str, np.ndarray],
+    window_start: int,
+    n_days: int,
+    sessions_per_user: float,
+) -> Truth:
     """The :class:`Truth` of a generated world (a favourite style is reduced modulo the
     category's style count, as the generator does when it picks a session's style group)."""
     prefs = latent["prefs"].astype(np.int64)
@@ -364,33 +480,50 @@ def _build_truth(catalog: _Catalog, latent: dict[str, np.ndarray], window_start:
     n_users, n_items = prefs.shape[0], catalog.category.size
     n_categories = catalog.category_weights.size
     names = list(CATEGORY_NAMES) + [
-        f"category-{k}" for k in range(len(CATEGORY_NAMES), n_categories)]
+        f"category-{k}" for k in range(len(CATEGORY_NAMES), n_categories)
+    ]
     start = pd.Timestamp(window_start, unit="s", tz="UTC")
     return Truth(
         user_ids=np.array([f"u{n}" for n in range(n_users)], dtype=object),
-        prefs=prefs, styles=styles.astype(np.int64),
-        strength=latent["strength"], activity=latent["activity"],
+        prefs=prefs,
+        styles=styles.astype(np.int64),
+        strength=latent["strength"],
+        activity=latent["activity"],
         sessions_per_day=(1.0 + (sessions_per_user - 1.0) * latent["activity"]) / n_days,
         primary_device=np.asarray(DEVICES, dtype=object)[latent["primary_device"]],
         item_ids=np.array([f"i{n}" for n in range(n_items)], dtype=object),
-        category=catalog.category.astype(np.int64), style=catalog.style.astype(np.int64),
-        popularity=catalog.weight / catalog.weight.max(), price=catalog.price,
-        published_at=catalog.published.astype("datetime64[s]"), available=catalog.available,
+        category=catalog.category.astype(np.int64),
+        style=catalog.style.astype(np.int64),
+        popularity=catalog.weight / catalog.weight.max(),
+        price=catalog.price,
+        published_at=catalog.published.astype("datetime64[s]"),
+        available=catalog.available,
         category_names=tuple(names[:n_categories]),
-        window_start=start, window_end=start + pd.Timedelta(days=n_days))
+        window_start=start,
+        window_end=start + pd.Timedelta(days=n_days),
+    )
 
 
 # ---- catalog -------------------------------------------------------------------------------
-def _make_catalog(rng: np.random.Generator, n_items: int, n_categories: int, window_start: int,
-                  n_days: int, exponent: float) -> _Catalog:
+def _make_catalog(
+    rng: np.random.Generator,
+    n_items: int,
+    n_categories: int,
+    window_start: int,
+    n_days: int,
+    exponent: float,
+) -> _Catalog:
     """Categories, styles, Zipf popularity, publication times and prices of the items."""
     cat_w = 1.0 / (1.0 + rng.permutation(n_categories)) ** 0.6
     cat_w /= cat_w.sum()
     # every category gets at least one item
-    category = rng.permutation(np.concatenate([
-        np.arange(n_categories), rng.choice(n_categories, n_items - n_categories, p=cat_w)]))
+    category = rng.permutation(
+        np.concatenate(
+            [np.arange(n_categories), rng.choice(n_categories, n_items - n_categories, p=cat_w)]
+        )
+    )
     weight = 1.0 / (1.0 + rng.permutation(n_items)) ** exponent
-    by_category = _make_sampler(category, weight ** _TASTE_FLATTEN, n_categories)
+    by_category = _make_sampler(category, weight**_TASTE_FLATTEN, n_categories)
 
     # styles: round-robin over each category's popularity order, so none is empty or all-head
     counts = np.bincount(category, minlength=n_categories)
@@ -398,8 +531,9 @@ def _make_catalog(rng: np.random.Generator, n_items: int, n_categories: int, win
     rank[by_category.order] = np.arange(n_items) - np.repeat(by_category.first, counts)
     n_styles = np.minimum(_STYLES, counts)
     style = rank % n_styles[category]
-    by_style = _make_sampler(category * _STYLES + style, weight ** _TASTE_FLATTEN,
-                             n_categories * _STYLES)
+    by_style = _make_sampler(
+        category * _STYLES + style, weight**_TASTE_FLATTEN, n_categories * _STYLES
+    )
 
     # ~15% of items appear during the window, never a category's most popular one
     fallback = by_category.order[by_category.first]
@@ -412,12 +546,20 @@ def _make_catalog(rng: np.random.Generator, n_items: int, n_categories: int, win
     level = np.exp(rng.normal(3.0, 0.7, n_categories))
     price = np.maximum(0.99, np.round(level[category] * rng.lognormal(0.0, 0.5, n_items), 2))
     available = rng.random(n_items) >= _UNAVAILABLE_SHARE
-    return _Catalog(category=category, style=style, weight=weight,
-                    published=published.astype(np.int64), price=price,
-                    available=available, global_cdf=np.cumsum(weight) / weight.sum(),
-                    category_weights=np.bincount(category, weights=weight) / weight.sum(),
-                    n_styles=n_styles, by_category=by_category, by_style=by_style,
-                    fallback=fallback)
+    return _Catalog(
+        category=category,
+        style=style,
+        weight=weight,
+        published=published.astype(np.int64),
+        price=price,
+        available=available,
+        global_cdf=np.cumsum(weight) / weight.sum(),
+        category_weights=np.bincount(category, weights=weight) / weight.sum(),
+        n_styles=n_styles,
+        by_category=by_category,
+        by_style=by_style,
+        fallback=fallback,
+    )
 
 
 def _make_sampler(group: np.ndarray, weight: np.ndarray, n_groups: int) -> _GroupSampler:
@@ -443,11 +585,17 @@ def _day_weights(window_start: int, n_days: int) -> np.ndarray:
 
 
 # ---- events --------------------------------------------------------------------------------
-def _generate_chunk(rng: np.random.Generator, first_user: int, n_users: int, catalog: _Catalog,
-                    window_start: int, window_end: int, day_p: np.ndarray,
-                    sessions_per_user: float, views_per_session: float,
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
-                               dict[str, np.ndarray]]:
+def _generate_chunk(
+    rng: np.random.Generator,
+    first_user: int,
+    n_users: int,
+    catalog: _Catalog,
+    window_start: int,
+    window_end: int,
+    day_p: np.ndarray,
+    sessions_per_user: float,
+    views_per_session: float,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Events, attribute codes and latent tastes of users ``first_user ..`` (``n_users``)."""
     n_cat = catalog.category_weights.size
     # -- users: preferred categories (Gumbel top-k by category popularity), habits, attributes
@@ -473,13 +621,19 @@ def _generate_chunk(rng: np.random.Generator, first_user: int, n_users: int, cat
     n_sess = 1 + rng.poisson((sessions_per_user - 1.0) * activity)
     n_s = int(n_sess.sum())
     sess_user = np.repeat(np.arange(n_users), n_sess)
-    sess_start = (window_start + rng.choice(day_p.size, n_s, p=day_p) * _SECONDS_PER_DAY
-                  + rng.choice(24, n_s, p=_HOUR_CURVE / _HOUR_CURVE.sum()) * 3600
-                  + rng.integers(0, 3600, n_s))
+    sess_start = (
+        window_start
+        + rng.choice(day_p.size, n_s, p=day_p) * _SECONDS_PER_DAY
+        + rng.choice(24, n_s, p=_HOUR_CURVE / _HOUR_CURVE.sum()) * 3600
+        + rng.integers(0, 3600, n_s)
+    )
     sess_start = sess_start[np.lexsort((sess_start, sess_user))]
     sess_k = np.arange(n_s) - np.repeat(np.cumsum(n_sess) - n_sess, n_sess)
-    sess_device = np.where(rng.random(n_s) < _PRIMARY_DEVICE_SHARE, primary_device[sess_user],
-                           rng.choice(len(DEVICES), n_s, p=_DEVICE_MIX / _DEVICE_MIX.sum()))
+    sess_device = np.where(
+        rng.random(n_s) < _PRIMARY_DEVICE_SHARE,
+        primary_device[sess_user],
+        rng.choice(len(DEVICES), n_s, p=_DEVICE_MIX / _DEVICE_MIX.sum()),
+    )
     slot = rng.integers(0, n_pref[sess_user])
     random_cat = rng.choice(n_cat, n_s, p=catalog.category_weights)
     use_pref = rng.random(n_s) < strength[sess_user]
@@ -498,17 +652,22 @@ def _generate_chunk(rng: np.random.Generator, first_user: int, n_users: int, cat
     roam = np.searchsorted(catalog.global_cdf, rng.random(n_v), side="right")
     roam = np.minimum(roam, catalog.category.size - 1)
     in_style = rng.random(n_v) < _STYLE_SHARE
-    item = np.where(in_style, catalog.by_style.draw(rng, sess_group[view_sess]),
-                    catalog.by_category.draw(rng, sess_cat[view_sess]))
+    item = np.where(
+        in_style,
+        catalog.by_style.draw(rng, sess_group[view_sess]),
+        catalog.by_category.draw(rng, sess_cat[view_sess]),
+    )
     item = np.where(stay, item, roam)
 
-    boost = np.where(_in_prefs(prefs, view_user, catalog.category[item]),
-                     _PREF_BOOST, _OTHER_DAMP)
+    boost = np.where(_in_prefs(prefs, view_user, catalog.category[item]), _PREF_BOOST, _OTHER_DAMP)
     dwell = np.round(np.clip(rng.lognormal(np.log(25.0), 0.9, n_v), 1.0, 1800.0), 1)
     clicked = rng.random(n_v) < _P_CLICK * boost
     click_dwell = np.round(np.clip(rng.lognormal(np.log(60.0), 0.8, n_v), 1.0, 3600.0), 1)
-    step = (np.ceil(dwell) + np.where(clicked, np.ceil(click_dwell), 0)
-            + np.ceil(rng.lognormal(np.log(8.0), 0.7, n_v))).astype(np.int64)
+    step = (
+        np.ceil(dwell)
+        + np.where(clicked, np.ceil(click_dwell), 0)
+        + np.ceil(rng.lognormal(np.log(8.0), 0.7, n_v))
+    ).astype(np.int64)
     cum = np.cumsum(step) - step
     view_ts = sess_start[view_sess] + cum - cum[view_first][view_sess]
 
@@ -527,13 +686,19 @@ def _generate_chunk(rng: np.random.Generator, first_user: int, n_users: int, cat
 
     price = catalog.price[item]
     nan = np.full(n_v, np.nan)
-    stages = [(_VIEW, None, view_ts, dwell), (_CLICK, clicked, click_ts, click_dwell),
-              (_LIKE, liked, like_ts, nan), (_SHARE, shared, share_ts, nan),
-              (_CART, carted, cart_ts, price), (_PURCHASE, bought, buy_ts, price)]
+    stages = [
+        (_VIEW, None, view_ts, dwell),
+        (_CLICK, clicked, click_ts, click_dwell),
+        (_LIKE, liked, like_ts, nan),
+        (_SHARE, shared, share_ts, nan),
+        (_CART, carted, cart_ts, price),
+        (_PURCHASE, bought, buy_ts, price),
+    ]
     pick = [np.arange(n_v) if mask is None else np.flatnonzero(mask) for _, mask, _, _ in stages]
     idx = np.concatenate(pick)
-    stage = np.concatenate([np.full(p.size, code, np.int8)
-                            for (code, *_), p in zip(stages, pick, strict=True)])
+    stage = np.concatenate(
+        [np.full(p.size, code, np.int8) for (code, *_), p in zip(stages, pick, strict=True)]
+    )
     ts = np.concatenate([t[p] for (_, _, t, _), p in zip(stages, pick, strict=True)])
     value = np.concatenate([v[p] for (_, _, _, v), p in zip(stages, pick, strict=True)])
     keep = ts < window_end
@@ -549,8 +714,13 @@ def _generate_chunk(rng: np.random.Generator, first_user: int, n_users: int, cat
         "value": value,
         "device": sess_device[sess].astype(np.int8),
     }
-    latent = {"prefs": prefs, "styles": styles, "strength": strength, "activity": activity,
-              "primary_device": primary_device}  # read only: no draws, nothing changes
+    latent = {
+        "prefs": prefs,
+        "styles": styles,
+        "strength": strength,
+        "activity": activity,
+        "primary_device": primary_device,
+    }  # read only: no draws, nothing changes
     return events, {key: col.astype(np.int16) for key, col in attributes.items()}, latent
 
 
@@ -559,8 +729,9 @@ def _in_prefs(prefs: np.ndarray, users: np.ndarray, categories: np.ndarray) -> n
     return (prefs[users] == categories[:, None]).any(axis=1)
 
 
-def _fix_unpublished(rng: np.random.Generator, catalog: _Catalog, item: np.ndarray,
-                     ts: np.ndarray) -> np.ndarray:
+def _fix_unpublished(
+    rng: np.random.Generator, catalog: _Catalog, item: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
     """Replace items viewed before their publication by items of the same category."""
     item = item.copy()
     bad = np.flatnonzero(catalog.published[item] > ts)
@@ -579,22 +750,28 @@ def _build_events(cols: dict[str, np.ndarray], seed: int) -> pd.DataFrame:
     order = np.argsort(cols["ts"], kind="stable")
     user_num = pa.array(cols["user"][order]).cast(pa.string())
     session_id = pc.binary_join_element_wise(
-        "u", user_num, "-s", pa.array(cols["session_k"][order]).cast(pa.string()), "")
+        "u", user_num, "-s", pa.array(cols["session_k"][order]).cast(pa.string()), ""
+    )
     event_id = pc.binary_join_element_wise(
-        f"syn{seed}-", session_id, "-e", pa.array(cols["position"][order]).cast(pa.string()), "")
+        f"syn{seed}-", session_id, "-e", pa.array(cols["position"][order]).cast(pa.string()), ""
+    )
     item_num = pa.array(cols["item"][order]).cast(pa.string())
     seconds = cols["ts"][order]
-    events = pd.DataFrame({
-        "event_id": _strings(event_id),
-        "user_id": _strings(pc.binary_join_element_wise("u", user_num, "")),
-        "item_id": _strings(pc.binary_join_element_wise("i", item_num, "")),
-        "event_type": _strings(pa.array(STAGES).take(pa.array(cols["stage"][order]))),
-        "timestamp": pd.Series((seconds * 1_000_000).astype("datetime64[us]")).dt.tz_localize(
-            "UTC"),
-        "value": cols["value"][order],
-        "device": _strings(pa.array(DEVICES).take(pa.array(cols["device"][order]))),
-        "session_id": _strings(session_id),
-    }, columns=list(EVENT_COLUMNS))
+    events = pd.DataFrame(
+        {
+            "event_id": _strings(event_id),
+            "user_id": _strings(pc.binary_join_element_wise("u", user_num, "")),
+            "item_id": _strings(pc.binary_join_element_wise("i", item_num, "")),
+            "event_type": _strings(pa.array(STAGES).take(pa.array(cols["stage"][order]))),
+            "timestamp": pd.Series((seconds * 1_000_000).astype("datetime64[us]")).dt.tz_localize(
+                "UTC"
+            ),
+            "value": cols["value"][order],
+            "device": _strings(pa.array(DEVICES).take(pa.array(cols["device"][order]))),
+            "session_id": _strings(session_id),
+        },
+        columns=list(EVENT_COLUMNS),
+    )
     return events.astype(EVENT_DTYPES)
 
 
@@ -602,29 +779,37 @@ def _build_items(catalog: _Catalog) -> pd.DataFrame:
     """Items side table: id, title, category name, published_at, available, price."""
     n_items = catalog.category.size
     names = list(CATEGORY_NAMES) + [
-        f"category-{k}" for k in range(len(CATEGORY_NAMES), catalog.category_weights.size)]
+        f"category-{k}" for k in range(len(CATEGORY_NAMES), catalog.category_weights.size)
+    ]
     category = [names[c] for c in catalog.category]
-    items = pd.DataFrame({
-        "item_id": [f"i{n}" for n in range(n_items)],
-        "title": [f"{name.title()} item {n}" for n, name in enumerate(category)],
-        "category": category,
-        "published_at": pd.Series((catalog.published * 1_000_000).astype("datetime64[us]"))
-        .dt.tz_localize("UTC"),
-        "available": catalog.available,
-        "price": catalog.price,
-    }, columns=list(ITEM_COLUMNS))
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{n}" for n in range(n_items)],
+            "title": [f"{name.title()} item {n}" for n, name in enumerate(category)],
+            "category": category,
+            "published_at": pd.Series(
+                (catalog.published * 1_000_000).astype("datetime64[us]")
+            ).dt.tz_localize("UTC"),
+            "available": catalog.available,
+            "price": catalog.price,
+        },
+        columns=list(ITEM_COLUMNS),
+    )
     return items.astype({"item_id": "string", "title": "string", "category": "string"})
 
 
 def _build_users(cols: dict[str, np.ndarray]) -> pd.DataFrame:
     """Users side table from the per-user attribute codes."""
-    users = pd.DataFrame({
-        "user_id": [f"u{n}" for n in range(cols["age"].size)],
-        "age_band": np.asarray(AGE_BANDS, dtype=object)[cols["age"]],
-        "gender": np.asarray(_GENDERS, dtype=object)[cols["gender"]],
-        "occupation": np.asarray(OCCUPATIONS, dtype=object)[cols["occupation"]],
-        "region": cols["region"].astype(str),
-    }, columns=list(USER_COLUMNS))
+    users = pd.DataFrame(
+        {
+            "user_id": [f"u{n}" for n in range(cols["age"].size)],
+            "age_band": np.asarray(AGE_BANDS, dtype=object)[cols["age"]],
+            "gender": np.asarray(_GENDERS, dtype=object)[cols["gender"]],
+            "occupation": np.asarray(OCCUPATIONS, dtype=object)[cols["occupation"]],
+            "region": cols["region"].astype(str),
+        },
+        columns=list(USER_COLUMNS),
+    )
     return users.astype("string")
 
 

@@ -14,16 +14,20 @@ WEIGHTS = {"view": 1.0, "purchase": 10.0, "rating": 1.0}
 
 
 def _events() -> pd.DataFrame:
-    return pd.DataFrame({
-        "event_id": ["e1", "e2", "e3", "e4"],
-        "user_id": pd.array(["u2", "u1", "u2", "u3"], dtype="string"),
-        "item_id": pd.array(["b", "a", "a", "b"], dtype="string"),
-        "event_type": pd.array(["view", "rating", "purchase", "share"], dtype="string"),
-        "timestamp": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"],
-                                    utc=True).as_unit("us"),
-        "value": [np.nan, 4.0, 20.0, np.nan],
-        "device": pd.array(["mobile", None, "watch", "tv"], dtype="string"),
-        "session_id": pd.array(["s2", None, "s1", "s2"], dtype="string")})
+    return pd.DataFrame(
+        {
+            "event_id": ["e1", "e2", "e3", "e4"],
+            "user_id": pd.array(["u2", "u1", "u2", "u3"], dtype="string"),
+            "item_id": pd.array(["b", "a", "a", "b"], dtype="string"),
+            "event_type": pd.array(["view", "rating", "purchase", "share"], dtype="string"),
+            "timestamp": pd.to_datetime(
+                ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"], utc=True
+            ).as_unit("us"),
+            "value": [np.nan, 4.0, 20.0, np.nan],
+            "device": pd.array(["mobile", None, "watch", "tv"], dtype="string"),
+            "session_id": pd.array(["s2", None, "s1", "s2"], dtype="string"),
+        }
+    )
 
 
 def test_idmap_codes_are_sorted_positions_and_extend_only_appends():

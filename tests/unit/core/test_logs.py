@@ -16,7 +16,9 @@ def test_lines_printed_to_stderr_become_records_of_the_given_logger(caplog, caps
         sys.stderr.write("of model 'recommender'.\n\n")
         sys.stderr.write("no newline at the end")
     records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == log.name]
-    assert records == [(logging.INFO, "Successfully registered model 'recommender'."),
-                       (logging.INFO, "Created version '1' of model 'recommender'."),
-                       (logging.INFO, "no newline at the end")]
+    assert records == [
+        (logging.INFO, "Successfully registered model 'recommender'."),
+        (logging.INFO, "Created version '1' of model 'recommender'."),
+        (logging.INFO, "no newline at the end"),
+    ]
     assert capsys.readouterr().err == ""  # nothing reached the real stderr

@@ -44,8 +44,12 @@ def test_stable_keyed_and_distinct():
 
 
 def test_integers_and_their_canonical_text_map_the_same():
-    assert pseudonym(196, KEY) == pseudonym("196", KEY) == pseudonym(196.0, KEY) \
+    assert (
+        pseudonym(196, KEY)
+        == pseudonym("196", KEY)
+        == pseudonym(196.0, KEY)
         == pseudonym(np.int64(196), KEY)
+    )
     assert stored_user_id(196) == "196"  # without a key: the canonical id itself
     with pytest.raises(TypeError):
         pseudonym(True, KEY)
@@ -56,8 +60,12 @@ def test_a_pseudonym_is_not_hashed_twice():
     assert pseudonym(once, KEY) == once
     assert stored_user_id(once, KEY) == once
     assert not is_pseudonym(once.upper()) and not is_pseudonym(once[:-1])
-    assert pseudonym_mask(pd.Series([once, "u1", None, 7], dtype=object)).tolist() == \
-        [True, False, False, False]
+    assert pseudonym_mask(pd.Series([once, "u1", None, 7], dtype=object)).tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_stored_user_id_is_the_identity_without_a_key():
@@ -73,7 +81,8 @@ def test_pseudonymiser_hashes_a_column_and_returns_the_new_pairs():
     assert out.isna().tolist() == [False, False, False, True, False]
     assert out[4] == pseudonym("c", KEY)
     assert sorted(zip(pairs["pseudonym"], pairs["user_id"], strict=True)) == sorted(
-        [(pseudonym("a", KEY), "a"), (pseudonym("b", KEY), "b")])
+        [(pseudonym("a", KEY), "a"), (pseudonym("b", KEY), "b")]
+    )
     assert "test-key" not in repr(Pseudonymiser(KEY))
 
 
@@ -82,8 +91,7 @@ def test_the_key_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
     assert load_pseudonym_key({"RECS_PSEUDONYM_KEY": " k" * 10}) == ("k " * 9 + "k").encode()
     path = tmp_path / "key"
     path.write_text("0123456789abcdef0123\n")
-    assert load_pseudonym_key({"RECS_PSEUDONYM_KEY_FILE": str(path)}) == \
-        b"0123456789abcdef0123"
+    assert load_pseudonym_key({"RECS_PSEUDONYM_KEY_FILE": str(path)}) == b"0123456789abcdef0123"
     with pytest.raises(ConfigError, match="at least 16"):
         load_pseudonym_key({"RECS_PSEUDONYM_KEY": "short"})
     with pytest.raises(ConfigError, match="cannot be read"):

@@ -25,30 +25,45 @@ def with_impressions(events: pd.DataFrame, per_event: int = 3, seed: int = 0) ->
     items = events["item_id"].unique()
     n = len(events) * per_event
     source = events.iloc[np.repeat(np.arange(len(events)), per_event)]
-    shown = pd.DataFrame({
-        "event_id": [f"imp{k:07d}" for k in range(n)],
-        "user_id": source["user_id"].to_numpy(),
-        "item_id": rng.choice(items, n),
-        "event_type": "impression",
-        "timestamp": source["timestamp"].to_numpy(),
-        "value": np.nan,
-        "device": source["device"].to_numpy(),
-        "session_id": source["session_id"].to_numpy(),
-        "position": np.tile(np.arange(1, per_event + 1), len(events)),
-        "placement": "home_recs"})
-    strangers = pd.DataFrame({
-        "event_id": [f"imp-only{k}" for k in range(20)],
-        "user_id": [f"seen-only-u{k % 5}" for k in range(10)] + list(rng.choice(
-            events["user_id"].unique(), 10)),
-        "item_id": list(rng.choice(items, 10)) + [f"seen-only-i{k % 3}" for k in range(10)],
-        "event_type": "impression",
-        "timestamp": events["timestamp"].iloc[rng.integers(0, len(events), 20)].to_numpy(),
-        "value": np.nan, "device": "mobile", "session_id": None,
-        "position": np.arange(1, 21), "placement": "article_end"})
-    out = pd.concat([events.assign(position=pd.NA, placement=pd.NA), shown, strangers],
-                    ignore_index=True)
-    out = out.astype({**{c: str(t) for c, t in events.dtypes.items()},
-                      "position": "Int64", "placement": "string"})
+    shown = pd.DataFrame(
+        {
+            "event_id": [f"imp{k:07d}" for k in range(n)],
+            "user_id": source["user_id"].to_numpy(),
+            "item_id": rng.choice(items, n),
+            "event_type": "impression",
+            "timestamp": source["timestamp"].to_numpy(),
+            "value": np.nan,
+            "device": source["device"].to_numpy(),
+            "session_id": source["session_id"].to_numpy(),
+            "position": np.tile(np.arange(1, per_event + 1), len(events)),
+            "placement": "home_recs",
+        }
+    )
+    strangers = pd.DataFrame(
+        {
+            "event_id": [f"imp-only{k}" for k in range(20)],
+            "user_id": [f"seen-only-u{k % 5}" for k in range(10)]
+            + list(rng.choice(events["user_id"].unique(), 10)),
+            "item_id": list(rng.choice(items, 10)) + [f"seen-only-i{k % 3}" for k in range(10)],
+            "event_type": "impression",
+            "timestamp": events["timestamp"].iloc[rng.integers(0, len(events), 20)].to_numpy(),
+            "value": np.nan,
+            "device": "mobile",
+            "session_id": None,
+            "position": np.arange(1, 21),
+            "placement": "article_end",
+        }
+    )
+    out = pd.concat(
+        [events.assign(position=pd.NA, placement=pd.NA), shown, strangers], ignore_index=True
+    )
+    out = out.astype(
+        {
+            **{c: str(t) for c, t in events.dtypes.items()},
+            "position": "Int64",
+            "placement": "string",
+        }
+    )
     return out.sort_values(["timestamp", "event_id"], kind="stable").reset_index(drop=True)
 
 
@@ -85,18 +100,19 @@ def test_encoding_leaves_impressions_out_before_the_id_maps(worlds, caplog):
     assert len(encoded) == len(without)
 
 
-def test_the_file_encoder_leaves_them_out_too_and_matches_the_frame_encoder(worlds, tmp_path,
-                                                                             caplog):
+def test_the_file_encoder_leaves_them_out_too_and_matches_the_frame_encoder(
+    worlds, tmp_path, caplog
+):
     without, with_imp = worlds
     with_imp.to_parquet(tmp_path / "with.parquet", row_group_size=500)  # several row groups
     without.to_parquet(tmp_path / "without.parquet")
     with caplog.at_level(logging.INFO, logger="pipeline.core.ids"):
-        written = encode_events_file(tmp_path / "with.parquet", tmp_path / "a",
-                                     DEFAULT_EVENT_WEIGHTS)
+        written = encode_events_file(
+            tmp_path / "with.parquet", tmp_path / "a", DEFAULT_EVENT_WEIGHTS
+        )
     n_imp = int((with_imp["event_type"] == "impression").sum())
     assert written.left_out == {"impression": n_imp} and "left out" in caplog.text
-    plain = encode_events_file(tmp_path / "without.parquet", tmp_path / "b",
-                               DEFAULT_EVENT_WEIGHTS)
+    plain = encode_events_file(tmp_path / "without.parquet", tmp_path / "b", DEFAULT_EVENT_WEIGHTS)
     assert plain.left_out == {}
     _same(written, plain)
     _same(written, EncodedEvents.from_frame(without, DEFAULT_EVENT_WEIGHTS))
@@ -105,8 +121,9 @@ def test_the_file_encoder_leaves_them_out_too_and_matches_the_frame_encoder(worl
 
 def test_a_configured_positive_weight_encodes_impressions(worlds, tmp_path):
     _, with_imp = worlds
-    settings = Settings(data_dir=tmp_path,
-                        event_weights={**DEFAULT_EVENT_WEIGHTS, "impression": 0.5})
+    settings = Settings(
+        data_dir=tmp_path, event_weights={**DEFAULT_EVENT_WEIGHTS, "impression": 0.5}
+    )
     assert untrained_event_types(settings.event_weights) == set()
     encoded = EncodedEvents.from_frame(with_imp, settings.event_weights)
     assert encoded.left_out == {} and len(encoded) == len(with_imp)
@@ -115,8 +132,10 @@ def test_a_configured_positive_weight_encodes_impressions(worlds, tmp_path):
     assert (encoded.frame.loc[impressions, "weight"] == 0.5).all()
     assert {"seen-only-u0", "seen-only-i0"} <= set(encoded.users.ids) | set(encoded.items.ids)
     with_imp.to_parquet(tmp_path / "with.parquet")
-    _same(encode_events_file(tmp_path / "with.parquet", tmp_path / "enc",
-                             settings.event_weights), encoded)
+    _same(
+        encode_events_file(tmp_path / "with.parquet", tmp_path / "enc", settings.event_weights),
+        encoded,
+    )
 
 
 def test_views_weighted_zero_are_left_out_like_impressions(worlds):
@@ -125,4 +144,3 @@ def test_views_weighted_zero_are_left_out_like_impressions(worlds):
     encoded = EncodedEvents.from_frame(without, weights)
     assert encoded.left_out == {"view": int((without["event_type"] == "view").sum())}
     assert "view" not in set(encoded.frame["event_type"].astype(str))
-

@@ -58,25 +58,34 @@ def _events(rows):
 
 
 def test_split_holdout_truth_is_new_items_of_warm_users_only():
-    events = _events([
-        ("u1", "a", "view", "2024-01-01"), ("u1", "b", "view", "2024-01-09"),
-        ("u1", "a", "view", "2024-01-09"),            # seen before: not truth
-        ("u2", "a", "view", "2024-01-02"),
-        ("cold", "b", "view", "2024-01-09"),          # no history: not scored
-        ("u2", "b", "view", "2024-01-11"),            # at/after cutoff: ignored
-    ])
+    events = _events(
+        [
+            ("u1", "a", "view", "2024-01-01"),
+            ("u1", "b", "view", "2024-01-09"),
+            ("u1", "a", "view", "2024-01-09"),  # seen before: not truth
+            ("u2", "a", "view", "2024-01-02"),
+            ("cold", "b", "view", "2024-01-09"),  # no history: not scored
+            ("u2", "b", "view", "2024-01-11"),  # at/after cutoff: ignored
+        ]
+    )
     cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
     split = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})
     assert list(split.train.user_ids) == ["u1", "u2"]
-    assert list(split.train.item_ids) == ["a"]   # b first appears in the holdout
-    assert split.truth.nnz == 0                  # ... so it cannot be truth either
+    assert list(split.train.item_ids) == ["a"]  # b first appears in the holdout
+    assert split.truth.nnz == 0  # ... so it cannot be truth either
     assert len(split.eval_rows) == 0
 
 
 def test_popularity_baseline_ranks_by_distinct_users():
-    events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "a", "view", "2024-01-01"),
-                      ("u2", "b", "view", "2024-01-01"), ("u3", "c", "view", "2024-01-01"),
-                      ("u3", "a", "view", "2024-01-09")])
+    events = _events(
+        [
+            ("u1", "a", "view", "2024-01-01"),
+            ("u2", "a", "view", "2024-01-01"),
+            ("u2", "b", "view", "2024-01-01"),
+            ("u3", "c", "view", "2024-01-01"),
+            ("u3", "a", "view", "2024-01-09"),
+        ]
+    )
     cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
     split = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})
     top = popularity_top(split, np.arange(3), 3, days=None)
@@ -90,11 +99,16 @@ def test_user_metrics_match_the_matrix_version():
 
     truth_m = sp.csr_matrix(np.array([[0, 1, 0, 1], [1, 0, 0, 0]], dtype=np.float32))
     expected = ranking_metrics(np.array([[1, 2, 3], [2, 1, -1]]), truth_m, k=3)
-    lists = pd.DataFrame({"user_id": ["x", "x", "x", "y", "y"], "rank": [1, 2, 3, 1, 2],
-                          "item_id": ["i1", "i2", "i3", "i2", "i1"]})
+    lists = pd.DataFrame(
+        {
+            "user_id": ["x", "x", "x", "y", "y"],
+            "rank": [1, 2, 3, 1, 2],
+            "item_id": ["i1", "i2", "i3", "i2", "i1"],
+        }
+    )
     truth = pd.DataFrame({"user_id": ["x", "x", "y", "z"], "item_id": ["i1", "i3", "i0", "i9"]})
     got = user_metrics(lists, truth, k=3)
-    assert list(got.index) == ["x", "y", "z"]            # z has truth but no list: zeros
+    assert list(got.index) == ["x", "y", "z"]  # z has truth but no list: zeros
     assert got.loc["z"].sum() == 0
     for metric, value in expected.items():
         assert got.loc[["x", "y"], metric].mean() == pytest.approx(value)
@@ -110,8 +124,9 @@ def test_top_diversity_and_lists_to_top():
     assert got["popularity_bias"] == pytest.approx((2 * log_pop[0] + 0) / 3 - log_pop.mean())
     events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "b", "view", "2024-01-01")])
     split = split_holdout(events, dt.datetime(2024, 1, 10, tzinfo=UTC), 3, {"view": 1.0})
-    lists = pd.DataFrame({"user_id": ["u2", "u2", "ghost"], "rank": [1, 2, 1],
-                          "item_id": ["b", "new", "a"]})
+    lists = pd.DataFrame(
+        {"user_id": ["u2", "u2", "ghost"], "rank": [1, 2, 1], "item_id": ["b", "new", "a"]}
+    )
     top = lists_to_top(lists, np.array(["u1", "u2"], dtype=object), split.train, 2)
     assert top.tolist() == [[-1, -1], [1, -1]]
 
@@ -119,16 +134,24 @@ def test_top_diversity_and_lists_to_top():
 def test_popularity_lists_cover_cold_users_and_skip_seen_items():
     from pipeline.evaluation.holdout import popularity_lists
 
-    events = _events([("u1", "a", "view", "2024-01-01"), ("u2", "a", "view", "2024-01-01"),
-                      ("u2", "b", "view", "2024-01-02"), ("u3", "c", "view", "2024-01-20")])
-    lists = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC),
-                             np.array(["u2", "new"], dtype=object), k=2)
+    events = _events(
+        [
+            ("u1", "a", "view", "2024-01-01"),
+            ("u2", "a", "view", "2024-01-01"),
+            ("u2", "b", "view", "2024-01-02"),
+            ("u3", "c", "view", "2024-01-20"),
+        ]
+    )
+    lists = popularity_lists(
+        events, dt.datetime(2024, 1, 10, tzinfo=UTC), np.array(["u2", "new"], dtype=object), k=2
+    )
     assert lists[lists["user_id"] == "new"]["item_id"].tolist() == ["a", "b"]
     assert lists[lists["user_id"] == "u2"]["item_id"].tolist() == []  # saw both; c is later
     users = np.array(["u2", "new", "u1", "other"], dtype=object)
     one_go = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC), users, k=2)
-    chunked = popularity_lists(events, dt.datetime(2024, 1, 10, tzinfo=UTC), users, k=2,
-                               chunk_users=1)
+    chunked = popularity_lists(
+        events, dt.datetime(2024, 1, 10, tzinfo=UTC), users, k=2, chunk_users=1
+    )
     pd.testing.assert_frame_equal(chunked, one_go)
 
 
@@ -136,8 +159,10 @@ def test_segment_audit_groups_per_model_and_segment():
     from pipeline.evaluation.holdout import segment_audit
 
     per_user = pd.DataFrame({"ndcg": [1.0, 0.0, 0.5]}, index=pd.Index(["a", "b", "c"]))
-    segments = pd.DataFrame({"user_type": ["new", "returning", "returning"],
-                             "gender": ["F", None, "M"]}, index=["a", "b", "c"])
+    segments = pd.DataFrame(
+        {"user_type": ["new", "returning", "returning"], "gender": ["F", None, "M"]},
+        index=["a", "b", "c"],
+    )
     audit = segment_audit({"m": per_user}, segments).set_index(["segment", "value"])
     assert audit.loc[("user_type", "returning"), "ndcg"] == pytest.approx(0.25)
     assert audit.loc[("user_type", "returning"), "users"] == 2
@@ -174,24 +199,31 @@ def test_per_user_metrics_are_what_the_means_average():
 def test_encoded_split_has_the_run_shape_and_the_same_truth():
     from pipeline.core.ids import EncodedEvents
 
-    events = _events([
-        ("u1", "a", "view", "2024-01-01"), ("u1", "b", "view", "2024-01-02"),
-        ("u1", "c", "view", "2024-01-09"),            # c first appears in the holdout
-        ("u2", "a", "view", "2024-01-02"),
-        ("u2", "b", "view", "2024-01-08"),            # new to u2, known item: truth
-        ("cold", "b", "view", "2024-01-09"),          # no history: not scored
-        ("u1", "d", "view", "2024-01-09"),            # d first appears in the holdout
-    ])
+    events = _events(
+        [
+            ("u1", "a", "view", "2024-01-01"),
+            ("u1", "b", "view", "2024-01-02"),
+            ("u1", "c", "view", "2024-01-09"),  # c first appears in the holdout
+            ("u2", "a", "view", "2024-01-02"),
+            ("u2", "b", "view", "2024-01-08"),  # new to u2, known item: truth
+            ("cold", "b", "view", "2024-01-09"),  # no history: not scored
+            ("u1", "d", "view", "2024-01-09"),  # d first appears in the holdout
+        ]
+    )
     cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
     by_string = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})
     encoded = EncodedEvents.from_frame(events, {"view": 1.0})
     by_code = split_holdout(encoded, cutoff, holdout_days=3, weights={"view": 1.0})
-    assert by_code.train.shape == encoded.shape == (3, 4)      # one shape for the run
+    assert by_code.train.shape == encoded.shape == (3, 4)  # one shape for the run
     assert list(by_code.train.user_ids) == ["cold", "u1", "u2"]  # named by the id maps
-    truth = {(by_code.train.user_ids[r], by_code.train.item_ids[c])
-             for r, c in zip(*by_code.truth.nonzero(), strict=True)}
-    old = {(by_string.train.user_ids[r], by_string.train.item_ids[c])
-           for r, c in zip(*by_string.truth.nonzero(), strict=True)}
+    truth = {
+        (by_code.train.user_ids[r], by_code.train.item_ids[c])
+        for r, c in zip(*by_code.truth.nonzero(), strict=True)
+    }
+    old = {
+        (by_string.train.user_ids[r], by_string.train.item_ids[c])
+        for r, c in zip(*by_string.truth.nonzero(), strict=True)
+    }
     assert truth == old == {("u2", "b")}
     assert len(by_code.encoded) == len(by_code.train_events) == 3
 
@@ -199,8 +231,11 @@ def test_encoded_split_has_the_run_shape_and_the_same_truth():
 def test_max_users_scores_a_seeded_sample_of_the_returning_users():
     rows = []
     for n in range(40):  # every user has history, and a new item in the holdout
-        rows += [(f"u{n:02d}", "a", "view", "2024-01-01"), (f"u{n:02d}", "b", "view", "2024-01-02"),
-                 (f"u{n:02d}", "c" if n % 2 else "b2", "view", "2024-01-09")]
+        rows += [
+            (f"u{n:02d}", "a", "view", "2024-01-01"),
+            (f"u{n:02d}", "b", "view", "2024-01-02"),
+            (f"u{n:02d}", "c" if n % 2 else "b2", "view", "2024-01-09"),
+        ]
     events = _events(rows + [("x", "c", "view", "2024-01-01"), ("x", "b2", "view", "2024-01-01")])
     cutoff = dt.datetime(2024, 1, 10, tzinfo=UTC)
     full = split_holdout(events, cutoff, holdout_days=3, weights={"view": 1.0})

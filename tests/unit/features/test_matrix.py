@@ -16,8 +16,14 @@ def _events(rows):
 
 
 def test_weights_sum_per_pair_and_ratings_scale_by_value():
-    events = _events([("u1", "a", "view", None), ("u1", "a", "purchase", 20.0),
-                      ("u2", "b", "rating", 4.0), ("u2", "a", "unknown", None)])
+    events = _events(
+        [
+            ("u1", "a", "view", None),
+            ("u1", "a", "purchase", 20.0),
+            ("u2", "b", "rating", 4.0),
+            ("u2", "a", "unknown", None),
+        ]
+    )
     assert list(event_weights(events, WEIGHTS)) == [1.0, 10.0, 4.0, 0.0]
     m = build_matrix(events, WEIGHTS)
     assert list(m.user_ids) == ["u1", "u2"] and list(m.item_ids) == ["a", "b"]
@@ -29,8 +35,12 @@ def test_weights_sum_per_pair_and_ratings_scale_by_value():
 
 def test_fixed_index_drops_unknown_ids_and_lookups_return_minus_one():
     events = _events([("u1", "a", "view", None), ("zz", "a", "view", None)])
-    m = build_matrix(events, WEIGHTS, user_ids=np.array(["u1"], dtype=object),
-                     item_ids=np.array(["a", "b"], dtype=object))
+    m = build_matrix(
+        events,
+        WEIGHTS,
+        user_ids=np.array(["u1"], dtype=object),
+        item_ids=np.array(["a", "b"], dtype=object),
+    )
     assert m.shape == (1, 2) and m.confidence.nnz == 1
     assert list(m.user_index(np.array(["u1", "zz"], dtype=object))) == [0, -1]
     assert list(m.item_index(np.array(["b", "c"], dtype=object))) == [1, -1]
@@ -39,9 +49,15 @@ def test_fixed_index_drops_unknown_ids_and_lookups_return_minus_one():
 def test_encoded_events_give_the_string_matrix_in_the_run_shape():
     from pipeline.core.ids import EncodedEvents
 
-    events = _events([("u2", "b", "view", None), ("u1", "a", "purchase", 20.0),
-                      ("u1", "a", "view", None), ("u3", "c", "unknown", None),
-                      ("u2", "a", "rating", 3.0)])
+    events = _events(
+        [
+            ("u2", "b", "view", None),
+            ("u1", "a", "purchase", 20.0),
+            ("u1", "a", "view", None),
+            ("u3", "c", "unknown", None),
+            ("u2", "a", "rating", 3.0),
+        ]
+    )
     events["timestamp"] = pd.Timestamp("2024-01-01", tz="UTC")
     by_string = build_matrix(events, WEIGHTS)
     encoded = EncodedEvents.from_frame(events, WEIGHTS)

@@ -12,14 +12,29 @@ UTC = dt.timezone.utc
 
 
 def test_recent_window_first_then_filled_from_longer_windows_with_reasons():
-    events = pd.DataFrame({
-        "user_id": ["u1", "u2", "u1", "u3", "u4", "u5"],
-        "item_id": ["new", "new", "old", "old", "old", "older"],
-        "timestamp": pd.to_datetime(["2024-03-29", "2024-03-30", "2024-03-10", "2024-03-11",
-                                     "2024-03-12", "2023-01-01"], utc=True)})
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u1", "u3", "u4", "u5"],
+            "item_id": ["new", "new", "old", "old", "old", "older"],
+            "timestamp": pd.to_datetime(
+                [
+                    "2024-03-29",
+                    "2024-03-30",
+                    "2024-03-10",
+                    "2024-03-11",
+                    "2024-03-12",
+                    "2023-01-01",
+                ],
+                utc=True,
+            ),
+        }
+    )
     items = pd.DataFrame({"item_id": ["new", "old"], "category": ["Sports", "News"]})
     top = popular_items(events, dt.datetime(2024, 4, 1, tzinfo=UTC), 3, items)
     assert list(top["item_id"]) == ["new", "old", "older"]
-    assert list(top["reason"]) == ["popular in Sports this week", "popular in News this month",
-                                   "popular overall"]
+    assert list(top["reason"]) == [
+        "popular in Sports this week",
+        "popular in News this month",
+        "popular overall",
+    ]
     assert top["score"].is_monotonic_decreasing and top["score"].iloc[0] == 1.0

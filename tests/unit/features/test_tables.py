@@ -17,15 +17,16 @@ CUTOFF = dt.datetime(2024, 2, 1, tzinfo=UTC)
 def _events():
     rows = [
         # user, item, time, value, device, session
-        ("u1", "a", "2024-01-31T20:00:00Z", 10.0, "mobile", "s1"),   # evening, Wednesday
+        ("u1", "a", "2024-01-31T20:00:00Z", 10.0, "mobile", "s1"),  # evening, Wednesday
         ("u1", "b", "2024-01-31T20:30:00Z", 5.0, "mobile", "s1"),
         ("u1", "a", "2024-01-06T09:00:00Z", None, "desktop", "s2"),  # morning, Saturday
-        ("u2", "a", "2023-12-01T03:00:00Z", 100.0, None, None),      # night, 62 days before
-        ("u2", "b", "2024-02-01T00:00:00Z", 999.0, "tv", "s9"),      # AT the cutoff: excluded
-        ("u3", "c", "2024-03-01T00:00:00Z", 1.0, "tv", "s8"),        # after: user never seen
+        ("u2", "a", "2023-12-01T03:00:00Z", 100.0, None, None),  # night, 62 days before
+        ("u2", "b", "2024-02-01T00:00:00Z", 999.0, "tv", "s9"),  # AT the cutoff: excluded
+        ("u3", "c", "2024-03-01T00:00:00Z", 1.0, "tv", "s8"),  # after: user never seen
     ]
-    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "value", "device",
-                                        "session_id"])
+    frame = pd.DataFrame(
+        rows, columns=["user_id", "item_id", "timestamp", "value", "device", "session_id"]
+    )
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
     frame["event_type"] = "view"
     return frame
@@ -48,12 +49,21 @@ def test_user_rfm_and_context_known_answers():
 
 
 def test_item_popularity_windows_trend_and_age():
-    items = pd.DataFrame({"item_id": ["a", "b"], "category": ["News", "Sports"],
-                          "published_at": ["2024-01-01T00:00:00Z", None]})
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b"],
+            "category": ["News", "Sports"],
+            "published_at": ["2024-01-01T00:00:00Z", None],
+        }
+    )
     feats = build_item_features(_events(), CUTOFF, items).set_index("item_id")
     assert list(feats.index) == ["a", "b"]
-    assert (feats.loc["a", "popularity_1d"], feats.loc["a", "popularity_7d"],
-            feats.loc["a", "popularity_30d"], feats.loc["a", "users_total"]) == (1, 1, 1, 2)
+    assert (
+        feats.loc["a", "popularity_1d"],
+        feats.loc["a", "popularity_7d"],
+        feats.loc["a", "popularity_30d"],
+        feats.loc["a", "users_total"],
+    ) == (1, 1, 1, 2)
     assert feats.loc["a", "age_days"] == pytest.approx(31.0)
     assert feats.loc["b", "age_days"] == pytest.approx(3.5 / 24)  # first seen, no published_at
     assert feats.loc["a", "category"] == "News"
@@ -64,8 +74,15 @@ def test_future_events_cannot_change_features():
     events = _events()
     base = build_user_features(events, CUTOFF)
     later = events.assign(timestamp=events["timestamp"])
-    later.loc[len(later)] = ["u1", "z", pd.Timestamp("2024-05-01", tz="UTC"), 1e6, "tv", "s",
-                             "view"]
+    later.loc[len(later)] = [
+        "u1",
+        "z",
+        pd.Timestamp("2024-05-01", tz="UTC"),
+        1e6,
+        "tv",
+        "s",
+        "view",
+    ]
     pd.testing.assert_frame_equal(base, build_user_features(later, CUTOFF))
 
 
@@ -83,8 +100,13 @@ def test_recent_history_keeps_the_latest_distinct_items():
 
     from pipeline.features.tables import recent_history
 
-    recent = recent_history(_events(), CUTOFF, np.array(["u1", "u2"], dtype=object),
-                            np.array(["a", "b", "c"], dtype=object), n_recent=1).toarray()
+    recent = recent_history(
+        _events(),
+        CUTOFF,
+        np.array(["u1", "u2"], dtype=object),
+        np.array(["a", "b", "c"], dtype=object),
+        n_recent=1,
+    ).toarray()
     assert recent.tolist() == [[0, 1, 0], [1, 0, 0]]  # u1's latest is b (20:30); u2's b is late
 
 
@@ -114,8 +136,10 @@ def test_feature_tables_ignore_events_after_the_cutoff():
     matrix = build_matrix(past.assign(event_type="view"), {"view": 1.0})
     args = (CUTOFF, matrix.user_ids, matrix.item_ids, matrix.confidence, None, users)
     base = build_feature_tables(events, *args)
-    later = pd.concat([events, events.assign(timestamp=pd.Timestamp("2024-03-01", tz="UTC"),
-                                             user_id="u2")], ignore_index=True)
+    later = pd.concat(
+        [events, events.assign(timestamp=pd.Timestamp("2024-03-01", tz="UTC"), user_id="u2")],
+        ignore_index=True,
+    )
     again = build_feature_tables(later, *args)
     for name, array in base.arrays().items():
         np.testing.assert_array_equal(array, again.arrays()[name], err_msg=name)
@@ -146,14 +170,32 @@ def test_feature_rows_compute_user_features_for_those_users_alone():
 
 
 def test_segment_labels_per_id_with_repeats_unknown_ids_and_missing_attributes():
-    users = pd.DataFrame({"user_id": ["a", "b", "c", "a"],
-                          "age_band": ["18-24", None, "35-44", "99+"],
-                          "gender": ["F", "M", None, "M"]})
+    users = pd.DataFrame(
+        {
+            "user_id": ["a", "b", "c", "a"],
+            "age_band": ["18-24", None, "35-44", "99+"],
+            "gender": ["F", "M", None, "M"],
+        }
+    )
     ids = np.array(["a", "b", "zz", "a", "c", None, "c"], dtype=object)
     assert segment_labels(users, ids, ("age_band",)).tolist() == [
-        "18-24", None, None, "18-24", "35-44", None, "35-44"]  # first row per user wins
+        "18-24",
+        None,
+        None,
+        "18-24",
+        "35-44",
+        None,
+        "35-44",
+    ]  # first row per user wins
     assert segment_labels(users, ids, ("age_band", "gender")).tolist() == [
-        "18-24|F", None, None, "18-24|F", None, None, None]
+        "18-24|F",
+        None,
+        None,
+        "18-24|F",
+        None,
+        None,
+        None,
+    ]
     assert segment_labels(users, ids, ("income",)).tolist() == [None] * 7
     assert segment_labels(None, ids, ("age_band",)).tolist() == [None] * 7
     assert segment_labels(users, np.array([], dtype=object), ("gender",)).tolist() == []
@@ -169,9 +211,12 @@ def test_user_features_on_encoded_events_equal_those_on_ids():
     by_id = build_user_features(events, CUTOFF)
     by_code = build_user_features(encoded.frame, CUTOFF)
     assert by_code["user_id"].tolist() == encoded.users.encode(by_id["user_id"]).tolist()
-    pd.testing.assert_frame_equal(by_code.drop(columns="user_id"),
-                                  by_id.drop(columns="user_id"), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        by_code.drop(columns="user_id"), by_id.drop(columns="user_id"), check_dtype=False
+    )
     items_by_code = build_item_features(encoded.frame, CUTOFF)
-    pd.testing.assert_frame_equal(items_by_code.drop(columns="item_id"),
-                                  build_item_features(events, CUTOFF).drop(columns="item_id"),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        items_by_code.drop(columns="item_id"),
+        build_item_features(events, CUTOFF).drop(columns="item_id"),
+        check_dtype=False,
+    )

@@ -37,9 +37,11 @@ OLD = NOW.timestamp() - 3600  # mtime of a settled file
 def good_rows(n: int = 100, prefix: str = "e") -> list[str]:
     """``n`` valid CSV lines, 2024-03-01 .. 2024-03-05, ids ``<prefix>000..``."""
     types = ["view", "click", "purchase", "like"]
-    return [f"{prefix}{i:03d},u{i % 9},i{i % 13},{types[i % 4]},"
-            f"2024-03-0{1 + i % 5}T{i % 24:02d}:15:00Z,{i % 7}.5,mobile,s{i // 4}"
-            for i in range(n)]
+    return [
+        f"{prefix}{i:03d},u{i % 9},i{i % 13},{types[i % 4]},"
+        f"2024-03-0{1 + i % 5}T{i % 24:02d}:15:00Z,{i % 7}.5,mobile,s{i // 4}"
+        for i in range(n)
+    ]
 
 
 def write(folder: Path, name: str, content: str | bytes, *, settled: bool = True) -> Path:
@@ -60,10 +62,20 @@ def world(tmp_path: Path) -> dict:
     landing = tmp_path / "landing" / "events"
     landing.mkdir(parents=True)
     sqlite = tmp_path / "serving.sqlite"
-    publish_lists(build_lists(), dsn=None, sqlite_path=sqlite, model_version="1",
-                  logical_date=dt.datetime(2024, 3, 1, tzinfo=UTC))
-    return {"landing": landing, "lake": tmp_path / "lake" / "events", "run": tmp_path / "run",
-            "sqlite": sqlite, "published": read_all(dsn=None, sqlite_path=sqlite)}
+    publish_lists(
+        build_lists(),
+        dsn=None,
+        sqlite_path=sqlite,
+        model_version="1",
+        logical_date=dt.datetime(2024, 3, 1, tzinfo=UTC),
+    )
+    return {
+        "landing": landing,
+        "lake": tmp_path / "lake" / "events",
+        "run": tmp_path / "run",
+        "sqlite": sqlite,
+        "published": read_all(dsn=None, sqlite_path=sqlite),
+    }
 
 
 def run_stages(world: dict, **ingest_options) -> tuple[IngestReport, ValidationReport]:
@@ -73,15 +85,20 @@ def run_stages(world: dict, **ingest_options) -> tuple[IngestReport, ValidationR
     raw = world["run"] / "events_raw.parquet"
     write_snapshot(world["lake"], CUTOFF, 365, raw)
     validation = validate_events_file(
-        raw, clean_path=world["run"] / "events.parquet", suite_path=SUITE, cutoff=CUTOFF,
-        allowed_event_types=["view", "click", "like", "share", "add_to_cart", "purchase",
-                             "rating"], quarantine_path=world["run"] / "quarantine.parquet")
+        raw,
+        clean_path=world["run"] / "events.parquet",
+        suite_path=SUITE,
+        cutoff=CUTOFF,
+        allowed_event_types=["view", "click", "like", "share", "add_to_cart", "purchase", "rating"],
+        quarantine_path=world["run"] / "quarantine.parquet",
+    )
     return report, validation
 
 
 def assert_published_unchanged(world: dict) -> None:
-    pd.testing.assert_frame_equal(read_all(dsn=None, sqlite_path=world["sqlite"]),
-                                  world["published"])
+    pd.testing.assert_frame_equal(
+        read_all(dsn=None, sqlite_path=world["sqlite"]), world["published"]
+    )
 
 
 def lake_frame(world: dict) -> pd.DataFrame:
@@ -104,7 +121,8 @@ def expect_failure(world: dict, name: str, *patterns: str) -> IngestFailed:
     assert name not in {r["file"] for r in read_manifest(world["lake"].parent)}
     assert name not in set(lake_frame(world).get("source_file", pd.Series(dtype=str)))
     assert not (world["lake"].parent / "_staging").exists() or not any(
-        (world["lake"].parent / "_staging").iterdir())
+        (world["lake"].parent / "_staging").iterdir()
+    )
     return caught.value
 
 
@@ -120,8 +138,11 @@ def test_truncated_gzip_fails_naming_the_file_and_keeps_good_files(world):
 
 
 def test_wrong_delimiter_fails_with_a_hint(world):
-    write(world["landing"], "semi.csv", csv_text([r.replace(",", ";") for r in good_rows(5)],
-                                                 header=HEADER.replace(",", ";")))
+    write(
+        world["landing"],
+        "semi.csv",
+        csv_text([r.replace(",", ";") for r in good_rows(5)], header=HEADER.replace(",", ";")),
+    )
     expect_failure(world, "semi.csv", "missing required column", "';'-delimited")
     assert_published_unchanged(world)
 
@@ -152,8 +173,9 @@ def test_too_many_bad_rows_fail_the_file_naming_rows_and_reasons(world):
     lines[3] = lines[3].replace(",u3,", ",,")  # data row 4
     lines[7] = lines[7].replace(",u7,", ",NaN,")  # data row 8
     write(world["landing"], "holes.csv", csv_text(lines))
-    error = expect_failure(world, "holes.csv", "2 of 20 rows (10.00%)", "user_id missing",
-                           "row 4", "row 8")
+    error = expect_failure(
+        world, "holes.csv", "2 of 20 rows (10.00%)", "user_id missing", "row 4", "row 8"
+    )
     assert error.row == 4
     assert_published_unchanged(world)
 
@@ -167,7 +189,9 @@ def test_nan_or_empty_ids_are_quarantined_with_reasons(world):
     report, validation = run_stages(world)
     rejected = quarantined(report)
     assert dict(zip(rejected["source_row"], rejected["reason"])) == {
-        11: "user_id missing", 21: "item_id missing"}
+        11: "user_id missing",
+        21: "item_id missing",
+    }
     assert report.rows_new == 98 and validation.passed and validation.bad_rows == 0
     assert_published_unchanged(world)
 
@@ -236,9 +260,12 @@ def test_mixed_timestamp_formats_land_in_their_utc_partition(world):
     report, validation = run_stages(world)
     lake = lake_frame(world).set_index("event_id")["timestamp"]
     assert lake.to_dict() == {
-        "e1": pd.Timestamp("2024-03-03T01:30:00Z"), "e2": pd.Timestamp("2024-03-02T00:00:00Z"),
-        "e3": pd.Timestamp("2024-03-02T00:00:00Z"), "e4": pd.Timestamp("2024-03-04T10:00:00Z"),
-        "e5": pd.Timestamp("2024-03-05T04:30:00.123Z")}
+        "e1": pd.Timestamp("2024-03-03T01:30:00Z"),
+        "e2": pd.Timestamp("2024-03-02T00:00:00Z"),
+        "e3": pd.Timestamp("2024-03-02T00:00:00Z"),
+        "e4": pd.Timestamp("2024-03-04T10:00:00Z"),
+        "e5": pd.Timestamp("2024-03-05T04:30:00.123Z"),
+    }
     assert (world["lake"] / "event_date=2024-03-03").is_dir()
     assert report.rows_new == 5 and validation.passed
     assert_published_unchanged(world)
@@ -260,27 +287,63 @@ def test_ten_thousand_duplicated_rows_are_stored_once(world):
 
 def test_extra_and_pii_columns_never_reach_the_lake(world):
     header = HEADER + ",email,ip,name,phone,address,referrer"
-    pii = ["alice@example.com", "203.0.113.7", "Alice Liddell", "+44 20 7946 0000",
-           "1 Rabbit Hole Lane"]
+    pii = [
+        "alice@example.com",
+        "203.0.113.7",
+        "Alice Liddell",
+        "+44 20 7946 0000",
+        "1 Rabbit Hole Lane",
+    ]
     lines = [f"{r},{','.join(pii)},https://shop.example/x" for r in good_rows(30)]
     write(world["landing"], "pii.csv", csv_text(lines, header=header))
-    jsonl = "\n".join(json.dumps({"event_id": f"j{i}", "user_id": "u1", "item_id": "i1",
-                                  "event_type": "view", "timestamp": "2024-03-02T10:00:00Z",
-                                  "user_email": pii[0], "client_ip": pii[1]}) for i in range(5))
+    jsonl = "\n".join(
+        json.dumps(
+            {
+                "event_id": f"j{i}",
+                "user_id": "u1",
+                "item_id": "i1",
+                "event_type": "view",
+                "timestamp": "2024-03-02T10:00:00Z",
+                "user_email": pii[0],
+                "client_ip": pii[1],
+            }
+        )
+        for i in range(5)
+    )
     write(world["landing"], "pii.jsonl.gz", gzip.compress((jsonl + "\n").encode()))
     broken = csv_text(good_rows(30, prefix="b")) + f"b99,u1,{pii[0]}"  # malformed last line
     write(world["landing"], "pii_tail.csv", broken)
     report, validation = run_stages(world)
     assert report.rows_new == 65 and report.rows_rejected == 1 and validation.passed
-    assert set(report.pii_columns) == {"email", "ip", "name", "phone", "address", "user_email",
-                                       "client_ip"}
+    assert set(report.pii_columns) == {
+        "email",
+        "ip",
+        "name",
+        "phone",
+        "address",
+        "user_email",
+        "client_ip",
+    }
     assert "referrer" in report.dropped_columns
     lake_root = world["lake"].parent
     files = [p for p in lake_root.rglob("*") if p.is_file()]
     assert any(p.suffix == ".parquet" and "quarantine" in p.parts for p in files)
-    allowed = {"event_id", "user_id", "item_id", "event_type", "timestamp", "value", "device",
-               "session_id", "position", "placement", "source_file", "source_row",
-               "ingested_at", "reason"}
+    allowed = {
+        "event_id",
+        "user_id",
+        "item_id",
+        "event_type",
+        "timestamp",
+        "value",
+        "device",
+        "session_id",
+        "position",
+        "placement",
+        "source_file",
+        "source_row",
+        "ingested_at",
+        "reason",
+    }
     for path in files:
         if path.suffix == ".parquet":
             assert set(pq.read_schema(path).names) <= allowed, path
@@ -361,8 +424,7 @@ def test_cr_only_and_crlf_files_are_ingested_like_lf_ones(world, newline):
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo", "dangling link", "link outside"])
-def test_entries_that_are_not_regular_files_fail_alone_and_are_never_read(world, tmp_path,
-                                                                          kind):
+def test_entries_that_are_not_regular_files_fail_alone_and_are_never_read(world, tmp_path, kind):
     """Named in the failure, nothing read from them (a link to a file outside the landing
     folder is not followed, so no line of it can be echoed), and the good file still lands."""
     secret = tmp_path / "secret.csv"
@@ -377,8 +439,12 @@ def test_entries_that_are_not_regular_files_fail_alone_and_are_never_read(world,
         odd.symlink_to(tmp_path / "gone.csv")
     else:
         odd.symlink_to(secret)
-    reason = {"directory": "a directory", "fifo": "a FIFO", "dangling link": "dangling",
-              "link outside": "outside the landing folder"}[kind]
+    reason = {
+        "directory": "a directory",
+        "fifo": "a FIFO",
+        "dangling link": "dangling",
+        "link outside": "outside the landing folder",
+    }[kind]
     error = expect_failure(world, "odd.csv", reason)
     assert "TOPSECRET" not in str(error)
     assert error.report.rows_new == 30 and error.report.failed == ["odd.csv"]
@@ -414,31 +480,76 @@ def test_a_file_that_cannot_be_read_fails_alone_naming_it(world, monkeypatch):
 def test_a_byte_order_mark_before_a_quoted_header_or_a_json_line_is_read_as_one(world):
     quoted = ",".join(f'"{name}"' for name in HEADER.split(","))
     write(world["landing"], "bom.csv", "\ufeff" + csv_text(good_rows(5), header=quoted))
-    lines = [json.dumps({"event_id": f"j{i}", "user_id": "u1", "item_id": "i1",
-                         "event_type": "view", "timestamp": "2024-03-01T00:00:00Z"})
-             for i in range(3)]
+    lines = [
+        json.dumps(
+            {
+                "event_id": f"j{i}",
+                "user_id": "u1",
+                "item_id": "i1",
+                "event_type": "view",
+                "timestamp": "2024-03-01T00:00:00Z",
+            }
+        )
+        for i in range(3)
+    ]
     write(world["landing"], "bom.jsonl", "\ufeff" + "\n".join(lines) + "\n")
     report, _ = run_stages(world)
     assert report.files_failed == 0 and report.rows_rejected == 0
-    assert sorted(lake_frame(world)["event_id"]) == [*(f"e{i:03d}" for i in range(5)),
-                                                     "j0", "j1", "j2"]  # ids kept, not derived
+    assert sorted(lake_frame(world)["event_id"]) == [
+        *(f"e{i:03d}" for i in range(5)),
+        "j0",
+        "j1",
+        "j2",
+    ]  # ids kept, not derived
 
 
 def test_ids_have_one_text_form_whatever_their_type_in_the_file(world):
     """JSON 196 and 196.0 are one user, a Parquet float id 7.0 is "7", an object or array
     where an id belongs is quarantined; device and event type ignore case and spaces."""
-    records = [{"event_id": "a1", "user_id": 196, "item_id": "i1", "event_type": "view",
-                "timestamp": "2024-03-01T00:00:00Z", "device": " Mobile"},
-               {"event_id": "a2", "user_id": 196.0, "item_id": "i2", "event_type": " VIEW ",
-                "timestamp": "2024-03-01T00:00:00Z"},
-               {"event_id": "a3", "user_id": {"id": 9, "email": "x@example.com"},
-                "item_id": "i1", "event_type": "view", "timestamp": "2024-03-01T00:00:00Z"}]
-    records += [{"event_id": f"b{i}", "user_id": f"u{i}", "item_id": "i1",
-                 "event_type": "view", "timestamp": "2024-03-01T00:00:00Z"} for i in range(40)]
+    records = [
+        {
+            "event_id": "a1",
+            "user_id": 196,
+            "item_id": "i1",
+            "event_type": "view",
+            "timestamp": "2024-03-01T00:00:00Z",
+            "device": " Mobile",
+        },
+        {
+            "event_id": "a2",
+            "user_id": 196.0,
+            "item_id": "i2",
+            "event_type": " VIEW ",
+            "timestamp": "2024-03-01T00:00:00Z",
+        },
+        {
+            "event_id": "a3",
+            "user_id": {"id": 9, "email": "x@example.com"},
+            "item_id": "i1",
+            "event_type": "view",
+            "timestamp": "2024-03-01T00:00:00Z",
+        },
+    ]
+    records += [
+        {
+            "event_id": f"b{i}",
+            "user_id": f"u{i}",
+            "item_id": "i1",
+            "event_type": "view",
+            "timestamp": "2024-03-01T00:00:00Z",
+        }
+        for i in range(40)
+    ]
     write(world["landing"], "mixed.jsonl", "\n".join(json.dumps(r) for r in records) + "\n")
-    floats = pd.DataFrame({"event_id": ["p1", "p2"], "user_id": [7.0, 0.0],
-                           "item_id": [3.0, 2.5], "event_type": ["click", "click"],
-                           "timestamp": ["2024-03-01T00:00:00Z"] * 2})
+    floats = pd.DataFrame(
+        {
+            "event_id": ["p1", "p2"],
+            "user_id": [7.0, 0.0],
+            "item_id": [3.0, 2.5],
+            "event_type": ["click", "click"],
+            "timestamp": ["2024-03-01T00:00:00Z"] * 2,
+        }
+    )
     floats.to_parquet(world["landing"] / "floats.parquet")
     os.utime(world["landing"] / "floats.parquet", (OLD, OLD))
     report, _ = run_stages(world)

@@ -18,8 +18,14 @@ KNOBS = {
     "new_items": {"new_items": 20, "new_item_share": 0.5},
     "devices": {"device_mix": {"tv": 0.7, "mobile": 0.3}},
     "volume": {"volume": 0.3},
-    "all": {"popularity_shift": 0.5, "new_items": 5, "new_item_share": 0.2,
-            "device_mix": {"tablet": 1.0}, "volume": 0.5, "seed": 7},
+    "all": {
+        "popularity_shift": 0.5,
+        "new_items": 5,
+        "new_item_share": 0.2,
+        "device_mix": {"tablet": 1.0},
+        "volume": 0.5,
+        "seed": 7,
+    },
 }
 
 
@@ -62,8 +68,11 @@ def test_funnel_prices_and_publication_stay_consistent(data: DemoData, knobs: di
     out = plant_drift(data, DriftPlan(start=START, **knobs))
     events = out.events
     keys = ["user_id", "item_id", "session_id"]
-    for later, earlier in [("click", "view"), ("add_to_cart", "click"),
-                           ("purchase", "add_to_cart")]:
+    for later, earlier in [
+        ("click", "view"),
+        ("add_to_cart", "click"),
+        ("purchase", "add_to_cart"),
+    ]:
         first = events[events["event_type"] == earlier].groupby(keys)["timestamp"].min()
         late = events[events["event_type"] == later].join(first.rename("earlier"), on=keys)
         assert (late["earlier"] < late["timestamp"]).all()  # NaT (no earlier step) fails too
@@ -90,7 +99,7 @@ def test_popularity_shift_demotes_the_head(data: DemoData) -> None:
 
 def test_new_items_flood(data: DemoData) -> None:
     out = plant_drift(data, DriftPlan(start=START, new_items=20, new_item_share=0.5))
-    new = out.items.iloc[len(data.items):]
+    new = out.items.iloc[len(data.items) :]
     assert len(out.items) == len(data.items) + 20
     assert list(new["item_id"]) == [f"i{n}" for n in range(100, 120)]
     assert out.items["item_id"].is_unique
@@ -114,8 +123,9 @@ def test_device_mix_is_applied_per_session(data: DemoData) -> None:
     sessions = out.events[out.events["session_id"].isin(started_after[started_after].index)]
     assert (sessions.groupby("session_id")["device"].nunique() == 1).all()
 
-    mixed = _after(plant_drift(data, DriftPlan(start=START, device_mix={"tv": 0.7,
-                                                                        "mobile": 0.3})).events)
+    mixed = _after(
+        plant_drift(data, DriftPlan(start=START, device_mix={"tv": 0.7, "mobile": 0.3})).events
+    )
     assert set(mixed["device"]) == {"tv", "mobile"}
     per_session = mixed.groupby("session_id")["device"].first().value_counts(normalize=True)
     assert per_session["tv"] == pytest.approx(0.7, abs=0.05)
@@ -137,8 +147,11 @@ def test_sessionless_events_group_by_user_and_day(data: DemoData) -> None:
     events = data.events.assign(session_id=pd.NA).astype(data.events.dtypes.to_dict())
     bare = DemoData(events=events, items=data.items, users=data.users)
     out = plant_drift(bare, DriftPlan(start=START, volume=0.3, device_mix={"tv": 1.0}))
-    sizes_in = _after(events).groupby([_after(events)["user_id"],
-                                       _after(events)["timestamp"].dt.date]).size()
+    sizes_in = (
+        _after(events)
+        .groupby([_after(events)["user_id"], _after(events)["timestamp"].dt.date])
+        .size()
+    )
     after = _after(out.events)
     sizes_out = after.groupby([after["user_id"], after["timestamp"].dt.date]).size()
     assert 0.2 < len(sizes_out) / len(sizes_in) < 0.4
@@ -159,14 +172,32 @@ def test_same_seed_same_output_and_different_seed_differs(data: DemoData) -> Non
 
 
 def test_plan_validation_and_description() -> None:
-    plan = DriftPlan(start="2024-01-16", popularity_shift=0.5, new_items=20, new_item_share=0.5,
-                     device_mix={"tv": 3, "mobile": 1}, volume=0.3, seed=4)
-    assert str(plan) == plan.describe() == (
-        "drift from 2024-01-16T00:00:00Z: popularity_shift=0.5, new_items=20 at share 0.5, "
-        "device_mix={tv: 0.75, mobile: 0.25}, volume=0.3 (seed 4)")
+    plan = DriftPlan(
+        start="2024-01-16",
+        popularity_shift=0.5,
+        new_items=20,
+        new_item_share=0.5,
+        device_mix={"tv": 3, "mobile": 1},
+        volume=0.3,
+        seed=4,
+    )
+    assert (
+        str(plan)
+        == plan.describe()
+        == (
+            "drift from 2024-01-16T00:00:00Z: popularity_shift=0.5, new_items=20 at share 0.5, "
+            "device_mix={tv: 0.75, mobile: 0.25}, volume=0.3 (seed 4)"
+        )
+    )
     assert str(DriftPlan(start=START)) == "drift from 2024-01-16T00:00:00Z: none (seed 0)"
     assert plan.start_utc == START
-    for bad in ({"popularity_shift": 1.5}, {"volume": -0.1}, {"new_item_share": 0.2},
-                {"new_items": -1}, {"device_mix": {"toaster": 1.0}}, {"device_mix": {"tv": 0}}):
+    for bad in (
+        {"popularity_shift": 1.5},
+        {"volume": -0.1},
+        {"new_item_share": 0.2},
+        {"new_items": -1},
+        {"device_mix": {"toaster": 1.0}},
+        {"device_mix": {"tv": 0}},
+    ):
         with pytest.raises(ValueError):
             DriftPlan(start=START, **bad)

@@ -65,7 +65,8 @@ def test_users_items_and_habits(world, empirical):
     assert np.array_equal(empirical.published_at, truth.published_at[items])
     names = np.asarray(empirical.category_names, dtype=object)
     assert list(names[empirical.category]) == list(
-        np.asarray(truth.category_names, dtype=object)[truth.category[items]])
+        np.asarray(truth.category_names, dtype=object)[truth.category[items]]
+    )
     assert empirical.category_names[-1] == sim.UNKNOWN_CATEGORY
     assert (empirical.style == 0).all()
     assert ((empirical.styles == 0) == (empirical.prefs >= 0)).all()
@@ -83,10 +84,20 @@ def test_users_items_and_habits(world, empirical):
 
 
 def test_same_arguments_same_truth(world, empirical):
-    again = sim.empirical_truth(world.data.events.sample(frac=1.0, random_state=1),
-                                world.data.items)
-    for name in ("user_ids", "prefs", "strength", "sessions_per_day", "primary_device",
-                 "item_ids", "category", "popularity", "published_at"):
+    again = sim.empirical_truth(
+        world.data.events.sample(frac=1.0, random_state=1), world.data.items
+    )
+    for name in (
+        "user_ids",
+        "prefs",
+        "strength",
+        "sessions_per_day",
+        "primary_device",
+        "item_ids",
+        "category",
+        "popularity",
+        "published_at",
+    ):
         assert np.array_equal(getattr(again, name), getattr(empirical, name)), name
 
 
@@ -101,11 +112,15 @@ def test_affinity_is_higher_for_a_users_top_category_items(empirical):
     highest_outside = np.where(in_any, -np.inf, aff).max(axis=1)
     assert (lowest_in_top > highest_outside).all()
     # a preferred category is the whole match (one style): base + (1 - base) * strength
-    base = syn.AFFINITY_BASE * (1 - syn.AFFINITY_POPULARITY_SHARE
-                                + syn.AFFINITY_POPULARITY_SHARE * np.sqrt(empirical.popularity))
+    base = syn.AFFINITY_BASE * (
+        1
+        - syn.AFFINITY_POPULARITY_SHARE
+        + syn.AFFINITY_POPULARITY_SHARE * np.sqrt(empirical.popularity)
+    )
     users, items = np.nonzero(in_any)
-    assert np.allclose(aff[users, items],
-                       base[items] + (1 - base[items]) * empirical.strength[users])
+    assert np.allclose(
+        aff[users, items], base[items] + (1 - base[items]) * empirical.strength[users]
+    )
     users, items = np.nonzero(~in_any)
     assert np.allclose(aff[users, items], base[items])
 
@@ -120,8 +135,12 @@ def test_lists_the_stand_in_prefers_are_truly_better(world, empirical):
     rng = np.random.default_rng(0)
     u, i = rng.integers(0, empirical.n_users, 20_000), rng.integers(0, empirical.n_items, 20_000)
     items = truth.item_index(empirical.item_ids)
-    assert np.corrcoef(empirical.affinity_by_index(u, i),
-                       truth.affinity_by_index(users[u], items[i]))[0, 1] >= 0.5  # ~0.71
+    assert (
+        np.corrcoef(empirical.affinity_by_index(u, i), truth.affinity_by_index(users[u], items[i]))[
+            0, 1
+        ]
+        >= 0.5
+    )  # ~0.71
 
 
 # ---- MovieLens-shaped data -------------------------------------------------------------------
@@ -131,25 +150,40 @@ def _movielens_like() -> tuple[pd.DataFrame, pd.DataFrame]:
     are no taste."""
     rows = []
     t0 = pd.Timestamp("1998-01-05T10:00:00Z")
-    tastes = {"1": ["10", "11", "12", "13", "20"],  # Drama x4, Comedy
-              "2": ["20", "21", "22", "10", "30"],  # Comedy x3, Drama, Action
-              "3": ["30", "31", "40", "41", "99"]}  # Action x2, unknown x2, not listed
+    tastes = {
+        "1": ["10", "11", "12", "13", "20"],  # Drama x4, Comedy
+        "2": ["20", "21", "22", "10", "30"],  # Comedy x3, Drama, Action
+        "3": ["30", "31", "40", "41", "99"],
+    }  # Action x2, unknown x2, not listed
     for u, (user, watched) in enumerate(tastes.items()):
         for k, item in enumerate(watched):
-            rows.append((f"ml-{user}-{item}", user, item, "rating",
-                         t0 + pd.Timedelta(days=3 * k + u), float(1 + (k % 5))))
-    rows += [(f"imp-1-{k}", "1", "30", "impression", t0 + pd.Timedelta(days=20, minutes=k), None)
-             for k in range(20)]  # shown Action twenty times: not a taste
+            rows.append(
+                (
+                    f"ml-{user}-{item}",
+                    user,
+                    item,
+                    "rating",
+                    t0 + pd.Timedelta(days=3 * k + u),
+                    float(1 + (k % 5)),
+                )
+            )
+    rows += [
+        (f"imp-1-{k}", "1", "30", "impression", t0 + pd.Timedelta(days=20, minutes=k), None)
+        for k in range(20)
+    ]  # shown Action twenty times: not a taste
     rows.append(("imp-9", "9", "10", "impression", t0, None))  # only impressions: no tastes
-    events = pd.DataFrame(rows, columns=["event_id", "user_id", "item_id", "event_type",
-                                         "timestamp", "value"])
-    items = pd.DataFrame({  # as read_side_file gives it: all text, blanks missing
-        "item_id": ["10", "11", "12", "13", "20", "21", "22", "30", "31", "40", "41"],
-        "title": [f"Film {k}" for k in range(11)],
-        "category": ["Drama"] * 4 + ["Comedy"] * 3 + ["Action"] * 2 + ["unknown", pd.NA],
-        "published_at": ["1995-01-01T00:00:00Z"] * 10 + [pd.NA],
-        "available": ["True"] * 11,
-    }).astype("string")
+    events = pd.DataFrame(
+        rows, columns=["event_id", "user_id", "item_id", "event_type", "timestamp", "value"]
+    )
+    items = pd.DataFrame(
+        {  # as read_side_file gives it: all text, blanks missing
+            "item_id": ["10", "11", "12", "13", "20", "21", "22", "30", "31", "40", "41"],
+            "title": [f"Film {k}" for k in range(11)],
+            "category": ["Drama"] * 4 + ["Comedy"] * 3 + ["Action"] * 2 + ["unknown", pd.NA],
+            "published_at": ["1995-01-01T00:00:00Z"] * 10 + [pd.NA],
+            "available": ["True"] * 11,
+        }
+    ).astype("string")
     return events, items
 
 
@@ -160,7 +194,10 @@ def test_a_movielens_shaped_truth():
     assert truth.category_names == ("Action", "Comedy", "Drama", sim.UNKNOWN_CATEGORY)
     names = np.asarray(truth.category_names + ("",), dtype=object)
     assert [list(names[p][p >= 0]) for p in truth.prefs] == [
-        ["Drama", "Comedy"], ["Comedy", "Drama", "Action"], ["Action"]]
+        ["Drama", "Comedy"],
+        ["Comedy", "Drama", "Action"],
+        ["Action"],
+    ]
     assert truth.strength == pytest.approx([1.0, 1.0, 0.4])
     assert list(truth.primary_device) == ["desktop"] * 3
     assert (truth.price == 0).all()
@@ -180,13 +217,26 @@ def test_a_movielens_shaped_truth():
 def test_simulate_day_on_movielens_shaped_data():
     events, items = _movielens_like()
     truth = sim.empirical_truth(events, items)
-    lists = pd.DataFrame({"user_id": ["1", "1", "2", DEFAULT_USER, DEFAULT_USER],
-                          "rank": [1, 2, 1, 1, 2], "item_id": ["10", "30", "20", "12", "22"]})
+    lists = pd.DataFrame(
+        {
+            "user_id": ["1", "1", "2", DEFAULT_USER, DEFAULT_USER],
+            "rank": [1, 2, 1, 1, 2],
+            "item_id": ["10", "30", "20", "12", "22"],
+        }
+    )
     # everyone visits, every examined item is clicked as often as its affinity, then bought
-    eager = sim.ClickModel(position_decay=0.0, base_ctr_scale=1.0, cart_base=1.0,
-                           cart_slope=0.0, purchase_base=1.0, purchase_slope=0.0)
-    frames = [sim.simulate_day(truth, lists, "1998-03-01", click_model=eager, visit_rate=1.0,
-                               seed=seed) for seed in range(20)]
+    eager = sim.ClickModel(
+        position_decay=0.0,
+        base_ctr_scale=1.0,
+        cart_base=1.0,
+        cart_slope=0.0,
+        purchase_base=1.0,
+        purchase_slope=0.0,
+    )
+    frames = [
+        sim.simulate_day(truth, lists, "1998-03-01", click_model=eager, visit_rate=1.0, seed=seed)
+        for seed in range(20)
+    ]
     day = pd.concat(frames, ignore_index=True)
     assert list(day.columns) == list(sim.SIM_COLUMNS)
     assert (day["event_type"] == "impression").sum() == 20 * 5  # 2 + 1 + 2 (user 3: default)
@@ -196,8 +246,7 @@ def test_simulate_day_on_movielens_shaped_data():
     assert set(day["device"]) == {"desktop"}
     assert day["timestamp"].dt.date.astype(str).eq("1998-03-01").all()
 
-    served = sim.simulate_served(truth, lists, "1998-03-01", 2, click_model=eager,
-                                 visit_rate=1.0)
+    served = sim.simulate_served(truth, lists, "1998-03-01", 2, click_model=eager, visit_rate=1.0)
     sales = served.events["event_type"].isin(["add_to_cart", "purchase"])
     assert sales.any() and served.events.loc[sales, "value"].isna().all()  # no price, no value
     assert served.users == 3 and served.skipped_users == 0 and served.cutoffs == (None, None)
@@ -208,13 +257,15 @@ def test_simulate_served_plays_the_live_set_and_skips_unknown_users(world, empir
     day1, day2 = dt.datetime(2024, 1, 31, tzinfo=UTC), dt.datetime(2024, 2, 1, tzinfo=UTC)
     users = empirical.user_ids[:400]
     own = sim.oracle_lists(empirical, 5, users=users).assign(
-        variant=lambda f: np.where(f["user_id"].str[1:].astype(int) % 2, "a", "b"))
+        variant=lambda f: np.where(f["user_id"].str[1:].astype(int) % 2, "a", "b")
+    )
     default = sim.popularity_list(empirical, 5)
     ghost = default.assign(user_id="ghost", variant="a")
     odd_item = own.head(1).assign(user_id="u1", item_id="no-such-item", rank=99, variant="a")
     first = pd.concat([own, default, ghost, odd_item], ignore_index=True).assign(cutoff=day1)
     second = pd.concat([own.drop(columns="variant"), default], ignore_index=True).assign(
-        cutoff=day2, variant=None)
+        cutoff=day2, variant=None
+    )
     served = pd.concat([first, second], ignore_index=True)
 
     result = sim.simulate_served(empirical, served, day1, 2, seed=4)
@@ -228,15 +279,16 @@ def test_simulate_served_plays_the_live_set_and_skips_unknown_users(world, empir
     assert set(events.loc[days == "2024-01-31", "variant"]) == {"a", "b", sim.NO_VARIANT}
     assert set(events.loc[days == "2024-02-01", "variant"]) == {sim.NO_VARIANT}
     # day one is that day simulated alone with the live set's usable rows
-    alone = sim.simulate_day(empirical, pd.concat([own, default.assign(
-        variant=sim.NO_VARIANT)]), day1, seed=4)
-    pd.testing.assert_frame_equal(events[days == "2024-01-31"].reset_index(drop=True),
-                                  alone, check_dtype=False)
+    alone = sim.simulate_day(
+        empirical, pd.concat([own, default.assign(variant=sim.NO_VARIANT)]), day1, seed=4
+    )
+    pd.testing.assert_frame_equal(
+        events[days == "2024-01-31"].reset_index(drop=True), alone, check_dtype=False
+    )
 
 
 # ---- the command -----------------------------------------------------------------------------
-def test_simulate_day_command_writes_a_landing_file_that_parses_back(tmp_path, monkeypatch,
-                                                                     capsys):
+def test_simulate_day_command_writes_a_landing_file_that_parses_back(tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
     from pipeline.lake.demo import write_landing
     from pipeline.lake.ingest import ingest_lake
@@ -258,16 +310,28 @@ def test_simulate_day_command_writes_a_landing_file_that_parses_back(tmp_path, m
 
     lake_root = settings.lake_events_dir.parent
     truth = sim.empirical_truth(data.events, data.items)
-    lists = pd.concat([sim.oracle_lists(truth, 10, users=truth.user_ids[:150]),
-                       sim.popularity_list(truth, 10),
-                       sim.popularity_list(truth, 10, user_id="newcomer")], ignore_index=True)
-    write_served(lake_root, lists, cutoff=day - dt.timedelta(days=1), published_at=day,
-                 model_version="1")
+    lists = pd.concat(
+        [
+            sim.oracle_lists(truth, 10, users=truth.user_ids[:150]),
+            sim.popularity_list(truth, 10),
+            sim.popularity_list(truth, 10, user_id="newcomer"),
+        ],
+        ignore_index=True,
+    )
+    write_served(
+        lake_root, lists, cutoff=day - dt.timedelta(days=1), published_at=day, model_version="1"
+    )
     assert main(["simulate-day", "2024-01-21", "--days", "2", "--seed", "9"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("simulated 2 day(s) from 2024-01-21 (seed 9): 300 users, ")
-    for word in ("visits", "impressions", "clicks", "carts", "purchases",
-                 "skipped 1 listed user(s) without events"):
+    for word in (
+        "visits",
+        "impressions",
+        "clicks",
+        "carts",
+        "purchases",
+        "skipped 1 listed user(s) without events",
+    ):
         assert word in line
 
     path = settings.landing_events_dir / "simulated-2024-01-21.csv.gz"
@@ -280,17 +344,29 @@ def test_simulate_day_command_writes_a_landing_file_that_parses_back(tmp_path, m
 
     # exactly what the library plays for the same inputs
     expected = sim.simulate_served(
-        sim.empirical_truth(load_snapshot(settings.lake_events_dir, day, 365),
-                            read_side_file(settings.landing_dir / "items.csv")),
-        read_served(lake_root, day, day + dt.timedelta(days=2)), day, 2, seed=9).events
+        sim.empirical_truth(
+            load_snapshot(settings.lake_events_dir, day, 365),
+            read_side_file(settings.landing_dir / "items.csv"),
+        ),
+        read_served(lake_root, day, day + dt.timedelta(days=2)),
+        day,
+        2,
+        seed=9,
+    ).events
     assert len(parsed) == len(expected)
-    for column in ("event_id", "user_id", "item_id", "event_type", "device", "session_id",
-                   "placement"):
+    for column in (
+        "event_id",
+        "user_id",
+        "item_id",
+        "event_type",
+        "device",
+        "session_id",
+        "placement",
+    ):
         assert list(parsed[column]) == list(expected[column]), column
     assert list(parsed["position"]) == list(expected["position"])
     assert (parsed["timestamp"].to_numpy() == expected["timestamp"].to_numpy()).all()
-    np.testing.assert_allclose(parsed["value"].to_numpy(float),
-                               expected["value"].to_numpy(float))
+    np.testing.assert_allclose(parsed["value"].to_numpy(float), expected["value"].to_numpy(float))
     counts = parsed["event_type"].value_counts()
     assert f"{counts['impression']:,} impressions" in line
     assert f"{parsed['session_id'].nunique():,} visits" in line

@@ -46,8 +46,13 @@ def _ingest(tmp_path, name: str, text: str):
     landing = tmp_path / "landing" / "events"
     landing.mkdir(parents=True, exist_ok=True)
     (landing / name).write_text(text)
-    return ingest_landing(landing, tmp_path / "lake" / "events", ingested_at=NOW,
-                          settle_seconds=0, max_bad_row_share=0.5)
+    return ingest_landing(
+        landing,
+        tmp_path / "lake" / "events",
+        ingested_at=NOW,
+        settle_seconds=0,
+        max_bad_row_share=0.5,
+    )
 
 
 def _lake_users(tmp_path) -> list[str]:
@@ -61,8 +66,16 @@ def _everything_text(root) -> bytes:
 
 def test_check_user_ids_refuses_what_cannot_be_an_id_and_stored_ids_are_the_cms_ids():
     assert check_user_ids(["a", "b", "a"]) == ["a", "b"]
-    for bad in ([], [""], [" a"], ["a\x00"], ["x" * 513], ["__default__"],
-                ["__default__:model"], [7]):
+    for bad in (
+        [],
+        [""],
+        [" a"],
+        ["a\x00"],
+        ["x" * 513],
+        ["__default__"],
+        ["__default__:model"],
+        [7],
+    ):
         with pytest.raises(ValueError):
             check_user_ids(bad)
     assert stored_user_id("u1") == "u1"  # identity until ids are pseudonymised at ingest
@@ -78,8 +91,12 @@ def test_the_tombstone_keeps_keyed_hashes_only_with_a_private_salt(tmp_path):
     assert FORGOTTEN not in text and "u9" not in text and len(text.split()) == 2
     assert stat.S_IMODE(os.stat(lake / "_erased" / "salt").st_mode) == 0o600
     loaded = Tombstone.load(lake)
-    assert loaded.matches(pd.Series([FORGOTTEN, "u2", None, "u9"])).tolist() == \
-        [True, False, False, True]
+    assert loaded.matches(pd.Series([FORGOTTEN, "u2", None, "u9"])).tolist() == [
+        True,
+        False,
+        False,
+        True,
+    ]
     # another lake has another salt: the same id hashes differently
     other, _ = add_to_tombstone(tmp_path / "other", [FORGOTTEN])
     assert other.digest(FORGOTTEN) != loaded.digest(FORGOTTEN)
@@ -110,8 +127,9 @@ def test_ingest_drops_a_forgotten_users_rows_from_an_old_or_resent_file(tmp_path
     erase_users(tmp_path / "lake", tmp_path / "runs", [FORGOTTEN])
     # The CMS sends the same export again (other bytes: another file to ingest), with one of
     # the user's rows broken (it would be quarantined) and one row of a new user.
-    resent = CSV.replace("2024-01-03T10:00:00Z", "not a time") + \
-        "e7,u4,i1,view,2024-01-04T10:00:00Z,1\n"
+    resent = (
+        CSV.replace("2024-01-03T10:00:00Z", "not a time") + "e7,u4,i1,view,2024-01-04T10:00:00Z,1\n"
+    )
     report = _ingest(tmp_path, "b.csv", resent)
     assert report.rows_erased == 3 and report.rows_new == 1 and report.rows_rejected == 0
     assert FORGOTTEN not in _lake_users(tmp_path) and "u4" in _lake_users(tmp_path)
@@ -120,8 +138,9 @@ def test_ingest_drops_a_forgotten_users_rows_from_an_old_or_resent_file(tmp_path
 
 
 def test_quarantine_rows_of_the_user_are_removed(tmp_path):
-    bad = CSV.replace("2024-01-02T10:00:00Z", "garbage").replace("e6,u3,i1,view,2024-01-01T12",
-                                                                 "e6,u3,i1,view,garbage-01T12")
+    bad = CSV.replace("2024-01-02T10:00:00Z", "garbage").replace(
+        "e6,u3,i1,view,2024-01-01T12", "e6,u3,i1,view,garbage-01T12"
+    )
     _ingest(tmp_path, "a.csv", bad)
     (quarantine,) = (tmp_path / "lake" / "quarantine").glob("*.parquet")
     assert sorted(pq.read_table(quarantine).column("user_id").to_pylist()) == [FORGOTTEN, "u3"]
@@ -132,11 +151,17 @@ def test_quarantine_rows_of_the_user_are_removed(tmp_path):
 
 
 def test_served_history_rows_of_the_user_are_removed(tmp_path):
-    lists = pd.DataFrame({"user_id": ["u2", FORGOTTEN, FORGOTTEN, "__default__"],
-                          "rank": [1, 1, 2, 1], "item_id": ["i1", "i2", "i3", "i1"]})
+    lists = pd.DataFrame(
+        {
+            "user_id": ["u2", FORGOTTEN, FORGOTTEN, "__default__"],
+            "rank": [1, 1, 2, 1],
+            "item_id": ["i1", "i2", "i3", "i1"],
+        }
+    )
     cutoff = dt.datetime(2024, 1, 5, tzinfo=UTC)
-    path = write_served(tmp_path / "lake", lists, cutoff=cutoff, published_at=cutoff,
-                        model_version="3")
+    path = write_served(
+        tmp_path / "lake", lists, cutoff=cutoff, published_at=cutoff, model_version="3"
+    )
     schema = pq.read_schema(path)
     done = erase_users(tmp_path / "lake", tmp_path / "runs", [FORGOTTEN])
     assert done.served_history_rows == 2
@@ -154,27 +179,42 @@ def _run_folder(root):
     (run / "data_docs" / "index.html").write_text("<p>failing rows</p>")
     users = ["u2", FORGOTTEN, "u3"]
     pq.write_table(pa.table({"user_id": pa.array(users, pa.string())}), run / "user_ids.parquet")
-    events = pa.table({"event_id": ["e1", "e2", "e3"], "user_id": [FORGOTTEN, "u2", "u3"],
-                       "item_id": ["i1", "i1", "i1"]})
+    events = pa.table(
+        {
+            "event_id": ["e1", "e2", "e3"],
+            "user_id": [FORGOTTEN, "u2", "u3"],
+            "item_id": ["i1", "i1", "i1"],
+        }
+    )
     pq.write_table(events, run / "events_raw.parquet")
     os.link(run / "events_raw.parquet", run / "events.parquet")  # as validate makes it
-    pq.write_table(pa.table({"user_id": pa.array([1, 0, 2, 1], pa.int32()),
-                             "item_id": pa.array([0, 0, 0, 1], pa.int32())}),
-                   run / "events_encoded.parquet")
-    pq.write_table(pa.table({"user_id": pa.array([0, 1, 2], pa.int32()),
-                             "recency_days": [1.0, 2.0, 3.0]}),
-                   run / "features" / "as_of=2024-01-05T000000" / "user_features.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array([1, 0, 2, 1], pa.int32()),
+                "item_id": pa.array([0, 0, 0, 1], pa.int32()),
+            }
+        ),
+        run / "events_encoded.parquet",
+    )
+    pq.write_table(
+        pa.table({"user_id": pa.array([0, 1, 2], pa.int32()), "recency_days": [1.0, 2.0, 3.0]}),
+        run / "features" / "as_of=2024-01-05T000000" / "user_features.parquet",
+    )
     # the bundle has its own id map (other codes) and the side file's rows
-    pq.write_table(pa.table({"user_id": pa.array([FORGOTTEN, "u3"], pa.large_string())}),
-                   run / "model" / "users.parquet")
-    pq.write_table(pa.table({"user_id": ["u2", FORGOTTEN], "age_band": ["18-24", "25-34"]}),
-                   run / "model" / "side_users.parquet")
+    pq.write_table(
+        pa.table({"user_id": pa.array([FORGOTTEN, "u3"], pa.large_string())}),
+        run / "model" / "users.parquet",
+    )
+    pq.write_table(
+        pa.table({"user_id": ["u2", FORGOTTEN], "age_band": ["18-24", "25-34"]}),
+        run / "model" / "side_users.parquet",
+    )
     pq.write_table(pa.table({"item_id": ["i1"], "title": ["t"]}), run / "model" / "items.parquet")
     (run / "register.json").write_text(json.dumps({"version": "4", "decision": "promote"}))
     other = root / "runs" / "2023-12-01T000000"  # a run that never saw the user
     other.mkdir(parents=True)
-    pq.write_table(pa.table({"user_id": pa.array(["u2"], pa.string())}),
-                   other / "user_ids.parquet")
+    pq.write_table(pa.table({"user_id": pa.array(["u2"], pa.string())}), other / "user_ids.parquet")
     (other / "register.json").write_text(json.dumps({"version": "2"}))
     return run
 
@@ -193,17 +233,19 @@ def test_run_folders_drop_rows_blank_id_maps_and_name_the_model_versions(tmp_pat
     assert not (run / "data_docs").exists()
     ids = pq.read_table(run / "user_ids.parquet").column("user_id").to_pylist()
     assert ids == ["u2", f"{ERASED_PREFIX}1", "u3"]  # codes keep their meaning
-    assert pq.read_table(run / "model" / "users.parquet").column("user_id").to_pylist() == \
-        [f"{ERASED_PREFIX}0", "u3"]
+    assert pq.read_table(run / "model" / "users.parquet").column("user_id").to_pylist() == [
+        f"{ERASED_PREFIX}0",
+        "u3",
+    ]
     encoded = pq.read_table(run / "events_encoded.parquet").to_pydict()
     assert encoded == {"user_id": [0, 2], "item_id": [0, 0]}
-    features = pq.read_table(run / "features" / "as_of=2024-01-05T000000" /
-                             "user_features.parquet")
+    features = pq.read_table(run / "features" / "as_of=2024-01-05T000000" / "user_features.parquet")
     assert features.column("user_id").to_pylist() == [0, 2]
     for name in ("events_raw.parquet", "events.parquet"):
         assert pq.read_table(run / name).column("user_id").to_pylist() == ["u2", "u3"]
-    assert pq.read_table(run / "model" / "side_users.parquet").column("user_id").to_pylist() \
-        == ["u2"]
+    assert pq.read_table(run / "model" / "side_users.parquet").column("user_id").to_pylist() == [
+        "u2"
+    ]
     for path, schema in before.items():  # same columns and types (no partition columns added)
         assert pq.read_schema(path).equals(schema, check_metadata=False), path
     assert FORGOTTEN.encode() not in _everything_text(tmp_path / "runs")
@@ -218,13 +260,15 @@ def test_an_erasure_leaves_other_users_untouched(tmp_path):
     assert FORGOTTEN in _lake_users(tmp_path)
     ids = pq.read_table(tmp_path / "runs" / "2024-01-05T000000" / "user_ids.parquet")
     assert FORGOTTEN in ids.column("user_id").to_pylist()
-    assert np.array_equal(Tombstone.load(tmp_path / "lake").matches(
-        pd.Series([FORGOTTEN])), [False])
+    assert np.array_equal(
+        Tombstone.load(tmp_path / "lake").matches(pd.Series([FORGOTTEN])), [False]
+    )
 
 
 def test_the_users_side_file_is_read_without_forgotten_users(tmp_path):
-    users = pd.DataFrame({"user_id": ["u2", FORGOTTEN], "age_band": ["18-24", "25-34"]},
-                         dtype="string")
+    users = pd.DataFrame(
+        {"user_id": ["u2", FORGOTTEN], "age_band": ["18-24", "25-34"]}, dtype="string"
+    )
     assert without_erased_users(users, tmp_path / "lake") is users  # nothing erased yet
     add_to_tombstone(tmp_path / "lake", [FORGOTTEN])
     kept = without_erased_users(users, tmp_path / "lake")

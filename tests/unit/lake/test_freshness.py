@@ -16,8 +16,13 @@ LAKE_NEWEST = pd.Timestamp("1998-04-22T23:59:19Z")
 
 
 def _window(rows: int, newest: str | None, lake_newest=LAKE_NEWEST) -> WindowCheck:
-    return WindowCheck(CUTOFF, CUTOFF - dt.timedelta(days=365), rows,
-                       None if newest is None else pd.Timestamp(newest), lake_newest)
+    return WindowCheck(
+        CUTOFF,
+        CUTOFF - dt.timedelta(days=365),
+        rows,
+        None if newest is None else pd.Timestamp(newest),
+        lake_newest,
+    )
 
 
 def test_the_suggested_date_is_the_first_whose_cutoff_takes_every_lake_event():
@@ -59,6 +64,10 @@ def test_an_empty_lake_says_so():
 
 def test_the_window_facts_travel_as_plain_values():
     facts = _window(42, "2026-12-01T12:00Z").to_dict()
-    assert facts == {"window_start": "2025-12-02T00:00:00+00:00", "window_rows": 42,
-                     "window_newest": "2026-12-01T12:00:00+00:00",
-                     "lake_newest": "1998-04-22T23:59:19+00:00", "staleness_days": 0.5}
+    assert facts == {
+        "window_start": "2025-12-02T00:00:00+00:00",
+        "window_rows": 42,
+        "window_newest": "2026-12-01T12:00:00+00:00",
+        "lake_newest": "1998-04-22T23:59:19+00:00",
+        "staleness_days": 0.5,
+    }

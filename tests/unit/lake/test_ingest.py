@@ -33,8 +33,9 @@ def _landing(tmp_path):
 
 
 def test_parse_timestamps_mixed_formats_to_utc():
-    values = pd.Series(["2024-01-01T12:00:00+02:00", "1704110400", "1704110400000", "garbage",
-                        None])
+    values = pd.Series(
+        ["2024-01-01T12:00:00+02:00", "1704110400", "1704110400000", "garbage", None]
+    )
     parsed = parse_timestamps(values)
     expected = pd.Timestamp("2024-01-01T10:00:00Z")
     assert parsed.iloc[0] == expected
@@ -43,14 +44,17 @@ def test_parse_timestamps_mixed_formats_to_utc():
     assert parsed.iloc[3:].isna().all()
 
 
-@pytest.mark.parametrize(("values", "micros"), [
-    (["1706745600123", "1706745600000"], 123_000),           # epoch ms with a ms part
-    ([1706745600123, 1706745600000], 123_000),               # the same as numbers (JSONL)
-    (["1706745600.123", "1706745600"], 123_000),             # fractional epoch seconds
-    (["1706745600123456", "1706745600000000"], 123_456),     # epoch microseconds
-    (["1706745600123.5", "1706745600000"], 123_500),         # fractional milliseconds
-    (["2024-02-01T00:00:00.123456789Z", "2024-02-01T00:00:00Z"], 123_456),  # ISO, ns
-])
+@pytest.mark.parametrize(
+    ("values", "micros"),
+    [
+        (["1706745600123", "1706745600000"], 123_000),  # epoch ms with a ms part
+        ([1706745600123, 1706745600000], 123_000),  # the same as numbers (JSONL)
+        (["1706745600.123", "1706745600"], 123_000),  # fractional epoch seconds
+        (["1706745600123456", "1706745600000000"], 123_456),  # epoch microseconds
+        (["1706745600123.5", "1706745600000"], 123_500),  # fractional milliseconds
+        (["2024-02-01T00:00:00.123456789Z", "2024-02-01T00:00:00Z"], 123_456),  # ISO, ns
+    ],
+)
 def test_parse_timestamps_keeps_sub_second_parts_to_the_microsecond(values, micros):
     parsed = parse_timestamps(pd.Series(values))
     assert str(parsed.dtype) == "datetime64[us, UTC]"
@@ -64,12 +68,21 @@ def test_parse_timestamps_out_of_range_epochs_are_unreadable_not_a_crash():
 
 
 def test_normalise_drops_pii_and_no_consent_and_rejects_unreadable_rows():
-    raw = pd.DataFrame({
-        "user_id": ["u1", "u2", "", "u4"], "item_id": ["i1", "i1", "i1", "i1"],
-        "event_type": ["view", "view", "view", "view"],
-        "timestamp": ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00Z", "2024-01-01T00:00:00Z",
-                      "not a time"],
-        "consent": ["true", "false", "true", "true"], "ip": ["1.2.3.4"] * 4})
+    raw = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2", "", "u4"],
+            "item_id": ["i1", "i1", "i1", "i1"],
+            "event_type": ["view", "view", "view", "view"],
+            "timestamp": [
+                "2024-01-01T00:00:00Z",
+                "2024-01-01T00:00:00Z",
+                "2024-01-01T00:00:00Z",
+                "not a time",
+            ],
+            "consent": ["true", "false", "true", "true"],
+            "ip": ["1.2.3.4"] * 4,
+        }
+    )
     events, rejected, no_consent, dropped = normalise_events(raw, source="f.csv")
     assert list(events["user_id"]) == ["u1"]
     assert no_consent == 1
@@ -79,17 +92,26 @@ def test_normalise_drops_pii_and_no_consent_and_rejects_unreadable_rows():
     assert events["event_id"].iloc[0].startswith("h")  # derived when absent
 
 
-@pytest.mark.parametrize("consent", [
-    ["true", "", "false", "maybe"],          # blank and unrecognised among good values
-    [True, None, False, "maybe"],            # JSONL: some records carry no consent
-    [" YES ", "  ", "0", "maybe"],           # the documented words, any case and spacing
-])
+@pytest.mark.parametrize(
+    "consent",
+    [
+        ["true", "", "false", "maybe"],  # blank and unrecognised among good values
+        [True, None, False, "maybe"],  # JSONL: some records carry no consent
+        [" YES ", "  ", "0", "maybe"],  # the documented words, any case and spacing
+    ],
+)
 def test_consent_that_is_neither_true_nor_false_quarantines_the_row(consent):
     """One rule, chosen for privacy: consent is never assumed. Blank and unrecognised values
     are quarantined (kept out of the lake with a reason); false drops the event."""
-    raw = pd.DataFrame({"user_id": ["u1", "u2", "u3", "u4"], "item_id": ["i1"] * 4,
-                        "event_type": ["view"] * 4, "timestamp": ["2024-01-01T00:00:00Z"] * 4,
-                        "consent": consent})
+    raw = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u3", "u4"],
+            "item_id": ["i1"] * 4,
+            "event_type": ["view"] * 4,
+            "timestamp": ["2024-01-01T00:00:00Z"] * 4,
+            "consent": consent,
+        }
+    )
     events, rejected, no_consent, _ = normalise_events(raw, source="f.csv")
     assert list(events["user_id"]) == ["u1"] and no_consent == 1
     assert list(rejected["user_id"]) == ["u2", "u4"]
@@ -97,18 +119,30 @@ def test_consent_that_is_neither_true_nor_false_quarantines_the_row(consent):
 
 
 def test_an_all_blank_consent_column_quarantines_every_row():
-    raw = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1"] * 2,
-                        "event_type": ["view"] * 2, "timestamp": ["2024-01-01T00:00:00Z"] * 2,
-                        "consent": ["", None]})
+    raw = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2"],
+            "item_id": ["i1"] * 2,
+            "event_type": ["view"] * 2,
+            "timestamp": ["2024-01-01T00:00:00Z"] * 2,
+            "consent": ["", None],
+        }
+    )
     events, rejected, no_consent, _ = normalise_events(raw, source="f.csv")
     assert events.empty and len(rejected) == 2 and no_consent == 0
 
 
 def test_derived_event_ids_are_deterministic_and_distinct():
-    frame = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"],
-                          "event_type": ["view", "view"],
-                          "timestamp": pd.to_datetime(["2024-01-01", "2024-01-01"], utc=True),
-                          "value": [1.0, 1.0], "session_id": [None, None]})
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u", "u"],
+            "item_id": ["a", "b"],
+            "event_type": ["view", "view"],
+            "timestamp": pd.to_datetime(["2024-01-01", "2024-01-01"], utc=True),
+            "value": [1.0, 1.0],
+            "session_id": [None, None],
+        }
+    )
     first, second = derive_event_ids(frame), derive_event_ids(frame)
     assert list(first) == list(second)
     assert first.iloc[0] != first.iloc[1]
@@ -132,7 +166,9 @@ def test_reads_every_supported_format(tmp_path, fmt):
     assert (report.rows_read, report.rows_new, report.dropped_columns) == (3, 3, ["email"])
     # e1 and e2 fall on 2024-01-01 (e2 is 09:00 UTC); e3 (epoch 1704153600) on 2024-01-02.
     assert sorted(p.parent.name for p in lake.glob("*/*.parquet")) == [
-        "event_date=2024-01-01", "event_date=2024-01-02"]
+        "event_date=2024-01-01",
+        "event_date=2024-01-02",
+    ]
 
 
 def test_reingest_skips_known_content_and_dedupes_replays_by_event_id(tmp_path):
@@ -170,10 +206,13 @@ def test_missing_column_names_file_and_column(tmp_path):
         read_event_file(path)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "0 bytes"),
-    (gzip.compress(CSV.encode())[:40], "cannot be read"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "0 bytes"),
+        (gzip.compress(CSV.encode())[:40], "cannot be read"),
+    ],
+)
 def test_unreadable_files_raise_a_data_error_naming_the_file(tmp_path, content, message):
     name = "broken.csv.gz" if content[:2] == b"\x1f\x8b" else "broken.csv"
     path = tmp_path / name
@@ -209,7 +248,10 @@ def test_dropping_the_same_export_twice_leaves_the_lake_unchanged(tmp_path):
     second = ingest_landing(events_dir, lake, ingested_at=NOW)
     assert first.rows_new == len(data.events) == len(_lake_rows(lake))
     assert (second.rows_new, second.files_skipped, second.skipped) == (
-        0, 2, ["ml.csv.gz", "ml_copy.csv.gz"])
+        0,
+        2,
+        ["ml.csv.gz", "ml_copy.csv.gz"],
+    )
     assert len(_lake_rows(lake)) == len(data.events)
     (manifest_record,) = read_manifest(lake.parent)
     assert manifest_record["file"] == "ml.csv.gz" and manifest_record["rows_new"] == first.rows_new
@@ -226,11 +268,13 @@ def test_replayed_event_with_another_timestamp_is_not_stored_twice(tmp_path):
     lake_rows = _lake_rows(lake)
     assert lake_rows["event_id"].tolist().count("e1") == 1
     assert lake_rows.set_index("event_id").loc["e1", "timestamp"] == pd.Timestamp(
-        "2024-01-01T10:00:00Z")
+        "2024-01-01T10:00:00Z"
+    )
 
 
 def test_crash_between_partition_write_and_manifest_update_is_retried_exactly_once(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     import pipeline.lake.ingest as ingest_module
 
     events_dir, lake = _landing(tmp_path)
@@ -255,19 +299,20 @@ def test_crash_between_partition_write_and_manifest_update_is_retried_exactly_on
     assert again.files_skipped == 1 and len(_lake_rows(lake)) == 3
 
 
-def test_late_events_inside_the_window_land_in_their_partition_later_ones_are_quarantined(
-        tmp_path):
+def test_late_events_inside_the_window_land_in_their_partition_later_ones_are_quarantined(tmp_path):
     events_dir, lake = _landing(tmp_path)
     (events_dir / "a.csv").write_text(
-        "event_id,user_id,item_id,event_type,timestamp\n"
-        "e1,u1,i1,view,2024-03-05T10:00:00Z\n")  # the watermark
+        "event_id,user_id,item_id,event_type,timestamp\ne1,u1,i1,view,2024-03-05T10:00:00Z\n"
+    )  # the watermark
     ingest_landing(events_dir, lake, ingested_at=NOW)
     (events_dir / "b.csv").write_text(
         "event_id,user_id,item_id,event_type,timestamp\n"
         "e2,u1,i2,view,2024-03-03T10:00:00Z\n"  # 2 days late: within 3 days
-        "e3,u1,i3,view,2024-02-20T10:00:00Z\n")  # too late
-    report = ingest_landing(events_dir, lake, ingested_at=NOW,
-                            allowed_lateness=dt.timedelta(days=3))
+        "e3,u1,i3,view,2024-02-20T10:00:00Z\n"
+    )  # too late
+    report = ingest_landing(
+        events_dir, lake, ingested_at=NOW, allowed_lateness=dt.timedelta(days=3)
+    )
     assert (report.rows_new, report.rows_late) == (1, 1)
     assert report.watermark == "2024-03-05T10:00:00+00:00"
     assert (lake / "event_date=2024-03-03").is_dir()
@@ -281,13 +326,23 @@ def test_column_mapping_points_at_a_site_layout(tmp_path):
 
     events_dir, lake = _landing(tmp_path)
     (events_dir / "site.tsv").write_text(
-        "UID\tts\tkind\tproduct\tEmail\n"
-        "u1\t1709287200000\tview\tp1\ta@b.c\n")
+        "UID\tts\tkind\tproduct\tEmail\nu1\t1709287200000\tview\tp1\ta@b.c\n"
+    )
     (events_dir / "legacy.csv").write_text("usr,ts,kind,product\nu2,1709287200,click,p2\n")
     config = tmp_path / "landing" / "column_mapping.json"
-    config.write_text(json.dumps({"columns": {"uid": "user_id", "ts": "timestamp",
-                                              "kind": "event_type", "product": "item_id"},
-                                  "files": {"legacy*": {"usr": "user_id"}}}))
+    config.write_text(
+        json.dumps(
+            {
+                "columns": {
+                    "uid": "user_id",
+                    "ts": "timestamp",
+                    "kind": "event_type",
+                    "product": "item_id",
+                },
+                "files": {"legacy*": {"usr": "user_id"}},
+            }
+        )
+    )
     mapping = load_column_mapping(config, override='{"KIND": "event_type"}')
     report = ingest_landing(events_dir, lake, ingested_at=NOW, column_mapping=mapping)
     rows = _lake_rows(lake).sort_values("user_id")
@@ -318,9 +373,20 @@ def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path)
     assert lake_watermark(lake) >= snapshot.newest
     assert lake_watermark(tmp_path / "no-lake") is None
     pd.testing.assert_frame_equal(written, load_snapshot(lake, cutoff, 30))
-    assert list(written.columns) == ["event_id", "user_id", "item_id", "event_type",
-                                     "timestamp", "value", "device", "session_id",
-                                     "position", "placement", "source_file", "source_row"]
+    assert list(written.columns) == [
+        "event_id",
+        "user_id",
+        "item_id",
+        "event_type",
+        "timestamp",
+        "value",
+        "device",
+        "session_id",
+        "position",
+        "placement",
+        "source_file",
+        "source_row",
+    ]
     assert str(written["timestamp"].dtype) == "datetime64[us, UTC]"
     assert str(written["user_id"].dtype) == "string" and str(written["source_row"].dtype) == "int64"
 
@@ -329,9 +395,15 @@ def test_snapshot_file_matches_the_in_memory_snapshot_and_keeps_dtypes(tmp_path)
 def test_chunked_reading_keeps_every_row_and_its_source_row(tmp_path, fmt):
     from pipeline.lake.readers import iter_raw_chunks
 
-    frame = pd.DataFrame({"event_id": [f"e{i}" for i in range(4)], "user_id": ["u"] * 4,
-                          "item_id": ["i"] * 4, "event_type": ["view"] * 4,
-                          "timestamp": ["2024-01-01T00:00:00Z"] * 4})
+    frame = pd.DataFrame(
+        {
+            "event_id": [f"e{i}" for i in range(4)],
+            "user_id": ["u"] * 4,
+            "item_id": ["i"] * 4,
+            "event_type": ["view"] * 4,
+            "timestamp": ["2024-01-01T00:00:00Z"] * 4,
+        }
+    )
     path = tmp_path / f"events.{fmt}"
     if fmt == "csv":
         frame.to_csv(path, index=False)
@@ -346,7 +418,8 @@ def test_chunked_reading_keeps_every_row_and_its_source_row(tmp_path, fmt):
 
 
 def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_parts(
-        tmp_path, monkeypatch, caplog):
+    tmp_path, monkeypatch, caplog
+):
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -369,8 +442,9 @@ def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_part
 
     all_ids = _lake_rows(lake)["event_id"].tolist()
     calls = []
-    monkeypatch.setattr(event_ids, "hash_event_ids", lambda ids: calls.append(len(ids)) or
-                        real_hash(ids))
+    monkeypatch.setattr(
+        event_ids, "hash_event_ids", lambda ids: calls.append(len(ids)) or real_hash(ids)
+    )
     index, _ = event_ids.load_lake_index(lake)  # every part cached at commit: nothing re-hashed
     assert calls == [] and len(index) == len(all_ids)
     assert ids_found(index, all_ids + ["never-seen"]).tolist() == [True] * len(all_ids) + [False]
@@ -398,21 +472,26 @@ def test_lake_index_hashes_each_part_once_and_follows_rewritten_and_removed_part
         assert len(rebuilt["h1"]) == pq.read_table(torn).num_rows
     shutil.rmtree(lake / event_ids._HASH_CACHE)  # the README: delete the folder freely
     index, _ = event_ids.load_lake_index(lake)
-    assert len(calls) == len(lake_part_files(lake)) and len(index) == len(
-        _lake_rows(lake))
+    assert len(calls) == len(lake_part_files(lake)) and len(index) == len(_lake_rows(lake))
     assert all(event_ids._hash_cache_path(lake, p).exists() for p in lake_part_files(lake))
 
 
 def test_ids_no_database_could_store_are_quarantined_with_a_reason():
-    raw = pd.DataFrame({
-        "user_id": ["u1", "u\x002", "u3", "u" * 600, "u5"],
-        "item_id": ["i1", "i1", "i\t3", "i1", "i" * 512],
-        "event_type": ["view"] * 5, "timestamp": ["2024-01-01T00:00:00Z"] * 5})
+    raw = pd.DataFrame(
+        {
+            "user_id": ["u1", "u\x002", "u3", "u" * 600, "u5"],
+            "item_id": ["i1", "i1", "i\t3", "i1", "i" * 512],
+            "event_type": ["view"] * 5,
+            "timestamp": ["2024-01-01T00:00:00Z"] * 5,
+        }
+    )
     events, rejected, _, _ = normalise_events(raw, source="f.csv")
     assert list(events["user_id"]) == ["u1", "u5"]  # 512 characters is still an id
-    assert list(rejected["reason"]) == ["user_id contains a control character",
-                                        "item_id contains a control character",
-                                        "user_id longer than 512 characters"]
+    assert list(rejected["reason"]) == [
+        "user_id contains a control character",
+        "item_id contains a control character",
+        "user_id longer than 512 characters",
+    ]
 
 
 def test_numeric_id_columns_print_whole_numbers_as_integers():

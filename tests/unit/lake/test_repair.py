@@ -28,11 +28,12 @@ NOW = dt.datetime(2024, 1, 10, tzinfo=UTC)
 LATER = dt.datetime(2024, 1, 10, 6, tzinfo=UTC)
 CUTOFF = dt.datetime(2024, 1, 9, tzinfo=UTC)
 HEADER = "event_id,user_id,item_id,event_type,timestamp,value\n"
-A = HEADER + ("a1,u1,i1,view,2024-01-01T10:00:00Z,1\n"
-              "a2,u2,i2,click,2024-01-02T10:00:00Z,1\n"
-              "a3,u3,i3,view,not a time,1\n")  # quarantined
-B = HEADER + ("b1,u1,i2,view,2024-01-01T12:00:00Z,1\n"
-              "b2,u4,i1,view,2024-01-02T12:00:00Z,1\n")
+A = HEADER + (
+    "a1,u1,i1,view,2024-01-01T10:00:00Z,1\n"
+    "a2,u2,i2,click,2024-01-02T10:00:00Z,1\n"
+    "a3,u3,i3,view,not a time,1\n"
+)  # quarantined
+B = HEADER + ("b1,u1,i2,view,2024-01-01T12:00:00Z,1\nb2,u4,i1,view,2024-01-02T12:00:00Z,1\n")
 
 
 @pytest.fixture
@@ -43,8 +44,9 @@ def world(tmp_path):
 
 
 def _ingest(world, at=NOW):
-    return ingest_landing(world["landing"], world["lake"], ingested_at=at, settle_seconds=0.0,
-                          max_bad_row_share=0.5)
+    return ingest_landing(
+        world["landing"], world["lake"], ingested_at=at, settle_seconds=0.0, max_bad_row_share=0.5
+    )
 
 
 def _ids(world) -> list[str]:
@@ -87,8 +89,7 @@ def test_repair_removes_rows_quarantine_caches_and_entry_and_is_idempotent(world
     assert _ids(world) == ["b1", "b2"] and not quarantine.exists()
     assert [r["file"] for r in read_manifest(world["root"])] == ["b.csv"]
     parts = lake_part_files(world["lake"])
-    caches = {p for root in event_ids.CACHE_FOLDERS
-              for p in (world["lake"] / root).glob("*/*")}
+    caches = {p for root in event_ids.CACHE_FOLDERS for p in (world["lake"] / root).glob("*/*")}
     assert caches == {c for p in parts for c in event_ids.part_cache_paths(world["lake"], p)}
     index, _ = event_ids.load_lake_index(world["lake"])
     found = index.contains(*event_ids.hash_event_ids(pa.array(["a1", "a2", "b1"])))
@@ -226,8 +227,9 @@ def test_repair_waits_for_the_ingest_lock(world):
     _ingest(world)
     done = threading.Event()
     with ingest_lock(world["root"]):
-        worker = threading.Thread(target=lambda: repair_landing_file(world["lake"], "a.csv")
-                                  and done.set())
+        worker = threading.Thread(
+            target=lambda: repair_landing_file(world["lake"], "a.csv") and done.set()
+        )
         worker.start()
         assert not done.wait(0.5)  # blocked while an ingest holds the lock
         assert _ids(world) == ["a1", "a2"]
@@ -242,8 +244,9 @@ def test_orphan_parts_of_a_crashed_commit_go_too(world, monkeypatch):
 
     (world["landing"] / "a.csv").write_text(A)
     real = ingest_module.append_manifest
-    monkeypatch.setattr(ingest_module, "append_manifest", lambda *a: (_ for _ in ()).throw(
-        OSError("crash")))
+    monkeypatch.setattr(
+        ingest_module, "append_manifest", lambda *a: (_ for _ in ()).throw(OSError("crash"))
+    )
     with pytest.raises(Exception, match="could not be ingested"):
         _ingest(world)
     monkeypatch.setattr(ingest_module, "append_manifest", real)

@@ -49,24 +49,35 @@ def _random_lists(truth: syn.Truth, k: int, seed: int) -> pd.DataFrame:
     """Each user gets ``k`` distinct random items in random order."""
     rng = np.random.default_rng(seed)
     items = np.argsort(rng.random((truth.n_users, truth.n_items)), axis=1)[:, :k]
-    return pd.DataFrame({"user_id": np.repeat(truth.user_ids, k),
-                         "rank": np.tile(np.arange(1, k + 1), truth.n_users),
-                         "item_id": truth.item_ids[items.ravel()]})
+    return pd.DataFrame(
+        {
+            "user_id": np.repeat(truth.user_ids, k),
+            "rank": np.tile(np.arange(1, k + 1), truth.n_users),
+            "item_id": truth.item_ids[items.ravel()],
+        }
+    )
 
 
 # ---- generate_clickstream is unchanged -----------------------------------------------------
 # Digests of generate_clickstream's frames taken before the ground truth was exposed.
-@pytest.mark.parametrize(("kwargs", "digest", "n_events"), [
-    (dict(n_users=300, n_items=120, n_days=20, seed=4), "5495851a8454925e", 18224),
-    (dict(n_users=250, n_items=80, n_days=14, seed=9, n_categories=6), "a3519c741b511e9b",
-     13913),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "digest", "n_events"),
+    [
+        (dict(n_users=300, n_items=120, n_days=20, seed=4), "5495851a8454925e", 18224),
+        (
+            dict(n_users=250, n_items=80, n_days=14, seed=9, n_categories=6),
+            "a3519c741b511e9b",
+            13913,
+        ),
+    ],
+)
 def test_generate_clickstream_unchanged(kwargs, digest, n_events) -> None:
     data = syn.generate_clickstream(**kwargs)
     world = syn.generate_world(**kwargs)
     for name in ("events", "items", "users"):
-        pd.testing.assert_frame_equal(getattr(data, name), getattr(world.data, name),
-                                      check_exact=True)
+        pd.testing.assert_frame_equal(
+            getattr(data, name), getattr(world.data, name), check_exact=True
+        )
     assert len(data.events) == n_events
     assert _digest(data) == digest == _digest(world.data)
 
@@ -91,8 +102,9 @@ def test_truth_matches_the_frames(world: syn.World, truth: syn.Truth) -> None:
     # users mostly use their primary device
     primary = dict(zip(truth.user_ids, truth.primary_device))
     events = world.data.events
-    assert (events["device"].to_numpy(object)
-            == events["user_id"].map(primary).to_numpy(object)).mean() > 0.75
+    assert (
+        events["device"].to_numpy(object) == events["user_id"].map(primary).to_numpy(object)
+    ).mean() > 0.75
 
 
 def test_events_follow_the_preferences(world: syn.World, truth: syn.Truth) -> None:
@@ -114,7 +126,7 @@ def test_affinity_prefers_preferred_categories_and_styles(truth: syn.Truth) -> N
     aff = truth.affinity_matrix(users, items)
     assert aff.shape == (truth.n_users, truth.n_items)
     assert ((aff >= 0) & (aff <= 1)).all()
-    in_cat = (truth.prefs[:, None, :] == truth.category[None, :, None])
+    in_cat = truth.prefs[:, None, :] == truth.category[None, :, None]
     same_style = (in_cat & (truth.styles[:, None, :] == truth.style[None, :, None])).any(-1)
     in_cat = in_cat.any(-1)
     assert aff[in_cat].mean() > aff[~in_cat].mean() + 0.25
@@ -141,8 +153,11 @@ def test_affinity_apis_agree(truth: syn.Truth) -> None:
     uu, ii = int(u[0]), int(i[0])
     base = 0.1 * (0.5 + 0.5 * np.sqrt(truth.popularity[ii]))
     slot = np.flatnonzero(truth.prefs[uu] == truth.category[ii])
-    match = 0.0 if slot.size == 0 else truth.strength[uu] * (
-        0.4 + 0.6 * (truth.styles[uu, slot[0]] == truth.style[ii]))
+    match = (
+        0.0
+        if slot.size == 0
+        else truth.strength[uu] * (0.4 + 0.6 * (truth.styles[uu, slot[0]] == truth.style[ii]))
+    )
     assert truth.affinity_by_index(uu, ii) == pytest.approx(base + (1 - base) * match)
     with pytest.raises(KeyError, match="unknown user"):
         truth.affinity(["nobody"], ["i0"])
@@ -155,15 +170,20 @@ def test_click_model_defaults_and_validation(truth: syn.Truth) -> None:
     oracle = sim.oracle_lists(truth, 10)
     popular = sim.popularity_list(truth, 10)
     oracle_aff = truth.affinity(oracle["user_id"], oracle["item_id"]).reshape(-1, 10)
-    popular_aff = truth.affinity(np.repeat(truth.user_ids, 10),
-                                 np.tile(popular["item_id"], truth.n_users)).reshape(-1, 10)
+    popular_aff = truth.affinity(
+        np.repeat(truth.user_ids, 10), np.tile(popular["item_id"], truth.n_users)
+    ).reshape(-1, 10)
     first = model.p_click(oracle_aff[:, 0], 1).mean()
     assert 0.10 <= first <= 0.20
     assert model.p_click(popular_aff[:, 0], 1).mean() < 0.5 * first
     assert model.p_examine(np.array([1, 2, 10])) == pytest.approx([1.0, 0.5, 0.1])
     assert model.p_cart(1.0) > model.p_cart(0.1) and model.p_purchase(1.0) <= 1
-    for bad in (dict(position_decay=-1), dict(base_ctr_scale=1.5),
-                dict(cart_base=0.9, cart_slope=0.2), dict(purchase_base=-0.1)):
+    for bad in (
+        dict(position_decay=-1),
+        dict(base_ctr_scale=1.5),
+        dict(cart_base=0.9, cart_slope=0.2),
+        dict(purchase_base=-0.1),
+    ):
         with pytest.raises(ValueError):
             sim.ClickModel(**bad)
 
@@ -195,21 +215,23 @@ def test_simulate_day_contract(day_events: pd.DataFrame, truth: syn.Truth) -> No
     assert np.allclose(events.loc[priced, "value"], price.loc[events.loc[priced, "item_id"]])
     assert events.loc[~priced, "value"].isna().all()
     device = pd.Series(truth.primary_device, index=truth.user_ids)
-    assert (events["device"].to_numpy(object)
-            == device.loc[events["user_id"]].to_numpy(object)).all()
+    assert (
+        events["device"].to_numpy(object) == device.loc[events["user_id"]].to_numpy(object)
+    ).all()
     # one session per visiting user
     assert (events.groupby("user_id")["session_id"].nunique() == 1).all()
     assert events["session_id"].nunique() == events["user_id"].nunique()
 
 
-def test_impressions_are_visitors_times_list_length(day_events: pd.DataFrame,
-                                                    random_lists: pd.DataFrame,
-                                                    truth: syn.Truth) -> None:
+def test_impressions_are_visitors_times_list_length(
+    day_events: pd.DataFrame, random_lists: pd.DataFrame, truth: syn.Truth
+) -> None:
     imp = day_events[day_events["event_type"] == "impression"]
     visitors = imp["user_id"].nunique()
     assert len(imp) == visitors * 10
-    assert (imp.groupby("user_id")["position"].apply(sorted)
-            .apply(lambda p: p == list(range(1, 11)))).all()
+    assert (
+        imp.groupby("user_id")["position"].apply(sorted).apply(lambda p: p == list(range(1, 11)))
+    ).all()
     # the visit rate follows the users' activity
     expected = truth.visit_probability.sum()
     assert abs(visitors - expected) < 4 * np.sqrt(expected)
@@ -227,8 +249,9 @@ def test_funnel_only_on_impressed_items_in_order(day_events: pd.DataFrame) -> No
     by_type = {t: day_events[day_events["event_type"] == t] for t in sim.SIM_EVENT_TYPES}
     assert len(by_type["click"]) > 0 and len(by_type["purchase"]) > 0
     for earlier, later in zip(sim.SIM_EVENT_TYPES, sim.SIM_EVENT_TYPES[1:]):
-        pair = by_type[later].merge(by_type[earlier], on=key, how="left",
-                                    suffixes=("", "_before"), validate="one_to_one")
+        pair = by_type[later].merge(
+            by_type[earlier], on=key, how="left", suffixes=("", "_before"), validate="one_to_one"
+        )
         assert pair["timestamp_before"].notna().all(), f"{later} without {earlier}"
         assert (pair["timestamp"] > pair["timestamp_before"]).all()
         assert (pair["session_id"] == pair["session_id_before"]).all()
@@ -236,8 +259,9 @@ def test_funnel_only_on_impressed_items_in_order(day_events: pd.DataFrame) -> No
     assert counts == sorted(counts, reverse=True)
 
 
-def test_simulate_day_is_deterministic(truth: syn.Truth, random_lists: pd.DataFrame,
-                                       day_events: pd.DataFrame) -> None:
+def test_simulate_day_is_deterministic(
+    truth: syn.Truth, random_lists: pd.DataFrame, day_events: pd.DataFrame
+) -> None:
     again = sim.simulate_day(truth, random_lists, pd.Timestamp(DAY).to_pydatetime(), seed=7)
     pd.testing.assert_frame_equal(day_events, again)
     other_seed = sim.simulate_day(truth, random_lists, DAY, seed=8)
@@ -285,8 +309,9 @@ def test_bad_lists_are_rejected(truth: syn.Truth) -> None:
 def test_position_bias(truth: syn.Truth, random_lists: pd.DataFrame) -> None:
     """Random items in random order have the same affinity at every rank on average; the
     click rate still falls with the rank, as the examination probability does."""
-    events = pd.concat([sim.simulate_day(truth, random_lists, DAY, visit_rate=1.0, seed=s)
-                        for s in range(3)])
+    events = pd.concat(
+        [sim.simulate_day(truth, random_lists, DAY, visit_rate=1.0, seed=s) for s in range(3)]
+    )
     imp = events[events["event_type"] == "impression"].groupby("position").size()
     clicks = events[events["event_type"] == "click"].groupby("position").size()
     ctr = (clicks / imp).reindex(range(1, 11), fill_value=0.0)
@@ -302,11 +327,19 @@ def test_oracle_beats_popularity_and_expected_ctr_agrees(truth: syn.Truth) -> No
     assert oracle.groupby("user_id").size().eq(10).all()
     assert truth.available[truth.item_index(oracle["item_id"])].all()
     half = set(truth.user_ids[::2])
-    lists = pd.concat([oracle[oracle["user_id"].isin(half)].assign(variant="oracle"),
-                       sim.popularity_list(truth, 10).assign(variant="popular")],
-                      ignore_index=True)
-    events = pd.concat([sim.simulate_day(truth, lists, day, visit_rate=1.0, seed=3)
-                        for day in ("2024-02-20", "2024-02-21")])
+    lists = pd.concat(
+        [
+            oracle[oracle["user_id"].isin(half)].assign(variant="oracle"),
+            sim.popularity_list(truth, 10).assign(variant="popular"),
+        ],
+        ignore_index=True,
+    )
+    events = pd.concat(
+        [
+            sim.simulate_day(truth, lists, day, visit_rate=1.0, seed=3)
+            for day in ("2024-02-20", "2024-02-21")
+        ]
+    )
     assert set(events.loc[events["user_id"].isin(half), "variant"]) == {"oracle"}
     assert set(events.loc[~events["user_id"].isin(half), "variant"]) == {"popular"}
     observed = sim.observed_ctr(events)
@@ -324,20 +357,21 @@ def test_oracle_beats_popularity_and_expected_ctr_agrees(truth: syn.Truth) -> No
 
 
 def test_expected_ctr_by_hand(truth: syn.Truth) -> None:
-    lists = pd.DataFrame({"user_id": ["u0", "u0", "u1"], "rank": [1, 2, 1],
-                          "item_id": ["i0", "i1", "i2"]})
+    lists = pd.DataFrame(
+        {"user_id": ["u0", "u0", "u1"], "rank": [1, 2, 1], "item_id": ["i0", "i1", "i2"]}
+    )
     model = sim.ClickModel(position_decay=1.0, base_ctr_scale=0.5)
     aff = truth.affinity(lists["user_id"], lists["item_id"])
     p = model.p_click(aff, lists["rank"].to_numpy())
     w = truth.visit_probability[[0, 0, 1]]
     assert sim.expected_ctr(truth, lists, model) == pytest.approx((w * p).sum() / w.sum())
     assert sim.expected_ctr(truth, lists, model, visit_rate=0.5) == pytest.approx(p.mean())
-    assert isinstance(sim.observed_ctr(sim.simulate_day(truth, lists, DAY, visit_rate=1.0)),
-                      float)
+    assert isinstance(sim.observed_ctr(sim.simulate_day(truth, lists, DAY, visit_rate=1.0)), float)
 
 
 def test_organic_browsing_adds_to_the_list_events_without_changing_them(
-        truth: syn.Truth, random_lists: pd.DataFrame, day_events: pd.DataFrame) -> None:
+    truth: syn.Truth, random_lists: pd.DataFrame, day_events: pd.DataFrame
+) -> None:
     listed = random_lists[random_lists["user_id"].isin(truth.user_ids[: truth.n_users // 2])]
     plain = sim.simulate_day(truth, listed, DAY, seed=7)
     both = sim.simulate_day(truth, listed, DAY, seed=7, organic=sim.OrganicModel(2.0))
@@ -353,8 +387,13 @@ def test_organic_browsing_adds_to_the_list_events_without_changing_them(
     # a cart or purchase follows its view (same id stem: user and view number) of the item
     stem = browse["event_id"].str.rsplit("-", n=1).str[0]
     views = browse[browse["event_type"] == "view"].assign(stem=stem)
-    later = browse[browse["event_type"] != "view"].assign(stem=stem).merge(
-        views, on=["stem", "user_id", "item_id"], suffixes=("", "_view"), validate="many_to_one")
+    later = (
+        browse[browse["event_type"] != "view"]
+        .assign(stem=stem)
+        .merge(
+            views, on=["stem", "user_id", "item_id"], suffixes=("", "_view"), validate="many_to_one"
+        )
+    )
     assert len(later) == (browse["event_type"] != "view").sum()
     assert (later["timestamp"] > later["timestamp_view"]).all()
     # browsing follows taste and popularity: views per item correlate with popularity

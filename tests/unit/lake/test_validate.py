@@ -37,26 +37,30 @@ def make_events(n: int = 40) -> pd.DataFrame:
     """A clean normalised frame; row i is data row i + 1 of SOURCE."""
     types = ["view", "click", "like", "share", "add_to_cart", "purchase", "rating"]
     devices = ["desktop", "mobile", "tablet", "tv", "other", None]
-    frame = pd.DataFrame({
-        "event_id": pd.array([f"e{i:04d}" for i in range(n)], dtype="string"),
-        "user_id": pd.array([f"u{i % 7}" for i in range(n)], dtype="string"),
-        "item_id": pd.array([f"i{i % 11}" for i in range(n)], dtype="string"),
-        "event_type": pd.array([types[i % len(types)] for i in range(n)], dtype="string"),
-        "timestamp": pd.Series(
-            pd.date_range("2024-05-01", periods=n, freq="h", tz="UTC")
-        ).astype("datetime64[us, UTC]"),
-        "value": np.where(np.arange(n) % 3 == 0, np.nan, np.arange(n, dtype="float64")),
-        "device": pd.array([devices[i % len(devices)] for i in range(n)], dtype="string"),
-        "session_id": pd.array([f"s{i // 5}" if i % 4 else None for i in range(n)],
-                               dtype="string"),
-        "source_file": pd.array([SOURCE] * n, dtype="string"),
-        "source_row": np.arange(1, n + 1, dtype="int64"),
-    })
+    frame = pd.DataFrame(
+        {
+            "event_id": pd.array([f"e{i:04d}" for i in range(n)], dtype="string"),
+            "user_id": pd.array([f"u{i % 7}" for i in range(n)], dtype="string"),
+            "item_id": pd.array([f"i{i % 11}" for i in range(n)], dtype="string"),
+            "event_type": pd.array([types[i % len(types)] for i in range(n)], dtype="string"),
+            "timestamp": pd.Series(
+                pd.date_range("2024-05-01", periods=n, freq="h", tz="UTC")
+            ).astype("datetime64[us, UTC]"),
+            "value": np.where(np.arange(n) % 3 == 0, np.nan, np.arange(n, dtype="float64")),
+            "device": pd.array([devices[i % len(devices)] for i in range(n)], dtype="string"),
+            "session_id": pd.array(
+                [f"s{i // 5}" if i % 4 else None for i in range(n)], dtype="string"
+            ),
+            "source_file": pd.array([SOURCE] * n, dtype="string"),
+            "source_row": np.arange(1, n + 1, dtype="int64"),
+        }
+    )
     return frame
 
 
-def run(events: pd.DataFrame, tmp_path: Path,
-        **kwargs: object) -> tuple[pd.DataFrame, ValidationReport]:
+def run(
+    events: pd.DataFrame, tmp_path: Path, **kwargs: object
+) -> tuple[pd.DataFrame, ValidationReport]:
     """validate_events with the test defaults; kwargs override them."""
     options: dict = {
         "suite_path": SUITE_PATH,
@@ -110,8 +114,13 @@ def test_suite_json_loads_with_the_expected_expectations() -> None:
     assert suite.suite_parameter_options == (MAX_TIMESTAMP_PARAMETER,)
     by_key = {(e.expectation_type, e.column): e for e in suite.expectations}
     assert set(by_key[(IN_SET, "event_type")].value_set) == set(DEFAULT_EVENT_WEIGHTS)
-    assert list(by_key[(IN_SET, "device")].value_set) == ["desktop", "mobile", "tablet", "tv",
-                                                         "other"]
+    assert list(by_key[(IN_SET, "device")].value_set) == [
+        "desktop",
+        "mobile",
+        "tablet",
+        "tv",
+        "other",
+    ]
     assert by_key[(BETWEEN, "value")].min_value == 0
     assert by_key[(BETWEEN, "value")].max_value == 1e7
     assert by_key[(BETWEEN, "timestamp")].max_value == {"$PARAMETER": MAX_TIMESTAMP_PARAMETER}
@@ -140,10 +149,10 @@ def test_clean_frame_passes_and_removes_a_stale_quarantine_file(tmp_path: Path) 
 # ---- row-level failures under the threshold --------------------------------------------------
 def test_bad_rows_are_quarantined_with_reasons_and_run_continues(tmp_path: Path) -> None:
     events = make_events()
-    events.loc[3, "user_id"] = pd.NA           # data row 4
-    events.loc[8, "value"] = -1.0              # data row 9
+    events.loc[3, "user_id"] = pd.NA  # data row 4
+    events.loc[8, "value"] = -1.0  # data row 9
     events.loc[12, "event_type"] = "teleport"  # data row 13
-    events.loc[20, "user_id"] = pd.NA          # data row 21: two reasons
+    events.loc[20, "user_id"] = pd.NA  # data row 21: two reasons
     events.loc[20, "value"] = -5.0
 
     clean, report = run(events, tmp_path, max_bad_row_share=0.2)
@@ -252,7 +261,7 @@ def test_suite_with_an_unknown_expectation_is_rejected(tmp_path: Path) -> None:
 # ---- specific row-level rules ------------------------------------------------------------------
 def test_future_timestamp_after_cutoff_plus_skew_is_quarantined(tmp_path: Path) -> None:
     events = make_events()
-    events.loc[5, "timestamp"] = CUTOFF + DEFAULT_CLOCK_SKEW                       # on the edge
+    events.loc[5, "timestamp"] = CUTOFF + DEFAULT_CLOCK_SKEW  # on the edge
     events.loc[6, "timestamp"] = CUTOFF + DEFAULT_CLOCK_SKEW + dt.timedelta(seconds=1)
     events.loc[7, "timestamp"] = CUTOFF + dt.timedelta(days=30)
 
@@ -271,8 +280,13 @@ def test_cutoff_is_a_run_time_parameter(tmp_path: Path) -> None:
     events = make_events()  # timestamps 2024-05-01 00:00 .. 2024-05-02 15:00
     naive_early_cutoff = dt.datetime(2024, 5, 2, 12, 0)  # naive: taken as UTC
 
-    _, report = run(events, tmp_path, cutoff=naive_early_cutoff, max_bad_row_share=0.2,
-                    clock_skew=dt.timedelta(0))
+    _, report = run(
+        events,
+        tmp_path,
+        cutoff=naive_early_cutoff,
+        max_bad_row_share=0.2,
+        clock_skew=dt.timedelta(0),
+    )
 
     assert sorted(reasons_by_source_row(report.quarantine_path)) == [38, 39, 40]
 
@@ -302,8 +316,9 @@ def test_allowed_event_types_override_the_suite(tmp_path: Path) -> None:
     assert report.bad_rows == 0 and len(clean) == 14
 
     narrowed = [t for t in EVENT_TYPES if t != "rating"]
-    clean, report = run(events, tmp_path, allowed_event_types=[*narrowed, "teleport"],
-                        max_bad_row_share=0.5)
+    clean, report = run(
+        events, tmp_path, allowed_event_types=[*narrowed, "teleport"], max_bad_row_share=0.5
+    )
     assert sorted(reasons_by_source_row(report.quarantine_path)) == [7, 14]
     assert set(reasons_by_source_row(report.quarantine_path).values()) == {f"{IN_SET}(event_type)"}
 
@@ -357,14 +372,22 @@ def test_file_validation_in_chunks_matches_whole_frame_and_catches_cross_chunk_d
     raw = tmp_path / "raw.parquet"
     events.to_parquet(raw, index=False)
 
-    report = validate_events_file(raw, clean_path=tmp_path / "clean.parquet",
-                                  suite_path=SUITE_PATH, cutoff=CUTOFF,
-                                  allowed_event_types=EVENT_TYPES, max_bad_row_share=0.1,
-                                  quarantine_path=tmp_path / "q.parquet", chunk_rows=10)
+    report = validate_events_file(
+        raw,
+        clean_path=tmp_path / "clean.parquet",
+        suite_path=SUITE_PATH,
+        cutoff=CUTOFF,
+        allowed_event_types=EVENT_TYPES,
+        max_bad_row_share=0.1,
+        quarantine_path=tmp_path / "q.parquet",
+        chunk_rows=10,
+    )
 
     assert (report.rows, report.bad_rows, report.passed) == (40, 2, True)
     assert reasons_by_source_row(tmp_path / "q.parquet") == {
-        4: f"{NOT_NULL}(user_id)", 26: f"{UNIQUE}(event_id)"}
+        4: f"{NOT_NULL}(user_id)",
+        26: f"{UNIQUE}(event_id)",
+    }
     clean = pd.read_parquet(tmp_path / "clean.parquet")
     pd.testing.assert_frame_equal(clean, events.drop(index=[3, 25]).reset_index(drop=True))
 
@@ -377,23 +400,31 @@ def test_file_validation_failure_writes_no_clean_file(tmp_path: Path) -> None:
     raw = tmp_path / "raw.parquet"
     events.to_parquet(raw, index=False)
     with pytest.raises(EventValidationFailed, match=f"{SOURCE} row 3"):
-        validate_events_file(raw, clean_path=tmp_path / "clean.parquet", suite_path=SUITE_PATH,
-                             cutoff=CUTOFF, allowed_event_types=EVENT_TYPES,
-                             quarantine_path=tmp_path / "q.parquet", chunk_rows=7)
+        validate_events_file(
+            raw,
+            clean_path=tmp_path / "clean.parquet",
+            suite_path=SUITE_PATH,
+            cutoff=CUTOFF,
+            allowed_event_types=EVENT_TYPES,
+            quarantine_path=tmp_path / "q.parquet",
+            chunk_rows=7,
+        )
     assert not (tmp_path / "clean.parquet").exists()
     assert (tmp_path / "q.parquet").exists()
 
 
 def test_a_day_under_half_the_trailing_median_is_a_warning_not_a_failure(tmp_path: Path) -> None:
     days = [10, 10, 12, 9, 11, 10, 4]  # the last day before the cutoff is thin
-    stamps = [pd.Timestamp("2024-05-25T10:00Z") + pd.Timedelta(days=d)
-              for d, count in enumerate(days) for _ in range(count)]
+    stamps = [
+        pd.Timestamp("2024-05-25T10:00Z") + pd.Timedelta(days=d)
+        for d, count in enumerate(days)
+        for _ in range(count)
+    ]
     events = make_events(len(stamps))
     events["timestamp"] = pd.Series(stamps).astype("datetime64[us, UTC]")
 
     clean, report = run(events, tmp_path)
 
     assert report.passed and len(clean) == len(events)
-    assert report.volume_warnings == ({"date": "2024-05-31", "rows": 4,
-                                       "trailing_median": 10.0},)
+    assert report.volume_warnings == ({"date": "2024-05-31", "rows": 4, "trailing_median": 10.0},)
     assert report.to_dict()["volume_warnings"][0]["date"] == "2024-05-31"

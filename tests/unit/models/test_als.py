@@ -20,16 +20,23 @@ def _two_communities(n_users=40, n_items=20, seed=0):
         block = range(0, n_items // 2) if u < n_users // 2 else range(n_items // 2, n_items)
         for i in block:
             if rng.random() < 0.7:
-                rows.append((f"u{u:02d}", f"i{i:02d}", "view" if rng.random() < 0.8
-                             else "purchase", np.nan))
+                rows.append(
+                    (f"u{u:02d}", f"i{i:02d}", "view" if rng.random() < 0.8 else "purchase", np.nan)
+                )
     return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "value"])
 
 
 def _fit(events, **params):
-    popular = pd.DataFrame({"item_id": ["i00", "i10", "i01"], "score": [1.0, 0.9, 0.8],
-                            "reason": ["popular this week"] * 3})
-    items = pd.DataFrame({"item_id": [f"i{i:02d}" for i in range(20)],
-                          "title": [f"Title {i}" for i in range(20)]})
+    popular = pd.DataFrame(
+        {
+            "item_id": ["i00", "i10", "i01"],
+            "score": [1.0, 0.9, 0.8],
+            "reason": ["popular this week"] * 3,
+        }
+    )
+    items = pd.DataFrame(
+        {"item_id": [f"i{i:02d}" for i in range(20)], "title": [f"Title {i}" for i in range(20)]}
+    )
     matrix = build_matrix(events, WEIGHTS)
     defaults = {"factors": 8, "iterations": 10, "regularization": 0.01, "random_state": 1}
     return AlsRecommender(**{**defaults, **params}).fit(matrix, popular, items)
@@ -68,7 +75,8 @@ def test_long_list_runs_log_progress_and_chunks_change_nothing(caplog):
     pd.testing.assert_frame_equal(chunked, whole)
     progress = [r.getMessage() for r in caplog.records if "lists for" in r.getMessage()]
     assert [m.split(" (")[0] for m in progress] == [
-        f"AlsRecommender: lists for {done} of 40 users" for done in (15, 30, 40)]
+        f"AlsRecommender: lists for {done} of 40 users" for done in (15, 30, 40)
+    ]
 
 
 def test_same_seed_same_lists_and_save_load_round_trip(tmp_path):

@@ -54,8 +54,9 @@ def test_a_warm_start_learns_users_and_items_it_did_not_know():
     newer[6, 0], newer[6, 1], newer[0, 6] = 3.0, 2.0, 1.0  # a new user and a new item
     first = fit_als(older, iterations=15, **ALS)
     assert not first.user_factors[6].any() and not first.item_factors[6].any()
-    later = fit_als(newer.tocsr(), iterations=5,
-                    warm_start=(first.user_factors, first.item_factors), **ALS)
+    later = fit_als(
+        newer.tocsr(), iterations=5, warm_start=(first.user_factors, first.item_factors), **ALS
+    )
     assert later.user_factors[6].any() and later.item_factors[6].any()
     scores = later.user_factors[6] @ later.item_factors.T
     assert scores[[0, 1, 2]].min() > scores[[3, 4, 5]].max()  # the new user joins group 1
@@ -65,5 +66,4 @@ def test_a_warm_start_must_fit_the_matrix():
     matrix = _taste_blocks()
     small = fit_als(matrix[:, :6], iterations=2, **ALS)
     with pytest.raises(ValueError, match="warm start factors"):
-        fit_als(matrix, iterations=2, warm_start=(small.user_factors, small.item_factors),
-                **ALS)
+        fit_als(matrix, iterations=2, warm_start=(small.user_factors, small.item_factors), **ALS)

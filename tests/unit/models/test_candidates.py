@@ -13,8 +13,12 @@ from pipeline.models.candidates import CandidateGenerator, candidate_recall, gat
 
 def _two_communities(n_users=40, n_items=20, seed=0):
     rng = np.random.default_rng(seed)
-    rows = [(f"u{u:02d}", f"i{i:02d}", "view", np.nan) for u in range(n_users)
-            for i in (range(10) if u < 20 else range(10, 20)) if rng.random() < 0.6]
+    rows = [
+        (f"u{u:02d}", f"i{i:02d}", "view", np.nan)
+        for u in range(n_users)
+        for i in (range(10) if u < 20 else range(10, 20))
+        if rng.random() < 0.6
+    ]
     return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "value"])
 
 
@@ -22,8 +26,9 @@ def _two_communities(n_users=40, n_items=20, seed=0):
 def fitted():
     matrix = build_matrix(_two_communities(), {"view": 1.0})
     recent = (matrix.confidence > 0).astype(np.float32).tocsr()
-    gen = CandidateGenerator(n_als=4, n_knn=4, n_popular=3, knn_k=5, factors=8, iterations=10,
-                             random_state=1).fit(matrix, recent, np.array([0, 10, 1, 11]))
+    gen = CandidateGenerator(
+        n_als=4, n_knn=4, n_popular=3, knn_k=5, factors=8, iterations=10, random_state=1
+    ).fit(matrix, recent, np.array([0, 10, 1, 11]))
     return matrix, gen
 
 
@@ -36,10 +41,10 @@ def test_candidates_are_unseen_flagged_and_community_aware(fitted):
     flags = pairs[["from_als", "from_knn", "from_popular"]].sum(axis=1)
     assert (flags >= 1).all()
     knn = pairs[pairs["from_knn"] > 0]
-    assert ((knn["row"] == 0) == (knn["item"] < 10)).all()   # kNN stays in the community
+    assert ((knn["row"] == 0) == (knn["item"] < 10)).all()  # kNN stays in the community
     assert pairs.loc[pairs["from_als"] == 0, "als_rank"].eq(5).all()
     popular = pairs[pairs["from_popular"] > 0]
-    assert set(popular["item"]) <= {0, 10, 1}                 # n_popular=3 of the 4 given
+    assert set(popular["item"]) <= {0, 10, 1}  # n_popular=3 of the 4 given
 
 
 def test_als_scores_match_the_factor_dot_product(fitted):
@@ -51,8 +56,15 @@ def test_als_scores_match_the_factor_dot_product(fitted):
 
 
 def test_candidate_recall_known_answer():
-    pairs = pd.DataFrame({"row": [0, 0, 1], "item": [1, 2, 0], "from_als": [1.0, 0.0, 0.0],
-                          "from_knn": [0.0, 1.0, 0.0], "from_popular": [0.0, 0.0, 1.0]})
+    pairs = pd.DataFrame(
+        {
+            "row": [0, 0, 1],
+            "item": [1, 2, 0],
+            "from_als": [1.0, 0.0, 0.0],
+            "from_knn": [0.0, 1.0, 0.0],
+            "from_popular": [0.0, 0.0, 1.0],
+        }
+    )
     truth = sp.csr_matrix(np.array([[0, 1, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], np.float32))
     got = candidate_recall(pairs, truth)
     assert got["all"] == pytest.approx((0.5 + 0.0) / 2)
@@ -64,8 +76,7 @@ def test_candidate_recall_known_answer():
 def test_gather_reads_every_cell_like_a_dense_lookup(seed):
     """Rows of any length (empty ones too), unsorted indices and duplicates (summed)."""
     rng = np.random.default_rng(seed)
-    matrix = sp.random(30, 200, density=0.3, random_state=seed, format="csr",
-                       dtype=np.float32)
+    matrix = sp.random(30, 200, density=0.3, random_state=seed, format="csr", dtype=np.float32)
     matrix[rng.integers(0, 30, 5)] = 0.0  # some empty rows
     matrix.eliminate_zeros()
     coo = matrix.tocoo()

@@ -20,8 +20,17 @@ from pipeline.models.als import AlsRecommender
 from pipeline.models.twostage import TwoStageRecommender, window_truth
 
 CUTOFF = dt.datetime(2024, 1, 25, tzinfo=dt.timezone.utc)
-PARAMS = dict(factors=8, iterations=3, label_days=5, label_windows=2, n_estimators=20,
-              n_als=20, n_knn=20, n_popular=10, random_state=3)
+PARAMS = dict(
+    factors=8,
+    iterations=3,
+    label_days=5,
+    label_windows=2,
+    n_estimators=20,
+    n_als=20,
+    n_knn=20,
+    n_popular=10,
+    random_state=3,
+)
 
 
 def _with_impressions(events: pd.DataFrame, per_event: int = 5, seed: int = 2) -> pd.DataFrame:
@@ -30,14 +39,22 @@ def _with_impressions(events: pd.DataFrame, per_event: int = 5, seed: int = 2) -
     rng = np.random.default_rng(seed)
     source = events.iloc[np.repeat(np.arange(len(events)), per_event)].reset_index(drop=True)
     shown = source.assign(
-        event_id=[f"imp{k:07d}" for k in range(len(source))], event_type="impression",
-        item_id=rng.choice(events["item_id"].unique(), len(source)), value=np.nan,
-        position=np.tile(np.arange(1, per_event + 1), len(events)), placement="home_recs")
+        event_id=[f"imp{k:07d}" for k in range(len(source))],
+        event_type="impression",
+        item_id=rng.choice(events["item_id"].unique(), len(source)),
+        value=np.nan,
+        position=np.tile(np.arange(1, per_event + 1), len(events)),
+        placement="home_recs",
+    )
     shown.loc[:9, "user_id"] = "seen-only-user"
     shown.loc[10:19, "item_id"] = "seen-only-item"
     out = pd.concat([events, shown], ignore_index=True).astype(
-        {**{c: str(t) for c, t in events.dtypes.items()}, "position": "Int64",
-         "placement": "string"})
+        {
+            **{c: str(t) for c, t in events.dtypes.items()},
+            "position": "Int64",
+            "placement": "string",
+        }
+    )
     return out.sort_values(["timestamp", "event_id"], kind="stable").reset_index(drop=True)
 
 
@@ -50,8 +67,9 @@ def world():
 
 def _als_lists(events: pd.DataFrame, weights, users) -> pd.DataFrame:
     encoded = EncodedEvents.from_frame(events, weights).before(CUTOFF)
-    matrix = build_matrix(encoded.frame, weights, np.arange(len(encoded.users)),
-                          np.arange(len(encoded.items)))
+    matrix = build_matrix(
+        encoded.frame, weights, np.arange(len(encoded.users)), np.arange(len(encoded.items))
+    )
     matrix = matrix.relabel(encoded.users.ids, encoded.items.ids)
     popular = popular_items(encoded.decoded(), CUTOFF, 10)
     model = AlsRecommender(factors=8, iterations=5, random_state=1).fit(matrix, popular)
@@ -77,8 +95,9 @@ def test_two_stage_model_holdout_truth_and_consumed_pairs_ignore_impressions(wor
     fitted = []
     for events in (without, with_imp):
         encoded = EncodedEvents.from_frame(events, DEFAULT_EVENT_WEIGHTS)
-        model = TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, DEFAULT_EVENT_WEIGHTS,
-                                                  data.items, data.users)
+        model = TwoStageRecommender(**PARAMS).fit(
+            encoded, CUTOFF, DEFAULT_EVENT_WEIGHTS, data.items, data.users
+        )
         fitted.append((encoded, model))
     (plain_events, plain), (shown_events, shown) = fitted
     users = list(plain.matrix_.user_ids) + ["seen-only-user", "nobody"]
@@ -86,7 +105,8 @@ def test_two_stage_model_holdout_truth_and_consumed_pairs_ignore_impressions(wor
     assert plain.training_["pairs"] == shown.training_["pairs"]
     assert plain.training_["positives"] == shown.training_["positives"]
     end = CUTOFF + dt.timedelta(days=5)
-    truth = [window_truth(enc.frame, CUTOFF, end, model.matrix_, model.weights_)
-             for enc, model in fitted]
+    truth = [
+        window_truth(enc.frame, CUTOFF, end, model.matrix_, model.weights_) for enc, model in fitted
+    ]
     assert (truth[0] != truth[1]).nnz == 0 and truth[0].nnz > 0
     pd.testing.assert_frame_equal(build_consumed(plain_events), build_consumed(shown_events))

@@ -36,7 +36,7 @@ def test_top_k_sparse_orders_excludes_and_breaks_ties_by_column():
     exclude = sp.csr_matrix(np.array([[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
     row, col, val = top_k_sparse(scores, 2, exclude)
     assert row.tolist() == [0, 0, 2, 2]
-    assert col.tolist() == [0, 2, 2, 0]            # 0.5 tie -> lower column first
+    assert col.tolist() == [0, 2, 2, 0]  # 0.5 tie -> lower column first
     assert val.tolist() == pytest.approx([0.5, 0.5, 0.3, 0.2])
 
 
@@ -70,8 +70,9 @@ def test_empty_rows_and_columns_change_nothing_and_get_no_neighbours():
     active = sp.random(40, 30, density=0.2, random_state=rng, format="csr", dtype=np.float32)
     active.data[:] = rng.integers(1, 5, active.nnz)
     rows, cols = np.array([0, 2, 3] + list(range(5, 42))), np.array([1] + list(range(3, 32)))
-    full = sp.csr_matrix((active.tocoo().data, (rows[active.tocoo().row],
-                                                cols[active.tocoo().col])), shape=(42, 32))
+    full = sp.csr_matrix(
+        (active.tocoo().data, (rows[active.tocoo().row], cols[active.tocoo().col])), shape=(42, 32)
+    )
     for method in ("cosine", "bm25"):
         small = ItemKnn(k=5, method=method).fit(active).similarity_
         big = ItemKnn(k=5, method=method).fit(full).similarity_

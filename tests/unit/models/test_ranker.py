@@ -23,7 +23,8 @@ def _planted(n_groups=60, per_group=20, seed=0):
 def test_learns_the_planted_rule(objective):
     x, y, groups = _planted()
     ranker = Ranker(objective=objective, n_estimators=50, max_depth=2, prior=None).fit(
-        x, y, groups, ["signal", "noise"])
+        x, y, groups, ["signal", "noise"]
+    )
     x_new, y_new, _ = _planted(seed=1)
     assert held_out_scores(y_new, ranker.predict(x_new))["auc"] > 0.95
     assert ranker.validation_["auc"] > 0.95
@@ -33,7 +34,8 @@ def test_learns_the_planted_rule(objective):
 def test_prior_margin_alone_ranks_by_the_prior_feature():
     x, y, groups = _planted()
     ranker = Ranker(n_estimators=1, learning_rate=1e-6, prior="signal", max_depth=1).fit(
-        x, y, groups, ["signal", "noise"])
+        x, y, groups, ["signal", "noise"]
+    )
     scores = ranker.predict(x)
     order = np.argsort(x[:, 0])
     assert (np.diff(scores[order]) >= 0).all()
@@ -50,16 +52,23 @@ def test_bagged_scores_are_the_mean_of_the_single_seed_models(tmp_path):
     x, y, groups = _planted()
     x_new = _planted(seed=1)[0]
     bagged = Ranker(objective="rank:ndcg", n_estimators=20, n_bags=3, random_state=5).fit(
-        x, y, groups, ["signal", "noise"])
-    singles = [Ranker(objective="rank:ndcg", n_estimators=20, random_state=seed).fit(
-        x, y, groups, ["signal", "noise"]).predict(x_new) for seed in (5, 6, 7)]
-    np.testing.assert_allclose(bagged.predict(x_new), np.mean(singles, axis=0), rtol=1e-5,
-                               atol=1e-6)
+        x, y, groups, ["signal", "noise"]
+    )
+    singles = [
+        Ranker(objective="rank:ndcg", n_estimators=20, random_state=seed)
+        .fit(x, y, groups, ["signal", "noise"])
+        .predict(x_new)
+        for seed in (5, 6, 7)
+    ]
+    np.testing.assert_allclose(
+        bagged.predict(x_new), np.mean(singles, axis=0), rtol=1e-5, atol=1e-6
+    )
     assert len(bagged.n_trees_) == 3 and len(set(bagged.boosters_raw())) == 3
     files = bagged.save(tmp_path)
     assert files == ["ranker.ubj", "ranker_1.ubj", "ranker_2.ubj"]
     loaded = Ranker(objective="rank:ndcg", n_bags=3, random_state=5).load_model(
-        tmp_path, bagged.n_trees_)
+        tmp_path, bagged.n_trees_
+    )
     loaded.feature_names_ = ["signal", "noise"]
     np.testing.assert_array_equal(loaded.predict(x_new), bagged.predict(x_new))
 
@@ -67,9 +76,11 @@ def test_bagged_scores_are_the_mean_of_the_single_seed_models(tmp_path):
 def test_bags_trained_in_parallel_equal_bags_trained_one_by_one():
     x, y, groups = _planted()
     one_by_one = Ranker(objective="rank:ndcg", n_estimators=20, n_bags=4, bag_workers=1).fit(
-        x, y, groups)
+        x, y, groups
+    )
     parallel = Ranker(objective="rank:ndcg", n_estimators=20, n_bags=4, bag_workers=4).fit(
-        x, y, groups)
+        x, y, groups
+    )
     assert one_by_one.boosters_raw() == parallel.boosters_raw()
     assert one_by_one.n_trees_ == parallel.n_trees_
     np.testing.assert_array_equal(one_by_one.predict(x), parallel.predict(x))
@@ -81,16 +92,19 @@ def test_bag_budget_trains_only_the_bags_that_fit():
     assert Ranker(n_bags=4, bag_budget_pairs=None).bags_for(pairs) == 4
     assert Ranker(n_bags=4, bag_budget_pairs=2 * pairs + 1).bags_for(pairs) == 2
     assert Ranker(n_bags=4, bag_budget_pairs=pairs // 2).bags_for(pairs) == 1  # at least one
-    budgeted = Ranker(objective="rank:ndcg", n_estimators=10, n_bags=4,
-                      bag_budget_pairs=2 * pairs).fit(x, y, groups)
+    budgeted = Ranker(
+        objective="rank:ndcg", n_estimators=10, n_bags=4, bag_budget_pairs=2 * pairs
+    ).fit(x, y, groups)
     two = Ranker(objective="rank:ndcg", n_estimators=10, n_bags=2).fit(x, y, groups)
     assert budgeted.boosters_raw() == two.boosters_raw()
 
 
 def test_the_model_does_not_depend_on_the_thread_count():
     x, y, groups = _planted(n_groups=200)
-    models = [Ranker(objective="rank:ndcg", n_estimators=20, n_jobs=threads).fit(x, y, groups)
-              for threads in (1, 2, 3)]
+    models = [
+        Ranker(objective="rank:ndcg", n_estimators=20, n_jobs=threads).fit(x, y, groups)
+        for threads in (1, 2, 3)
+    ]
     assert models[0].boosters_raw() == models[1].boosters_raw() == models[2].boosters_raw()
     np.testing.assert_array_equal(models[0].predict(x), models[2].predict(x))
 
@@ -110,8 +124,7 @@ def test_held_out_users_are_a_seeded_share_of_the_sorted_distinct_keys():
 def test_unit_weights_change_nothing(objective):
     x, y, groups = _planted()
     plain = Ranker(objective=objective, n_estimators=20).fit(x, y, groups)
-    ones = Ranker(objective=objective, n_estimators=20).fit(x, y, groups,
-                                                            weights=np.ones(len(y)))
+    ones = Ranker(objective=objective, n_estimators=20).fit(x, y, groups, weights=np.ones(len(y)))
     assert plain.boosters_raw() == ones.boosters_raw()
 
 
@@ -124,7 +137,8 @@ def test_query_weights_decide_which_of_two_conflicting_rules_is_learned(objectiv
     weights = np.where(old, 0.01, 1.0)
     for w, winner in ((weights, "signal"), (1.01 - weights, "noise")):
         ranker = Ranker(objective=objective, n_estimators=30, max_depth=2, prior=None).fit(
-            x, y, groups, ["signal", "noise"], weights=w)
+            x, y, groups, ["signal", "noise"], weights=w
+        )
         assert ranker.importances().index[0] == winner
 
 
@@ -151,20 +165,34 @@ def test_held_out_scores_known_answer():
 
 def test_pair_features_gather_the_right_rows_and_columns():
     tables = FeatureTables(
-        user=np.array([[1.0], [2.0]], np.float32), user_names=("recency_days",),
+        user=np.array([[1.0], [2.0]], np.float32),
+        user_names=("recency_days",),
         item=np.array([[10.0, 5.0], [20.0, 7.0], [30.0, 9.0]], np.float32),
         item_names=("users_total", "age_days"),
         affinity=np.array([[0.25, 0.75], [1.0, 0.0]], np.float32),
         item_category=np.array([0, 1, -1]),
         segment_popularity=np.array([[0.5, 0.1, 0.0], [0.2, 0.2, 0.2]], np.float32),
-        user_segment=np.array([[0], [-1]]), segment_names=("age_band",),
+        user_segment=np.array([[0], [-1]]),
+        segment_names=("age_band",),
         item_log_basis=np.array([10.0, 20.0, 30.0], np.float32),
-        user_taste=np.array([[1.0, 3.0], [2.0, 4.0]], np.float32))
-    pairs = pd.DataFrame({"row": [0, 1], "item": [1, 2], "from_als": 1.0, "from_knn": 0.0,
-                          "from_popular": 0.0, "als_rank": 1.0, "knn_rank": 101.0,
-                          "als_score": 0.5, "knn_recent": 0.0, "knn_all": 0.0})
+        user_taste=np.array([[1.0, 3.0], [2.0, 4.0]], np.float32),
+    )
+    pairs = pd.DataFrame(
+        {
+            "row": [0, 1],
+            "item": [1, 2],
+            "from_als": 1.0,
+            "from_knn": 0.0,
+            "from_popular": 0.0,
+            "als_rank": 1.0,
+            "knn_rank": 101.0,
+            "als_score": 0.5,
+            "knn_recent": 0.0,
+            "knn_all": 0.0,
+        }
+    )
     x = pd.DataFrame(pair_features(pairs, tables), columns=feature_names(tables))
-    assert x["category_affinity"].tolist() == [0.75, 0.0]           # item 2 has no category
+    assert x["category_affinity"].tolist() == [0.75, 0.0]  # item 2 has no category
     assert x["segment_popularity_age_band"].tolist() == pytest.approx([0.1, 0.2])  # -1 global
     assert x["global_popularity"].tolist() == pytest.approx([0.2, 0.2])
     assert x["item_users_total"].tolist() == [20.0, 30.0]

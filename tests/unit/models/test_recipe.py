@@ -16,20 +16,51 @@ from pipeline.models.twostage import TwoStageRecommender
 #: get_params() of a default TwoStageRecommender before the recipe existed: keys, order and
 #: values are logged to MLflow, stored in bundles and hashed into fingerprints.
 DEFAULTS = {
-    "factors": 64, "regularization": 0.05, "alpha": 2.0, "iterations": 15, "n_als": 100,
-    "n_knn": 100, "n_popular": 50, "knn_k": 100, "knn_method": "cosine", "n_recent": 20,
+    "factors": 64,
+    "regularization": 0.05,
+    "alpha": 2.0,
+    "iterations": 15,
+    "n_als": 100,
+    "n_knn": 100,
+    "n_popular": 50,
+    "knn_k": 100,
+    "knn_method": "cosine",
+    "n_recent": 20,
     "warm_iterations": 5,
-    "label_days": 14, "label_windows": 6, "label_stride_days": 7, "label_halflife_days": None,
-    "max_label_users": 2_000, "min_history": 1, "objective": "rank:ndcg", "max_depth": 6,
-    "learning_rate": 0.1, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
-    "n_estimators": 300, "n_bags": 5, "bag_budget_pairs": 2_000_000, "popular_days": 30,
-    "cold_segment": "auto", "cold_shrinkage": 50.0, "random_state": 42,
+    "label_days": 14,
+    "label_windows": 6,
+    "label_stride_days": 7,
+    "label_halflife_days": None,
+    "max_label_users": 2_000,
+    "min_history": 1,
+    "objective": "rank:ndcg",
+    "max_depth": 6,
+    "learning_rate": 0.1,
+    "min_child_weight": 1.0,
+    "subsample": 0.8,
+    "colsample_bytree": 0.8,
+    "n_estimators": 300,
+    "n_bags": 5,
+    "bag_budget_pairs": 2_000_000,
+    "popular_days": 30,
+    "cold_segment": "auto",
+    "cold_shrinkage": 50.0,
+    "random_state": 42,
 }
 RUNTIME = ("num_threads", "n_jobs", "bag_workers")
 #: recipe fields the two-stage model reads itself (not passed to a component by name)
-OWN_FIELDS = {"n_recent", "label_days", "label_windows", "label_stride_days",
-              "label_halflife_days", "max_label_users", "min_history", "popular_days",
-              "cold_segment", "cold_shrinkage"}
+OWN_FIELDS = {
+    "n_recent",
+    "label_days",
+    "label_windows",
+    "label_stride_days",
+    "label_halflife_days",
+    "max_label_users",
+    "min_history",
+    "popular_days",
+    "cold_segment",
+    "cold_shrinkage",
+}
 
 
 def test_defaults_are_the_models_params_in_order():
@@ -68,8 +99,9 @@ def test_from_dict_fills_legacy_params_and_rejects_unknown_names():
 
 
 def test_keywords_override_the_recipe_and_runtime_knobs_stay_outside():
-    model = TwoStageRecommender(TwoStageRecipe(factors=8, n_bags=2), n_bags=3, num_threads=2,
-                                n_jobs=4, bag_workers=1)
+    model = TwoStageRecommender(
+        TwoStageRecipe(factors=8, n_bags=2), n_bags=3, num_threads=2, n_jobs=4, bag_workers=1
+    )
     assert model.recipe == TwoStageRecipe(factors=8, n_bags=3)
     assert model.get_params() == {**DEFAULTS, "factors": 8, "n_bags": 3}
     assert (model.num_threads, model.n_jobs, model.bag_workers) == (2, 4, 1)
@@ -92,8 +124,9 @@ def test_set_params_replaces_the_recipe_and_sets_runtime_knobs():
 
 
 def test_components_get_every_recipe_field_they_name():
-    recipe = TwoStageRecipe(factors=8, knn_method="bm25", n_bags=2, objective="rank:pairwise",
-                            random_state=7)
+    recipe = TwoStageRecipe(
+        factors=8, knn_method="bm25", n_bags=2, objective="rank:pairwise", random_state=7
+    )
     model = TwoStageRecommender(recipe, num_threads=2, n_jobs=3, bag_workers=1)
     generator, ranker = model._generator(), model._ranker()
     for component in (generator, ranker):
@@ -106,11 +139,17 @@ def test_components_get_every_recipe_field_they_name():
 
 def test_every_recipe_field_reaches_a_component_or_the_model():
     """A renamed component parameter would silently stop receiving its recipe field."""
+
     def params(cls):
         return set(inspect.signature(cls).parameters)
 
     fields = set(TwoStageRecipe.names())
     assert fields == (params(CandidateGenerator) | params(Ranker) | OWN_FIELDS) & fields
     assert params(CandidateGenerator) - fields == {"num_threads"}
-    assert params(Ranker) - fields == {"early_stopping_rounds", "validation_share", "prior",
-                                       "n_jobs", "bag_workers"}
+    assert params(Ranker) - fields == {
+        "early_stopping_rounds",
+        "validation_share",
+        "prior",
+        "n_jobs",
+        "bag_workers",
+    }

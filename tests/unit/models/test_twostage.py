@@ -17,8 +17,18 @@ from pipeline.lake.demo.synthetic import generate_clickstream
 from pipeline.models.twostage import TwoStageRecommender, _query_ids
 
 CUTOFF = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
-PARAMS = dict(factors=8, iterations=3, label_days=7, label_windows=2, n_estimators=30,
-              n_als=20, n_knn=20, n_popular=10, cold_segment="age_band", random_state=3)
+PARAMS = dict(
+    factors=8,
+    iterations=3,
+    label_days=7,
+    label_windows=2,
+    n_estimators=30,
+    n_als=20,
+    n_knn=20,
+    n_popular=10,
+    cold_segment="age_band",
+    random_state=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +38,9 @@ def data():
 
 @pytest.fixture(scope="module")
 def model(data):
-    return TwoStageRecommender(**PARAMS).fit(data.events, CUTOFF, items=data.items,
-                                             users=data.users)
+    return TwoStageRecommender(**PARAMS).fit(
+        data.events, CUTOFF, items=data.items, users=data.users
+    )
 
 
 def _before(data):
@@ -61,15 +72,17 @@ def test_cold_users_get_their_segment_list(data, model):
 
 def test_min_history_sends_light_users_to_the_cold_list(data):
     light = TwoStageRecommender(**{**PARAMS, "min_history": 10_000}).fit(
-        data.events, CUTOFF, items=data.items, users=data.users)
+        data.events, CUTOFF, items=data.items, users=data.users
+    )
     lists = light.recommend(sorted(_before(data)["user_id"].unique())[:5], 5)
     assert (lists["source"] == "popular").all()
 
 
 def test_same_data_and_seed_same_lists_and_fingerprint(data, model):
     users = sorted(_before(data)["user_id"].unique())[:40]
-    again = TwoStageRecommender(**PARAMS).fit(data.events, CUTOFF, items=data.items,
-                                              users=data.users)
+    again = TwoStageRecommender(**PARAMS).fit(
+        data.events, CUTOFF, items=data.items, users=data.users
+    )
     pd.testing.assert_frame_equal(model.recommend(users, 5), again.recommend(users, 5))
     assert model.fingerprint() == again.fingerprint()
 
@@ -91,16 +104,21 @@ def test_same_fingerprint_in_a_fresh_process_with_another_hash_seed(model, hash_
     """Nothing depends on Python's per-process string hashing, thread timing or state left
     from earlier fits: a new interpreter (the next nightly run) fits the same model."""
     code = _FIT_IN_A_FRESH_PROCESS.format(params=repr(PARAMS))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=300, cwd=Path(__file__).resolve().parents[3],
-                         env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[3],
+        env={**os.environ, "PYTHONHASHSEED": hash_seed},
+    )
     assert out.stdout.strip().splitlines()[-1] == model.fingerprint()
 
 
 def test_events_after_the_cutoff_change_nothing(data, model):
     before = _before(data)
-    alone = TwoStageRecommender(**PARAMS).fit(before, CUTOFF, items=data.items,
-                                              users=data.users)
+    alone = TwoStageRecommender(**PARAMS).fit(before, CUTOFF, items=data.items, users=data.users)
     assert alone.fingerprint() == model.fingerprint()
     assert data.events["timestamp"].max() > CUTOFF  # the fixture does hold later events
 
@@ -112,15 +130,16 @@ def test_save_load_round_trip(tmp_path, data, model):
     assert loaded.fingerprint() == model.fingerprint()
     assert loaded.get_params() == model.get_params()
     from pipeline.models.bundle import load_recommender
+
     assert isinstance(load_recommender(tmp_path / "bundle"), TwoStageRecommender)
 
 
 def test_a_bundle_saved_before_bagging_loads_as_one_ranker(tmp_path, data):
     import json
 
-    single = TwoStageRecommender(**{**PARAMS, "n_bags": 1, "bag_budget_pairs": None,
-                                    "label_halflife_days": None}).fit(
-        _before(data), CUTOFF, items=data.items, users=data.users)
+    single = TwoStageRecommender(
+        **{**PARAMS, "n_bags": 1, "bag_budget_pairs": None, "label_halflife_days": None}
+    ).fit(_before(data), CUTOFF, items=data.items, users=data.users)
     folder = single.save(tmp_path / "old")
     meta = json.loads((folder / "meta.json").read_text())
     for name in ("n_bags", "bag_budget_pairs", "label_halflife_days"):
@@ -139,17 +158,16 @@ def test_a_bundle_saved_before_bagging_loads_as_one_ranker(tmp_path, data):
 def test_label_windows_weigh_less_the_earlier_they_end():
     model = TwoStageRecommender(label_stride_days=7, label_halflife_days=14)
     # window 1 ends at the cutoff, window w 7 (w - 1) days before
-    groups = np.concatenate([_query_ids(w, [row]) for w, row in ((1, 5), (2, 7), (3, 1),
-                                                                    (5, 2))])
-    np.testing.assert_allclose(model._window_weights(groups), [1.0, 2 ** -0.5, 0.5, 0.25],
-                               rtol=1e-6)
+    groups = np.concatenate([_query_ids(w, [row]) for w, row in ((1, 5), (2, 7), (3, 1), (5, 2))])
+    np.testing.assert_allclose(model._window_weights(groups), [1.0, 2**-0.5, 0.5, 0.25], rtol=1e-6)
     assert TwoStageRecommender(label_halflife_days=None)._window_weights(groups) is None
 
 
 def test_a_half_life_changes_the_ranker_not_the_training_pairs(data, model):
     assert model.recipe.label_halflife_days is None  # the default: all windows alike
     weighted = TwoStageRecommender(**{**PARAMS, "label_halflife_days": 7}).fit(
-        _before(data), CUTOFF, items=data.items, users=data.users)
+        _before(data), CUTOFF, items=data.items, users=data.users
+    )
     assert weighted.ranker_.boosters_raw() != model.ranker_.boosters_raw()
     assert weighted.training_["pairs"] == model.training_["pairs"]
 
@@ -157,14 +175,17 @@ def test_a_half_life_changes_the_ranker_not_the_training_pairs(data, model):
 def test_label_users_per_window_are_capped_by_a_seeded_sample(data, model):
     assert model.training_["users"] > 2 * PARAMS["label_windows"]  # the cap matters below
     capped = TwoStageRecommender(**{**PARAMS, "max_label_users": 2}).fit(
-        _before(data), CUTOFF, items=data.items, users=data.users)
+        _before(data), CUTOFF, items=data.items, users=data.users
+    )
     assert capped.training_["users"] <= 2 * PARAMS["label_windows"]
     assert capped.get_params()["max_label_users"] == 2  # logged, fingerprinted, re-fitted
     # recall and candidate counts are over the sampled users, not every user of the window
     assert capped.training_["candidate_recall"]["candidates"] == pytest.approx(
-        capped.training_["pairs"] / capped.training_["users"])
+        capped.training_["pairs"] / capped.training_["users"]
+    )
     again = TwoStageRecommender(**{**PARAMS, "max_label_users": 2}).fit(
-        _before(data), CUTOFF, items=data.items, users=data.users)
+        _before(data), CUTOFF, items=data.items, users=data.users
+    )
     assert again.fingerprint() == capped.fingerprint()
 
 
@@ -181,14 +202,16 @@ def test_the_bag_budget_caps_the_bags_of_a_large_training_set(data, model):
     pairs = model.training_["pairs"]
     assert len(model.ranker_.models_) == model.recipe.n_bags  # the default budget is far away
     budgeted = TwoStageRecommender(**{**PARAMS, "bag_budget_pairs": 2 * pairs}).fit(
-        _before(data), CUTOFF, items=data.items, users=data.users)
+        _before(data), CUTOFF, items=data.items, users=data.users
+    )
     assert len(budgeted.ranker_.models_) == 2
 
 
 def test_empty_history_is_rejected(data):
     with pytest.raises(ValueError, match="empty"):
-        TwoStageRecommender(**PARAMS).fit(data.events, dt.datetime(2020, 1, 1,
-                                                                   tzinfo=dt.timezone.utc))
+        TwoStageRecommender(**PARAMS).fit(
+            data.events, dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+        )
 
 
 def test_encoded_events_and_prebuilt_features_give_the_same_model(data, model):
@@ -199,10 +222,12 @@ def test_encoded_events_and_prebuilt_features_give_the_same_model(data, model):
     from pipeline.features.tables import FeatureFrames
 
     encoded = EncodedEvents.from_frame(data.events, DEFAULT_EVENT_WEIGHTS)  # later events too
-    frames = FeatureFrames.build(encoded.before(CUTOFF).frame, CUTOFF,
-                                 encoded.items.rekey(data.items, "item_id"))
-    fitted = TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, items=data.items,
-                                               users=data.users, features=frames)
+    frames = FeatureFrames.build(
+        encoded.before(CUTOFF).frame, CUTOFF, encoded.items.rekey(data.items, "item_id")
+    )
+    fitted = TwoStageRecommender(**PARAMS).fit(
+        encoded, CUTOFF, items=data.items, users=data.users, features=frames
+    )
     users = sorted(_before(data)["user_id"].unique())[:40] + ["nobody"]
     pd.testing.assert_frame_equal(fitted.recommend(users, 5), model.recommend(users, 5))
     assert fitted.matrix_.shape == encoded.shape  # the run's one id space
@@ -211,21 +236,23 @@ def test_encoded_events_and_prebuilt_features_give_the_same_model(data, model):
         TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, features=late)
 
 
-def test_serving_als_starts_from_the_newest_label_window_unless_warm_iterations_is_0(data,
-                                                                                      model):
+def test_serving_als_starts_from_the_newest_label_window_unless_warm_iterations_is_0(data, model):
     """Label windows are fitted oldest first, each ALS starting from the previous one's
     factors, and the serving fit from the newest window's (``warm_iterations`` sweeps); with
     0 every fit is a cold one, the same as fitting stage one alone on the serving matrix."""
     cold = TwoStageRecommender(**{**PARAMS, "warm_iterations": 0}).fit(
-        _before(data), CUTOFF, items=data.items, users=data.users)
+        _before(data), CUTOFF, items=data.items, users=data.users
+    )
 
     def alone(fitted):
         snap = fitted.snapshot_
         return fitted._generator().fit(snap.matrix, snap.recent, snap.popular_cols).als_
 
     for fitted, same in ((cold, True), (model, False)):
-        np.testing.assert_array_equal(fitted.snapshot_.matrix.confidence.toarray(),
-                                      model.snapshot_.matrix.confidence.toarray())
+        np.testing.assert_array_equal(
+            fitted.snapshot_.matrix.confidence.toarray(),
+            model.snapshot_.matrix.confidence.toarray(),
+        )
         equal = np.array_equal(fitted.generator_.als_.item_factors, alone(fitted).item_factors)
         assert equal is same
     assert model.recipe.warm_iterations == 5 and cold.training_["pairs"] > 0

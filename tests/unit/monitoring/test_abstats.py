@@ -30,7 +30,7 @@ from pipeline.monitoring.abstats import (
 )
 
 Z975 = stats.norm.ppf(0.975)  # 1.959963984540054
-Z80 = stats.norm.ppf(0.80)    # 0.8416212335729143
+Z80 = stats.norm.ppf(0.80)  # 0.8416212335729143
 
 
 def _fleiss_n(p1: float, p2: float, alpha: float, power: float, k: float = 1.0) -> float:
@@ -38,26 +38,28 @@ def _fleiss_n(p1: float, p2: float, alpha: float, power: float, k: float = 1.0) 
     independently of the module: control-group n for n_variant = k * n_control."""
     pbar = (p1 + k * p2) / (1 + k)
     za, zb = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
-    root = (za * math.sqrt(pbar * (1 - pbar) * (1 + 1 / k))
-            + zb * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2) / k))
-    return root ** 2 / (p2 - p1) ** 2
+    root = za * math.sqrt(pbar * (1 - pbar) * (1 + 1 / k)) + zb * math.sqrt(
+        p1 * (1 - p1) + p2 * (1 - p2) / k
+    )
+    return root**2 / (p2 - p1) ** 2
 
 
 # ---- two_proportion_test: a textbook example by hand ---------------------------------------
 
+
 def test_two_proportion_test_known_answer():
     # Variant 250/1000 vs control 200/1000.
     p_v, p_c = 0.25, 0.20
-    pooled = (250 + 200) / 2000                       # 0.225
+    pooled = (250 + 200) / 2000  # 0.225
     se0 = math.sqrt(pooled * (1 - pooled) * (2 / 1000))  # sqrt(0.225 * 0.775 * 0.002)
-    z = (p_v - p_c) / se0                             # 2.67740 (not 2.689: that is a typo)
-    p_value = 2 * stats.norm.sf(abs(z))               # 0.0074196
+    z = (p_v - p_c) / se0  # 2.67740 (not 2.689: that is a typo)
+    p_value = 2 * stats.norm.sf(abs(z))  # 0.0074196
     assert pooled == pytest.approx(0.225)
     assert z == pytest.approx(2.677398, abs=1e-6)
     assert p_value == pytest.approx(0.0074196, abs=1e-7)
 
     se1 = math.sqrt(p_v * (1 - p_v) / 1000 + p_c * (1 - p_c) / 1000)  # unpooled Wald
-    se_log = math.sqrt((1 - p_v) / 250 + (1 - p_c) / 200)              # sqrt(0.007)
+    se_log = math.sqrt((1 - p_v) / 250 + (1 - p_c) / 200)  # sqrt(0.007)
     t = two_proportion_test(250, 1000, 200, 1000, variant="B", control="A")
 
     assert isinstance(t, ProportionTest)
@@ -102,13 +104,17 @@ def test_two_proportion_test_to_dict():
 
 # ---- zero counts and empty groups ----------------------------------------------------------
 
-@pytest.mark.parametrize("x_v, n_v, x_c, n_c", [
-    (0, 0, 0, 0),      # nothing at all
-    (0, 0, 10, 100),   # empty variant
-    (10, 100, 0, 0),   # empty control
-    (0, 100, 0, 100),  # no successes anywhere: pooled se 0
-    (100, 100, 50, 50),  # all successes everywhere: pooled se 0
-])
+
+@pytest.mark.parametrize(
+    "x_v, n_v, x_c, n_c",
+    [
+        (0, 0, 0, 0),  # nothing at all
+        (0, 0, 10, 100),  # empty variant
+        (10, 100, 0, 0),  # empty control
+        (0, 100, 0, 100),  # no successes anywhere: pooled se 0
+        (100, 100, 50, 50),  # all successes everywhere: pooled se 0
+    ],
+)
 def test_degenerate_inputs_give_nan_not_exceptions(x_v, n_v, x_c, n_c):
     t = two_proportion_test(x_v, n_v, x_c, n_c)
     assert math.isnan(t.z) and math.isnan(t.p_value)
@@ -138,6 +144,7 @@ def test_invalid_counts_raise(args):
 
 # ---- planning ------------------------------------------------------------------------------
 
+
 def test_required_sample_size_published_values():
     # Fleiss, Levin & Paik (2003) two-sided, without continuity correction: 3840.8 -> 3841 per
     # group for 0.10 -> 0.12 at alpha 0.05, power 0.8 (the classic ~3,841; other variants of
@@ -158,11 +165,16 @@ def test_required_sample_size_unequal_groups():
     assert n < 3841 < 2 * n  # a bigger variant group needs a smaller control group
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(p_baseline=0.0, mde_abs=0.01), dict(p_baseline=0.1, mde_abs=0.0),
-    dict(p_baseline=0.95, mde_abs=0.06), dict(p_baseline=0.1, mde_abs=0.01, alpha=1.0),
-    dict(p_baseline=0.1, mde_abs=0.01, ratio=0.0),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(p_baseline=0.0, mde_abs=0.01),
+        dict(p_baseline=0.1, mde_abs=0.0),
+        dict(p_baseline=0.95, mde_abs=0.06),
+        dict(p_baseline=0.1, mde_abs=0.01, alpha=1.0),
+        dict(p_baseline=0.1, mde_abs=0.01, ratio=0.0),
+    ],
+)
 def test_required_sample_size_rejects_bad_inputs(kwargs):
     with pytest.raises(ValueError):
         required_sample_size(**kwargs)
@@ -194,8 +206,12 @@ def test_plan_experiment_and_json_round_trip():
     assert plan.n_comparisons == 1
     again = ExperimentPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan
-    assert ExperimentPlan.from_dict({"p_baseline": 0.05, "mde_abs": 0.01, "alpha": 0.05,
-                                     "power": 0.8, "n_per_variant": 10}).planned_days is None
+    assert (
+        ExperimentPlan.from_dict(
+            {"p_baseline": 0.05, "mde_abs": 0.01, "alpha": 0.05, "power": 0.8, "n_per_variant": 10}
+        ).planned_days
+        is None
+    )
     three = plan_experiment(0.05, 0.01, n_arms=3)  # 2 comparisons, Bonferroni at 0.025
     assert three.n_comparisons == 2 and three.alpha == 0.05
     assert three.n_per_variant == required_sample_size(0.05, 0.01, alpha=0.025)
@@ -203,8 +219,7 @@ def test_plan_experiment_and_json_round_trip():
 
 
 def test_decide_waits_for_both_groups():
-    plan = ExperimentPlan(p_baseline=0.2, mde_abs=0.05, alpha=0.05, power=0.8,
-                          n_per_variant=1000)
+    plan = ExperimentPlan(p_baseline=0.2, mde_abs=0.05, alpha=0.05, power=0.8, n_per_variant=1000)
     # Hugely significant but early: keep running, the p value is not looked at.
     assert decide(two_proportion_test(400, 999, 200, 1000), plan) == KEEP_RUNNING
     assert decide(two_proportion_test(400, 1000, 200, 999), plan) == KEEP_RUNNING
@@ -212,12 +227,14 @@ def test_decide_waits_for_both_groups():
     assert decide(two_proportion_test(205, 1000, 200, 1000), plan) == NOT_SIGNIFICANT
     assert decide(two_proportion_test(0, 1000, 0, 1000), plan) == NOT_SIGNIFICANT  # NaN p
     # The plan's level rules: p = 0.0074 is not below 0.05 / 10.
-    strict = ExperimentPlan(p_baseline=0.2, mde_abs=0.05, alpha=0.05, power=0.8,
-                            n_per_variant=1000, n_comparisons=10)
+    strict = ExperimentPlan(
+        p_baseline=0.2, mde_abs=0.05, alpha=0.05, power=0.8, n_per_variant=1000, n_comparisons=10
+    )
     assert decide(two_proportion_test(250, 1000, 200, 1000), strict) == NOT_SIGNIFICANT
 
 
 # ---- sample ratio mismatch -----------------------------------------------------------------
+
 
 def test_srm_balanced_split_is_fine():
     r = srm_check({"A": 5000, "B": 5000}, {"A": 0.5, "B": 0.5})
@@ -253,9 +270,11 @@ def test_srm_shares_as_weights_missing_and_unknown_variants():
 
 # ---- many variants -------------------------------------------------------------------------
 
+
 def test_compare_variants_bonferroni():
-    frame = pd.DataFrame({"variant": ["control", "B", "C"], "n": [1000, 1000, 1000],
-                          "x": [200, 240, 250]})
+    frame = pd.DataFrame(
+        {"variant": ["control", "B", "C"], "n": [1000, 1000, 1000], "x": [200, 240, 250]}
+    )
     out = compare_variants(frame, control="control")
     assert tuple(out.columns) == COMPARE_COLUMNS
     assert list(out["variant"]) == ["B", "C"] and set(out["control"]) == {"control"}
@@ -285,8 +304,7 @@ def test_compare_variants_single_variant_and_errors():
         compare_variants(frame, control="Z")
     with pytest.raises(ValueError):
         compare_variants(pd.concat([frame, frame]), control="A")
-    empty = pd.DataFrame({"variant": ["A", "B", "holdout"], "n": [100, 0, 100],
-                          "x": [0, 0, 0]})
+    empty = pd.DataFrame({"variant": ["A", "B", "holdout"], "n": [100, 0, 100], "x": [0, 0, 0]})
     out = compare_variants(empty, control="A")  # no exception
     assert out["p_value_adjusted"].isna().all() and not out["significant"].any()
 
@@ -316,16 +334,23 @@ def aa_cumulative():
 def test_aa_false_positive_rate_is_alpha(aa_cumulative):
     n, x_v, x_c = aa_cumulative
     assert n[-1] == N_AA
-    hits = [two_proportion_test(x_v[i, -1], N_AA, x_c[i, -1], N_AA).significant
-            for i in range(N_SIM)]
+    hits = [
+        two_proportion_test(x_v[i, -1], N_AA, x_c[i, -1], N_AA).significant for i in range(N_SIM)
+    ]
     rate = float(np.mean(hits))
     assert abs(rate - 0.05) <= TOLERANCE, rate
 
 
 def test_peeking_inflates_false_positives_fixed_horizon_does_not(aa_cumulative):
     n, x_v, x_c = aa_cumulative
-    plan = ExperimentPlan(p_baseline=P_AA, mde_abs=minimum_detectable_effect(P_AA, N_AA, N_AA),
-                          alpha=0.05, power=0.8, n_per_variant=N_AA, planned_days=DAYS)
+    plan = ExperimentPlan(
+        p_baseline=P_AA,
+        mde_abs=minimum_detectable_effect(P_AA, N_AA, N_AA),
+        alpha=0.05,
+        power=0.8,
+        n_per_variant=N_AA,
+        planned_days=DAYS,
+    )
     peeked = fixed = 0
     for i in range(N_SIM):
         stopped = False

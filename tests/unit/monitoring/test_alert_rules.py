@@ -23,8 +23,15 @@ FOLDER = Path(prometheus.__file__).resolve().parent
 RULES = FOLDER / "alerts.rules.yml"
 RULE_TESTS = FOLDER / "alerts.rules.test.yml"
 INSTALL = "apt-get install -y prometheus-pushgateway prometheus"
-REQUIRED = {"RecsListsStale", "RecsNightlyFailed", "RecsFeatureDriftAlert", "RecsFeatureDriftWarn",
-            "RecsInputStale", "RecsQuarantineHigh", "RecsVolumeDrop"}
+REQUIRED = {
+    "RecsListsStale",
+    "RecsNightlyFailed",
+    "RecsFeatureDriftAlert",
+    "RecsFeatureDriftWarn",
+    "RecsInputStale",
+    "RecsQuarantineHigh",
+    "RecsVolumeDrop",
+}
 
 
 def _missing(what: str) -> None:
@@ -36,8 +43,9 @@ def _missing(what: str) -> None:
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    found = shutil.which("promtool") or ("/usr/bin/promtool"
-                                         if Path("/usr/bin/promtool").exists() else None)
+    found = shutil.which("promtool") or (
+        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
+    )
     if found is None:
         _missing("promtool")
     return found
@@ -88,10 +96,18 @@ def test_the_drift_rules_name_the_feature_and_use_the_exporters_thresholds():
 
 
 def test_the_rules_read_only_metrics_the_exporter_writes():
-    exported = {"recs_feature_psi", "recs_drift_status", "recs_monitor_alerts",
-                "recs_monitor_last_run_timestamp_seconds", "recs_last_success_timestamp_seconds",
-                "recs_last_failure_timestamp_seconds", "recs_published_rows",
-                "recs_published_users", "recs_model_version", prometheus.OTHER_HEALTH_GAUGE}
+    exported = {
+        "recs_feature_psi",
+        "recs_drift_status",
+        "recs_monitor_alerts",
+        "recs_monitor_last_run_timestamp_seconds",
+        "recs_last_success_timestamp_seconds",
+        "recs_last_failure_timestamp_seconds",
+        "recs_published_rows",
+        "recs_published_users",
+        "recs_model_version",
+        prometheus.OTHER_HEALTH_GAUGE,
+    }
     exported |= {name for name, _ in prometheus.HEALTH_GAUGES.values()}
 
     for rule in _rules():

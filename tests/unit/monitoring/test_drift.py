@@ -60,8 +60,12 @@ def test_planted_shift_known_psi():
     current = np.repeat([1.0, 2.0, 3.0, 4.0], [1, 2, 3, 4])
     bins = QuantileBins.fit(QUARTERS, n_bins=4)
     assert bins.shares(current) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.0])
-    expected = ((0.1 - 0.25) * math.log(0.1 / 0.25) + (0.2 - 0.25) * math.log(0.2 / 0.25)
-                + (0.3 - 0.25) * math.log(0.3 / 0.25) + (0.4 - 0.25) * math.log(0.4 / 0.25))
+    expected = (
+        (0.1 - 0.25) * math.log(0.1 / 0.25)
+        + (0.2 - 0.25) * math.log(0.2 / 0.25)
+        + (0.3 - 0.25) * math.log(0.3 / 0.25)
+        + (0.4 - 0.25) * math.log(0.4 / 0.25)
+    )
     # the missing bin is empty on both sides: eps against eps, a term of 0
     assert numeric_psi(QUARTERS, current, n_bins=4) == pytest.approx(expected, rel=1e-12)
     assert psi([0.25] * 4, [0.1, 0.2, 0.3, 0.4]) == pytest.approx(expected, rel=1e-12)
@@ -70,11 +74,9 @@ def test_planted_shift_known_psi():
 
 def test_an_empty_bin_counts_as_epsilon():
     current = np.repeat([1.0, 2.0], 5)  # shares 0.5, 0.5, 0, 0 (and no missing)
-    expected = (2 * (0.5 - 0.25) * math.log(0.5 / 0.25)
-                + 2 * (1e-4 - 0.25) * math.log(1e-4 / 0.25))
+    expected = 2 * (0.5 - 0.25) * math.log(0.5 / 0.25) + 2 * (1e-4 - 0.25) * math.log(1e-4 / 0.25)
     assert numeric_psi(QUARTERS, current, n_bins=4) == pytest.approx(expected, rel=1e-12)
-    wider = (2 * (0.5 - 0.25) * math.log(0.5 / 0.25)
-             + 2 * (1e-2 - 0.25) * math.log(1e-2 / 0.25))
+    wider = 2 * (0.5 - 0.25) * math.log(0.5 / 0.25) + 2 * (1e-2 - 0.25) * math.log(1e-2 / 0.25)
     assert numeric_psi(QUARTERS, current, n_bins=4, eps=1e-2) == pytest.approx(wider, rel=1e-12)
 
 
@@ -101,7 +103,7 @@ def test_values_outside_the_reference_range_land_in_the_outer_bins():
     bins = QuantileBins.fit(QUARTERS, n_bins=4)
     assert bins.counts([-100.0, 0.0, -np.inf, 4.5, 1e9, np.inf]).tolist() == [3, 0, 0, 3, 0]
     current = [0.0, 5.0]  # half below, half above the reference
-    expected = (_term(0.5, 0.25) + _term(0.0, 0.25) + _term(0.0, 0.25) + _term(0.5, 0.25))
+    expected = _term(0.5, 0.25) + _term(0.0, 0.25) + _term(0.0, 0.25) + _term(0.5, 0.25)
     assert numeric_psi(QUARTERS, current, n_bins=4) == pytest.approx(expected, rel=1e-12)
 
 
@@ -123,11 +125,16 @@ def test_unseen_levels_and_missing_values_have_their_own_bins():
     assert bins.labels() == ["a", "b", "<other>", "<missing>"]
     current = ["a"] * 5 + ["c"] * 2 + ["d"] + [None, np.nan]
     assert bins.counts(current).tolist() == [5, 0, 3, 2]
-    expected = (0.0 + (1e-4 - 0.5) * math.log(1e-4 / 0.5) + (0.3 - 1e-4) * math.log(0.3 / 1e-4)
-                + (0.2 - 1e-4) * math.log(0.2 / 1e-4))
+    expected = (
+        0.0
+        + (1e-4 - 0.5) * math.log(1e-4 / 0.5)
+        + (0.3 - 1e-4) * math.log(0.3 / 1e-4)
+        + (0.2 - 1e-4) * math.log(0.2 / 1e-4)
+    )
     assert categorical_psi(reference, current) == pytest.approx(expected, rel=1e-12)
-    assert categorical_psi(pd.Series(reference, dtype="string"),
-                           pd.Series(current, dtype="string")) == pytest.approx(expected)
+    assert categorical_psi(
+        pd.Series(reference, dtype="string"), pd.Series(current, dtype="string")
+    ) == pytest.approx(expected)
 
 
 def test_category_levels_are_compared_as_text_in_natural_order():
@@ -138,12 +145,15 @@ def test_category_levels_are_compared_as_text_in_natural_order():
     assert top.levels == ("x", "y") and top.counts(["z"]).tolist() == [0, 0, 1, 0]
 
 
-@pytest.mark.parametrize("values, edges, counts", [
-    ([0] * 90 + [1] * 7 + [2] * 3, (0.0,), [90, 10, 0]),  # mostly zeros: 0 | more
-    ([0] * 50 + [1] * 30 + [2] * 20, (0.0, 1.0, 2.0), [50, 30, 20, 0, 0]),  # a bin per count
-    ([5.0] * 10, (5.0,), [10, 0, 0]),  # constant
-    ([np.nan] * 4, (), [0, 4]),  # nothing but missing: one open bin and the missing one
-])
+@pytest.mark.parametrize(
+    "values, edges, counts",
+    [
+        ([0] * 90 + [1] * 7 + [2] * 3, (0.0,), [90, 10, 0]),  # mostly zeros: 0 | more
+        ([0] * 50 + [1] * 30 + [2] * 20, (0.0, 1.0, 2.0), [50, 30, 20, 0, 0]),  # a bin per count
+        ([5.0] * 10, (5.0,), [10, 0, 0]),  # constant
+        ([np.nan] * 4, (), [0, 4]),  # nothing but missing: one open bin and the missing one
+    ],
+)
 def test_tied_discrete_features_get_one_bin_per_frequent_value(values, edges, counts):
     bins = QuantileBins.fit(values)
     assert bins.edges == edges
@@ -151,17 +161,29 @@ def test_tied_discrete_features_get_one_bin_per_frequent_value(values, edges, co
     assert numeric_psi(values, values) == 0.0
 
 
-@pytest.mark.parametrize("value, expected", [
-    (0.0, "ok"), (PSI_WARN - 1e-12, "ok"), (PSI_WARN, "warn"), (PSI_ALERT - 1e-12, "warn"),
-    (PSI_ALERT, "alert"), (12.0, "alert"), (math.nan, "unknown"),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0.0, "ok"),
+        (PSI_WARN - 1e-12, "ok"),
+        (PSI_WARN, "warn"),
+        (PSI_ALERT - 1e-12, "warn"),
+        (PSI_ALERT, "alert"),
+        (12.0, "alert"),
+        (math.nan, "unknown"),
+    ],
+)
 def test_status_thresholds(value, expected):
     assert status(value) == expected
 
 
 def test_status_custom_thresholds():
     assert [status(v, warn=0.2, alert=0.5) for v in (0.19, 0.2, 0.49, 0.5)] == [
-        "ok", "warn", "warn", "alert"]
+        "ok",
+        "warn",
+        "warn",
+        "alert",
+    ]
 
 
 def test_bins_round_trip_through_json():
@@ -170,8 +192,10 @@ def test_bins_round_trip_through_json():
     numeric = QuantileBins.fit(reference)
     labels = ["a", "b", "a", None, "c"]
     category = CategoryBins.fit(labels)
-    for bins, ref, cur in ((numeric, reference, current),
-                           (category, labels, ["a", "z", None, "b", "b"])):
+    for bins, ref, cur in (
+        (numeric, reference, current),
+        (category, labels, ["a", "z", None, "b", "b"]),
+    ):
         back = bins_from_dict(json.loads(json.dumps(bins.to_dict())))
         assert back == bins and type(back).from_dict(bins.to_dict()) == bins
         assert psi(back.shares(ref), back.shares(cur)) == psi(bins.shares(ref), bins.shares(cur))
@@ -188,8 +212,9 @@ SHIFT = dt.timedelta(days=28)  # whole weeks: the shifted events keep their hour
 DEVICES = ["desktop"] * 6 + ["mobile"] * 3 + ["tablet"]
 
 
-def _events(devices: list[str] = DEVICES, popular: bool = False,
-            shift: dt.timedelta = dt.timedelta(0)) -> pd.DataFrame:
+def _events(
+    devices: list[str] = DEVICES, popular: bool = False, shift: dt.timedelta = dt.timedelta(0)
+) -> pd.DataFrame:
     """40 users x 5 events in the 20 days before ``AS_OF + shift``, no randomness. User k is
     on ``devices[k % 10]`` throughout; items are spread evenly over 20, or with ``popular``
     three of each user's five events go to item i0."""
@@ -197,25 +222,53 @@ def _events(devices: list[str] = DEVICES, popular: bool = False,
     for k in range(40):
         for j in range(5):
             item = "i0" if popular and j < 3 else f"i{(5 * k + j) % 20}"
-            when = AS_OF + shift - dt.timedelta(days=1 + (k + 3 * j) % 20,
-                                                hours=(7 * k + 5 * j) % 24)
-            rows.append((f"u{k}", item, "purchase" if j == 4 else "view", when,
-                         10.0 + k % 3 if j == 4 else np.nan, devices[k % len(devices)],
-                         f"u{k}-s{j // 3}"))
-    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp",
-                                        "value", "device", "session_id"])
-    return frame.astype({"user_id": "string", "item_id": "string", "event_type": "string",
-                         "timestamp": "datetime64[us, UTC]", "device": "string",
-                         "session_id": "string"})
+            when = (
+                AS_OF + shift - dt.timedelta(days=1 + (k + 3 * j) % 20, hours=(7 * k + 5 * j) % 24)
+            )
+            rows.append(
+                (
+                    f"u{k}",
+                    item,
+                    "purchase" if j == 4 else "view",
+                    when,
+                    10.0 + k % 3 if j == 4 else np.nan,
+                    devices[k % len(devices)],
+                    f"u{k}-s{j // 3}",
+                )
+            )
+    frame = pd.DataFrame(
+        rows,
+        columns=["user_id", "item_id", "event_type", "timestamp", "value", "device", "session_id"],
+    )
+    return frame.astype(
+        {
+            "user_id": "string",
+            "item_id": "string",
+            "event_type": "string",
+            "timestamp": "datetime64[us, UTC]",
+            "device": "string",
+            "session_id": "string",
+        }
+    )
 
 
 def test_profile_features_and_against_itself_every_psi_is_zero():
     events = _events()
     profile = DriftProfile.from_events(events, AS_OF)
     names = list(profile.features)
-    assert {"user.recency_days", "user.frequency_30d", "user.device_mobile_share",
-            "user.sessions", "item.users_total", "item.popularity_7d", "item.trend",
-            "event.event_type", "event.device", "event.hour", "event.weekday"} <= set(names)
+    assert {
+        "user.recency_days",
+        "user.frequency_30d",
+        "user.device_mobile_share",
+        "user.sessions",
+        "item.users_total",
+        "item.popularity_7d",
+        "item.trend",
+        "event.event_type",
+        "event.device",
+        "event.hour",
+        "event.weekday",
+    } <= set(names)
     assert "user.user_id" not in names and not any(n.startswith("item.category") for n in names)
     assert profile.features["user.recency_days"].reference_n == 40
     assert profile.features["item.users_total"].reference_n == 20
@@ -223,8 +276,7 @@ def test_profile_features_and_against_itself_every_psi_is_zero():
     assert profile.features["event.hour"].bins.levels[:2] == ("0", "1")
 
     result = profile.compare(events, AS_OF)
-    assert list(result.columns) == ["feature", "group", "psi", "status", "reference_n",
-                                    "current_n"]
+    assert list(result.columns) == ["feature", "group", "psi", "status", "reference_n", "current_n"]
     assert sorted(result["feature"]) == sorted(names)
     assert (result["psi"] == 0.0).all() and (result["status"] == "ok").all()
     assert (result["reference_n"] == result["current_n"]).all()
@@ -242,14 +294,20 @@ def test_a_device_mix_change_names_event_device_first():
     top = result.iloc[0]
     assert (top["feature"], top["group"], top["status"]) == ("event.device", "event", "alert")
     # levels desktop, mobile, tablet, then other and missing (empty on both sides)
-    expected = ((0.2 - 0.6) * math.log(0.2 / 0.6) + (0.7 - 0.3) * math.log(0.7 / 0.3)
-                + (0.1 - 0.1) * math.log(0.1 / 0.1))
+    expected = (
+        (0.2 - 0.6) * math.log(0.2 / 0.6)
+        + (0.7 - 0.3) * math.log(0.7 / 0.3)
+        + (0.1 - 0.1) * math.log(0.1 / 0.1)
+    )
     assert top["psi"] == pytest.approx(expected, rel=1e-12)
     assert (top["reference_n"], top["current_n"]) == (200, 200)
     # each user stays on one device, so only their device shares move too, and by less
     moved = result[result["psi"] > 0]
-    assert list(moved["feature"]) == ["event.device", "user.device_desktop_share",
-                                      "user.device_mobile_share"]
+    assert list(moved["feature"]) == [
+        "event.device",
+        "user.device_desktop_share",
+        "user.device_mobile_share",
+    ]
     assert (result.loc[result["psi"] == 0, "status"] == "ok").all()
 
 
@@ -272,8 +330,14 @@ def test_extra_numeric_feature_such_as_scores():
     feature = profile.add_numeric("score", scores)
     assert feature.group == "model" and feature.reference_n == 101
     same = profile.compare_values("score", scores)
-    assert same == {"feature": "score", "group": "model", "psi": 0.0, "status": "ok",
-                    "reference_n": 101, "current_n": 101}
+    assert same == {
+        "feature": "score",
+        "group": "model",
+        "psi": 0.0,
+        "status": "ok",
+        "reference_n": 101,
+        "current_n": 101,
+    }
     shifted = profile.compare_values("score", scores[scores >= 0.5])
     assert shifted["status"] == "alert" and shifted["current_n"] == 51
     with pytest.raises(KeyError):
@@ -288,8 +352,9 @@ def test_extra_numeric_feature_such_as_scores():
 
 
 def test_profile_round_trips_through_json():
-    events = pd.concat([_events(), _events(DEVICES[::-1], popular=True, shift=SHIFT)],
-                       ignore_index=True)
+    events = pd.concat(
+        [_events(), _events(DEVICES[::-1], popular=True, shift=SHIFT)], ignore_index=True
+    )
     profile = DriftProfile.from_events(events, AS_OF, window=SHIFT, n_bins=5)
     profile.add_numeric("score", np.linspace(0.0, 1.0, 11))
     profile.add_categorical("segment", ["a", "b", "b", None])

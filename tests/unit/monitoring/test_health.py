@@ -15,8 +15,11 @@ AS_OF = dt.datetime(2024, 3, 10, tzinfo=dt.timezone.utc)
 
 def _events(per_day: dict[int, int]) -> pd.Series:
     """``per_day[k]`` events at noon of the k-th day before AS_OF (1 = the last full day)."""
-    stamps = [pd.Timestamp(AS_OF) - pd.Timedelta(days=k) + pd.Timedelta(hours=12)
-              for k, n in per_day.items() for _ in range(n)]
+    stamps = [
+        pd.Timestamp(AS_OF) - pd.Timedelta(days=k) + pd.Timedelta(hours=12)
+        for k, n in per_day.items()
+        for _ in range(n)
+    ]
     return pd.Series(pd.to_datetime(stamps, utc=True))
 
 
@@ -36,8 +39,13 @@ def test_volume_ratio_is_the_last_day_over_the_trailing_median():
 def test_last_ingest_shares_use_the_newest_batch_only():
     manifest = [
         {"ingested_at": "2024-03-08T00:00:00+00:00", "rows_read": 10, "rows_rejected": 10},
-        {"ingested_at": "2024-03-09T00:00:00+00:00", "rows_read": 150, "rows_rejected": 3,
-         "rows_future": 1, "rows_late": 2},
+        {
+            "ingested_at": "2024-03-09T00:00:00+00:00",
+            "rows_read": 150,
+            "rows_rejected": 3,
+            "rows_future": 1,
+            "rows_late": 2,
+        },
         {"ingested_at": "2024-03-09T00:00:00+00:00", "rows_read": 50, "rows_late": 4},
     ]
     shares = health.last_ingest_shares(manifest)
@@ -48,8 +56,14 @@ def test_last_ingest_shares_use_the_newest_batch_only():
 
 def test_thresholds_in_both_directions():
     volume = health.HEALTH_THRESHOLDS["volume_ratio"]
-    assert [volume.status(v) for v in (0.4, 0.6, 1.0, 2.5, 3.5, float("nan"))] == \
-        ["alert", "warn", "ok", "warn", "alert", "unknown"]
+    assert [volume.status(v) for v in (0.4, 0.6, 1.0, 2.5, 3.5, float("nan"))] == [
+        "alert",
+        "warn",
+        "ok",
+        "warn",
+        "alert",
+        "unknown",
+    ]
 
 
 def test_health_table_flags_a_volume_drop_and_stale_input():
@@ -68,11 +82,16 @@ def test_health_table_flags_a_volume_drop_and_stale_input():
 
 def test_online_ratios_flag_a_ctr_drop_on_the_last_day():
     days = pd.to_datetime(["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"], utc=True)
-    daily = pd.DataFrame({"day": np.repeat(days, 2), "variant": ["a", "b"] * 4,
-                          "clicks": [5, 5, 6, 4, 5, 5, 1, 1],
-                          "impressions": [50, 50] * 4,
-                          "converted_users": [2, 2, 2, 2, 2, 2, 2, 2],
-                          "users_active": [20, 20] * 4})
+    daily = pd.DataFrame(
+        {
+            "day": np.repeat(days, 2),
+            "variant": ["a", "b"] * 4,
+            "clicks": [5, 5, 6, 4, 5, 5, 1, 1],
+            "impressions": [50, 50] * 4,
+            "converted_users": [2, 2, 2, 2, 2, 2, 2, 2],
+            "users_active": [20, 20] * 4,
+        }
+    )
     rows = health.online_ratios(daily).set_index("metric")
     assert rows.loc["ctr_ratio", "value"] == pytest.approx(0.02 / 0.10)
     assert rows.loc["ctr_ratio", "status"] == "alert"

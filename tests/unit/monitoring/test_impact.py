@@ -18,26 +18,32 @@ DAY2 = DAY1 + dt.timedelta(days=1)
 
 def _lists() -> pd.DataFrame:
     rows = [("u1", r, f"i{r}", "A") for r in (1, 2, 3, 4)]
-    rows += [("u2", 1, "i5", "B"), ("u2", 2, "i6", "B"), ("u3", 1, "i1", "A"),
-             ("u3", 2, "i2", "A"), ("__default__", 1, "i1", None),
-             ("__default__:A", 1, "i1", "A")]
+    rows += [
+        ("u2", 1, "i5", "B"),
+        ("u2", 2, "i6", "B"),
+        ("u3", 1, "i1", "A"),
+        ("u3", 2, "i2", "A"),
+        ("__default__", 1, "i1", None),
+        ("__default__:A", 1, "i1", "A"),
+    ]
     return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "variant"])
 
 
 def _events() -> pd.DataFrame:
     at = lambda day, hour: pd.Timestamp(day) + pd.Timedelta(hours=hour)  # noqa: E731
-    rows = [("u1", "i1", "impression", at(DAY1, 9), np.nan),
-            ("u1", "i2", "impression", at(DAY1, 9), np.nan),
-            ("u1", "i4", "impression", at(DAY1, 9), np.nan),
-            ("u1", "i1", "click", at(DAY1, 10), np.nan),
-            ("u1", "i1", "purchase", at(DAY1, 11), 10.0),
-            ("u1", "i9", "click", at(DAY1, 12), np.nan),       # not recommended
-            ("u2", "i5", "impression", at(DAY1, 9), np.nan),
-            ("u2", "i6", "impression", at(DAY1, 9), np.nan),
-            ("u4", "i1", "click", at(DAY1, 9), np.nan),        # never served
-            ("u2", "i6", "add_to_cart", at(DAY2, 8), 5.0)]
-    return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp",
-                                       "value"])
+    rows = [
+        ("u1", "i1", "impression", at(DAY1, 9), np.nan),
+        ("u1", "i2", "impression", at(DAY1, 9), np.nan),
+        ("u1", "i4", "impression", at(DAY1, 9), np.nan),
+        ("u1", "i1", "click", at(DAY1, 10), np.nan),
+        ("u1", "i1", "purchase", at(DAY1, 11), 10.0),
+        ("u1", "i9", "click", at(DAY1, 12), np.nan),  # not recommended
+        ("u2", "i5", "impression", at(DAY1, 9), np.nan),
+        ("u2", "i6", "impression", at(DAY1, 9), np.nan),
+        ("u4", "i1", "click", at(DAY1, 9), np.nan),  # never served
+        ("u2", "i6", "add_to_cart", at(DAY2, 8), 5.0),
+    ]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp", "value"])
 
 
 @pytest.fixture
@@ -53,8 +59,9 @@ def test_served_history_round_trip(tmp_path, served):
     assert first["live_until"].unique().tolist() == [pd.Timestamp(DAY2)]
     assert first["model_version"].unique().tolist() == ["1"]
     assert first["user_id"].is_monotonic_increasing  # keyed by user, for erasure
-    assert read_served(tmp_path, DAY2 + dt.timedelta(days=5))["cutoff"].unique().tolist() \
-        == [pd.Timestamp(DAY2)]  # the newest set is still live
+    assert read_served(tmp_path, DAY2 + dt.timedelta(days=5))["cutoff"].unique().tolist() == [
+        pd.Timestamp(DAY2)
+    ]  # the newest set is still live
     newest = read_served(tmp_path, DAY2 + dt.timedelta(days=5))
     assert newest["live_until"].isna().all() and str(newest["live_until"].dtype).endswith("UTC]")
     # A re-publish of a cutoff replaces its file.
@@ -101,21 +108,27 @@ def test_sitewide_outcomes_count_every_assigned_user_active_or_not():
     from pipeline.monitoring.impact import sitewide_outcomes
 
     at = lambda hour: pd.Timestamp(DAY1) + pd.Timedelta(hours=hour)  # noqa: E731
-    events = pd.DataFrame([
-        ("u1", "i1", "impression", at(9), np.nan),   # shown a list, did nothing: not active
-        ("u2", "i1", "view", at(9), np.nan),
-        ("u2", "i1", "purchase", at(10), 12.0),
-        ("u3", "i2", "add_to_cart", at(9), 4.0),
-        ("u3", "i2", "purchase", at(10), 4.0),
-        ("u4", "i3", "purchase", at(10), 99.0),      # outside the experiment
-        ("u9", "i3", "purchase", at(10), 50.0),      # new in the window: not in the population
-        ("u2", "i1", "purchase", at(30), 70.0),      # after the window
-    ], columns=["user_id", "item_id", "event_type", "timestamp", "value"])
+    events = pd.DataFrame(
+        [
+            ("u1", "i1", "impression", at(9), np.nan),  # shown a list, did nothing: not active
+            ("u2", "i1", "view", at(9), np.nan),
+            ("u2", "i1", "purchase", at(10), 12.0),
+            ("u3", "i2", "add_to_cart", at(9), 4.0),
+            ("u3", "i2", "purchase", at(10), 4.0),
+            ("u4", "i3", "purchase", at(10), 99.0),  # outside the experiment
+            ("u9", "i3", "purchase", at(10), 50.0),  # new in the window: not in the population
+            ("u2", "i1", "purchase", at(30), 70.0),  # after the window
+        ],
+        columns=["user_id", "item_id", "event_type", "timestamp", "value"],
+    )
     assignment = {"u1": "model", "u2": "model", "u3": "holdout", "u5": "holdout"}
     out = sitewide_outcomes(
-        events, ["u1", "u2", "u3", "u4", "u5"],
+        events,
+        ["u1", "u2", "u3", "u4", "u5"],
         lambda ids: np.array([assignment.get(u) for u in ids], dtype=object),
-        start=DAY1, end=DAY2).set_index("variant")
+        start=DAY1,
+        end=DAY2,
+    ).set_index("variant")
     assert out.loc["model", ["users", "active_any", "converted_any"]].tolist() == [2, 1, 1]
     assert out.loc["holdout", ["users", "active_any", "converted_any"]].tolist() == [2, 1, 1]
     assert out.loc["model", "revenue_any"] == 12.0 and out.loc["holdout", "revenue_any"] == 4.0

@@ -26,8 +26,18 @@ from pipeline.registry import versions as registry
 
 REPO = Path(__file__).resolve().parents[3]
 CUTOFF = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
-PARAMS = dict(factors=8, iterations=3, label_days=7, label_windows=2, n_estimators=30,
-              n_als=20, n_knn=20, n_popular=10, cold_segment="age_band", random_state=3)
+PARAMS = dict(
+    factors=8,
+    iterations=3,
+    label_days=7,
+    label_windows=2,
+    n_estimators=30,
+    n_als=20,
+    n_knn=20,
+    n_popular=10,
+    cold_segment="age_band",
+    random_state=3,
+)
 
 
 def _canonical(name: str) -> str:
@@ -54,8 +64,9 @@ def _closure(requirements: list[str]) -> set[str]:
         except PackageNotFoundError:
             continue
         for req in map(Requirement, specs):
-            if req.marker is None or any(req.marker.evaluate({"extra": extra})
-                                         for extra in {"", *extras}):
+            if req.marker is None or any(
+                req.marker.evaluate({"extra": extra}) for extra in {"", *extras}
+            ):
                 todo.append((req.name, frozenset(req.extras)))
     return {name for name, _ in seen}
 
@@ -65,7 +76,7 @@ def _closure(requirements: list[str]) -> set[str]:
 # find it, so `import` raises ModuleNotFoundError and importlib.util.find_spec gives None,
 # as in an environment built from the model's requirements alone. The stdlib and the
 # project's own `pipeline` (shipped in the model as code_paths) are allowed.
-_SERVE_WITH_ONLY = r'''
+_SERVE_WITH_ONLY = r"""
 import functools, importlib.machinery, importlib.metadata, importlib.util, json, re, sys
 
 allowed = set(json.loads(sys.argv[2]))
@@ -110,15 +121,20 @@ model = mlflow.pyfunc.load_model(sys.argv[1])
 lists = model.predict(pd.DataFrame({"user_id": sys.argv[3:]}), params={"n": 3})
 print("SERVED " + json.dumps({"rows": len(lists), "users": int(lists["user_id"].nunique()),
                               "guard_works": guard_works, "refused": sorted(refused)}))
-'''
+"""
 
 
-def _serve_with_only(model_dir: Path, requirements: list[str], users: list[str], cwd: Path
-                     ) -> subprocess.CompletedProcess:
+def _serve_with_only(
+    model_dir: Path, requirements: list[str], users: list[str], cwd: Path
+) -> subprocess.CompletedProcess:
     allowed = sorted(_closure(requirements))
-    return subprocess.run([sys.executable, "-c", _SERVE_WITH_ONLY, str(model_dir),
-                           json.dumps(allowed), *users],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _SERVE_WITH_ONLY, str(model_dir), json.dumps(allowed), *users],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def _served(done: subprocess.CompletedProcess) -> dict:
@@ -131,8 +147,9 @@ def _served(done: subprocess.CompletedProcess) -> dict:
 def bundle(tmp_path_factory) -> Path:
     """A small fitted two-stage bundle (ALS + kNN candidates, XGBoost ranker), saved."""
     data = generate_clickstream(n_users=120, n_items=60, n_days=40, start="2024-01-01", seed=3)
-    model = TwoStageRecommender(**PARAMS).fit(data.events, CUTOFF, items=data.items,
-                                              users=data.users)
+    model = TwoStageRecommender(**PARAMS).fit(
+        data.events, CUTOFF, items=data.items, users=data.users
+    )
     assert model.ranker_ is not None
     return model.save(tmp_path_factory.mktemp("bundle") / "model")
 
@@ -186,12 +203,14 @@ def test_registered_model_serves_with_only_its_requirements(bundle, tmp_path, mo
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
-    registration = registry.register_model(bundle, run_name="requirements", params={},
-                                           metrics={}, tags={})
+    registration = registry.register_model(
+        bundle, run_name="requirements", params={}, metrics={}, tags={}
+    )
     uri = f"models:/{registry.MODEL_NAME}/{registration.version}"
     lines = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().splitlines()
-    requirements = [line.strip() for line in lines if line.strip()
-                    and not line.startswith(("#", "-"))]
+    requirements = [
+        line.strip() for line in lines if line.strip() and not line.startswith(("#", "-"))
+    ]
     model_dir = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
     users = [*registry.load_bundle(bundle).matrix_.user_ids[:3].astype(str), "__nobody__"]
     run = tmp_path / "serve"
@@ -204,8 +223,11 @@ def test_registered_model_serves_with_only_its_requirements(bundle, tmp_path, mo
     assert _providers("xgboost") | _providers("sklearn") <= logged, requirements
 
     # The check has teeth: without the distribution behind `xgboost`, loading fails.
-    without = [line for line in requirements
-               if _canonical(Requirement(line).name) not in _providers("xgboost")]
+    without = [
+        line
+        for line in requirements
+        if _canonical(Requirement(line).name) not in _providers("xgboost")
+    ]
     assert not _providers("xgboost") & _closure(without) and len(without) < len(requirements)
     done = _serve_with_only(model_dir, without, users, run)
     assert done.returncode != 0 and "No module named 'xgboost'" in done.stderr, done.stderr[-2000:]

@@ -21,8 +21,16 @@ from pipeline.serving.contract import VIEW_COLUMNS, variant_default_user
 
 LOGICAL_DATE = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
 GENERATED_AT = pd.Timestamp("2024-05-01T03:04:05.123456Z")
-ORIGINAL_COLUMNS = ["user_id", "rank", "item_id", "score", "reason", "source", "model_version",
-                    "generated_at"]
+ORIGINAL_COLUMNS = [
+    "user_id",
+    "rank",
+    "item_id",
+    "score",
+    "reason",
+    "source",
+    "model_version",
+    "generated_at",
+]
 CMS_QUERY = "SELECT item_id, reason FROM recommendations WHERE user_id = {} ORDER BY rank"
 
 
@@ -68,33 +76,61 @@ def _view_columns(target: dict, view: str = "recommendations") -> list[str]:
 
 
 def _publish(target: dict, lists: pd.DataFrame, model_version: str = "5", **kwargs):
-    return store.publish_lists(lists, model_version=model_version, logical_date=LOGICAL_DATE,
-                               **target, **kwargs)
+    return store.publish_lists(
+        lists, model_version=model_version, logical_date=LOGICAL_DATE, **target, **kwargs
+    )
 
 
 def _list(user: str, items: list[str], **columns) -> pd.DataFrame:
-    return pd.DataFrame({"user_id": user, "rank": range(1, len(items) + 1), "item_id": items,
-                         "score": [1.0 / r for r in range(1, len(items) + 1)],
-                         "reason": "because", "source": "ranker", "generated_at": GENERATED_AT,
-                         **columns})
+    return pd.DataFrame(
+        {
+            "user_id": user,
+            "rank": range(1, len(items) + 1),
+            "item_id": items,
+            "score": [1.0 / r for r in range(1, len(items) + 1)],
+            "reason": "because",
+            "source": "ranker",
+            "generated_at": GENERATED_AT,
+            **columns,
+        }
+    )
 
 
 def _experiment_lists() -> tuple[pd.DataFrame, pd.DataFrame]:
     """u0 outside, u1 control (popular), u2 model (version 7), u3 holdout (no rows); the
     defaults of users outside and of each recommending variant."""
     exp = {"experiment": "ab-1"}
-    lists = pd.concat([
-        _list("u0", ["a", "b", "c"], variant=None, experiment=None),
-        _list("u1", ["p", "q", "r"], variant="control", source="popular", **exp),
-        _list("u2", ["x", "y", "z"], variant="model", model_version="7", **exp),
-        _list(DEFAULT_USER, ["p", "q", "r"], variant=None, experiment=None, source="popular"),
-        _list(variant_default_user("control"), ["p", "q", "r"], variant="control",
-              source="popular", **exp),
-        _list(variant_default_user("model"), ["m", "n", "o"], variant="model",
-              model_version="7", source="popular", **exp),
-    ], ignore_index=True)
-    assignments = pd.DataFrame({"user_id": ["u1", "u2", "u3", "u9"], "experiment": "ab-1",
-                                "variant": ["control", "model", "holdout", "control"]})
+    lists = pd.concat(
+        [
+            _list("u0", ["a", "b", "c"], variant=None, experiment=None),
+            _list("u1", ["p", "q", "r"], variant="control", source="popular", **exp),
+            _list("u2", ["x", "y", "z"], variant="model", model_version="7", **exp),
+            _list(DEFAULT_USER, ["p", "q", "r"], variant=None, experiment=None, source="popular"),
+            _list(
+                variant_default_user("control"),
+                ["p", "q", "r"],
+                variant="control",
+                source="popular",
+                **exp,
+            ),
+            _list(
+                variant_default_user("model"),
+                ["m", "n", "o"],
+                variant="model",
+                model_version="7",
+                source="popular",
+                **exp,
+            ),
+        ],
+        ignore_index=True,
+    )
+    assignments = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u3", "u9"],
+            "experiment": "ab-1",
+            "variant": ["control", "model", "holdout", "control"],
+        }
+    )
     return lists, assignments
 
 
@@ -104,8 +140,11 @@ def test_without_an_experiment_the_new_columns_come_last_and_are_null(target, ma
 
     assert result.assigned == 0
     assert _view_columns(target) == [*ORIGINAL_COLUMNS, "variant", "experiment"]
-    assert _view_columns(target, "recommendation_assignments") == ["user_id", "experiment",
-                                                                   "variant"]
+    assert _view_columns(target, "recommendation_assignments") == [
+        "user_id",
+        "experiment",
+        "variant",
+    ]
     view = store.read_all(**target)
     assert list(view.columns) == list(VIEW_COLUMNS)
     assert view["variant"].isna().all() and view["experiment"].isna().all()
@@ -141,7 +180,8 @@ def test_experiment_rows_carry_variant_model_version_and_a_default_per_variant(t
     assert set(store.read_user_list("newcomer", **target)["user_id"]) == {DEFAULT_USER}
 
     assert store.read_assignments(**target).to_dict("records") == assignments.sort_values(
-        "user_id").to_dict("records")
+        "user_id"
+    ).to_dict("records")
     assert store.read_assignments(user_id="u3", **target)["variant"].tolist() == ["holdout"]
     live = store.live_version(**target)
     assert (live["model_version"], live["users"]) == ("5", 6)
@@ -159,28 +199,53 @@ def test_the_assignments_swap_and_drop_with_their_version(target, make_lists):
     assert view["variant"].isna().all() and set(view["model_version"]) == {"6"}
     with _cursor(target) as cur:
         if target["dsn"] is None:
-            cur.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                        "AND name GLOB 'recommendation*_v[0-9]*' ORDER BY name")
+            cur.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name GLOB 'recommendation*_v[0-9]*' ORDER BY name"
+            )
         else:
-            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'recs' "
-                        "AND tablename ~ '^recommendation.*_v[0-9]+$' ORDER BY tablename")
+            cur.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'recs' "
+                "AND tablename ~ '^recommendation.*_v[0-9]+$' ORDER BY tablename"
+            )
         tables = [name for (name,) in cur.fetchall()]
     assert tables == ["recommendation_assignments_v2", "recommendations_v2"]
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda lists, a: lists[~((lists.user_id == "__default__:control") & (lists["rank"] == 2))],
-     "not 1..N without gaps"),
-    (lambda lists, a: lists.assign(item_id=lists["item_id"].where(
-        lists.user_id != "__default__:model", "m")), "the same item more than once"),
-    (lambda lists, a: lists.assign(variant=lists["variant"].where(
-        lists.user_id != DEFAULT_USER, "control"), experiment=lists["experiment"].where(
-        lists.user_id != DEFAULT_USER, "ab-1")), "its variant must be null"),
-    (lambda lists, a: lists.assign(experiment=None), "only one of 'variant' and 'experiment'"),
-    (lambda lists, a: lists.assign(variant=lists["variant"].where(
-        (lists.user_id != "u2") | (lists["rank"] != 3), "control")), "rows of two variants"),
-    (lambda lists, a: lists[lists.user_id != DEFAULT_USER], "no fallback list"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda lists, a: lists[
+                ~((lists.user_id == "__default__:control") & (lists["rank"] == 2))
+            ],
+            "not 1..N without gaps",
+        ),
+        (
+            lambda lists, a: lists.assign(
+                item_id=lists["item_id"].where(lists.user_id != "__default__:model", "m")
+            ),
+            "the same item more than once",
+        ),
+        (
+            lambda lists, a: lists.assign(
+                variant=lists["variant"].where(lists.user_id != DEFAULT_USER, "control"),
+                experiment=lists["experiment"].where(lists.user_id != DEFAULT_USER, "ab-1"),
+            ),
+            "its variant must be null",
+        ),
+        (lambda lists, a: lists.assign(experiment=None), "only one of 'variant' and 'experiment'"),
+        (
+            lambda lists, a: lists.assign(
+                variant=lists["variant"].where(
+                    (lists.user_id != "u2") | (lists["rank"] != 3), "control"
+                )
+            ),
+            "rows of two variants",
+        ),
+        (lambda lists, a: lists[lists.user_id != DEFAULT_USER], "no fallback list"),
+    ],
+)
 def test_the_contract_checks_hold_per_user_id(target, change, message):
     lists, assignments = _experiment_lists()
     _publish(target, lists, "5", assignments=assignments)
@@ -206,39 +271,60 @@ def _old_shape(target: dict) -> list[tuple]:
     variant and experiment, the eight-column view over it, no assignments view. Returns the
     rows of u1 (item_id, reason)."""
     store.ensure_schema(**target)  # the catalog; then take away what the new migration made
-    rows = [("u1", 1, "a", 0.9, "because", "ranker"), ("u1", 2, "b", 0.8, "because", "als"),
-            (DEFAULT_USER, 1, "p", 0.5, "popular", "popular")]
+    rows = [
+        ("u1", 1, "a", 0.9, "because", "ranker"),
+        ("u1", 2, "b", 0.8, "because", "als"),
+        (DEFAULT_USER, 1, "p", 0.5, "popular", "popular"),
+    ]
     with _cursor(target) as cur:
         if target["dsn"] is None:
             cur.execute("DROP VIEW recommendation_assignments")
-            cur.execute("INSERT INTO recommendation_versions (table_name, rows, users, "
-                        "model_version, logical_date, status) VALUES ('recommendations_v1', 3, "
-                        "2, 'm-old', '2024-04-30T00:00:00.000000+00:00', 'live')")
-            cur.execute("CREATE TABLE recommendations_v1 (user_id TEXT NOT NULL, rank INTEGER "
-                        "NOT NULL, item_id TEXT NOT NULL, score REAL, reason TEXT, source "
-                        "TEXT, model_version TEXT NOT NULL, generated_at TEXT NOT NULL)")
-            cur.executemany("INSERT INTO recommendations_v1 VALUES (?, ?, ?, ?, ?, ?, 'm-old', "
-                            "'2024-04-30T00:00:00.000000+00:00')", rows)
-            cur.execute("CREATE VIEW recommendations AS SELECT user_id, rank, item_id, score, "
-                        "reason, source, model_version, generated_at FROM recommendations_v1")
+            cur.execute(
+                "INSERT INTO recommendation_versions (table_name, rows, users, "
+                "model_version, logical_date, status) VALUES ('recommendations_v1', 3, "
+                "2, 'm-old', '2024-04-30T00:00:00.000000+00:00', 'live')"
+            )
+            cur.execute(
+                "CREATE TABLE recommendations_v1 (user_id TEXT NOT NULL, rank INTEGER "
+                "NOT NULL, item_id TEXT NOT NULL, score REAL, reason TEXT, source "
+                "TEXT, model_version TEXT NOT NULL, generated_at TEXT NOT NULL)"
+            )
+            cur.executemany(
+                "INSERT INTO recommendations_v1 VALUES (?, ?, ?, ?, ?, ?, 'm-old', "
+                "'2024-04-30T00:00:00.000000+00:00')",
+                rows,
+            )
+            cur.execute(
+                "CREATE VIEW recommendations AS SELECT user_id, rank, item_id, score, "
+                "reason, source, model_version, generated_at FROM recommendations_v1"
+            )
         else:
             cur.execute("DROP VIEW recs.recommendation_assignments")
-            cur.execute("INSERT INTO recs.recommendation_versions (version, table_name, rows, "
-                        "users, model_version, logical_date, status) SELECT v, "
-                        "'recommendations_v' || v, 3, 2, 'm-old', '2024-04-30', 'live' FROM "
-                        "(SELECT nextval(pg_get_serial_sequence('recs.recommendation_versions', "
-                        "'version'))::int AS v) AS next_version")
-            cur.execute('CREATE TABLE recs.recommendations_v1 (user_id text COLLATE "C" NOT '
-                        "NULL, rank smallint NOT NULL CHECK (rank >= 1), item_id text NOT NULL, "
-                        "score real, reason text, source text)")
-            cur.executemany("INSERT INTO recs.recommendations_v1 VALUES (%s, %s, %s, %s, %s, %s)",
-                            rows)
-            cur.execute("CREATE UNIQUE INDEX recommendations_v1_user_rank ON "
-                        "recs.recommendations_v1 (user_id, rank)")
-            cur.execute("CREATE VIEW recs.recommendations AS SELECT user_id, rank, item_id, "
-                        "score, reason, source, 'm-old'::text AS model_version, "
-                        "'2024-04-30 00:00+00'::timestamptz AS generated_at "
-                        "FROM recs.recommendations_v1")
+            cur.execute(
+                "INSERT INTO recs.recommendation_versions (version, table_name, rows, "
+                "users, model_version, logical_date, status) SELECT v, "
+                "'recommendations_v' || v, 3, 2, 'm-old', '2024-04-30', 'live' FROM "
+                "(SELECT nextval(pg_get_serial_sequence('recs.recommendation_versions', "
+                "'version'))::int AS v) AS next_version"
+            )
+            cur.execute(
+                'CREATE TABLE recs.recommendations_v1 (user_id text COLLATE "C" NOT '
+                "NULL, rank smallint NOT NULL CHECK (rank >= 1), item_id text NOT NULL, "
+                "score real, reason text, source text)"
+            )
+            cur.executemany(
+                "INSERT INTO recs.recommendations_v1 VALUES (%s, %s, %s, %s, %s, %s)", rows
+            )
+            cur.execute(
+                "CREATE UNIQUE INDEX recommendations_v1_user_rank ON "
+                "recs.recommendations_v1 (user_id, rank)"
+            )
+            cur.execute(
+                "CREATE VIEW recs.recommendations AS SELECT user_id, rank, item_id, "
+                "score, reason, source, 'm-old'::text AS model_version, "
+                "'2024-04-30 00:00+00'::timestamptz AS generated_at "
+                "FROM recs.recommendations_v1"
+            )
             cur.execute("GRANT SELECT ON recs.recommendations TO cms_reader")
     assert _view_columns(target) == ORIGINAL_COLUMNS
     return [("a", "because"), ("b", "because")]

@@ -87,48 +87,96 @@ def test_config_round_trips_through_dict_and_file(tmp_path):
     assert '"buckets": [\n        [0, 3000]\n      ]' in path.read_text()
 
 
-@pytest.mark.parametrize(("variants", "fragments"), [
-    ([{"name": "a", "kind": "popularity", "share": 0.5},
-      {"name": "b", "kind": "bandit", "share": 0.2}],
-     ["unknown kind 'bandit'", "popularity, model, holdout"]),
-    ([{"name": "a", "kind": "popularity", "share": 0.5},
-      {"name": "a", "kind": "holdout", "share": 0.2}],
-     ["duplicate variant name(s) ['a']"]),
-    ([{"name": "a", "kind": "popularity", "share": 1.2},
-      {"name": "b", "kind": "holdout", "share": 0.2}],
-     ["variant 'a'", "share 1.2 is out of range"]),
-    ([{"name": "a", "kind": "popularity", "share": -0.1},
-      {"name": "b", "kind": "holdout", "share": 0.2}],
-     ["share -0.1 is out of range"]),
-    ([{"name": "a", "kind": "popularity", "share": 0.7},
-      {"name": "b", "kind": "holdout", "share": 0.4}],
-     ["shares sum to 1.1, above 1"]),
-    ([{"name": "a", "kind": "popularity", "share": 0.5},
-      {"name": "b", "kind": "model", "share": 0.2}],
-     ["variant 'b'", "kind 'model' needs 'model'"]),
-    ([{"name": "a", "kind": "popularity", "share": 0.5, "model": "champion"},
-      {"name": "b", "kind": "holdout", "share": 0.2}],
-     ["'model' is only for kind 'model'"]),
-    ([{"name": "a", "kind": "popularity", "share": 0.5}],
-     ["at least 2 variants, got 1"]),
-    ([{"name": "a", "kind": "popularity", "share": 0.12345},
-      {"name": "b", "kind": "holdout", "share": 0.2}],
-     ["not a whole number of buckets"]),
-    ([{"name": "a", "kind": "popularity", "shares": 0.5},
-      {"name": "b", "kind": "holdout", "share": 0.2}],
-     ["unknown key(s) ['shares']"]),
-])
+@pytest.mark.parametrize(
+    ("variants", "fragments"),
+    [
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": 0.5},
+                {"name": "b", "kind": "bandit", "share": 0.2},
+            ],
+            ["unknown kind 'bandit'", "popularity, model, holdout"],
+        ),
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": 0.5},
+                {"name": "a", "kind": "holdout", "share": 0.2},
+            ],
+            ["duplicate variant name(s) ['a']"],
+        ),
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": 1.2},
+                {"name": "b", "kind": "holdout", "share": 0.2},
+            ],
+            ["variant 'a'", "share 1.2 is out of range"],
+        ),
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": -0.1},
+                {"name": "b", "kind": "holdout", "share": 0.2},
+            ],
+            ["share -0.1 is out of range"],
+        ),
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": 0.7},
+                {"name": "b", "kind": "holdout", "share": 0.4},
+            ],
+            ["shares sum to 1.1, above 1"],
+        ),
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": 0.5},
+                {"name": "b", "kind": "model", "share": 0.2},
+            ],
+            ["variant 'b'", "kind 'model' needs 'model'"],
+        ),
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": 0.5, "model": "champion"},
+                {"name": "b", "kind": "holdout", "share": 0.2},
+            ],
+            ["'model' is only for kind 'model'"],
+        ),
+        ([{"name": "a", "kind": "popularity", "share": 0.5}], ["at least 2 variants, got 1"]),
+        (
+            [
+                {"name": "a", "kind": "popularity", "share": 0.12345},
+                {"name": "b", "kind": "holdout", "share": 0.2},
+            ],
+            ["not a whole number of buckets"],
+        ),
+        (
+            [
+                {"name": "a", "kind": "popularity", "shares": 0.5},
+                {"name": "b", "kind": "holdout", "share": 0.2},
+            ],
+            ["unknown key(s) ['shares']"],
+        ),
+    ],
+)
 def test_invalid_configs_are_refused_with_clear_errors(variants, fragments):
     _refused(_config(variants=variants), *fragments)
 
 
 def test_config_errors_list_every_problem_and_are_config_errors():
-    config = _config(salt="", version=0, variants=[
-        {"name": "a", "kind": "bandit", "share": 0.5},
-        {"name": "b", "kind": "model", "share": 2}])
-    message = _refused(config, "4 problems", "salt must be a non-empty string",
-                       "version must be an integer >= 1", "unknown kind 'bandit'",
-                       "kind 'model' needs 'model'")
+    config = _config(
+        salt="",
+        version=0,
+        variants=[
+            {"name": "a", "kind": "bandit", "share": 0.5},
+            {"name": "b", "kind": "model", "share": 2},
+        ],
+    )
+    message = _refused(
+        config,
+        "4 problems",
+        "salt must be a non-empty string",
+        "version must be an integer >= 1",
+        "unknown kind 'bandit'",
+        "kind 'model' needs 'model'",
+    )
     assert issubclass(ExperimentError, ConfigError), message
     _refused(_config(salt="   "), "salt must be a non-empty string")
     _refused(_config(status="paused"), "status must be one of running, stopped")
@@ -137,9 +185,14 @@ def test_config_errors_list_every_problem_and_are_config_errors():
 
 
 def test_model_version_number_is_text_and_shares_may_leave_traffic_outside():
-    experiment = Experiment.from_dict(_config(variants=[
-        {"name": "control", "kind": "popularity", "share": 0.05},
-        {"name": "v7", "kind": "model", "model": 7, "share": 0.05}])).start()
+    experiment = Experiment.from_dict(
+        _config(
+            variants=[
+                {"name": "control", "kind": "popularity", "share": 0.05},
+                {"name": "v7", "kind": "model", "model": 7, "share": 0.05},
+            ]
+        )
+    ).start()
     assert experiment.variant("v7").model == "7"
     assert experiment.free_share == pytest.approx(0.9)
     assert experiment.control_variant == "control"
@@ -150,16 +203,22 @@ def test_load_names_the_file_on_bad_json_and_bad_config(tmp_path):
     path.write_text('{"name": "x",\n "salt": }')
     with pytest.raises(ExperimentError, match=r"broken.json: invalid JSON at line 2"):
         Experiment.load(path)
-    path.write_text(json.dumps(_config(variants=[{"name": "a", "kind": "popularity",
-                                                   "share": 0.5}])))
+    path.write_text(
+        json.dumps(_config(variants=[{"name": "a", "kind": "popularity", "share": 0.5}]))
+    )
     with pytest.raises(ExperimentError, match=r"broken.json: .*at least 2 variants"):
         Experiment.load(path)
 
 
 def test_no_control_is_allowed_with_a_warning(caplog):
-    experiment = Experiment.from_dict(_config(variants=[
-        {"name": "a", "kind": "popularity", "share": 0.5},
-        {"name": "b", "kind": "model", "model": "champion", "share": 0.5}]))
+    experiment = Experiment.from_dict(
+        _config(
+            variants=[
+                {"name": "a", "kind": "popularity", "share": 0.5},
+                {"name": "b", "kind": "model", "model": "champion", "share": 0.5},
+            ]
+        )
+    )
     assert experiment.control_variant is None
     experiment.start()
     assert "has no control" in caplog.text
@@ -179,7 +238,10 @@ def test_bucket_has_known_answers_computed_by_hand():
     assert bucket("2024-05-ranker", "alice") == 7154
     assert bucket("salt", "42") == bucket("salt", 42) == 2753
     assert bucket_array("2024-05-ranker", ["alice", "bob", 42]).tolist() == [
-        7154, bucket("2024-05-ranker", "bob"), bucket("2024-05-ranker", "42")]
+        7154,
+        bucket("2024-05-ranker", "bob"),
+        bucket("2024-05-ranker", "42"),
+    ]
 
 
 def test_bucket_array_matches_bucket_for_every_input_shape():
@@ -234,12 +296,20 @@ def test_assignment_is_identical_across_calls_and_processes():
         "import json, sys\n"
         "from pipeline.serving.experiments import Experiment\n"
         "config, users = json.load(sys.stdin)\n"
-        "print(json.dumps(Experiment.from_dict(config).assign(users).tolist()))\n")
+        "print(json.dumps(Experiment.from_dict(config).assign(users).tolist()))\n"
+    )
     for seed in ("0", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              input=json.dumps([experiment.to_dict(), users]), env=env,
-                              cwd=REPO, timeout=120, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            input=json.dumps([experiment.to_dict(), users]),
+            env=env,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == first.tolist()
     assert hash("alice") != 0  # the test process' own hash() plays no part either
@@ -253,8 +323,9 @@ def test_assign_needs_a_started_experiment_and_a_stopped_one_assigns_nobody():
     stopped = started.stop()
     assert stopped.status == "stopped" and stopped.version == started.version + 1
     assert all(v is None for v in stopped.assign(USERS_50K[:1000]))
-    assert (stopped.assign(USERS_50K[:1000], ignore_status=True)
-            == started.assign(USERS_50K[:1000])).all()
+    assert (
+        stopped.assign(USERS_50K[:1000], ignore_status=True) == started.assign(USERS_50K[:1000])
+    ).all()
     frame = started.assignments(["a", "b", "c", "d"])
     assert list(frame.columns) == ["user_id", "experiment", "variant", "kind", "model"]
     model_rows = frame[frame.variant == "model"]
@@ -265,7 +336,10 @@ def test_start_allocates_buckets_from_the_shares():
     experiment = _started()
     assert experiment.allocated and experiment.running and experiment.version == 1
     assert {v.name: v.buckets for v in experiment.variants} == {
-        "control": ((0, 3000),), "model": ((3000, 6000),), "holdout": ((6000, 7000),)}
+        "control": ((0, 3000),),
+        "model": ((3000, 6000),),
+        "holdout": ((6000, 7000),),
+    }
     assert experiment.free_buckets == 3000
     assert experiment.start() == experiment  # a retried start changes nothing
     assert experiment.last_change["action"] == "start"
@@ -281,8 +355,11 @@ def test_growing_a_variant_keeps_every_previously_assigned_user_in_place():
     grown = before.change_shares({"model": 0.4, "holdout": 0.15})
     assert grown.version == before.version + 1
     assert grown.shares == {"control": 0.3, "model": 0.4, "holdout": 0.15}
-    assert grown.last_change == {"action": "change", "forced": False,
-                                 "summary": "model 30% -> 40%; holdout 10% -> 15%"}
+    assert grown.last_change == {
+        "action": "change",
+        "forced": False,
+        "summary": "model 30% -> 40%; holdout 10% -> 15%",
+    }
     old, new = before.assign(USERS_50K), grown.assign(USERS_50K)
     inside = np.array([value is not None for value in old])
     assert (new[inside] == old[inside]).all()  # nobody in a variant moved
@@ -290,8 +367,7 @@ def test_growing_a_variant_keeps_every_previously_assigned_user_in_place():
     assert set(new[joined]) == {"model", "holdout"}  # newcomers come from outside only
     check_change(before, grown)
 
-    added = grown.add_variant({"name": "model-b", "kind": "model", "model": "12",
-                               "share": 0.05})
+    added = grown.add_variant({"name": "model-b", "kind": "model", "model": "12", "share": 0.05})
     assert added.version == grown.version + 1 and added.free_share == pytest.approx(0.1)
     again = added.assign(USERS_50K)
     was_in = np.array([value is not None for value in new])
@@ -303,9 +379,10 @@ def test_shrinking_is_refused_with_the_message_and_allowed_with_force():
     experiment = _started()
     with pytest.raises(ChangeRefused) as caught:
         experiment.change_shares({"model": 0.2})
-    assert ("shrinking variant 'model' from 30% to 20% would move 1,000 buckets' users out of "
-            "it; stop the experiment and start a new one with a new salt instead"
-            in str(caught.value))
+    assert (
+        "shrinking variant 'model' from 30% to 20% would move 1,000 buckets' users out of "
+        "it; stop the experiment and start a new one with a new salt instead" in str(caught.value)
+    )
 
     forced = experiment.change_shares({"model": 0.2}, force=True)
     assert forced.version == 2 and forced.variant("model").share == 0.2
@@ -324,8 +401,11 @@ def test_shrinking_is_refused_with_the_message_and_allowed_with_force():
 
 def test_growth_beyond_the_free_pool_removal_and_other_fixed_things_are_refused():
     experiment = _started()
-    with pytest.raises(ChangeRefused, match=r"needs 40% of the users but the free share is "
-                                            r"only 30%"):
+    with pytest.raises(
+        ChangeRefused,
+        match=r"needs 40% of the users but the free share is "
+        r"only 30%",
+    ):
         experiment.change_shares({"model": 0.7})
     with pytest.raises(ChangeRefused, match=r"removing variant 'holdout'.*stop the experiment"):
         experiment.change_shares({"holdout": 0}, force=True)
@@ -357,18 +437,27 @@ def test_apply_config_turns_an_edited_file_into_one_new_version():
     experiment = _started()
     edited = experiment.to_dict()
     edited["variants"][1]["share"] = 0.35  # buckets left as they were: ignored
-    edited["variants"].append({"name": "model-b", "kind": "model", "model": "champion",
-                               "share": 0.05})
+    edited["variants"].append(
+        {"name": "model-b", "kind": "model", "model": "champion", "share": 0.05}
+    )
     changed = experiment.apply_config(edited)
     assert changed.version == 2 and changed.shares["model"] == 0.35
     assert changed.shares["model-b"] == 0.05
     check_change(experiment, changed)
     assert changed.apply_config({**changed.to_dict(), "status": "stopped"}).status == "stopped"
-    with pytest.raises(ChangeRefused, match="is version 1 of .* but version 2 is current: "
-                                            "edit the current config"):
-        changed.apply_config({**experiment.to_dict(), "version": 1,
-                              "variants": [*experiment.to_dict()["variants"],
-                                           {"name": "x", "kind": "holdout", "share": 0.01}]})
+    with pytest.raises(
+        ChangeRefused, match="is version 1 of .* but version 2 is current: edit the current config"
+    ):
+        changed.apply_config(
+            {
+                **experiment.to_dict(),
+                "version": 1,
+                "variants": [
+                    *experiment.to_dict()["variants"],
+                    {"name": "x", "kind": "holdout", "share": 0.01},
+                ],
+            }
+        )
 
 
 def test_check_change_catches_hand_edited_configs_that_move_users():
@@ -411,10 +500,12 @@ def test_nothing_recorded_yet(target):
 
 def test_table_records_start_change_stop_with_who_and_is_idempotent(target):
     started = _started()
-    first = store.record_experiment(started, "start", "manual by alice", "ranker vs popular",
-                                    **target)
-    assert store.record_experiment(started, "start", "manual by alice", "retry",
-                                   **target) == first  # a retried task adds no row
+    first = store.record_experiment(
+        started, "start", "manual by alice", "ranker vs popular", **target
+    )
+    assert (
+        store.record_experiment(started, "start", "manual by alice", "retry", **target) == first
+    )  # a retried task adds no row
     active = store.active_experiment(**target)
     assert active["name"] == started.name and active["version"] == 1
     assert Experiment.from_dict(active["config"]) == started
@@ -422,9 +513,14 @@ def test_table_records_start_change_stop_with_who_and_is_idempotent(target):
     grown = started.change_shares({"model": 0.4})
     store.record_experiment(grown, "change", "cli", "more traffic for the model", **target)
     forced = grown.change_shares({"holdout": 0.05}, force=True)
-    store.record_experiment(forced, "change", "manual by bob", "holdout too costly",
-                            changed_at=dt.datetime(2024, 5, 3, tzinfo=dt.timezone.utc),
-                            **target)
+    store.record_experiment(
+        forced,
+        "change",
+        "manual by bob",
+        "holdout too costly",
+        changed_at=dt.datetime(2024, 5, 3, tzinfo=dt.timezone.utc),
+        **target,
+    )
     stopped = forced.stop()
     store.record_experiment(stopped.to_dict(), "stop", "cli", "horizon reached", **target)
     store.record_experiment(stopped, "stop", "cli", "horizon reached", **target)  # retry
@@ -459,7 +555,9 @@ def test_table_refuses_what_the_rules_refuse(target):
     moved = grown.to_dict()
     moved["version"] = 3
     moved["variants"][0]["buckets"], moved["variants"][1]["buckets"] = (
-        moved["variants"][1]["buckets"], [[0, 3000]])
+        moved["variants"][1]["buckets"],
+        [[0, 3000]],
+    )
     moved["variants"][0]["share"], moved["variants"][1]["share"] = 0.4, 0.3
     with pytest.raises(ChangeRefused, match="would change group"):
         store.record_experiment(moved, "change", "manual by mallory", None, **target)
@@ -470,8 +568,9 @@ def test_table_refuses_what_the_rules_refuse(target):
     with pytest.raises(ExperimentError, match="no buckets"):
         store.record_experiment(Experiment.from_dict(_config()), "start", "cli", None, **target)
     with pytest.raises(ExperimentError, match="never started"):
-        store.record_experiment(_started(name="ghost", salt="g").stop(), "stop", "cli", None,
-                                **target)
+        store.record_experiment(
+            _started(name="ghost", salt="g").stop(), "stop", "cli", None, **target
+        )
     assert len(store.read_experiments(**target)) == 2
 
 
@@ -479,23 +578,29 @@ def test_a_second_running_experiment_is_refused(target):
     first = _started()
     store.record_experiment(first, "start", "cli", None, **target)
     second = _started(name="bpr-vs-als", salt="2024-06-bpr")
-    with pytest.raises(AnotherExperimentRunning,
-                       match=r"'ranker-vs-popular' \(version 1, .*\) is running: stop it before "
-                             r"starting 'bpr-vs-als'"):
+    with pytest.raises(
+        AnotherExperimentRunning,
+        match=r"'ranker-vs-popular' \(version 1, .*\) is running: stop it before "
+        r"starting 'bpr-vs-als'",
+    ):
         store.record_experiment(second, "start", "cli", None, **target)
     store.record_experiment(first.stop(), "stop", "cli", "done", **target)
     with pytest.raises(ExperimentError, match="salt '2024-05-ranker' was used"):
         store.record_experiment(_started(name="again"), "start", "cli", None, **target)
-    with pytest.raises(ExperimentError, match="version 1 of experiment 'ranker-vs-popular' "
-                                              "is already recorded"):
+    with pytest.raises(
+        ExperimentError, match="version 1 of experiment 'ranker-vs-popular' is already recorded"
+    ):
         store.record_experiment(_started(salt="fresh"), "start", "cli", None, **target)
-    with pytest.raises(ExperimentError, match=r"'ranker-vs-popular' was already recorded "
-                                              r"\(version 2, stop by cli\)"):
-        store.record_experiment(_started(salt="fresh", version=5), "start", "cli", None,
-                                **target)
+    with pytest.raises(
+        ExperimentError,
+        match=r"'ranker-vs-popular' was already recorded "
+        r"\(version 2, stop by cli\)",
+    ):
+        store.record_experiment(_started(salt="fresh", version=5), "start", "cli", None, **target)
     with pytest.raises(ChangeRefused, match="was stopped at version 2"):
-        store.record_experiment(first.change_shares({"model": 0.35}).stop(), "stop", "cli",
-                                None, **target)
+        store.record_experiment(
+            first.change_shares({"model": 0.35}).stop(), "stop", "cli", None, **target
+        )
     store.record_experiment(second, "start", "cli", None, **target)
     assert store.active_experiment(**target)["name"] == "bpr-vs-als"
 
@@ -511,8 +616,9 @@ def test_concurrent_starts_and_retries_leave_one_running_experiment_and_one_row(
         def run(index: int, batch=batch, barrier=barrier, outcomes=outcomes) -> None:
             barrier.wait()
             try:
-                outcomes[index] = store.record_experiment(batch[index], "start", "cli", None,
-                                                          **target)
+                outcomes[index] = store.record_experiment(
+                    batch[index], "start", "cli", None, **target
+                )
             except ExperimentError as exc:
                 outcomes[index] = exc
 
@@ -525,10 +631,16 @@ def test_concurrent_starts_and_retries_leave_one_running_experiment_and_one_row(
             assert all(isinstance(o, int) for o in outcomes) and len(set(outcomes)) == 1, outcomes
         else:
             assert sorted(type(o).__name__ for o in outcomes) == [
-                "AnotherExperimentRunning", "int"], outcomes
+                "AnotherExperimentRunning",
+                "int",
+            ], outcomes
             store.record_experiment(  # whoever won is stopped; the loser may start next
                 Experiment.from_dict(store.active_experiment(**target)["config"]).stop(),
-                "stop", "cli", None, **target)
+                "stop",
+                "cli",
+                None,
+                **target,
+            )
     frame = store.read_experiments(**target)
     assert frame.groupby(["name", "version"]).size().max() == 1
     assert store.active_experiment(**target)["name"] == "race-2"
@@ -536,8 +648,9 @@ def test_concurrent_starts_and_retries_leave_one_running_experiment_and_one_row(
 
 
 def test_the_cms_role_cannot_read_the_experiments_table(pg_dsn, tmp_path):
-    store.record_experiment(_started(), "start", "cli", None, dsn=pg_dsn,
-                            sqlite_path=tmp_path / "unused")
+    store.record_experiment(
+        _started(), "start", "cli", None, dsn=pg_dsn, sqlite_path=tmp_path / "unused"
+    )
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
         cur.execute("SET ROLE cms_reader")
         with pytest.raises(pg_errors.InsufficientPrivilege):

@@ -15,16 +15,18 @@ DAY2 = DAY1 + dt.timedelta(days=1)
 
 
 def _rows(psi: float) -> pd.DataFrame:
-    return pd.DataFrame({
-        "metric": ["psi", "psi", "volume_ratio"],
-        "subject": ["user.recency_days", "event.device", ""],
-        "value": [psi, float("nan"), 0.4],
-        "status": ["ok" if psi < 0.1 else "alert", "unknown", "alert"],
-        "window_start": [DAY1 - dt.timedelta(days=7)] * 3,
-        "window_end": [DAY1] * 3,
-        "reference": ["champion 3: 2024-01-01 .. 2024-02-01"] * 3,
-        "model_version": ["3"] * 3,
-    })
+    return pd.DataFrame(
+        {
+            "metric": ["psi", "psi", "volume_ratio"],
+            "subject": ["user.recency_days", "event.device", ""],
+            "value": [psi, float("nan"), 0.4],
+            "status": ["ok" if psi < 0.1 else "alert", "unknown", "alert"],
+            "window_start": [DAY1 - dt.timedelta(days=7)] * 3,
+            "window_end": [DAY1] * 3,
+            "reference": ["champion 3: 2024-01-01 .. 2024-02-01"] * 3,
+            "model_version": ["3"] * 3,
+        }
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -62,25 +64,41 @@ def _impact_rows(day: dt.datetime, clicks: int) -> pd.DataFrame:
     from pipeline.monitoring.impact import METRIC_COLUMNS
 
     row = {name: 0 for name in METRIC_COLUMNS}
-    row.update(users_served=10, users_active=4, impressions=20, clicks=clicks,
-               ctr=clicks / 20, engaged_share=float("nan"), revenue=12.5)
-    return pd.DataFrame([{"day": day, "cutoff": DAY1, "model_version": "3", "variant": "model",
-                          **row}])
+    row.update(
+        users_served=10,
+        users_active=4,
+        impressions=20,
+        clicks=clicks,
+        ctr=clicks / 20,
+        engaged_share=float("nan"),
+        revenue=12.5,
+    )
+    return pd.DataFrame(
+        [{"day": day, "cutoff": DAY1, "model_version": "3", "variant": "model", **row}]
+    )
 
 
 def test_impact_rows_are_replaced_per_attributed_days(target):
     assert store.read_impact(**target).empty
     both = pd.concat([_impact_rows(DAY1, 2), _impact_rows(DAY2, 3)], ignore_index=True)
-    assert store.record_impact(both, start=DAY1, end=DAY2 + dt.timedelta(days=1), as_of=DAY2,
-                               **target) == 2
+    assert (
+        store.record_impact(both, start=DAY1, end=DAY2 + dt.timedelta(days=1), as_of=DAY2, **target)
+        == 2
+    )
     # A later run attributes day 2 again (late feedback): only day 2 is replaced.
-    store.record_impact(_impact_rows(DAY2, 5), start=DAY2, end=DAY2 + dt.timedelta(days=1),
-                        as_of=DAY2 + dt.timedelta(days=1), **target)
+    store.record_impact(
+        _impact_rows(DAY2, 5),
+        start=DAY2,
+        end=DAY2 + dt.timedelta(days=1),
+        as_of=DAY2 + dt.timedelta(days=1),
+        **target,
+    )
     frame = store.read_impact(**target).set_index("day")
     assert frame.loc[pd.Timestamp(DAY1), "clicks"] == 2
     assert frame.loc[pd.Timestamp(DAY2), "clicks"] == 5
     assert frame.loc[pd.Timestamp(DAY2), "ctr"] == pytest.approx(0.25)
     assert pd.isna(frame.loc[pd.Timestamp(DAY2), "engaged_share"])
     assert frame.loc[pd.Timestamp(DAY2), "computed_as_of"] == pd.Timestamp(
-        DAY2 + dt.timedelta(days=1))
+        DAY2 + dt.timedelta(days=1)
+    )
     assert len(store.read_impact(since=DAY2, **target)) == 1

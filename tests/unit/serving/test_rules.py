@@ -22,25 +22,47 @@ NO_CONSUMED = pd.DataFrame({"user_id": pd.Series(dtype=str), "item_id": pd.Serie
 
 
 def _candidates(lists: dict[str, list[str]], source: str = "als") -> pd.DataFrame:
-    rows = [{"user_id": user, "rank": rank, "item_id": item, "score": 1.0 / rank,
-             "reason": f"because you liked {item}", "source": source}
-            for user, items in lists.items() for rank, item in enumerate(items, start=1)]
+    rows = [
+        {
+            "user_id": user,
+            "rank": rank,
+            "item_id": item,
+            "score": 1.0 / rank,
+            "reason": f"because you liked {item}",
+            "source": source,
+        }
+        for user, items in lists.items()
+        for rank, item in enumerate(items, start=1)
+    ]
     return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score", "reason", "source"])
 
 
 def _fallback(items: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"item_id": items, "score": np.linspace(1.0, 0.1, len(items)),
-                         "reason": [f"popular {item}" for item in items]})
+    return pd.DataFrame(
+        {
+            "item_id": items,
+            "score": np.linspace(1.0, 0.1, len(items)),
+            "reason": [f"popular {item}" for item in items],
+        }
+    )
 
 
 def _consumed(pairs: list[tuple[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(pairs, columns=["user_id", "item_id"]) if pairs else NO_CONSUMED
 
 
-def _apply(candidates: pd.DataFrame, *, n: int, fallback: list[str], consumed=(), items=None,
-           **kwargs) -> pd.DataFrame:
-    return apply_business_rules(candidates, consumed=_consumed(list(consumed)), items=items,
-                                fallback=_fallback(fallback), n=n, cutoff=CUTOFF, **kwargs)
+def _apply(
+    candidates: pd.DataFrame, *, n: int, fallback: list[str], consumed=(), items=None, **kwargs
+) -> pd.DataFrame:
+    return apply_business_rules(
+        candidates,
+        consumed=_consumed(list(consumed)),
+        items=items,
+        fallback=_fallback(fallback),
+        n=n,
+        cutoff=CUTOFF,
+        **kwargs,
+    )
 
 
 def _items_of(lists: pd.DataFrame, user: str) -> list[str]:
@@ -52,8 +74,7 @@ def _items_of(lists: pd.DataFrame, user: str) -> list[str]:
 def test_consumed_items_are_dropped_and_ranks_renumbered() -> None:
     candidates = _candidates({"u1": ["a", "b", "c", "d"], "u2": ["a", "b", "c", "d"]})
 
-    out = _apply(candidates, n=3, fallback=["p"], consumed=[("u1", "b"), ("u2", "a"),
-                                                             ("u3", "c")])
+    out = _apply(candidates, n=3, fallback=["p"], consumed=[("u1", "b"), ("u2", "a"), ("u3", "c")])
 
     assert _items_of(out, "u1") == ["a", "c", "d"]
     assert _items_of(out, "u2") == ["b", "c", "d"]
@@ -78,8 +99,12 @@ def test_duplicate_candidates_are_kept_once() -> None:
 
 
 def test_unavailable_items_are_never_recommended() -> None:
-    items = pd.DataFrame({"item_id": ["a", "b", "c", "p", "q", "r"],
-                          "available": ["false", "True", None, "0", "maybe", "yes"]})
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "p", "q", "r"],
+            "available": ["false", "True", None, "0", "maybe", "yes"],
+        }
+    )
     candidates = _candidates({"u1": ["a", "b", "c", "d"]})
 
     out = _apply(candidates, n=5, fallback=["p", "q", "r", "s"], items=items)
@@ -98,10 +123,17 @@ def test_boolean_available_column() -> None:
 
 
 def test_item_ttl_drops_old_items_only_when_set() -> None:
-    items = pd.DataFrame({
-        "item_id": ["old", "edge", "new", "undated"],
-        "published_at": ["2024-03-01T00:00:00Z", "2024-04-01T00:00:00+00:00",
-                         "2024-04-20T12:00:00Z", None]})
+    items = pd.DataFrame(
+        {
+            "item_id": ["old", "edge", "new", "undated"],
+            "published_at": [
+                "2024-03-01T00:00:00Z",
+                "2024-04-01T00:00:00+00:00",
+                "2024-04-20T12:00:00Z",
+                None,
+            ],
+        }
+    )
     candidates = _candidates({"u1": ["old", "edge", "new", "undated"]})
 
     with_ttl = _apply(candidates, n=4, fallback=["old", "f"], items=items, item_ttl_days=30)
@@ -114,8 +146,12 @@ def test_item_ttl_drops_old_items_only_when_set() -> None:
 
 
 def test_category_cap_with_uncategorised_items_exempt() -> None:
-    items = pd.DataFrame({"item_id": ["d1", "d2", "d3", "c1", "n1", "n2", "n3"],
-                          "category": ["Drama", "Drama", "Drama", "Comedy", "", None, None]})
+    items = pd.DataFrame(
+        {
+            "item_id": ["d1", "d2", "d3", "c1", "n1", "n2", "n3"],
+            "category": ["Drama", "Drama", "Drama", "Comedy", "", None, None],
+        }
+    )
     candidates = _candidates({"u1": ["d1", "d2", "d3", "n1", "n2", "n3", "x", "c1"]})
 
     out = _apply(candidates, n=6, fallback=["p"], items=items, max_per_category=2)
@@ -125,12 +161,14 @@ def test_category_cap_with_uncategorised_items_exempt() -> None:
 
 
 def test_fallback_respects_the_cap_then_relaxes_it_to_fill() -> None:
-    items = pd.DataFrame({"item_id": ["d1", "d2", "p1", "p2", "p3", "c1"],
-                          "category": ["Drama"] * 5 + ["Comedy"]})
+    items = pd.DataFrame(
+        {"item_id": ["d1", "d2", "p1", "p2", "p3", "c1"], "category": ["Drama"] * 5 + ["Comedy"]}
+    )
     candidates = _candidates({"u1": ["d1", "d2"]})
 
-    out = _apply(candidates, n=5, fallback=["p1", "c1", "p2", "p3"], items=items,
-                 max_per_category=2)
+    out = _apply(
+        candidates, n=5, fallback=["p1", "c1", "p2", "p3"], items=items, max_per_category=2
+    )
 
     # capped: d1, d2, c1; then the best remaining fallback items regardless of category
     assert _items_of(out, "u1") == ["d1", "d2", "c1", "p1", "p2"]
@@ -139,7 +177,8 @@ def test_fallback_respects_the_cap_then_relaxes_it_to_fill() -> None:
 
 
 def test_lists_that_cannot_be_filled_stay_short_and_are_logged(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     candidates = _candidates({"u1": ["a", "b"], "u2": ["a"], "u3": ["a", "b", "c"]})
     consumed = [("u1", "p"), ("u1", "q"), ("u2", "a"), ("u2", "p")]
 
@@ -193,9 +232,13 @@ def test_invalid_arguments() -> None:
 
 
 def test_build_consumed_counts_only_the_chosen_event_types() -> None:
-    events = pd.DataFrame({"user_id": ["u1", "u1", "u1", "u2"],
-                           "item_id": ["a", "a", "b", "c"],
-                           "event_type": ["view", "purchase", "view", "click"]})
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u1", "u2"],
+            "item_id": ["a", "a", "b", "c"],
+            "event_type": ["view", "purchase", "view", "click"],
+        }
+    )
 
     everything = build_consumed(events)
     purchases = build_consumed(events, ["purchase"])
@@ -207,20 +250,28 @@ def test_build_consumed_counts_only_the_chosen_event_types() -> None:
 def _random_world(seed: int, n_users: int = 300, n_items: int = 60):
     rng = np.random.default_rng(seed)
     item_ids = np.array([f"i{k:03d}" for k in range(n_items)], dtype=object)
-    items = pd.DataFrame({
-        "item_id": item_ids,
-        "category": rng.choice(np.array(["A", "B", "C", None], dtype=object), n_items),
-        "available": rng.random(n_items) > 0.1,
-        "published_at": pd.Timestamp(CUTOFF) - pd.to_timedelta(rng.integers(0, 90, n_items),
-                                                               unit="D")})
+    items = pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "category": rng.choice(np.array(["A", "B", "C", None], dtype=object), n_items),
+            "available": rng.random(n_items) > 0.1,
+            "published_at": pd.Timestamp(CUTOFF)
+            - pd.to_timedelta(rng.integers(0, 90, n_items), unit="D"),
+        }
+    )
     rows = []
     for user in range(n_users):
         for rank, item in enumerate(rng.choice(item_ids, 12, replace=True), start=1):
             rows.append((f"u{user}", rank, item, 1.0 / rank, f"r {item}", "als"))
-    candidates = pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score", "reason",
-                                             "source"])
-    consumed = pd.DataFrame({"user_id": [f"u{k}" for k in rng.integers(0, n_users, 3000)],
-                             "item_id": rng.choice(item_ids, 3000)})
+    candidates = pd.DataFrame(
+        rows, columns=["user_id", "rank", "item_id", "score", "reason", "source"]
+    )
+    consumed = pd.DataFrame(
+        {
+            "user_id": [f"u{k}" for k in rng.integers(0, n_users, 3000)],
+            "item_id": rng.choice(item_ids, 3000),
+        }
+    )
     fallback = _fallback(list(rng.permutation(item_ids)[:25]))
     return candidates, consumed, items, fallback
 
@@ -228,16 +279,25 @@ def _random_world(seed: int, n_users: int = 300, n_items: int = 60):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_invariants_on_random_data_and_chunking_does_not_matter(seed: int) -> None:
     candidates, consumed, items, fallback = _random_world(seed)
-    kwargs = dict(consumed=consumed, items=items, fallback=fallback, n=8, max_per_category=3,
-                  item_ttl_days=60, cutoff=CUTOFF)
+    kwargs = dict(
+        consumed=consumed,
+        items=items,
+        fallback=fallback,
+        n=8,
+        max_per_category=3,
+        item_ttl_days=60,
+        cutoff=CUTOFF,
+    )
 
     out = apply_business_rules(candidates, **kwargs)
-    chunked = apply_business_rules(candidates.sample(frac=1.0, random_state=seed),
-                                   chunk_users=7, **kwargs)
+    chunked = apply_business_rules(
+        candidates.sample(frac=1.0, random_state=seed), chunk_users=7, **kwargs
+    )
 
     key = ["user_id", "rank"]
-    pd.testing.assert_frame_equal(out.sort_values(key).reset_index(drop=True),
-                                  chunked.sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        out.sort_values(key).reset_index(drop=True), chunked.sort_values(key).reset_index(drop=True)
+    )
     assert set(out["user_id"]) == set(candidates["user_id"]) | {DEFAULT_USER}
     sizes = out.groupby("user_id")["rank"].agg(["count", "min", "max"])
     assert (sizes["min"] == 1).all() and (sizes["max"] == sizes["count"]).all()
@@ -266,9 +326,16 @@ def test_recommend_with_rules_asks_for_more_candidates_chunk_by_chunk() -> None:
         return _candidates({user: [f"{user}-{r}" for r in range(k)] for user in users})
 
     out, stats = recommend_with_rules(
-        recommend, np.array(["u1", "u2", "u1", "u3", DEFAULT_USER], dtype=object),
-        candidate_multiplier=3, consumed=_consumed([("u2", "u2-0")]), items=None,
-        fallback=_fallback(["p", "q"]), n=2, cutoff=CUTOFF, chunk_users=2)
+        recommend,
+        np.array(["u1", "u2", "u1", "u3", DEFAULT_USER], dtype=object),
+        candidate_multiplier=3,
+        consumed=_consumed([("u2", "u2-0")]),
+        items=None,
+        fallback=_fallback(["p", "q"]),
+        n=2,
+        cutoff=CUTOFF,
+        chunk_users=2,
+    )
 
     assert calls == [(["u1", "u2"], 6), (["u3"], 6)]
     assert _items_of(out, "u2") == ["u2-1", "u2-2"]

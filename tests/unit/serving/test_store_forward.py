@@ -19,8 +19,9 @@ OLDER, NEWER = dt.datetime(2024, 1, 30, tzinfo=UTC), dt.datetime(2024, 2, 1, tzi
 
 
 def _publish(lists: pd.DataFrame, path: Path, version: str, when: dt.datetime, **kwargs):
-    return serving.publish_lists(lists, dsn=None, sqlite_path=path, model_version=version,
-                                 logical_date=when, **kwargs)
+    return serving.publish_lists(
+        lists, dsn=None, sqlite_path=path, model_version=version, logical_date=when, **kwargs
+    )
 
 
 def test_older_lists_never_replace_newer_ones_unless_allowed(tmp_path, make_lists: Callable):
@@ -28,8 +29,9 @@ def test_older_lists_never_replace_newer_ones_unless_allowed(tmp_path, make_list
     _publish(make_lists(), path, "m-2", NEWER, allow_older=False)
     live = serving.read_all(dsn=None, sqlite_path=path)
 
-    with pytest.raises(serving.OlderThanLive, match="2024-02-01 00:00, newer than this "
-                                                    "publish's 2024-01-30 00:00"):
+    with pytest.raises(
+        serving.OlderThanLive, match="2024-02-01 00:00, newer than this publish's 2024-01-30 00:00"
+    ):
         _publish(make_lists(n_users=5), path, "m-1", OLDER, allow_older=False)
     pd.testing.assert_frame_equal(serving.read_all(dsn=None, sqlite_path=path), live)
     assert serving.live_version(dsn=None, sqlite_path=path)["version"] == 1  # nothing reserved

@@ -46,7 +46,10 @@ def test_parse_interactions_known_answer() -> None:
     assert events.dtypes.astype(str).to_dict() == EVENT_DTYPES
     # sorted by timestamp, then user, then item
     assert events["event_id"].tolist() == [
-        "ml100k-22-377-878887116", "ml100k-196-1-881250949", "ml100k-196-242-881250949"]
+        "ml100k-22-377-878887116",
+        "ml100k-196-1-881250949",
+        "ml100k-196-242-881250949",
+    ]
     assert events["value"].tolist() == [1.0, 5.0, 3.0]
     assert set(events["event_type"]) == {"rating"}
     assert events["timestamp"].iloc[0] == pd.Timestamp(878887116, unit="s", tz="UTC")
@@ -101,8 +104,22 @@ def test_parse_users_known_answer() -> None:
 def test_band_ages_boundaries() -> None:
     ages = pd.Series([1, 17, 18, 24, 25, 34, 35, 44, 45, 49, 50, 55, 56, 73, np.nan])
     assert ml.band_ages(ages).tolist() == [
-        "<18", "<18", "18-24", "18-24", "25-34", "25-34", "35-44", "35-44", "45-49", "45-49",
-        "50-55", "50-55", "56+", "56+", "unknown"]
+        "<18",
+        "<18",
+        "18-24",
+        "18-24",
+        "25-34",
+        "25-34",
+        "35-44",
+        "35-44",
+        "45-49",
+        "45-49",
+        "50-55",
+        "50-55",
+        "56+",
+        "56+",
+        "unknown",
+    ]
     assert set(AGE_BANDS) <= set(ml.band_ages(pd.Series(range(100))))
 
 
@@ -134,6 +151,7 @@ def _fake_wheel(path: Path) -> Path:
 def no_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     def _fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("pip must not run when the wheel is cached")
+
     monkeypatch.setattr(ml.subprocess, "run", _fail)
 
 
@@ -163,16 +181,24 @@ def test_fetch_downloads_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     assert first == second == cache / "recbole-1.2.1-py3-none-any.whl"
     assert len(calls) == 1
-    assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                            "recbole==1.2.1", "-d", calls[0][-1]]
+    assert calls[0][1:] == [
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "recbole==1.2.1",
+        "-d",
+        calls[0][-1],
+    ]
     assert sorted(p.name for p in cache.iterdir()) == [first.name]  # temp dir cleaned up
 
 
-def test_fetch_failure_reports_pip_stderr(tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_failure_reports_pip_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def _failing_pip(cmd: list[str], **kwargs: object) -> None:
-        raise subprocess.CalledProcessError(1, cmd, output="",
-                                            stderr="ERROR: No matching distribution found")
+        raise subprocess.CalledProcessError(
+            1, cmd, output="", stderr="ERROR: No matching distribution found"
+        )
 
     monkeypatch.setattr(ml.subprocess, "run", _failing_pip)
     with pytest.raises(RuntimeError, match="No matching distribution found"):
@@ -203,4 +229,3 @@ def test_write_demo_landing_round_trips(tmp_path: Path, no_pip: None) -> None:
     items = pd.read_csv(landing / "items.csv", dtype={"item_id": str})
     assert items.loc[items["item_id"] == "377", "title"].item() == "Heavy, Metal"
     assert list(pd.read_csv(landing / "users.csv").columns) == list(USER_COLUMNS)
-

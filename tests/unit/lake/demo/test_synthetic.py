@@ -20,8 +20,9 @@ FUNNEL = ["view", "click", "add_to_cart", "purchase"]
 
 @pytest.fixture(scope="module")
 def data() -> DemoData:
-    return syn.generate_clickstream(n_users=400, n_items=200, n_days=N_DAYS, start="2024-03-04",
-                                    seed=3)
+    return syn.generate_clickstream(
+        n_users=400, n_items=200, n_days=N_DAYS, start="2024-03-04", seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,14 @@ def test_event_columns_and_dtypes(data: DemoData) -> None:
     assert events.dtypes.astype(str).to_dict() == EVENT_DTYPES
     assert events["event_id"].is_unique
     assert events["event_id"].str.startswith("syn3-").all()
-    assert set(events["event_type"]) == {"view", "click", "like", "share", "add_to_cart",
-                                         "purchase"}
+    assert set(events["event_type"]) == {
+        "view",
+        "click",
+        "like",
+        "share",
+        "add_to_cart",
+        "purchase",
+    }
     assert set(events["device"]) <= set(DEVICES)
     assert events[["user_id", "item_id", "timestamp", "device", "session_id"]].notna().all().all()
     assert events["timestamp"].is_monotonic_increasing
@@ -78,15 +85,27 @@ def test_funnel_counts_are_non_increasing(data: DemoData) -> None:
     assert stages[-1] > 0
 
 
-@pytest.mark.parametrize(("later", "earlier"), [
-    ("click", "view"), ("like", "click"), ("share", "click"), ("add_to_cart", "click"),
-    ("purchase", "add_to_cart")])
-def test_every_stage_has_an_earlier_step_in_the_same_session(data: DemoData, later: str,
-                                                             earlier: str) -> None:
+@pytest.mark.parametrize(
+    ("later", "earlier"),
+    [
+        ("click", "view"),
+        ("like", "click"),
+        ("share", "click"),
+        ("add_to_cart", "click"),
+        ("purchase", "add_to_cart"),
+    ],
+)
+def test_every_stage_has_an_earlier_step_in_the_same_session(
+    data: DemoData, later: str, earlier: str
+) -> None:
     keys = ["user_id", "item_id", "session_id"]
     events = data.events
-    first_earlier = (events[events["event_type"] == earlier].groupby(keys)["timestamp"].min()
-                     .rename("earlier_ts"))
+    first_earlier = (
+        events[events["event_type"] == earlier]
+        .groupby(keys)["timestamp"]
+        .min()
+        .rename("earlier_ts")
+    )
     late = events[events["event_type"] == later].join(first_earlier, on=keys)
     assert len(late) > 0
     assert (late["earlier_ts"] < late["timestamp"]).all()  # NaT (no earlier step) fails too
@@ -124,8 +143,9 @@ def test_popularity_is_skewed(data: DemoData) -> None:
 def test_users_mostly_stay_in_few_categories(events_with_items: pd.DataFrame) -> None:
     views = events_with_items[events_with_items["event_type"] == "view"]
     per_user = views.groupby(["user_id", "category"]).size().sort_values(ascending=False)
-    top3 = per_user.groupby(level=0).head(3).groupby(level=0).sum() / per_user.groupby(
-        level=0).sum()
+    top3 = (
+        per_user.groupby(level=0).head(3).groupby(level=0).sum() / per_user.groupby(level=0).sum()
+    )
     overall_top3 = views["category"].value_counts(normalize=True).iloc[:3].sum()
     assert top3.mean() > 0.8 > overall_top3
 
@@ -158,16 +178,18 @@ def test_item_knn_beats_popularity(data: DemoData) -> None:
 
 # ---- determinism and scale -----------------------------------------------------------------
 def test_same_seed_same_frames(data: DemoData) -> None:
-    again = syn.generate_clickstream(n_users=400, n_items=200, n_days=N_DAYS,
-                                     start="2024-03-04", seed=3)
+    again = syn.generate_clickstream(
+        n_users=400, n_items=200, n_days=N_DAYS, start="2024-03-04", seed=3
+    )
     pd.testing.assert_frame_equal(again.events, data.events)
     pd.testing.assert_frame_equal(again.items, data.items)
     pd.testing.assert_frame_equal(again.users, data.users)
 
 
 def test_different_seed_different_frames(data: DemoData) -> None:
-    other = syn.generate_clickstream(n_users=400, n_items=200, n_days=N_DAYS,
-                                     start="2024-03-04", seed=4)
+    other = syn.generate_clickstream(
+        n_users=400, n_items=200, n_days=N_DAYS, start="2024-03-04", seed=4
+    )
     assert not other.events["event_id"].equals(data.events["event_id"])
     assert not other.items["price"].equals(data.items["price"])
     assert set(other.events["event_id"]).isdisjoint(data.events["event_id"])
@@ -175,8 +197,7 @@ def test_different_seed_different_frames(data: DemoData) -> None:
 
 def test_chunks_keep_ids_unique(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(syn, "_CHUNK_USERS", 7)
-    data = syn.generate_clickstream(n_users=30, n_items=20, n_days=5, seed=1,
-                                    sessions_per_user=3)
+    data = syn.generate_clickstream(n_users=30, n_items=20, n_days=5, seed=1, sessions_per_user=3)
     assert data.events["event_id"].is_unique
     assert set(data.events["user_id"]) == set(data.users["user_id"])
     assert len(data.users) == 30
@@ -208,24 +229,37 @@ def _read_events(path: Path, fmt: str) -> pd.DataFrame:
     return frame.astype(EVENT_DTYPES)
 
 
-@pytest.mark.parametrize(("fmt", "gzip", "suffix"), [
-    ("csv", False, ".csv"), ("csv", True, ".csv.gz"), ("jsonl", False, ".jsonl"),
-    ("jsonl", True, ".jsonl.gz"), ("parquet", False, ".parquet")])
-def test_write_landing_round_trips(small: DemoData, tmp_path: Path, fmt: str, gzip: bool,
-                                   suffix: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "gzip", "suffix"),
+    [
+        ("csv", False, ".csv"),
+        ("csv", True, ".csv.gz"),
+        ("jsonl", False, ".jsonl"),
+        ("jsonl", True, ".jsonl.gz"),
+        ("parquet", False, ".parquet"),
+    ],
+)
+def test_write_landing_round_trips(
+    small: DemoData, tmp_path: Path, fmt: str, gzip: bool, suffix: str
+) -> None:
     paths = write_landing(small, tmp_path, name="day-1", fmt=fmt, gzip=gzip)
 
-    assert paths == [tmp_path / "events" / f"day-1{suffix}", tmp_path / "items.csv",
-                     tmp_path / "users.csv"]
+    assert paths == [
+        tmp_path / "events" / f"day-1{suffix}",
+        tmp_path / "items.csv",
+        tmp_path / "users.csv",
+    ]
     if gzip:
         assert paths[0].read_bytes()[:2] == b"\x1f\x8b"
     back = _read_events(paths[0], fmt)
     pd.testing.assert_frame_equal(back, small.events.reset_index(drop=True))
 
-    items = pd.read_csv(paths[1], dtype={"item_id": "string", "title": "string",
-                                         "category": "string"})
-    items["published_at"] = pd.to_datetime(items["published_at"], format="ISO8601",
-                                            utc=True).astype("datetime64[us, UTC]")
+    items = pd.read_csv(
+        paths[1], dtype={"item_id": "string", "title": "string", "category": "string"}
+    )
+    items["published_at"] = pd.to_datetime(
+        items["published_at"], format="ISO8601", utc=True
+    ).astype("datetime64[us, UTC]")
     pd.testing.assert_frame_equal(items, small.items)
     users = pd.read_csv(paths[2], dtype="string")
     pd.testing.assert_frame_equal(users, small.users)
@@ -247,9 +281,13 @@ def test_write_landing_replaces_existing_file(small: DemoData, tmp_path: Path) -
 
 
 def test_format_iso_utc() -> None:
-    stamps = pd.Series(pd.to_datetime(["2024-01-01T08:30:00", None, "2024-01-02T00:00:00.25"],
-                                    format="ISO8601"))
+    stamps = pd.Series(
+        pd.to_datetime(["2024-01-01T08:30:00", None, "2024-01-02T00:00:00.25"], format="ISO8601")
+    )
     assert format_iso_utc(stamps).tolist() == [
-        "2024-01-01T08:30:00.000000Z", pd.NA, "2024-01-02T00:00:00.250000Z"]
+        "2024-01-01T08:30:00.000000Z",
+        pd.NA,
+        "2024-01-02T00:00:00.250000Z",
+    ]
     whole = pd.Series(pd.to_datetime(["2024-01-01T10:30:00+02:00"], utc=True))
     assert format_iso_utc(whole).tolist() == ["2024-01-01T08:30:00Z"]
