@@ -23,12 +23,12 @@ export OPENBLAS_NUM_THREADS := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: help install run test test-unit airflow mlflow bench lint freeze clean
+.PHONY: help install run test test-unit airflow mlflow bench lint lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv and install the pinned requirements (no-op when up to date)
+install: $(STAMP)  ## create .venv, install the locked requirements and this project (no-op when up to date)
 
 $(AIRFLOW_SECRETS):
 	@$(PYTHON) -m pipeline.cli airflow-secrets "$@"
@@ -36,12 +36,15 @@ $(AIRFLOW_SECRETS):
 $(PSEUDONYM_KEY):
 	@$(PYTHON) -m pipeline.cli pseudonym-key "$@"
 
-$(STAMP): requirements.txt
+$(STAMP): requirements-dev.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing pinned requirements into $(VENV) (about a minute with a warm pip cache)"
+	@echo "installing the locked requirements into $(VENV) (about a minute with a warm pip cache)"
 	@set -o pipefail; $(BIN)/python -m pip install --quiet --disable-pip-version-check \
-	  -r requirements.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
-	@$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/recs-pipeline.pth', 'w').write('$(CURDIR)\n')"
+	  --require-hashes --no-deps -r requirements-dev.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@rm -f "$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')/recs-pipeline.pth"
+	@set -o pipefail; $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	  --no-deps --no-build-isolation --editable . 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@$(BIN)/python -m pip check > /dev/null || { $(BIN)/python -m pip check; exit 1; }
 	@touch $(STAMP)
 
 run: install $(AIRFLOW_SECRETS) $(PSEUDONYM_KEY)  ## the demo: the nightly DAG, the monitor, a simulated CMS day and its impact (DATE=YYYY-MM-DD to choose the day)
@@ -94,11 +97,17 @@ lint: install  ## static checks: ruff (lint and format), and mypy on pipeline/ (
 	$(BIN)/ruff format --check pipeline dags tests benchmarks
 	$(BIN)/mypy
 
-freeze:  ## re-pin requirements.txt from requirements.in in a scratch virtualenv
-	rm -rf /tmp/recs-freeze && $(PYTHON) -m venv /tmp/recs-freeze
-	/tmp/recs-freeze/bin/pip install --quiet -r requirements.in
-	{ head -n 2 requirements.txt; /tmp/recs-freeze/bin/pip freeze; } > requirements.txt.new
-	mv requirements.txt.new requirements.txt
+# `make lock` keeps the pins already in the lock files; `make lock UPGRADE=1` moves every
+# package to the newest version pyproject.toml allows. Runtime and development locks apart:
+# a deployment installs requirements.lock, a development machine requirements-dev.lock (the
+# same runtime pins plus the tools).
+LOCK_FLAGS = --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+  --generate-hashes --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
+
+lock: install  ## re-resolve requirements.lock and requirements-dev.lock (hashed) from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev -c requirements.lock $(LOCK_FLAGS) \
+	  -o requirements-dev.lock
 
 clean:  ## remove local state (data, stores, logs); keeps .venv
 	rm -rf data logs airflow.db mlflow.db mlartifacts mlruns  # airflow-secrets.env stays
