@@ -8,7 +8,8 @@ before the current one):
 * **drift** (:mod:`pipeline.monitoring.drift`): PSI of every user RFM/context feature, item
   popularity feature, the event mix and the champion's scores, binned on the reference;
 * **data health** (:mod:`pipeline.monitoring.health`): volume against the trailing median,
-  newest event's age, quarantine and late shares of the newest ingest;
+  newest event's age, quarantine and late shares of the newest ingest; the share of failed
+  Great Expectations validations and of the rows they rejected, from the validation log;
 * **lists** (from the live publish): cold-start share, catalogue coverage, and the share of
   the current window's events on items the champion never saw (new-item share);
 * **online** (from the newest ``recommendations_impact`` run, when there is one): the last
@@ -91,7 +92,8 @@ def run_monitor(
     """Compute, record and export the monitoring metrics for ``as_of``; a JSON-able summary."""
     from pipeline.lake.ingest import read_manifest
     from pipeline.lake.snapshot import load_snapshot
-    from pipeline.monitoring.health import TRAILING_DAYS, health_table
+    from pipeline.lake.validate import read_validation_log
+    from pipeline.monitoring.health import TRAILING_DAYS, health_table, validation_health
 
     options = options or MonitorOptions()
     as_of = as_utc(as_of)
@@ -120,7 +122,13 @@ def run_monitor(
         if len(past)
         else _no_reference(as_of)
     )
-    health = health_table(recent["timestamp"], read_manifest(lake.parent), as_of)
+    health = pd.concat(
+        [
+            health_table(recent["timestamp"], read_manifest(lake.parent), as_of),
+            validation_health(read_validation_log(settings.data_dir), options.window_days),
+        ],
+        ignore_index=True,
+    )
     lists = _list_rows(settings, dsn, past, current)
     online = _online_rows(settings, as_of)
     rows = pd.concat([drift, health, lists, online], ignore_index=True)

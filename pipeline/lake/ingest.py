@@ -97,6 +97,7 @@ from pipeline.lake.staging import (
 )
 from pipeline.lake.tombstone import Tombstone
 from pipeline.lake.validate import LandingValidator
+from pipeline.lake.validate import data_docs_dir as validation_docs_dir
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def ingest_landing(
     allowed_event_types: Collection[str] | None = None,
     pseudonym_key: bytes | None = None,
     record_pseudonyms: Callable[[pd.DataFrame], None] | None = None,
+    data_docs_dir: Path | None = None,
 ) -> IngestReport:
     """Ingest every new landing file into the lake (see the module docstring); idempotent.
 
@@ -170,7 +172,8 @@ def ingest_landing(
     With ``suite_path`` (the events expectation suite) and ``allowed_event_types``, each
     file's rows are validated before they enter the lake: failing rows go to the file's
     quarantine, and the manifest records the suite's digest, so that a run's ``validate``
-    does not check them again.
+    does not check them again. With ``data_docs_dir`` too, each file's validation is recorded
+    once (:class:`LandingValidator`): a Data Docs page and a validation log line per file.
 
     ``ingested_at`` (default: now) is recorded per row and per file and bounds event times.
     Raises :class:`IngestFailed` (a DataError) after the other files are ingested when some file
@@ -216,7 +219,9 @@ def ingest_landing(
         validator = None
         if suite_path is not None:  # loaded once, and only if a file needs it (GX is slow)
             validator = functools.cache(
-                lambda: LandingValidator(suite_path, allowed_event_types or DEFAULT_EVENT_WEIGHTS)
+                lambda: LandingValidator(
+                    suite_path, allowed_event_types or DEFAULT_EVENT_WEIGHTS, data_docs_dir
+                )
             )
         for path in files:
             try:
@@ -301,6 +306,7 @@ def ingest_lake(
         allowed_event_types=sorted(settings.event_weights),
         pseudonym_key=settings.pseudonym_key,
         record_pseudonyms=record_pseudonyms,
+        data_docs_dir=validation_docs_dir(settings.data_dir),
     )
 
 
@@ -362,6 +368,9 @@ def _ingest_one(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        if validator is not None:  # one validation result per file, however many chunks
+            validator().finish(path.name)
     if staged.pseudonyms and record_pseudonyms is not None:  # mapped before committed
         try:
             record_pseudonyms(

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from pipeline.core.config import as_utc
 from pipeline.core.errors import DataError, ValidationFailed
 from pipeline.lake.event_ids import EventIdIndex, hash_event_ids
+from pipeline.lake.jsonl import read_records
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_suite import ExpectationSuite
@@ -68,8 +69,16 @@ REASON_COLUMN = "reason"
 #: Lineage columns naming where a row came from.
 LINEAGE_COLUMNS: tuple[str, str] = ("source_file", "source_row")
 
+#: The file-backed GX project under the data dir, its Data Docs site and its validation log
+#: (:mod:`pipeline.lake.gx_context`).
+GX_PROJECT_DIR = "gx"
+DATA_DOCS_DIR = "data_docs"
+VALIDATION_LOG = "validation_log.jsonl"
+
 _ROW_INDEX = "__row__"  # name of the positional index handed to GX
-_DOCS_SITE = "events_validation"
+_TYPE_TYPES = frozenset(
+    {"expect_column_values_to_be_of_type", "expect_column_values_to_be_in_type_list"}
+)
 _EVENT_TYPE_COLUMN = "event_type"
 _IN_SET = "expect_column_values_to_be_in_set"
 _UNIQUE = "expect_column_values_to_be_unique"
@@ -220,7 +229,10 @@ def validate_events(
         max_bad_row_share: Largest acceptable share of quarantined rows (0..1).
         quarantine_path: Parquet file for the bad rows (with a ``reason`` column). Written
             atomically when there are bad rows, removed when there are none.
-        data_docs_dir: When given, GX Data Docs for this validation are built in this folder.
+        data_docs_dir: When given, the validation is recorded, as one result, in the
+            file-backed GX project that is this folder's parent (:mod:`.gx_context`): a page in
+            this Data Docs site, which keeps every recorded validation, and a line in the
+            validation log. Never fails the validation (a failure is logged as a warning).
         clock_skew: Tolerance added to ``cutoff``.
 
     Returns:
@@ -241,15 +253,18 @@ def validate_events(
     max_timestamp = as_utc(cutoff) + clock_skew
     rows = len(events)
 
-    runner = _SuiteRunner(Path(suite_path), allowed, data_docs_dir)
-    failures, row_failures = runner.run(events, max_timestamp, _run_name(cutoff))
-    context = runner.context
+    runner = _SuiteRunner(Path(suite_path), allowed)
+    tally = _validate_tally(cutoff) if data_docs_dir is not None else None
+    failures, row_failures = runner.run(events, max_timestamp, _run_name(cutoff), tally)
     bad_positions, reasons = _combine_row_failures(row_failures, rows)
     bad_rows = int(bad_positions.size)
     bad_share = bad_rows / rows if rows else 0.0
 
     written = _write_quarantine(events, bad_positions, reasons, Path(quarantine_path))
-    docs_index = _build_data_docs(context, data_docs_dir) if data_docs_dir is not None else None
+    docs_index = None
+    if tally is not None and data_docs_dir is not None:
+        tally.add_failures(failures, bad_rows)
+        docs_index = _Recorder(Path(data_docs_dir), runner).record(tally)
 
     fatal = [failure for failure in failures if failure.level != "row"]
     passed = not fatal and bad_share <= max_bad_row_share
@@ -310,6 +325,8 @@ def validate_events_file(
     rows go to ``clean_path`` (replaced atomically, only when the batch passes), bad rows to
     ``quarantine_path``; the daily volume is checked against the suite's ``meta.volume`` rule
     (warnings only). Raises :class:`EventValidationFailed` like :func:`validate_events`.
+    With ``data_docs_dir``, the chunks' results are recorded as one result (one Data Docs
+    page, one validation log line), as :func:`validate_events` does.
 
     Rows whose ``source_file`` is in ``validated_sources`` passed this suite, with these event
     types, when they were ingested (:class:`LandingValidator`), and the lake holds each event
@@ -326,7 +343,8 @@ def validate_events_file(
     validated = frozenset(validated_sources)
     if validated and _all_validated(raw_path, validated):
         return _prevalidated(raw_path, clean_path, quarantine_path, cutoff, suite_path)
-    runner = _SuiteRunner(Path(suite_path), allowed, data_docs_dir)
+    runner = _SuiteRunner(Path(suite_path), allowed)
+    tally = _validate_tally(cutoff) if data_docs_dir is not None else None
     parquet = pq.ParquetFile(raw_path)
     schema = parquet.schema_arrow
     seen = EventIdIndex()
@@ -351,6 +369,7 @@ def validate_events_file(
                         chunk.iloc[positions].reset_index(drop=True),
                         max_timestamp,
                         f"{_run_name(cutoff)}-part{number:04d}",
+                        tally,
                     )
                     if (positions.size or number == 0)
                     else ([], [])
@@ -412,7 +431,10 @@ def validate_events_file(
         quarantine_tmp.unlink(missing_ok=True)
         clean_tmp.unlink(missing_ok=True)
         raise
-    docs_index = _build_data_docs(runner.context, data_docs_dir) if data_docs_dir else None
+    docs_index = None
+    if tally is not None and data_docs_dir is not None:  # one result for the whole snapshot
+        tally.add_failures(list(merged.values()), bad_rows)
+        docs_index = _Recorder(Path(data_docs_dir), runner).record(tally)
     failures = sorted(
         merged.values(),
         key=lambda f: runner.order.get((f.expectation, f.column), len(runner.order)),
@@ -517,14 +539,47 @@ class LandingValidator:
     table-level failure (a column missing or of the wrong type) rejects the file.
 
     Duplicate event ids are not this check's business: the lake's commit deduplicates them.
+
+    With ``data_docs_dir``, each file's validation is recorded once, however many chunks it
+    had (:meth:`finish`; also done when the chunks of another file begin, and by
+    :meth:`close`): one Data Docs page and one validation log line per landing file.
     """
 
-    def __init__(self, suite_path: Path, allowed_event_types: Collection[str]) -> None:
+    def __init__(
+        self,
+        suite_path: Path,
+        allowed_event_types: Collection[str],
+        data_docs_dir: Path | None = None,
+    ) -> None:
         allowed = sorted({str(event_type) for event_type in allowed_event_types})
         if not allowed:
             raise ValueError("allowed_event_types is empty")
         self.digest = suite_digest(suite_path, allowed)
-        self._runner = _SuiteRunner(Path(suite_path), allowed, None)
+        self._runner = _SuiteRunner(Path(suite_path), allowed)
+        self._recorder = _Recorder(Path(data_docs_dir), self._runner) if data_docs_dir else None
+        self._pending: dict[str, _Tally] = {}
+
+    def finish(self, source: str) -> Path | None:
+        """Record the validation of the file ``source`` (every chunk :meth:`split` saw) as one
+        result; the Data Docs index, or None (no recording, nothing validated, or recording
+        failed: logged, never raised)."""
+        tally = self._pending.pop(source, None)
+        if tally is None or self._recorder is None:
+            return None
+        return self._recorder.record(tally)
+
+    def close(self) -> None:
+        """Record every file not finished yet."""
+        for source in list(self._pending):
+            self.finish(source)
+
+    def _tally(self, source: str) -> _Tally | None:
+        if self._recorder is None:
+            return None
+        if source not in self._pending:
+            self.close()  # another file's chunks begin: the files before are done
+            self._pending[source] = _Tally("ingest", source)
+        return self._pending[source]
 
     def split(
         self, events: pd.DataFrame, *, latest_valid: dt.datetime, source: str
@@ -535,9 +590,13 @@ class LandingValidator:
         file and the column (the file stays out of the lake and is retried)."""
         if events.empty:
             return events, events.assign(**{REASON_COLUMN: pd.Series(dtype="string")})
-        failures, row_failures = self._runner.run(events, latest_valid, f"ingest-{source}")
+        tally = self._tally(source)
+        failures, row_failures = self._runner.run(events, latest_valid, f"ingest-{source}", tally)
         fatal = [f for f in failures if f.level != "row"]
         if fatal:
+            if tally is not None:  # the file is rejected here: its validation ends
+                tally.add_failures(failures, 0)
+                self.finish(source)
             report = ValidationReport(
                 rows=len(events), bad_rows=0, bad_share=0.0, passed=False, failures=tuple(failures)
             )
@@ -555,7 +614,152 @@ class LandingValidator:
         keep[bad] = False
         rejected = events.iloc[bad].reset_index(drop=True)
         rejected[REASON_COLUMN] = pd.array(reasons, dtype="string")
+        if tally is not None:
+            tally.add_failures(failures, int(bad.size))
         return events[keep].reset_index(drop=True), rejected
+
+
+# ------------------------------------------------------------------------------------------
+# Validation history: one result per landing file or run, in the file-backed GX project
+# ------------------------------------------------------------------------------------------
+def data_docs_dir(data_dir: Path) -> Path:
+    """The shared Data Docs site, ``<data_dir>/gx/data_docs``; its GX project is the parent
+    folder (:mod:`pipeline.lake.gx_context`)."""
+    return Path(data_dir) / GX_PROJECT_DIR / DATA_DOCS_DIR
+
+
+def read_validation_log(data_dir: Path) -> list[dict]:
+    """The validation log (one JSON record per recorded validation, oldest first; empty when
+    nothing was recorded): what :class:`~pipeline.lake.gx_context.ValidationLogAction` wrote."""
+    return read_records(Path(data_dir) / GX_PROJECT_DIR / VALIDATION_LOG, "validation log")
+
+
+class _Tally:
+    """One file's (``kind="ingest"``) or run's (``"validate"``) validation over its chunks:
+    GX's per-expectation results summed, and the failures the pipeline acted on."""
+
+    def __init__(self, kind: str, source: str, name: str | None = None) -> None:
+        self.kind = kind
+        self.source = source
+        self.name = name or source  # in the run name, ``<kind>-<name>``
+        self.started = dt.datetime.now(dt.timezone.utc)  # the result's run time (wall clock)
+        self.template: Any = None  # the first chunk's GX result: suite name, batch meta
+        self.stats: dict[str, dict[str, Any]] = {}  # expectation id -> sums, in suite order
+        self.rows = 0
+        self.rows_rejected = 0
+        self.failures: dict[tuple[str, str | None, str], ExpectationFailure] = {}
+
+    def add_result(self, result: ExpectationSuiteValidationResult, rows: int) -> None:
+        if self.template is None:
+            self.template = result
+        self.rows += rows
+        for position, expectation in enumerate(result.results):
+            config = expectation.expectation_config
+            entry = self.stats.setdefault(
+                str(config.id or position),
+                {"config": config, "elements": 0, "missing": 0, "observed": None, "map": False},
+            )
+            detail = expectation.result or {}
+            if "element_count" in detail:
+                entry["map"] = True
+                entry["elements"] += int(detail.get("element_count") or 0)
+                entry["missing"] += int(detail.get("missing_count") or 0)
+            elif config.type in _TYPE_TYPES and entry["observed"] is None:
+                # a dtype name; other observed values (a column's min, ...) could quote data
+                entry["observed"] = _jsonable(detail.get("observed_value"))
+
+    def add_failures(self, failures: list[ExpectationFailure], rejected: int) -> None:
+        _merge_failures(self.failures, failures)
+        self.rows_rejected += rejected
+
+    def outcomes(self) -> list[dict[str, Any]]:
+        """Per expectation: its config, counts, and success as the pipeline judged it
+        (uniqueness counts the copies after the first; errors carry their message)."""
+        by_label: dict[tuple[str, str | None], ExpectationFailure] = {}
+        for failure in self.failures.values():
+            by_label.setdefault((failure.expectation, failure.column), failure)
+        out = []
+        for entry in self.stats.values():
+            config = entry["config"]
+            column = ", ".join(_domain_columns(config.kwargs)) or None
+            failure = by_label.get((config.type, column))
+            out.append(
+                {
+                    "config": config,
+                    "success": failure is None,
+                    "element_count": entry["elements"],
+                    "missing_count": entry["missing"],
+                    "unexpected_count": (
+                        (failure.unexpected_count if failure else 0) if entry["map"] else None
+                    ),
+                    "observed_value": entry["observed"],
+                    "exception_message": failure.detail if failure else None,
+                    "column_map": entry["map"],
+                }
+            )
+        return out
+
+
+def _validate_tally(cutoff: dt.datetime) -> _Tally:
+    return _Tally("validate", as_utc(cutoff).isoformat(), _run_name(cutoff))
+
+
+class _Recorder:
+    """Records tallies in the GX project whose Data Docs site is ``docs_dir``."""
+
+    def __init__(self, docs_dir: Path, runner: _SuiteRunner) -> None:
+        self.docs_dir = Path(docs_dir)
+        self.runner = runner
+        self._project: Any = None
+
+    def record(self, tally: _Tally) -> Path | None:
+        """One result for the tally: its Data Docs page, the site index and a validation log
+        line. Returns the index; never raises (docs are a convenience: logged as a warning)."""
+        if tally.template is None or not (tally.rows or tally.failures):
+            return None
+        started = time.perf_counter()
+        try:
+            from pipeline.lake import gx_context  # lazy: it imports great_expectations
+
+            if self._project is None:
+                self._project = gx_context.ValidationProject(
+                    self.docs_dir.parent, self.docs_dir.name, VALIDATION_LOG
+                )
+            gx = _import_gx()
+            run_id = gx.RunIdentifier(
+                run_name=gx_context.run_name(tally.kind, tally.name), run_time=tally.started
+            )
+            result = gx_context.merged_result(
+                tally.template,
+                [gx_context.ExpectationTally(**outcome) for outcome in tally.outcomes()],
+                run_id=run_id,
+                meta={
+                    "kind": tally.kind,
+                    "source": tally.source,
+                    "rows": tally.rows,
+                    "rows_rejected": tally.rows_rejected,
+                },
+            )
+            suite = _load_suite(self.runner.suite_path, self.runner.allowed)
+            index: Path | None = self._project.record(suite, [result])
+        except Exception:  # noqa: BLE001 - docs must not fail the pipeline
+            logger.warning(
+                "Recording the validation of %s in %s failed: Data Docs and the validation "
+                "log miss it",
+                tally.source,
+                self.docs_dir,
+                exc_info=True,
+            )
+            return None
+        logger.info(
+            "validation of %s recorded (%d rows, %d rejected) in %.2fs; data docs: %s",
+            tally.source,
+            tally.rows,
+            tally.rows_rejected,
+            time.perf_counter() - started,
+            index,
+        )
+        return index
 
 
 def check_daily_volume(
@@ -646,11 +850,13 @@ def _tmp_path(path: Path) -> Path:
 class _SuiteRunner:
     """The suite loaded once into one ephemeral context; runs it on one frame at a time."""
 
-    def __init__(self, suite_path: Path, allowed: list[str], data_docs_dir: Path | None) -> None:
+    def __init__(self, suite_path: Path, allowed: list[str]) -> None:
         gx = _import_gx()
+        self.suite_path = suite_path
+        self.allowed = allowed
         self.volume_rule = _volume_rule(suite_path)
         suite = _load_suite(suite_path, allowed)
-        self.context = _ephemeral_context(data_docs_dir)
+        self.context = _ephemeral_context()
         self.suite = self.context.suites.add(suite)
         self.checked = _suite_columns(self.suite)
         self.order = {
@@ -665,9 +871,14 @@ class _SuiteRunner:
         )
 
     def run(
-        self, events: pd.DataFrame, max_timestamp: dt.datetime, run_name: str
+        self,
+        events: pd.DataFrame,
+        max_timestamp: dt.datetime,
+        run_name: str,
+        tally: _Tally | None = None,
     ) -> tuple[list[ExpectationFailure], list[tuple[str, np.ndarray]]]:
-        """Failures (suite order) and ``(reason, row positions)`` for one frame."""
+        """Failures (suite order) and ``(reason, row positions)`` for one frame; GX's result
+        is added to ``tally`` (the file's or run's record) when given."""
         gx = _import_gx()
         frame = events.copy(deep=False)  # shares data (copy-on-write); only the index changes
         frame.index = pd.RangeIndex(len(events), name=_ROW_INDEX)
@@ -680,6 +891,8 @@ class _SuiteRunner:
             result_format=_RESULT_FORMAT,
             run_id=gx.RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.timezone.utc)),
         )
+        if tally is not None:
+            tally.add_result(result, len(events))
         return _collect_failures(result, self.suite, frame)
 
 
@@ -743,8 +956,8 @@ def _suite_columns(suite: ExpectationSuite) -> set[str] | None:
     return columns
 
 
-def _ephemeral_context(data_docs_dir: Path | None) -> EphemeralDataContext:
-    """An in-memory GX context: no temp docs site, no progress bars, our docs site if asked."""
+def _ephemeral_context() -> EphemeralDataContext:
+    """An in-memory GX context for the row-level work: no docs site, no progress bars."""
     gx = _import_gx()
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -752,20 +965,9 @@ def _ephemeral_context(data_docs_dir: Path | None) -> EphemeralDataContext:
         ProgressBarsConfig,
     )
 
-    sites: dict[str, Any] = {}
-    if data_docs_dir is not None:
-        sites[_DOCS_SITE] = {
-            "class_name": "SiteBuilder",
-            "show_how_to_buttons": False,
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(Path(data_docs_dir).resolve()),
-            },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        }
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-        data_docs_sites=sites,
+        data_docs_sites={},
         progress_bars=ProgressBarsConfig(globally=False),
     )
     context: EphemeralDataContext = gx.get_context(mode="ephemeral", project_config=config)
@@ -774,17 +976,6 @@ def _ephemeral_context(data_docs_dir: Path | None) -> EphemeralDataContext:
 
 def _run_name(cutoff: dt.datetime) -> str:
     return "cutoff-" + as_utc(cutoff).strftime("%Y-%m-%dT%H%M%SZ")
-
-
-def _build_data_docs(context: EphemeralDataContext, data_docs_dir: Path) -> Path | None:
-    """Build the Data Docs site; a failure here is logged, never fatal (docs are a convenience)."""
-    try:
-        context.build_data_docs(site_names=[_DOCS_SITE])
-    except Exception:  # noqa: BLE001 - docs must not fail the pipeline
-        logger.warning("Building Data Docs in %s failed", data_docs_dir, exc_info=True)
-        return None
-    index = Path(data_docs_dir).resolve() / "index.html"
-    return index if index.exists() else None
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,6 +21,14 @@ ctr_ratio          the last day's CTR of recommended items over the median day  
 conversion_ratio   the same for conversion per active user                       <0.8  <0.5
 =================  ============================================================  ====  =====
 
+Two more read the validation log (``<data_dir>/gx/validation_log.jsonl``,
+:func:`pipeline.lake.validate.read_validation_log`: one record per landing file validated at
+ingest and per nightly ``validate`` that checked rows), over the ``days`` days of validation
+time up to its newest record (validations happen when files arrive, not at a logical date, as
+the quarantine share reads the newest ingest): ``validation_failed_share``, the share whose
+Great Expectations result failed (warn above 50%), and ``validation_bad_row_share``, the rows
+they rejected over the rows they evaluated (warn above 1%, alert above 5%).
+
 A catalogue that renews itself (news) has a high new-item share every day: raise its
 thresholds through ``HEALTH_THRESHOLDS`` rather than living with a permanent alert.
 """
@@ -74,6 +82,8 @@ HEALTH_THRESHOLDS: Mapping[str, Threshold] = {
     "new_item_share": Threshold(high_warn=0.1, high_alert=0.25),
     "ctr_ratio": Threshold(low_warn=0.8, low_alert=0.5),
     "conversion_ratio": Threshold(low_warn=0.8, low_alert=0.5),
+    "validation_failed_share": Threshold(high_warn=0.5),
+    "validation_bad_row_share": Threshold(high_warn=0.01, high_alert=0.05),
 }
 
 
@@ -140,6 +150,34 @@ def health_table(
         "newest_event_age": newest_event_age(before.max() if len(before) else None, as_of),
         **last_ingest_shares(manifest),
     }
+    return pd.DataFrame(
+        {
+            "metric": list(values),
+            "subject": "",
+            "value": [float(v) for v in values.values()],
+            "status": [thresholds[m].status(v) for m, v in values.items()],
+        }
+    )
+
+
+def validation_health(
+    log: Iterable[Mapping],
+    days: int,
+    *,
+    thresholds: Mapping[str, Threshold] = HEALTH_THRESHOLDS,
+) -> pd.DataFrame:
+    """Rows ``validation_failed_share`` and ``validation_bad_row_share`` from the validation
+    log's records of the ``days`` days up to the newest one (NaN, status unknown, without
+    records or rows)."""
+    records = [r for r in log if r.get("run_time")]
+    values = {"validation_failed_share": math.nan, "validation_bad_row_share": math.nan}
+    if records:
+        times = pd.to_datetime([r["run_time"] for r in records], utc=True, format="ISO8601")
+        recent = [r for r, t in zip(records, times >= times.max() - pd.Timedelta(days=days)) if t]
+        values["validation_failed_share"] = sum(not r.get("success") for r in recent) / len(recent)
+        rows = sum(int(r.get("rows") or 0) for r in recent)
+        rejected = sum(int(r.get("rows_rejected") or 0) for r in recent)
+        values["validation_bad_row_share"] = rejected / rows if rows else math.nan
     return pd.DataFrame(
         {
             "metric": list(values),
