@@ -166,6 +166,16 @@ PARAMS = {
         title="Tuning budget (minutes)",
         description="Wall-clock budget of the search when tune is on.",
     ),
+    "publish_workers": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=64,
+        title="Publish worker processes",
+        description="Processes that make the lists in publish, each loading the model "
+        "once; empty = the CPUs the task may use, at most 2. The lists are the same "
+        "for any number.",
+    ),
     "max_bad_row_share": Param(
         0.05,
         type="number",

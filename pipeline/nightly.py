@@ -98,9 +98,11 @@ def validate(settings: Settings, cutoff: dt.datetime) -> dict:
     """Run the expectation suite; bad rows go to quarantine; clean rows -> ``events.parquet``.
 
     Rows that passed the same suite (and event types) when they were ingested are not checked
-    again: only rows of files ingested before landing validation, or under another suite, are."""
+    again: only rows of files ingested before landing validation, or under another suite, are.
+    A validation that checked rows is recorded once in the shared Data Docs site
+    (``<data_dir>/gx/data_docs``) and the validation log, beside those of the ingests."""
     from pipeline.lake.ingest import read_manifest
-    from pipeline.lake.validate import suite_digest, validate_events_file
+    from pipeline.lake.validate import data_docs_dir, suite_digest, validate_events_file
 
     run = settings.run_dir(cutoff)
     digest = suite_digest(SUITE_PATH, settings.event_weights)
@@ -118,7 +120,7 @@ def validate(settings: Settings, cutoff: dt.datetime) -> dict:
             allowed_event_types=sorted(settings.event_weights),
             max_bad_row_share=settings.max_bad_row_share,
             quarantine_path=run / "quarantine.parquet",
-            data_docs_dir=run / "data_docs",
+            data_docs_dir=data_docs_dir(settings.data_dir),
             clock_skew=dt.timedelta(seconds=settings.clock_skew_seconds),
             chunk_rows=settings.chunk_rows,
             validated_sources=[name for name, ok in by_name.items() if ok],
@@ -1016,6 +1018,8 @@ def publish(
         if cms_of is not None:
             result["pseudonymised_users"] = len(cms_of)
             result["unmapped_pseudonyms"] = unmapped
+        workers = settings.publish_workers or min(2, len(os.sched_getaffinity(0)))
+        result["publish_workers"] = workers
         served = _served_lists(
             recommender,
             str(version),
@@ -1024,6 +1028,7 @@ def publish(
             experiment,
             load_recommender=lambda v: load_version(v)[0].unwrap_python_model().recommender,
             cms_of=cms_of,
+            workers=workers,
         )
         lists = served.lists
         catalogue = len(events.items)
@@ -1157,6 +1162,7 @@ def _served_lists(
     experiment,
     load_recommender,
     cms_of: pd.Series | None = None,
+    workers: int = 1,
 ) -> _Served:
     """The lists ``publish`` serves: ``recommender`` (model ``version``) for every user, or,
     with ``experiment`` (a running :class:`~pipeline.serving.experiments.Experiment`), per
@@ -1168,18 +1174,27 @@ def _served_lists(
     ``__default__:<variant>``. Holdout users get no rows but an assignment.
 
     With ``cms_of`` (stored id -> CMS id, for pseudonymised ids), a user's variant is drawn
-    from their CMS id, as without a key (a CMS can compute it); the rows keep stored ids."""
+    from their CMS id, as without a key (a CMS can compute it); the rows keep stored ids.
+
+    ``workers`` > 1: a model loaded from a bundle makes its lists in that many worker
+    processes (each loading the bundle, with its share of the CPUs' threads); the lists are
+    the same as from one. A model without a bundle on disk lists in this process."""
     import numpy as np
 
+    from pipeline.models.bundle import SavedLists
     from pipeline.serving.contract import variant_default_user
     from pipeline.serving.rules import CANDIDATE_COLUMNS, RuleStats, recommend_with_rules
 
+    threads = max(1, len(os.sched_getaffinity(0)) // max(workers, 1))
+
     def lists_of(model, users, recommend=None):
+        saved = SavedLists.of(model, threads) if recommend is None and workers > 1 else None
         return recommend_with_rules(
-            recommend or model.recommend,
+            recommend or saved or model.recommend,
             users,
             fallback=model.popular_,
             default_user=DEFAULT_USER,
+            workers=workers if saved is not None else 1,
             **rules,
         )
 

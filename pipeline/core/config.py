@@ -162,6 +162,9 @@ class Settings:
     item_ttl_days: int | None = None
     #: The model proposes candidate_multiplier x top_n candidates per user for the rules.
     candidate_multiplier: int = 3
+    #: Worker processes that make the lists in ``publish`` (each loads the model once);
+    #: None: the CPUs this process may use, at most 2. The lists are the same for any number.
+    publish_workers: int | None = None
     #: Version tables kept in the serving DB (the live one included).
     keep_versions: int = 3
     #: The key of the user-id pseudonyms (:mod:`pipeline.core.privacy`): ``RECS_PSEUDONYM_KEY``

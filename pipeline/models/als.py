@@ -195,6 +195,10 @@ class AlsRecommender(ListRecommender):
         frame = frame[frame.groupby("u").cumcount() < HISTORY_FOR_REASONS]
         return frame["u"].to_numpy(), frame["i"].to_numpy(), frame["code"].to_numpy()
 
+    def use_threads(self, threads: int) -> None:
+        """ALS top-N threads (0: every CPU); the lists do not depend on it."""
+        self.num_threads = self.model_.num_threads = threads
+
     def fingerprint(self) -> str:
         """SHA-256 of everything the model serves from: equal fingerprints, equal lists."""
         digest = hashlib.sha256()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ VERBS = {
 }
 HISTORY_FOR_REASONS = 20  # strongest history items considered when explaining a pick
 PAIRS_PER_CHUNK = 20_000  # bounds the (pairs x n x factors) similarity block
+PAIRS_PER_BLOCK = 8_192  # (row, row) pairs whose vectors row_dots gathers at a time
 
 
 class ListRecommender(ABC):
@@ -42,6 +44,7 @@ class ListRecommender(ABC):
 
     chunk_users = 5_000  # users scored at a time: bounds memory as the user base grows
     progress_seconds = 10.0  # at most one progress line this often
+    bundle_dir_: Path | None = None  # the folder it was loaded from (models.bundle)
 
     def recommend(self, user_ids: pd.Series | np.ndarray | list, n: int) -> pd.DataFrame:
         """Ranked lists: user_id, rank (1..n), item_id, score, reason, source."""
@@ -62,6 +65,11 @@ class ListRecommender(ABC):
         if not parts:
             return empty_lists()
         return pd.concat(parts, ignore_index=True)
+
+    @abstractmethod
+    def use_threads(self, threads: int) -> None:
+        """Threads of the compiled loops that make lists (0: every CPU): a worker process
+        of several takes its share. The lists do not depend on it."""
 
     def default_list(self, n: int) -> pd.DataFrame:
         """The ``__default__`` rows: the popularity fallback."""
@@ -128,6 +136,19 @@ def item_labels(item_ids: np.ndarray, items: pd.DataFrame | None) -> pd.DataFram
     return labels
 
 
+def row_dots(
+    left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_rows: np.ndarray
+) -> np.ndarray:
+    """``left[left_rows[k]] . right[right_rows[k]]`` for every k, as float32: ``np.einsum``
+    over blocks of :data:`PAIRS_PER_BLOCK` pairs, so that the gathered rows stay in cache
+    (each dot product is the same however many pairs share a call)."""
+    out = np.empty(len(left_rows), np.float32)
+    for lo in range(0, len(left_rows), PAIRS_PER_BLOCK):
+        hi = lo + PAIRS_PER_BLOCK
+        out[lo:hi] = np.einsum("pf,pf->p", left[left_rows[lo:hi]], right[right_rows[lo:hi]])
+    return out
+
+
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return matrix / np.maximum(norms, 1e-12)
@@ -151,13 +172,56 @@ def ranked_within(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Order rows by group, best score first within a group, ties by ``ties`` (ascending),
     stably: the positions in that order and each one's rank in its group (1 = best). What a
-    multi-key ``sort_values`` and ``groupby().cumcount()`` give, by ``np.lexsort``."""
-    order = np.lexsort((ties, -np.asarray(scores), groups))
+    multi-key ``sort_values`` and ``groupby().cumcount()`` give, by ``np.lexsort``; or, when
+    each group is one run of rows, the scores are float32 without NaN and the ties distinct
+    non-negative integers within a group, by one sort of a 64-bit key per row (group, score,
+    tie), the same order in a third of the time."""
+    order = _order_by_key(groups, scores, ties)
+    if order is None:
+        order = np.lexsort((ties, -np.asarray(scores), groups))
     grouped = np.asarray(groups)[order]
     positions = np.arange(len(order))
     first = np.r_[True, grouped[1:] != grouped[:-1]] if len(order) else np.zeros(0, bool)
     rank = positions - np.maximum.accumulate(np.where(first, positions, 0)) + 1
     return order, rank
+
+
+def _order_by_key(groups, scores, ties) -> np.ndarray | None:
+    """``np.lexsort((ties, -scores, groups))`` by one sort of a packed key, or None when the
+    key does not apply (see :func:`ranked_within`) or does not fit in 64 bits."""
+    groups, scores, ties = np.asarray(groups), np.asarray(scores), np.asarray(ties)
+    n = len(groups)
+    if (
+        n < 2
+        or scores.dtype != np.float32
+        or groups.dtype.kind not in "iu"
+        or ties.dtype.kind not in "iu"
+        or ties.min() < 0
+        or np.isnan(scores).any()
+    ):
+        return None
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    run_values = groups[starts]
+    by_value = np.argsort(run_values, kind="stable")
+    if (run_values[by_value][1:] == run_values[by_value][:-1]).any():
+        return None  # a group in several runs
+    group_bits = max(int(len(starts) - 1).bit_length(), 1)
+    tie_bits = max(int(ties.max()).bit_length(), 1)
+    if group_bits + 32 + tie_bits > 64:
+        return None
+    code = np.empty(len(starts), np.uint64)
+    code[by_value] = np.arange(len(starts), dtype=np.uint64)  # groups in ascending order
+    code = np.repeat(code, np.diff(np.r_[starts, n]))
+    bits = (scores + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0: equal scores, equal bits
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))  # float order as uint
+    descending = (~ascending).astype(np.uint64)
+    key = (code << np.uint64(32 + tie_bits)) | (descending << np.uint64(tie_bits))
+    key |= ties.astype(np.uint64)
+    order = np.argsort(key)
+    ordered = key[order]
+    if (ordered[1:] == ordered[:-1]).any():
+        return None  # repeated ties within a group: lexsort's stable order decides
+    return order
 
 
 def empty_columns(confidence: sp.csr_matrix) -> np.ndarray | None:

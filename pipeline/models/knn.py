@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from pipeline.models.base import active_part
+from pipeline.models.base import active_part, ranked_within
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def top_k_sparse(
         floor[r] = np.partition(values, lengths[r] - k)[lengths[r] - k]
     keep = (coo.data > 0) & (coo.data >= floor[coo.row])
     row, col, val = coo.row[keep], coo.col[keep], coo.data[keep]
-    order = np.lexsort((col, -val, row))
+    order = ranked_within(row, val, col)[0]  # by row, best value first, ties to the lower column
     row, col, val = row[order], col[order], val[order]
     starts = np.r_[0, np.flatnonzero(np.diff(row)) + 1]
     position = np.arange(len(row)) - np.repeat(starts, np.diff(np.r_[starts, len(row)]))

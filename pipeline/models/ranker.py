@@ -71,11 +71,17 @@ def pair_features(pairs: pd.DataFrame, tables: FeatureTables) -> np.ndarray:
     ]
     blocks = [
         pairs[list(STAGE_ONE)].to_numpy(np.float32),
-        np.column_stack([affinity, glob_pop, *gaps, *seg_pop]).astype(np.float32),
+        np.column_stack([affinity, glob_pop, *gaps, *seg_pop]),
         tables.item[items],
         tables.user[rows],
     ]
-    return np.hstack(blocks).astype(np.float32)
+    # one float32 matrix, each block cast as it is copied in (no wider intermediate)
+    out = np.empty((len(pairs), sum(block.shape[1] for block in blocks)), np.float32)
+    first = 0
+    for block in blocks:
+        out[:, first : first + block.shape[1]] = block
+        first += block.shape[1]
+    return out
 
 
 def label_pairs(pairs: pd.DataFrame, truth) -> np.ndarray:

@@ -69,6 +69,7 @@ from pipeline.models.base import (
     item_labels,
     normalise_rows,
     ranked_within,
+    row_dots,
 )
 from pipeline.models.candidates import CandidateGenerator, candidate_recall, gather
 from pipeline.models.coldstart import SegmentPopularity, popular_reasons, select_cold_start
@@ -421,39 +422,52 @@ class TwoStageRecommender(ListRecommender):
 
     def _explain(self, picks: pd.DataFrame) -> np.ndarray:
         """ "because you <verb> <title>" naming the history item closest to each pick (by kNN
-        similarity when the pick has a kNN link, else in ALS factor space); picks with
-        neither a link nor an ALS origin are explained by their popularity."""
+        similarity when the pick has a kNN link, else in ALS factor space; ties go to the
+        lower item column); picks with neither a link nor an ALS origin are explained by
+        their popularity.
+
+        Each pick is paired with its user's strongest history items (a run of rows per pick,
+        in pick order) and the closest one is found by a maximum per run, without sorting."""
         matrix = self.snapshot_.matrix
-        hist = _strongest_history(matrix, np.unique(picks["row"].to_numpy()))
-        pairs = picks[["row", "item", "knn_all", "from_als"]].reset_index().merge(hist, on="row")
+        rows, items = picks["row"].to_numpy(), picks["item"].to_numpy()
+        knn_all, from_als = picks["knn_all"].to_numpy(), picks["from_als"].to_numpy()
+        out = self._popular_reason(items)
+        hist = _strongest_history(matrix, np.unique(rows))  # sorted by row
+        hist_row = hist["row"].to_numpy()
+        first = np.searchsorted(hist_row, rows, side="left")
+        counts = np.searchsorted(hist_row, rows, side="right") - first
+        pick = np.repeat(np.arange(len(rows)), counts)  # each pick's history run
+        runs = np.r_[0, np.cumsum(counts)]
+        at = first[pick] + np.arange(len(pick)) - runs[:-1][pick]
+        hist_col = hist["hist"].to_numpy()[at]
+        item_col = items[pick]
         # each similarity only where it is used: kNN for picks with a kNN link, else ALS
-        hist_col, item_col = pairs["hist"].to_numpy(), pairs["item"].to_numpy()
-        use_knn = pairs["knn_all"].to_numpy() > 0
-        sim = np.empty(len(pairs), np.float32)
+        use_knn = knn_all[pick] > 0
+        sim = np.empty(len(pick), np.float32)
         sim[use_knn] = gather(
             self.generator_.knn_.similarity_, hist_col[use_knn], item_col[use_knn]
         )
         factors = self._unit_item_factors()
-        sim[~use_knn] = np.einsum(
-            "pf,pf->p", factors[hist_col[~use_knn]], factors[item_col[~use_knn]]
-        )
-        pairs["sim"] = sim
-        order, rank = ranked_within(pairs["index"].to_numpy(), sim, hist_col)
-        pairs = pairs.iloc[order[rank == 1]]  # the closest history item of each pick
+        sim[~use_knn] = row_dots(factors, hist_col[~use_knn], factors, item_col[~use_knn])
+        explained = np.flatnonzero(counts > 0)
+        if len(pick) and not np.isnan(sim).any():
+            best = np.maximum.reduceat(sim, runs[explained])  # the highest similarity
+            top = sim == np.repeat(best, counts[explained])
+            lowest = np.minimum.reduceat(
+                np.where(top, hist_col, hist_col.max() + 1), runs[explained]
+            )
+            chosen = np.flatnonzero(top & (hist_col == np.repeat(lowest, counts[explained])))
+        else:  # NaN similarities: the order ranked_within gives them (last)
+            order, rank = ranked_within(pick, sim, hist_col)
+            chosen = np.sort(order[rank == 1])
         titles = self.items_["title"].astype(object).to_numpy()
         verbs = np.array([VERBS.get(t, "engaged with") for t in matrix.event_types], dtype=object)
-        text = (
-            "because you "
-            + verbs[pairs["code"].to_numpy()]
-            + " "
-            + titles[pairs["hist"].to_numpy()]
-        )
-        linked = (pairs["knn_all"].to_numpy() > 0) | (pairs["from_als"].to_numpy() > 0)
-        out = pd.Series(
-            self._popular_reason(picks["item"].to_numpy()), index=picks.index, dtype=object
-        )
-        out.loc[pairs["index"].to_numpy()[linked]] = text[linked]
-        return out.to_numpy(dtype=object)
+        codes = hist["code"].to_numpy()[at[chosen]]
+        text = "because you " + verbs[codes] + " " + titles[hist_col[chosen]]
+        target = pick[chosen]
+        linked = (knn_all[target] > 0) | (from_als[target] > 0)
+        out[target[linked]] = text[linked]
+        return out
 
     def _unit_item_factors(self) -> np.ndarray:
         """The ALS item factors scaled to unit length (cosine in factor space), computed once
@@ -465,10 +479,23 @@ class TwoStageRecommender(ListRecommender):
         return factors
 
     def _popular_reason(self, cols: np.ndarray) -> np.ndarray:
-        items = self.items_.rename(columns={})
-        return popular_reasons(
-            pd.Series(self.snapshot_.matrix.item_ids[cols]), items, self.recipe.popular_days
-        )
+        """The popularity reason of each item column (a new array; the reasons of every
+        item are worded once per model)."""
+        reasons = getattr(self, "_popular_reasons", None)
+        if reasons is None:
+            reasons = popular_reasons(
+                pd.Series(self.snapshot_.matrix.item_ids), self.items_, self.recipe.popular_days
+            )
+            self._popular_reasons = reasons
+        return reasons[np.asarray(cols, np.int64)]
+
+    def use_threads(self, threads: int) -> None:
+        """ALS top-N and XGBoost threads while listing (0: every CPU); the lists do not
+        depend on it (each user's top-N and each row's prediction are computed alone)."""
+        self.num_threads = self.n_jobs = threads
+        self.generator_.num_threads = self.generator_.als_.num_threads = threads
+        if self.ranker_ is not None:
+            self.ranker_.n_jobs = threads
 
     # ---- identity and persistence ------------------------------------------------------
     def fingerprint(self) -> str:
