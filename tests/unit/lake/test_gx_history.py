@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import multiprocessing
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,10 @@ def _record_in_child(data_dir: str, day: int, queue) -> None:
         queue.put(f"error: {exc!r} {traceback.format_exc()}")
 
 
-def test_two_processes_create_and_record_at_once(tmp_path):
+def test_two_processes_create_and_record_at_once(tmp_path, monkeypatch):
+    # spawned children get this process's sys.path: an earlier test that loaded an MLflow
+    # model left its artifact's code folder in front, where `pipeline` has no expectations/
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "/artifacts/code" not in p])
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     children = [
