@@ -27,10 +27,12 @@ built the same way from the fallback list (after any candidates given for it), u
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ProcessPoolExecutor
@@ -314,8 +316,45 @@ def _in_workers(
     logger.info(
         "lists of %d users in %d blocks by %d worker processes", len(users), len(blocks), workers
     )
+    with _main_not_rerun():
+        return _run_blocks(recommend, blocks, len(users), k, rules, stats, workers)
+
+
+@contextlib.contextmanager
+def _main_not_rerun():
+    """Keep spawned workers from re-running this process's ``__main__``.
+
+    ``spawn`` runs the parent's main script (by path or module name) in every child before
+    anything else. In an Airflow 3 task that is the ``airflow`` command, and importing
+    Airflow there initialises its metadata DB settings, which a task process blanks: the child
+    dies before it starts and the pool waits for it. The workers need nothing from
+    ``__main__``, so while they start it has neither ``__file__`` nor ``__spec__``."""
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
+def _run_blocks(
+    recommend: Callable[[np.ndarray, int], pd.DataFrame],
+    blocks: list[np.ndarray],
+    n_users: int,
+    k: int,
+    rules: _Rules,
+    stats: RuleStats,
+    workers: int,
+) -> list[pd.DataFrame]:
+    """:func:`_in_workers`' pool: submits every block, collects them in order, logs progress."""
     started = reported = time.perf_counter()
-    parts, done, loads = [], 0, {}
+    parts: list[pd.DataFrame] = []
+    done, loads = 0, {}
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
@@ -332,12 +371,12 @@ def _in_workers(
             stats.add(block_stats)
             done += block_stats.users
             now = time.perf_counter()
-            if now - reported >= PROGRESS_SECONDS or done == len(users):
+            if now - reported >= PROGRESS_SECONDS or done == n_users:
                 reported = now
                 logger.info(
                     "lists for %d of %d users (%.0f users/s, %d workers)",
                     done,
-                    len(users),
+                    n_users,
                     done / max(now - started, 1e-9),
                     workers,
                 )

@@ -103,3 +103,24 @@ def test_workers_must_be_positive(world):
         recommend_with_rules(
             model.recommend, users, fallback=model.popular_, workers=0, **rule_args
         )
+
+
+def test_workers_start_when_main_cannot_be_rerun(world, monkeypatch, tmp_path):
+    """In an Airflow 3 task ``__main__`` is the ``airflow`` command, whose import fails in a
+    fresh process (the task blanks the metadata DB URL); ``spawn`` would re-run it in every
+    worker, which then dies before it starts. Here ``__main__`` is a script that raises."""
+    import sys
+
+    script = tmp_path / "airflow_like_main.py"
+    script.write_text("raise RuntimeError('the airflow command cannot start here')\n")
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__file__", str(script), raising=False)
+    monkeypatch.setattr(main, "__spec__", None, raising=False)
+    model, users, rule_args = world
+    monkeypatch.setattr(rules, "MIN_PARALLEL_USERS", 10)
+    monkeypatch.setattr(rules, "MIN_BLOCK_USERS", 5)
+    common = {"fallback": model.popular_, "default_user": DEFAULT_USER, **rule_args}
+    one, _ = recommend_with_rules(model.recommend, users, **common)
+    two, _ = recommend_with_rules(SavedLists.of(model, threads=1), users, workers=2, **common)
+    pd.testing.assert_frame_equal(one, two)
+    assert main.__file__ == str(script)  # put back
