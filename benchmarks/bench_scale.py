@@ -16,13 +16,17 @@ the 14 days after the cutoff, with 30-day popularity's (its own subprocess) alon
 that speed is never bought with quality unseen.
 
 Sizes: 20k users x 5k items (~1.2M events) and 50k x 10k (~2.9M); ``--quick``: 5k x 2k.
-Run with ``python -m benchmarks scale [--quick]``.
+Run with ``python -m benchmarks scale [--quick]``. ``RECS_BENCH_SCALE_PARAMS`` (a JSON object)
+sets two-stage recipe fields, to compare a setting with the defaults, e.g.
+``RECS_BENCH_SCALE_PARAMS='{"knn_max_users": 10000}'``; one method and size alone:
+``python -m benchmarks.bench_scale two-stage 50000 10000`` (a JSON line).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 import time
 
@@ -68,7 +72,8 @@ def run(quick: bool) -> None:
             + f"; {two['training']['pairs']:,} training pairs of "
             f"{two['training']['users']:,} (user, window) queries, {two['bags']} bag(s); "
             f"30-day popularity nDCG@10 {popularity['ndcg']:.4f} on the same "
-            f"{popularity['eval_users']:,} returning users",
+            f"{popularity['eval_users']:,} returning users"
+            + (f"; recipe fields set: {two['params']}" if two["params"] else ""),
             flush=True,
         )
 
@@ -107,10 +112,12 @@ def _measure(method: str, n_users: int, n_items: int) -> dict:
     else:
         from pipeline.models.twostage import TwoStageRecommender
 
-        model = TwoStageRecommender().fit(
+        params = json.loads(os.environ.get("RECS_BENCH_SCALE_PARAMS") or "{}")
+        model = TwoStageRecommender(**params).fit(
             train, cutoff, DEFAULT_EVENT_WEIGHTS, data.items, data.users
         )
         result.update(
+            params=params,
             stages=model.timings_,
             training=model.training_,
             bags=len(model.ranker_.models_) if model.ranker_ is not None else 0,

@@ -4,9 +4,10 @@
 Turns the interaction logs in `$RECS_DATA_DIR/landing/events/` into fresh per-user
 recommendations in the serving DB's `recommendations` view:
 
-`ingest` → `validate` → `build_features` → `tune` → (`train` ∥ `evaluate`) → `register` →
-`publish`; `train` (the model to serve) and `evaluate` (the same recipe refitted before the
-holdout, and the baselines) are independent and run side by side.
+`ingest` → `validate` → `build_features` → `tune` → `label_windows` → (`train` ∥ `evaluate`)
+→ `register` → `publish`; `label_windows` fits the model's label windows (stage one and the
+ranker's training pairs) once for both; `train` (the model to serve) and `evaluate` (the same
+recipe refitted before the holdout, and the baselines) are independent and run side by side.
 
 * **Point in time:** a run for logical date *D* uses only events before *D* 00:00 UTC.
   Re-running a date overwrites its run folder and republishes identical rows.
@@ -381,6 +382,10 @@ def recommendations_nightly():
     def tune(_: dict) -> dict:
         return _run_stage("tune")
 
+    @task(execution_timeout=TIMEOUTS["label_windows"])
+    def label_windows(_: dict) -> dict:
+        return _run_stage("label_windows")
+
     @task(execution_timeout=TIMEOUTS["train"])
     def train(_: dict) -> dict:
         return _run_stage("train")
@@ -401,8 +406,8 @@ def recommendations_nightly():
 
     ingested = ingest()
     check_trigger() >> ingested
-    params = tune(build_features(validate(ingested)))
-    publish(register(train(params), evaluate(params)))
+    windows = label_windows(tune(build_features(validate(ingested))))
+    publish(register(train(windows), evaluate(windows)))
 
 
 recommendations_nightly()

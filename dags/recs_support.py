@@ -60,6 +60,7 @@ TIMEOUTS = {
     "validate": pendulum.duration(hours=1),
     "build_features": pendulum.duration(hours=1),
     "tune": pendulum.duration(hours=5),  # tune_budget_minutes is at most 4 hours
+    "label_windows": pendulum.duration(hours=4),
     "train": pendulum.duration(hours=4),
     "evaluate": pendulum.duration(hours=4),
     "register": pendulum.duration(hours=4),  # may refit the champion's recipe

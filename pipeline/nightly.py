@@ -33,11 +33,15 @@ STAGES = (
     "validate",
     "build_features",
     "tune",
+    "label_windows",
     "train",
     "evaluate",
     "register",
     "publish",
 )
+
+#: ``label_windows``' output in the run folder: the label windows train and evaluate share.
+LABEL_CHAIN_DIR = "label_chain"
 
 
 @contextmanager
@@ -235,6 +239,63 @@ def _tuned_params(settings: Settings, cutoff: dt.datetime) -> dict:
     return _read_json(path)["params"] if path.exists() else _twostage(settings).get_params()
 
 
+def label_windows(settings: Settings, cutoff: dt.datetime) -> dict:
+    """Fit the label windows of the model ``train`` fits (their stage-one chain, oldest
+    first, and the labelled candidate pairs of each) once, for ``train`` and ``evaluate``.
+
+    Both fit the same recipe: train at the cutoff, evaluate at the holdout start. With the
+    defaults (14-day label windows a week apart, a 14-day holdout) evaluate's label windows
+    are train's but the two oldest, and evaluate's serving stage one is train's newest window
+    (events before the holdout start): 9 stage-one fits a night instead of 14. ``train``
+    gives exactly the model it would fit alone; evaluate's model differs from one fitted
+    alone only in where its ALS chain started (its two older windows start their own). The
+    chain goes to ``<run>/label_chain/``."""
+    from pipeline.lake.readers import read_side_file
+
+    run = settings.run_dir(cutoff)
+    with _stage(settings, cutoff, "label_windows") as result:
+        model = _twostage(settings, _tuned_params(settings, cutoff))
+        holdout = _holdout_start(settings, cutoff)
+        starts = [start for _, start in model.label_starts(cutoff)]
+        # evaluate's serving stage one: the chain's own when the holdout starts a window,
+        # else fitted warm from evaluate's newest window
+        keep = (holdout,) if holdout in starts else (model.label_starts(holdout)[-1][1],)
+        chain = model.label_chain(
+            _encoded(settings, cutoff),
+            cutoff,
+            settings.event_weights,
+            read_side_file(settings.landing_dir / "items.csv"),
+            _side_users(settings),
+            keep=keep,
+        )
+        chain.save(run / LABEL_CHAIN_DIR)
+        result.update(
+            windows=[start.isoformat() for start in chain.windows],
+            pairs=int(sum(len(w.labels) for w in chain.windows.values())),
+            stage_one_kept=[start.isoformat() for start in chain.generators],
+            path=str(run / LABEL_CHAIN_DIR),
+        )
+    return result
+
+
+def _label_chain(settings: Settings, cutoff: dt.datetime, params: dict):
+    """``label_windows``' chain when it was fitted with ``params`` and the run's weights;
+    None (the fit makes its own windows) when it is missing or for another recipe."""
+    from pipeline.models.twostage import LabelChain
+
+    folder = settings.run_dir(cutoff) / LABEL_CHAIN_DIR
+    if not (folder / "chain.json").exists():
+        logger.info("no label chain in %s: the model fits its own label windows", folder)
+        return None
+    chain = LabelChain.load(folder)
+    try:
+        chain.check(params, settings.event_weights)
+    except ValueError as exc:
+        logger.warning("not using %s: %s", folder, exc)
+        return None
+    return chain
+
+
 def train(settings: Settings, cutoff: dt.datetime) -> dict:
     """Fit the two-stage recommender with this run's params (``tune``) on every event before
     the cutoff; save the bundle to ``<run>/model``."""
@@ -247,13 +308,15 @@ def train(settings: Settings, cutoff: dt.datetime) -> dict:
         _log_events_dataset(settings, cutoff, night, "training", {"window_end": cutoff.isoformat()})
         items = read_side_file(settings.landing_dir / "items.csv")
         users = _side_users(settings)
-        model = _twostage(settings, _tuned_params(settings, cutoff)).fit(
+        model = _twostage(settings, _tuned_params(settings, cutoff))
+        model.fit(
             _encoded(settings, cutoff),
             cutoff,
             settings.event_weights,
             items,
             users,
             features=_features(settings, cutoff, cutoff),
+            chain=_label_chain(settings, cutoff, model.get_params()),
         )
         bundle = run / "model"
         shutil.rmtree(bundle, ignore_errors=True)
@@ -307,6 +370,7 @@ def evaluate(settings: Settings, cutoff: dt.datetime, k: int = 10) -> dict:
             k,
             _tuned_params(settings, cutoff),
             features=_features(settings, cutoff, _holdout_start(settings, cutoff)),
+            shared_windows=True,
         )
         table, extra = holdout.table, holdout.extra
         table.to_csv(run / "metrics.csv")
@@ -410,11 +474,14 @@ def _holdout(
     *,
     extras: bool = True,
     features=None,
+    shared_windows: bool = False,
 ) -> _Holdout:
     """Metrics of the two-stage recipe (row ``model``) and the baselines on the holdout.
 
     ``events``: the run's :class:`~pipeline.core.ids.EncodedEvents` (a frame of string ids
-    is encoded first); ``features``: the feature tables as of the holdout start, when built."""
+    is encoded first); ``features``: the feature tables as of the holdout start, when built;
+    ``shared_windows``: the model reads the label windows ``label_windows`` fitted, where
+    they are its own."""
     from pipeline.core.ids import EncodedEvents
     from pipeline.core.metrics import ranking_metrics_per_user
     from pipeline.evaluation.holdout import (
@@ -442,8 +509,15 @@ def _holdout(
         seed=settings.seed,
     )
     start = split.holdout_start
-    model = _twostage(settings, params).fit(
-        split.encoded, start, settings.event_weights, items, users, features=features
+    model = _twostage(settings, params)
+    model.fit(
+        split.encoded,
+        start,
+        settings.event_weights,
+        items,
+        users,
+        features=features,
+        chain=_label_chain(settings, cutoff, model.get_params()) if shared_windows else None,
     )
     plain = _als(settings).fit(split.train, popular_items(split.train_events, start, k))
     warm_ids = split.train.user_ids[split.eval_rows]

@@ -14,6 +14,7 @@ vectorised over the chunk; memory is bounded by ``chunk x (n_als + n_knn + n_pop
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ class CandidateGenerator:
         warm_iterations: int = 0,
         random_state: int = 42,
         num_threads: int = 0,
+        knn_max_users: int | None = None,
     ) -> None:
         self.n_als = n_als
         self.n_knn = n_knn
@@ -59,6 +61,7 @@ class CandidateGenerator:
         self.warm_iterations = warm_iterations
         self.random_state = random_state
         self.num_threads = num_threads
+        self.knn_max_users = knn_max_users
 
     def get_params(self) -> dict:
         return {
@@ -73,6 +76,7 @@ class CandidateGenerator:
             "iterations": self.iterations,
             "warm_iterations": self.warm_iterations,
             "random_state": self.random_state,
+            "knn_max_users": self.knn_max_users,
         }
 
     def fit(
@@ -93,7 +97,7 @@ class CandidateGenerator:
         warm = (
             warm_from is not None
             and self.warm_iterations > 0
-            and warm_from.matrix_.shape == matrix.shape
+            and (len(warm_from.als_.user_factors), len(warm_from.als_.item_factors)) == matrix.shape
         )
         self.als_ = fit_als(
             matrix.confidence,
@@ -105,16 +109,48 @@ class CandidateGenerator:
             num_threads=self.num_threads,
             warm_start=(warm_from.als_.user_factors, warm_from.als_.item_factors) if warm else None,
         )
-        self.knn_ = ItemKnn(k=self.knn_k, method=self.knn_method, num_threads=self.num_threads).fit(
-            matrix.confidence
+        self.knn_ = self._knn().fit(matrix.confidence)
+        self.attach(matrix, recent, popular_cols)
+        logger.info(
+            "candidate generator fitted: %d users x %d items, %s", *matrix.shape, self.get_params()
         )
+        return self
+
+    def _knn(self) -> ItemKnn:
+        return ItemKnn(
+            k=self.knn_k,
+            method=self.knn_method,
+            num_threads=self.num_threads,
+            max_users=self.knn_max_users,
+            random_state=self.random_state,
+        )
+
+    def attach(
+        self, matrix: InteractionMatrix, recent: sp.csr_matrix, popular_cols: np.ndarray
+    ) -> CandidateGenerator:
+        """Put fitted ALS and kNN models on the ``matrix`` they were fitted on (its recent
+        items and popular columns, as in :meth:`fit`): after :meth:`fit`, or for models
+        loaded from disk."""
         self.matrix_ = matrix
         self._empty_items = empty_columns(matrix.confidence)
         self.recent_ = sp.csr_matrix(recent, dtype=np.float32)
         self.popular_cols_ = np.asarray(popular_cols, np.int64)[: self.n_popular]
-        logger.info(
-            "candidate generator fitted: %d users x %d items, %s", *matrix.shape, self.get_params()
-        )
+        return self
+
+    def save_models(self, folder: Path) -> Path:
+        """ALS (``als.npz``) and the kNN similarity (``similarity.npz``) in ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.als_.save(str(folder / "als.npz"))
+        sp.save_npz(folder / "similarity.npz", self.knn_.similarity_)
+        return folder
+
+    def load_models(self, folder: Path) -> CandidateGenerator:
+        """Inverse of :meth:`save_models` (then :meth:`attach` the matrix)."""
+        from implicit.cpu.als import AlternatingLeastSquares  # lazy: implicit is slow to import
+
+        self.als_ = AlternatingLeastSquares.load(str(folder / "als.npz"))
+        self.knn_ = self._knn()
+        self.knn_.similarity_ = sp.load_npz(folder / "similarity.npz").tocsr()
         return self
 
     def generate(self, rows: np.ndarray) -> pd.DataFrame:

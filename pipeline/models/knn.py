@@ -31,28 +31,46 @@ class ItemKnn:
         bm25_k1: float = 1.2,
         bm25_b: float = 0.75,
         num_threads: int = 0,
+        max_users: int | None = None,
+        random_state: int = 42,
     ) -> None:
         self.k = k
         self.method = method
         self.bm25_k1 = bm25_k1
         self.bm25_b = bm25_b
         self.num_threads = num_threads
+        self.max_users = max_users
+        self.random_state = random_state
 
     def get_params(self) -> dict:
-        return {"k": self.k, "method": self.method, "bm25_k1": self.bm25_k1, "bm25_b": self.bm25_b}
+        return {
+            "k": self.k,
+            "method": self.method,
+            "bm25_k1": self.bm25_k1,
+            "bm25_b": self.bm25_b,
+            "max_users": self.max_users,
+            "random_state": self.random_state,
+        }
 
     def fit(self, user_items: sp.csr_matrix) -> ItemKnn:
         """Learn the similarity from a users x items weight matrix (binarised for cosine).
 
         Empty rows and columns (users and items of the run's id space first seen later) are
         left out of the fit, as if the matrix held only the active ones; they get no
-        neighbours."""
+        neighbours. With more active users than ``max_users``, the similarity is learnt from
+        a seeded sample of ``max_users`` of them (its cost grows with the users' histories,
+        while a large sample already sees each item's co-occurrences; items only the left-out
+        users touched get no neighbours)."""
         from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         user_items = sp.csr_matrix(user_items, dtype=np.float32)
         rows, cols = active_part(user_items)
+        if self.max_users is not None and len(rows) > self.max_users:
+            rng = np.random.default_rng(self.random_state)
+            rows = np.sort(rng.choice(rows, self.max_users, replace=False))
+            logger.info("item-kNN learnt from a sample of %d active users", len(rows))
         counts = sp.csr_matrix(user_items[rows][:, cols])
         if self.method == "cosine":
             counts = (counts > 0).astype(np.float32).tocsr()

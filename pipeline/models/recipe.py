@@ -29,6 +29,7 @@ LEGACY_PARAMS = {
     "bag_budget_pairs": None,
     "label_halflife_days": None,
     "warm_iterations": 0,
+    "knn_max_users": None,
 }
 
 
@@ -39,7 +40,8 @@ class TwoStageRecipe:
     #: candidates: ALS (factors .. iterations), item-kNN (knn_k, knn_method), how many of
     #: each source (n_als, n_knn, n_popular), the recent items a user's features read, and
     #: the ALS sweeps of a fit that starts from the previous label window's factors (0: every
-    #: fit starts at random and runs ``iterations``)
+    #: fit starts at random and runs ``iterations``), and the most users the item-kNN
+    #: similarity is learnt from (a seeded sample of the active ones; None: all)
     factors: int = 64
     regularization: float = 0.05
     alpha: float = 2.0
@@ -51,6 +53,7 @@ class TwoStageRecipe:
     knn_method: str = "cosine"
     n_recent: int = 20
     warm_iterations: int = 5
+    knn_max_users: int | None = 200_000
     #: label windows: length, count, spacing, age half-life of the query weights (None: all
     #: alike), seeded sample of users per window; users with fewer items are cold
     label_days: int = 14

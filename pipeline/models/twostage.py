@@ -11,6 +11,10 @@ training pairs at about users x windows x candidates). With ``label_halflife_day
 window's queries weigh 0.5 ** (days its window ends before the cutoff / half-life), so the
 newest counts most; the default (None) weighs all alike: 28 days scored +0.005 warm nDCG@10
 on the three development cutoffs (6 seeds) but -0.001 on four more, so it is left to tuning.
+A window's sample is seeded by its start, so fits at different cutoffs that share a window
+label the same users in it; :meth:`TwoStageRecommender.label_chain` fits the windows once
+(a :class:`LabelChain`, saved to a folder) for several fits of one recipe on the same events
+to read (the nightly's train at the cutoff and evaluate at the holdout start).
 The stage-one models are then refitted on everything before the cutoff for serving. ALS
 starts at random once, at the oldest label window; each later window, and the serving fit,
 start from the previous fit's factors and run ``warm_iterations`` sweeps (a week more data
@@ -41,8 +45,9 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +78,6 @@ from pipeline.models.base import (
 )
 from pipeline.models.candidates import CandidateGenerator, candidate_recall, gather
 from pipeline.models.coldstart import SegmentPopularity, popular_reasons, select_cold_start
-from pipeline.models.knn import ItemKnn
 from pipeline.models.ranker import Ranker, feature_names, generate_scored_pairs, label_pairs
 from pipeline.models.recipe import TwoStageRecipe
 
@@ -91,6 +95,112 @@ class Snapshot:
     recent: sp.csr_matrix
     tables: FeatureTables
     popular_cols: np.ndarray
+
+
+@dataclass(frozen=True)
+class LabelledWindow:
+    """The training pairs of one label window: the candidates of its sampled users from
+    the events before ``start``, with their features and labels (engaged with inside the
+    window)."""
+
+    start: dt.datetime
+    features: np.ndarray  # float32, one row per pair
+    labels: np.ndarray  # one per pair
+    rows: np.ndarray  # the pair's user (its code), int64
+    recall: dict[str, float]  # candidate recall of the window's sampled users
+    feature_names: list[str]
+
+
+@dataclass
+class LabelChain:
+    """Label windows fitted oldest first on one warm ALS chain
+    (:meth:`TwoStageRecommender.label_chain`), and the stage-one generators kept at some of
+    their starts: what fits of one recipe on the same events can share instead of refitting.
+    Saved to a folder, so that two tasks (train, evaluate) read what a third fitted."""
+
+    params: dict  # the recipe's
+    weights: dict[str, float]
+    starts: list[dt.datetime] = field(default_factory=list)  # every start tried, oldest first
+    windows: dict[dt.datetime, LabelledWindow] = field(default_factory=dict)
+    generators: dict[dt.datetime, CandidateGenerator] = field(default_factory=dict)
+
+    def covers(self, start: dt.datetime) -> bool:
+        """Whether the chain tried the window starting at ``start`` (it may have had no
+        user to label)."""
+        return start in self.starts
+
+    def check(self, params: Mapping, weights: Mapping[str, float]) -> None:
+        """ValueError unless the chain was fitted with this recipe and these weights."""
+        if dict(params) != self.params or dict(weights) != self.weights:
+            raise ValueError(
+                "the label chain was fitted with another recipe or other event weights "
+                f"({self.params}, {self.weights}) than this fit ({dict(params)}, {dict(weights)})"
+            )
+
+    def save(self, folder: Path) -> Path:
+        """Write the chain to ``folder`` (replaced): ``chain.json``, one ``.npz`` per window
+        and one folder per kept generator."""
+        folder = Path(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for start, window in self.windows.items():
+            np.savez(
+                folder / f"window-{_stamp(start)}.npz",
+                features=window.features,
+                labels=window.labels,
+                rows=window.rows,
+            )
+        for start, generator in self.generators.items():
+            generator.save_models(folder / f"generator-{_stamp(start)}")
+        meta = {
+            "params": self.params,
+            "weights": self.weights,
+            "starts": [start.isoformat() for start in self.starts],
+            "windows": {
+                start.isoformat(): {"recall": w.recall, "feature_names": w.feature_names}
+                for start, w in self.windows.items()
+            },
+            "generators": [start.isoformat() for start in self.generators],
+            "generator_params": next(iter(self.generators.values())).get_params()
+            if self.generators
+            else None,
+        }
+        (folder / "chain.json").write_text(json.dumps(meta, indent=2, default=str))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> LabelChain:
+        """Inverse of :meth:`save` (the generators without their matrix: a fit attaches it)."""
+        folder = Path(folder)
+        meta = json.loads((folder / "chain.json").read_text())
+        chain = cls(meta["params"], meta["weights"])
+        chain.starts = [dt.datetime.fromisoformat(s) for s in meta["starts"]]
+        for text, info in meta["windows"].items():
+            start = dt.datetime.fromisoformat(text)
+            with np.load(folder / f"window-{_stamp(start)}.npz", allow_pickle=False) as arrays:
+                chain.windows[start] = LabelledWindow(
+                    start,
+                    arrays["features"],
+                    arrays["labels"],
+                    arrays["rows"],
+                    info["recall"],
+                    info["feature_names"],
+                )
+        for text in meta["generators"]:
+            start = dt.datetime.fromisoformat(text)
+            generator = CandidateGenerator(**meta["generator_params"])
+            chain.generators[start] = generator.load_models(folder / f"generator-{_stamp(start)}")
+        return chain
+
+
+def _stamp(moment: dt.datetime) -> str:
+    return moment.strftime("%Y%m%dT%H%M%S")
+
+
+def _seed_of(start: dt.datetime) -> int:
+    """A label window's part of its sample's seed: its start in whole seconds (so that fits
+    at different cutoffs sample a shared window alike)."""
+    return int(start.timestamp())
 
 
 class TwoStageRecommender(ListRecommender):
@@ -156,6 +266,7 @@ class TwoStageRecommender(ListRecommender):
         items: pd.DataFrame | None = None,
         users: pd.DataFrame | None = None,
         features: FeatureFrames | None = None,
+        chain: LabelChain | None = None,
     ) -> TwoStageRecommender:
         """Train the ranker on label windows before ``cutoff``, then refit stage one on all
         events before ``cutoff`` for serving.
@@ -165,8 +276,12 @@ class TwoStageRecommender(ListRecommender):
         side tables are re-keyed to codes; the fitted model names users and items by their
         ids again (``matrix_.user_ids``), for serving. ``features``: the user and item
         feature tables as of ``cutoff`` on the same codes (``build_features``' output), read
-        instead of recomputed."""
+        instead of recomputed. ``chain``: label windows this recipe already fitted on the
+        same events (:meth:`label_chain`), read where they are this fit's; when it kept a
+        stage-one generator at ``cutoff`` itself, that is the serving stage one."""
         clock = StageClock()
+        if chain is not None:
+            chain.check(self.get_params(), weights)
         encoded = (
             events
             if isinstance(events, EncodedEvents)
@@ -181,7 +296,7 @@ class TwoStageRecommender(ListRecommender):
         coded_users = encoded.users.rekey(users, "user_id")
         clock.lap("encode")
         pairs, labels, groups, keys, recall = self._training_pairs(
-            events, cutoff, coded_items, coded_users
+            events, cutoff, coded_items, coded_users, chain
         )
         clock.lap("training pairs")
         self.training_ = {
@@ -207,8 +322,15 @@ class TwoStageRecommender(ListRecommender):
             )
         del pairs
         clock.lap("ranker")
+        fitted = chain.generators.get(cutoff) if chain is not None else None
         snap, self.generator_ = self._fit_stage_one(
-            events, cutoff, coded_items, coded_users, frames=features, warm_from=self._warm
+            events,
+            cutoff,
+            coded_items,
+            coded_users,
+            frames=features,
+            warm_from=self._warm,
+            fitted=fitted,
         )
         del self._warm
         clock.lap("stage one")
@@ -233,56 +355,126 @@ class TwoStageRecommender(ListRecommender):
         )
         return self
 
-    def _training_pairs(self, events, cutoff, items, users):
+    def label_starts(self, cutoff: dt.datetime) -> list[tuple[int, dt.datetime]]:
+        """(window number, start) of the label windows of a fit at ``cutoff``, oldest first
+        (window 1 ends at the cutoff)."""
+        stride, days = self.recipe.label_stride_days, self.recipe.label_days
+        return [
+            (window, cutoff - dt.timedelta(days=stride * (window - 1) + days))
+            for window in range(self.recipe.label_windows, 0, -1)
+        ]
+
+    def label_chain(
+        self,
+        events: EncodedEvents,
+        cutoff: dt.datetime,
+        weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS,
+        items: pd.DataFrame | None = None,
+        users: pd.DataFrame | None = None,
+        keep: tuple[dt.datetime, ...] = (),
+    ) -> LabelChain:
+        """The label windows of a fit at ``cutoff`` (exactly those :meth:`fit` computes,
+        one warm ALS chain from the oldest), for fits of this recipe on the same events to
+        share: ``fit(..., chain=...)`` at ``cutoff`` reads them instead of refitting, and so
+        does a fit at an earlier cutoff for the windows both have (the nightly's evaluate,
+        at the holdout start, shares all but two of train's). The stage-one generators at
+        ``keep`` starts and at the newest window are kept (the next fit's warm start, or its
+        serving stage one when its cutoff is one of the starts)."""
+        encoded = events.before(cutoff)
+        self.weights_ = dict(weights)
+        self._space = (np.arange(len(encoded.users)), np.arange(len(encoded.items)))
+        frame = encoded.frame
+        coded_items = encoded.items.rekey(items, "item_id")
+        coded_users = encoded.users.rekey(users, "user_id")
+        chain = LabelChain(self.get_params(), dict(weights))
+        warm = None
+        starts = self.label_starts(cutoff)
+        for _, start in starts:
+            labelled, generator = self._labelled_window(
+                frame, start, coded_items, coded_users, warm
+            )
+            chain.starts.append(start)
+            if labelled is None:
+                continue
+            warm = generator
+            chain.windows[start] = labelled
+            if start in keep or start == starts[-1][1]:
+                chain.generators[start] = generator
+        del self._space
+        return chain
+
+    def _labelled_window(self, events, start, items, users, warm):
+        """The labelled candidate pairs of the label window starting at ``start`` and the
+        stage-one generator fitted on the events before it (warm from ``warm``); (None,
+        None) when the window has no events before it or no user to label."""
+        end = start + dt.timedelta(days=self.recipe.label_days)
+        if before(events, start).empty:
+            return None, None
+        matrix = build_matrix(before(events, start), self.weights_, *self._space)
+        truth = window_truth(events, start, end, matrix, self.weights_)
+        rows = np.flatnonzero((np.diff(truth.indptr) > 0) & self._enough_history(matrix))
+        cap = self.recipe.max_label_users
+        if len(rows) > cap:  # bound the pairs: a sample seeded by the window's start
+            rng = np.random.default_rng([self.recipe.random_state, _seed_of(start)])
+            rows = np.sort(rng.choice(rows, cap, replace=False))
+        if len(rows) == 0:
+            return None, None
+        # user features only for the sampled users: the others are never read here
+        snap, generator = self._fit_stage_one(
+            events, start, items, users, matrix=matrix, feature_rows=rows, warm_from=warm
+        )
+        pairs, features = generate_scored_pairs(generator, snap.tables, rows)
+        truth_rows = sp.csr_matrix(truth.multiply(_row_mask(rows, truth.shape[0])[:, None]))
+        truth_rows.eliminate_zeros()  # or the users left out count as having no candidates
+        labelled = LabelledWindow(
+            start=start,
+            features=features,
+            labels=label_pairs(pairs, truth),
+            rows=pairs["row"].to_numpy(np.int64),
+            recall=candidate_recall(pairs, truth_rows),
+            feature_names=list(feature_names(snap.tables)),
+        )
+        logger.info(
+            "label window %s..%s: %d users, %d pairs, %d positives, recall %s",
+            start.date(),
+            end.date(),
+            len(rows),
+            len(pairs),
+            int(labelled.labels.sum()),
+            {k: round(v, 3) for k, v in labelled.recall.items()},
+        )
+        return labelled, generator
+
+    def _training_pairs(self, events, cutoff, items, users, chain=None):
         """Labelled candidate pairs of every label window (window 1, ending at the cutoff,
         first). The windows are fitted oldest first, each window's ALS starting from the
         previous one's factors (``warm_iterations``); the newest window's generator is kept
-        in ``_warm`` for the serving fit to start from."""
+        in ``_warm`` for the serving fit to start from. Windows the ``chain`` holds are read
+        from it (with its generators as warm starts) instead of fitted."""
         blocks, labels, groups, keys, recalls = [], [], [], [], []
         self._warm = None
-        for window in range(self.recipe.label_windows, 0, -1):
-            end = cutoff - dt.timedelta(days=self.recipe.label_stride_days * (window - 1))
-            start = end - dt.timedelta(days=self.recipe.label_days)
-            if before(events, start).empty:
+        for window, start in self.label_starts(cutoff):
+            if chain is not None and chain.covers(start):
+                labelled = chain.windows.get(start)
+                self._warm = chain.generators.get(start, self._warm if labelled is None else None)
+            else:
+                labelled, generator = self._labelled_window(events, start, items, users, self._warm)
+                if generator is not None:
+                    self._warm = generator
+            if labelled is None:
                 continue
-            matrix = build_matrix(before(events, start), self.weights_, *self._space)
-            truth = window_truth(events, start, end, matrix, self.weights_)
-            rows = np.flatnonzero((np.diff(truth.indptr) > 0) & self._enough_history(matrix))
-            cap = self.recipe.max_label_users
-            if len(rows) > cap:  # bound the pairs: a seeded sample of users
-                rng = np.random.default_rng(self.recipe.random_state + window)
-                rows = np.sort(rng.choice(rows, cap, replace=False))
-            if len(rows) == 0:
-                continue
-            # user features only for the sampled users: the others are never read here
-            snap, generator = self._fit_stage_one(
-                events, start, items, users, matrix=matrix, feature_rows=rows, warm_from=self._warm
-            )
-            self._warm = generator
-            pairs, features = generate_scored_pairs(generator, snap.tables, rows)
-            truth_rows = sp.csr_matrix(truth.multiply(_row_mask(rows, truth.shape[0])[:, None]))
-            truth_rows.eliminate_zeros()  # or the users left out count as having no candidates
-            recalls.append(candidate_recall(pairs, truth_rows))
-            blocks.append(features)
-            labels.append(label_pairs(pairs, truth))
-            groups.append(_query_ids(window, pairs["row"].to_numpy()))
-            keys.append(snap.matrix.user_ids[pairs["row"].to_numpy()])
-            self.feature_names_ = feature_names(snap.tables)
-            logger.info(
-                "label window %s..%s: %d users, %d pairs, %d positives, recall %s",
-                start.date(),
-                end.date(),
-                len(rows),
-                len(pairs),
-                int(labels[-1].sum()),
-                {k: round(v, 3) for k, v in recalls[-1].items()},
-            )
+            recalls.append(labelled.recall)
+            blocks.append(labelled.features)
+            labels.append(labelled.labels)
+            groups.append(_query_ids(window, labelled.rows))
+            keys.append(labelled.rows)
+            self.feature_names_ = labelled.feature_names
         if not blocks:
             return (
                 np.empty((0, 0), np.float32),
                 np.zeros(0),
                 np.zeros(0, np.int64),
-                np.zeros(0, object),
+                np.zeros(0, np.int64),
                 {},
             )
         recall = {k: float(np.mean([r[k] for r in recalls])) for k in recalls[0]}
@@ -314,7 +506,10 @@ class TwoStageRecommender(ListRecommender):
         feature_rows=None,
         frames=None,
         warm_from=None,
+        fitted=None,
     ) -> tuple[Snapshot, CandidateGenerator]:
+        """The snapshot at ``cutoff`` and stage one fitted on it (warm from ``warm_from``),
+        or ``fitted`` (a generator already fitted on the same events) put on it."""
         snap = build_snapshot(
             events,
             cutoff,
@@ -329,6 +524,8 @@ class TwoStageRecommender(ListRecommender):
             frames=frames,
         )
         self.feature_names_ = feature_names(snap.tables)
+        if fitted is not None:
+            return snap, fitted.attach(snap.matrix, snap.recent, snap.popular_cols)
         return snap, self._generator().fit(
             snap.matrix, snap.recent, snap.popular_cols, warm_from=warm_from
         )
@@ -541,8 +738,7 @@ class TwoStageRecommender(ListRecommender):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         snap = self.snapshot_
-        self.generator_.als_.save(str(folder / "als.npz"))
-        sp.save_npz(folder / "similarity.npz", self.generator_.knn_.similarity_)
+        self.generator_.save_models(folder)
         for name, matrix in (
             ("confidence", snap.matrix.confidence),
             ("strongest", snap.matrix.strongest),
@@ -592,8 +788,6 @@ class TwoStageRecommender(ListRecommender):
     @classmethod
     def load(cls, folder: Path) -> TwoStageRecommender:
         """Inverse of :meth:`save`."""
-        from implicit.cpu.als import AlternatingLeastSquares
-
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
         self = cls(TwoStageRecipe.from_dict(meta["params"]))
@@ -625,13 +819,9 @@ class TwoStageRecommender(ListRecommender):
             tables,
             stored["popular_cols"],
         )
-        generator = self._generator()
-        generator.als_ = AlternatingLeastSquares.load(str(folder / "als.npz"))
-        generator.knn_ = ItemKnn(k=self.recipe.knn_k, method=self.recipe.knn_method)
-        generator.knn_.similarity_ = sp.load_npz(folder / "similarity.npz").tocsr()
-        generator.matrix_, generator.recent_ = matrix, recent
-        generator.popular_cols_ = stored["popular_cols"][: self.recipe.n_popular]
-        self.generator_ = generator
+        self.generator_ = (
+            self._generator().load_models(folder).attach(matrix, recent, stored["popular_cols"])
+        )
         self.ranker_ = None
         if meta["ranker"] is not None:
             self.ranker_ = self._ranker().load_model(folder, meta["ranker"]["n_trees"])

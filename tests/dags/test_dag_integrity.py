@@ -12,7 +12,8 @@ DOWNSTREAM = {
     "ingest": {"validate"},
     "validate": {"build_features"},
     "build_features": {"tune"},
-    "tune": {"train", "evaluate"},
+    "tune": {"label_windows"},
+    "label_windows": {"train", "evaluate"},
     "train": {"register"},
     "evaluate": {"register"},
     "register": {"publish"},
@@ -40,7 +41,14 @@ def test_nightly_runs_the_stages_in_order_with_train_and_evaluate_side_by_side(d
     for task_id, downstream in DOWNSTREAM.items():
         assert dag.get_task(task_id).downstream_task_ids == downstream, task_id
     order = [t.task_id for t in dag.topological_sort()]
-    assert order[:5] == ["check_trigger", "ingest", "validate", "build_features", "tune"]
+    assert order[:6] == [
+        "check_trigger",
+        "ingest",
+        "validate",
+        "build_features",
+        "tune",
+        "label_windows",
+    ]
     assert order[-2:] == ["register", "publish"]
 
 

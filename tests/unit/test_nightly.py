@@ -87,3 +87,44 @@ def test_a_bad_serving_configuration_stops_the_run_at_its_first_stage(tmp_path, 
         check_config("mysql://u:secret@127.0.0.1/test")
     assert check_config(None) == "the embedded SQLite file"
     assert check_config("postgresql://u:secret@127.0.0.1/test").endswith("schema recs")
+
+
+def test_train_and_evaluate_share_the_label_windows_fitted_once(tmp_path, monkeypatch):
+    """label_windows fits train's label windows once; train reads them all and saves the
+    model it would fit alone; evaluate (at the holdout start) fits only its two older
+    windows and takes the chain's stage one at the holdout start as its own."""
+    import shutil
+
+    from pipeline.models.twostage import TwoStageRecommender
+
+    data = generate_clickstream(n_users=150, n_items=60, n_days=70, start="2024-01-01", seed=5)
+    write_landing(data, tmp_path / "landing", name="clicks", fmt="csv")
+    cutoff = dt.datetime(2024, 3, 10, tzinfo=dt.timezone.utc)
+    settings = Settings(data_dir=tmp_path, landing_settle_seconds=0.0, als_factors=8, ranker_bags=1)
+    for stage in ("ingest", "validate", "build_features", "tune"):
+        getattr(nightly, stage)(settings, cutoff)
+    shared = nightly.label_windows(settings, cutoff)
+    run = settings.run_dir(cutoff)
+    assert len(shared["windows"]) == settings.label_windows
+    holdout = cutoff - dt.timedelta(days=settings.holdout_days)
+    assert shared["stage_one_kept"] == [holdout.isoformat()]  # train's newest window's start
+
+    fitted = []
+    real = TwoStageRecommender._labelled_window
+    monkeypatch.setattr(
+        TwoStageRecommender,
+        "_labelled_window",
+        lambda self, events, start, *a: fitted.append(start) or real(self, events, start, *a),
+    )
+    nightly.train(settings, cutoff)
+    assert fitted == []  # every window read from the chain
+    with_chain = TwoStageRecommender.load(run / "model").fingerprint()
+    nightly.evaluate(settings, cutoff)
+    assert fitted == [holdout - dt.timedelta(days=d) for d in (49, 42)]  # its two oldest
+    assert json.loads((run / "evaluate.json").read_text())["metrics"]["model_ndcg_at_10"] > 0
+
+    shutil.rmtree(run / nightly.LABEL_CHAIN_DIR)  # without it, train fits its own windows
+    fitted.clear()
+    nightly.train(settings, cutoff)
+    assert len(fitted) == settings.label_windows
+    assert TwoStageRecommender.load(run / "model").fingerprint() == with_chain

@@ -98,3 +98,22 @@ def test_keeping_the_top_k_is_the_same_with_and_without_rows_longer_than_k(k):
     kept = _keep_top_k(scores, k)
     assert (kept != expected).nnz == 0 and kept.dtype == np.float32
     assert np.diff(scores.indptr).max() <= k or k == 3  # k=80 takes the shortcut
+
+
+def test_max_users_learns_from_a_seeded_sample_of_the_active_users():
+    rng = np.random.default_rng(0)
+    dense = (rng.random((60, 25)) < 0.2).astype(np.float32)
+    dense[5] = 0.0  # an empty row is never sampled
+    matrix = sp.csr_matrix(dense)
+    full = ItemKnn(k=5).fit(matrix).similarity_
+    all_active = ItemKnn(k=5, max_users=59).fit(matrix).similarity_
+    assert (full != all_active).nnz == 0  # a cap at the active users changes nothing
+    sampled = ItemKnn(k=5, max_users=20, random_state=7).fit(matrix)
+    again = ItemKnn(k=5, max_users=20, random_state=7).fit(matrix)
+    assert (sampled.similarity_ != again.similarity_).nnz == 0  # seeded
+    active = np.flatnonzero(np.diff(matrix.indptr) > 0)
+    chosen = np.sort(np.random.default_rng(7).choice(active, 20, replace=False))
+    only = sp.csr_matrix(matrix.multiply(np.isin(np.arange(60), chosen)[:, None]))
+    expected = ItemKnn(k=5).fit(only).similarity_
+    assert (sampled.similarity_ != expected).nnz == 0  # learnt from those users only
+    assert (sampled.similarity_ != full).nnz > 0

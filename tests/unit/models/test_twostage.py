@@ -256,3 +256,70 @@ def test_serving_als_starts_from_the_newest_label_window_unless_warm_iterations_
         equal = np.array_equal(fitted.generator_.als_.item_factors, alone(fitted).item_factors)
         assert equal is same
     assert model.recipe.warm_iterations == 5 and cold.training_["pairs"] > 0
+
+
+def _encoded(data):
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.ids import EncodedEvents
+
+    return EncodedEvents.from_frame(data.events, DEFAULT_EVENT_WEIGHTS)
+
+
+def test_a_saved_label_chain_gives_the_fit_at_its_cutoff_the_same_model(tmp_path, data):
+    """What the nightly's label_windows task hands train: the same model as fitting alone."""
+    from pipeline.models.twostage import LabelChain
+
+    encoded, side = _encoded(data), {"items": data.items, "users": data.users}
+    alone = TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, **side)
+    chain = TwoStageRecommender(**PARAMS).label_chain(encoded, CUTOFF, **side)
+    assert [start for _, start in alone.label_starts(CUTOFF)] == chain.starts
+    loaded = LabelChain.load(chain.save(tmp_path / "chain"))
+    assert sorted(loaded.windows) == sorted(chain.windows) == chain.starts
+    shared = TwoStageRecommender(**PARAMS).fit(encoded, CUTOFF, chain=loaded, **side)
+    assert shared.fingerprint() == alone.fingerprint()
+    assert shared.training_ == alone.training_
+    with pytest.raises(ValueError, match="another recipe"):
+        TwoStageRecommender(**{**PARAMS, "factors": 4}).fit(encoded, CUTOFF, chain=loaded, **side)
+
+
+def test_a_fit_at_an_earlier_cutoff_reads_the_windows_it_shares_with_the_chain(tmp_path, data):
+    """evaluate's fit at the holdout start: windows it shares with train's chain are read,
+    the older ones fitted, and the chain's generator at its cutoff is its serving stage one."""
+    from pipeline.models.twostage import LabelChain
+
+    encoded, side = _encoded(data), {"items": data.items, "users": data.users}
+    holdout = CUTOFF - dt.timedelta(days=PARAMS["label_days"])
+    chain = TwoStageRecommender(**PARAMS).label_chain(encoded, CUTOFF, keep=(holdout,), **side)
+    assert holdout in chain.generators  # here also the newest window's start
+    loaded = LabelChain.load(chain.save(tmp_path / "chain"))
+    model = TwoStageRecommender(**PARAMS)
+    own = [start for _, start in model.label_starts(holdout)]
+    assert own[-1] in chain.starts and own[0] not in chain.starts
+    shared = model.fit(encoded, holdout, chain=loaded, **side)
+    np.testing.assert_array_equal(
+        shared.generator_.als_.item_factors, chain.generators[holdout].als_.item_factors
+    )
+    np.testing.assert_array_equal(
+        shared.generator_.knn_.similarity_.toarray(),
+        chain.generators[holdout].knn_.similarity_.toarray(),
+    )
+    users = sorted(_before(data)["user_id"].unique())[:20]
+    lists = shared.recommend(users, 5)
+    assert len(lists) == 5 * len(users) and lists["item_id"].notna().all()
+    alone = TwoStageRecommender(**PARAMS).fit(encoded, holdout, **side)
+    # the same windows and users; the candidates of the shared window differ a little: it
+    # was the first of train's chain (a cold ALS), here it follows one more window
+    assert shared.training_["users"] == alone.training_["users"]
+
+
+def test_a_label_windows_sample_depends_on_its_start_not_on_the_fit(data):
+    encoded, side = _encoded(data), {"items": data.items, "users": data.users}
+    capped = {**PARAMS, "max_label_users": 3}
+    late = TwoStageRecommender(**capped).label_chain(encoded, CUTOFF, **side)
+    early_cutoff = CUTOFF - dt.timedelta(days=PARAMS["label_days"])
+    early = TwoStageRecommender(**capped).label_chain(encoded, early_cutoff, **side)
+    (common,) = set(late.windows) & set(early.windows)
+    np.testing.assert_array_equal(
+        np.unique(late.windows[common].rows), np.unique(early.windows[common].rows)
+    )
+    assert len(np.unique(late.windows[common].rows)) == 3
