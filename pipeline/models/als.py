@@ -85,6 +85,30 @@ class AlsRecommender(ListRecommender):
         )
         return self
 
+    @classmethod
+    def from_fitted(
+        cls,
+        model,
+        matrix: InteractionMatrix,
+        popular: pd.DataFrame,
+        items: pd.DataFrame | None = None,
+    ) -> AlsRecommender:
+        """An ALS recommender around an implicit ALS ``model`` already fitted on ``matrix``
+        (a two-stage model's stage one, say), without fitting again."""
+        self = cls(
+            factors=model.factors,
+            regularization=model.regularization,
+            alpha=model.alpha,
+            iterations=model.iterations,
+            random_state=model.random_state,
+        )
+        self.model_ = model
+        self.matrix_ = matrix
+        self._empty = empty_columns(matrix.confidence)
+        self.popular_ = popular.reset_index(drop=True)
+        self.items_ = item_labels(matrix.item_ids, items)
+        return self
+
     # ---- scoring -----------------------------------------------------------------------
     def score_top(self, user_rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``n`` unseen item columns and scores for known user rows (-1 pads short rows)."""

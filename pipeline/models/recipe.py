@@ -41,7 +41,8 @@ class TwoStageRecipe:
     #: each source (n_als, n_knn, n_popular), the recent items a user's features read, and
     #: the ALS sweeps of a fit that starts from the previous label window's factors (0: every
     #: fit starts at random and runs ``iterations``), and the most users the item-kNN
-    #: similarity is learnt from (a seeded sample of the active ones; None: all)
+    #: similarity is learnt from (a seeded sample of the active ones; None: all, the
+    #: default: a 20% sample cost 0.0013-0.0022 nDCG@10 at 50k users, seed noise 0.0002)
     factors: int = 64
     regularization: float = 0.05
     alpha: float = 2.0
@@ -53,7 +54,7 @@ class TwoStageRecipe:
     knn_method: str = "cosine"
     n_recent: int = 20
     warm_iterations: int = 5
-    knn_max_users: int | None = 200_000
+    knn_max_users: int | None = None
     #: label windows: length, count, spacing, age half-life of the query weights (None: all
     #: alike), seeded sample of users per window; users with fewer items are cold
     label_days: int = 14

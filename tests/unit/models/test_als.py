@@ -93,3 +93,16 @@ def test_empty_matrix_is_rejected():
     empty = pd.DataFrame(columns=["user_id", "item_id", "event_type", "value"])
     with pytest.raises(ValueError, match="empty"):
         _fit(empty)
+
+
+def test_an_already_fitted_als_gives_the_same_lists_without_fitting_again():
+    events = _two_communities()
+    fitted = _fit(events, factors=4, iterations=5)
+    wrapped = AlsRecommender.from_fitted(
+        fitted.model_, fitted.matrix_, fitted.popular_, fitted.items_
+    )
+    assert wrapped.get_params() == fitted.get_params()
+    users = [f"u{u:02d}" for u in range(40)] + ["nobody"]
+    pd.testing.assert_frame_equal(wrapped.recommend(users, 5), fitted.recommend(users, 5))
+    rows = np.arange(40)
+    np.testing.assert_array_equal(wrapped.score_top(rows, 5)[0], fitted.score_top(rows, 5)[0])

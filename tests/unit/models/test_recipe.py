@@ -27,7 +27,7 @@ DEFAULTS = {
     "knn_method": "cosine",
     "n_recent": 20,
     "warm_iterations": 5,
-    "knn_max_users": 200_000,
+    "knn_max_users": None,
     "label_days": 14,
     "label_windows": 6,
     "label_stride_days": 7,
