@@ -23,7 +23,9 @@ costs as much as ``train``).
 A large size's history takes a while to generate and ingest; it can be prepared once and the
 night run on it later (once: the night ingests the landing day):
 ``python -m benchmarks.bench_nightly prepare USERS ITEMS DAYS FOLDER``, then
-``python -m benchmarks.bench_nightly night FOLDER``.
+``python -m benchmarks.bench_nightly night FOLDER``. After the night, ``side-by-side FOLDER``
+runs ``train`` and ``evaluate`` again, one after the other and then side by side as the DAG
+runs them, and prints both wall times.
 """
 
 from __future__ import annotations
@@ -263,10 +265,41 @@ def _fit(root: Path) -> dict:
     return {"seconds": time.perf_counter() - started}
 
 
+def run_side_by_side(root: Path) -> None:
+    """``train`` and ``evaluate`` again on a folder whose night ran, one after the other and
+    then side by side, as the DAG runs them (LocalExecutor, ``parallelism = 2``): what the
+    two cost in wall time on this machine when they share its cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(name: str) -> tuple[float, int]:
+        started = time.perf_counter()
+        _, rss = run_child("benchmarks.bench_nightly", ["stage", name, str(root)])
+        return time.perf_counter() - started, rss
+
+    alone = {name: timed(name) for name in ("train", "evaluate")}
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        both = dict(zip(("train", "evaluate"), pool.map(timed, ("train", "evaluate"))))
+    wall = time.perf_counter() - started
+    gb = 2**30
+    one_after_other = sum(seconds for seconds, _ in alone.values())
+    print(
+        f"{root}: train {alone['train'][0]:.1f} s + evaluate {alone['evaluate'][0]:.1f} s one "
+        f"after the other = {one_after_other:.1f} s; side by side {wall:.1f} s wall "
+        f"({wall / one_after_other:.2f}x; train {both['train'][0]:.1f} s, evaluate "
+        f"{both['evaluate'][0]:.1f} s), peak RSS {both['train'][1] / gb:.2f} + "
+        f"{both['evaluate'][1] / gb:.2f} GB",
+        flush=True,
+    )
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "night":
         run_prepared(Path(args[0]))
+        sys.exit(0)
+    if command == "side-by-side":
+        run_side_by_side(Path(args[0]))
         sys.exit(0)
     if command == "prepare":
         out = _prepare(int(args[0]), int(args[1]), int(args[2]), Path(args[3]))

@@ -10,7 +10,13 @@ import pytest
 import scipy.sparse as sp
 
 from pipeline.core.metrics import ranking_metrics
-from pipeline.evaluation.holdout import popularity_top, split_holdout, top_by_scores
+from pipeline.evaluation import holdout
+from pipeline.evaluation.holdout import (
+    popularity_top,
+    split_holdout,
+    top_by_scores,
+    top_unseen,
+)
 
 UTC = dt.timezone.utc
 
@@ -48,6 +54,26 @@ def test_top_by_scores_in_row_blocks_equals_all_rows_at_once():
     seen = sp.random(11, 7, density=0.3, random_state=1, format="csr")
     whole = top_by_scores(scores, seen, 4, chunk_rows=100)
     np.testing.assert_array_equal(top_by_scores(scores, seen, 4, chunk_rows=3), whole)
+
+
+@pytest.mark.parametrize("head_extra", [0, 3, 256])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_unseen_equals_top_by_scores_of_the_shared_vector(monkeypatch, head_extra, k):
+    """One ranking for every row (popularity): the same top-k as the dense path, for light
+    rows, rows that saw most of the head (the dense fallback), rows that saw everything
+    (padded with -1) and k beyond the catalog."""
+    monkeypatch.setattr(holdout, "HEAD_EXTRA", head_extra)
+    rng = np.random.default_rng(k + head_extra)
+    n_rows, n_items = 60, 30
+    scores = rng.permutation(n_items).astype(np.float64) - np.arange(n_items) * 1e-9
+    seen = sp.random(n_rows, n_items, density=0.2, random_state=2, format="lil")
+    seen[0, :] = 1.0  # saw everything
+    seen[1, np.argsort(-scores)[:20]] = 1.0  # saw the whole head
+    seen[2, :] = 0.0  # saw nothing
+    seen = seen.tocsr()
+    dense = top_by_scores(np.broadcast_to(scores, (n_rows, n_items)), seen, k)
+    np.testing.assert_array_equal(top_unseen(scores, seen, k, chunk_rows=7), dense)
+    assert (top_unseen(scores, seen, k)[0] == -1).all()
 
 
 def _events(rows):
