@@ -64,7 +64,7 @@ class AlsRecommender(ListRecommender):
         self, matrix: InteractionMatrix, popular: pd.DataFrame, items: pd.DataFrame | None = None
     ) -> AlsRecommender:
         """Fit factors on ``matrix``; ``popular`` (item_id, score, reason) is the fallback."""
-        self.model_ = fit_als(
+        model = fit_als(
             matrix.confidence,
             factors=self.factors,
             regularization=self.regularization,
@@ -73,10 +73,7 @@ class AlsRecommender(ListRecommender):
             random_state=self.random_state,
             num_threads=self.num_threads,
         )
-        self.matrix_ = matrix
-        self._empty = empty_columns(matrix.confidence)
-        self.popular_ = popular.reset_index(drop=True)
-        self.items_ = item_labels(matrix.item_ids, items)
+        self._serve(model, matrix, popular, items)
         logger.info(
             "ALS fitted: %d users x %d items, %d pairs, %s",
             *matrix.shape,
@@ -95,13 +92,16 @@ class AlsRecommender(ListRecommender):
     ) -> AlsRecommender:
         """An ALS recommender around an implicit ALS ``model`` already fitted on ``matrix``
         (a two-stage model's stage one, say), without fitting again."""
-        self = cls(
+        return cls(
             factors=model.factors,
             regularization=model.regularization,
             alpha=model.alpha,
             iterations=model.iterations,
             random_state=model.random_state,
-        )
+        )._serve(model, matrix, popular, items)
+
+    def _serve(self, model, matrix, popular, items) -> AlsRecommender:
+        """Serve from the fitted implicit ``model`` of ``matrix``, with its fallback list."""
         self.model_ = model
         self.matrix_ = matrix
         self._empty = empty_columns(matrix.confidence)
