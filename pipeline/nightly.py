@@ -527,7 +527,11 @@ def _holdout(
         model.generator_.als_, split.train, popular_items(split.train_events, start, k)
     )
     warm_ids = split.train.user_ids[split.eval_rows]
-    warm_lists = model.recommend(warm_ids, k)
+    if extras:  # the candidates scored for the lists are also the ranker's AUC and recall
+        candidates = _CandidateScores(model, split, events, cutoff)
+        warm_lists = model.recommend_observed(warm_ids, k, candidates.add)
+    else:
+        warm_lists = model.recommend(warm_ids, k)
     model_top = lists_to_top(warm_lists, warm_ids, split.train, k)
     table = evaluate_models(
         split,
@@ -545,44 +549,84 @@ def _holdout(
         index=pd.Index(warm_ids, name="user_id"),
         name="ndcg",
     )
-    extra = _holdout_extras(model, split, events, cutoff, k, users, warm_lists) if extras else {}
+    extra = (
+        _holdout_extras(model, split, events, cutoff, k, users, warm_lists, candidates)
+        if extras
+        else {}
+    )
     return _Holdout(table, user_ndcg, extra)
 
 
-def _holdout_extras(model, split, events, cutoff, k, users, warm_lists) -> dict:
-    """Ranker AUC/PR-AUC, candidate recall, cold-start metrics and per-user frames for the
-    bias audit, all on the holdout window."""
+class _CandidateScores:
+    """Labels and ranker scores of every candidate of the holdout's evaluated users (those
+    with new items in the holdout), and their mean candidate recall, gathered chunk by chunk
+    from the candidates the lists are made of (:meth:`add`); :meth:`finish` scores the users
+    the lists did not rank (fewer than ``min_history`` items)."""
+
+    def __init__(self, model, split, events, cutoff: dt.datetime) -> None:
+        import numpy as np
+
+        from pipeline.models.twostage import window_truth
+
+        self.model = model
+        start = split.holdout_start
+        self.truth = window_truth(events.frame, start, cutoff, model.matrix_, model.weights_)
+        rows = np.intersect1d(np.flatnonzero(np.diff(self.truth.indptr) > 0), split.eval_rows)
+        self.pending = np.zeros(self.truth.shape[0], bool)
+        self.pending[rows] = True
+        self.users = len(rows)
+        self.labels: list = []
+        self.scores: list = []
+        self.recall_sum = 0.0
+
+    def add(self, rows, pairs: pd.DataFrame) -> None:
+        import numpy as np
+
+        from pipeline.models.candidates import candidate_recall
+        from pipeline.models.ranker import label_pairs
+
+        chunk = np.unique(np.asarray(rows, np.int64))
+        chunk = chunk[self.pending[chunk]]
+        if len(chunk) == 0:
+            return
+        self.pending[chunk] = False
+        pair_rows = pairs["row"].to_numpy()
+        pairs = pairs[np.isin(pair_rows, chunk)]
+        # only each pair's label and score are kept: every evaluated user's candidates at
+        # once would be ~60 bytes x users x ~200 candidates
+        self.labels.append(label_pairs(pairs, self.truth).astype(np.int8))
+        self.scores.append(pairs["score"].to_numpy(np.float32))
+        local = pairs.assign(row=np.searchsorted(chunk, pairs["row"].to_numpy()))
+        self.recall_sum += candidate_recall(local, self.truth[chunk])["all"] * len(chunk)
+
+    def finish(self) -> dict:
+        """AUC-ROC, PR-AUC and candidate recall (NaN without labelled pairs)."""
+        import numpy as np
+
+        from pipeline.models.ranker import held_out_scores
+
+        rest = np.flatnonzero(self.pending)
+        for first in range(0, len(rest), self.model.chunk_users):
+            chunk = rest[first : first + self.model.chunk_users]
+            self.add(chunk, self.model.rank_candidates(chunk))
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int8)
+        scores = np.concatenate(self.scores) if self.scores else np.zeros(0, np.float32)
+        if not len(labels):
+            return {"auc": float("nan"), "pr_auc": float("nan"), "recall": float("nan")}
+        return {**held_out_scores(labels, scores), "recall": self.recall_sum / self.users}
+
+
+def _holdout_extras(model, split, events, cutoff, k, users, warm_lists, candidates) -> dict:
+    """Ranker AUC/PR-AUC, candidate recall (from ``candidates``), cold-start metrics and
+    per-user frames for the bias audit, all on the holdout window."""
     import numpy as np
 
     from pipeline.core.metrics import user_metrics, window_truth_frame
     from pipeline.evaluation.holdout import popularity_lists
-    from pipeline.models.candidates import candidate_recall
-    from pipeline.models.ranker import held_out_scores, label_pairs
-    from pipeline.models.twostage import window_truth
 
     start = split.holdout_start
-    truth = window_truth(events.frame, start, cutoff, model.matrix_, model.weights_)
-    rows = np.intersect1d(np.flatnonzero(np.diff(truth.indptr) > 0), split.eval_rows)
-    # chunk by chunk, keeping only each pair's label and score: the candidates of every
-    # holdout user at once would be ~60 bytes x users x ~200 candidates
-    labels, pair_scores, recall_sum = [], [], 0.0
-    for first in range(0, len(rows), model.chunk_users):
-        chunk = rows[first : first + model.chunk_users]
-        pairs = model.rank_candidates(chunk)
-        labels.append(label_pairs(pairs, truth).astype(np.int8))
-        pair_scores.append(pairs["score"].to_numpy(np.float32))
-        local = pairs.assign(row=np.searchsorted(chunk, pairs["row"].to_numpy()))
-        recall_sum += candidate_recall(local, truth[chunk])["all"] * len(chunk)
-        del pairs, local
-    labels = np.concatenate(labels) if labels else np.zeros(0, np.int8)
-    pair_scores = np.concatenate(pair_scores) if pair_scores else np.zeros(0, np.float32)
-    scores = (
-        held_out_scores(labels, pair_scores)
-        if len(labels)
-        else {"auc": float("nan"), "pr_auc": float("nan")}
-    )
-    recall = recall_sum / len(rows) if len(labels) else float("nan")
-    del labels, pair_scores
+    scores = candidates.finish()
+    recall = scores["recall"]
     coded = window_truth_frame(events.frame, start, cutoff)  # codes, then ids for the lists
     seen_before = split.train_events["user_id"].unique()
     old = coded["user_id"].isin(seen_before).to_numpy()

@@ -583,10 +583,24 @@ class TwoStageRecommender(ListRecommender):
         personal = self._personal(users[warm], rows[warm], n)
         return self._fill_from_fallback(personal, users, n)
 
+    def recommend_observed(self, user_ids, n: int, observe) -> pd.DataFrame:
+        """:meth:`recommend`, also handing each chunk's ranked candidates to ``observe(rows,
+        pairs)`` (``pairs``: ``row``, ``item``, the stage-one columns and ``score``): one
+        candidate pass for the lists and for metrics over every candidate (evaluate's ranker
+        AUC and candidate recall) instead of two."""
+        self._observe = observe
+        try:
+            return self.recommend(user_ids, n)
+        finally:
+            self._observe = None
+
     def _personal(self, users: np.ndarray, rows: np.ndarray, n: int) -> pd.DataFrame:
         if len(rows) == 0:
             return empty_lists()
         pairs = self.rank_candidates(rows)
+        observe = getattr(self, "_observe", None)
+        if observe is not None:
+            observe(rows, pairs)
         order, rank = ranked_within(
             pairs["row"].to_numpy(), pairs["score"].to_numpy(), pairs["item"].to_numpy()
         )

@@ -9,6 +9,7 @@ import json
 import os
 
 import pandas as pd
+import pytest
 
 from pipeline import nightly
 from pipeline.core.config import Settings
@@ -128,3 +129,39 @@ def test_train_and_evaluate_share_the_label_windows_fitted_once(tmp_path, monkey
     nightly.train(settings, cutoff)
     assert len(fitted) == settings.label_windows
     assert TwoStageRecommender.load(run / "model").fingerprint() == with_chain
+
+
+def test_evaluate_scores_the_candidates_of_its_lists_once_and_the_rest_apart():
+    """The ranker AUC and candidate recall gathered from the lists' own candidates (and,
+    for users the lists do not rank, below ``min_history``, from their own pass) equal
+    scoring every evaluated user's candidates at once."""
+    import numpy as np
+
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.core.ids import EncodedEvents
+    from pipeline.evaluation.holdout import split_holdout
+    from pipeline.models.candidates import candidate_recall
+    from pipeline.models.ranker import held_out_scores, label_pairs
+    from pipeline.models.twostage import TwoStageRecommender
+
+    data = generate_clickstream(n_users=200, n_items=60, n_days=50, start="2024-01-01", seed=4)
+    cutoff = dt.datetime(2024, 2, 19, tzinfo=dt.timezone.utc)
+    events = EncodedEvents.from_frame(data.events, DEFAULT_EVENT_WEIGHTS).before(cutoff)
+    split = split_holdout(events, cutoff, 7, DEFAULT_EVENT_WEIGHTS)
+    model = TwoStageRecommender(
+        factors=8, iterations=3, label_days=7, label_windows=2, n_bags=1, min_history=4
+    ).fit(split.encoded, split.holdout_start, DEFAULT_EVENT_WEIGHTS, data.items, data.users)
+    gathered = nightly._CandidateScores(model, split, events, cutoff)
+    model.chunk_users = 16  # several chunks
+    model.recommend_observed(split.train.user_ids[split.eval_rows], 10, gathered.add)
+    assert gathered.pending.any()  # light users: not ranked by the lists
+    got = gathered.finish()
+
+    truth = gathered.truth
+    rows = np.intersect1d(np.flatnonzero(np.diff(truth.indptr) > 0), split.eval_rows)
+    pairs = model.rank_candidates(rows)
+    expected = held_out_scores(label_pairs(pairs, truth), pairs["score"].to_numpy(np.float32))
+    local = pairs.assign(row=np.searchsorted(rows, pairs["row"].to_numpy()))
+    assert got["auc"] == pytest.approx(expected["auc"], abs=1e-12)
+    assert got["pr_auc"] == pytest.approx(expected["pr_auc"], abs=1e-12)
+    assert got["recall"] == pytest.approx(candidate_recall(local, truth[rows])["all"], abs=1e-12)
