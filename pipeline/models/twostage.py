@@ -289,11 +289,7 @@ class TwoStageRecommender(ListRecommender):
         ).before(cutoff)
         if len(encoded) == 0:
             raise ValueError("cannot train on an empty interaction matrix")
-        self.weights_ = dict(weights)
-        self._space = (np.arange(len(encoded.users)), np.arange(len(encoded.items)))
-        events = encoded.frame
-        coded_items = encoded.items.rekey(items, "item_id")
-        coded_users = encoded.users.rekey(users, "user_id")
+        events, coded_items, coded_users = self._on_codes(encoded, weights, items, users)
         clock.lap("encode")
         pairs, labels, groups, keys, recall = self._training_pairs(
             events, cutoff, coded_items, coded_users, chain
@@ -380,12 +376,9 @@ class TwoStageRecommender(ListRecommender):
         at the holdout start, shares all but two of train's). The stage-one generators at
         ``keep`` starts and at the newest window are kept (the next fit's warm start, or its
         serving stage one when its cutoff is one of the starts)."""
-        encoded = events.before(cutoff)
-        self.weights_ = dict(weights)
-        self._space = (np.arange(len(encoded.users)), np.arange(len(encoded.items)))
-        frame = encoded.frame
-        coded_items = encoded.items.rekey(items, "item_id")
-        coded_users = encoded.users.rekey(users, "user_id")
+        frame, coded_items, coded_users = self._on_codes(
+            events.before(cutoff), weights, items, users
+        )
         chain = LabelChain(self.get_params(), dict(weights))
         warm = None
         starts = self.label_starts(cutoff)
@@ -402,6 +395,17 @@ class TwoStageRecommender(ListRecommender):
                 chain.generators[start] = generator
         del self._space
         return chain
+
+    def _on_codes(self, encoded: EncodedEvents, weights, items, users):
+        """Train on ``encoded``'s codes: the weights and id space every matrix of the fit
+        uses; returns the events frame and the side tables re-keyed to codes."""
+        self.weights_ = dict(weights)
+        self._space = (np.arange(len(encoded.users)), np.arange(len(encoded.items)))
+        return (
+            encoded.frame,
+            encoded.items.rekey(items, "item_id"),
+            encoded.users.rekey(users, "user_id"),
+        )
 
     def _labelled_window(self, events, start, items, users, warm):
         """The labelled candidate pairs of the label window starting at ``start`` and the
