@@ -248,8 +248,8 @@ class AlsRecommender(ListRecommender):
         folder.mkdir(parents=True, exist_ok=True)
         self.model_.save(str(folder / "als.npz"))
         m = self.matrix_
-        sp.save_npz(folder / "confidence.npz", m.confidence)
-        sp.save_npz(folder / "strongest.npz", m.strongest)
+        sp.save_npz(folder / "confidence.npz", m.confidence, compressed=False)
+        sp.save_npz(folder / "strongest.npz", m.strongest, compressed=False)
         pd.DataFrame({"user_id": m.user_ids}).to_parquet(folder / "users.parquet", index=False)
         self.items_.to_parquet(folder / "items.parquet", index=False)
         self.popular_.to_parquet(folder / "popular.parquet", index=False)

@@ -141,7 +141,7 @@ class CandidateGenerator:
         """ALS (``als.npz``) and the kNN similarity (``similarity.npz``) in ``folder``."""
         folder.mkdir(parents=True, exist_ok=True)
         self.als_.save(str(folder / "als.npz"))
-        sp.save_npz(folder / "similarity.npz", self.knn_.similarity_)
+        sp.save_npz(folder / "similarity.npz", self.knn_.similarity_, compressed=False)
         return folder
 
     def load_models(self, folder: Path) -> CandidateGenerator:

@@ -59,22 +59,26 @@ class SegmentPopularity:
         """:meth:`fit` from the window's distinct (user_id, item_id) pairs
         (:func:`window_pairs` of this ``days``), which options of one window share."""
         glob = pairs.groupby("item_id", observed=True).size()
-        n_users = max(pairs["user_id"].nunique(), 1)
         item_ids = glob.index
         counts = glob.to_numpy(np.float64)
+        # each distinct user is labelled once (not once per pair: the labels are strings)
+        user_codes, distinct = pd.factorize(pairs["user_id"])
+        n_users = max(len(distinct), 1)
         self.global_ = self._ranked((counts / n_users)[None, :], item_ids, items)
-        seg = segment_labels(users, pairs["user_id"].to_numpy(dtype=object), self.segment)
-        pairs = pairs.assign(segment=seg)[pd.notna(seg)]
-        names = np.array(sorted(pairs["segment"].unique()), dtype=object)
+        labels = segment_labels(users, np.asarray(distinct, dtype=object), self.segment)
+        known = pd.notna(labels)
+        names = np.array(sorted(set(labels[known])), dtype=object)
         if len(names):
             # segments x items: distinct users of each item within each segment, then shrunk.
-            rows = np.searchsorted(names, pairs["segment"].to_numpy(dtype=object))
+            user_segment = np.full(len(distinct), -1, np.int64)
+            user_segment[known] = np.searchsorted(names, labels[known])
+            rows = user_segment[user_codes]
+            labelled = rows >= 0
             cols = item_ids.get_indexer(pairs["item_id"])
-            in_segment = np.zeros((len(names), len(item_ids)))
-            np.add.at(in_segment, (rows, cols), 1.0)
-            seg_users = np.bincount(
-                rows[~pairs.duplicated(["user_id", "segment"]).to_numpy()], minlength=len(names)
-            ).astype(np.float64)
+            cells = rows[labelled] * len(item_ids) + cols[labelled]
+            in_segment = np.bincount(cells, minlength=len(names) * len(item_ids))
+            in_segment = in_segment.reshape(len(names), len(item_ids)).astype(np.float64)
+            seg_users = np.bincount(user_segment[known], minlength=len(names)).astype(np.float64)
             m = self.shrinkage
             share = (in_segment + m * counts / n_users) / (seg_users[:, None] + m)
             self.segments_ = self._ranked(share, item_ids, items, names)

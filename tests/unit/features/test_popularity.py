@@ -38,3 +38,20 @@ def test_recent_window_first_then_filled_from_longer_windows_with_reasons():
         "popular overall",
     ]
     assert top["score"].is_monotonic_decreasing and top["score"].iloc[0] == 1.0
+
+
+def test_distinct_users_per_item_is_pandas_nunique_on_codes_and_strings():
+    import numpy as np
+
+    from pipeline.features.popularity import distinct_users_per_item
+
+    rng = np.random.default_rng(5)
+    codes = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 50, 2_000).astype(np.int32),
+            "item_id": rng.integers(0, 80, 2_000).astype(np.int32),
+        }
+    )
+    for events in (codes, codes.astype(str), codes.head(0)):
+        expected = events.groupby("item_id", observed=True)["user_id"].nunique()
+        pd.testing.assert_series_equal(distinct_users_per_item(events), expected)

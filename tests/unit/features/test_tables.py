@@ -110,6 +110,30 @@ def test_recent_history_keeps_the_latest_distinct_items():
     assert recent.tolist() == [[0, 1, 0], [1, 0, 0]]  # u1's latest is b (20:30); u2's b is late
 
 
+def test_recent_history_of_some_rows_is_the_full_one_on_those_rows():
+    import numpy as np
+
+    from pipeline.features.tables import recent_history
+
+    rng = np.random.default_rng(3)
+    events = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 30, 600),
+            "item_id": rng.integers(0, 40, 600),
+            "event_type": "view",
+            "timestamp": pd.Timestamp("2024-01-01", tz="UTC")
+            + pd.to_timedelta(rng.integers(0, 10_000, 600), unit="min"),
+        }
+    )
+    cutoff = pd.Timestamp("2024-01-05", tz="UTC").to_pydatetime()
+    users, items = np.arange(32), np.arange(40)
+    full = recent_history(events, cutoff, users, items, n_recent=3).toarray()
+    rows = np.array([0, 4, 5, 17, 31])
+    some = recent_history(events, cutoff, users, items, n_recent=3, rows_only=rows).toarray()
+    np.testing.assert_array_equal(some[rows], full[rows])
+    assert some.sum() == full[rows].sum() and full[rows].sum() > 0
+
+
 def test_category_affinity_shares():
     import numpy as np
     import scipy.sparse as sp
