@@ -116,9 +116,8 @@ def build_matrix(
     best = np.maximum.reduceat(w, starts) if len(key) else np.zeros(0)
     sizes = np.diff(np.r_[starts, len(key)])
     is_best = np.flatnonzero(w == np.repeat(best, sizes))
-    first_best = is_best[
-        np.unique(np.searchsorted(starts, is_best, side="right") - 1, return_index=True)[1]
-    ]
+    pair_of = np.searchsorted(starts, is_best, side="right") - 1  # ascending: first per pair
+    first_best = is_best[np.r_[True, pair_of[1:] != pair_of[:-1]]] if len(is_best) else is_best
     u, i = key[starts] // max(shape[1], 1), key[starts] % max(shape[1], 1)
     confidence = sp.csr_matrix((total.astype(np.float32), (u, i)), shape=shape)
     strongest = sp.csr_matrix((type_code[first_best].astype(np.float32) + 1, (u, i)), shape=shape)

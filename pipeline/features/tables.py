@@ -422,25 +422,33 @@ def _segment_popularity(
     pairs = recent[["user_id", "item_id"]].drop_duplicates()
     cols = lookup(item_ids, pairs["item_id"].to_numpy())
     ok = cols >= 0
-    pair_users = pairs["user_id"].to_numpy(dtype=object)
+    # each distinct user is labelled once (not once per pair: the labels are strings)
+    user_codes, distinct = pd.factorize(pairs["user_id"])
+    distinct = np.asarray(distinct, dtype=object)
+    counted = np.zeros(len(distinct), bool)  # users with a pair on a known item
+    counted[user_codes[ok]] = True
+    n_items = len(item_ids)
     blocks, user_seg, offset = [], np.full((len(user_ids), len(columns)), -1, np.int64), 0
     for k, column in enumerate(columns):
-        labels = segment_labels(users, pair_users, (column,))
-        names = np.asarray(sorted({v for v in labels if v is not None}), dtype=object)
-        known = pd.notna(labels) & ok
-        table = np.zeros((len(names), len(item_ids)), np.float32)
+        labels = segment_labels(users, distinct, (column,))
+        has = pd.notna(labels)
+        names = np.asarray(sorted(set(labels[has])), dtype=object)
+        table = np.zeros((len(names), n_items), np.float32)
         if len(names):
-            seg = np.searchsorted(names, labels[known].astype(object))
-            np.add.at(table, (seg, cols[known]), 1.0)
-            sizes = pd.Series(labels[known]).groupby(pair_users[known]).first().value_counts()
-            table /= np.maximum(sizes.reindex(names).fillna(0).to_numpy(np.float32), 1.0)[:, None]
+            segment = np.full(len(distinct), -1, np.int64)
+            segment[has] = np.searchsorted(names, labels[has])
+            seg = segment[user_codes]
+            known = (seg >= 0) & ok
+            cells = np.bincount(seg[known] * n_items + cols[known], minlength=table.size)
+            table += cells.reshape(table.shape).astype(np.float32)
+            sizes = np.bincount(segment[counted & has], minlength=len(names)).astype(np.float32)
+            table /= np.maximum(sizes, 1.0)[:, None]
             mine = segment_labels(users, np.asarray(user_ids, dtype=object), (column,))
             has = pd.notna(mine)
             pos = np.minimum(np.searchsorted(names, mine[has].astype(object)), len(names) - 1)
             user_seg[has, k] = np.where(names[pos] == mine[has], pos + offset, -1)
         blocks.append(table)
         offset += len(names)
-    glob = np.zeros((1, len(item_ids)), np.float32)
-    np.add.at(glob, (np.zeros(int(ok.sum()), np.int64), cols[ok]), 1.0)
-    glob /= max(pairs["user_id"].nunique(), 1)
+    glob = np.bincount(cols[ok], minlength=n_items).astype(np.float32)[None, :]
+    glob /= max(len(distinct), 1)
     return np.vstack([*blocks, glob]), user_seg
