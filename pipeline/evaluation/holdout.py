@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from pipeline.core.ids import EncodedEvents
 from pipeline.core.metrics import ranking_metrics, top_diversity, top_from_lists
 from pipeline.features.matrix import InteractionMatrix, build_matrix, with_history
-from pipeline.features.popularity import distinct_users_per_item
+from pipeline.features.popularity import count_distinct
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def popularity_lists(
     window = (
         events if days is None else events[events["timestamp"] >= cutoff - dt.timedelta(days=days)]
     )
-    counts = distinct_users_per_item(window)
+    counts = count_distinct(window)
     ranked = counts.rename("n").reset_index().sort_values(["n", "item_id"], ascending=[False, True])
     user_ids = pd.unique(np.asarray(user_ids, dtype=object))
     ranking = ranked["item_id"].astype(object).to_numpy()

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from pipeline.core.ids import event_weights
 
-__all__ = ["InteractionMatrix", "build_matrix", "event_weights", "lookup"]
+__all__ = ["InteractionMatrix", "PairOrder", "build_matrix", "event_weights", "lookup"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,21 @@ def build_matrix(
     shape = (len(users), len(items))
     key = rows * np.int64(max(shape[1], 1)) + cols
     order = np.argsort(key, kind="stable")  # pairs together, events in their original order
-    key, w, type_code = key[order], w[order], type_code[order]
+    labels = (lambda a: a) if coded else (lambda a: np.asarray(a, dtype=object))
+    return _aggregate(key[order], w[order], type_code[order], labels(users), labels(items), types)
+
+
+def _aggregate(
+    key: np.ndarray,
+    w: np.ndarray,
+    type_code: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+    types: tuple[str, ...],
+) -> InteractionMatrix:
+    """The matrix of events given by their pair ``key`` (row x columns + column, sorted; a
+    pair's events in their original order), weight and type code."""
+    shape = (len(users), len(items))
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, int)
     total = np.add.reduceat(w, starts) if len(key) else np.zeros(0)
     # strongest type: the first of the pair's events with its largest weight
@@ -122,8 +136,53 @@ def build_matrix(
     confidence = sp.csr_matrix((total.astype(np.float32), (u, i)), shape=shape)
     strongest = sp.csr_matrix((type_code[first_best].astype(np.float32) + 1, (u, i)), shape=shape)
     strongest.data -= 1  # stored +1 so that code 0 is not dropped as an explicit zero
-    labels = (lambda a: a) if coded else (lambda a: np.asarray(a, dtype=object))
-    return InteractionMatrix(labels(users), labels(items), confidence, strongest, types)
+    return InteractionMatrix(users, items, confidence, strongest, types)
+
+
+class PairOrder:
+    """Encoded events sorted once by (user, item) pair, for the matrices of many cutoffs.
+
+    ``build_matrix(before(events, t), weights, users, items)`` for any ``t``, without
+    filtering the frame, weighing its events and sorting them again each time: a fit's
+    label windows build one matrix per window from the same events (at 200k users, ~6 s a
+    matrix, ~1.5 s from here). The same matrices, bit for bit (tested)."""
+
+    def __init__(
+        self,
+        events: pd.DataFrame,
+        weights: Mapping[str, float],
+        user_ids: np.ndarray,
+        item_ids: np.ndarray,
+    ) -> None:
+        if not (_is_codes(events["user_id"]) and _is_codes(events["item_id"])):
+            raise ValueError("PairOrder needs encoded events (integer user_id / item_id)")
+        self.user_ids, self.item_ids = np.asarray(user_ids), np.asarray(item_ids)
+        self.types = tuple(sorted(weights))
+        w = event_weights(events, weights)
+        keep = w > 0
+        rows = events["user_id"].to_numpy()[keep].astype(np.int64)  # codes: build_matrix's
+        cols = events["item_id"].to_numpy()[keep].astype(np.int64)
+        key = rows * np.int64(max(len(self.item_ids), 1)) + cols
+        order = np.argsort(key, kind="stable")
+        self.key = key[order]
+        self.weight = w[keep][order]
+        self.type_code = _type_codes(events["event_type"], self.types)[keep][order]
+        self.when = events["timestamp"].to_numpy(dtype="datetime64[ns]")[keep][order]
+
+    def before(self, cutoff) -> InteractionMatrix:
+        """The matrix of the events strictly before ``cutoff`` (tz-aware: UTC)."""
+        moment = pd.Timestamp(cutoff)
+        if moment.tzinfo is not None:
+            moment = moment.tz_convert("UTC").tz_localize(None)
+        mask = self.when < np.datetime64(moment.value, "ns")
+        return _aggregate(
+            self.key[mask],
+            self.weight[mask],
+            self.type_code[mask],
+            self.user_ids,
+            self.item_ids,
+            self.types,
+        )
 
 
 def with_history(truth: sp.csr_matrix, matrix: InteractionMatrix) -> sp.csr_matrix:

@@ -15,25 +15,24 @@ WINDOWS: tuple[tuple[int | None, str], ...] = (
 )
 
 
-def distinct_users_per_item(events: pd.DataFrame) -> pd.Series:
-    """Distinct ``user_id`` per ``item_id`` of ``events``, by item id (what
-    ``events.groupby("item_id")["user_id"].nunique()`` returns). On integer codes, one sort
-    of packed (item, user) keys: ~3x faster than pandas on 11M events."""
-    items, users = events["item_id"].to_numpy(), events["user_id"].to_numpy()
-    if not (items.dtype.kind in "iu" and users.dtype.kind in "iu" and len(items)):
-        return events.groupby("item_id", observed=True)["user_id"].nunique()
-    if users.min() < 0 or items.min() < 0:
-        return events.groupby("item_id", observed=True)["user_id"].nunique()
-    width = np.int64(users.max()) + 1
-    pairs = items.astype(np.int64) * width + users
+def count_distinct(events: pd.DataFrame, by: str = "item_id", of: str = "user_id") -> pd.Series:
+    """Distinct ``of`` per ``by`` value of ``events``, by ``by`` value: what
+    ``events.groupby(by)[of].nunique()`` returns (by default, distinct users per item). On
+    integer codes, one sort of packed (by, of) keys: ~3x faster than pandas on 11M events."""
+    keys, values = events[by].to_numpy(), events[of].to_numpy()
+    codes = keys.dtype.kind in "iu" and values.dtype.kind in "iu" and len(keys) > 0
+    if not codes or keys.min() < 0 or values.min() < 0:
+        return events.groupby(by, observed=True)[of].nunique()
+    width = np.int64(values.max()) + 1
+    pairs = keys.astype(np.int64) * width + values
     pairs.sort()
     pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
-    item_of = pairs // width
-    starts = np.flatnonzero(np.r_[True, item_of[1:] != item_of[:-1]])
+    key_of = pairs // width
+    starts = np.flatnonzero(np.r_[True, key_of[1:] != key_of[:-1]])
     return pd.Series(
-        np.diff(np.r_[starts, len(item_of)]),
-        index=pd.Index(item_of[starts].astype(items.dtype), name="item_id"),
-        name="user_id",
+        np.diff(np.r_[starts, len(key_of)]),
+        index=pd.Index(key_of[starts].astype(keys.dtype), name=by),
+        name=of,
     )
 
 
@@ -55,7 +54,7 @@ def popular_items(
             if days is None
             else events[events["timestamp"] >= cutoff - dt.timedelta(days=days)]
         )
-        counts = distinct_users_per_item(window).rename("users").reset_index()
+        counts = count_distinct(window).rename("users").reset_index()
         counts = counts[~counts["item_id"].isin(taken)]
         counts = counts.sort_values(["users", "item_id"], ascending=[False, True], kind="stable")
         top = counts.head(n - sum(len(c) for c in chosen)).assign(window=phrase)

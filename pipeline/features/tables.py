@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from pipeline.core.schema import DEVICES
 from pipeline.features.matrix import lookup
-from pipeline.features.popularity import distinct_users_per_item
+from pipeline.features.popularity import count_distinct
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def build_user_features(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFra
             "recency_days": (cutoff - by_user["timestamp"].max()).dt.total_seconds() / 86400.0,
             "tenure_days": (cutoff - by_user["timestamp"].min()).dt.total_seconds() / 86400.0,
             "events_total": by_user.size(),
-            "items_distinct": by_user["item_id"].nunique(),
+            "items_distinct": count_distinct(events, by="user_id", of="item_id"),
             "monetary": by_user["value"].sum(min_count=0).fillna(0.0),
         }
     )
@@ -74,14 +74,14 @@ def build_item_features(
     by_item = events.groupby("item_id", observed=True)
     frame = pd.DataFrame(
         {
-            "users_total": distinct_users_per_item(events),
+            "users_total": count_distinct(events),
             "first_seen_days": (cutoff - by_item["timestamp"].min()).dt.total_seconds() / 86400.0,
             "value_mean": by_item["value"].mean(),
         }
     )
     for days in POPULARITY_WINDOWS:
         recent = events[events["timestamp"] >= cutoff - dt.timedelta(days=days)]
-        counts = distinct_users_per_item(recent)
+        counts = count_distinct(recent)
         frame[f"popularity_{days}d"] = counts.reindex(frame.index, fill_value=0)
     frame["newcomer_popularity_30d"] = _newcomer_popularity(events, cutoff, 30).reindex(
         frame.index, fill_value=0
@@ -152,7 +152,7 @@ def _newcomer_popularity(events: pd.DataFrame, cutoff: dt.datetime, days: int) -
     """Distinct users per item among users whose first event falls in the last ``days``."""
     first = events.groupby("user_id", observed=True)["timestamp"].transform("min")
     recent = events[first >= cutoff - dt.timedelta(days=days)]
-    return distinct_users_per_item(recent)
+    return count_distinct(recent)
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
 from pipeline.core.ids import EncodedEvents
 from pipeline.core.runtime import check_numerics
 from pipeline.core.timing import StageClock
-from pipeline.features.matrix import InteractionMatrix, build_matrix, with_history
-from pipeline.features.popularity import distinct_users_per_item
+from pipeline.features.matrix import InteractionMatrix, PairOrder, build_matrix, with_history
+from pipeline.features.popularity import count_distinct
 from pipeline.features.tables import (
     FeatureFrames,
     FeatureTables,
@@ -325,11 +325,13 @@ class TwoStageRecommender(ListRecommender):
             cutoff,
             coded_items,
             coded_users,
+            matrix=None if self._pairs is None else self._pairs.before(cutoff),
             frames=features,
             warm_from=self._warm,
             fitted=fitted,
         )
         del self._warm
+        self._pairs = None
         clock.lap("stage one")
         self.cold_ = (
             SegmentPopularity(**self._cold_params(events, cutoff, coded_users))
@@ -341,7 +343,7 @@ class TwoStageRecommender(ListRecommender):
         self.snapshot_ = dataclasses.replace(snap, matrix=matrix)
         self.generator_.matrix_ = matrix
         self.items_ = item_labels(matrix.item_ids, items)
-        del self._space
+        del self._space, self._pairs
         clock.lap("cold start")
         self.timings_ = clock.laps
         logger.info(
@@ -394,7 +396,7 @@ class TwoStageRecommender(ListRecommender):
             chain.windows[start] = labelled
             if start in keep or start == starts[-1][1]:
                 chain.generators[start] = generator
-        del self._space
+        del self._space, self._pairs
         return chain
 
     def _on_codes(self, encoded: EncodedEvents, weights, items, users):
@@ -402,6 +404,7 @@ class TwoStageRecommender(ListRecommender):
         uses; returns the events frame and the side tables re-keyed to codes."""
         self.weights_ = dict(weights)
         self._space = (np.arange(len(encoded.users)), np.arange(len(encoded.items)))
+        self._pairs: PairOrder | None = None  # sorted once, when a label window needs it
         return (
             encoded.frame,
             encoded.items.rekey(items, "item_id"),
@@ -413,9 +416,11 @@ class TwoStageRecommender(ListRecommender):
         stage-one generator fitted on the events before it (warm from ``warm``); (None,
         None) when the window has no events before it or no user to label."""
         end = start + dt.timedelta(days=self.recipe.label_days)
-        if before(events, start).empty:
+        if not (events["timestamp"] < start).any():
             return None, None
-        matrix = build_matrix(before(events, start), self.weights_, *self._space)
+        if self._pairs is None:
+            self._pairs = PairOrder(events, self.weights_, *self._space)
+        matrix = self._pairs.before(start)
         truth = window_truth(events, start, end, matrix, self.weights_)
         rows = np.flatnonzero((np.diff(truth.indptr) > 0) & self._enough_history(matrix))
         cap = self.recipe.max_label_users
@@ -912,7 +917,7 @@ def build_snapshot(
 
 def _popular_columns(events: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
     """Item columns with any distinct users in ``events``, most users first (ties by column)."""
-    counts = distinct_users_per_item(events).reindex(item_ids).fillna(0).to_numpy(np.float64)
+    counts = count_distinct(events).reindex(item_ids).fillna(0).to_numpy(np.float64)
     popular = np.lexsort((np.arange(len(counts)), -counts))
     return popular[counts[popular] > 0]
 

@@ -72,3 +72,41 @@ def test_encoded_events_give_the_string_matrix_in_the_run_shape():
     assert named.user_index(["u3", "u1", "x"]).tolist() == [2, 0, -1]
     with pytest.raises(ValueError, match="need user_ids"):
         build_matrix(encoded.frame, WEIGHTS)
+
+
+def test_pair_order_gives_build_matrix_of_the_events_before_each_cutoff():
+    import datetime as dt
+
+    import numpy as np
+
+    from pipeline.core.config import DEFAULT_EVENT_WEIGHTS
+    from pipeline.features.matrix import PairOrder, build_matrix
+
+    rng = np.random.default_rng(11)
+    n = 3_000
+    types = np.array(["view", "click", "rating", "purchase", "impression"])
+    events = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 40, n).astype(np.int32),
+            "item_id": rng.integers(0, 25, n).astype(np.int32),
+            "event_type": pd.Categorical(rng.choice(types, n)),
+            "value": rng.choice([np.nan, 1.0, 3.0, 5.0], n),
+            "timestamp": pd.Timestamp("2024-01-01", tz="UTC")
+            + pd.to_timedelta(rng.integers(0, 30 * 86_400, n), unit="s"),
+        }
+    )
+    users, items = np.arange(42), np.arange(25)
+    order = PairOrder(events, DEFAULT_EVENT_WEIGHTS, users, items)
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    for days in (0, 3, 10, 17.5, 31):
+        cutoff = start + dt.timedelta(days=days)
+        want = build_matrix(
+            events[events["timestamp"] < cutoff], DEFAULT_EVENT_WEIGHTS, users, items
+        )
+        got = order.before(cutoff)
+        assert got.shape == want.shape and got.event_types == want.event_types
+        for name in ("confidence", "strongest"):
+            a, b = getattr(got, name), getattr(want, name)
+            np.testing.assert_array_equal(a.indptr, b.indptr)
+            np.testing.assert_array_equal(a.indices, b.indices)
+            np.testing.assert_array_equal(a.data, b.data)

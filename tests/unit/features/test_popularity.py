@@ -40,10 +40,10 @@ def test_recent_window_first_then_filled_from_longer_windows_with_reasons():
     assert top["score"].is_monotonic_decreasing and top["score"].iloc[0] == 1.0
 
 
-def test_distinct_users_per_item_is_pandas_nunique_on_codes_and_strings():
+def test_count_distinct_is_pandas_nunique_on_codes_and_strings():
     import numpy as np
 
-    from pipeline.features.popularity import distinct_users_per_item
+    from pipeline.features.popularity import count_distinct
 
     rng = np.random.default_rng(5)
     codes = pd.DataFrame(
@@ -54,4 +54,6 @@ def test_distinct_users_per_item_is_pandas_nunique_on_codes_and_strings():
     )
     for events in (codes, codes.astype(str), codes.head(0)):
         expected = events.groupby("item_id", observed=True)["user_id"].nunique()
-        pd.testing.assert_series_equal(distinct_users_per_item(events), expected)
+        pd.testing.assert_series_equal(count_distinct(events), expected)
+        expected = events.groupby("user_id", observed=True)["item_id"].nunique()
+        pd.testing.assert_series_equal(count_distinct(events, "user_id", "item_id"), expected)
