@@ -145,7 +145,7 @@ class PairOrder:
     ``build_matrix(before(events, t), weights, users, items)`` for any ``t``, without
     filtering the frame, weighing its events and sorting them again each time: a fit's
     label windows build one matrix per window from the same events (at 200k users, ~6 s a
-    matrix, ~1.5 s from here). The same matrices, bit for bit (tested)."""
+    matrix, ~2.5 s from here). The same matrices, bit for bit (tested)."""
 
     def __init__(
         self,

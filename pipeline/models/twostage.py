@@ -330,8 +330,7 @@ class TwoStageRecommender(ListRecommender):
             warm_from=self._warm,
             fitted=fitted,
         )
-        del self._warm
-        self._pairs = None
+        del self._warm, self._pairs
         clock.lap("stage one")
         self.cold_ = (
             SegmentPopularity(**self._cold_params(events, cutoff, coded_users))
@@ -343,7 +342,7 @@ class TwoStageRecommender(ListRecommender):
         self.snapshot_ = dataclasses.replace(snap, matrix=matrix)
         self.generator_.matrix_ = matrix
         self.items_ = item_labels(matrix.item_ids, items)
-        del self._space, self._pairs
+        del self._space
         clock.lap("cold start")
         self.timings_ = clock.laps
         logger.info(
