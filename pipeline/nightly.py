@@ -627,8 +627,7 @@ def _holdout_extras(model, split, events, cutoff, k, users, warm_lists, candidat
     start = split.holdout_start
     scores = candidates.finish()
     recall = scores["recall"]
-    coded = window_truth_frame(events.frame, start, cutoff).astype(np.int64)  # codes (not
-    # objects: np.isin on object arrays compares pairwise, 50 s at 200k users), then ids
+    coded = window_truth_frame(events.frame, start, cutoff)  # codes, then ids for the lists
     seen_before = split.train_events["user_id"].unique()
     old = coded["user_id"].isin(seen_before).to_numpy()
     cold_codes = coded.loc[~old, "user_id"].unique()

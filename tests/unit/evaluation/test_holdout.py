@@ -276,3 +276,28 @@ def test_max_users_scores_a_seeded_sample_of_the_returning_users():
     assert (sampled.train.confidence != full.train.confidence).nnz == 0
     unlimited = split_holdout(events, cutoff, 3, {"view": 1.0}, max_users=40)
     assert (unlimited.truth != full.truth).nnz == 0
+
+
+def test_window_truth_frame_keeps_codes_integer_and_other_ids_objects():
+    import datetime as dt
+
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.core.metrics import window_truth_frame
+
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    events = pd.DataFrame(
+        {
+            "user_id": np.array([1, 1, 2, 2], np.int32),
+            "item_id": np.array([5, 6, 5, 7], np.int32),
+            "timestamp": [t0, t0 + dt.timedelta(days=2), t0 + dt.timedelta(days=2), t0],
+        }
+    )
+    start, end = t0 + dt.timedelta(days=1), t0 + dt.timedelta(days=3)
+    coded = window_truth_frame(events, start, end)
+    assert coded.values.tolist() == [[1, 6], [2, 5]]
+    assert coded["user_id"].dtype.kind == "i" and coded["item_id"].dtype.kind == "i"
+    named = window_truth_frame(events.astype({"user_id": str, "item_id": str}), start, end)
+    assert named.values.tolist() == [["1", "6"], ["2", "5"]]
+    assert named["user_id"].dtype == object and named["item_id"].dtype == object
