@@ -75,8 +75,9 @@ run: install $(AIRFLOW_SECRETS) $(PSEUDONYM_KEY)  ## the demo: the nightly DAG, 
 	 fi; \
 	 $(BIN)/python -m pipeline.cli impact-summary $$next
 
+# --durations: the slowest tests close the report (the suite's 10-minute budget is theirs to keep)
 test: install  ## run the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-unit: install  ## the fast unit tests only
 	$(BIN)/python -m pytest -q tests/unit tests/dags
