@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline.core.arrays import run_starts
 from pipeline.core.ids import event_weights
 
 __all__ = ["InteractionMatrix", "PairOrder", "build_matrix", "event_weights", "lookup"]
@@ -124,7 +125,7 @@ def _aggregate(
     """The matrix of events given by their pair ``key`` (row x columns + column, sorted; a
     pair's events in their original order), weight and type code."""
     shape = (len(users), len(items))
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, int)
+    starts = run_starts(key)
     total = np.add.reduceat(w, starts) if len(key) else np.zeros(0)
     # strongest type: the first of the pair's events with its largest weight
     best = np.maximum.reduceat(w, starts) if len(key) else np.zeros(0)

@@ -7,6 +7,8 @@ import datetime as dt
 import numpy as np
 import pandas as pd
 
+from pipeline.core.arrays import run_starts
+
 #: (days, phrase) windows tried in order until the list is full; ``None`` means all time.
 WINDOWS: tuple[tuple[int | None, str], ...] = (
     (7, "this week"),
@@ -28,7 +30,7 @@ def count_distinct(events: pd.DataFrame, by: str = "item_id", of: str = "user_id
     pairs.sort()
     pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
     key_of = pairs // width
-    starts = np.flatnonzero(np.r_[True, key_of[1:] != key_of[:-1]])
+    starts = run_starts(key_of)
     return pd.Series(
         np.diff(np.r_[starts, len(key_of)]),
         index=pd.Index(key_of[starts].astype(keys.dtype), name=by),

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline.core.arrays import run_starts
 from pipeline.core.schema import DEVICES
 from pipeline.features.matrix import lookup
 from pipeline.features.popularity import count_distinct
@@ -55,7 +56,9 @@ def build_user_features(events: pd.DataFrame, cutoff: dt.datetime) -> pd.DataFra
     for days in FREQUENCY_WINDOWS:
         recent = (age_days <= days).to_numpy()
         counts = np.bincount(users.codes[recent & (users.codes >= 0)], minlength=len(users.ids))
-        frame[f"frequency_{days}d"] = pd.Series(counts, users.ids).reindex(frame.index)
+        frame[f"frequency_{days}d"] = pd.Series(counts, users.ids).reindex(
+            frame.index, fill_value=0
+        )
     device = events["device"]
     device_codes = pd.Categorical(device, categories=DEVICES).codes.astype(np.int64)
     device_codes[device.isna().to_numpy()] = DEVICES.index("other")  # missing is "other"
@@ -173,7 +176,7 @@ def _session_stats(events: pd.DataFrame, users: _UserGroups) -> pd.DataFrame:
     key = user * (np.int64(session.max()) + 1) + session
     order = np.argsort(key, kind="stable")
     key, moments = key[order], stamps.asi8[rows][order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    starts = run_starts(key)
     per = pd.DataFrame(
         {
             "size": np.diff(np.r_[starts, len(key)]),

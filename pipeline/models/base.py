@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline.core.arrays import run_starts
+
 logger = logging.getLogger(__name__)
 
 #: How a reason names what the user did with the history item.
@@ -200,7 +202,7 @@ def _order_by_key(groups, scores, ties) -> np.ndarray | None:
         or np.isnan(scores).any()
     ):
         return None
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    starts = run_starts(groups)
     run_values = groups[starts]
     by_value = np.argsort(run_values, kind="stable")
     if (run_values[by_value][1:] == run_values[by_value][:-1]).any():

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.core.arrays import run_starts
 from pipeline.core.config import DEFAULT_USER, as_utc
 from pipeline.core.ids import EncodedEvents
 from pipeline.core.schema import parse_bool
@@ -709,7 +710,7 @@ def _cumcount(sorted_keys: np.ndarray) -> np.ndarray:
     """0, 1, 2, ... within runs of equal values of an array sorted by those values."""
     if len(sorted_keys) == 0:
         return np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    starts = run_starts(sorted_keys)
     lengths = np.diff(np.r_[starts, len(sorted_keys)])
     return np.arange(len(sorted_keys), dtype=np.int64) - np.repeat(starts, lengths)
 
